@@ -1,0 +1,205 @@
+"""The HTTP and WebSocket face of the server: a Quart-Trio app.
+
+Routes:
+    ``/ws``                       the signaling socket (``docs/protocol.md``)
+    ``/static/…``                 pages and scripts from ``web/static``, never served stale
+    ``/api/streams``              every stream: id, name, state, viewers, codec, source
+    ``/api/streams/<id>``         one stream
+    ``/api/stats``                sockets, sessions, peer connections, sources, tasks, threads
+    ``/healthz``                  liveness
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from quart import Response, abort, jsonify, redirect, request, websocket
+from quart.helpers import send_from_directory
+from quart_trio import QuartTrio
+from werkzeug.utils import safe_join
+
+from .changes import ChangeSignal
+from .registry import StreamRegistry, StreamStatistics
+from .signaling import SignalingHub
+from .webrtc.bridge import PeerConnectionFactory
+
+DEFAULT_STATIC_DIR: Final = Path(__file__).resolve().parents[2] / "web" / "static"
+_ASSET_REFERENCE: Final = re.compile(r'(?P<attr>(?:src|href)=")(?P<path>/static/[^"?#]+)(?P<end>")')
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    open_sockets: int
+    sockets_opened: int
+    open_sessions: int
+    sessions_per_socket: tuple[int, ...]
+    open_peer_connections: int
+    peer_connections_opened: int
+    sources_running: int
+    viewers: int
+    tasks: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes need; built once per server by ``server.serve``."""
+
+    registry: StreamRegistry
+    peers: PeerConnectionFactory
+    hub: SignalingHub
+    static_dir: Path
+    #: notified on every socket, session, peer connection and source change.
+    changes: ChangeSignal
+
+    def statistics(self) -> ServerStatistics:
+        """The server's moving parts, counted (call from inside the server's Trio run)."""
+        sockets = self.hub.statistics()
+        peers = self.peers.statistics()
+        streams = self.registry.statistics()
+        return ServerStatistics(
+            open_sockets=sockets.open_sockets,
+            sockets_opened=sockets.sockets_opened,
+            open_sessions=sockets.open_sessions,
+            sessions_per_socket=sockets.sessions_per_socket,
+            open_peer_connections=peers.open_peer_connections,
+            peer_connections_opened=peers.peer_connections_opened,
+            sources_running=sum(s.source_running for s in streams),
+            viewers=sum(s.viewers for s in streams),
+            tasks=_count_tasks(),
+            threads=threading.active_count(),
+        )
+
+
+def create_app(services: Services) -> QuartTrio:
+    app = QuartTrio(__name__, static_folder=None)
+    assets = _StaticAssets(services.static_dir)
+
+    @app.route("/")
+    async def index() -> Any:
+        return redirect("/static/dashboard.html")
+
+    @app.route("/healthz")
+    async def healthz() -> Any:
+        return jsonify({"status": "ok"})
+
+    @app.route("/api/streams")
+    async def list_streams() -> Any:
+        return jsonify({"streams": [_stream_json(s) for s in services.registry.statistics()]})
+
+    @app.route("/api/streams/<stream_id>")
+    async def get_stream(stream_id: str) -> Any:
+        stream = services.registry.get(stream_id)
+        if stream is None:
+            return jsonify({"error": f'Stream "{stream_id}" not found', "code": "stream_not_found"}), 404
+        return jsonify(_stream_json(stream.statistics()))
+
+    @app.route("/api/stats")
+    async def stats() -> Any:
+        s = services.statistics()
+        return jsonify(
+            {
+                "sockets": {"open": s.open_sockets, "opened": s.sockets_opened},
+                "sessions": s.open_sessions,
+                "sessionsPerSocket": list(s.sessions_per_socket),
+                "peerConnections": {
+                    "open": s.open_peer_connections,
+                    "opened": s.peer_connections_opened,
+                },
+                "sourcesRunning": s.sources_running,
+                "viewers": s.viewers,
+                "tasks": s.tasks,
+                "threads": s.threads,
+            }
+        )
+
+    @app.route("/static/<path:filename>")
+    async def static(filename: str) -> Any:
+        return await assets.send(filename)
+
+    @app.websocket("/ws")
+    async def signaling_socket() -> None:
+        client = websocket.remote_addr or "unknown"
+        await services.hub.serve(websocket._get_current_object(), client)
+
+    return app
+
+
+class _StaticAssets:
+    """Static files that a browser can never serve stale after an upgrade.
+
+    Every response says ``Cache-Control: no-cache`` (the browser revalidates with its ETag and
+    gets a cheap 304 when nothing changed), and the pages' references to ``/static/…`` carry a
+    ``?v=<content hash>`` so a changed script is a new URL, even through caching proxies.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._hashes: dict[Path, tuple[float, str]] = {}
+
+    async def send(self, filename: str) -> Response:
+        joined = safe_join(str(self._root), filename)
+        if joined is None or not Path(joined).is_file():
+            abort(404)
+        path = Path(joined)
+        if path.suffix == ".html":
+            body = await trio.to_thread.run_sync(self._versioned_page, path)
+            response = Response(body, mimetype="text/html")
+            response.set_etag(hashlib.sha256(body.encode()).hexdigest()[:32])
+            await response.make_conditional(request)
+        else:
+            response = await send_from_directory(self._root, filename)
+        response.cache_control.no_cache = True
+        return response
+
+    def _versioned_page(self, path: Path) -> str:
+        def version(match: re.Match[str]) -> str:
+            target = self._root / match["path"].removeprefix("/static/")
+            digest = self._digest(target)
+            suffix = f"?v={digest}" if digest else ""
+            return f"{match['attr']}{match['path']}{suffix}{match['end']}"
+
+        return _ASSET_REFERENCE.sub(version, path.read_text(encoding="utf-8"))
+
+    def _digest(self, path: Path) -> str | None:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return None
+        cached = self._hashes.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+            self._hashes[path] = cached
+        return cached[1]
+
+
+def _stream_json(stats: StreamStatistics) -> dict[str, Any]:
+    return {
+        "id": stats.id,
+        "name": stats.name,
+        "state": str(stats.state),
+        "detail": stats.detail,
+        "lastError": stats.last_error,
+        "viewers": stats.viewers,
+        "codec": stats.codec,
+        "source": stats.source,
+        "onDemand": stats.on_demand,
+        "running": stats.source_running,
+        "framesPublished": stats.fanout.published_frames,
+        "bytesPublished": stats.fanout.published_bytes,
+        "framesDropped": stats.fanout.dropped_frames,
+        "encodersOpened": stats.encoders_opened,
+    }
+
+
+def _count_tasks() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return count(trio.lowlevel.current_root_task())

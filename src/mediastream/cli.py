@@ -1,0 +1,117 @@
+"""The ``mediastream`` command.
+
+    mediastream serve [--config FILE] [--host HOST] [--port PORT] [--log-level LEVEL]
+
+Without ``--config`` the server runs three synthetic demo streams. Command-line options
+override the file's ``[server]`` values. SIGINT and SIGTERM shut down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .app import DEFAULT_STATIC_DIR
+from .config import Config, default_config, load_config
+from .errors import ConfigError
+from .server import RunningServer, serve
+
+log = logging.getLogger("mediastream")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = _config_from(args)
+    except ConfigError as exc:
+        print(f"mediastream: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(config.server.log_level)
+    if args.config is None:
+        log.info("no --config given: serving the built-in demo streams")
+    try:
+        trio.run(_serve_until_signalled, config, args.static_dir)
+    except (ConfigError, OSError, BaseExceptionGroup) as exc:
+        cause = _sole_cause(exc)
+        if isinstance(cause, ConfigError):
+            print(f"mediastream: {cause}", file=sys.stderr)
+            return 2
+        if isinstance(cause, OSError):
+            where = f"{config.server.host}:{config.server.port}"
+            print(f"mediastream: cannot serve on {where}: {cause.strerror or cause}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _sole_cause(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (Trio nurseries wrap errors)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mediastream",
+        description="Live camera streams (RTSP/H.264) in web browsers over WebRTC.",
+    )
+    parser.add_argument("--version", action="version", version=f"mediastream {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("serve", help="run the server")
+    run.add_argument("--config", type=Path, help="TOML configuration file (default: demo streams)")
+    run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    run.add_argument("--port", type=int, help="port to listen on (default 8107)")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    run.add_argument("--static-dir", type=Path, default=DEFAULT_STATIC_DIR,
+                     help="folder of the pages and scripts (default: the source tree's web/static)")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    config = load_config(args.config) if args.config is not None else default_config()
+    overrides = {
+        key: value
+        for key, value in (("host", args.host), ("port", args.port), ("log_level", args.log_level))
+        if value is not None
+    }
+    if "port" in overrides and not 0 <= overrides["port"] <= 65535:
+        raise ConfigError(f"--port must be 0-65535, got {overrides['port']}")
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if level != "debug":
+        # aiortc, aioice and Hypercorn are chatty at INFO about every connection.
+        for name in ("aioice", "aiortc", "hypercorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def _serve_until_signalled(config: Config, static_dir: Path) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningServer = await nursery.start(
+                functools.partial(serve, config, static_dir=static_dir)
+            )
+            async for signum in signals:
+                log.info("%s received, shutting down", signal.Signals(signum).name)
+                running.request_shutdown()
+                break

@@ -1,0 +1,378 @@
+"""Configuration: one frozen, typed structure, loaded from TOML.
+
+Every key is documented in ``docs/mediastream.example.toml`` (a test proves that file loads
+and equals the defaults). Unknown keys and bad values raise :class:`ConfigError` naming the
+file and the full key path (``streams[1].source``). With no file at all, :func:`default_config`
+serves three synthetic demo streams, so a newcomer sees video at once.
+
+Durations are in seconds, sizes in bytes, unless the key's name says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+from .errors import ConfigError
+
+SECONDS: Final = 1.0
+KIB: Final = 1024
+
+STREAM_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+#: lavfi sources a ``pattern:`` stream may use (all cheap to generate in real time).
+PATTERNS: Final = frozenset(
+    {
+        "testsrc", "testsrc2", "smptebars", "smptehdbars", "pal75bars", "pal100bars",
+        "rgbtestsrc", "yuvtestsrc", "cellauto", "life", "mandelbrot",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``[server]``: where to listen and how to stop."""
+
+    host: str = "0.0.0.0"
+    port: int = 8107
+    #: how long a shutdown waits for sockets and peers to close before cutting them off.
+    graceful_timeout: float = 5 * SECONDS
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class IceServerConfig:
+    """One ``[[webrtc.ice_servers]]`` entry (STUN or TURN)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class WebRTCConfig:
+    """``[webrtc]``: peer connections."""
+
+    #: STUN/TURN servers for the server's peers. Empty: host candidates only, which is right
+    #: on a LAN and avoids waiting for an unreachable public STUN server.
+    ice_servers: tuple[IceServerConfig, ...] = ()
+    #: time from an offer to a connected peer before the session is ended.
+    negotiation_timeout: float = 20 * SECONDS
+    #: ignore browsers' mDNS (``.local``) host candidates: resolving them costs aiortc a fixed
+    #: second per peer connection, and the server learns the browser's address from its
+    #: connectivity checks anyway.
+    ignore_mdns_candidates: bool = True
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """``[media]``: sources and fan-out."""
+
+    #: an on-demand stream keeps running this long after its last viewer leaves.
+    on_demand_grace: float = 10 * SECONDS
+    #: giving up on opening a source (RTSP connect and describe).
+    open_timeout: float = 10 * SECONDS
+    #: a source that delivers nothing for this long is treated as stalled and reopened.
+    read_timeout: float = 5 * SECONDS
+    #: first retry delay after a source fails; doubles up to ``retry_max_delay``.
+    retry_initial_delay: float = 1 * SECONDS
+    retry_max_delay: float = 30 * SECONDS
+    #: frames a viewer may fall behind before it skips ahead to the next keyframe.
+    viewer_queue_frames: int = 300
+    #: frames of the current GOP kept for late joiners; a longer GOP is not cached.
+    gop_cache_frames: int = 300
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: what one client may ask of the server."""
+
+    #: larger signaling messages get a ``message_too_large`` error.
+    max_message_bytes: int = 64 * KIB
+    max_sdp_bytes: int = 48 * KIB
+    max_streams_per_socket: int = 128
+    #: candidates queued for a session before its offer is processed.
+    max_pending_candidates: int = 64
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a stream's media comes from; parsed from the ``source`` string."""
+
+    kind: Literal["rtsp", "file", "pattern"]
+    #: the address to open: an RTSP URL, an absolute file path, or a lavfi graph.
+    location: str
+    #: for ``pattern:``: generator options (size, fps, kbps, gop).
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def option_map(self) -> dict[str, str]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One ``[[streams]]`` entry."""
+
+    id: str
+    source: SourceSpec
+    name: str = ""
+    #: ``"tcp"`` (default: works through NAT and firewalls) or ``"udp"``.
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    #: start on the first viewer and stop after the last (plus the grace period); ``false``
+    #: keeps the stream running from server start.
+    on_demand: bool = True
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    streams: tuple[StreamConfig, ...] = ()
+
+
+DEMO_STREAMS: Final = (
+    ("demo-1", "Demo 1 — test card", "pattern:testsrc2?size=640x360&fps=25&kbps=800&gop=50"),
+    ("demo-2", "Demo 2 — colour bars", "pattern:testsrc?size=640x360&fps=25&kbps=800&gop=50"),
+    ("demo-3", "Demo 3 — cellular automaton", "pattern:cellauto?size=640x360&fps=25&kbps=800&gop=50"),
+)  # fmt: skip
+
+
+def default_config() -> Config:
+    """The configuration used with no file: three on-demand synthetic demo streams."""
+    streams = tuple(
+        StreamConfig(id=stream_id, name=name, source=parse_source(url, key=f"streams[{index}]"))
+        for index, (stream_id, name, url) in enumerate(DEMO_STREAMS)
+    )
+    return Config(streams=streams)
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a TOML configuration file.
+
+    Raises:
+        ConfigError: naming the file and the key for anything unknown or invalid.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration: {exc.strerror}", path=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from None
+    return config_from_dict(data, path=path)
+
+
+def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML; file paths resolve against ``path``'s folder."""
+    where = str(path) if path else None
+    base_dir = path.parent if path else Path.cwd()
+    try:
+        streams_data = data.get("streams", [])
+        config = _build(Config, {k: v for k, v in data.items() if k != "streams"}, "")
+        streams = _build_streams(streams_data, base_dir)
+        _check_ranges(config)
+    except ConfigError as exc:
+        raise ConfigError(exc.reason, path=where, key=exc.key) from None
+    return dataclasses.replace(config, streams=streams)
+
+
+def _build_streams(items: Any, base_dir: Path) -> tuple[StreamConfig, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("must be an array of tables ([[streams]])", key="streams")
+    streams: list[StreamConfig] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        key = f"streams[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError("must be a table", key=key)
+        if "source" not in item:
+            raise ConfigError("missing required key", key=f"{key}.source")
+        source_text = item["source"]
+        if not isinstance(source_text, str):
+            raise ConfigError("must be a string", key=f"{key}.source")
+        source = parse_source(source_text, key=f"{key}.source", base_dir=base_dir)
+        stream = _build(StreamConfig, {**item, "source": source}, key)
+        if not STREAM_ID_PATTERN.fullmatch(stream.id):
+            raise ConfigError(
+                f'"{stream.id}" is not a valid id (1-64 letters, digits, "_.-", starting with '
+                "a letter or digit)",
+                key=f"{key}.id",
+            )
+        if stream.id in seen:
+            raise ConfigError(f'duplicate stream id "{stream.id}"', key=f"{key}.id")
+        seen.add(stream.id)
+        streams.append(stream)
+    return tuple(streams)
+
+
+def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> SourceSpec:
+    """Parse a ``source`` string: ``rtsp://…``, ``rtsps://…``, ``file:…`` or a path, ``pattern:…``.
+
+    Raises:
+        ConfigError: naming ``key`` (the error text never repeats credentials).
+    """
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme in ("rtsp", "rtsps"):
+        if not parts.hostname:
+            raise ConfigError("RTSP URL has no host", key=key)
+        return SourceSpec(kind="rtsp", location=text)
+    if scheme == "pattern":
+        name = parts.path
+        if name not in PATTERNS:
+            raise ConfigError(
+                f'unknown pattern "{name}"; choose one of {", ".join(sorted(PATTERNS))}', key=key
+            )
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        _check_pattern_options(options, key)
+        return SourceSpec(kind="pattern", location=name, options=tuple(sorted(options.items())))
+    if scheme in ("file", ""):
+        raw_path = parts.path if scheme == "file" else text
+        file_path = Path(raw_path)
+        if not file_path.is_absolute():
+            file_path = (base_dir or Path.cwd()) / file_path
+        if not file_path.is_file():
+            raise ConfigError(f"file not found: {file_path}", key=key)
+        return SourceSpec(kind="file", location=str(file_path))
+    raise ConfigError(
+        f'unsupported source scheme "{scheme}:"; use rtsp://, rtsps://, file: or pattern:', key=key
+    )
+
+
+_PATTERN_OPTIONS: Final = {
+    "size": re.compile(r"^\d{2,4}x\d{2,4}$"),
+    "fps": re.compile(r"^\d{1,2}$"),
+    "kbps": re.compile(r"^\d{2,5}$"),
+    "gop": re.compile(r"^\d{1,4}$"),
+}
+
+
+def _check_pattern_options(options: dict[str, str], key: str) -> None:
+    for name, value in options.items():
+        pattern = _PATTERN_OPTIONS.get(name)
+        if pattern is None:
+            raise ConfigError(
+                f'unknown pattern option "{name}"; known: {", ".join(_PATTERN_OPTIONS)}', key=key
+            )
+        if not pattern.fullmatch(value):
+            raise ConfigError(f'bad value "{value}" for pattern option "{name}"', key=key)
+    width, _, height = options.get("size", "640x360").partition("x")
+    if int(width) % 2 or int(height) % 2:
+        raise ConfigError("pattern size must have even width and height (H.264 4:2:0)", key=key)
+    if not 1 <= int(options.get("fps", "25")) <= 60:
+        raise ConfigError("pattern fps must be 1-60", key=key)
+
+
+def _check_ranges(config: Config) -> None:
+    positive = {
+        "server.graceful_timeout": config.server.graceful_timeout,
+        "webrtc.negotiation_timeout": config.webrtc.negotiation_timeout,
+        "media.open_timeout": config.media.open_timeout,
+        "media.read_timeout": config.media.read_timeout,
+        "media.retry_initial_delay": config.media.retry_initial_delay,
+        "media.retry_max_delay": config.media.retry_max_delay,
+        "media.viewer_queue_frames": config.media.viewer_queue_frames,
+        "media.gop_cache_frames": config.media.gop_cache_frames,
+        "limits.max_message_bytes": config.limits.max_message_bytes,
+        "limits.max_sdp_bytes": config.limits.max_sdp_bytes,
+        "limits.max_streams_per_socket": config.limits.max_streams_per_socket,
+        "limits.max_pending_candidates": config.limits.max_pending_candidates,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"must be greater than 0, got {value}", key=key)
+    if config.media.on_demand_grace < 0:
+        raise ConfigError("must be 0 or more", key="media.on_demand_grace")
+    if not 0 <= config.server.port <= 65535:
+        raise ConfigError(f"must be a port number 0-65535, got {config.server.port}",
+                          key="server.port")
+    if config.media.retry_max_delay < config.media.retry_initial_delay:
+        raise ConfigError("must be at least media.retry_initial_delay",
+                          key="media.retry_max_delay")
+    for index, server in enumerate(config.webrtc.ice_servers):
+        for url in server.urls:
+            if not re.match(r"^(stun|stuns|turn|turns):", url):
+                raise ConfigError(f'"{url}" is not a stun:, stuns:, turn: or turns: URL',
+                                  key=f"webrtc.ice_servers[{index}].urls")
+
+
+# --- a small typed loader: dataclass fields drive validation ---------------------------------
+
+_T = typing.TypeVar("_T")
+
+
+def _build(cls: type[_T], data: Any, key: str) -> _T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and mistyped values."""
+    if not isinstance(data, dict):
+        raise ConfigError("must be a table", key=key or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in data:
+        if name not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"unknown key (known keys: {known})", key=_join(key, name))
+    values: dict[str, Any] = {}
+    for name, spec in fields.items():
+        if name in data:
+            values[name] = _convert(hints[name], data[name], _join(key, name))
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError("missing required key", key=_join(key, name))
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is SourceSpec and isinstance(value, SourceSpec):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"must be one of {choices}, got {value!r}", key=key)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError("must be an array", key=key)
+        return tuple(_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {value!r}", key=key)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"must be an integer, got {value!r}", key=key)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, got {value!r}", key=key)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"must be a string, got {value!r}", key=key)
+        return value
+    raise ConfigError(f"unsupported configuration type {hint!r}", key=key)  # a bug, not input
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,1 @@
+"""Media: sources, frames and fan-out. No WebRTC and no asyncio here."""

@@ -1,0 +1,220 @@
+"""Fan-out: one source's frames to many viewers, each with its own bounded queue.
+
+Pure, synchronous logic with no I/O and no event loop: the source calls :meth:`FanOut.publish`,
+each viewer pulls with :meth:`Subscriber.get_nowait` and is woken by a callback it installs.
+
+Policies (from what CCTV viewers run into with other servers):
+
+- **Late joiners start at once.** The frames since the last keyframe (the current GOP) are
+  kept; a new subscriber's queue starts with them, original timestamps and all, so the
+  browser paints the keyframe at once and fast-forwards to the live edge. Snapshot and
+  registration happen in one synchronous step, so no frame can fall in between.
+- **A slow viewer never stalls the others.** When a queue is full, that viewer's queue is
+  emptied and it skips to the next keyframe: H.264 can't lose single frames without
+  corrupting the picture until the next keyframe anyway. Drops are counted, and logged at a
+  limited rate.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from .frames import EncodedFrame
+
+log = logging.getLogger(__name__)
+
+DROP_LOG_INTERVAL: Final = 10.0  # seconds between two drop warnings of one viewer
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatistics:
+    queued_frames: int
+    delivered_frames: int
+    dropped_frames: int
+    waiting_for_keyframe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FanOutStatistics:
+    subscribers: int
+    published_frames: int
+    published_bytes: int
+    gop_frames: int
+    dropped_frames: int
+
+
+class Subscriber:
+    """One viewer's queue of frames of one kind.
+
+    Resource handling: call :meth:`FanOut.unsubscribe` (or use the fan-out's ``subscription``
+    context) when the viewer leaves, or the fan-out keeps feeding it.
+    """
+
+    def __init__(self, label: str, max_frames: int, *, keyframe_gated: bool) -> None:
+        self.label = label
+        self._max_frames = max_frames
+        self._keyframe_gated = keyframe_gated
+        self._frames: collections.deque[EncodedFrame] = collections.deque()
+        self._waiting_for_keyframe = keyframe_gated
+        self._wakeup: Callable[[], None] | None = None
+        self._closed = False
+        self._delivered = 0
+        self._dropped = 0
+        self._last_drop_log = -DROP_LOG_INTERVAL
+
+    def set_wakeup(self, wakeup: Callable[[], None] | None) -> None:
+        """Install the callback run (synchronously, inside ``publish``) when a frame arrives."""
+        self._wakeup = wakeup
+
+    def get_nowait(self) -> EncodedFrame | None:
+        """The next frame, or ``None`` when the queue is empty (or closed)."""
+        if not self._frames:
+            return None
+        self._delivered += 1
+        return self._frames.popleft()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._dropped
+
+    def statistics(self) -> SubscriberStatistics:
+        return SubscriberStatistics(
+            queued_frames=len(self._frames),
+            delivered_frames=self._delivered,
+            dropped_frames=self._dropped,
+            waiting_for_keyframe=self._waiting_for_keyframe,
+        )
+
+    def _start_with(self, frames: list[EncodedFrame]) -> None:
+        if frames and (frames[0].keyframe or not self._keyframe_gated):
+            self._frames.extend(frames[-self._max_frames :])
+            self._waiting_for_keyframe = False
+
+    def _push(self, frame: EncodedFrame) -> int:
+        """Queue one frame; returns how many frames this viewer dropped doing it."""
+        if self._closed:
+            return 0
+        dropped = 0
+        if self._waiting_for_keyframe:
+            if not frame.keyframe:
+                self._dropped += 1
+                return 1
+            self._waiting_for_keyframe = False
+        elif len(self._frames) >= self._max_frames:
+            dropped = len(self._frames)
+            self._frames.clear()
+            if self._keyframe_gated and not frame.keyframe:
+                self._waiting_for_keyframe = True
+                dropped += 1
+            self._dropped += dropped
+            self._log_drop(dropped)
+            if self._waiting_for_keyframe:
+                return dropped
+        self._frames.append(frame)
+        if self._wakeup is not None:
+            self._wakeup()
+        return dropped
+
+    def _close(self) -> None:
+        self._closed = True
+        self._frames.clear()
+        if self._wakeup is not None:
+            self._wakeup()
+
+    def _log_drop(self, dropped: int) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            self._last_drop_log = now
+            log.warning(
+                "%s: viewer fell %d frames behind; skipping to the next keyframe "
+                "(%d frames dropped so far)",
+                self.label, dropped, self._dropped,
+            )
+
+
+class FanOut:
+    """Distributes one stream's frames to its subscribers.
+
+    Args:
+        stream_id: for log lines.
+        queue_frames: each subscriber's queue bound (frames).
+        gop_cache_frames: the longest GOP kept for late joiners; longer ones aren't cached
+            and a late joiner then waits for the next keyframe.
+    """
+
+    def __init__(self, stream_id: str, *, queue_frames: int, gop_cache_frames: int) -> None:
+        self.stream_id = stream_id
+        self._queue_frames = queue_frames
+        self._gop_cache_frames = gop_cache_frames
+        self._gop: list[EncodedFrame] = []
+        self._gop_overflowed = False
+        self._subscribers: set[Subscriber] = set()
+        self._published_frames = 0
+        self._published_bytes = 0
+        self._dropped = 0
+        self._next_label = 0
+
+    def subscribe(self, kind: str = "video") -> Subscriber:
+        """A new subscriber, primed with the current GOP so it can start decoding at once."""
+        self._next_label += 1
+        subscriber = Subscriber(
+            f"{self.stream_id} viewer {self._next_label}",
+            self._queue_frames,
+            keyframe_gated=kind == "video",
+        )
+        subscriber._start_with([frame for frame in self._gop if frame.kind == kind])
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stop feeding ``subscriber``; idempotent."""
+        self._subscribers.discard(subscriber)
+        subscriber._close()
+
+    def publish(self, frame: EncodedFrame) -> None:
+        """Give ``frame`` to every subscriber and remember it for late joiners."""
+        self._published_frames += 1
+        self._published_bytes += frame.size
+        if frame.kind == "video":
+            self._remember(frame)  # audio is not replayed: a burst of old sound helps nobody
+        for subscriber in list(self._subscribers):
+            self._dropped += subscriber._push(frame)
+
+    def reset(self) -> None:
+        """Forget the cached GOP (the source restarted; its next keyframe starts afresh)."""
+        self._gop = []
+        self._gop_overflowed = False
+
+    def statistics(self) -> FanOutStatistics:
+        return FanOutStatistics(
+            subscribers=len(self._subscribers),
+            published_frames=self._published_frames,
+            published_bytes=self._published_bytes,
+            gop_frames=len(self._gop),
+            dropped_frames=self._dropped,
+        )
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def _remember(self, frame: EncodedFrame) -> None:
+        if frame.keyframe:
+            self._gop = [frame]
+            self._gop_overflowed = False
+        elif self._gop and not self._gop_overflowed:
+            if len(self._gop) >= self._gop_cache_frames:
+                # Too long to replay: late joiners wait for the next keyframe instead.
+                self._gop = []
+                self._gop_overflowed = True
+            else:
+                self._gop.append(frame)

@@ -1,0 +1,121 @@
+"""Encoded frames as they travel from a source to every viewer, and the H.264 bitstream rules.
+
+A frame is packetized into RTP payloads **once, where it is read**; every viewer then sends the
+same payloads with its own RTP header. Frames are immutable and shared: nobody may change one
+after it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+VIDEO_CLOCK_RATE: Final = 90_000  # Hz, the RTP clock of every video codec
+
+NAL_SLICE: Final = 1
+NAL_IDR: Final = 5
+NAL_SEI: Final = 6
+NAL_SPS: Final = 7
+NAL_PPS: Final = 8
+NAL_AUD: Final = 9
+NAL_FILLER: Final = 12
+_VCL_TYPES: Final = frozenset(range(1, 6))
+#: NAL units the browser does not need: access unit delimiters and filler only cost bandwidth.
+_DROPPED_TYPES: Final = frozenset({NAL_AUD, NAL_FILLER})
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedFrame:
+    """One encoded frame (a whole H.264 access unit, or one audio frame).
+
+    Attributes:
+        kind: ``"video"`` or ``"audio"``.
+        timestamp: presentation time on the stream's continuous timeline, in RTP clock units
+            (90 kHz for video); it never goes backwards, even across source restarts.
+        keyframe: a frame a decoder can start from (an IDR with its parameter sets).
+        payloads: the RTP payloads, in order; the last one carries the marker bit.
+        size: bytes of media in the frame.
+    """
+
+    kind: Literal["video", "audio"]
+    timestamp: int
+    keyframe: bool
+    payloads: tuple[bytes, ...]
+    size: int
+
+
+def split_annexb(data: bytes) -> list[bytes]:
+    """Split an Annex B byte stream (start-code delimited) into NAL units, without start codes."""
+    nal_units: list[bytes] = []
+    start = data.find(b"\x00\x00\x01")
+    while start != -1:
+        start += 3
+        end = data.find(b"\x00\x00\x01", start)
+        # A NAL unit never ends in a zero byte (its stop bit comes last), so trailing zeros
+        # belong to the next 4-byte start code or to trailing_zero_8bits padding.
+        nal = (data[start:] if end == -1 else data[start:end]).rstrip(b"\x00")
+        if nal:
+            nal_units.append(nal)
+        start = end
+    return nal_units
+
+
+def nal_type(nal: bytes) -> int:
+    return nal[0] & 0x1F
+
+
+def join_annexb(nal_units: Iterable[bytes]) -> bytes:
+    return b"".join(b"\x00\x00\x00\x01" + nal for nal in nal_units)
+
+
+class H264AccessUnitNormalizer:
+    """Makes every keyframe self-contained, so a viewer can start decoding from it.
+
+    Cameras often send SPS/PPS only once, or only out of band (RTSP ``sprop-parameter-sets``,
+    an MP4 ``avcC`` box). Late joiners then can't decode anything. This keeps the newest
+    parameter sets and puts them in front of every IDR that lacks them; it also drops access
+    unit delimiters and filler, and merges parameter-set-only packets into the next frame.
+    """
+
+    def __init__(self, extradata_annexb: bytes | None = None) -> None:
+        self._sps: bytes | None = None
+        self._pps: bytes | None = None
+        self._pending: list[bytes] = []
+        if extradata_annexb:
+            self._remember(split_annexb(extradata_annexb))
+
+    def normalize(self, nal_units: Sequence[bytes]) -> tuple[list[bytes], bool] | None:
+        """Return ``(nal_units, is_keyframe)`` for one access unit, or ``None`` to wait for more.
+
+        ``None`` means the input held no picture (only parameter sets or SEI); those units are
+        kept and prepended to the next picture.
+        """
+        units = [nal for nal in nal_units if nal and nal_type(nal) not in _DROPPED_TYPES]
+        self._remember(units)
+        if not any(nal_type(nal) in _VCL_TYPES for nal in units):
+            self._pending.extend(units)
+            del self._pending[:-8]  # bounded: a source sending only headers can't grow this
+            return None
+        units = self._pending + units
+        self._pending = []
+        types = {nal_type(nal) for nal in units}
+        keyframe = NAL_IDR in types
+        if keyframe:
+            prefix = []
+            if NAL_SPS not in types and self._sps is not None:
+                prefix.append(self._sps)
+            if NAL_PPS not in types and self._pps is not None:
+                prefix.append(self._pps)
+            units = prefix + units
+            types = {nal_type(nal) for nal in units}
+            keyframe = NAL_SPS in types and NAL_PPS in types
+        return units, keyframe
+
+    def _remember(self, units: Iterable[bytes]) -> None:
+        for nal in units:
+            kind = nal_type(nal)
+            if kind == NAL_SPS:
+                self._sps = nal
+            elif kind == NAL_PPS:
+                self._pps = nal

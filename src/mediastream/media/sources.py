@@ -1,0 +1,499 @@
+"""Sources: read a camera, a file or a test pattern once, and publish its frames.
+
+Task tree of one running source (inside its stream's supervisor, see ``registry.py``)::
+
+    run_source                 retries with backoff; owns the timeline and the state
+    └── one attempt            nursery
+        ├── reader thread      PyAV: open, demux, (transcode), packetize  -> bounded channel
+        └── publisher          paces files and patterns in real time, rebases timestamps,
+                               hands each frame to the sink (the stream's fan-out)
+
+PyAV's blocking calls run in a worker thread with FFmpeg's open/read timeouts, so a dead
+camera never blocks the event loop. H.264 is passed through untouched (only its NAL units are
+tidied: parameter sets in front of every keyframe, AVCC converted to Annex B); any other codec,
+and every test pattern, is encoded to H.264 **once per source** here, whatever the number of
+viewers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+import math
+import random
+import threading
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from typing import Any, Final, Protocol
+
+import av
+import av.container
+import av.video
+import trio
+from aiortc.codecs.h264 import H264Encoder
+
+from ..config import MediaConfig, SourceSpec, StreamConfig
+from ..errors import SourceError
+from ..redact import redact_text, redact_url
+from .frames import VIDEO_CLOCK_RATE, EncodedFrame, H264AccessUnitNormalizer, split_annexb
+
+log = logging.getLogger(__name__)
+
+READER_CHANNEL_FRAMES: Final = 4  # frames read ahead of the publisher; small keeps pacing honest
+READER_EXIT_WAIT: Final = 2.0  # seconds a stopping source waits for its reader thread
+DEFAULT_TRANSCODE_KBPS: Final = 2000
+DEFAULT_FPS: Final = 25
+MAX_LAG: Final = 1.0  # seconds a paced source may fall behind before it re-anchors its clock
+
+
+class SourceState(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    OFFLINE = "offline"
+
+
+class SourceSink(Protocol):
+    """Where a running source delivers (the stream it belongs to)."""
+
+    def publish(self, frame: EncodedFrame) -> None: ...
+
+    def source_state(self, state: SourceState, detail: str | None = None) -> None: ...
+
+    def source_restarted(self) -> None: ...
+
+    def source_opened(self, info: SourceInfo) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What the reader found when it opened the source."""
+
+    codec: str  # the source's own codec name, e.g. "h264", "mjpeg"
+    transcoded: bool
+    width: int
+    height: int
+
+
+class _Timeline:
+    """Maps each attempt's source timestamps onto one continuous, increasing 90 kHz timeline.
+
+    Viewers keep their RTP stream across camera reconnects and file loops, so timestamps must
+    never jump back; a gap in wall time becomes the same gap in media time.
+    """
+
+    def __init__(self) -> None:
+        self._offset: int | None = None
+        self._last_out: int | None = None
+        self._last_wall = 0.0
+        self._frame_gap = VIDEO_CLOCK_RATE // DEFAULT_FPS
+
+    def new_attempt(self) -> None:
+        self._offset = None
+
+    def place(self, source_ts: int, now: float, *, paced: bool) -> int:
+        if self._offset is None:
+            if self._last_out is None:
+                base = 0
+            elif paced:
+                base = self._last_out + self._frame_gap
+            else:
+                base = self._last_out + max(self._frame_gap, round((now - self._last_wall) * VIDEO_CLOCK_RATE))
+            self._offset = base - source_ts
+        out = source_ts + self._offset
+        if self._last_out is not None:
+            if out <= self._last_out:
+                out = self._last_out + 1
+            else:
+                self._frame_gap = min(out - self._last_out, VIDEO_CLOCK_RATE)
+        self._last_out = out
+        self._last_wall = now
+        return out
+
+
+async def run_source(
+    config: StreamConfig,
+    media: MediaConfig,
+    sink: SourceSink,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one source until cancelled: read, publish, and reopen it with backoff when it fails.
+
+    Cancellation: the way to stop a source. The reader thread is told to stop and waited for
+    (briefly; a thread blocked in FFmpeg I/O exits by itself at its read timeout).
+    """
+    spec = config.source
+    label = f"{config.id} ({describe_source(spec)})"
+    timeline = _Timeline()
+    failures = 0
+    ever_live = False
+    task_status.started()
+    sink.source_state(SourceState.STARTING)
+    try:
+        while True:
+            timeline.new_attempt()
+            went_live = False
+            try:
+                went_live = await _run_attempt(config, media, sink, timeline, label)
+                if spec.kind != "rtsp":
+                    failures = 0
+                    continue  # a file or pattern ended: loop it, seamlessly
+                reason = "the source ended the stream"
+            except _AttemptFailed as exc:
+                went_live, reason = exc.went_live, exc.reason
+            ever_live = ever_live or went_live
+            failures = 0 if went_live else failures + 1
+            delay = backoff_delay(failures, media.retry_initial_delay, media.retry_max_delay)
+            state = (
+                SourceState.RECONNECTING
+                if ever_live and (went_live or failures < 3)
+                else SourceState.OFFLINE
+            )
+            log.warning("%s: %s; retrying in %.1f s", label, reason, delay)
+            sink.source_state(state, f"{reason}; retrying in {delay:.0f} s")
+            sink.source_restarted()
+            await trio.sleep(delay)
+    finally:
+        sink.source_state(SourceState.STOPPED)
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, reason: str, went_live: bool) -> None:
+        self.reason = reason
+        self.went_live = went_live
+
+
+def backoff_delay(failures: int, initial: float, maximum: float) -> float:
+    """Seconds before retry number ``failures``: doubling from ``initial``, capped, plus jitter.
+
+    The jitter (up to +20 %, still under the cap) keeps many cameras that failed together from
+    retrying in lockstep.
+    """
+    if failures <= 0:
+        return 0.0
+    base = min(initial * 2 ** min(failures - 1, 30), maximum)
+    return min(base * (1 + random.uniform(0, 0.2)), maximum)
+
+
+async def _run_attempt(
+    config: StreamConfig, media: MediaConfig, sink: SourceSink, timeline: _Timeline, label: str
+) -> bool:
+    """Open the source once and publish until it ends; returns whether a frame went out.
+
+    Raises:
+        _AttemptFailed: the source could not be opened or stopped delivering.
+    """
+    paced = config.source.kind != "rtsp"
+    send, receive = trio.open_memory_channel[_ReaderItem](READER_CHANNEL_FRAMES)
+    stop = threading.Event()
+    exited = threading.Event()
+    went_live = False
+    failure: str | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_reader_thread, config, media, send, stop, exited)
+            anchor: tuple[float, int] | None = None
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, _ReaderFailed):
+                        failure = item.reason
+                        break
+                    if isinstance(item, SourceInfo):
+                        log.info(
+                            "%s: opened, %s %dx%d%s", label, item.codec, item.width, item.height,
+                            ", transcoding to H.264 once for all viewers" if item.transcoded else "",
+                        )
+                        sink.source_opened(item)
+                        continue
+                    now = trio.current_time()
+                    timestamp = timeline.place(item.timestamp, now, paced=paced)
+                    if paced:
+                        if anchor is None or now - _due(anchor, timestamp) > MAX_LAG:
+                            anchor = (now, timestamp)
+                        await trio.sleep_until(_due(anchor, timestamp))
+                    sink.publish(dataclasses.replace(item, timestamp=timestamp))
+                    if not went_live:
+                        went_live = True
+                        sink.source_state(SourceState.LIVE)
+    finally:
+        stop.set()
+        with trio.move_on_after(READER_EXIT_WAIT) as waited, trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(exited.wait, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            log.warning("%s: reader thread is still blocked in I/O; it ends at its timeout", label)
+    if failure is not None:
+        raise _AttemptFailed(failure, went_live)
+    return went_live
+
+
+def _due(anchor: tuple[float, int], timestamp: int) -> float:
+    wall, media_ts = anchor
+    return wall + (timestamp - media_ts) / VIDEO_CLOCK_RATE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ReaderFailed:
+    reason: str
+
+
+_ReaderItem = EncodedFrame | SourceInfo | _ReaderFailed
+
+
+async def _run_reader_thread(
+    config: StreamConfig,
+    media: MediaConfig,
+    send: trio.MemorySendChannel[_ReaderItem],
+    stop: threading.Event,
+    exited: threading.Event,
+) -> None:
+    def deliver(item: _ReaderItem) -> None:
+        trio.from_thread.run(send.send, item)
+
+    def read() -> None:
+        try:
+            _read(config, media, deliver, stop)
+        except SourceError as exc:
+            with contextlib.suppress(trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
+                deliver(_ReaderFailed(str(exc)))
+        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
+            pass  # the attempt was stopped while a frame was being handed over
+        finally:
+            exited.set()
+
+    async with send:
+        # abandon_on_cancel: a thread stuck in FFmpeg I/O must not hold up cancellation; it
+        # notices ``stop`` (or a failed delivery) and exits at its next frame or timeout.
+        await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+
+
+# --- the reader thread: PyAV only below this line, no Trio except ``deliver`` -----------------
+
+
+def _read(
+    config: StreamConfig,
+    media: MediaConfig,
+    deliver: Callable[[_ReaderItem], None],
+    stop: threading.Event,
+) -> None:
+    """Read until the source ends or ``stop`` is set. Raises SourceError on failure."""
+    spec = config.source
+    try:
+        container = _open(config, media)
+    except av.FFmpegError as exc:
+        raise SourceError(f"cannot open {describe_source(spec)}: {_ffmpeg_reason(exc)}") from None
+    try:
+        if not container.streams.video:
+            raise SourceError(f"{describe_source(spec)} has no video track")
+        stream = container.streams.video[0]
+        converter = _make_converter(stream, spec)
+        deliver(converter.info)
+        for packet in container.demux(stream):
+            if stop.is_set():
+                return
+            for frame in converter.convert(packet):
+                deliver(frame)
+        for frame in converter.flush():
+            deliver(frame)
+    except av.FFmpegError as exc:
+        raise SourceError(f"reading {describe_source(spec)} failed: {_ffmpeg_reason(exc)}") from None
+    finally:
+        container.close()
+
+
+def _open(config: StreamConfig, media: MediaConfig) -> av.container.InputContainer:
+    spec = config.source
+    timeouts = (media.open_timeout, media.read_timeout)
+    if spec.kind == "rtsp":
+        options = {
+            "rtsp_transport": config.rtsp_transport,
+            # FFmpeg's socket I/O timeout, in microseconds (``stimeout`` is gone since FFmpeg 5).
+            "timeout": str(int(media.read_timeout * 1_000_000)),
+            # Start fast: the codec parameters come from the camera's SDP, and probing the
+            # stream would cost ~1 s of cold start (measured: 1.2 s open -> 0.12 s). Not
+            # ``fflags=nobuffer``: that throws away the probed packets, first keyframe included.
+            "analyzeduration": "0",
+            "probesize": "32",
+        }
+        return av.open(spec.location, "r", options=options, timeout=timeouts)
+    if spec.kind == "pattern":
+        opts = spec.option_map
+        graph = f"{spec.location}=size={opts.get('size', '640x360')}:rate={opts.get('fps', DEFAULT_FPS)}"
+        return av.open(graph, "r", format="lavfi", timeout=timeouts)
+    return av.open(spec.location, "r", timeout=timeouts)
+
+
+class _Converter(Protocol):
+    info: SourceInfo
+
+    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]: ...
+
+    def flush(self) -> Iterator[EncodedFrame]: ...
+
+
+def _make_converter(stream: av.video.stream.VideoStream, spec: SourceSpec) -> _Converter:
+    codec = stream.codec_context.name
+    if codec == "h264" and spec.kind != "pattern":
+        return _H264Passthrough(stream)
+    options = spec.option_map
+    fps = int(options.get("fps", 0)) or _frame_rate(stream)
+    return _Transcoder(
+        stream,
+        source_codec="test pattern" if spec.kind == "pattern" else codec,
+        kbps=int(options.get("kbps", DEFAULT_TRANSCODE_KBPS)),
+        fps=fps,
+        gop=int(options.get("gop", 2 * fps)),
+    )
+
+
+def _frame_rate(stream: av.video.stream.VideoStream) -> int:
+    rate = stream.average_rate or stream.guessed_rate
+    return max(1, min(60, round(float(rate)))) if rate else DEFAULT_FPS
+
+
+class _H264Passthrough:
+    """H.264 in, the same H.264 out: NAL units tidied and packetized, never decoded."""
+
+    def __init__(self, stream: av.video.stream.VideoStream) -> None:
+        extradata = stream.codec_context.extradata or b""
+        self._stream = stream
+        self._bsf: av.bitstream.BitStreamFilterContext | None = None
+        if extradata[:1] == b"\x01":
+            # AVCC (MP4/MKV): length-prefixed NAL units; RTP needs Annex B start codes.
+            self._bsf = av.bitstream.BitStreamFilterContext("h264_mp4toannexb", stream)
+            extradata = b""
+        self._normalizer = H264AccessUnitNormalizer(extradata)
+        self._clock = _Clock(stream.time_base)
+        ctx = stream.codec_context
+        self.info = SourceInfo("h264", False, ctx.width or 0, ctx.height or 0)
+
+    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]:
+        packets = self._bsf.filter(packet) if self._bsf is not None else [packet]
+        for unit in packets:
+            if unit.size == 0:
+                continue
+            normalized = self._normalizer.normalize(split_annexb(bytes(unit)))
+            if normalized is None:
+                continue
+            nal_units, keyframe = normalized
+            yield _frame(nal_units, self._clock.ticks(unit), keyframe)
+
+    def flush(self) -> Iterator[EncodedFrame]:
+        if self._bsf is not None:
+            for unit in self._bsf.filter(None):
+                yield from self.convert(unit)
+
+
+class _Transcoder:
+    """Anything else to H.264 (baseline, no B-frames, IDR every ``gop`` frames), once per source."""
+
+    def __init__(
+        self, stream: av.video.stream.VideoStream, *, source_codec: str, kbps: int, fps: int, gop: int
+    ) -> None:
+        ctx = stream.codec_context
+        self._stream = stream
+        self._width = (ctx.width or 640) // 2 * 2
+        self._height = (ctx.height or 360) // 2 * 2
+        self._encoder = _open_h264_encoder(self._width, self._height, kbps=kbps, fps=fps, gop=gop)
+        self._normalizer = H264AccessUnitNormalizer()
+        self._clock = _Clock(stream.time_base)
+        self._last_ticks = -1
+        self.info = SourceInfo(source_codec, True, self._width, self._height)
+
+    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]:
+        for picture in packet.decode():
+            ticks = self._clock.ticks_of(picture.pts, picture.time_base)
+            if ticks <= self._last_ticks:
+                continue  # a duplicate or out-of-order picture would make time go backwards
+            self._last_ticks = ticks
+            yield from self._encode(picture, ticks)
+
+    def flush(self) -> Iterator[EncodedFrame]:
+        yield from self._emit(self._encoder.encode(None))
+
+    def _encode(self, picture: av.VideoFrame, ticks: int) -> Iterator[EncodedFrame]:
+        image = picture.reformat(width=self._width, height=self._height, format="yuv420p")
+        image.pts = ticks
+        image.time_base = Fraction(1, VIDEO_CLOCK_RATE)
+        # Decoders mark pictures I/P/B; passed on, that would force x264's frame types.
+        image.pict_type = av.video.frame.PictureType.NONE
+        yield from self._emit(self._encoder.encode(image))
+
+    def _emit(self, packets: list[av.Packet]) -> Iterator[EncodedFrame]:
+        for packet in packets:
+            normalized = self._normalizer.normalize(split_annexb(bytes(packet)))
+            if normalized is not None:
+                nal_units, keyframe = normalized
+                yield _frame(nal_units, int(packet.pts or 0), keyframe)
+
+
+def _open_h264_encoder(width: int, height: int, *, kbps: int, fps: int, gop: int) -> Any:
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width = width
+    encoder.height = height
+    encoder.pix_fmt = "yuv420p"
+    encoder.time_base = Fraction(1, VIDEO_CLOCK_RATE)
+    encoder.framerate = Fraction(fps, 1)
+    encoder.bit_rate = kbps * 1000
+    encoder.gop_size = gop
+    encoder.options = {
+        "preset": "ultrafast",
+        "tune": "zerolatency",  # no lookahead, no B-frames: one frame in, one frame out
+        "profile": "baseline",
+        "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+    }
+    encoder.open()
+    return encoder
+
+
+class _Clock:
+    """Source timestamps to 90 kHz ticks, tolerating packets without pts (some RTSP cameras)."""
+
+    def __init__(self, time_base: Fraction | None) -> None:
+        self._time_base = time_base or Fraction(1, VIDEO_CLOCK_RATE)
+        self._last: int | None = None
+
+    def ticks(self, packet: av.Packet) -> int:
+        value = packet.pts if packet.pts is not None else packet.dts
+        if value is None:
+            # FFmpeg's RTSP demuxer leaves the very first packet (a keyframe) without pts.
+            ticks = 0 if self._last is None else self._last + VIDEO_CLOCK_RATE // DEFAULT_FPS
+        else:
+            ticks = self.ticks_of(value, packet.time_base or self._time_base)
+        self._last = ticks
+        return ticks
+
+    def ticks_of(self, value: int | None, time_base: Fraction | None) -> int:
+        if value is None:
+            return (self._last or 0) + VIDEO_CLOCK_RATE // DEFAULT_FPS
+        return math.floor(value * (time_base or self._time_base) * VIDEO_CLOCK_RATE)
+
+
+def _frame(nal_units: list[bytes], ticks: int, keyframe: bool) -> EncodedFrame:
+    payloads = tuple(H264Encoder._packetize(nal_units))
+    return EncodedFrame(
+        kind="video",
+        timestamp=ticks,
+        keyframe=keyframe,
+        payloads=payloads,
+        size=sum(len(nal) for nal in nal_units),
+    )
+
+
+def _ffmpeg_reason(exc: av.FFmpegError) -> str:
+    # FFmpeg errors carry the URL as ``filename``: leave it out, credentials and all.
+    return redact_text(exc.strerror or type(exc).__name__)
+
+
+def describe_source(spec: SourceSpec) -> str:
+    """The source as it may appear in logs, errors and APIs: credentials removed."""
+    if spec.kind == "rtsp":
+        return redact_url(spec.location)
+    if spec.kind == "pattern":
+        query = "&".join(f"{k}={v}" for k, v in spec.options)
+        return f"pattern:{spec.location}" + (f"?{query}" if query else "")
+    return f"file:{spec.location}"
+

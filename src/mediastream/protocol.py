@@ -1,0 +1,288 @@
+"""The signaling protocol on ``/ws``: parsing client messages, building server messages.
+
+No I/O here. Every message on the wire is a JSON object ``{"type", "streamId", "payload"}``
+(``docs/protocol.md`` is the reference). Client messages are parsed once, at the edge, into
+the frozen dataclasses below; whatever fails to parse raises :class:`SignalingError`, which
+the socket turns into an ``error`` message for that stream.
+
+Wire names (``streamId``, ``sdpMid``, ``sdpMLineIndex``) appear only in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .errors import ErrorCode, SignalingError
+
+STREAM_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+SESSION_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_CANDIDATE_CHARS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """``offer``: the browser's SDP offer for one stream.
+
+    ``session_id`` is optional and chosen by the client; the server echoes it in every message
+    about this session so a client can tell a late message of an old session from the new one.
+    """
+
+    stream_id: str
+    sdp: str
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IceCandidate:
+    """``ice``: one trickled candidate; ``candidate is None`` means end of candidates."""
+
+    stream_id: str
+    candidate: str | None
+    sdp_mid: str | None
+    sdp_mline_index: int | None
+    #: when given, a candidate for another session of this stream is ignored.
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """``close``: end this stream's session now (the browser's ``unregisterStream``)."""
+
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``ping``: echoed as ``pong`` with the same payload, for round-trip measurements."""
+
+    payload: Any
+
+
+ClientMessage = Offer | IceCandidate | Close | Ping
+
+CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping")
+
+
+def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMessage:
+    """Parse and validate one client message.
+
+    Args:
+        text: the WebSocket message as received.
+        max_sdp_bytes: the largest SDP accepted in an offer.
+
+    Raises:
+        SignalingError: naming what was wrong; ``stream_id`` is set whenever the message
+            named a usable stream id, so the error can be routed to that stream.
+    """
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SignalingError(ErrorCode.INVALID_JSON, f"Message is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f"Message must be a JSON object, got {type(raw).__name__}",
+        )
+
+    message_type = raw.get("type")
+    payload = raw.get("payload")
+    stream_id = _stream_id_of(raw, payload)
+
+    if not isinstance(message_type, str):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE, 'Message has no "type" string', stream_id=stream_id
+        )
+    if message_type == "ping":
+        return Ping(payload)
+    if message_type not in CLIENT_MESSAGE_TYPES:
+        raise SignalingError(
+            ErrorCode.UNKNOWN_TYPE,
+            f'Unknown message type "{message_type[:40]}"; expected one of '
+            + ", ".join(CLIENT_MESSAGE_TYPES),
+            stream_id=stream_id,
+        )
+    if stream_id is None:
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f'"{message_type}" needs a "streamId" (top level, or payload.streamId for offers)',
+        )
+    if message_type == "offer":
+        return _parse_offer(stream_id, payload, max_sdp_bytes=max_sdp_bytes)
+    if message_type == "ice":
+        return _parse_ice(stream_id, payload)
+    return Close(stream_id)
+
+
+def _stream_id_of(raw: dict[str, Any], payload: Any) -> str | None:
+    """The message's stream id: top level first, then ``payload.streamId`` (legacy offers)."""
+    top = raw.get("streamId")
+    nested = payload.get("streamId") if isinstance(payload, dict) else None
+    if top is None:
+        top = nested
+    elif nested is not None and nested != top:
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f'"streamId" is "{_clip(top)}" but payload.streamId is "{_clip(nested)}"',
+            stream_id=top if _valid_stream_id(top) else None,
+        )
+    if top is None:
+        return None
+    if not _valid_stream_id(top):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f'"streamId" must be 1-128 characters of letters, digits, "_.:-"; got {_clip(top)!r}',
+        )
+    assert isinstance(top, str)
+    return top
+
+
+def _valid_stream_id(value: Any) -> bool:
+    return isinstance(value, str) and STREAM_ID_PATTERN.fullmatch(value) is not None
+
+
+def _parse_offer(stream_id: str, payload: Any, *, max_sdp_bytes: int) -> Offer:
+    if not isinstance(payload, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE, 'offer payload must be an object with "sdp"', stream_id=stream_id
+        )
+    sdp = payload.get("sdp")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise SignalingError(
+            ErrorCode.INVALID_SDP, 'offer payload has no "sdp" string', stream_id=stream_id
+        )
+    if len(sdp.encode()) > max_sdp_bytes:
+        raise SignalingError(
+            ErrorCode.INVALID_SDP,
+            f"offer SDP is {len(sdp.encode())} bytes; the limit is {max_sdp_bytes}",
+            stream_id=stream_id,
+        )
+    if not sdp.startswith("v=0"):
+        raise SignalingError(
+            ErrorCode.INVALID_SDP, 'offer SDP must start with "v=0"', stream_id=stream_id
+        )
+    sdp_type = payload.get("type", "offer")
+    if sdp_type != "offer":
+        raise SignalingError(
+            ErrorCode.INVALID_SDP,
+            f'offer payload.type must be "offer", got {_clip(sdp_type)!r}',
+            stream_id=stream_id,
+        )
+    return Offer(stream_id=stream_id, sdp=sdp, session_id=_session_id_of(payload, stream_id))
+
+
+def _session_id_of(payload: dict[str, Any], stream_id: str) -> str | None:
+    session_id = payload.get("sessionId")
+    if session_id is not None and not (
+        isinstance(session_id, str) and SESSION_ID_PATTERN.fullmatch(session_id)
+    ):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'payload.sessionId must be 1-64 characters of letters, digits, "_.:-"',
+            stream_id=stream_id,
+        )
+    return session_id
+
+
+def _parse_ice(stream_id: str, payload: Any) -> IceCandidate:
+    if payload is None:
+        return IceCandidate(stream_id, None, None, None)
+    if not isinstance(payload, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE,
+            'ice payload must be an object with "candidate", or null',
+            stream_id=stream_id,
+        )
+    candidate = payload.get("candidate")
+    sdp_mid = payload.get("sdpMid")
+    sdp_mline_index = payload.get("sdpMLineIndex")
+    if candidate is not None and not isinstance(candidate, str):
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE, "ice payload.candidate must be a string or null",
+            stream_id=stream_id,
+        )
+    if candidate is not None and len(candidate) > MAX_CANDIDATE_CHARS:
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE,
+            f"ice payload.candidate is longer than {MAX_CANDIDATE_CHARS} characters",
+            stream_id=stream_id,
+        )
+    if sdp_mid is not None and not isinstance(sdp_mid, str):
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE, "ice payload.sdpMid must be a string or null",
+            stream_id=stream_id,
+        )
+    if sdp_mline_index is not None and (
+        isinstance(sdp_mline_index, bool)
+        or not isinstance(sdp_mline_index, int)
+        or not 0 <= sdp_mline_index < 1024
+    ):
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE,
+            "ice payload.sdpMLineIndex must be an integer from 0 to 1023, or null",
+            stream_id=stream_id,
+        )
+    if candidate is not None and candidate.strip() == "":
+        candidate = None  # the browser's end-of-candidates
+    if candidate is not None and sdp_mid is None and sdp_mline_index is None:
+        raise SignalingError(
+            ErrorCode.INVALID_CANDIDATE,
+            "ice payload needs sdpMid or sdpMLineIndex to say which media it belongs to",
+            stream_id=stream_id,
+        )
+    return IceCandidate(
+        stream_id, candidate, sdp_mid, sdp_mline_index, _session_id_of(payload, stream_id)
+    )
+
+
+def _clip(value: Any, limit: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)[:limit]
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# --- server → client -------------------------------------------------------------------------
+
+
+def encode(message_type: str, stream_id: str | None, payload: Any, **extra: Any) -> str:
+    """One server message as JSON text; ``extra`` adds top-level fields (``code``, ``sessionId``)."""
+    message: dict[str, Any] = {"type": message_type, "streamId": stream_id, "payload": payload}
+    message.update((key, value) for key, value in extra.items() if value is not None)
+    return json.dumps(message, separators=(",", ":"))
+
+
+def answer(stream_id: str, sdp: str, session_id: str | None = None) -> str:
+    return encode("answer", stream_id, sdp, sessionId=session_id)
+
+
+def error(
+    code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
+) -> str:
+    return encode("error", stream_id, message, code=str(code), sessionId=session_id)
+
+
+def state(
+    stream_id: str, state_name: str, detail: str | None = None, session_id: str | None = None
+) -> str:
+    payload: dict[str, Any] = {"state": state_name}
+    if detail:
+        payload["detail"] = detail
+    return encode("state", stream_id, payload, sessionId=session_id)
+
+
+def closed(
+    stream_id: str, reason: str, code: str | None = None, session_id: str | None = None
+) -> str:
+    payload: dict[str, Any] = {"reason": reason}
+    if code:
+        payload["code"] = code
+    return encode("closed", stream_id, payload, sessionId=session_id)
+
+
+def pong(payload: Any) -> str:
+    return encode("pong", None, payload)
+
+
+def welcome(payload: dict[str, Any]) -> str:
+    return encode("welcome", None, payload)

@@ -1,0 +1,156 @@
+"""Running the server: the process's task tree, start-up and graceful shutdown.
+
+    serve                                  trio_asyncio loop: aiortc runs inside it
+    └── nursery
+        ├── StreamRegistry.run             stream supervisors and their sources
+        ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
+        │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
+        └── (waits for a shutdown request)
+
+Shutdown closes every socket (code 1001), which ends every session and closes its peer
+connection; then Hypercorn stops; then the sources stop. The whole sequence is bounded by
+``server.graceful_timeout`` plus a second; whatever is left is cancelled.
+
+trio-asyncio keeps its loop in a context variable, so ``open_loop()`` must enclose Hypercorn
+itself: handlers started from a sibling task would find no loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import hypercorn.config
+import hypercorn.trio
+import hypercorn.trio.tcp_server
+import trio
+import trio_asyncio
+
+from .app import DEFAULT_STATIC_DIR, Services, create_app
+from .changes import ChangeSignal
+from .config import Config
+from .errors import ConfigError
+from .registry import StreamRegistry
+from .signaling import SignalingHub
+from .webrtc.bridge import PeerConnectionFactory
+
+log = logging.getLogger(__name__)
+
+#: Hypercorn's own hard cap on one WebSocket message; above it the socket is closed (1009).
+#: Smaller oversize messages get a ``message_too_large`` error and the socket lives on.
+HARD_MESSAGE_LIMIT_FACTOR: Final = 4
+SHUTDOWN_MARGIN: Final = 1.0  # seconds beyond graceful_timeout before everything is cancelled
+
+
+@dataclass
+class RunningServer:
+    """Handed to whoever started :func:`serve` (``await nursery.start(serve, config)``)."""
+
+    urls: list[str]
+    services: Services
+    _shutdown_requested: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/ws"
+
+    def request_shutdown(self) -> None:
+        self._shutdown_requested.set()
+
+
+async def serve(
+    config: Config,
+    *,
+    static_dir: Path = DEFAULT_STATIC_DIR,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until :meth:`RunningServer.request_shutdown`, then shut down gracefully.
+
+    Raises:
+        ConfigError: the static folder is missing.
+        OSError: the address can't be bound.
+    """
+    if not static_dir.is_dir():
+        raise ConfigError(f"static files folder not found: {static_dir}")
+    _fix_hypercorn_keep_alive()
+    async with trio_asyncio.open_loop():
+        changes = ChangeSignal()
+        registry = StreamRegistry(config, changes)
+        peers = PeerConnectionFactory(config.webrtc, changes)
+        hub = SignalingHub(config, registry, peers, changes)
+        services = Services(
+            registry=registry, peers=peers, hub=hub, static_dir=static_dir, changes=changes
+        )
+        app = create_app(services)
+        hypercorn_stop = trio.Event()
+        async with trio.open_nursery() as lifetime:
+            await lifetime.start(registry.run)
+            async with trio.open_nursery() as http:
+                urls = await http.start(
+                    functools.partial(
+                        hypercorn.trio.serve,
+                        app,
+                        _hypercorn_config(config),
+                        shutdown_trigger=hypercorn_stop.wait,
+                    )
+                )
+                running = RunningServer(urls=urls, services=services)
+                log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
+                task_status.started(running)
+                await running._shutdown_requested.wait()
+
+                log.info("shutting down: closing %d sockets", hub.statistics().open_sockets)
+                lifetime.cancel_scope.deadline = (
+                    trio.current_time() + config.server.graceful_timeout + SHUTDOWN_MARGIN
+                )
+                hub.shutdown()
+                hypercorn_stop.set()
+            lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
+        if trio.current_time() > lifetime.cancel_scope.deadline:
+            log.warning(
+                "shutdown took longer than %.0f s; the rest was cancelled",
+                config.server.graceful_timeout,
+            )
+        log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
+
+
+def _hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    host = config.server.host
+    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    hc.graceful_timeout = config.server.graceful_timeout
+    hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+def _fix_hypercorn_keep_alive() -> None:
+    """Shield Hypercorn's ``TCPServer.protocol_send`` from cancellation (idempotent).
+
+    With Quart-Trio, Hypercorn (re)starts a connection's idle timer from inside the request
+    task, which Quart-Trio cancels right after the response; the timer is then never armed, so
+    idle keep-alive connections are never closed and ``Connection: close`` responses never
+    close the socket (a client reading to EOF hangs; shutdown waits its full timeout). Running
+    the send under a shield lets it finish; ``tests/integration/test_http.py`` reads a response
+    to EOF to keep this honest.
+    """
+    server_class = hypercorn.trio.tcp_server.TCPServer
+    if getattr(server_class.protocol_send, "_mediastream_shielded", False):
+        return
+    original = server_class.protocol_send
+
+    @functools.wraps(original)
+    async def protocol_send(self: hypercorn.trio.tcp_server.TCPServer, event: object) -> None:
+        with trio.CancelScope(shield=True):
+            await original(self, event)
+
+    protocol_send._mediastream_shielded = True  # type: ignore[attr-defined]
+    server_class.protocol_send = protocol_send

@@ -1,0 +1,191 @@
+"""One stream watched over one socket: a viewer, its peer connection, its negotiation.
+
+Task tree of a session (a cancel scope inside its socket's nursery)::
+
+    StreamSession.run                    cancel scope: ``end()`` or the socket closing
+    └── with stream.open_viewer()        counted viewer, bounded frame queue
+        └── async with peer              closed shielded and bounded on the way out
+            └── nursery
+                ├── apply trickled ICE candidates
+                ├── forward the stream's state changes to the client
+                └── watch the peer: connected in time, then until it fails
+
+Every way a session ends is logged once, with its reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from . import protocol
+from .errors import ErrorCode, SignalingError
+from .protocol import IceCandidate, Offer
+from .registry import Stream
+from .webrtc.bridge import FINAL_STATES, PeerConnection, PeerConnectionFactory
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[str], None]
+
+
+class SessionPhase(enum.Enum):
+    NEGOTIATING = "negotiating"  # offer received, answer not sent yet
+    CONNECTING = "connecting"  # answer sent, peer not connected yet
+    CONNECTED = "connected"
+    ENDED = "ended"
+
+
+REASON_SOCKET_CLOSED: Final = "socket closed"
+
+
+class StreamSession:
+    """One stream's session on one socket.
+
+    Args:
+        stream: what is watched.
+        offer: the browser's offer that opened the session.
+        peers: makes (and counts) the peer connection.
+        post: queues a message to the client; never blocks.
+        negotiation_timeout: seconds from the offer to a connected peer.
+        max_pending_candidates: candidates buffered before they can be applied.
+    """
+
+    def __init__(
+        self,
+        stream: Stream,
+        offer: Offer,
+        *,
+        peers: PeerConnectionFactory,
+        post: Post,
+        negotiation_timeout: float,
+        max_pending_candidates: int,
+        client: str,
+    ) -> None:
+        self.stream = stream
+        self.offer = offer
+        self.phase = SessionPhase.NEGOTIATING
+        self._peers = peers
+        self._post = post
+        self._negotiation_timeout = negotiation_timeout
+        self._label = f"{client} {stream.id}" + (f" [{offer.session_id}]" if offer.session_id else "")
+        self._cancel_scope = trio.CancelScope()
+        self._end_reason = REASON_SOCKET_CLOSED
+        self._candidates_in, self._candidates_out = trio.open_memory_channel[IceCandidate](
+            max_pending_candidates
+        )
+
+    @property
+    def session_id(self) -> str | None:
+        return self.offer.session_id
+
+    def end(self, reason: str) -> None:
+        """End the session now (its peer connection closes on the way out). Idempotent."""
+        if self.phase is not SessionPhase.ENDED and not self._cancel_scope.cancel_called:
+            self._end_reason = reason
+        self._cancel_scope.cancel()
+
+    def add_candidate(self, candidate: IceCandidate) -> None:
+        """Queue a trickled candidate for this session's peer.
+
+        Raises:
+            SignalingError: ``too_many_candidates`` when the queue is full.
+        """
+        try:
+            self._candidates_in.send_nowait(candidate)
+        except trio.WouldBlock:
+            raise SignalingError(
+                ErrorCode.TOO_MANY_CANDIDATES,
+                "Too many ICE candidates queued for this stream",
+                stream_id=self.stream.id,
+            ) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the session is ending; the candidate has nowhere to go
+
+    async def run(self) -> None:
+        """Serve the session until it ends, however it ends; never raises except Cancelled."""
+        log.info("%s: session started", self._label)
+        try:
+            with self._cancel_scope:
+                await self._serve()
+        except SignalingError as exc:
+            self._end_reason = f"{exc.code}: {exc.message}"
+            self._post_error(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("%s: session failed", self._label)
+            self._end_reason = f"internal error: {type(exc).__name__}"
+            self._post_error(ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's session")
+        finally:
+            self.phase = SessionPhase.ENDED
+            self._candidates_in.close()
+            log.info("%s: session ended (%s)", self._label, self._end_reason)
+
+    async def _serve(self) -> None:
+        with self.stream.open_viewer() as subscriber:
+            async with self._peers.open(self._label) as peer:
+                answer_sdp = await peer.answer(self.offer.sdp, subscriber)
+                self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))
+                self.phase = SessionPhase.CONNECTING
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._apply_candidates, peer)
+                    nursery.start_soon(self._forward_states)
+                    failure = await self._watch_peer(peer)
+                    nursery.cancel_scope.cancel()
+                # Raised out here: inside the nursery it would arrive wrapped in a group.
+                raise failure
+
+    async def _apply_candidates(self, peer: PeerConnection) -> None:
+        async with self._candidates_out:
+            async for candidate in self._candidates_out:
+                if candidate.session_id not in (None, self.session_id):
+                    continue  # a late candidate of a session this one replaced
+                try:
+                    await peer.add_ice_candidate(candidate)
+                except SignalingError as exc:
+                    self._post_error(exc.code, exc.message)
+
+    async def _forward_states(self) -> None:
+        last: tuple[str, str | None] | None = None
+        while True:
+            current = (str(self.stream.state), self.stream.detail)
+            if current != last:
+                last = current
+                self._post(protocol.state(self.stream.id, current[0], current[1], self.session_id))
+            await self.stream.wait_changed()
+
+    async def _watch_peer(self, peer: PeerConnection) -> SignalingError:
+        """Wait until the peer fails or never connects in time; return why."""
+        with trio.move_on_after(self._negotiation_timeout) as deadline:
+            while peer.connection_state != "connected":
+                if peer.connection_state in FINAL_STATES:
+                    return SignalingError(
+                        ErrorCode.PEER_FAILED,
+                        f"The peer connection {peer.connection_state} before connecting",
+                        stream_id=self.stream.id,
+                    )
+                await peer.wait_state_change()
+        if deadline.cancelled_caught:
+            return SignalingError(
+                ErrorCode.NEGOTIATION_TIMEOUT,
+                f"The peer connection did not connect within {self._negotiation_timeout:.0f} s "
+                f"(ICE state: {peer.connection_state})",
+                stream_id=self.stream.id,
+            )
+        self.phase = SessionPhase.CONNECTED
+        log.info("%s: peer connected", self._label)
+        while peer.connection_state not in FINAL_STATES:
+            await peer.wait_state_change()
+        return SignalingError(
+            ErrorCode.PEER_FAILED,
+            "The peer connection failed (ICE or DTLS lost)"
+            if peer.connection_state == "failed"
+            else "The browser closed the peer connection",
+            stream_id=self.stream.id,
+        )
+
+    def _post_error(self, code: ErrorCode, message: str) -> None:
+        self._post(protocol.error(code, message, self.stream.id, self.session_id))

@@ -1,0 +1,251 @@
+"""One browser tab's signaling socket, carrying every stream of the page.
+
+Task tree of a socket (the WebSocket handler's task)::
+
+    SignalingConnection.run      nursery: closing the socket cancels all of it
+    ├── writer                   drains the bounded outbox into the socket
+    ├── reader                   parses each message once and routes it by streamId
+    └── StreamSession.run × N    one per stream (see ``session.py``)
+
+A bad message gets an ``error`` for its stream and changes nothing else: the socket, its other
+streams and the server carry on. Only a client that stops reading its own messages (the outbox
+fills up) is cut off, with close code 1008.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+
+from . import __version__, protocol
+from .changes import ChangeSignal
+from .config import Config
+from .errors import ErrorCode, SignalingError
+from .protocol import Close, IceCandidate, Offer, Ping
+from .registry import StreamRegistry
+from .session import SessionPhase, StreamSession
+from .webrtc.bridge import PeerConnectionFactory
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MESSAGES: Final = 256  # queued server messages before a non-reading client is cut off
+CLOSE_POLICY_VIOLATION: Final = 1008
+CLOSE_GOING_AWAY: Final = 1001
+
+
+class MessageSocket(Protocol):
+    """The part of a WebSocket a connection needs (Quart's ``websocket`` has it)."""
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, data: str) -> None: ...
+
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SocketStatistics:
+    open_sockets: int
+    sockets_opened: int
+    open_sessions: int
+    sessions_per_socket: tuple[int, ...]
+
+
+class SignalingHub:
+    """Every open signaling socket, for statistics and for closing them all at shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: StreamRegistry,
+        peers: PeerConnectionFactory,
+        changes: ChangeSignal | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.peers = peers
+        self.changes = changes or ChangeSignal()
+        self._connections: set[SignalingConnection] = set()
+        self._opened = 0
+
+    def statistics(self) -> SocketStatistics:
+        per_socket = tuple(len(c.sessions) for c in self._connections)
+        return SocketStatistics(
+            open_sockets=len(self._connections),
+            sockets_opened=self._opened,
+            open_sessions=sum(per_socket),
+            sessions_per_socket=per_socket,
+        )
+
+    async def serve(self, socket: MessageSocket, client: str) -> None:
+        """Serve one socket until the client leaves or the server shuts down."""
+        connection = SignalingConnection(self, socket, client)
+        self._connections.add(connection)
+        self._opened += 1
+        self.changes.notify()
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+            self.changes.notify()
+
+    def shutdown(self) -> None:
+        """Close every socket (with code 1001) and so every session and peer connection."""
+        for connection in list(self._connections):
+            connection.shutdown()
+
+
+class SignalingConnection:
+    """One socket: reads, routes and answers messages; owns the socket's sessions."""
+
+    def __init__(self, hub: SignalingHub, socket: MessageSocket, client: str) -> None:
+        self._hub = hub
+        self._socket = socket
+        self._limits = hub.config.limits
+        self.connection_id = secrets.token_hex(4)
+        self.label = f"{client} #{self.connection_id}"
+        self.sessions: dict[str, StreamSession] = {}
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[str](OUTBOX_MESSAGES)
+        self._cancel_scope = trio.CancelScope()
+        self._close: tuple[int, str] | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        log.info("%s: socket opened", self.label)
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._write_loop)
+                    self.post(protocol.welcome(self._welcome_payload()))
+                    await self._read_loop()
+            if self._close is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await self._socket.close(*self._close)
+        finally:
+            reason = self._close[1] if self._close else "client closed the socket"
+            log.info("%s: socket closed (%s)", self.label, reason)
+
+    def post(self, message: str) -> None:
+        """Queue a message for the client without waiting."""
+        try:
+            self._outbox_in.send_nowait(message)
+        except trio.WouldBlock:
+            self._cut_off(CLOSE_POLICY_VIOLATION, "client is not reading its messages")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the socket is closing; nobody is left to tell
+
+    def shutdown(self) -> None:
+        self._cut_off(CLOSE_GOING_AWAY, "server shutting down")
+
+    def _cut_off(self, code: int, reason: str) -> None:
+        if self._close is None:
+            self._close = (code, reason)
+            for session in self.sessions.values():
+                session.end(reason)
+        self._cancel_scope.cancel()
+
+    async def _write_loop(self) -> None:
+        async with self._outbox_out:
+            async for message in self._outbox_out:
+                await self._socket.send(message)
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self._socket.receive()
+            try:
+                self._handle(data)
+            except SignalingError as exc:
+                self.post(protocol.error(exc.code, exc.message, exc.stream_id))
+
+    def _handle(self, data: str | bytes) -> None:
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        if size > self._limits.max_message_bytes:
+            raise SignalingError(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"Message is {size} bytes; the limit is {self._limits.max_message_bytes}",
+            )
+        message = protocol.parse_client_message(data, max_sdp_bytes=self._limits.max_sdp_bytes)
+        if isinstance(message, Offer):
+            self._on_offer(message)
+        elif isinstance(message, IceCandidate):
+            session = self.sessions.get(message.stream_id)
+            if session is None:
+                raise SignalingError(
+                    ErrorCode.NO_SESSION,
+                    "ICE candidate for a stream with no session on this socket (send an offer first)",
+                    stream_id=message.stream_id,
+                )
+            session.add_candidate(message)
+        elif isinstance(message, Close):
+            session = self.sessions.get(message.stream_id)
+            if session is not None:  # closing twice, or a stream that already ended, is fine
+                session.end("client closed the stream")
+        elif isinstance(message, Ping):
+            self.post(protocol.pong(message.payload))
+
+    def _on_offer(self, offer: Offer) -> None:
+        stream = self._hub.registry.get(offer.stream_id)
+        if stream is None:
+            raise SignalingError(
+                ErrorCode.STREAM_NOT_FOUND, "Stream not found", stream_id=offer.stream_id
+            )
+        existing = self.sessions.get(offer.stream_id)
+        if existing is not None:
+            if existing.phase is SessionPhase.NEGOTIATING:
+                raise SignalingError(
+                    ErrorCode.NEGOTIATION_IN_PROGRESS,
+                    "An offer for this stream is already being answered on this socket",
+                    stream_id=offer.stream_id,
+                )
+            existing.end("replaced by a new offer")
+        elif len(self.sessions) >= self._limits.max_streams_per_socket:
+            raise SignalingError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"This socket already has {len(self.sessions)} streams, the limit",
+                stream_id=offer.stream_id,
+            )
+        session = StreamSession(
+            stream,
+            offer,
+            peers=self._hub.peers,
+            post=self.post,
+            negotiation_timeout=self._hub.config.webrtc.negotiation_timeout,
+            max_pending_candidates=self._limits.max_pending_candidates,
+            client=self.label,
+        )
+        self.sessions[offer.stream_id] = session
+        self._hub.changes.notify()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_session, session)
+
+    async def _run_session(self, session: StreamSession) -> None:
+        try:
+            await session.run()
+        finally:
+            if self.sessions.get(session.stream.id) is session:
+                del self.sessions[session.stream.id]
+            self._hub.changes.notify()
+
+    def _welcome_payload(self) -> dict[str, Any]:
+        return {
+            "server": "mediastream",
+            "version": __version__,
+            "connectionId": self.connection_id,
+            "iceServers": list(_browser_ice_servers(self._hub.config)),
+        }
+
+
+def _browser_ice_servers(config: Config) -> Iterator[dict[str, Any]]:
+    for server in config.webrtc.ice_servers:
+        entry: dict[str, Any] = {"urls": list(server.urls)}
+        if server.username is not None:
+            entry["username"] = server.username
+        if server.credential is not None:
+            entry["credential"] = server.credential
+        yield entry

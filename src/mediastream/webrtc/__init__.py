@@ -1,0 +1,1 @@
+"""WebRTC, through aiortc. The only package that touches asyncio."""

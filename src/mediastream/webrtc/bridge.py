@@ -1,0 +1,267 @@
+"""The bridge to aiortc: the only module that touches asyncio.
+
+aiortc runs on asyncio; MediaStream runs on Trio. trio-asyncio's loop (opened around the whole
+server, see ``server.py``) hosts aiortc, and every aiortc coroutine is called from Trio through
+:func:`trio_asyncio.aio_as_trio`. Nothing else in the code base imports asyncio.
+
+What this module adds to stock aiortc, and why:
+
+- **H.264 only, decided before the offer is applied.** aiortc fixes the negotiated codecs
+  inside ``setRemoteDescription``; the transceiver's codec preferences must be set before it,
+  or VP8 is negotiated and the browser can't decode the H.264 it receives.
+- **Packetize once per source.** A viewer's track yields :class:`EncodedFrame` objects whose
+  RTP payloads were cut when the frame was read; the sender's encoder is replaced by one that
+  hands those payloads back unchanged. Per viewer remain only the RTP header, SRTP and the
+  send. (aiortc keeps the encoder in a private attribute; ``aiortc`` is pinned to the range
+  this was verified against, and a test fails loudly if the attribute disappears.)
+- **Bounded per-viewer queues.** The track reads a :class:`Subscriber` from the fan-out and
+  is woken by it; aiortc's own relay keeps unbounded queues (or silently drops frames and
+  corrupts H.264).
+- **mDNS candidates are skipped** (configurable): aioice resolves ``.local`` names with a fixed
+  one-second timeout per peer connection, while the browser's connectivity checks reveal its
+  address anyway.
+- **Closing is explicit, shielded and bounded**: cancellation does not close an aiortc peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+import trio_asyncio
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.exceptions import InvalidStateError, OperationError
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import candidate_from_sdp
+
+from ..changes import ChangeSignal
+from ..config import WebRTCConfig
+from ..errors import ErrorCode, SignalingError
+from ..media.fanout import Subscriber
+from ..media.frames import EncodedFrame
+from ..protocol import IceCandidate
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT: Final = 5.0  # seconds allowed for closing one peer connection
+_SENDER_ENCODER_ATTRIBUTE: Final = "_RTCRtpSender__encoder"
+_MDNS_CANDIDATE: Final = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.M)
+_CANDIDATE_SHAPE: Final = re.compile(
+    r"^(candidate:)?\S{1,64} \d{1,5} (udp|tcp|UDP|TCP) \d{1,10} \S{1,255} \d{1,5} typ "
+    r"(host|srflx|prflx|relay)( .*)?$"
+)
+
+#: Connection states after which a peer connection never carries media again.
+FINAL_STATES: Final = frozenset({"failed", "closed"})
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    open_peer_connections: int
+    peer_connections_opened: int
+
+
+class PeerConnectionFactory:
+    """Makes the server's peer connections and counts them.
+
+    Args:
+        config: ICE servers and candidate policy.
+        changes: notified whenever a peer connection opens or closes.
+    """
+
+    def __init__(self, config: WebRTCConfig, changes: ChangeSignal | None = None) -> None:
+        self._config = config
+        self._changes = changes or ChangeSignal()
+        self._open = 0
+        self._opened = 0
+
+    def statistics(self) -> PeerStatistics:
+        return PeerStatistics(open_peer_connections=self._open, peer_connections_opened=self._opened)
+
+    @asynccontextmanager
+    async def open(self, label: str) -> AsyncIterator[PeerConnection]:
+        """A new peer connection, closed on exit however the block ends.
+
+        Resource handling: the connection is closed in a shielded ``finally``, bounded by
+        :data:`CLOSE_TIMEOUT`, so a cancelled session still releases its sockets and threads.
+        """
+        ice_servers = [
+            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+            for s in self._config.ice_servers
+        ]
+
+        async def create() -> RTCPeerConnection:
+            # Created inside the asyncio loop: aiortc binds to the running loop on creation.
+            return RTCPeerConnection(RTCConfiguration(iceServers=ice_servers))
+
+        pc = await trio_asyncio.aio_as_trio(create)()
+        self._open += 1
+        self._opened += 1
+        self._changes.notify()
+        peer = PeerConnection(pc, label, ignore_mdns=self._config.ignore_mdns_candidates)
+        try:
+            yield peer
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLOSE_TIMEOUT) as closing:
+                    await peer._close()
+                if closing.cancelled_caught:
+                    log.warning("%s: peer connection did not close within %.0f s", label, CLOSE_TIMEOUT)
+            self._open -= 1
+            self._changes.notify()
+
+
+class PeerConnection:
+    """One aiortc peer connection, seen from Trio. Made by :meth:`PeerConnectionFactory.open`."""
+
+    def __init__(self, pc: RTCPeerConnection, label: str, *, ignore_mdns: bool) -> None:
+        self._pc = pc
+        self._label = label
+        self._ignore_mdns = ignore_mdns
+        self._state_changed = trio.Event()
+        self._track: ViewerTrack | None = None
+
+        @pc.on("connectionstatechange")  # type: ignore[misc]
+        def _on_state_change() -> None:
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    @property
+    def connection_state(self) -> str:
+        return str(self._pc.connectionState)
+
+    async def wait_state_change(self) -> str:
+        """Wait for the next connection state change; returns the new state."""
+        await self._state_changed.wait()
+        return self.connection_state
+
+    async def answer(self, offer_sdp: str, video: Subscriber) -> str:
+        """Apply the browser's offer, send ``video`` as H.264, and return the answer SDP.
+
+        Raises:
+            SignalingError: ``invalid_sdp`` or ``unsupported_codec``, saying what was wrong.
+        """
+        if self._ignore_mdns:
+            offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
+        self._track = ViewerTrack(video)
+        try:
+            return str(await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._track))
+        except OperationError as exc:
+            raise SignalingError(
+                ErrorCode.UNSUPPORTED_CODEC,
+                f"The offer has no video the server can send (it needs H.264): {exc}",
+            ) from None
+        except (ValueError, AssertionError, IndexError, KeyError, InvalidStateError) as exc:
+            raise SignalingError(ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}") from None
+
+    async def _answer(self, offer_sdp: str, track: ViewerTrack) -> str:
+        sender = self._pc.addTrack(track)
+        # Replace the encoder before the sender starts: frames arrive already packetized.
+        if not hasattr(sender, _SENDER_ENCODER_ATTRIBUTE):
+            raise RuntimeError("aiortc's RTCRtpSender changed: no encoder attribute to replace")
+        setattr(sender, _SENDER_ENCODER_ATTRIBUTE, PrepacketizedEncoder())
+        transceiver = next(t for t in self._pc.getTransceivers() if t.sender is sender)
+        capabilities = RTCRtpSender.getCapabilities("video")
+        transceiver.setCodecPreferences(
+            [c for c in capabilities.codecs if c.mimeType.lower() in ("video/h264", "video/rtx")]
+        )
+        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        if transceiver.mid is None:
+            raise ValueError("the offer has no video section for the stream")
+        answer = await self._pc.createAnswer()
+        await self._pc.setLocalDescription(answer)
+        return str(self._pc.localDescription.sdp)
+
+    async def add_ice_candidate(self, ice: IceCandidate) -> bool:
+        """Apply one browser candidate; returns False when it was skipped on purpose.
+
+        Raises:
+            SignalingError: ``invalid_candidate`` for a candidate aiortc can't parse.
+        """
+        if ice.candidate is None:
+            await trio_asyncio.aio_as_trio(self._pc.addIceCandidate)(None)
+            return True
+        text = ice.candidate.strip()
+        if not _CANDIDATE_SHAPE.match(text):
+            raise SignalingError(ErrorCode.INVALID_CANDIDATE, f"Not an ICE candidate: {text[:80]!r}")
+        try:
+            candidate = candidate_from_sdp(text.removeprefix("candidate:"))
+        except (ValueError, AssertionError, IndexError) as exc:
+            raise SignalingError(ErrorCode.INVALID_CANDIDATE, f"Bad ICE candidate: {_describe(exc)}") from None
+        if self._ignore_mdns and candidate.ip.endswith(".local"):
+            return False
+        candidate.sdpMid = ice.sdp_mid
+        candidate.sdpMLineIndex = ice.sdp_mline_index
+        await trio_asyncio.aio_as_trio(self._pc.addIceCandidate)(candidate)
+        return True
+
+    async def _close(self) -> None:
+        if self._track is not None:
+            self._track.stop()
+        await trio_asyncio.aio_as_trio(self._pc.close)()
+
+
+class PrepacketizedEncoder:
+    """Stands in for aiortc's H.264 encoder: the frame's payloads were cut at the source."""
+
+    def pack(self, frame: EncodedFrame) -> tuple[tuple[bytes, ...], int]:
+        return frame.payloads, frame.timestamp
+
+
+class ViewerTrack(MediaStreamTrack):  # type: ignore[misc]
+    """A video track that plays one viewer's :class:`Subscriber` queue.
+
+    It never ends on its own: a source that restarts keeps the same track (a track that ends
+    stops aiortc's sender for good).
+    """
+
+    kind = "video"
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        super().__init__()
+        self._subscriber = subscriber
+        self._waiter: asyncio.Future[None] | None = None
+        subscriber.set_wakeup(self._wake)
+
+    def _wake(self) -> None:
+        # Called from Trio (the fan-out), in the same thread as the asyncio loop.
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def recv(self) -> Any:
+        while True:
+            frame = self._subscriber.get_nowait()
+            if frame is not None:
+                # While catching up through a cached GOP, let other peers send between frames.
+                await asyncio.sleep(0)
+                return frame
+            if self._subscriber.closed or self.readyState != "live":
+                raise MediaStreamError
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def stop(self) -> None:
+        super().stop()
+        self._subscriber.set_wakeup(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text[:200] if text else type(exc).__name__

@@ -1,0 +1,219 @@
+"""A test viewer: one signaling socket with real aiortc peers on it, as a page would do.
+
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1")
+        await played.wait_frames(5)
+
+Frames are really decoded (aiortc's H.264 decoder); ``capture=True`` also records the
+depacketized access units, to compare them with what the source sent.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio_asyncio
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+Message = dict[str, Any]
+_CANDIDATE_LINE = re.compile(r"^a=candidate:(.*?)\r?$", re.M)
+_END_OF_CANDIDATES = "a=end-of-candidates\r\n"
+
+
+class SignalingFailed(Exception):
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.code = message.get("code")
+        super().__init__(f"{self.code}: {message.get('payload')}")
+
+
+class _RecordingQueue(queue.Queue):  # type: ignore[type-arg]
+    """aiortc's receiver hands every depacketized frame to its decoder through this queue."""
+
+    def __init__(self, sink: list[bytes]) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is not None:
+            self._sink.append(bytes(item[1].data))
+        super().put(item, block, timeout)
+
+
+@dataclass
+class PlayedStream:
+    stream_id: str
+    pc: RTCPeerConnection
+    frames: int = 0
+    sizes: set[tuple[int, int]] = field(default_factory=set)
+    access_units: list[bytes] = field(default_factory=list)
+    ended: bool = False
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_frames(self, count: int, *, timeout: float = 15) -> None:
+        """Wait until ``count`` more frames than now were decoded."""
+        target = self.frames + count
+        with trio.fail_after(timeout):
+            while self.frames < target:
+                if self.ended:
+                    raise AssertionError(f"{self.stream_id}: track ended after {self.frames} frames")
+                await self._changed.wait()
+
+    async def wait_ended(self, *, timeout: float = 15) -> None:
+        with trio.fail_after(timeout):
+            while not self.ended:
+                await self._changed.wait()
+
+
+class TestViewer:
+    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.messages: list[Message] = []
+        self.streams: dict[str, PlayedStream] = {}
+        self.closed_reason: tuple[int, str | None] | None = None
+        self._nursery = nursery
+        self._arrived = trio.Event()
+
+    async def send(self, message: Message | str) -> None:
+        await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
+
+    async def wait_for(
+        self, predicate: Callable[[Message], bool], *, after: int = 0, timeout: float = 10
+    ) -> Message:
+        """The first message from index ``after`` on that matches."""
+        index = after
+        with trio.fail_after(timeout):
+            while True:
+                while index < len(self.messages):
+                    message = self.messages[index]
+                    index += 1
+                    if predicate(message):
+                        return message
+                if self.closed_reason is not None:
+                    raise AssertionError(f"socket closed {self.closed_reason} while waiting")
+                await self._arrived.wait()
+
+    async def request(self, message: Message | str, stream_id: str | None, types: tuple[str, ...]) -> Message:
+        """Send a message and wait for the reply of one of ``types`` about ``stream_id``."""
+        start = len(self.messages)
+        await self.send(message)
+        return await self.wait_for(
+            lambda m: m.get("streamId") == stream_id and m.get("type") in types, after=start
+        )
+
+    async def play(
+        self,
+        stream_id: str,
+        *,
+        legacy: bool = False,
+        trickle: bool = False,
+        session_id: str | None = None,
+        capture: bool = False,
+    ) -> PlayedStream:
+        """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``."""
+        pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
+        transceiver = pc.addTransceiver("video", direction="recvonly")
+        played = PlayedStream(stream_id, pc)
+        if capture:
+            transceiver.receiver._RTCRtpReceiver__decoder_queue = _RecordingQueue(played.access_units)
+        offer = await trio_asyncio.aio_as_trio(pc.createOffer)()
+        await trio_asyncio.aio_as_trio(pc.setLocalDescription)(offer)
+        sdp = pc.localDescription.sdp
+        candidates = _CANDIDATE_LINE.findall(sdp) if trickle else []
+        if trickle:
+            # What a browser sends: no candidates yet, and no end-of-candidates either.
+            sdp = _CANDIDATE_LINE.sub("", sdp).replace("\r\n\r\n", "\r\n")
+            sdp = sdp.replace(_END_OF_CANDIDATES, "")
+        payload: Message = {"sdp": sdp, "type": "offer", "streamId": stream_id}
+        if session_id:
+            payload["sessionId"] = session_id
+        message: Message = {"type": "offer", "payload": payload}
+        if not legacy:
+            message["streamId"] = stream_id
+        start = len(self.messages)
+        await self.send(message)
+        for candidate in candidates:
+            await self.send({"type": "ice", "streamId": stream_id,
+                             "payload": {"candidate": f"candidate:{candidate}", "sdpMid": "0",
+                                         "sdpMLineIndex": 0}})
+        if trickle:
+            await self.send({"type": "ice", "streamId": stream_id,
+                             "payload": {"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}})
+        reply = await self.wait_for(
+            lambda m: m.get("streamId") == stream_id and m.get("type") in ("answer", "error"),
+            after=start,
+        )
+        if reply["type"] == "error":
+            await trio_asyncio.aio_as_trio(pc.close)()
+            raise SignalingFailed(reply)
+        await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
+            RTCSessionDescription(sdp=reply["payload"], type="answer")
+        )
+        self.streams[stream_id] = played
+        self._nursery.start_soon(self._decode, played, transceiver.receiver.track)
+        return played
+
+    async def stop(self, stream_id: str) -> None:
+        """``close`` the stream on the server and close our peer."""
+        await self.send({"type": "close", "streamId": stream_id})
+        played = self.streams.pop(stream_id)
+        await trio_asyncio.aio_as_trio(played.pc.close)()
+
+    async def _decode(self, played: PlayedStream, track: Any) -> None:
+        try:
+            while True:
+                frame = await trio_asyncio.aio_as_trio(track.recv)()
+                played.frames += 1
+                played.sizes.add((frame.width, frame.height))
+                played._notify()
+        except MediaStreamError:
+            played.ended = True
+            played._notify()
+
+    async def _read(self) -> None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            while True:
+                text = await self.ws.get_message()
+                self.messages.append(json.loads(text))
+                self._arrived.set()
+                self._arrived = trio.Event()
+        except ConnectionClosed as exc:
+            self.closed_reason = (exc.reason.code, exc.reason.reason)
+            self._arrived.set()
+
+    async def close_peers(self) -> None:
+        with trio.CancelScope(shield=True):
+            for played in self.streams.values():
+                await trio_asyncio.aio_as_trio(played.pc.close)()
+
+
+async def _new_peer_connection() -> RTCPeerConnection:
+    # No STUN: these machines have no internet, and gathering would wait for it.
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+@asynccontextmanager
+async def open_viewer(ws_url: str) -> AsyncIterator[TestViewer]:
+    async with trio.open_nursery() as nursery, open_websocket_url(ws_url) as ws:
+        viewer = TestViewer(ws, nursery)
+        nursery.start_soon(viewer._read)
+        try:
+            yield viewer
+        finally:
+            await viewer.close_peers()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,113 @@
+"""Fan-out policies: late joiners start from the cached GOP; slow viewers skip to keyframes."""
+
+from __future__ import annotations
+
+from mediastream.media.fanout import FanOut
+from mediastream.media.frames import EncodedFrame
+
+
+def frame(timestamp: int, keyframe: bool = False) -> EncodedFrame:
+    return EncodedFrame("video", timestamp, keyframe, (b"x",), 1)
+
+
+def drain(subscriber) -> list[int]:  # type: ignore[no-untyped-def]
+    out = []
+    while (item := subscriber.get_nowait()) is not None:
+        out.append(item.timestamp)
+    return out
+
+
+def test_late_joiner_starts_with_the_gop_since_the_last_keyframe() -> None:
+    fanout = FanOut("cam", queue_frames=100, gop_cache_frames=100)
+    for ts, key in [(0, True), (1, False), (2, True), (3, False), (4, False)]:
+        fanout.publish(frame(ts, key))
+    late = fanout.subscribe()
+    assert drain(late) == [2, 3, 4]
+    fanout.publish(frame(5))
+    assert drain(late) == [5]
+
+
+def test_subscriber_before_any_keyframe_waits_for_one() -> None:
+    fanout = FanOut("cam", queue_frames=100, gop_cache_frames=100)
+    early = fanout.subscribe()
+    fanout.publish(frame(0))
+    fanout.publish(frame(1))
+    assert drain(early) == []
+    fanout.publish(frame(2, True))
+    assert drain(early) == [2]
+    assert early.dropped_frames == 2
+
+
+def test_gop_longer_than_the_cache_is_not_replayed() -> None:
+    fanout = FanOut("cam", queue_frames=100, gop_cache_frames=3)
+    for ts in range(5):
+        fanout.publish(frame(ts, ts == 0))
+    late = fanout.subscribe()
+    assert drain(late) == []
+    fanout.publish(frame(5, True))
+    assert drain(late) == [5]
+
+
+def test_a_full_queue_skips_to_the_next_keyframe_and_counts_the_drop() -> None:
+    fanout = FanOut("cam", queue_frames=3, gop_cache_frames=100)
+    slow = fanout.subscribe()
+    fast = fanout.subscribe()
+    fanout.publish(frame(0, True))
+    for ts in range(1, 6):
+        fanout.publish(frame(ts))
+        drain(fast)
+    # slow never read: after 3 frames it dropped its queue and waits for a keyframe.
+    assert drain(slow) == []
+    assert slow.statistics().waiting_for_keyframe
+    fanout.publish(frame(6, True))
+    fanout.publish(frame(7))
+    assert drain(slow) == [6, 7]
+    assert slow.dropped_frames == 6  # 0-2 flushed, 3 overflowed, 4-5 skipped
+    assert fast.dropped_frames == 0
+
+
+def test_overflow_on_a_keyframe_restarts_from_that_keyframe() -> None:
+    fanout = FanOut("cam", queue_frames=2, gop_cache_frames=100)
+    sub = fanout.subscribe()
+    fanout.publish(frame(0, True))
+    fanout.publish(frame(1))
+    fanout.publish(frame(2, True))
+    assert drain(sub) == [2]
+    assert not sub.statistics().waiting_for_keyframe
+
+
+def test_wakeup_runs_once_per_frame_queued() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    sub = fanout.subscribe()
+    woken = []
+    sub.set_wakeup(lambda: woken.append(1))
+    fanout.publish(frame(0))  # waiting for a keyframe: not queued, no wakeup
+    fanout.publish(frame(1, True))
+    fanout.publish(frame(2))
+    assert len(woken) == 2
+
+
+def test_unsubscribed_viewer_gets_nothing_more_and_is_closed() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    sub = fanout.subscribe()
+    fanout.publish(frame(0, True))
+    fanout.unsubscribe(sub)
+    fanout.publish(frame(1))
+    assert sub.closed and drain(sub) == []
+    assert fanout.subscriber_count == 0
+    fanout.unsubscribe(sub)  # idempotent
+
+
+def test_reset_forgets_the_gop() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    fanout.publish(frame(0, True))
+    fanout.reset()
+    assert drain(fanout.subscribe()) == []
+
+
+def test_statistics_count_published_frames_and_bytes() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    fanout.publish(frame(0, True))
+    fanout.publish(frame(1))
+    stats = fanout.statistics()
+    assert (stats.published_frames, stats.published_bytes, stats.gop_frames) == (2, 2, 2)

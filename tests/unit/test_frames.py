@@ -1,0 +1,71 @@
+"""H.264 bitstream handling: splitting, and keyframes a late joiner can decode."""
+
+from __future__ import annotations
+
+from mediastream.media.frames import (
+    H264AccessUnitNormalizer,
+    join_annexb,
+    nal_type,
+    split_annexb,
+)
+
+SPS = bytes([0x67, 0x42, 0xC0, 0x1E, 0x95])
+PPS = bytes([0x68, 0xCE, 0x3C, 0x80])
+AUD = bytes([0x09, 0x10])
+IDR = bytes([0x65, 0x88, 0x84, 0x21])
+SLICE = bytes([0x41, 0x9A, 0x02, 0x11])
+SEI = bytes([0x06, 0x05, 0x01, 0x80])
+
+
+def types(units: list[bytes]) -> list[int]:
+    return [nal_type(u) for u in units]
+
+
+def test_split_handles_three_and_four_byte_start_codes() -> None:
+    data = b"\x00\x00\x00\x01" + SPS + b"\x00\x00\x01" + PPS + b"\x00\x00\x00\x01" + IDR
+    assert split_annexb(data) == [SPS, PPS, IDR]
+
+
+def test_split_drops_trailing_zero_padding() -> None:
+    assert split_annexb(b"\x00\x00\x01" + IDR + b"\x00\x00") == [IDR]
+
+
+def test_split_of_garbage_without_start_code_is_empty() -> None:
+    assert split_annexb(b"\x12\x34\x56") == []
+
+
+def test_join_then_split_round_trips() -> None:
+    assert split_annexb(join_annexb([SPS, PPS, IDR])) == [SPS, PPS, IDR]
+
+
+def test_idr_without_parameter_sets_gets_those_seen_before() -> None:
+    normalizer = H264AccessUnitNormalizer()
+    assert normalizer.normalize([AUD, SPS, PPS, IDR]) == ([SPS, PPS, IDR], True)
+    assert normalizer.normalize([AUD, SLICE]) == ([SLICE], False)
+    # The camera sends the next IDR bare: a late joiner starting there needs SPS/PPS.
+    assert normalizer.normalize([AUD, IDR]) == ([SPS, PPS, IDR], True)
+
+
+def test_parameter_sets_from_extradata_are_used() -> None:
+    normalizer = H264AccessUnitNormalizer(join_annexb([SPS, PPS]))
+    units, keyframe = normalizer.normalize([IDR]) or ([], False)
+    assert types(units) == [7, 8, 5] and keyframe
+
+
+def test_idr_with_no_parameter_sets_anywhere_is_not_a_usable_keyframe() -> None:
+    assert H264AccessUnitNormalizer().normalize([IDR]) == ([IDR], False)
+
+
+def test_header_only_packets_are_merged_into_the_next_picture() -> None:
+    normalizer = H264AccessUnitNormalizer()
+    assert normalizer.normalize([SPS, PPS]) is None
+    assert normalizer.normalize([SEI]) is None
+    assert normalizer.normalize([IDR]) == ([SPS, PPS, SEI, IDR], True)
+
+
+def test_held_back_headers_are_bounded() -> None:
+    normalizer = H264AccessUnitNormalizer()
+    for _ in range(100):
+        assert normalizer.normalize([SEI]) is None
+    units, _ = normalizer.normalize([SLICE]) or ([], False)
+    assert len(units) <= 9

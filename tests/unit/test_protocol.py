@@ -1,0 +1,167 @@
+"""Parsing client messages: every field validated once, every failure a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mediastream import protocol
+from mediastream.errors import ErrorCode, SignalingError
+from mediastream.protocol import Close, IceCandidate, Offer, Ping, parse_client_message
+
+SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+
+
+def parse(message: object, max_sdp_bytes: int = 10_000) -> protocol.ClientMessage:
+    text = message if isinstance(message, str) else json.dumps(message)
+    return parse_client_message(text, max_sdp_bytes=max_sdp_bytes)
+
+
+def error_of(message: object, **kwargs: int) -> SignalingError:
+    with pytest.raises(SignalingError) as caught:
+        parse(message, **kwargs)
+    return caught.value
+
+
+def test_offer_with_top_level_stream_id() -> None:
+    message = parse({"type": "offer", "streamId": "cam-1", "payload": {"sdp": SDP}})
+    assert message == Offer("cam-1", SDP)
+
+
+def test_legacy_offer_takes_stream_id_from_payload() -> None:
+    message = parse({"type": "offer", "payload": {"sdp": SDP, "streamId": "plx_cctv_01"}})
+    assert message == Offer("plx_cctv_01", SDP)
+
+
+def test_offer_with_both_stream_ids_agreeing_is_accepted() -> None:
+    message = parse({"type": "offer", "streamId": "a", "payload": {"sdp": SDP, "streamId": "a"}})
+    assert isinstance(message, Offer) and message.stream_id == "a"
+
+
+def test_offer_with_conflicting_stream_ids_is_refused_naming_both() -> None:
+    error = error_of({"type": "offer", "streamId": "a", "payload": {"sdp": SDP, "streamId": "b"}})
+    assert error.code == ErrorCode.INVALID_MESSAGE
+    assert '"a"' in error.message and '"b"' in error.message
+    assert error.stream_id == "a"
+
+
+def test_offer_session_id_is_kept() -> None:
+    message = parse({"type": "offer", "streamId": "a", "payload": {"sdp": SDP, "sessionId": "s-1"}})
+    assert isinstance(message, Offer) and message.session_id == "s-1"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "fragment"),
+    [
+        (None, ErrorCode.INVALID_MESSAGE, "payload must be an object"),
+        ({}, ErrorCode.INVALID_SDP, 'no "sdp"'),
+        ({"sdp": "   "}, ErrorCode.INVALID_SDP, 'no "sdp"'),
+        ({"sdp": 42}, ErrorCode.INVALID_SDP, 'no "sdp"'),
+        ({"sdp": "hello"}, ErrorCode.INVALID_SDP, 'start with "v=0"'),
+        ({"sdp": SDP, "type": "answer"}, ErrorCode.INVALID_SDP, 'must be "offer"'),
+        ({"sdp": SDP, "sessionId": "has space"}, ErrorCode.INVALID_MESSAGE, "sessionId"),
+    ],
+)
+def test_bad_offers_are_refused_for_their_stream(payload: object, code: ErrorCode, fragment: str) -> None:
+    error = error_of({"type": "offer", "streamId": "cam", "payload": payload})
+    assert error.code == code
+    assert fragment in error.message
+    assert error.stream_id == "cam"
+
+
+def test_oversized_sdp_is_refused_with_its_size_and_the_limit() -> None:
+    sdp = SDP + "a=x\r\n" * 100
+    error = error_of({"type": "offer", "streamId": "cam", "payload": {"sdp": sdp}}, max_sdp_bytes=100)
+    assert error.code == ErrorCode.INVALID_SDP
+    assert str(len(sdp)) in error.message and "100" in error.message
+
+
+def test_ice_candidate() -> None:
+    message = parse(
+        {
+            "type": "ice",
+            "streamId": "cam",
+            "payload": {"candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "sdpMid": "0",
+                        "sdpMLineIndex": 0, "sessionId": "s"},
+        }
+    )
+    assert message == IceCandidate("cam", "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "0", 0, "s")
+
+
+@pytest.mark.parametrize("payload", [None, {"candidate": ""}, {"candidate": None}, {"candidate": " "}])
+def test_empty_ice_candidate_means_end_of_candidates(payload: object) -> None:
+    message = parse({"type": "ice", "streamId": "cam", "payload": payload})
+    assert isinstance(message, IceCandidate) and message.candidate is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ("candidate", "must be an object"),
+        ({"candidate": 5, "sdpMid": "0"}, "candidate must be a string"),
+        ({"candidate": "candidate:x", "sdpMid": 0}, "sdpMid must be a string"),
+        ({"candidate": "candidate:x", "sdpMLineIndex": -1}, "sdpMLineIndex"),
+        ({"candidate": "candidate:x", "sdpMLineIndex": True}, "sdpMLineIndex"),
+        ({"candidate": "candidate:x"}, "needs sdpMid or sdpMLineIndex"),
+        ({"candidate": "c" * 2000, "sdpMid": "0"}, "longer than"),
+    ],
+)
+def test_bad_ice_candidates_are_refused(payload: object, fragment: str) -> None:
+    error = error_of({"type": "ice", "streamId": "cam", "payload": payload})
+    assert error.code == ErrorCode.INVALID_CANDIDATE
+    assert fragment in error.message
+    assert error.stream_id == "cam"
+
+
+def test_close() -> None:
+    assert parse({"type": "close", "streamId": "cam"}) == Close("cam")
+
+
+def test_ping_needs_no_stream() -> None:
+    assert parse({"type": "ping", "payload": {"t": 1}}) == Ping({"t": 1})
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("{not json", ErrorCode.INVALID_JSON),
+        ("", ErrorCode.INVALID_JSON),
+        ("[1, 2]", ErrorCode.INVALID_MESSAGE),
+        ('"offer"', ErrorCode.INVALID_MESSAGE),
+        ('{"streamId": "cam"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": 5, "streamId": "cam"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "close"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "close", "streamId": ""}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "close", "streamId": "a b"}', ErrorCode.INVALID_MESSAGE),
+        ('{"type": "close", "streamId": 7}', ErrorCode.INVALID_MESSAGE),
+    ],
+)
+def test_malformed_messages_are_refused(text: str, code: ErrorCode) -> None:
+    assert error_of(text).code == code
+
+
+def test_unknown_type_names_the_type_and_the_known_ones() -> None:
+    error = error_of({"type": "subscribe", "streamId": "cam"})
+    assert error.code == ErrorCode.UNKNOWN_TYPE
+    assert '"subscribe"' in error.message and "offer" in error.message
+    assert error.stream_id == "cam"
+
+
+def test_invalid_utf8_bytes_are_invalid_json() -> None:
+    with pytest.raises(SignalingError) as caught:
+        parse_client_message(b"\xff\xfe{", max_sdp_bytes=100)
+    assert caught.value.code == ErrorCode.INVALID_JSON
+
+
+def test_server_messages_have_the_wire_shape() -> None:
+    assert json.loads(protocol.answer("cam", "v=0...")) == {
+        "type": "answer", "streamId": "cam", "payload": "v=0...",
+    }
+    assert json.loads(protocol.error(ErrorCode.STREAM_NOT_FOUND, "Stream not found", "cam", "s1")) == {
+        "type": "error", "streamId": "cam", "payload": "Stream not found",
+        "code": "stream_not_found", "sessionId": "s1",
+    }
+    assert json.loads(protocol.state("cam", "live")) == {
+        "type": "state", "streamId": "cam", "payload": {"state": "live"},
+    }

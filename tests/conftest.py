@@ -58,13 +58,14 @@ def start_camera(port: int = 0) -> Camera:
 
 
 def stop_camera(camera: Camera) -> None:
-    assert camera.process.stdin is not None
+    assert camera.process.stdin is not None and camera.process.stdout is not None
     camera.process.stdin.close()
     try:
         camera.process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         camera.process.kill()
         camera.process.wait()
+    camera.process.stdout.close()
 
 
 @pytest.fixture(scope="session")

@@ -16,17 +16,17 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import trio
 from quart import Response, abort, jsonify, redirect, request, websocket
 from quart.helpers import send_from_directory
 from quart_trio import QuartTrio
-from werkzeug.utils import safe_join
+from werkzeug.security import safe_join
 
 from .changes import ChangeSignal
 from .registry import StreamRegistry, StreamStatistics
-from .signaling import SignalingHub
+from .signaling import MessageSocket, SignalingHub
 from .webrtc.bridge import PeerConnectionFactory
 
 DEFAULT_STATIC_DIR: Final = Path(__file__).resolve().parents[2] / "web" / "static"
@@ -97,7 +97,9 @@ def create_app(services: Services) -> QuartTrio:
     async def get_stream(stream_id: str) -> Any:
         stream = services.registry.get(stream_id)
         if stream is None:
-            return jsonify({"error": f'Stream "{stream_id}" not found', "code": "stream_not_found"}), 404
+            return jsonify(
+                {"error": f'Stream "{stream_id}" not found', "code": "stream_not_found"}
+            ), 404
         return jsonify(_stream_json(stream.statistics()))
 
     @app.route("/api/stats")
@@ -126,7 +128,8 @@ def create_app(services: Services) -> QuartTrio:
     @app.websocket("/ws")
     async def signaling_socket() -> None:
         client = websocket.remote_addr or "unknown"
-        await services.hub.serve(websocket._get_current_object(), client)
+        socket = cast(MessageSocket, websocket._get_current_object())  # type: ignore[attr-defined]
+        await services.hub.serve(socket, client)
 
     return app
 
@@ -144,10 +147,9 @@ class _StaticAssets:
         self._hashes: dict[Path, tuple[float, str]] = {}
 
     async def send(self, filename: str) -> Response:
-        joined = safe_join(str(self._root), filename)
-        if joined is None or not Path(joined).is_file():
+        path = await trio.to_thread.run_sync(self._resolve, filename)
+        if path is None:
             abort(404)
-        path = Path(joined)
         if path.suffix == ".html":
             body = await trio.to_thread.run_sync(self._versioned_page, path)
             response = Response(body, mimetype="text/html")
@@ -155,8 +157,13 @@ class _StaticAssets:
             await response.make_conditional(request)
         else:
             response = await send_from_directory(self._root, filename)
-        response.cache_control.no_cache = True
+        # Quart's default is a 12-hour max-age: exactly the stale-script trap.
+        response.headers["Cache-Control"] = "no-cache"
         return response
+
+    def _resolve(self, filename: str) -> Path | None:
+        joined = safe_join(str(self._root), filename)
+        return Path(joined) if joined is not None and Path(joined).is_file() else None
 
     def _versioned_page(self, path: Path) -> str:
         def version(match: re.Match[str]) -> str:
@@ -199,7 +206,18 @@ def _stream_json(stats: StreamStatistics) -> dict[str, Any]:
 
 
 def _count_tasks() -> int:
-    def count(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return len(task_names())
 
-    return count(trio.lowlevel.current_root_task())
+
+def task_names() -> list[str]:
+    """Every task in this Trio run, by name (for statistics and leak hunting)."""
+
+    def walk(task: trio.lowlevel.Task) -> list[str]:
+        names = [task.name]
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                names.extend(walk(child))
+        return names
+
+    root = trio.lowlevel.current_root_task()
+    return walk(root) if root is not None else []

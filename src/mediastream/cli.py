@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(cause, OSError):
             where = f"{config.server.host}:{config.server.port}"
-            print(f"mediastream: cannot serve on {where}: {cause.strerror or cause}", file=sys.stderr)
+            print(
+                f"mediastream: cannot serve on {where}: {cause.strerror or cause}", file=sys.stderr
+            )
             return 1
         raise
     return 0
@@ -77,8 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     run.add_argument("--port", type=int, help="port to listen on (default 8107)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
-    run.add_argument("--static-dir", type=Path, default=DEFAULT_STATIC_DIR,
-                     help="folder of the pages and scripts (default: the source tree's web/static)")
+    run.add_argument(
+        "--static-dir",
+        type=Path,
+        default=DEFAULT_STATIC_DIR,
+        help="folder of the pages and scripts (default: the source tree's web/static)",
+    )
     return parser
 
 

@@ -147,8 +147,8 @@ class Config:
 DEMO_STREAMS: Final = (
     ("demo-1", "Demo 1 — test card", "pattern:testsrc2?size=640x360&fps=25&kbps=800&gop=50"),
     ("demo-2", "Demo 2 — colour bars", "pattern:testsrc?size=640x360&fps=25&kbps=800&gop=50"),
-    ("demo-3", "Demo 3 — cellular automaton", "pattern:cellauto?size=640x360&fps=25&kbps=800&gop=50"),
-)  # fmt: skip
+    ("demo-3", "Demo 3 — automaton", "pattern:cellauto?size=640x360&fps=25&kbps=800&gop=50"),
+)
 
 
 def default_config() -> Config:
@@ -298,16 +298,18 @@ def _check_ranges(config: Config) -> None:
     if config.media.on_demand_grace < 0:
         raise ConfigError("must be 0 or more", key="media.on_demand_grace")
     if not 0 <= config.server.port <= 65535:
-        raise ConfigError(f"must be a port number 0-65535, got {config.server.port}",
-                          key="server.port")
+        raise ConfigError(
+            f"must be a port number 0-65535, got {config.server.port}", key="server.port"
+        )
     if config.media.retry_max_delay < config.media.retry_initial_delay:
-        raise ConfigError("must be at least media.retry_initial_delay",
-                          key="media.retry_max_delay")
+        raise ConfigError("must be at least media.retry_initial_delay", key="media.retry_max_delay")
     for index, server in enumerate(config.webrtc.ice_servers):
         for url in server.urls:
             if not re.match(r"^(stun|stuns|turn|turns):", url):
-                raise ConfigError(f'"{url}" is not a stun:, stuns:, turn: or turns: URL',
-                                  key=f"webrtc.ice_servers[{index}].urls")
+                raise ConfigError(
+                    f'"{url}" is not a stun:, stuns:, turn: or turns: URL',
+                    key=f"webrtc.ice_servers[{index}].urls",
+                )
 
 
 # --- a small typed loader: dataclass fields drive validation ---------------------------------

@@ -146,7 +146,9 @@ def _valid_stream_id(value: Any) -> bool:
 def _parse_offer(stream_id: str, payload: Any, *, max_sdp_bytes: int) -> Offer:
     if not isinstance(payload, dict):
         raise SignalingError(
-            ErrorCode.INVALID_MESSAGE, 'offer payload must be an object with "sdp"', stream_id=stream_id
+            ErrorCode.INVALID_MESSAGE,
+            'offer payload must be an object with "sdp"',
+            stream_id=stream_id,
         )
     sdp = payload.get("sdp")
     if not isinstance(sdp, str) or not sdp.strip():
@@ -200,7 +202,8 @@ def _parse_ice(stream_id: str, payload: Any) -> IceCandidate:
     sdp_mline_index = payload.get("sdpMLineIndex")
     if candidate is not None and not isinstance(candidate, str):
         raise SignalingError(
-            ErrorCode.INVALID_CANDIDATE, "ice payload.candidate must be a string or null",
+            ErrorCode.INVALID_CANDIDATE,
+            "ice payload.candidate must be a string or null",
             stream_id=stream_id,
         )
     if candidate is not None and len(candidate) > MAX_CANDIDATE_CHARS:
@@ -211,7 +214,8 @@ def _parse_ice(stream_id: str, payload: Any) -> IceCandidate:
         )
     if sdp_mid is not None and not isinstance(sdp_mid, str):
         raise SignalingError(
-            ErrorCode.INVALID_CANDIDATE, "ice payload.sdpMid must be a string or null",
+            ErrorCode.INVALID_CANDIDATE,
+            "ice payload.sdpMid must be a string or null",
             stream_id=stream_id,
         )
     if sdp_mline_index is not None and (
@@ -246,7 +250,7 @@ def _clip(value: Any, limit: int = 40) -> str:
 
 
 def encode(message_type: str, stream_id: str | None, payload: Any, **extra: Any) -> str:
-    """One server message as JSON text; ``extra`` adds top-level fields (``code``, ``sessionId``)."""
+    """One server message as JSON; ``extra`` adds top-level fields (``code``, ``sessionId``)."""
     message: dict[str, Any] = {"type": message_type, "streamId": stream_id, "payload": payload}
     message.update((key, value) for key, value in extra.items() if value is not None)
     return json.dumps(message, separators=(",", ":"))

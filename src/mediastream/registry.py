@@ -172,7 +172,10 @@ class Stream:
 
 
 async def supervise(
-    stream: Stream, media: MediaConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    stream: Stream,
+    media: MediaConfig,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``stream``'s source whenever it is wanted, until cancelled."""
     task_status.started()
@@ -180,19 +183,22 @@ async def supervise(
         if stream.config.on_demand:
             await stream._wait_for_viewers()
             log.info("%s: first viewer, starting the source", stream.id)
-        async with trio.open_nursery() as nursery:
-            stream._set_source_running(True)
-            try:
+        stream._set_source_running(True)
+        try:
+            async with trio.open_nursery() as nursery:
                 await nursery.start(run_source, stream.config, media, stream)
                 if not stream.config.on_demand:
                     await trio.sleep_forever()
                 await stream._wait_until_idle(media.on_demand_grace)
                 log.info(
-                    "%s: no viewers for %.0f s, stopping the source", stream.id, media.on_demand_grace
+                    "%s: no viewers for %.0f s, stopping the source",
+                    stream.id,
+                    media.on_demand_grace,
                 )
                 nursery.cancel_scope.cancel()
-            finally:
-                stream._set_source_running(False)
+        finally:
+            # Only now is the source (and its reader thread) really gone.
+            stream._set_source_running(False)
         stream.fanout.reset()
 
 

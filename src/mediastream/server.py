@@ -21,7 +21,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import hypercorn.config
 import hypercorn.trio
@@ -52,6 +52,7 @@ class RunningServer:
     urls: list[str]
     services: Services
     _shutdown_requested: trio.Event = field(default_factory=trio.Event)
+    _stopped: trio.Event = field(default_factory=trio.Event)
 
     @property
     def url(self) -> str:
@@ -63,6 +64,10 @@ class RunningServer:
 
     def request_shutdown(self) -> None:
         self._shutdown_requested.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until :func:`serve` has finished shutting down."""
+        await self._stopped.wait()
 
 
 async def serve(
@@ -77,48 +82,52 @@ async def serve(
         ConfigError: the static folder is missing.
         OSError: the address can't be bound.
     """
-    if not static_dir.is_dir():
+    if not await trio.Path(static_dir).is_dir():
         raise ConfigError(f"static files folder not found: {static_dir}")
     _fix_hypercorn_keep_alive()
-    async with trio_asyncio.open_loop():
-        changes = ChangeSignal()
-        registry = StreamRegistry(config, changes)
-        peers = PeerConnectionFactory(config.webrtc, changes)
-        hub = SignalingHub(config, registry, peers, changes)
-        services = Services(
-            registry=registry, peers=peers, hub=hub, static_dir=static_dir, changes=changes
-        )
-        app = create_app(services)
-        hypercorn_stop = trio.Event()
-        async with trio.open_nursery() as lifetime:
-            await lifetime.start(registry.run)
-            async with trio.open_nursery() as http:
-                urls = await http.start(
-                    functools.partial(
-                        hypercorn.trio.serve,
-                        app,
-                        _hypercorn_config(config),
-                        shutdown_trigger=hypercorn_stop.wait,
-                    )
-                )
-                running = RunningServer(urls=urls, services=services)
-                log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
-                task_status.started(running)
-                await running._shutdown_requested.wait()
-
-                log.info("shutting down: closing %d sockets", hub.statistics().open_sockets)
-                lifetime.cancel_scope.deadline = (
-                    trio.current_time() + config.server.graceful_timeout + SHUTDOWN_MARGIN
-                )
-                hub.shutdown()
-                hypercorn_stop.set()
-            lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
-        if trio.current_time() > lifetime.cancel_scope.deadline:
-            log.warning(
-                "shutdown took longer than %.0f s; the rest was cancelled",
-                config.server.graceful_timeout,
+    stopped = trio.Event()
+    try:
+        async with trio_asyncio.open_loop():
+            changes = ChangeSignal()
+            registry = StreamRegistry(config, changes)
+            peers = PeerConnectionFactory(config.webrtc, changes)
+            hub = SignalingHub(config, registry, peers, changes)
+            services = Services(
+                registry=registry, peers=peers, hub=hub, static_dir=static_dir, changes=changes
             )
-        log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
+            app = create_app(services)
+            hypercorn_stop = trio.Event()
+            async with trio.open_nursery() as lifetime:
+                await lifetime.start(registry.run)
+                async with trio.open_nursery() as http:
+                    urls = await http.start(
+                        functools.partial(
+                            hypercorn.trio.serve,
+                            app,
+                            _hypercorn_config(config),
+                            shutdown_trigger=hypercorn_stop.wait,
+                        )
+                    )
+                    running = RunningServer(urls=urls, services=services, _stopped=stopped)
+                    log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
+                    task_status.started(running)
+                    await running._shutdown_requested.wait()
+
+                    log.info("shutting down: closing %d sockets", hub.statistics().open_sockets)
+                    lifetime.cancel_scope.deadline = (
+                        trio.current_time() + config.server.graceful_timeout + SHUTDOWN_MARGIN
+                    )
+                    hub.shutdown()
+                    hypercorn_stop.set()
+                lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
+            if trio.current_time() >= lifetime.cancel_scope.deadline:
+                log.warning(
+                    "shutdown took longer than %.0f s; the rest was cancelled",
+                    config.server.graceful_timeout,
+                )
+            log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
+    finally:
+        stopped.set()
 
 
 def _hypercorn_config(config: Config) -> hypercorn.config.Config:
@@ -148,9 +157,9 @@ def _fix_hypercorn_keep_alive() -> None:
     original = server_class.protocol_send
 
     @functools.wraps(original)
-    async def protocol_send(self: hypercorn.trio.tcp_server.TCPServer, event: object) -> None:
+    async def protocol_send(self: hypercorn.trio.tcp_server.TCPServer, event: Any) -> None:
         with trio.CancelScope(shield=True):
             await original(self, event)
 
     protocol_send._mediastream_shielded = True  # type: ignore[attr-defined]
-    server_class.protocol_send = protocol_send
+    setattr(server_class, "protocol_send", protocol_send)  # noqa: B010 (replacing a method)

@@ -72,7 +72,9 @@ class StreamSession:
         self._peers = peers
         self._post = post
         self._negotiation_timeout = negotiation_timeout
-        self._label = f"{client} {stream.id}" + (f" [{offer.session_id}]" if offer.session_id else "")
+        self._label = f"{client} {stream.id}" + (
+            f" [{offer.session_id}]" if offer.session_id else ""
+        )
         self._cancel_scope = trio.CancelScope()
         self._end_reason = REASON_SOCKET_CLOSED
         self._candidates_in, self._candidates_out = trio.open_memory_channel[IceCandidate](
@@ -118,7 +120,9 @@ class StreamSession:
         except Exception as exc:
             log.exception("%s: session failed", self._label)
             self._end_reason = f"internal error: {type(exc).__name__}"
-            self._post_error(ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's session")
+            self._post_error(
+                ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's session"
+            )
         finally:
             self.phase = SessionPhase.ENDED
             self._candidates_in.close()

@@ -178,7 +178,7 @@ class SignalingConnection:
             if session is None:
                 raise SignalingError(
                     ErrorCode.NO_SESSION,
-                    "ICE candidate for a stream with no session on this socket (send an offer first)",
+                    "ICE candidate for a stream with no session here; send an offer first",
                     stream_id=message.stream_id,
                 )
             session.add_candidate(message)

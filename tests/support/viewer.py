@@ -69,7 +69,9 @@ class PlayedStream:
         with trio.fail_after(timeout):
             while self.frames < target:
                 if self.ended:
-                    raise AssertionError(f"{self.stream_id}: track ended after {self.frames} frames")
+                    raise AssertionError(
+                        f"{self.stream_id}: track ended after {self.frames} frames"
+                    )
                 await self._changed.wait()
 
     async def wait_ended(self, *, timeout: float = 15) -> None:
@@ -78,7 +80,7 @@ class PlayedStream:
                 await self._changed.wait()
 
 
-class TestViewer:
+class Viewer:
     def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         self.ws = ws
         self.messages: list[Message] = []
@@ -106,7 +108,16 @@ class TestViewer:
                     raise AssertionError(f"socket closed {self.closed_reason} while waiting")
                 await self._arrived.wait()
 
-    async def request(self, message: Message | str, stream_id: str | None, types: tuple[str, ...]) -> Message:
+    async def wait_closed(self, *, timeout: float = 10) -> tuple[int, str | None]:
+        """Wait until the server closes the socket; returns (code, reason)."""
+        with trio.fail_after(timeout):
+            while self.closed_reason is None:
+                await self._arrived.wait()
+        return self.closed_reason
+
+    async def request(
+        self, message: Message | str, stream_id: str | None, types: tuple[str, ...]
+    ) -> Message:
         """Send a message and wait for the reply of one of ``types`` about ``stream_id``."""
         start = len(self.messages)
         await self.send(message)
@@ -128,7 +139,9 @@ class TestViewer:
         transceiver = pc.addTransceiver("video", direction="recvonly")
         played = PlayedStream(stream_id, pc)
         if capture:
-            transceiver.receiver._RTCRtpReceiver__decoder_queue = _RecordingQueue(played.access_units)
+            transceiver.receiver._RTCRtpReceiver__decoder_queue = _RecordingQueue(
+                played.access_units
+            )
         offer = await trio_asyncio.aio_as_trio(pc.createOffer)()
         await trio_asyncio.aio_as_trio(pc.setLocalDescription)(offer)
         sdp = pc.localDescription.sdp
@@ -146,12 +159,25 @@ class TestViewer:
         start = len(self.messages)
         await self.send(message)
         for candidate in candidates:
-            await self.send({"type": "ice", "streamId": stream_id,
-                             "payload": {"candidate": f"candidate:{candidate}", "sdpMid": "0",
-                                         "sdpMLineIndex": 0}})
+            await self.send(
+                {
+                    "type": "ice",
+                    "streamId": stream_id,
+                    "payload": {
+                        "candidate": f"candidate:{candidate}",
+                        "sdpMid": "0",
+                        "sdpMLineIndex": 0,
+                    },
+                }
+            )
         if trickle:
-            await self.send({"type": "ice", "streamId": stream_id,
-                             "payload": {"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0}})
+            await self.send(
+                {
+                    "type": "ice",
+                    "streamId": stream_id,
+                    "payload": {"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0},
+                }
+            )
         reply = await self.wait_for(
             lambda m: m.get("streamId") == stream_id and m.get("type") in ("answer", "error"),
             after=start,
@@ -208,12 +234,15 @@ async def _new_peer_connection() -> RTCPeerConnection:
 
 
 @asynccontextmanager
-async def open_viewer(ws_url: str) -> AsyncIterator[TestViewer]:
-    async with trio.open_nursery() as nursery, open_websocket_url(ws_url) as ws:
-        viewer = TestViewer(ws, nursery)
+async def open_viewer(ws_url: str) -> AsyncIterator[Viewer]:
+    async with open_websocket_url(ws_url) as ws, trio.open_nursery() as nursery:
+        viewer = Viewer(ws, nursery)
         nursery.start_soon(viewer._read)
         try:
             yield viewer
         finally:
             await viewer.close_peers()
             nursery.cancel_scope.cancel()
+            # trio-websocket 0.12 never closes the TCP stream when the server reset it (its
+            # abort path skips _close_stream, and aclose() then returns early): close it here.
+            await ws._stream.aclose()

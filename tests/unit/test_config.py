@@ -48,7 +48,9 @@ def test_example_file_loads_and_its_settings_are_the_defaults() -> None:
 def test_example_file_sets_every_key() -> None:
     text = EXAMPLE.read_text()
     sections = {name: type(getattr(Config(), name)) for name in Config.__dataclass_fields__}
-    keys = [f"{s}.{k}" for s, t in sections.items() if s != "streams" for k in t.__dataclass_fields__]
+    keys = [
+        f"{s}.{k}" for s, t in sections.items() if s != "streams" for k in t.__dataclass_fields__
+    ]
     keys += [f"streams.{k}" for k in StreamConfig.__dataclass_fields__]
     missing = [key for key in keys if not re.search(rf"^{key.split('.')[1]} = ", text, re.M)]
     assert missing == []
@@ -62,7 +64,9 @@ def test_no_config_means_three_on_demand_demo_patterns() -> None:
 
 
 def test_minimal_stream_gets_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, '[[streams]]\nid = "cam"\nsource = "rtsp://10.0.0.2/live"\n'))
+    config = load_config(
+        write(tmp_path, '[[streams]]\nid = "cam"\nsource = "rtsp://10.0.0.2/live"\n')
+    )
     (stream,) = config.streams
     assert stream.display_name == "cam"
     assert stream.rtsp_transport == "tcp"
@@ -93,27 +97,53 @@ def test_unknown_stream_key_is_named_with_its_index(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "key", "fragment"),
     [
-        ("[server]\nport = \"80\"\n", "server.port", "must be an integer"),
+        ('[server]\nport = "80"\n', "server.port", "must be an integer"),
         ("[server]\nport = 70000\n", "server.port", "0-65535"),
-        ("[server]\nlog_level = \"loud\"\n", "server.log_level", "must be one of"),
+        ('[server]\nlog_level = "loud"\n', "server.log_level", "must be one of"),
         ("[media]\nread_timeout = 0\n", "media.read_timeout", "greater than 0"),
         ("[media]\non_demand_grace = -1\n", "media.on_demand_grace", "0 or more"),
         ("[media]\nretry_max_delay = 0.5\n", "media.retry_max_delay", "retry_initial_delay"),
-        ("[webrtc]\nignore_mdns_candidates = 1\n", "webrtc.ignore_mdns_candidates", "true or false"),
-        ("[[webrtc.ice_servers]]\nurls = [\"http://x\"]\n", "webrtc.ice_servers[0].urls", "stun:"),
-        ("[[webrtc.ice_servers]]\nusername = \"u\"\n", "webrtc.ice_servers[0].urls", "missing"),
-        ("[[streams]]\nsource = \"rtsp://h/\"\n", "streams[0].id", "missing"),
-        ("[[streams]]\nid = \"a\"\n", "streams[0].source", "missing"),
-        ("[[streams]]\nid = \"a b\"\nsource = \"rtsp://h/\"\n", "streams[0].id", "not a valid id"),
-        ("[[streams]]\nid = \"a\"\nsource = \"rtsp://h/\"\nrtsp_transport = \"http\"\n",
-         "streams[0].rtsp_transport", "must be one of"),
-        ("[[streams]]\nid = \"a\"\nsource = \"rtsp://h/\"\n[[streams]]\nid = \"a\"\nsource = \"rtsp://h/\"\n",
-         "streams[1].id", "duplicate"),
-        ("[[streams]]\nid = \"a\"\nsource = \"http://h/x\"\n", "streams[0].source", "unsupported source scheme"),
-        ("[[streams]]\nid = \"a\"\nsource = \"pattern:nosuch\"\n", "streams[0].source", "unknown pattern"),
-        ("[[streams]]\nid = \"a\"\nsource = \"pattern:testsrc?fps=x\"\n", "streams[0].source", "bad value"),
-        ("[[streams]]\nid = \"a\"\nsource = \"pattern:testsrc?size=641x360\"\n", "streams[0].source", "even"),
-        ("[[streams]]\nid = \"a\"\nsource = \"missing.mp4\"\n", "streams[0].source", "file not found"),
+        (
+            "[webrtc]\nignore_mdns_candidates = 1\n",
+            "webrtc.ignore_mdns_candidates",
+            "true or false",
+        ),
+        ('[[webrtc.ice_servers]]\nurls = ["http://x"]\n', "webrtc.ice_servers[0].urls", "stun:"),
+        ('[[webrtc.ice_servers]]\nusername = "u"\n', "webrtc.ice_servers[0].urls", "missing"),
+        ('[[streams]]\nsource = "rtsp://h/"\n', "streams[0].id", "missing"),
+        ('[[streams]]\nid = "a"\n', "streams[0].source", "missing"),
+        ('[[streams]]\nid = "a b"\nsource = "rtsp://h/"\n', "streams[0].id", "not a valid id"),
+        (
+            '[[streams]]\nid = "a"\nsource = "rtsp://h/"\nrtsp_transport = "http"\n',
+            "streams[0].rtsp_transport",
+            "must be one of",
+        ),
+        (
+            '[[streams]]\nid = "a"\nsource = "rtsp://h/"\n[[streams]]\nid = "a"\nsource = "rtsp://h/"\n',
+            "streams[1].id",
+            "duplicate",
+        ),
+        (
+            '[[streams]]\nid = "a"\nsource = "http://h/x"\n',
+            "streams[0].source",
+            "unsupported source scheme",
+        ),
+        (
+            '[[streams]]\nid = "a"\nsource = "pattern:nosuch"\n',
+            "streams[0].source",
+            "unknown pattern",
+        ),
+        (
+            '[[streams]]\nid = "a"\nsource = "pattern:testsrc?fps=x"\n',
+            "streams[0].source",
+            "bad value",
+        ),
+        (
+            '[[streams]]\nid = "a"\nsource = "pattern:testsrc?size=641x360"\n',
+            "streams[0].source",
+            "even",
+        ),
+        ('[[streams]]\nid = "a"\nsource = "missing.mp4"\n', "streams[0].source", "file not found"),
         ("streams = 3\n", "streams", "array of tables"),
     ],
 )

@@ -63,7 +63,9 @@ def test_offer_session_id_is_kept() -> None:
         ({"sdp": SDP, "sessionId": "has space"}, ErrorCode.INVALID_MESSAGE, "sessionId"),
     ],
 )
-def test_bad_offers_are_refused_for_their_stream(payload: object, code: ErrorCode, fragment: str) -> None:
+def test_bad_offers_are_refused_for_their_stream(
+    payload: object, code: ErrorCode, fragment: str
+) -> None:
     error = error_of({"type": "offer", "streamId": "cam", "payload": payload})
     assert error.code == code
     assert fragment in error.message
@@ -72,7 +74,9 @@ def test_bad_offers_are_refused_for_their_stream(payload: object, code: ErrorCod
 
 def test_oversized_sdp_is_refused_with_its_size_and_the_limit() -> None:
     sdp = SDP + "a=x\r\n" * 100
-    error = error_of({"type": "offer", "streamId": "cam", "payload": {"sdp": sdp}}, max_sdp_bytes=100)
+    error = error_of(
+        {"type": "offer", "streamId": "cam", "payload": {"sdp": sdp}}, max_sdp_bytes=100
+    )
     assert error.code == ErrorCode.INVALID_SDP
     assert str(len(sdp)) in error.message and "100" in error.message
 
@@ -82,14 +86,20 @@ def test_ice_candidate() -> None:
         {
             "type": "ice",
             "streamId": "cam",
-            "payload": {"candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "sdpMid": "0",
-                        "sdpMLineIndex": 0, "sessionId": "s"},
+            "payload": {
+                "candidate": "candidate:1 1 udp 1 10.0.0.1 5000 typ host",
+                "sdpMid": "0",
+                "sdpMLineIndex": 0,
+                "sessionId": "s",
+            },
         }
     )
     assert message == IceCandidate("cam", "candidate:1 1 udp 1 10.0.0.1 5000 typ host", "0", 0, "s")
 
 
-@pytest.mark.parametrize("payload", [None, {"candidate": ""}, {"candidate": None}, {"candidate": " "}])
+@pytest.mark.parametrize(
+    "payload", [None, {"candidate": ""}, {"candidate": None}, {"candidate": " "}]
+)
 def test_empty_ice_candidate_means_end_of_candidates(payload: object) -> None:
     message = parse({"type": "ice", "streamId": "cam", "payload": payload})
     assert isinstance(message, IceCandidate) and message.candidate is None
@@ -156,12 +166,21 @@ def test_invalid_utf8_bytes_are_invalid_json() -> None:
 
 def test_server_messages_have_the_wire_shape() -> None:
     assert json.loads(protocol.answer("cam", "v=0...")) == {
-        "type": "answer", "streamId": "cam", "payload": "v=0...",
+        "type": "answer",
+        "streamId": "cam",
+        "payload": "v=0...",
     }
-    assert json.loads(protocol.error(ErrorCode.STREAM_NOT_FOUND, "Stream not found", "cam", "s1")) == {
-        "type": "error", "streamId": "cam", "payload": "Stream not found",
-        "code": "stream_not_found", "sessionId": "s1",
+    assert json.loads(
+        protocol.error(ErrorCode.STREAM_NOT_FOUND, "Stream not found", "cam", "s1")
+    ) == {
+        "type": "error",
+        "streamId": "cam",
+        "payload": "Stream not found",
+        "code": "stream_not_found",
+        "sessionId": "s1",
     }
     assert json.loads(protocol.state("cam", "live")) == {
-        "type": "state", "streamId": "cam", "payload": {"state": "live"},
+        "type": "state",
+        "streamId": "cam",
+        "payload": {"state": "live"},
     }

@@ -54,8 +54,10 @@ def test_timeline_never_goes_backwards() -> None:
     [
         ("rtsp://admin:hunter2@10.0.0.5:554/s1", "rtsp://***@10.0.0.5:554/s1"),
         ("rtsp://admin@10.0.0.5/s1", "rtsp://***@10.0.0.5/s1"),
-        ("rtsp://10.0.0.5/cam?channel=1&user=admin&password=hunter2",
-         "rtsp://10.0.0.5/cam?channel=1&user=***&password=***"),
+        (
+            "rtsp://10.0.0.5/cam?channel=1&user=admin&password=hunter2",
+            "rtsp://10.0.0.5/cam?channel=1&user=***&password=***",
+        ),
         ("rtsp://10.0.0.5/plain", "rtsp://10.0.0.5/plain"),
     ],
 )

@@ -137,7 +137,9 @@ class Subscriber:
             log.warning(
                 "%s: viewer fell %d frames behind; skipping to the next keyframe "
                 "(%d frames dropped so far)",
-                self.label, dropped, self._dropped,
+                self.label,
+                dropped,
+                self._dropped,
             )
 
 

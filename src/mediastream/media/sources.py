@@ -101,7 +101,9 @@ class _Timeline:
             elif paced:
                 base = self._last_out + self._frame_gap
             else:
-                base = self._last_out + max(self._frame_gap, round((now - self._last_wall) * VIDEO_CLOCK_RATE))
+                base = self._last_out + max(
+                    self._frame_gap, round((now - self._last_wall) * VIDEO_CLOCK_RATE)
+                )
             self._offset = base - source_ts
         out = source_ts + self._offset
         if self._last_out is not None:
@@ -175,7 +177,7 @@ def backoff_delay(failures: int, initial: float, maximum: float) -> float:
     """
     if failures <= 0:
         return 0.0
-    base = min(initial * 2 ** min(failures - 1, 30), maximum)
+    base: float = min(initial * 2.0 ** min(failures - 1, 30), maximum)
     return min(base * (1 + random.uniform(0, 0.2)), maximum)
 
 
@@ -204,8 +206,14 @@ async def _run_attempt(
                         break
                     if isinstance(item, SourceInfo):
                         log.info(
-                            "%s: opened, %s %dx%d%s", label, item.codec, item.width, item.height,
-                            ", transcoding to H.264 once for all viewers" if item.transcoded else "",
+                            "%s: opened, %s %dx%d%s",
+                            label,
+                            item.codec,
+                            item.width,
+                            item.height,
+                            ", transcoding to H.264 once for all viewers"
+                            if item.transcoded
+                            else "",
                         )
                         sink.source_opened(item)
                         continue
@@ -257,7 +265,9 @@ async def _run_reader_thread(
         try:
             _read(config, media, deliver, stop)
         except SourceError as exc:
-            with contextlib.suppress(trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
+            with contextlib.suppress(
+                trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError
+            ):
                 deliver(_ReaderFailed(str(exc)))
         except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
             pass  # the attempt was stopped while a frame was being handed over
@@ -299,7 +309,9 @@ def _read(
         for frame in converter.flush():
             deliver(frame)
     except av.FFmpegError as exc:
-        raise SourceError(f"reading {describe_source(spec)} failed: {_ffmpeg_reason(exc)}") from None
+        raise SourceError(
+            f"reading {describe_source(spec)} failed: {_ffmpeg_reason(exc)}"
+        ) from None
     finally:
         container.close()
 
@@ -321,7 +333,8 @@ def _open(config: StreamConfig, media: MediaConfig) -> av.container.InputContain
         return av.open(spec.location, "r", options=options, timeout=timeouts)
     if spec.kind == "pattern":
         opts = spec.option_map
-        graph = f"{spec.location}=size={opts.get('size', '640x360')}:rate={opts.get('fps', DEFAULT_FPS)}"
+        size, fps = opts.get("size", "640x360"), opts.get("fps", DEFAULT_FPS)
+        graph = f"{spec.location}=size={size}:rate={fps}"
         return av.open(graph, "r", format="lavfi", timeout=timeouts)
     return av.open(spec.location, "r", timeout=timeouts)
 
@@ -329,7 +342,7 @@ def _open(config: StreamConfig, media: MediaConfig) -> av.container.InputContain
 class _Converter(Protocol):
     info: SourceInfo
 
-    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]: ...
+    def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]: ...
 
     def flush(self) -> Iterator[EncodedFrame]: ...
 
@@ -370,7 +383,7 @@ class _H264Passthrough:
         ctx = stream.codec_context
         self.info = SourceInfo("h264", False, ctx.width or 0, ctx.height or 0)
 
-    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]:
+    def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]:
         packets = self._bsf.filter(packet) if self._bsf is not None else [packet]
         for unit in packets:
             if unit.size == 0:
@@ -391,7 +404,13 @@ class _Transcoder:
     """Anything else to H.264 (baseline, no B-frames, IDR every ``gop`` frames), once per source."""
 
     def __init__(
-        self, stream: av.video.stream.VideoStream, *, source_codec: str, kbps: int, fps: int, gop: int
+        self,
+        stream: av.video.stream.VideoStream,
+        *,
+        source_codec: str,
+        kbps: int,
+        fps: int,
+        gop: int,
     ) -> None:
         ctx = stream.codec_context
         self._stream = stream
@@ -403,7 +422,7 @@ class _Transcoder:
         self._last_ticks = -1
         self.info = SourceInfo(source_codec, True, self._width, self._height)
 
-    def convert(self, packet: av.Packet) -> Iterator[EncodedFrame]:
+    def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]:
         for picture in packet.decode():
             ticks = self._clock.ticks_of(picture.pts, picture.time_base)
             if ticks <= self._last_ticks:
@@ -422,7 +441,7 @@ class _Transcoder:
         image.pict_type = av.video.frame.PictureType.NONE
         yield from self._emit(self._encoder.encode(image))
 
-    def _emit(self, packets: list[av.Packet]) -> Iterator[EncodedFrame]:
+    def _emit(self, packets: list[av.Packet[Any]]) -> Iterator[EncodedFrame]:
         for packet in packets:
             normalized = self._normalizer.normalize(split_annexb(bytes(packet)))
             if normalized is not None:
@@ -456,7 +475,7 @@ class _Clock:
         self._time_base = time_base or Fraction(1, VIDEO_CLOCK_RATE)
         self._last: int | None = None
 
-    def ticks(self, packet: av.Packet) -> int:
+    def ticks(self, packet: av.Packet[Any]) -> int:
         value = packet.pts if packet.pts is not None else packet.dts
         if value is None:
             # FFmpeg's RTSP demuxer leaves the very first packet (a keyframe) without pts.
@@ -496,4 +515,3 @@ def describe_source(spec: SourceSpec) -> str:
         query = "&".join(f"{k}={v}" for k, v in spec.options)
         return f"pattern:{spec.location}" + (f"?{query}" if query else "")
     return f"file:{spec.location}"
-

@@ -88,7 +88,9 @@ class PeerConnectionFactory:
         self._opened = 0
 
     def statistics(self) -> PeerStatistics:
-        return PeerStatistics(open_peer_connections=self._open, peer_connections_opened=self._opened)
+        return PeerStatistics(
+            open_peer_connections=self._open, peer_connections_opened=self._opened
+        )
 
     @asynccontextmanager
     async def open(self, label: str) -> AsyncIterator[PeerConnection]:
@@ -118,7 +120,9 @@ class PeerConnectionFactory:
                 with trio.move_on_after(CLOSE_TIMEOUT) as closing:
                     await peer._close()
                 if closing.cancelled_caught:
-                    log.warning("%s: peer connection did not close within %.0f s", label, CLOSE_TIMEOUT)
+                    log.warning(
+                        "%s: peer connection did not close within %.0f s", label, CLOSE_TIMEOUT
+                    )
             self._open -= 1
             self._changes.notify()
 
@@ -133,7 +137,7 @@ class PeerConnection:
         self._state_changed = trio.Event()
         self._track: ViewerTrack | None = None
 
-        @pc.on("connectionstatechange")  # type: ignore[misc]
+        @pc.on("connectionstatechange")
         def _on_state_change() -> None:
             self._state_changed.set()
             self._state_changed = trio.Event()
@@ -164,7 +168,9 @@ class PeerConnection:
                 f"The offer has no video the server can send (it needs H.264): {exc}",
             ) from None
         except (ValueError, AssertionError, IndexError, KeyError, InvalidStateError) as exc:
-            raise SignalingError(ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}") from None
+            raise SignalingError(
+                ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
+            ) from None
 
     async def _answer(self, offer_sdp: str, track: ViewerTrack) -> str:
         sender = self._pc.addTrack(track)
@@ -195,11 +201,15 @@ class PeerConnection:
             return True
         text = ice.candidate.strip()
         if not _CANDIDATE_SHAPE.match(text):
-            raise SignalingError(ErrorCode.INVALID_CANDIDATE, f"Not an ICE candidate: {text[:80]!r}")
+            raise SignalingError(
+                ErrorCode.INVALID_CANDIDATE, f"Not an ICE candidate: {text[:80]!r}"
+            )
         try:
             candidate = candidate_from_sdp(text.removeprefix("candidate:"))
         except (ValueError, AssertionError, IndexError) as exc:
-            raise SignalingError(ErrorCode.INVALID_CANDIDATE, f"Bad ICE candidate: {_describe(exc)}") from None
+            raise SignalingError(
+                ErrorCode.INVALID_CANDIDATE, f"Bad ICE candidate: {_describe(exc)}"
+            ) from None
         if self._ignore_mdns and candidate.ip.endswith(".local"):
             return False
         candidate.sdpMid = ice.sdp_mid
@@ -220,7 +230,7 @@ class PrepacketizedEncoder:
         return frame.payloads, frame.timestamp
 
 
-class ViewerTrack(MediaStreamTrack):  # type: ignore[misc]
+class ViewerTrack(MediaStreamTrack):
     """A video track that plays one viewer's :class:`Subscriber` queue.
 
     It never ends on its own: a source that restarts keeps the same track (a track that ends

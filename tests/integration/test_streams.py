@@ -1,0 +1,212 @@
+"""Streams over one socket, end to end: real server, real socket, real aiortc peers, real
+RTSP camera. Frames are decoded by the viewer, not just counted as bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import trio
+
+from conftest import DEMO_STREAMS, Camera, StartServer, make_config
+from mediastream.config import default_config
+from mediastream.server import RunningServer
+from support.h264 import file_slices, rtsp_slices, slices_of
+from support.http import get
+from support.viewer import open_viewer
+
+
+def camera_streams(camera: Camera) -> list[dict[str, object]]:
+    return [
+        {"id": "cam-a", "source": camera.url("/h264")},
+        {"id": "cam-b", "source": camera.url("/h264-gop4")},
+        {"id": "cam-c", "source": camera.url("/h264-pcmu")},
+    ]
+
+
+async def wait_until(server: RunningServer, condition, timeout: float = 15) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        await server.services.changes.wait_until(condition)
+
+
+async def test_three_rtsp_streams_over_one_socket_all_decode(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config(camera_streams(camera)))
+    async with open_viewer(server.ws_url) as viewer:
+        played = [await viewer.play(stream_id) for stream_id in ("cam-a", "cam-b", "cam-c")]
+        for stream in played:
+            await stream.wait_frames(10)
+            assert stream.sizes == {(640, 360)}
+        stats = server.services.statistics()
+        assert stats.open_sockets == 1
+        assert stats.sessions_per_socket == (3,)
+        assert stats.open_peer_connections == 3
+
+
+async def test_the_built_in_demo_streams_play_over_one_socket(start_server: StartServer) -> None:
+    server = await start_server(dataclasses.replace(default_config(), server=make_config().server))
+    async with open_viewer(server.ws_url) as viewer:
+        played = [await viewer.play(f"demo-{n}") for n in (1, 2, 3)]
+        for stream in played:
+            await stream.wait_frames(10)
+            assert stream.sizes == {(640, 360)}
+        listed = (await get(server.url + "/api/streams")).json()["streams"]
+    assert [(s["id"], s["state"], s["viewers"]) for s in listed] == [
+        ("demo-1", "live", 1),
+        ("demo-2", "live", 1),
+        ("demo-3", "live", 1),
+    ]
+    assert all(s["encodersOpened"] == 1 for s in listed)  # once per source, not per viewer
+
+
+async def test_file_stream_plays_and_its_h264_arrives_byte_for_byte(
+    start_server: StartServer, h264_mp4: Path
+) -> None:
+    server = await start_server(make_config([{"id": "clip", "source": f"file:{h264_mp4}"}]))
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("clip", capture=True)
+        await played.wait_frames(30)
+    received = slices_of(played.access_units)
+    assert len(received) >= 30
+    # Every slice the viewer decoded is one of the file's own slices: nothing was re-encoded.
+    assert set(received) <= file_slices(str(h264_mp4))
+    assert server.services.registry.get("clip").statistics().encoders_opened == 0  # type: ignore[union-attr]
+
+
+async def test_rtsp_h264_is_forwarded_without_reencoding(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config([{"id": "cam", "source": camera.url("/h264")}]))
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("cam", capture=True)
+        await played.wait_frames(5)
+        start = len(played.access_units)
+        # A second, independent RTSP client of the same (shared) camera, at the same time.
+        direct = await trio.to_thread.run_sync(rtsp_slices, camera.url("/h264"), 3.0)
+        received = slices_of(played.access_units[start:])
+    assert len(received) >= 25
+    common = set(received) & direct
+    # Both saw the camera's very bytes; a transcoded stream would share none.
+    assert len(common) >= 0.8 * len(set(received))
+    stream = server.services.registry.get("cam")
+    assert stream is not None and stream.statistics().encoders_opened == 0
+    assert stream.statistics().codec == "h264"
+
+
+async def test_ending_one_stream_leaves_the_others_flowing(start_server: StartServer) -> None:
+    server = await start_server()
+    async with open_viewer(server.ws_url) as viewer:
+        played = {sid: await viewer.play(sid) for sid in ("demo-1", "demo-2", "demo-3")}
+        for stream in played.values():
+            await stream.wait_frames(3)
+        await viewer.stop("demo-2")
+        await wait_until(server, lambda: server.services.statistics().open_peer_connections == 2)
+        assert server.services.statistics().sessions_per_socket == (2,)
+        await played["demo-1"].wait_frames(20)
+        await played["demo-3"].wait_frames(20)
+
+
+async def test_closing_the_socket_leaves_nothing_running(start_server: StartServer) -> None:
+    server = await start_server(make_config(DEMO_STREAMS, media={"on_demand_grace": 0.2}))
+    await wait_until(server, lambda: server.services.statistics().open_sockets == 0)
+    baseline = server.services.statistics()
+    async with open_viewer(server.ws_url) as viewer:
+        for sid in ("demo-1", "demo-2", "demo-3"):
+            await (await viewer.play(sid)).wait_frames(3)
+        busy = server.services.statistics()
+        assert (busy.open_peer_connections, busy.sources_running, busy.viewers) == (3, 3, 3)
+    await wait_until(
+        server,
+        lambda: (
+            (s := server.services.statistics()).open_sockets == 0
+            and s.open_peer_connections == 0
+            and s.sources_running == 0
+        ),
+    )
+    after = server.services.statistics()
+    assert (after.open_sessions, after.viewers) == (0, 0)
+    assert after.tasks == baseline.tasks
+    for stream in server.services.registry:
+        assert stream.fanout.subscriber_count == 0
+
+
+async def test_legacy_offer_with_stream_id_only_in_the_payload(start_server: StartServer) -> None:
+    server = await start_server()
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1", legacy=True)
+        await played.wait_frames(5)
+        answer = next(m for m in viewer.messages if m["type"] == "answer")
+        assert answer["streamId"] == "demo-1"
+        assert answer["payload"].startswith("v=0")
+
+
+async def test_trickled_browser_candidates_are_applied(start_server: StartServer) -> None:
+    server = await start_server()
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1", trickle=True)
+        await played.wait_frames(5)
+        assert not [m for m in viewer.messages if m["type"] == "error"]
+
+
+async def test_a_new_offer_for_a_playing_stream_replaces_its_session(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+    async with open_viewer(server.ws_url) as viewer:
+        first = await viewer.play("demo-1", session_id="one")
+        await first.wait_frames(3)
+        second = await viewer.play("demo-1", session_id="two")
+        await second.wait_frames(10)
+        await wait_until(server, lambda: server.services.statistics().open_peer_connections == 1)
+        answers = [m for m in viewer.messages if m["type"] == "answer"]
+        assert [m.get("sessionId") for m in answers] == ["one", "two"]
+
+
+async def test_on_demand_stream_starts_on_first_offer_and_stops_after_the_grace_period(
+    start_server: StartServer,
+) -> None:
+    grace = 1.0
+    server = await start_server(make_config(DEMO_STREAMS, media={"on_demand_grace": grace}))
+    stream = server.services.registry.get("demo-1")
+    assert stream is not None
+    assert not stream.source_running and stream.state == "stopped"
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1")
+        await played.wait_frames(3)
+        assert stream.source_running and stream.state == "live"
+        states = [m["payload"]["state"] for m in viewer.messages if m["type"] == "state"]
+        assert states[-1] == "live"
+        await viewer.stop("demo-1")
+        await wait_until(server, lambda: stream.viewers == 0)
+        left = trio.current_time()
+        assert stream.source_running  # still within the grace period
+        await wait_until(server, lambda: not stream.source_running)
+        assert trio.current_time() - left >= grace * 0.9
+        assert stream.state == "stopped"
+
+
+async def test_a_viewer_returning_within_the_grace_period_keeps_the_source(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS, media={"on_demand_grace": 30}))
+    stream = server.services.registry.get("demo-1")
+    assert stream is not None
+    async with open_viewer(server.ws_url) as viewer:
+        await (await viewer.play("demo-1")).wait_frames(3)
+        published = stream.fanout.statistics().published_frames
+        await viewer.stop("demo-1")
+        await wait_until(server, lambda: stream.viewers == 0)
+        played = await viewer.play("demo-1")
+        await played.wait_frames(3)
+    # The same source run went on: its frame count never restarted.
+    assert stream.fanout.statistics().published_frames > published
+
+
+async def test_always_on_stream_runs_from_server_start(start_server: StartServer) -> None:
+    streams = [dict(DEMO_STREAMS[0], on_demand=False)]
+    server = await start_server(make_config(streams))
+    stream = server.services.registry.get("demo-1")
+    assert stream is not None
+    await wait_until(server, lambda: stream.state == "live")
+    assert stream.viewers == 0 and stream.source_running

@@ -275,15 +275,6 @@ def state(
     return encode("state", stream_id, payload, sessionId=session_id)
 
 
-def closed(
-    stream_id: str, reason: str, code: str | None = None, session_id: str | None = None
-) -> str:
-    payload: dict[str, Any] = {"reason": reason}
-    if code:
-        payload["code"] = code
-    return encode("closed", stream_id, payload, sessionId=session_id)
-
-
 def pong(payload: Any) -> str:
     return encode("pong", None, payload)
 

@@ -210,3 +210,60 @@ async def test_always_on_stream_runs_from_server_start(start_server: StartServer
     assert stream is not None
     await wait_until(server, lambda: stream.state == "live")
     assert stream.viewers == 0 and stream.source_running
+
+
+async def test_mjpeg_camera_is_transcoded_once_for_all_its_viewers(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config([{"id": "mjpeg", "source": camera.url("/mjpeg")}]))
+    async with open_viewer(server.ws_url) as first, open_viewer(server.ws_url) as second:
+        streams = [await first.play("mjpeg"), await second.play("mjpeg")]
+        for played in streams:
+            await played.wait_frames(10)
+            assert played.sizes == {(640, 360)}
+    stats = server.services.registry.get("mjpeg").statistics()  # type: ignore[union-attr]
+    assert stats.encoders_opened == 1
+    assert stats.codec == "h264 (encoded once from mjpeg)"
+
+
+async def test_a_camera_that_never_answers_goes_offline_without_blocking_anything(
+    start_server: StartServer,
+) -> None:
+    # A "camera" that accepts the connection and then says nothing at all.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lambda stream: _hold(stream, accepted), listeners)
+        config = make_config(
+            [{"id": "dead", "source": f"rtsp://127.0.0.1:{port}/x"}, DEMO_STREAMS[0]],
+            media={
+                "open_timeout": 1,
+                "read_timeout": 1,
+                "retry_initial_delay": 0.5,
+                "retry_max_delay": 1,
+            },
+        )
+        server = await start_server(config)
+        async with open_viewer(server.ws_url) as viewer:
+            playing = await viewer.play("demo-1")
+            await viewer.play("dead")  # answered at once; media follows when the camera does
+            offline = await viewer.wait_for(
+                lambda m: (
+                    m["type"] == "state"
+                    and m["streamId"] == "dead"
+                    and m["payload"]["state"] == "offline"
+                )
+            )
+            assert "retrying" in offline["payload"]["detail"]
+            await playing.wait_frames(25)
+        stream = server.services.registry.get("dead")
+        assert stream is not None and stream.statistics().last_error
+        nursery.cancel_scope.cancel()
+    assert accepted  # the server did try the camera
+
+
+async def _hold(stream: trio.SocketStream, accepted: list[trio.SocketStream]) -> None:
+    accepted.append(stream)
+    async with stream:
+        await trio.sleep_forever()

@@ -79,6 +79,10 @@ class Subscriber:
         return self._frames.popleft()
 
     @property
+    def queued_frames(self) -> int:
+        return len(self._frames)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -254,8 +254,9 @@ class ViewerTrack(MediaStreamTrack):
         while True:
             frame = self._subscriber.get_nowait()
             if frame is not None:
-                # While catching up through a cached GOP, let other peers send between frames.
-                await asyncio.sleep(0)
+                if self._subscriber.queued_frames:
+                    # Catching up through a cached GOP: let other peers send between frames.
+                    await asyncio.sleep(0)
                 return frame
             if self._subscriber.closed or self.readyState != "live":
                 raise MediaStreamError

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Install everything the tests need (Debian packages included) and run the whole suite:
+# Python unit, integration and browser tests, the JavaScript unit tests, lint and types.
+# Debian 12, as root (or with sudo). Extra arguments go to pytest.
+set -eu
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+# Debian packages:
+#   chromium                     the real browser for the end-to-end tests
+#   ffmpeg                       test media files
+#   python3-gi, gir1.2-gst-rtsp-server-1.0, gstreamer1.0-*
+#                                the real RTSP camera (GStreamer's RTSP server, test patterns,
+#                                x264enc in -ugly, avenc_aac in -libav)
+#   nodejs                       the JavaScript unit tests (node --test)
+#   python3-venv                 the virtual environment
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+    python3-venv chromium ffmpeg nodejs \
+    python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools \
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+    gstreamer1.0-plugins-ugly gstreamer1.0-libav
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[dev]'
+
+.venv/bin/python -m pytest "$@"
+if ls tests/js/*.test.js >/dev/null 2>&1; then
+    node --test tests/js/
+fi
+.venv/bin/ruff check src tests
+.venv/bin/ruff format --check src tests
+.venv/bin/mypy

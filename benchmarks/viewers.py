@@ -3,9 +3,10 @@
     python benchmarks/viewers.py WS_URL STREAM_ID COUNT [--sockets one|each]
 
 Prints ``READY`` once every viewer's peer is connected, then answers each line on stdin
-("stats") with one JSON line: packets and bytes received and lost, summed over viewers.
-Quits when stdin closes. ``--sockets each`` (default) gives each viewer its own socket, as separate tabs do;
-``one`` puts them all on one socket, which needs as many stream ids (a session per stream).
+("stats") with one JSON line: packets received and lost, summed over viewers. Quits when
+stdin closes. ``--sockets each`` (default) gives each viewer its own socket, as separate tabs
+do; ``one`` puts them all on one socket (which needs one stream id per viewer: a socket has
+one session per stream).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 #   python3-venv                 the virtual environment
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    python3-venv chromium ffmpeg nodejs \
+    python3-venv chromium ffmpeg \
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
     gstreamer1.0-plugins-ugly gstreamer1.0-libav
@@ -24,11 +24,11 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]'
+# Node.js for the JavaScript unit tests: Debian's if none is installed yet (any 18+ works).
+command -v node >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nodejs
 
 .venv/bin/python -m pytest "$@"
-if ls tests/js/*.test.js >/dev/null 2>&1; then
-    node --test tests/js/
-fi
-.venv/bin/ruff check src tests
-.venv/bin/ruff format --check src tests
+node --test tests/js/
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy

@@ -85,6 +85,10 @@ def create_app(services: Services) -> QuartTrio:
     async def index() -> Any:
         return redirect("/static/dashboard.html")
 
+    @app.route("/favicon.ico")
+    async def favicon() -> Any:
+        return redirect("/static/favicon.svg")
+
     @app.route("/healthz")
     async def healthz() -> Any:
         return jsonify({"status": "ok"})

@@ -8,7 +8,7 @@ import os
 import trio_asyncio
 from aiortc import RTCPeerConnection, RTCRtpSender
 
-from conftest import StartServer
+from support.servers import StartServer
 from support.viewer import Viewer, open_viewer
 
 SDP_HEAD = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"

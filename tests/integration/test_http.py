@@ -8,8 +8,8 @@ import re
 
 import trio
 
-from conftest import StartServer, make_config
 from support.http import get, request
+from support.servers import StartServer, make_config
 
 
 async def test_healthz(start_server: StartServer) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import trio
 
-from conftest import StartServer
 from support.http import get
+from support.servers import StartServer
 from support.viewer import open_viewer
 
 MEDIASTREAM = [sys.executable, "-m", "mediastream"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import trio
 
-from conftest import DEMO_STREAMS, Camera, StartServer, make_config
 from mediastream.config import default_config
 from mediastream.server import RunningServer
 from support.h264 import file_slices, rtsp_slices, slices_of
 from support.http import get
+from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
 from support.viewer import open_viewer
 
 
@@ -147,6 +147,21 @@ async def test_trickled_browser_candidates_are_applied(start_server: StartServer
         played = await viewer.play("demo-1", trickle=True)
         await played.wait_frames(5)
         assert not [m for m in viewer.messages if m["type"] == "error"]
+
+
+async def test_a_browser_offering_only_mdns_candidates_still_connects(
+    start_server: StartServer,
+) -> None:
+    # Chrome hides its addresses behind mDNS names, then signals end-of-candidates. The server
+    # skips those names and must still connect through the browser's own checks.
+    server = await start_server()
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1", trickle=True, mdns_only=True)
+        await played.wait_frames(5)
+        (connection,) = server.services.hub._connections
+        # Connected on the server's side too, not merely sending before ICE gives up.
+        await wait_until(server, lambda: connection.sessions["demo-1"].phase.value == "connected")
+        assert [m for m in viewer.messages if m["type"] == "error"] == []
 
 
 async def test_a_new_offer_for_a_playing_stream_replaces_its_session(

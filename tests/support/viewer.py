@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -133,8 +134,13 @@ class Viewer:
         trickle: bool = False,
         session_id: str | None = None,
         capture: bool = False,
+        mdns_only: bool = False,
     ) -> PlayedStream:
-        """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``."""
+        """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``.
+
+        ``trickle`` sends the candidates as ``ice`` messages, as browsers do; ``mdns_only``
+        (with it) disguises every host address as an mDNS name, as Chrome does.
+        """
         pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
         transceiver = pc.addTransceiver("video", direction="recvonly")
         played = PlayedStream(stream_id, pc)
@@ -158,30 +164,18 @@ class Viewer:
             message["streamId"] = stream_id
         start = len(self.messages)
         await self.send(message)
-        for candidate in candidates:
-            await self.send(
-                {
-                    "type": "ice",
-                    "streamId": stream_id,
-                    "payload": {
-                        "candidate": f"candidate:{candidate}",
-                        "sdpMid": "0",
-                        "sdpMLineIndex": 0,
-                    },
-                }
-            )
-        if trickle:
-            await self.send(
-                {
-                    "type": "ice",
-                    "streamId": stream_id,
-                    "payload": {"candidate": "", "sdpMid": "0", "sdpMLineIndex": 0},
-                }
-            )
+        if not mdns_only:
+            await self._trickle(stream_id, candidates, end=trickle)
         reply = await self.wait_for(
             lambda m: m.get("streamId") == stream_id and m.get("type") in ("answer", "error"),
             after=start,
         )
+        if mdns_only and reply["type"] == "answer":
+            # Like a loaded browser: its names and end-of-candidates reach the server before
+            # any of its connectivity checks (which start with setRemoteDescription below).
+            await self._trickle(stream_id, [_as_mdns(c) for c in candidates], end=True)
+            for _ in range(2):
+                await self.request({"type": "ping"}, None, ("pong",))
         if reply["type"] == "error":
             await trio_asyncio.aio_as_trio(pc.close)()
             raise SignalingFailed(reply)
@@ -191,6 +185,21 @@ class Viewer:
         self.streams[stream_id] = played
         self._nursery.start_soon(self._decode, played, transceiver.receiver.track)
         return played
+
+    async def _trickle(self, stream_id: str, candidates: list[str], *, end: bool) -> None:
+        where = {"sdpMid": "0", "sdpMLineIndex": 0}
+        for candidate in candidates:
+            await self.send(
+                {
+                    "type": "ice",
+                    "streamId": stream_id,
+                    "payload": {"candidate": f"candidate:{candidate}", **where},
+                }
+            )
+        if end:
+            await self.send(
+                {"type": "ice", "streamId": stream_id, "payload": {"candidate": "", **where}}
+            )
 
     async def stop(self, stream_id: str) -> None:
         """``close`` the stream on the server and close our peer."""
@@ -226,6 +235,12 @@ class Viewer:
         with trio.CancelScope(shield=True):
             for played in self.streams.values():
                 await trio_asyncio.aio_as_trio(played.pc.close)()
+
+
+def _as_mdns(candidate: str) -> str:
+    fields = candidate.split()
+    fields[4] = f"{uuid.uuid4()}.local"
+    return " ".join(fields)
 
 
 async def _new_peer_connection() -> RTCPeerConnection:

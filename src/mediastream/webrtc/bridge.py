@@ -197,6 +197,12 @@ class PeerConnection:
             SignalingError: ``invalid_candidate`` for a candidate aiortc can't parse.
         """
         if ice.candidate is None:
+            if self._ignore_mdns:
+                # The browser's reachable address may only ever show up through its own
+                # connectivity checks (its host candidates are mDNS names we skip). Telling
+                # aioice "no more candidates" would let it declare failure before those checks
+                # arrive; without it, a dead peer is caught by the negotiation timeout.
+                return False
             await trio_asyncio.aio_as_trio(self._pc.addIceCandidate)(None)
             return True
         text = ice.candidate.strip()

@@ -1,1 +1,549 @@
-// placeholder
+// @ts-check
+/**
+ * MediaStream — the page's one signaling socket, shared by every stream on the page.
+ *
+ * Load it before webrtc-engine.js:
+ *   <script src="/static/js/websocket-manager.js"></script>
+ *   <script src="/static/js/webrtc-engine.js"></script>
+ *
+ * Every stream registers its handlers under its streamId; incoming messages are routed by
+ * streamId, then by type. Messages for a stream nobody registered are logged, never thrown.
+ * The protocol is documented in docs/protocol.md.
+ *
+ * No build step, no dependencies: a plain script that defines `WebSocketManager` on the page
+ * (and exports it under Node for the unit tests).
+ */
+(function (root) {
+  'use strict';
+
+  /** @typedef {'debug'|'info'|'warn'|'error'|'silent'} LogLevel */
+  /** @typedef {{type: string, streamId: string|null, payload?: any, code?: string, sessionId?: string}} Message */
+  /**
+   * Handlers of one stream. Each key is a message type (`answer`, `ice`, `state`, `error`) or
+   * its `on`-prefixed form (`onAnswer`…); `onReconnect` is called after the socket came back,
+   * so the stream can negotiate again.
+   * @typedef {{[name: string]: ((message: any, raw?: Message) => void) | undefined}} StreamHandlers
+   */
+  /**
+   * @typedef {object} ManagerOptions
+   * @property {string} [url] signaling URL; default: the page's own origin + /ws (ws: or wss:)
+   * @property {string} [token] sent as the `token` query parameter (browsers can't set headers)
+   * @property {LogLevel} [logLevel]
+   * @property {number} [pingInterval] ms between latency pings while connected (default 10000)
+   * @property {number} [maxQueue] messages kept while disconnected (default 1000)
+   * @property {any} [WebSocket] WebSocket implementation (tests inject a fake)
+   * @property {{setTimeout: Function, clearTimeout: Function, now: () => number}} [clock]
+   * @property {() => number} [random]
+   */
+
+  const LEVELS = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 };
+  /** Messages that must not wait behind routine ones (negotiation in flight). */
+  const URGENT_TYPES = new Set(['offer', 'ice', 'close']);
+  const RECONNECT_BASE_MS = 1000;
+  const RECONNECT_CAP_MS = 30000;
+  const RECONNECT_JITTER = 0.2; // up to +20 % of the delay, so pages don't reconnect in lockstep
+  const OPEN = 1;
+
+  /** @type {WebSocketManager|null} */
+  let instance = null;
+
+  /**
+   * A log level chosen on the page itself: `?mediastreamLog=debug` in its URL, or
+   * `localStorage.mediastreamLog = 'debug'` — so debugging needs no code change.
+   * @returns {LogLevel|null}
+   */
+  function storedLogLevel() {
+    try {
+      const fromUrl = root.location && new URLSearchParams(root.location.search).get('mediastreamLog');
+      const level = fromUrl || (root.localStorage && root.localStorage.getItem('mediastreamLog'));
+      return level && level in LEVELS ? /** @type {LogLevel} */ (level) : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
+  class WebSocketManager {
+    /** @type {WebSocket|null} the page's one signaling socket */
+    ws = null;
+    /** @type {Map<string, StreamHandlers>} handlers of each registered stream */
+    streamHandlers = new Map();
+    /** @type {Map<string, Set<Function>>} page-wide event listeners, by event name */
+    globalHandlers = new Map();
+    /** whether the socket is open */
+    connected = false;
+    /** whether the socket was lost and is being reopened */
+    reconnecting = false;
+    /** a short random id, logged, to confirm every stream shares one manager */
+    instanceId = Math.random().toString(36).slice(2, 8);
+    /** @type {{server?: string, version?: string, connectionId?: string, iceServers?: RTCIceServer[]}} */
+    serverInfo = {};
+
+    /** @type {string|undefined} */ #url;
+    /** @type {string|undefined} */ #token;
+    /** @type {LogLevel} */ #logLevel = 'warn';
+    #pingInterval = 10000;
+    #maxQueue = 1000;
+    /** @type {any} */ #WebSocket;
+    /** @type {{setTimeout: Function, clearTimeout: Function, now: () => number}} */ #clock;
+    /** @type {() => number} */ #random;
+    /** @type {Promise<void>|null} */ #connecting = null;
+    /** @type {Message[]} */ #urgent = [];
+    /** @type {Message[]} */ #routine = [];
+    #wanted = false; // the page wants a socket (not disconnected on purpose)
+    #attempt = 0;
+    /** @type {any} */ #reconnectTimer = null;
+    /** @type {any} */ #pingTimer = null;
+    #connectedAt = 0;
+    #messagesSent = 0;
+    #messagesReceived = 0;
+    /** @type {number[]} */ #latencies = [];
+    #nextPing = 1;
+    /** @type {Map<number, number>} */ #pendingPings = new Map();
+
+    /** @param {ManagerOptions} [options] */
+    constructor(options = {}) {
+      this.#WebSocket = options.WebSocket || root.WebSocket;
+      this.#clock = options.clock || {
+        setTimeout: (/** @type {Function} */ fn, /** @type {number} */ ms) => setTimeout(fn, ms),
+        clearTimeout: (/** @type {any} */ id) => clearTimeout(id),
+        now: () => Date.now(),
+      };
+      this.#random = options.random || Math.random;
+      this.#logLevel = storedLogLevel() || 'warn';
+      this.configure(options);
+      this.#log('debug', `WebSocketManager instance ${this.instanceId} created`);
+    }
+
+    /**
+     * The page's one manager, created on first use.
+     * @param {ManagerOptions} [options] used on creation; later calls may pass url/token/logLevel
+     * @returns {WebSocketManager}
+     */
+    static getInstance(options) {
+      if (!instance) {
+        instance = new WebSocketManager(options);
+      } else if (options) {
+        instance.configure(options);
+      }
+      return instance;
+    }
+
+    /** Forget the page's instance (tests only). */
+    static resetInstance() {
+      if (instance) instance.disconnect();
+      instance = null;
+    }
+
+    /**
+     * The reconnect delay before attempt `attempt` (0-based): min(1000·2^n, 30000) ms, plus
+     * up to 20 % jitter.
+     * @param {number} attempt
+     * @param {() => number} [random]
+     */
+    static backoffDelay(attempt, random = Math.random) {
+      const base = Math.min(RECONNECT_BASE_MS * 2 ** attempt, RECONNECT_CAP_MS);
+      return Math.round(base * (1 + RECONNECT_JITTER * random()));
+    }
+
+    /** @param {ManagerOptions} options */
+    configure(options) {
+      if (options.url) this.#url = options.url;
+      if (options.token !== undefined) this.#token = options.token;
+      if (options.logLevel) this.setLogLevel(options.logLevel);
+      if (options.pingInterval !== undefined) this.#pingInterval = options.pingInterval;
+      if (options.maxQueue !== undefined) this.#maxQueue = options.maxQueue;
+    }
+
+    /** @param {LogLevel} level 'debug' shows the routing; the default 'warn' keeps quiet */
+    setLogLevel(level) {
+      if (!(level in LEVELS)) throw new Error(`Unknown log level "${level}"`);
+      this.#logLevel = level;
+    }
+
+    /** @returns {LogLevel} */
+    getLogLevel() {
+      return this.#logLevel;
+    }
+
+    /**
+     * Open the socket, or reuse it. Resolves once it is open.
+     * @param {{url?: string, token?: string}} [options]
+     * @returns {Promise<void>}
+     */
+    connect(options = {}) {
+      this.configure(options);
+      this.#wanted = true;
+      if (this.connected) {
+        this.#log('debug', `instance ${this.instanceId}: reusing the existing socket`);
+        return Promise.resolve();
+      }
+      if (this.#connecting) {
+        this.#log('debug', `instance ${this.instanceId}: reusing the socket being opened`);
+        return this.#connecting;
+      }
+      this.#connecting = this.#open().finally(() => {
+        this.#connecting = null;
+      });
+      return this.#connecting;
+    }
+
+    /** Close the socket on purpose: no reconnect. Idempotent. */
+    disconnect() {
+      this.#wanted = false;
+      this.reconnecting = false;
+      this.#attempt = 0;
+      if (this.#reconnectTimer !== null) {
+        this.#clock.clearTimeout(this.#reconnectTimer);
+        this.#reconnectTimer = null;
+      }
+      this.#stopPings();
+      const ws = this.ws;
+      this.ws = null;
+      this.#urgent = [];
+      this.#routine = [];
+      if (ws) {
+        ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+        try {
+          ws.close(1000, 'page closed its streams');
+        } catch (_) {
+          /* already closed */
+        }
+      }
+      if (this.connected) {
+        this.connected = false;
+        this.#log('info', `instance ${this.instanceId}: socket closed`);
+        this.emit('disconnected', { code: 1000, reason: 'disconnect()', willReconnect: false });
+      }
+    }
+
+    isConnected() {
+      return this.connected;
+    }
+
+    /**
+     * Send one message now, or queue it until the socket is open. Offers, ICE candidates and
+     * closes go ahead of routine messages.
+     * @param {string} type
+     * @param {string|null} streamId
+     * @param {any} [payload]
+     * @returns {boolean} true if sent now, false if queued
+     */
+    send(type, streamId, payload) {
+      this.#enqueue({ type, streamId, payload });
+      return this.#flush() > 0;
+    }
+
+    /**
+     * Send several messages in one go (urgent ones first).
+     * @param {{type: string, streamId?: string|null, payload?: any}[]} messages
+     * @returns {number} how many went out now
+     */
+    sendBatch(messages) {
+      for (const m of messages) this.#enqueue({ type: m.type, streamId: m.streamId ?? null, payload: m.payload });
+      return this.#flush();
+    }
+
+    /**
+     * Route this stream's messages to `handlers`.
+     * @param {string} streamId
+     * @param {StreamHandlers} handlers
+     */
+    registerStream(streamId, handlers) {
+      this.streamHandlers.set(streamId, handlers);
+      this.#log(
+        'debug',
+        `instance ${this.instanceId}: stream ${streamId} registered; streams managed: ${this.streamHandlers.size}`,
+      );
+      this.emit('streamRegistered', { streamId, streams: this.streamHandlers.size });
+    }
+
+    /**
+     * Stop routing this stream, and end its session on the server. When the last stream
+     * leaves, the socket is closed.
+     * @param {string} streamId
+     */
+    unregisterStream(streamId) {
+      if (!this.streamHandlers.delete(streamId)) return;
+      if (this.connected) this.send('close', streamId);
+      this.#log(
+        'debug',
+        `instance ${this.instanceId}: stream ${streamId} unregistered; streams managed: ${this.streamHandlers.size}`,
+      );
+      this.emit('streamUnregistered', { streamId, streams: this.streamHandlers.size });
+      if (this.streamHandlers.size === 0) {
+        this.#log('info', `instance ${this.instanceId}: last stream left, closing the socket`);
+        this.disconnect();
+      }
+    }
+
+    /**
+     * Listen to a page-wide event: connected, disconnected, reconnecting, reconnected,
+     * welcome, message, error, unknownStream, streamRegistered, streamUnregistered.
+     * @param {string} event
+     * @param {Function} callback
+     * @returns {() => void} removes the listener
+     */
+    on(event, callback) {
+      let set = this.globalHandlers.get(event);
+      if (!set) this.globalHandlers.set(event, (set = new Set()));
+      set.add(callback);
+      return () => this.off(event, callback);
+    }
+
+    /** @param {string} event @param {Function} callback */
+    off(event, callback) {
+      this.globalHandlers.get(event)?.delete(callback);
+    }
+
+    /** @param {string} event @param {any} [data] */
+    emit(event, data) {
+      for (const callback of [...(this.globalHandlers.get(event) || [])]) {
+        try {
+          callback(data);
+        } catch (error) {
+          this.#log('error', `listener of "${event}" failed:`, error);
+        }
+      }
+    }
+
+    /** @returns {{messagesSent: number, messagesReceived: number, averageLatency: number|null, uptime: number, streamsActive: number}} */
+    getMetrics() {
+      const latencies = this.#latencies;
+      return {
+        messagesSent: this.#messagesSent,
+        messagesReceived: this.#messagesReceived,
+        averageLatency: latencies.length
+          ? Math.round((latencies.reduce((a, b) => a + b, 0) / latencies.length) * 10) / 10
+          : null,
+        uptime: this.connected ? this.#clock.now() - this.#connectedAt : 0,
+        streamsActive: this.streamHandlers.size,
+      };
+    }
+
+    /** Measure the round trip once now (also done every pingInterval while connected). */
+    ping() {
+      const id = this.#nextPing++;
+      this.#pendingPings.set(id, this.#clock.now());
+      if (this.#pendingPings.size > 10) this.#pendingPings.delete(this.#pendingPings.keys().next().value);
+      this.send('ping', null, { id });
+    }
+
+    // --- internals -------------------------------------------------------------------------
+
+    /** @returns {Promise<void>} */
+    #open() {
+      return new Promise((resolve, reject) => {
+        const url = this.#socketUrl();
+        this.#log('debug', `instance ${this.instanceId}: opening ${url.replace(/token=[^&]*/, 'token=***')}`);
+        /** @type {WebSocket} */
+        let ws;
+        try {
+          ws = new this.#WebSocket(url);
+        } catch (error) {
+          reject(error);
+          return;
+        }
+        this.ws = ws;
+        let opened = false;
+        ws.onopen = () => {
+          opened = true;
+          const wasReconnecting = this.reconnecting;
+          this.connected = true;
+          this.reconnecting = false;
+          this.#attempt = 0;
+          this.#connectedAt = this.#clock.now();
+          this.#log('info', `instance ${this.instanceId}: socket connected`);
+          if (wasReconnecting) {
+            // Queued while the socket was down: they belong to sessions the server forgot.
+            // Every stream negotiates afresh just below.
+            this.#urgent = [];
+            this.#routine = [];
+          }
+          this.#flush();
+          this.#startPings();
+          this.emit('connected', { url, reconnected: wasReconnecting });
+          if (wasReconnecting) this.#renegotiateAll();
+          resolve();
+        };
+        ws.onmessage = (event) => this.#receive(event.data);
+        ws.onerror = () => {
+          this.emit('error', { message: 'WebSocket error', url });
+        };
+        ws.onclose = (event) => {
+          if (this.ws !== ws) return;
+          this.ws = null;
+          const wasConnected = this.connected;
+          this.connected = false;
+          this.#stopPings();
+          this.#pendingPings.clear();
+          const willReconnect = this.#wanted && this.streamHandlers.size > 0;
+          if (wasConnected) {
+            this.#log('warn', `instance ${this.instanceId}: socket closed (${event.code} ${event.reason || ''})`);
+            this.emit('disconnected', { code: event.code, reason: event.reason, willReconnect });
+          }
+          if (!opened) reject(new Error(`Could not open the signaling socket ${url} (${event.code})`));
+          if (willReconnect) this.#scheduleReconnect();
+        };
+      });
+    }
+
+    #socketUrl() {
+      let url = this.#url;
+      if (!url) {
+        const location = root.location;
+        if (!location) throw new Error('WebSocketManager needs a url outside a browser page');
+        url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+      }
+      if (this.#token) {
+        url += `${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(this.#token)}`;
+      }
+      return url;
+    }
+
+    #scheduleReconnect() {
+      if (this.#reconnectTimer !== null) return;
+      this.reconnecting = true;
+      const delay = WebSocketManager.backoffDelay(this.#attempt, this.#random);
+      this.#attempt += 1;
+      this.#log('info', `instance ${this.instanceId}: reconnecting in ${delay} ms (attempt ${this.#attempt})`);
+      this.emit('reconnecting', { attempt: this.#attempt, delay });
+      this.#reconnectTimer = this.#clock.setTimeout(() => {
+        this.#reconnectTimer = null;
+        if (!this.#wanted || this.streamHandlers.size === 0) {
+          this.reconnecting = false;
+          return;
+        }
+        this.#open().catch(() => {
+          /* onclose has scheduled the next attempt */
+        });
+      }, delay);
+    }
+
+    #renegotiateAll() {
+      this.emit('reconnected', { streams: this.streamHandlers.size });
+      for (const [streamId, handlers] of this.streamHandlers) {
+        const renegotiate = handlers.onReconnect || handlers.reconnect;
+        if (!renegotiate) continue;
+        try {
+          renegotiate({ streamId });
+        } catch (error) {
+          this.#log('error', `stream ${streamId}: renegotiation failed to start:`, error);
+        }
+      }
+    }
+
+    /** @param {Message} message */
+    #enqueue(message) {
+      const queue = URGENT_TYPES.has(message.type) ? this.#urgent : this.#routine;
+      queue.push(message);
+      const total = this.#urgent.length + this.#routine.length;
+      if (total > this.#maxQueue) {
+        // Routine messages are the ones worth losing; urgent ones only as a last resort.
+        const dropped = this.#routine.length ? this.#routine.shift() : this.#urgent.shift();
+        this.#log('warn', `outgoing queue full (${this.#maxQueue}); dropped a "${dropped?.type}" message`);
+      }
+    }
+
+    /** @returns {number} messages sent */
+    #flush() {
+      const ws = this.ws;
+      if (!ws || ws.readyState !== OPEN) return 0;
+      let sent = 0;
+      while (this.#urgent.length || this.#routine.length) {
+        const message = /** @type {Message} */ (this.#urgent.length ? this.#urgent.shift() : this.#routine.shift());
+        ws.send(JSON.stringify(message));
+        this.#messagesSent += 1;
+        sent += 1;
+        this.#log('debug', `→ ${message.type} ${message.streamId ?? ''}`);
+      }
+      return sent;
+    }
+
+    /** @param {any} data */
+    #receive(data) {
+      this.#messagesReceived += 1;
+      /** @type {Message} */
+      let message;
+      try {
+        message = JSON.parse(data);
+      } catch (error) {
+        this.#log('warn', 'ignoring a message that is not JSON');
+        return;
+      }
+      if (!message || typeof message !== 'object' || typeof message.type !== 'string') {
+        this.#log('warn', 'ignoring a message without a type');
+        return;
+      }
+      this.#log('debug', `← ${message.type} ${message.streamId ?? ''}`);
+      this.emit('message', message);
+      if (message.streamId === null || message.streamId === undefined) {
+        this.#receiveGlobal(message);
+        return;
+      }
+      const handlers = this.streamHandlers.get(message.streamId);
+      if (!handlers) {
+        this.#log('debug', `no stream "${message.streamId}" registered for a "${message.type}" message`);
+        this.emit('unknownStream', message);
+        return;
+      }
+      const name = message.type;
+      const handler = handlers[name] || handlers[`on${name[0]?.toUpperCase()}${name.slice(1)}`];
+      if (!handler) {
+        this.#log('debug', `stream ${message.streamId} has no "${name}" handler`);
+        return;
+      }
+      try {
+        handler(message.payload, message);
+      } catch (error) {
+        this.#log('error', `stream ${message.streamId}: "${name}" handler failed:`, error);
+      }
+    }
+
+    /** @param {Message} message */
+    #receiveGlobal(message) {
+      if (message.type === 'welcome') {
+        this.serverInfo = message.payload || {};
+        this.#log('debug', `instance ${this.instanceId}: server connection ${this.serverInfo.connectionId}`);
+        this.emit('welcome', this.serverInfo);
+      } else if (message.type === 'pong') {
+        const sentAt = this.#pendingPings.get(message.payload?.id);
+        if (sentAt !== undefined) {
+          this.#pendingPings.delete(message.payload.id);
+          this.#latencies.push(this.#clock.now() - sentAt);
+          if (this.#latencies.length > 20) this.#latencies.shift();
+        }
+      } else if (message.type === 'error') {
+        this.#log('warn', `server error: ${message.payload} (${message.code})`);
+        this.emit('error', { message: message.payload, code: message.code });
+      }
+    }
+
+    #startPings() {
+      this.#stopPings();
+      if (!this.#pingInterval) return;
+      const tick = () => {
+        this.ping();
+        this.#pingTimer = this.#clock.setTimeout(tick, this.#pingInterval);
+      };
+      tick();
+    }
+
+    #stopPings() {
+      if (this.#pingTimer !== null) {
+        this.#clock.clearTimeout(this.#pingTimer);
+        this.#pingTimer = null;
+      }
+    }
+
+    /** @param {LogLevel} level @param {...any} args */
+    #log(level, ...args) {
+      if (LEVELS[level] < LEVELS[this.#logLevel]) return;
+      const method = level === 'debug' ? 'log' : level;
+      // eslint-disable-next-line no-console
+      (console[/** @type {'log'|'info'|'warn'|'error'} */ (method)] || console.log)('[MediaStream]', ...args);
+    }
+  }
+
+  root.WebSocketManager = WebSocketManager;
+  if (typeof module === 'object' && module.exports) module.exports = { WebSocketManager };
+})(typeof window !== 'undefined' ? window : globalThis);

@@ -1,0 +1,272 @@
+"""The three pages and the migration example, in real headless Chromium, against the real
+server: one WebSocket per page, every video decoding, state and stats shown."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+from playwright.sync_api import Browser, Page
+
+from mediastream.server import RunningServer
+from support.browser import (
+    ALL_VIDEOS_PLAYING,
+    PageWatch,
+    get_json,
+    in_browser,
+    wait_until_decoding_more,
+)
+from support.servers import DEMO_STREAMS, StartServer, make_config
+
+
+async def test_multi_stream_page_flow_over_exactly_one_websocket(start_server: StartServer) -> None:
+    server = await start_server()
+
+    def scenario(browser: Browser) -> dict[str, object]:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/test-multi-stream.html")
+        assert page.inner_text("#ws-status") == "waiting"
+        assert page.locator(".stream-card").count() == 0
+        assert {s["state"] for s in get_json(f"{server.url}/api/streams")["streams"]} == {"stopped"}
+
+        page.click("#connect-all")
+        page.wait_for_function(
+            "document.querySelectorAll('.stream-card').length === 3", timeout=10_000
+        )
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".stream-card video", timeout=20_000)
+        assert page.inner_text("#ws-status") == "connected"
+        wait_until_decoding_more(page, ".stream-card video")
+        # WebRTC's own counters agree: every stream's framesDecoded is rising.
+        decoded = page.evaluate(
+            """async () => {
+                const counts = {};
+                for (const [id, engine] of window.msTestPage.engines) {
+                    const report = await engine.pc.getStats();
+                    report.forEach((s) => {
+                        if (s.type === 'inbound-rtp') counts[id] = s.framesDecoded;
+                    });
+                }
+                return counts;
+            }"""
+        )
+        assert sorted(decoded) == ["demo-1", "demo-2", "demo-3"]
+        assert all(count > 10 for count in decoded.values())
+        # Live stats on every card (the engine reports them every second).
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.stream-card')].every((card) =>
+                card.querySelector('.stat-bitrate').textContent.endsWith('bps')
+                && parseInt(card.querySelector('.stat-packets').textContent) > 0
+                && card.querySelector('.stat-ice').textContent === 'connected')""",
+            timeout=10_000,
+        )
+        log = page.inner_text("#activity-log")
+        assert "WebSocket connected" in log and "demo-2: live" in log
+        # The on-demand sources started by themselves.
+        assert {s["state"] for s in get_json(f"{server.url}/api/streams")["streams"]} == {"live"}
+        assert page.inner_text("#streams-active") == "3"
+        screenshot = page.screenshot()
+
+        page.click("#disconnect-all")
+        page.wait_for_function("document.querySelectorAll('.stream-card').length === 0")
+        page.wait_for_function("document.getElementById('ws-status').dataset.state === 'closed'")
+        assert len(watch.sockets) == 1, [ws.url for ws in watch.sockets]
+        if not watch.sockets[0].is_closed():
+            watch.sockets[0].wait_for_event("close", timeout=5_000)
+        assert watch.sockets[0].is_closed()
+        assert page.evaluate("WebSocketManager.getInstance().ws") is None
+        assert watch.errors == []
+        return {"screenshot": screenshot}
+
+    result = await in_browser(scenario)
+    assert result["screenshot"]
+    with trio.fail_after(10):
+        await server.services.changes.wait_until(
+            lambda: (
+                (s := server.services.statistics()).open_sockets == 0
+                and s.open_peer_connections == 0
+            )
+        )
+
+
+def _wall_config(count: int):  # type: ignore[no-untyped-def]
+    patterns = ["testsrc2", "testsrc", "smptebars", "cellauto", "rgbtestsrc", "life"]
+    options = "size=320x180&fps=15&kbps=150&gop=30"
+    return make_config(
+        [
+            {
+                "id": f"cam-{n:02d}",
+                "name": f"Camera {n}",
+                "source": f"pattern:{patterns[n % len(patterns)]}?{options}",
+            }
+            for n in range(1, count + 1)
+        ]
+    )
+
+
+async def test_dashboard_plays_twelve_streams_over_one_websocket(start_server: StartServer) -> None:
+    server = await start_server(_wall_config(12))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/dashboard.html")
+        page.wait_for_function("document.querySelectorAll('.tile').length === 12")
+        page.wait_for_function(
+            "[...document.querySelectorAll('.tile')].every((t) => t.dataset.state === 'live')",
+            timeout=30_000,
+        )
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
+        wait_until_decoding_more(page, ".tile video")
+        assert page.evaluate("WebSocketManager.getInstance().streamHandlers.size") == 12
+        assert len(watch.sockets) == 1
+        assert page.inner_text("#summary") == "12 of 12 live"
+        # A click enlarges a tile, Escape puts it back.
+        page.click(".tile[data-stream-id='cam-05']")
+        assert page.locator(".tile.enlarged").get_attribute("data-stream-id") == "cam-05"
+        page.keyboard.press("Escape")
+        assert page.locator(".tile.enlarged").count() == 0
+        assert watch.errors == []
+
+    await in_browser(scenario)
+    assert server.services.statistics().sessions_per_socket in ((), (12,))
+
+
+async def test_dashboard_stops_hidden_tiles_and_resumes_them(start_server: StartServer) -> None:
+    server = await start_server(_wall_config(16))
+
+    def sessions() -> int:
+        return int(get_json(f"{server.url}/api/stats")["sessions"])
+
+    def state_of(page: Page, stream_id: str) -> str | None:
+        return page.locator(f".tile[data-stream-id='{stream_id}']").get_attribute("data-state")
+
+    def wait_live(page: Page, stream_id: str) -> None:
+        page.wait_for_function(
+            f"document.querySelector('.tile[data-stream-id=\"{stream_id}\"]').dataset.state"
+            " === 'live'",
+            timeout=20_000,
+        )
+
+    def scenario(browser: Browser) -> None:
+        # Room for about one row of tiles: the rows below are off screen.
+        page = browser.new_page(viewport={"width": 1300, "height": 300})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/dashboard.html")
+        page.wait_for_function("document.querySelectorAll('.tile').length === 16")
+        wait_live(page, "cam-01")
+        assert 0 < sessions() < 16
+        assert state_of(page, "cam-16") == "idle"
+        # Scrolling the last tile into view starts it; the first one, now out of view, stops.
+        page.locator(".tile[data-stream-id='cam-16']").scroll_into_view_if_needed()
+        wait_live(page, "cam-16")
+        page.wait_for_function(
+            "document.querySelector('.tile[data-stream-id=\"cam-01\"]').dataset.state === 'paused'"
+        )
+        # A hidden tab stops everything; showing it again resumes what is on screen.
+        set_tab_hidden(page, True)
+        page.wait_for_function("WebSocketManager.getInstance().streamHandlers.size === 0")
+        set_tab_hidden(page, False)
+        wait_live(page, "cam-16")
+        assert state_of(page, "cam-01") == "paused"
+        assert watch.errors == []
+
+    await in_browser(scenario)
+
+
+def set_tab_hidden(page: Page, hidden: bool) -> None:
+    """What switching to another tab (and back) tells the page."""
+    page.evaluate(
+        """(hidden) => {
+            Object.defineProperty(document, 'visibilityState',
+                {value: hidden ? 'hidden' : 'visible', configurable: true});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""",
+        hidden,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_dashboard_recovers_by_itself_when_the_server_restarts(
+    start_server: StartServer,
+) -> None:
+    port = _free_port()
+    config = make_config(DEMO_STREAMS, server={"port": port})
+    servers: list[RunningServer] = [await start_server(config)]
+    token = trio.lowlevel.current_trio_token()
+
+    async def restart() -> None:
+        servers[-1].request_shutdown()
+        await servers[-1].wait_stopped()
+        servers.append(await start_server(config))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        watch = PageWatch(page)
+        page.goto(f"http://127.0.0.1:{port}/static/dashboard.html")
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
+        trio.from_thread.run(restart, trio_token=token)
+        page.wait_for_function(
+            "[...document.querySelectorAll('.tile')].some((t) => t.dataset.state !== 'live')",
+            timeout=10_000,
+        )
+        page.wait_for_function(
+            "[...document.querySelectorAll('.tile')].every((t) => t.dataset.state === 'live')",
+            timeout=30_000,
+        )
+        wait_until_decoding_more(page, ".tile video")
+        assert len(watch.sockets) == 2  # the first, and the one that replaced it
+        assert watch.sockets[0].is_closed() and not watch.sockets[1].is_closed()
+
+    await in_browser(scenario)
+    assert servers[-1].services.statistics().open_peer_connections in (0, 3)
+
+
+async def test_viewer_page_plays_the_chosen_stream_and_switches(start_server: StartServer) -> None:
+    server = await start_server()
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page()
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/viewer.html?stream=demo-2")
+        assert page.locator("#stream-select").input_value() == "demo-2"
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
+        page.wait_for_function("document.getElementById('stats').textContent.includes('fps')")
+        page.select_option("#stream-select", "demo-3")
+        page.wait_for_function(
+            "document.getElementById('state').dataset.state === 'live'", timeout=20_000
+        )
+        wait_until_decoding_more(page, "#video")
+        assert "stream=demo-3" in page.url
+        assert len(watch.sockets) <= 2  # switching may close the idle socket and open one again
+        assert watch.errors == []
+
+    await in_browser(scenario)
+
+
+async def test_an_old_per_stream_page_works_by_adding_the_manager_script(
+    start_server: StartServer,
+) -> None:
+    streams = [
+        {"id": f"cam-{n}", "source": "pattern:testsrc?size=320x180&fps=15&kbps=150&gop=30"}
+        for n in range(1, 7)
+    ]
+    server = await start_server(make_config(streams))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        watch = PageWatch(page)
+        ids = ",".join(s["id"] for s in streams)
+        page.goto(f"{server.url}/static/examples/legacy-page.html?streams={ids}")
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg="video", timeout=30_000)
+        assert page.evaluate("WebSocketManager.getInstance().streamHandlers.size") == 6
+        assert page.evaluate("engines.length") == 6
+        assert len(watch.sockets) == 1
+        assert watch.errors == []
+
+    await in_browser(scenario)

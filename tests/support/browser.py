@@ -1,0 +1,116 @@
+"""Driving Debian's real Chromium with Playwright, from Trio tests.
+
+The server runs in the test's Trio loop; each browser scenario is a plain function run in a
+thread (Playwright's sync API), which may call back into Trio with ``trio.from_thread.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+from playwright.sync_api import Page, sync_playwright
+from trio_asyncio._loop import _faked_policy
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+T = TypeVar("T")
+
+
+def _in_browser(scenario: Callable[..., T], *args: Any) -> T:
+    # trio-asyncio replaces asyncio's loop policy process-wide, and outside Trio it hands out
+    # its own synchronous loop, which Playwright's sync API can't run on. This thread gets the
+    # standard policy back (a thread-local switch trio-asyncio keeps for exactly this).
+    _faked_policy.policy = asyncio.DefaultEventLoopPolicy()
+    if not os.path.exists(CHROMIUM):
+        raise RuntimeError(
+            f"{CHROMIUM} is missing: install Debian's chromium (scripts/test.sh does)"
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            return scenario(browser, *args)
+        finally:
+            browser.close()
+
+
+async def in_browser(scenario: Callable[..., T], *args: Any) -> T:
+    """Run ``scenario(browser, *args)`` with a fresh headless Chromium, in its own thread.
+
+    A plain thread, not one of Trio's worker threads (trio-asyncio would take those for Trio
+    itself). The scenario calls back into Trio with ``trio.from_thread.run(fn, trio_token=…)``.
+    """
+    token = trio.lowlevel.current_trio_token()
+    outcome: dict[str, Any] = {}
+    finished = trio.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = _in_browser(scenario, *args)
+        except BaseException as error:  # handed over to the test's task below
+            outcome["error"] = error
+        finally:
+            trio.from_thread.run_sync(finished.set, trio_token=token)
+
+    threading.Thread(target=target, name="chromium scenario", daemon=True).start()
+    await finished.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+class PageWatch:
+    """What a page did: its WebSockets, console errors and uncaught exceptions."""
+
+    def __init__(self, page: Page) -> None:
+        self.sockets: list[Any] = []
+        self.errors: list[str] = []
+        page.on("websocket", lambda socket: self.sockets.append(socket))
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+        page.on(
+            "console",
+            lambda message: self.errors.append(message.text) if message.type == "error" else None,
+        )
+
+
+def get_json(url: str) -> Any:
+    """A blocking GET, for browser scenarios (which run in a thread)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+ALL_VIDEOS_PLAYING = """(selector) => {
+    const videos = [...document.querySelectorAll(selector)];
+    return videos.length > 0 && videos.every(
+        (v) => v.videoWidth > 0 && v.getVideoPlaybackQuality().totalVideoFrames > 10);
+}"""
+
+DECODED_FRAMES = """(selector) => [...document.querySelectorAll(selector)].map(
+    (v) => v.getVideoPlaybackQuality().totalVideoFrames)"""
+
+
+def wait_until_decoding_more(page: Page, selector: str, timeout: float = 15_000) -> None:
+    """Every video matching ``selector`` decodes at least 10 more frames from now on."""
+    before = page.evaluate(DECODED_FRAMES, selector)
+    page.wait_for_function(
+        """([selector, before]) => [...document.querySelectorAll(selector)].every(
+            (v, i) => v.getVideoPlaybackQuality().totalVideoFrames >= before[i] + 10)""",
+        arg=[selector, before],
+        timeout=timeout,
+    )

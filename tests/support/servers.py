@@ -1,0 +1,96 @@
+"""Test helpers shared by the suites: configurations, the RTSP camera, a test H.264 file."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Awaitable, Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+from mediastream.config import Config, config_from_dict
+from mediastream.server import RunningServer
+
+TESTS = Path(__file__).parents[1]
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: the GStreamer bindings live there
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@dataclasses.dataclass
+class Camera:
+    """A running GStreamer RTSP camera (see ``support/rtsp_camera.py`` for its mounts)."""
+
+    port: int
+    process: subprocess.Popen[str]
+
+    def url(self, mount: str = "/h264", credentials: str = "") -> str:
+        auth = f"{credentials}@" if credentials else ""
+        return f"rtsp://{auth}127.0.0.1:{self.port}{mount}"
+
+
+def start_camera(port: int = 0) -> Camera:
+    """Start the test camera and wait for its ``READY`` line."""
+    process = subprocess.Popen(
+        [SYSTEM_PYTHON, str(TESTS / "support" / "rtsp_camera.py"), "--port", str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("READY "):
+        process.kill()
+        raise RuntimeError(
+            f"the RTSP test camera did not start ({line!r}); it needs Debian's python3-gi, "
+            "gir1.2-gst-rtsp-server-1.0 and the GStreamer plugins (see README)"
+        )
+    return Camera(port=int(line.split()[1]), process=process)
+
+
+def stop_camera(camera: Camera) -> None:
+    assert camera.process.stdin is not None and camera.process.stdout is not None
+    camera.process.stdin.close()
+    try:
+        camera.process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        camera.process.kill()
+        camera.process.wait()
+    camera.process.stdout.close()
+
+
+def write_h264_file(path: Path, *, seconds: int, width: int = 640, height: int = 360) -> None:
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "25"}
+        with av.open(f"testsrc2=size={width}x{height}:rate=25", format="lavfi") as pattern:
+            for index, frame in enumerate(pattern.decode(video=0)):
+                if index >= seconds * 25:
+                    break
+                frame.pts, frame.time_base = index, Fraction(1, 25)
+                frame.pict_type = av.video.frame.PictureType.NONE
+                output.mux(stream.encode(frame.reformat(format="yuv420p")))
+        output.mux(stream.encode(None))
+
+
+def make_config(streams: list[dict[str, Any]] | None = None, **sections: Any) -> Config:
+    """A test configuration: loopback, a free port, short timeouts, the given streams."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "graceful_timeout": 3},
+        "media": {"on_demand_grace": 1},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    if streams is not None:
+        data["streams"] = streams
+    return config_from_dict(data)
+
+
+DEMO_STREAMS = [
+    {"id": f"demo-{n}", "source": f"pattern:{p}?size=320x180&fps=25&kbps=300&gop=50"}
+    for n, p in ((1, "testsrc2"), (2, "testsrc"), (3, "cellauto"))
+]

@@ -1,0 +1,61 @@
+// @ts-check
+/** Helpers shared by the MediaStream pages (not needed by pages of your own). */
+(function (root) {
+  'use strict';
+
+  /**
+   * The server's streams, from GET /api/streams.
+   * @returns {Promise<{id: string, name: string, state: string, viewers: number, codec: string}[]>}
+   */
+  async function fetchStreams() {
+    const response = await fetch('/api/streams', { cache: 'no-store' });
+    if (!response.ok) throw new Error(`GET /api/streams: ${response.status}`);
+    return (await response.json()).streams;
+  }
+
+  /**
+   * @param {string} tag
+   * @param {Record<string, any>} [props]
+   * @param {(Node|string)[]} [children]
+   * @returns {HTMLElement}
+   */
+  function el(tag, props = {}, children = []) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === 'dataset') Object.assign(node.dataset, value);
+      else if (key === 'class') node.className = value;
+      else if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+      else /** @type {any} */ (node)[key] = value;
+    }
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  /** @param {number|null|undefined} kbps */
+  function formatBitrate(kbps) {
+    if (!kbps) return '0 kbps';
+    return kbps >= 1000 ? `${(kbps / 1000).toFixed(1)} Mbps` : `${kbps} kbps`;
+  }
+
+  /** @param {number} ms */
+  function formatDuration(ms) {
+    const seconds = Math.floor(ms / 1000);
+    const h = Math.floor(seconds / 3600);
+    const m = Math.floor((seconds % 3600) / 60);
+    const s = seconds % 60;
+    return h ? `${h}h ${m}m` : m ? `${m}m ${s}s` : `${s}s`;
+  }
+
+  /**
+   * Set a state pill's text and colour.
+   * @param {HTMLElement} pill
+   * @param {string} state
+   * @param {string} [text]
+   */
+  function setPill(pill, state, text) {
+    pill.dataset.state = state;
+    pill.textContent = text || state;
+  }
+
+  root.MediaStreamPages = { fetchStreams, el, formatBitrate, formatDuration, setPill };
+})(window);

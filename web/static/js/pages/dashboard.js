@@ -1,0 +1,125 @@
+// @ts-check
+/**
+ * The camera wall: every stream in a grid, all on one shared socket. A tile that scrolls out
+ * of view, or a hidden tab, stops its stream (the server frees it); it resumes when visible.
+ * Click a tile to enlarge it, click again or press Escape to put it back.
+ */
+(function () {
+  'use strict';
+
+  const { fetchStreams, el, formatBitrate, setPill } = /** @type {any} */ (window).MediaStreamPages;
+  const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
+  const manager = /** @type {any} */ (window).WebSocketManager.getInstance();
+  const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
+  const wsStatus = /** @type {HTMLElement} */ (document.getElementById('ws-status'));
+  const summary = /** @type {HTMLElement} */ (document.getElementById('summary'));
+
+  /** @typedef {{id: string, name: string, tile: HTMLElement, engine: any, visible: boolean, state: string}} Tile */
+  /** @type {Map<string, Tile>} */
+  const tiles = new Map();
+
+  manager.on('connected', () => setPill(wsStatus, 'connected', 'socket connected'));
+  manager.on('disconnected', (/** @type {any} */ e) =>
+    setPill(wsStatus, e.willReconnect ? 'reconnecting' : 'waiting', e.willReconnect ? 'socket reconnecting' : 'socket idle'));
+
+  const observer = new IntersectionObserver((entries) => {
+    for (const entry of entries) {
+      const tile = tiles.get(/** @type {HTMLElement} */ (entry.target).dataset.streamId || '');
+      if (!tile) continue;
+      tile.visible = entry.isIntersecting;
+      update(tile);
+    }
+  }, { threshold: 0 });
+
+  document.addEventListener('visibilitychange', () => {
+    for (const tile of tiles.values()) update(tile);
+  });
+
+  /** Start or stop a tile's stream to match whether anyone can see it. @param {Tile} tile */
+  function update(tile) {
+    const wanted = tile.visible && document.visibilityState === 'visible';
+    const running = tile.engine.state !== 'idle' && tile.engine.state !== 'closed';
+    if (wanted && !running) {
+      tile.engine.connect().catch(() => { /* shown through the state event */ });
+    } else if (!wanted && running) {
+      tile.engine.disconnect();
+      show(tile, 'paused', 'paused while not visible');
+    }
+    updateSummary();
+  }
+
+  /** @param {Tile} tile @param {string} state @param {string|null} [detail] */
+  function show(tile, state, detail) {
+    tile.state = state;
+    tile.tile.dataset.state = state;
+    setPill(/** @type {HTMLElement} */ (tile.tile.querySelector('.pill')), state);
+    /** @type {HTMLElement} */ (tile.tile.querySelector('.detail')).textContent =
+      state === 'live' || state === 'connecting' ? '' : detail || '';
+  }
+
+  function updateSummary() {
+    const states = [...tiles.values()].map((t) => t.state);
+    const live = states.filter((s) => s === 'live').length;
+    summary.textContent = `${live} of ${tiles.size} live`;
+  }
+
+  /** @param {{id: string, name: string}} stream */
+  function addTile(stream) {
+    const video = /** @type {HTMLVideoElement} */ (el('video', { muted: true, autoplay: true, playsInline: true }));
+    const tileElement = el('div', { class: 'tile', dataset: { streamId: stream.id, state: 'idle' }, title: stream.name }, [
+      video,
+      el('div', { class: 'detail' }),
+      el('div', { class: 'overlay' }, [
+        el('span', { class: 'name' }, [stream.name]),
+        el('span', { class: 'pill', dataset: { state: 'idle' } }, ['idle']),
+        el('span', { class: 'bitrate' }, ['']),
+      ]),
+    ]);
+    const engine = new WebRTCEngine({ streamId: stream.id, videoElement: video });
+    /** @type {Tile} */
+    const tile = { id: stream.id, name: stream.name, tile: tileElement, engine, visible: false, state: 'idle' };
+    engine.on('state', (/** @type {any} */ s) => {
+      if (s.state !== 'closed') show(tile, s.state, s.detail);
+      updateSummary();
+    });
+    engine.on('stats', (/** @type {any} */ s) => {
+      /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
+        `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
+    });
+    tileElement.addEventListener('click', () => enlarge(tileElement));
+    tiles.set(stream.id, tile);
+    wall.append(tileElement);
+    observer.observe(tileElement);
+  }
+
+  /** @param {HTMLElement} tileElement */
+  function enlarge(tileElement) {
+    const already = tileElement.classList.contains('enlarged');
+    for (const other of wall.querySelectorAll('.tile.enlarged')) other.classList.remove('enlarged');
+    if (!already) tileElement.classList.add('enlarged');
+  }
+
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') for (const t of wall.querySelectorAll('.tile.enlarged')) t.classList.remove('enlarged');
+  });
+
+  /** @type {HTMLSelectElement} */ (document.getElementById('tile-size')).addEventListener('change', (event) => {
+    wall.style.setProperty('--tile-min', /** @type {HTMLSelectElement} */ (event.target).value);
+  });
+
+  window.addEventListener('pagehide', () => {
+    for (const tile of tiles.values()) tile.engine.disconnect();
+  });
+
+  fetchStreams()
+    .then((/** @type {any[]} */ streams) => {
+      if (!streams.length) wall.replaceWith(el('p', { class: 'empty' }, ['No streams are configured.']));
+      for (const stream of streams) addTile(stream);
+      updateSummary();
+    })
+    .catch((/** @type {Error} */ error) => {
+      wall.replaceWith(el('p', { class: 'empty' }, [`Cannot list the streams: ${error.message}`]));
+    });
+
+  /** @type {any} */ (window).msDashboard = { manager, tiles };
+})();

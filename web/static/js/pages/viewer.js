@@ -1,0 +1,56 @@
+// @ts-check
+/** One stream, chosen from the list (or ?stream=ID in the URL). */
+(function () {
+  'use strict';
+
+  const { fetchStreams, el, formatBitrate, setPill } = /** @type {any} */ (window).MediaStreamPages;
+  const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
+  const select = /** @type {HTMLSelectElement} */ (document.getElementById('stream-select'));
+  const video = /** @type {HTMLVideoElement} */ (document.getElementById('video'));
+  const statePill = /** @type {HTMLElement} */ (document.getElementById('state'));
+  const statsLine = /** @type {HTMLElement} */ (document.getElementById('stats'));
+  const detail = /** @type {HTMLElement} */ (document.getElementById('detail'));
+  /** @type {any} */
+  let engine = null;
+
+  /** @param {string} streamId */
+  function play(streamId) {
+    if (engine) engine.disconnect();
+    statsLine.textContent = '–';
+    detail.textContent = '';
+    const url = new URL(window.location.href);
+    url.searchParams.set('stream', streamId);
+    history.replaceState(null, '', url);
+    engine = new WebRTCEngine({ streamId, videoElement: video });
+    engine.on('state', (/** @type {any} */ s) => {
+      setPill(statePill, s.state);
+      detail.textContent = s.detail || '';
+    });
+    engine.on('error', (/** @type {any} */ e) => { detail.textContent = `${e.message}${e.code ? ` (${e.code})` : ''}`; });
+    engine.on('stats', (/** @type {any} */ s) => {
+      statsLine.textContent = [
+        `${s.width}x${s.height}`, formatBitrate(s.bitrateKbps), `${s.fps} fps`,
+        `${s.packetsReceived} packets (${s.packetsLost} lost)`, `ICE ${s.iceState}`,
+        s.timeToFirstFrameMs === null ? '' : `first frame after ${s.timeToFirstFrameMs} ms`,
+      ].filter(Boolean).join(' · ');
+    });
+    engine.connect().catch(() => { /* shown through the state and error events */ });
+  }
+
+  select.addEventListener('change', () => play(select.value));
+  window.addEventListener('pagehide', () => engine && engine.disconnect());
+
+  fetchStreams()
+    .then((/** @type {any[]} */ streams) => {
+      for (const s of streams) select.append(el('option', { value: s.id }, [`${s.name} (${s.id})`]));
+      const wanted = new URLSearchParams(window.location.search).get('stream');
+      const first = streams.find((s) => s.id === wanted) || streams[0];
+      if (first) {
+        select.value = first.id;
+        play(first.id);
+      } else {
+        detail.textContent = 'No streams are configured.';
+      }
+    })
+    .catch((/** @type {Error} */ error) => { detail.textContent = `Cannot list the streams: ${error.message}`; });
+})();

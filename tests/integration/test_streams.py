@@ -44,6 +44,15 @@ async def test_three_rtsp_streams_over_one_socket_all_decode(
         assert stats.open_peer_connections == 3
 
 
+async def test_rtsp_over_udp_when_configured(start_server: StartServer, camera: Camera) -> None:
+    config = make_config([{"id": "cam", "source": camera.url("/h264"), "rtsp_transport": "udp"}])
+    server = await start_server(config)
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("cam")
+        await played.wait_frames(25)
+        assert played.sizes == {(640, 360)}
+
+
 async def test_the_built_in_demo_streams_play_over_one_socket(start_server: StartServer) -> None:
     server = await start_server(dataclasses.replace(default_config(), server=make_config().server))
     async with open_viewer(server.ws_url) as viewer:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from mediastream.config import Config
 from mediastream.server import RunningServer, serve
+
 from support.servers import (
     DEMO_STREAMS,
     Camera,

@@ -24,6 +24,7 @@ import trio
 
 from . import protocol
 from .errors import ErrorCode, SignalingError
+from .media.fanout import Subscriber, SubscriberStatistics
 from .protocol import IceCandidate, Offer
 from .registry import Stream
 from .webrtc.bridge import FINAL_STATES, PeerConnection, PeerConnectionFactory
@@ -80,10 +81,15 @@ class StreamSession:
         self._candidates_in, self._candidates_out = trio.open_memory_channel[IceCandidate](
             max_pending_candidates
         )
+        self._subscriber: Subscriber | None = None
 
     @property
     def session_id(self) -> str | None:
         return self.offer.session_id
+
+    def subscriber_statistics(self) -> SubscriberStatistics | None:
+        """This viewer's queue: frames delivered, dropped, queued (None before the offer)."""
+        return self._subscriber.statistics() if self._subscriber is not None else None
 
     def end(self, reason: str) -> None:
         """End the session now (its peer connection closes on the way out). Idempotent."""
@@ -130,6 +136,7 @@ class StreamSession:
 
     async def _serve(self) -> None:
         with self.stream.open_viewer() as subscriber:
+            self._subscriber = subscriber
             async with self._peers.open(self._label) as peer:
                 answer_sdp = await peer.answer(self.offer.sdp, subscriber)
                 self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))

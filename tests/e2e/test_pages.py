@@ -9,6 +9,7 @@ import trio
 from playwright.sync_api import Browser, Page
 
 from mediastream.server import RunningServer
+
 from support.browser import (
     ALL_VIDEOS_PLAYING,
     PageWatch,

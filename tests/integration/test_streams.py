@@ -10,6 +10,7 @@ import trio
 
 from mediastream.config import default_config
 from mediastream.server import RunningServer
+
 from support.h264 import file_slices, rtsp_slices, slices_of
 from support.http import get
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
@@ -248,6 +249,20 @@ async def test_mjpeg_camera_is_transcoded_once_for_all_its_viewers(
     stats = server.services.registry.get("mjpeg").statistics()  # type: ignore[union-attr]
     assert stats.encoders_opened == 1
     assert stats.codec == "h264 (encoded once from mjpeg)"
+
+
+async def test_h264_with_b_frames_is_transcoded_once_for_all_its_viewers(
+    start_server: StartServer, camera: Camera
+) -> None:
+    # Browsers show only the keyframes of passed-through H.264 with B-frames.
+    server = await start_server(make_config([{"id": "bf", "source": camera.url("/h264-bframes")}]))
+    async with open_viewer(server.ws_url) as first, open_viewer(server.ws_url) as second:
+        streams = [await first.play("bf"), await second.play("bf")]
+        for played in streams:
+            await played.wait_frames(25)  # every frame, not one keyframe in 2 s
+    stats = server.services.registry.get("bf").statistics()  # type: ignore[union-attr]
+    assert stats.encoders_opened == 1
+    assert stats.codec == "h264 (encoded once from h264 with B-frames)"
 
 
 async def test_a_camera_that_never_answers_goes_offline_without_blocking_anything(

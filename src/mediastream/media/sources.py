@@ -133,6 +133,7 @@ async def run_source(
     timeline = _Timeline()
     failures = 0
     ever_live = False
+    transcode = False  # set for good once the H.264 turns out to need it (B-frames)
     task_status.started()
     sink.source_state(SourceState.STARTING)
     try:
@@ -140,13 +141,22 @@ async def run_source(
             timeline.new_attempt()
             went_live = False
             try:
-                went_live = await _run_attempt(config, media, sink, timeline, label)
+                went_live = await _run_attempt(config, media, sink, timeline, label, transcode)
                 if spec.kind != "rtsp":
                     failures = 0
                     continue  # a file or pattern ended: loop it, seamlessly
                 reason = "the source ended the stream"
+            except _NeedsTranscoding as exc:
+                log.info("%s: %s; transcoding it to H.264 once for all viewers", label, exc)
+                transcode = True
+                continue
             except _AttemptFailed as exc:
                 went_live, reason = exc.went_live, exc.reason
+            except Exception as exc:
+                # A bug, not a camera problem: log it loudly, and keep this stream (and the
+                # server) alive by treating it as a failed attempt.
+                log.exception("%s: source failed unexpectedly", label)
+                reason = f"internal error ({type(exc).__name__})"
             ever_live = ever_live or went_live
             failures = 0 if went_live else failures + 1
             delay = backoff_delay(failures, media.retry_initial_delay, media.retry_max_delay)
@@ -161,6 +171,10 @@ async def run_source(
             await trio.sleep(delay)
     finally:
         sink.source_state(SourceState.STOPPED)
+
+
+class _NeedsTranscoding(Exception):
+    """The source's H.264 can't be passed through as is (it has B-frames)."""
 
 
 class _AttemptFailed(Exception):
@@ -182,7 +196,12 @@ def backoff_delay(failures: int, initial: float, maximum: float) -> float:
 
 
 async def _run_attempt(
-    config: StreamConfig, media: MediaConfig, sink: SourceSink, timeline: _Timeline, label: str
+    config: StreamConfig,
+    media: MediaConfig,
+    sink: SourceSink,
+    timeline: _Timeline,
+    label: str,
+    transcode: bool,
 ) -> bool:
     """Open the source once and publish until it ends; returns whether a frame went out.
 
@@ -194,15 +213,15 @@ async def _run_attempt(
     stop = threading.Event()
     exited = threading.Event()
     went_live = False
-    failure: str | None = None
+    failure: _ReaderFailed | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_reader_thread, config, media, send, stop, exited)
+            nursery.start_soon(_run_reader_thread, config, media, transcode, send, stop, exited)
             anchor: tuple[float, int] | None = None
             async with receive:
                 async for item in receive:
                     if isinstance(item, _ReaderFailed):
-                        failure = item.reason
+                        failure = item
                         break
                     if isinstance(item, SourceInfo):
                         log.info(
@@ -233,8 +252,11 @@ async def _run_attempt(
             await trio.to_thread.run_sync(exited.wait, abandon_on_cancel=True)
         if waited.cancelled_caught:
             log.warning("%s: reader thread is still blocked in I/O; it ends at its timeout", label)
+    # Raised out here: inside the nursery they would arrive wrapped in exception groups.
+    if failure is not None and failure.needs_transcoding:
+        raise _NeedsTranscoding(failure.reason)
     if failure is not None:
-        raise _AttemptFailed(failure, went_live)
+        raise _AttemptFailed(failure.reason, went_live)
     return went_live
 
 
@@ -246,14 +268,18 @@ def _due(anchor: tuple[float, int], timestamp: int) -> float:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _ReaderFailed:
     reason: str
+    needs_transcoding: bool = False
 
 
 _ReaderItem = EncodedFrame | SourceInfo | _ReaderFailed
+#: What handing a frame to Trio raises once the attempt has been stopped.
+_HANDOVER_STOPPED = (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError)
 
 
 async def _run_reader_thread(
     config: StreamConfig,
     media: MediaConfig,
+    transcode: bool,
     send: trio.MemorySendChannel[_ReaderItem],
     stop: threading.Event,
     exited: threading.Event,
@@ -263,13 +289,18 @@ async def _run_reader_thread(
 
     def read() -> None:
         try:
-            _read(config, media, deliver, stop)
+            _read(config, media, transcode, deliver, stop)
+        except _NeedsTranscoding as exc:
+            with contextlib.suppress(
+                trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError
+            ):
+                deliver(_ReaderFailed(str(exc), needs_transcoding=True))
         except SourceError as exc:
             with contextlib.suppress(
                 trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError
             ):
                 deliver(_ReaderFailed(str(exc)))
-        except (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError):
+        except _HANDOVER_STOPPED:
             pass  # the attempt was stopped while a frame was being handed over
         finally:
             exited.set()
@@ -286,6 +317,7 @@ async def _run_reader_thread(
 def _read(
     config: StreamConfig,
     media: MediaConfig,
+    transcode: bool,
     deliver: Callable[[_ReaderItem], None],
     stop: threading.Event,
 ) -> None:
@@ -299,7 +331,7 @@ def _read(
         if not container.streams.video:
             raise SourceError(f"{describe_source(spec)} has no video track")
         stream = container.streams.video[0]
-        converter = _make_converter(stream, spec)
+        converter = _make_converter(stream, spec, transcode)
         deliver(converter.info)
         for packet in container.demux(stream):
             if stop.is_set():
@@ -347,15 +379,23 @@ class _Converter(Protocol):
     def flush(self) -> Iterator[EncodedFrame]: ...
 
 
-def _make_converter(stream: av.video.stream.VideoStream, spec: SourceSpec) -> _Converter:
+def _make_converter(
+    stream: av.video.stream.VideoStream, spec: SourceSpec, transcode: bool
+) -> _Converter:
     codec = stream.codec_context.name
-    if codec == "h264" and spec.kind != "pattern":
+    if codec == "h264" and spec.kind != "pattern" and not transcode:
         return _H264Passthrough(stream)
     options = spec.option_map
     fps = int(options.get("fps", 0)) or _frame_rate(stream)
+    if spec.kind == "pattern":
+        label = "test pattern"
+    elif codec == "h264":
+        label = "h264 with B-frames"
+    else:
+        label = codec
     return _Transcoder(
         stream,
-        source_codec="test pattern" if spec.kind == "pattern" else codec,
+        source_codec=label,
         kbps=int(options.get("kbps", DEFAULT_TRANSCODE_KBPS)),
         fps=fps,
         gop=int(options.get("gop", 2 * fps)),
@@ -380,6 +420,7 @@ class _H264Passthrough:
             extradata = b""
         self._normalizer = H264AccessUnitNormalizer(extradata)
         self._clock = _Clock(stream.time_base)
+        self._last_pts: int | None = None
         ctx = stream.codec_context
         self.info = SourceInfo("h264", False, ctx.width or 0, ctx.height or 0)
 
@@ -388,6 +429,16 @@ class _H264Passthrough:
         for unit in packets:
             if unit.size == 0:
                 continue
+            reordered = unit.pts is not None and (
+                (unit.dts is not None and unit.pts != unit.dts)
+                or (self._last_pts is not None and unit.pts < self._last_pts)
+            )
+            if unit.pts is not None:
+                self._last_pts = unit.pts
+            if reordered:
+                # Frames stored out of display order: B-frames. Browsers decode only the
+                # keyframes of such a stream when it is passed through.
+                raise _NeedsTranscoding("the H.264 has B-frames")
             normalized = self._normalizer.normalize(split_annexb(bytes(unit)))
             if normalized is None:
                 continue

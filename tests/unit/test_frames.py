@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from mediastream.media.frames import (
     H264AccessUnitNormalizer,
+    is_b_slice,
     join_annexb,
     nal_type,
     split_annexb,
@@ -69,3 +72,32 @@ def test_held_back_headers_are_bounded() -> None:
         assert normalizer.normalize([SEI]) is None
     units, _ = normalizer.normalize([SLICE]) or ([], False)
     assert len(units) <= 9
+
+
+def _encoded_slices(options: dict[str, str]) -> list[bytes]:
+    import av
+
+    from mediastream.media.frames import split_annexb
+
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 320, 180, "yuv420p"
+    encoder.time_base = Fraction(1, 25)
+    encoder.options = options
+    units: list[bytes] = []
+    with av.open("testsrc2=size=320x180:rate=25", format="lavfi") as pattern:
+        for index, picture in enumerate(pattern.decode(video=0)):
+            if index == 30:
+                break
+            picture = picture.reformat(format="yuv420p")
+            picture.pts, picture.pict_type = index, av.video.frame.PictureType.NONE
+            units += [bytes(p) for p in encoder.encode(picture)]
+    units += [bytes(p) for p in encoder.encode(None)]
+    return [nal for unit in units for nal in split_annexb(unit)]
+
+
+def test_b_slices_are_recognised_from_the_slice_header() -> None:
+    with_b = _encoded_slices({"preset": "veryfast", "bf": "2", "b_strategy": "0"})
+    without_b = _encoded_slices({"preset": "ultrafast", "tune": "zerolatency"})
+    assert sum(map(is_b_slice, with_b)) >= 10
+    assert not any(map(is_b_slice, without_b))
+    assert not is_b_slice(SPS) and not is_b_slice(b"\x41")

@@ -65,6 +65,46 @@ def nal_type(nal: bytes) -> int:
     return nal[0] & 0x1F
 
 
+def is_b_slice(nal: bytes) -> bool:
+    """Whether a coded slice NAL unit is a B slice (read from its header, RFC 6184 / H.264 7.3.3).
+
+    Passed through, B-frames reach browsers out of display order and only the keyframes of
+    such a stream are shown: these streams must be transcoded.
+    """
+    if nal_type(nal) not in (NAL_SLICE, NAL_IDR) or len(nal) < 2:
+        return False
+    reader = _BitReader(nal[1:9].replace(b"\x00\x00\x03", b"\x00\x00"))
+    try:
+        reader.unsigned_exp_golomb()  # first_mb_in_slice
+        slice_type = reader.unsigned_exp_golomb()
+    except IndexError:
+        return False
+    return slice_type % 5 == 1
+
+
+class _BitReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._position = 0
+
+    def bit(self) -> int:
+        byte = self._data[self._position // 8]
+        value = (byte >> (7 - self._position % 8)) & 1
+        self._position += 1
+        return value
+
+    def unsigned_exp_golomb(self) -> int:
+        zeros = 0
+        while self.bit() == 0:
+            zeros += 1
+            if zeros > 31:
+                raise IndexError("not an Exp-Golomb code")
+        value = 1
+        for _ in range(zeros):
+            value = (value << 1) | self.bit()
+        return value - 1
+
+
 def join_annexb(nal_units: Iterable[bytes]) -> bytes:
     return b"".join(b"\x00\x00\x00\x01" + nal for nal in nal_units)
 

@@ -37,7 +37,13 @@ from aiortc.codecs.h264 import H264Encoder
 from ..config import MediaConfig, SourceSpec, StreamConfig
 from ..errors import SourceError
 from ..redact import redact_text, redact_url
-from .frames import VIDEO_CLOCK_RATE, EncodedFrame, H264AccessUnitNormalizer, split_annexb
+from .frames import (
+    VIDEO_CLOCK_RATE,
+    EncodedFrame,
+    H264AccessUnitNormalizer,
+    is_b_slice,
+    split_annexb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +297,10 @@ async def _run_reader_thread(
         try:
             _read(config, media, transcode, deliver, stop)
         except _NeedsTranscoding as exc:
-            with contextlib.suppress(
-                trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError
-            ):
+            with contextlib.suppress(*_HANDOVER_STOPPED):
                 deliver(_ReaderFailed(str(exc), needs_transcoding=True))
         except SourceError as exc:
-            with contextlib.suppress(
-                trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError
-            ):
+            with contextlib.suppress(*_HANDOVER_STOPPED):
                 deliver(_ReaderFailed(str(exc)))
         except _HANDOVER_STOPPED:
             pass  # the attempt was stopped while a frame was being handed over
@@ -420,7 +422,6 @@ class _H264Passthrough:
             extradata = b""
         self._normalizer = H264AccessUnitNormalizer(extradata)
         self._clock = _Clock(stream.time_base)
-        self._last_pts: int | None = None
         ctx = stream.codec_context
         self.info = SourceInfo("h264", False, ctx.width or 0, ctx.height or 0)
 
@@ -429,20 +430,13 @@ class _H264Passthrough:
         for unit in packets:
             if unit.size == 0:
                 continue
-            reordered = unit.pts is not None and (
-                (unit.dts is not None and unit.pts != unit.dts)
-                or (self._last_pts is not None and unit.pts < self._last_pts)
-            )
-            if unit.pts is not None:
-                self._last_pts = unit.pts
-            if reordered:
-                # Frames stored out of display order: B-frames. Browsers decode only the
-                # keyframes of such a stream when it is passed through.
-                raise _NeedsTranscoding("the H.264 has B-frames")
             normalized = self._normalizer.normalize(split_annexb(bytes(unit)))
             if normalized is None:
                 continue
             nal_units, keyframe = normalized
+            if any(is_b_slice(nal) for nal in nal_units):
+                # Browsers show only the keyframes of passed-through H.264 with B-frames.
+                raise _NeedsTranscoding("the H.264 has B-frames")
             yield _frame(nal_units, self._clock.ticks(unit), keyframe)
 
     def flush(self) -> Iterator[EncodedFrame]:

@@ -129,6 +129,9 @@ class StreamConfig:
     #: start on the first viewer and stop after the last (plus the grace period); ``false``
     #: keeps the stream running from server start.
     on_demand: bool = True
+    #: send the camera's audio to viewers who ask for it (G.711 and Opus as they are, other
+    #: codecs such as AAC transcoded to Opus once).
+    audio: bool = True
 
     @property
     def display_name(self) -> str:

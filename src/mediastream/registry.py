@@ -40,8 +40,8 @@ class StreamStatistics:
     viewers: int
     codec: str
     source_running: bool
-    #: H.264 encoders this stream has opened (one per source start when it transcodes; never
-    #: one per viewer).
+    #: encoders this stream has opened (H.264 or Opus, one per source start when it transcodes;
+    #: never one per viewer).
     encoders_opened: int
     fanout: FanOutStatistics
 
@@ -85,6 +85,26 @@ class Stream:
     @property
     def viewers(self) -> int:
         return self._viewers
+
+    @contextmanager
+    def open_audio(self) -> Iterator[Subscriber]:
+        """A queue of this stream's audio, for a viewer who also takes audio."""
+        subscriber = self.fanout.subscribe("audio")
+        try:
+            yield subscriber
+        finally:
+            self.fanout.unsubscribe(subscriber)
+
+    @property
+    def source_info(self) -> SourceInfo | None:
+        """What the source was found to carry when it last opened (None: never opened yet)."""
+        return self._source_info
+
+    async def wait_source_info(self) -> SourceInfo:
+        """Wait until the source has opened at least once."""
+        while self._source_info is None:
+            await self.wait_changed()
+        return self._source_info
 
     @contextmanager
     def open_viewer(self) -> Iterator[Subscriber]:
@@ -144,13 +164,20 @@ class Stream:
 
     def source_opened(self, info: SourceInfo) -> None:
         self._source_info = info
-        self._encoders_opened += info.transcoded
+        self._encoders_opened += info.transcoded + info.audio_transcoded
+        self._notify()
 
     def _codec(self) -> str:
         info = self._source_info
         if info is None or not info.transcoded:
-            return "h264"
-        return f"h264 (encoded once from {info.codec})"
+            video = "h264"
+        else:
+            video = f"h264 (encoded once from {info.codec})"
+        if info is None or not info.audio_codec:
+            return video
+        if info.audio_transcoded:
+            return f"{video}, {info.audio_codec} (encoded once from {info.audio_source_codec})"
+        return f"{video}, {info.audio_codec}"
 
     def _notify(self) -> None:
         self.changes.notify()

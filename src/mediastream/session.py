@@ -15,6 +15,7 @@ Every way a session ends is logged once, with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Callable
@@ -27,7 +28,12 @@ from .errors import ErrorCode, SignalingError
 from .media.fanout import Subscriber, SubscriberStatistics
 from .protocol import IceCandidate, Offer
 from .registry import Stream
-from .webrtc.bridge import FINAL_STATES, PeerConnection, PeerConnectionFactory
+from .webrtc.bridge import (
+    FINAL_STATES,
+    PeerConnection,
+    PeerConnectionFactory,
+    offer_accepts_audio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class SessionPhase(enum.Enum):
 
 
 REASON_SOCKET_CLOSED: Final = "socket closed"
+#: How long an offer asking for audio waits for a never-opened source to say what it carries.
+AUDIO_PROBE_WAIT: Final = 3.0  # seconds
 
 
 class StreamSession:
@@ -135,10 +143,12 @@ class StreamSession:
             log.info("%s: session ended (%s)", self._label, self._end_reason)
 
     async def _serve(self) -> None:
-        with self.stream.open_viewer() as subscriber:
+        with self.stream.open_viewer() as subscriber, contextlib.ExitStack() as optional:
             self._subscriber = subscriber
+            audio_codec = await self._audio_codec()
+            audio = optional.enter_context(self.stream.open_audio()) if audio_codec else None
             async with self._peers.open(self._label) as peer:
-                answer_sdp = await peer.answer(self.offer.sdp, subscriber)
+                answer_sdp = await peer.answer(self.offer.sdp, subscriber, audio, audio_codec)
                 self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))
                 self.phase = SessionPhase.CONNECTING
                 async with trio.open_nursery() as nursery:
@@ -148,6 +158,20 @@ class StreamSession:
                     nursery.cancel_scope.cancel()
                 # Raised out here: inside the nursery it would arrive wrapped in a group.
                 raise failure
+
+    async def _audio_codec(self) -> str | None:
+        """The audio codec to send, if the page asked for audio and the stream has it."""
+        if not self.stream.config.audio or "m=audio" not in self.offer.sdp:
+            return None
+        info = self.stream.source_info
+        if info is None:
+            # An on-demand stream that never ran: whether it has audio is known once its
+            # source opens, which this viewer has just set off.
+            with trio.move_on_after(AUDIO_PROBE_WAIT):
+                info = await self.stream.wait_source_info()
+        if info is None or info.audio_codec is None:
+            return None
+        return info.audio_codec if offer_accepts_audio(self.offer.sdp, info.audio_codec) else None
 
     async def _apply_candidates(self, peer: PeerConnection) -> None:
         async with self._candidates_out:

@@ -17,7 +17,7 @@ from support.browser import (
     in_browser,
     wait_until_decoding_more,
 )
-from support.servers import DEMO_STREAMS, StartServer, make_config
+from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
 
 
 async def test_multi_stream_page_flow_over_exactly_one_websocket(start_server: StartServer) -> None:
@@ -268,6 +268,40 @@ async def test_an_old_per_stream_page_works_by_adding_the_manager_script(
         assert page.evaluate("WebSocketManager.getInstance().streamHandlers.size") == 6
         assert page.evaluate("engines.length") == 6
         assert len(watch.sockets) == 1
+        assert watch.errors == []
+
+    await in_browser(scenario)
+
+
+async def test_the_viewer_page_plays_the_camera_sound_too(
+    start_server: StartServer, camera: Camera
+) -> None:
+    # An AAC camera: Chromium can't take AAC over WebRTC, so it hears Opus, encoded once.
+    config = make_config([{"id": "door", "source": camera.url("/h264-aac")}])
+    server = await start_server(config)
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page()
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/viewer.html?stream=door")
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
+        page.wait_for_function(
+            """async () => {
+                const report = await window.msViewer.engine.pc.getStats();
+                let audio = null;
+                report.forEach((s) => {
+                    if (s.type === 'inbound-rtp' && s.kind === 'audio') audio = s;
+                });
+                if (!audio || audio.packetsReceived < 50) return false;
+                const codec = report.get(audio.codecId);
+                return codec && codec.mimeType === 'audio/opus' && audio.totalSamplesReceived > 0;
+            }""",
+            timeout=20_000,
+        )
+        tracks = page.evaluate(
+            "document.getElementById('video').srcObject.getTracks().map((t) => t.kind).sort()"
+        )
+        assert tracks == ["audio", "video"]
         assert watch.errors == []
 
     await in_browser(scenario)

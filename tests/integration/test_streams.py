@@ -306,3 +306,48 @@ async def _hold(stream: trio.SocketStream, accepted: list[trio.SocketStream]) ->
     accepted.append(stream)
     async with stream:
         await trio.sleep_forever()
+
+
+async def test_camera_audio_g711_and_opus_pass_through_and_aac_becomes_opus_once(
+    start_server: StartServer, camera: Camera
+) -> None:
+    config = make_config(
+        [
+            {"id": "pcmu", "source": camera.url("/h264-pcmu")},
+            {"id": "opus", "source": camera.url("/h264-opus")},
+            {"id": "aac", "source": camera.url("/h264-aac")},
+        ]
+    )
+    server = await start_server(config)
+    async with open_viewer(server.ws_url) as one, open_viewer(server.ws_url) as two:
+        played = {sid: await one.play(sid, audio=True) for sid in ("pcmu", "opus", "aac")}
+        again = await two.play("aac", audio=True)
+        video_only = await two.play("pcmu")  # a page that asks for video only
+        for stream in [*played.values(), again]:
+            await stream.wait_frames(10)
+            await stream.wait_audio_frames(100)  # two seconds of sound (20 ms frames)
+            # Video keeps its own pace beside the sound: 25 pictures for 50 sound frames a second.
+            assert stream.frames >= 0.3 * stream.audio_frames
+        await video_only.wait_frames(10)
+    assert {sid: p.audio_codec for sid, p in played.items()} == {
+        "pcmu": "PCMU",
+        "opus": "opus",
+        "aac": "opus",
+    }
+    assert video_only.audio_codec is None and video_only.audio_frames == 0
+    registry = server.services.registry
+    stats = {sid: registry.get(sid).statistics() for sid in ("pcmu", "opus", "aac")}  # type: ignore[union-attr]
+    assert stats["pcmu"].codec == "h264, PCMU"
+    assert stats["opus"].codec == "h264, opus"
+    assert stats["aac"].codec == "h264, opus (encoded once from aac)"
+    assert (stats["pcmu"].encoders_opened, stats["aac"].encoders_opened) == (0, 1)
+
+
+async def test_a_video_only_camera_answers_a_page_asking_for_audio_with_video(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config([{"id": "cam", "source": camera.url("/h264")}]))
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("cam", audio=True)
+        await played.wait_frames(10)
+    assert played.audio_codec is None

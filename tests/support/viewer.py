@@ -10,6 +10,7 @@ depacketized access units, to compare them with what the source sent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -57,6 +58,10 @@ class PlayedStream:
     frames: int = 0
     sizes: set[tuple[int, int]] = field(default_factory=set)
     access_units: list[bytes] = field(default_factory=list)
+    audio_frames: int = 0
+    audio_sample_rates: set[int] = field(default_factory=set)
+    #: the audio codec the answer chose ("PCMU", "opus"…), None without audio.
+    audio_codec: str | None = None
     ended: bool = False
     _changed: trio.Event = field(default_factory=trio.Event)
 
@@ -73,6 +78,13 @@ class PlayedStream:
                     raise AssertionError(
                         f"{self.stream_id}: track ended after {self.frames} frames"
                     )
+                await self._changed.wait()
+
+    async def wait_audio_frames(self, count: int, *, timeout: float = 15) -> None:
+        """Wait until ``count`` more audio frames than now were decoded."""
+        target = self.audio_frames + count
+        with trio.fail_after(timeout):
+            while self.audio_frames < target:
                 await self._changed.wait()
 
     async def wait_ended(self, *, timeout: float = 15) -> None:
@@ -135,6 +147,7 @@ class Viewer:
         session_id: str | None = None,
         capture: bool = False,
         mdns_only: bool = False,
+        audio: bool = False,
     ) -> PlayedStream:
         """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``.
 
@@ -143,6 +156,7 @@ class Viewer:
         """
         pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
         transceiver = pc.addTransceiver("video", direction="recvonly")
+        audio_transceiver = pc.addTransceiver("audio", direction="recvonly") if audio else None
         played = PlayedStream(stream_id, pc)
         if capture:
             transceiver.receiver._RTCRtpReceiver__decoder_queue = _RecordingQueue(
@@ -184,6 +198,12 @@ class Viewer:
         )
         self.streams[stream_id] = played
         self._nursery.start_soon(self._decode, played, transceiver.receiver.track)
+        audio_section = re.search(r"^m=audio [1-9].*?(?=^m=|\Z)", reply["payload"], re.S | re.M)
+        sending = audio_section and re.search(r"^a=send(only|recv)", audio_section.group(), re.M)
+        if audio_transceiver is not None and audio_section and sending:
+            rtpmap = re.search(r"^a=rtpmap:\d+ ([\w-]+)/", audio_section.group(), re.M)
+            played.audio_codec = rtpmap.group(1) if rtpmap else None
+            self._nursery.start_soon(self._hear, played, audio_transceiver.receiver.track)
         return played
 
     async def _trickle(self, stream_id: str, candidates: list[str], *, end: bool) -> None:
@@ -217,6 +237,14 @@ class Viewer:
         except MediaStreamError:
             played.ended = True
             played._notify()
+
+    async def _hear(self, played: PlayedStream, track: Any) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await trio_asyncio.aio_as_trio(track.recv)()
+                played.audio_frames += 1
+                played.audio_sample_rates.add(frame.sample_rate)
+                played._notify()
 
     async def _read(self) -> None:
         from trio_websocket import ConnectionClosed

@@ -111,3 +111,15 @@ def test_statistics_count_published_frames_and_bytes() -> None:
     fanout.publish(frame(1))
     stats = fanout.statistics()
     assert (stats.published_frames, stats.published_bytes, stats.gop_frames) == (2, 2, 2)
+
+
+def test_video_and_audio_subscribers_each_get_only_their_kind() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    video = fanout.subscribe("video")
+    audio = fanout.subscribe("audio")
+    fanout.publish(frame(0, True))
+    fanout.publish(EncodedFrame("audio", 160, True, (b"a",), 1))
+    fanout.publish(frame(1))
+    assert drain(video) == [0, 1]
+    assert drain(audio) == [160]
+    assert fanout.subscriber_count == 2

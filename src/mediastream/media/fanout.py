@@ -163,7 +163,8 @@ class FanOut:
         self._gop_cache_frames = gop_cache_frames
         self._gop: list[EncodedFrame] = []
         self._gop_overflowed = False
-        self._subscribers: set[Subscriber] = set()
+        #: subscribers by the kind of frames they take ("video", "audio").
+        self._subscribers: dict[str, set[Subscriber]] = {"video": set(), "audio": set()}
         self._published_frames = 0
         self._published_bytes = 0
         self._dropped = 0
@@ -178,12 +179,13 @@ class FanOut:
             keyframe_gated=kind == "video",
         )
         subscriber._start_with([frame for frame in self._gop if frame.kind == kind])
-        self._subscribers.add(subscriber)
+        self._subscribers[kind].add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop feeding ``subscriber``; idempotent."""
-        self._subscribers.discard(subscriber)
+        for subscribers in self._subscribers.values():
+            subscribers.discard(subscriber)
         subscriber._close()
 
     def publish(self, frame: EncodedFrame) -> None:
@@ -192,7 +194,7 @@ class FanOut:
         self._published_bytes += frame.size
         if frame.kind == "video":
             self._remember(frame)  # audio is not replayed: a burst of old sound helps nobody
-        for subscriber in list(self._subscribers):
+        for subscriber in list(self._subscribers[frame.kind]):
             self._dropped += subscriber._push(frame)
 
     def reset(self) -> None:
@@ -202,7 +204,7 @@ class FanOut:
 
     def statistics(self) -> FanOutStatistics:
         return FanOutStatistics(
-            subscribers=len(self._subscribers),
+            subscribers=self.subscriber_count,
             published_frames=self._published_frames,
             published_bytes=self._published_bytes,
             gop_frames=len(self._gop),
@@ -211,7 +213,7 @@ class FanOut:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscribers)
+        return sum(len(subscribers) for subscribers in self._subscribers.values())
 
     def _remember(self, frame: EncodedFrame) -> None:
         if frame.keyframe:

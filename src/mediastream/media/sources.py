@@ -26,9 +26,10 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from fractions import Fraction
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import av
+import av.audio
 import av.container
 import av.video
 import trio
@@ -82,20 +83,28 @@ class SourceInfo:
     transcoded: bool
     width: int
     height: int
+    #: the RTP audio codec viewers get ("PCMU", "PCMA", "opus"), or None without audio.
+    audio_codec: str | None = None
+    audio_clock_rate: int = 0
+    #: the source's own audio codec, e.g. "aac" (transcoded to Opus) or "pcm_mulaw".
+    audio_source_codec: str | None = None
+    audio_transcoded: bool = False
 
 
 class _Timeline:
-    """Maps each attempt's source timestamps onto one continuous, increasing 90 kHz timeline.
+    """Maps each attempt's source timestamps onto one continuous, increasing timeline.
 
     Viewers keep their RTP stream across camera reconnects and file loops, so timestamps must
-    never jump back; a gap in wall time becomes the same gap in media time.
+    never jump back; a gap in wall time becomes the same gap in media time. One timeline per
+    track, in that track's RTP clock (90 kHz for video).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock_rate: int = VIDEO_CLOCK_RATE) -> None:
+        self.clock_rate = clock_rate
         self._offset: int | None = None
         self._last_out: int | None = None
         self._last_wall = 0.0
-        self._frame_gap = VIDEO_CLOCK_RATE // DEFAULT_FPS
+        self._frame_gap = clock_rate // DEFAULT_FPS
 
     def new_attempt(self) -> None:
         self._offset = None
@@ -108,7 +117,7 @@ class _Timeline:
                 base = self._last_out + self._frame_gap
             else:
                 base = self._last_out + max(
-                    self._frame_gap, round((now - self._last_wall) * VIDEO_CLOCK_RATE)
+                    self._frame_gap, round((now - self._last_wall) * self.clock_rate)
                 )
             self._offset = base - source_ts
         out = source_ts + self._offset
@@ -116,7 +125,7 @@ class _Timeline:
             if out <= self._last_out:
                 out = self._last_out + 1
             else:
-                self._frame_gap = min(out - self._last_out, VIDEO_CLOCK_RATE)
+                self._frame_gap = min(out - self._last_out, self.clock_rate)
         self._last_out = out
         self._last_wall = now
         return out
@@ -136,7 +145,7 @@ async def run_source(
     """
     spec = config.source
     label = f"{config.id} ({describe_source(spec)})"
-    timeline = _Timeline()
+    timelines = {"video": _Timeline()}
     failures = 0
     ever_live = False
     transcode = False  # set for good once the H.264 turns out to need it (B-frames)
@@ -144,10 +153,11 @@ async def run_source(
     sink.source_state(SourceState.STARTING)
     try:
         while True:
-            timeline.new_attempt()
+            for timeline in timelines.values():
+                timeline.new_attempt()
             went_live = False
             try:
-                went_live = await _run_attempt(config, media, sink, timeline, label, transcode)
+                went_live = await _run_attempt(config, media, sink, timelines, label, transcode)
                 if spec.kind != "rtsp":
                     failures = 0
                     continue  # a file or pattern ended: loop it, seamlessly
@@ -205,7 +215,7 @@ async def _run_attempt(
     config: StreamConfig,
     media: MediaConfig,
     sink: SourceSink,
-    timeline: _Timeline,
+    timelines: dict[str, _Timeline],
     label: str,
     transcode: bool,
 ) -> bool:
@@ -223,31 +233,27 @@ async def _run_attempt(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_reader_thread, config, media, transcode, send, stop, exited)
-            anchor: tuple[float, int] | None = None
+            anchors: dict[str, tuple[float, int]] = {}
             async with receive:
                 async for item in receive:
                     if isinstance(item, _ReaderFailed):
                         failure = item
                         break
                     if isinstance(item, SourceInfo):
-                        log.info(
-                            "%s: opened, %s %dx%d%s",
-                            label,
-                            item.codec,
-                            item.width,
-                            item.height,
-                            ", transcoding to H.264 once for all viewers"
-                            if item.transcoded
-                            else "",
-                        )
+                        log.info("%s: opened, %s", label, _describe_info(item))
+                        if item.audio_codec and "audio" not in timelines:
+                            timelines["audio"] = _Timeline(item.audio_clock_rate)
                         sink.source_opened(item)
                         continue
                     now = trio.current_time()
+                    timeline = timelines[item.kind]
                     timestamp = timeline.place(item.timestamp, now, paced=paced)
                     if paced:
-                        if anchor is None or now - _due(anchor, timestamp) > MAX_LAG:
-                            anchor = (now, timestamp)
-                        await trio.sleep_until(_due(anchor, timestamp))
+                        anchor = anchors.get(item.kind)
+                        due = _due(anchor, timestamp, timeline.clock_rate) if anchor else now
+                        if anchor is None or now - due > MAX_LAG:
+                            anchors[item.kind] = anchor = (now, timestamp)
+                        await trio.sleep_until(_due(anchor, timestamp, timeline.clock_rate))
                     sink.publish(dataclasses.replace(item, timestamp=timestamp))
                     if not went_live:
                         went_live = True
@@ -266,9 +272,23 @@ async def _run_attempt(
     return went_live
 
 
-def _due(anchor: tuple[float, int], timestamp: int) -> float:
+def _due(anchor: tuple[float, int], timestamp: int, clock_rate: int) -> float:
     wall, media_ts = anchor
-    return wall + (timestamp - media_ts) / VIDEO_CLOCK_RATE
+    return wall + (timestamp - media_ts) / clock_rate
+
+
+def _describe_info(info: SourceInfo) -> str:
+    text = f"{info.codec} {info.width}x{info.height}"
+    if info.transcoded:
+        text += ", transcoding to H.264 once for all viewers"
+    if info.audio_codec:
+        text += f"; audio {info.audio_source_codec}"
+        text += (
+            f" -> {info.audio_codec} (transcoded once)"
+            if info.audio_transcoded
+            else " (passed through)"
+        )
+    return text
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,13 +352,30 @@ def _read(
     try:
         if not container.streams.video:
             raise SourceError(f"{describe_source(spec)} has no video track")
-        stream = container.streams.video[0]
-        converter = _make_converter(stream, spec, transcode)
-        deliver(converter.info)
-        for packet in container.demux(stream):
+        video = container.streams.video[0]
+        converter = _make_converter(video, spec, transcode)
+        audio = container.streams.audio[0] if config.audio and container.streams.audio else None
+        audio_converter = _make_audio_converter(audio) if audio is not None else None
+        info = converter.info
+        if audio_converter is not None:
+            info = dataclasses.replace(
+                info,
+                audio_codec=audio_converter.rtp_codec,
+                audio_clock_rate=audio_converter.clock_rate,
+                audio_source_codec=audio_converter.source_codec,
+                audio_transcoded=audio_converter.transcoded,
+            )
+        deliver(info)
+        streams = [video] if audio_converter is None else [video, audio]
+        for packet in container.demux(*streams):
             if stop.is_set():
                 return
-            for frame in converter.convert(packet):
+            if packet.stream.index == video.index:
+                frames = converter.convert(packet)
+            else:
+                assert audio_converter is not None  # only its stream is demuxed besides video
+                frames = audio_converter.convert(packet)
+            for frame in frames:
                 deliver(frame)
         for frame in converter.flush():
             deliver(frame)
@@ -492,6 +529,97 @@ class _Transcoder:
             if normalized is not None:
                 nal_units, keyframe = normalized
                 yield _frame(nal_units, int(packet.pts or 0), keyframe)
+
+
+#: Audio codecs browsers take as is: FFmpeg's name -> (RTP name, RTP clock rate).
+_PASSTHROUGH_AUDIO: Final = {
+    "pcm_mulaw": ("PCMU", 8000),
+    "pcm_alaw": ("PCMA", 8000),
+    "opus": ("opus", 48000),
+}
+OPUS_CLOCK_RATE: Final = 48000
+OPUS_FRAME_SAMPLES: Final = 960  # 20 ms
+G711_FRAME_SAMPLES: Final = 160  # 20 ms at 8 kHz
+
+
+def _make_audio_converter(
+    stream: av.audio.stream.AudioStream,
+) -> _AudioPassthrough | _AudioTranscoder | None:
+    codec = stream.codec_context.name
+    if codec in _PASSTHROUGH_AUDIO:
+        return _AudioPassthrough(stream)
+    try:
+        return _AudioTranscoder(stream)
+    except (av.FFmpegError, ValueError) as exc:
+        log.warning("audio %s can't be transcoded (%s); video only", codec, exc)
+        return None
+
+
+class _AudioPassthrough:
+    """G.711 and Opus go to browsers untouched (G.711 cut into 20 ms packets)."""
+
+    transcoded = False
+
+    def __init__(self, stream: av.audio.stream.AudioStream) -> None:
+        self.source_codec = stream.codec_context.name
+        self.rtp_codec, self.clock_rate = _PASSTHROUGH_AUDIO[self.source_codec]
+        self._time_base = stream.time_base or Fraction(1, self.clock_rate)
+        self._next: int | None = None
+
+    def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]:
+        data = bytes(packet)
+        if not data:
+            return
+        if packet.pts is not None:
+            ticks = math.floor(packet.pts * self._time_base * self.clock_rate)
+        else:
+            ticks = self._next or 0
+        if self.rtp_codec == "opus":
+            yield _audio_frame(data, ticks)
+            self._next = ticks + OPUS_FRAME_SAMPLES
+            return
+        for offset in range(0, len(data), G711_FRAME_SAMPLES):  # one byte per sample
+            chunk = data[offset : offset + G711_FRAME_SAMPLES]
+            yield _audio_frame(chunk, ticks + offset)
+        self._next = ticks + len(data)
+
+
+class _AudioTranscoder:
+    """Anything else (AAC…) to 48 kHz stereo Opus in 20 ms frames, once per source."""
+
+    rtp_codec = "opus"
+    clock_rate = OPUS_CLOCK_RATE
+    transcoded = True
+
+    def __init__(self, stream: av.audio.stream.AudioStream) -> None:
+        self.source_codec = stream.codec_context.name
+        self._resampler = av.AudioResampler(
+            format="s16", layout="stereo", rate=OPUS_CLOCK_RATE, frame_size=OPUS_FRAME_SAMPLES
+        )
+        encoder = av.CodecContext.create("libopus", "w")
+        encoder.sample_rate = OPUS_CLOCK_RATE
+        encoder.layout = "stereo"
+        encoder.format = av.AudioFormat("s16")
+        encoder.bit_rate = 64_000
+        encoder.time_base = Fraction(1, OPUS_CLOCK_RATE)
+        encoder.open()
+        self._encoder: Any = encoder
+        self._samples = 0
+
+    def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]:
+        for decoded in cast("list[av.AudioFrame]", packet.decode()):
+            for frame in self._resampler.resample(decoded):
+                frame.pts = self._samples
+                frame.time_base = Fraction(1, OPUS_CLOCK_RATE)
+                self._samples += frame.samples
+                for encoded in self._encoder.encode(frame):
+                    yield _audio_frame(bytes(encoded), int(encoded.pts or 0))
+
+
+def _audio_frame(data: bytes, ticks: int) -> EncodedFrame:
+    return EncodedFrame(
+        kind="audio", timestamp=ticks, keyframe=True, payloads=(data,), size=len(data)
+    )
 
 
 def _open_h264_encoder(width: int, height: int, *, kbps: int, fps: int, gop: int) -> Any:

@@ -135,7 +135,7 @@ class PeerConnection:
         self._label = label
         self._ignore_mdns = ignore_mdns
         self._state_changed = trio.Event()
-        self._track: ViewerTrack | None = None
+        self._tracks: list[SubscriberTrack] = []
 
         @pc.on("connectionstatechange")
         def _on_state_change() -> None:
@@ -151,17 +151,28 @@ class PeerConnection:
         await self._state_changed.wait()
         return self.connection_state
 
-    async def answer(self, offer_sdp: str, video: Subscriber) -> str:
-        """Apply the browser's offer, send ``video`` as H.264, and return the answer SDP.
+    async def answer(
+        self,
+        offer_sdp: str,
+        video: Subscriber,
+        audio: Subscriber | None = None,
+        audio_codec: str | None = None,
+    ) -> str:
+        """Apply the browser's offer, send ``video`` as H.264 (and ``audio`` in ``audio_codec``),
+        and return the answer SDP.
 
         Raises:
             SignalingError: ``invalid_sdp`` or ``unsupported_codec``, saying what was wrong.
         """
         if self._ignore_mdns:
             offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
-        self._track = ViewerTrack(video)
+        self._tracks = [SubscriberTrack(video, "video")]
+        if audio is not None and audio_codec is not None:
+            self._tracks.append(SubscriberTrack(audio, "audio"))
         try:
-            return str(await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._track))
+            return str(
+                await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._tracks, audio_codec)
+            )
         except OperationError as exc:
             raise SignalingError(
                 ErrorCode.UNSUPPORTED_CODEC,
@@ -172,19 +183,25 @@ class PeerConnection:
                 ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
             ) from None
 
-    async def _answer(self, offer_sdp: str, track: ViewerTrack) -> str:
-        sender = self._pc.addTrack(track)
-        # Replace the encoder before the sender starts: frames arrive already packetized.
-        if not hasattr(sender, _SENDER_ENCODER_ATTRIBUTE):
-            raise RuntimeError("aiortc's RTCRtpSender changed: no encoder attribute to replace")
-        setattr(sender, _SENDER_ENCODER_ATTRIBUTE, PrepacketizedEncoder())
-        transceiver = next(t for t in self._pc.getTransceivers() if t.sender is sender)
-        capabilities = RTCRtpSender.getCapabilities("video")
-        transceiver.setCodecPreferences(
-            [c for c in capabilities.codecs if c.mimeType.lower() in ("video/h264", "video/rtx")]
-        )
+    async def _answer(
+        self, offer_sdp: str, tracks: list[SubscriberTrack], audio_codec: str | None
+    ) -> str:
+        wanted = {"video": ("video/h264", "video/rtx"), "audio": (f"audio/{audio_codec}".lower(),)}
+        transceivers = []
+        for track in tracks:
+            sender = self._pc.addTrack(track)
+            # Replace the encoder before the sender starts: frames arrive already packetized.
+            if not hasattr(sender, _SENDER_ENCODER_ATTRIBUTE):
+                raise RuntimeError("aiortc's RTCRtpSender changed: no encoder attribute to replace")
+            setattr(sender, _SENDER_ENCODER_ATTRIBUTE, PrepacketizedEncoder())
+            transceiver = next(t for t in self._pc.getTransceivers() if t.sender is sender)
+            capabilities = RTCRtpSender.getCapabilities(track.kind)
+            transceiver.setCodecPreferences(
+                [c for c in capabilities.codecs if c.mimeType.lower() in wanted[track.kind]]
+            )
+            transceivers.append(transceiver)
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        if transceiver.mid is None:
+        if transceivers[0].mid is None:
             raise ValueError("the offer has no video section for the stream")
         answer = await self._pc.createAnswer()
         await self._pc.setLocalDescription(answer)
@@ -224,8 +241,8 @@ class PeerConnection:
         return True
 
     async def _close(self) -> None:
-        if self._track is not None:
-            self._track.stop()
+        for track in self._tracks:
+            track.stop()
         await trio_asyncio.aio_as_trio(self._pc.close)()
 
 
@@ -236,17 +253,16 @@ class PrepacketizedEncoder:
         return frame.payloads, frame.timestamp
 
 
-class ViewerTrack(MediaStreamTrack):
-    """A video track that plays one viewer's :class:`Subscriber` queue.
+class SubscriberTrack(MediaStreamTrack):
+    """A track that plays one viewer's :class:`Subscriber` queue (video or audio).
 
     It never ends on its own: a source that restarts keeps the same track (a track that ends
     stops aiortc's sender for good).
     """
 
-    kind = "video"
-
-    def __init__(self, subscriber: Subscriber) -> None:
+    def __init__(self, subscriber: Subscriber, kind: str) -> None:
         super().__init__()
+        self.kind = kind
         self._subscriber = subscriber
         self._waiter: asyncio.Future[None] | None = None
         subscriber.set_wakeup(self._wake)
@@ -277,6 +293,19 @@ class ViewerTrack(MediaStreamTrack):
         self._subscriber.set_wakeup(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+_AUDIO_SECTION: Final = re.compile(r"^m=audio [1-9]\d* .*?(?=^m=|\Z)", re.M | re.S)
+
+
+def offer_accepts_audio(offer_sdp: str, codec: str) -> bool:
+    """Whether the offer has an active audio section that lists ``codec`` (e.g. "PCMU")."""
+    section = _AUDIO_SECTION.search(offer_sdp)
+    if section is None or re.search(r"^a=inactive", section.group(), re.M):
+        return False
+    return (
+        re.search(rf"^a=rtpmap:\d+ {re.escape(codec)}/", section.group(), re.M | re.I) is not None
+    )
 
 
 def _describe(exc: BaseException) -> str:

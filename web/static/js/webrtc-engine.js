@@ -37,7 +37,8 @@
    *   `signalingUrl` and `url` are accepted as older spellings
    * @property {string} [token] access token, passed to the manager
    * @property {RTCIceServer[]} [iceServers] default: what the server announced in `welcome`
-   * @property {boolean} [audio] also receive audio (default false)
+   * @property {boolean} [audio] also receive the camera's audio, if it has any (default false;
+   *   the video element stays muted until the page unmutes it)
    * @property {number} [statsInterval] ms between `stats` events (default 1000; 0 disables)
    * @property {boolean} [autoReconnect] renegotiate after failures (default true)
    * @property {number} [answerTimeout] ms to wait for the answer (default 15000)
@@ -99,6 +100,8 @@
     #announcedConnected = false;
     /** @type {object|null} the handlers registered with the manager, to unregister only ours */
     #handlers = null;
+    /** @type {MediaStream|null} what the video element plays: this negotiation's tracks */
+    #mediaStream = null;
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -234,6 +237,7 @@
 
     async #negotiate() {
       this.#closePeer();
+      this.#mediaStream = null;
       this.#announcedConnected = false;
       this.#lastSample = null;
       const sessionId = `${this.#manager.instanceId || 'p'}-${++sessionCounter}`;
@@ -407,16 +411,23 @@
 
     /** @param {RTCTrackEvent} event */
     #attach(event) {
-      const stream = event.streams && event.streams[0] ? event.streams[0] : new MediaStream([event.track]);
+      // The server sends video and audio as separate streams: gather them into one, so the
+      // video element plays both (it stays muted until the page unmutes it).
+      if (!this.#mediaStream) this.#mediaStream = new MediaStream();
+      const stream = this.#mediaStream;
+      for (const old of stream.getTracks().filter((t) => t.kind === event.track.kind)) stream.removeTrack(old);
+      stream.addTrack(event.track);
       const video = this.videoElement;
-      if (video && event.track.kind === 'video') {
-        video.muted = true; // autoplay needs it; the page may unmute
-        video.autoplay = true;
-        video.playsInline = true;
-        if (video.srcObject !== stream) video.srcObject = stream;
+      if (video) {
+        if (video.srcObject !== stream) {
+          video.muted = true; // autoplay needs it; the page may unmute
+          video.autoplay = true;
+          video.playsInline = true;
+          video.srcObject = stream;
+        }
         const played = video.play();
         if (played && played.catch) played.catch(() => { /* autoplay refused: the page shows controls */ });
-        this.#watchFirstFrame(video);
+        if (event.track.kind === 'video') this.#watchFirstFrame(video);
       }
       this.#emit('track', { streamId: this.streamId, track: event.track, stream });
     }

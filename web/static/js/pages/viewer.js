@@ -21,7 +21,7 @@
     const url = new URL(window.location.href);
     url.searchParams.set('stream', streamId);
     history.replaceState(null, '', url);
-    engine = new WebRTCEngine({ streamId, videoElement: video });
+    engine = new WebRTCEngine({ streamId, videoElement: video, audio: true });
     engine.on('state', (/** @type {any} */ s) => {
       setPill(statePill, s.state);
       detail.textContent = s.detail || '';
@@ -38,6 +38,7 @@
   }
 
   select.addEventListener('change', () => play(select.value));
+  /** @type {any} */ (window).msViewer = { get engine() { return engine; } };
   window.addEventListener('pagehide', () => engine && engine.disconnect());
 
   fetchStreams()

@@ -305,3 +305,67 @@ async def test_the_viewer_page_plays_the_camera_sound_too(
         assert watch.errors == []
 
     await in_browser(scenario)
+
+
+JITTER_SAMPLE = """async () => {
+    const report = await window.msViewer.engine.pc.getStats();
+    let video = null;
+    report.forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') video = s; });
+    return video && {delay: video.jitterBufferDelay, emitted: video.jitterBufferEmittedCount,
+                     decoded: video.framesDecoded, keyFrames: video.keyFramesDecoded};
+}"""
+
+
+async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_as_the_first(
+    start_server: StartServer, camera: Camera
+) -> None:
+    config = make_config([{"id": "cam", "source": camera.url("/h264-gop4"), "on_demand": False}])
+    server = await start_server(config)
+    stream = server.services.registry.get("cam")
+    assert stream is not None
+
+    def join(browser: Browser) -> Page:
+        page = browser.new_page()
+        page.goto(f"{server.url}/static/viewer.html?stream=cam")
+        return page
+
+    def scenario(browser: Browser) -> dict[str, float]:
+        first = join(browser)
+        first.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
+        # Join the second viewer well into a 4 s GOP.
+        trio.from_thread.run(wait_gop, 50, trio_token=token)
+        gop_when_joining = stream.fanout.statistics().gop_frames
+        late = join(browser)
+        late.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
+        gop_at_picture = stream.fanout.statistics().gop_frames
+        # Both settled: compare their jitter-buffer delay over the same 2 s window.
+        late.wait_for_timeout(3000)
+        a1, b1 = first.evaluate(JITTER_SAMPLE), late.evaluate(JITTER_SAMPLE)
+        late.wait_for_timeout(2000)
+        a2, b2 = first.evaluate(JITTER_SAMPLE), late.evaluate(JITTER_SAMPLE)
+        return {
+            "gop_when_joining": gop_when_joining,
+            "gop_at_picture": gop_at_picture,
+            "first_delay": (a2["delay"] - a1["delay"]) / (a2["emitted"] - a1["emitted"]),
+            "late_delay": (b2["delay"] - b1["delay"]) / (b2["emitted"] - b1["emitted"]),
+        }
+
+    async def wait_gop(frames: int) -> None:
+        published = trio.Event()
+        with trio.fail_after(20), stream.open_viewer() as probe:
+            while stream.fanout.statistics().gop_frames < frames:
+                probe.set_wakeup(published.set)
+                await published.wait()
+                published = trio.Event()
+                while probe.get_nowait() is not None:
+                    pass
+
+    token = trio.lowlevel.current_trio_token()
+    result = await in_browser(scenario)
+    assert result["gop_when_joining"] >= 50  # 2 s into the GOP: the next keyframe is 2 s away
+    # It was playing (10+ frames decoded) while the GOP it joined was still the current one:
+    # its picture came from the cached keyframe, not from waiting for the next one.
+    assert result["gop_at_picture"] > result["gop_when_joining"]
+    # And a few seconds on it is no further behind live than the viewer who joined first.
+    print("late joiner:", result)
+    assert result["late_delay"] <= result["first_delay"] + 0.05, result

@@ -8,6 +8,7 @@ Prints ``READY <port>`` once it listens, then serves until stdin closes or it is
 Mount points (all live, shared between clients like a real camera):
 
     /h264        640x360 25 fps, ~800 kbps, keyframe every 2 s
+    /h264-gop1   the same with a keyframe every second
     /h264-gop4   the same with a keyframe every 4 s
     /h264-hd     1920x1080 25 fps, ~4 Mbps, keyframe every 2 s
     /h264-bframes  640x360 25 fps H.264 main profile with B-frames
@@ -44,6 +45,7 @@ AUDIO_SOURCE = "audiotestsrc is-live=true wave=sine freq=440 volume=0.3"
 
 MOUNTS = {
     "/h264": f"( {video(640, 360, 800, 50)} )",
+    "/h264-gop1": f"( {video(640, 360, 800, 25)} )",
     "/h264-gop4": f"( {video(640, 360, 800, 100)} )",
     "/h264-hd": f"( {video(1920, 1080, 4000, 50)} )",
     "/h264-bframes": (

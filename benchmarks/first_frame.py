@@ -190,35 +190,38 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     browser = playwright = None
-    with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
-        with mediastream_server(config_text(camera_port), Path(tmp)) as (url, _pid):
-            if args.client == "chromium":
-                from playwright.sync_api import sync_playwright
+    with (
+        rtsp_camera() as camera_port,
+        tempfile.TemporaryDirectory() as tmp,
+        mediastream_server(config_text(camera_port), Path(tmp)) as (url, _pid),
+    ):
+        if args.client == "chromium":
+            from playwright.sync_api import sync_playwright
 
-                playwright = sync_playwright().start()
-                browser = playwright.chromium.launch(
-                    executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS
-                )
-            time.sleep(3)  # the always-on streams are running
-            for gop in GOPS:
-                for mode in ("warm", "cold"):
-                    stream_id = f"{mode}-{gop}"
-                    for count in counts:
-                        samples: list[dict[str, float]] = []
-                        for _ in range(args.rounds):
-                            if mode == "cold":
-                                wait_stopped(url, stream_id)
-                            else:
-                                time.sleep(random.uniform(0.2, 4.2))  # a random point of the GOP
-                            if browser is not None:
-                                samples += run_chromium(browser, url, stream_id, count)
-                            else:
-                                samples += run_aiortc(url, stream_id, count)
-                        rows.append(summarise(gop, mode, count, samples))
-                        print(rows[-1], file=sys.stderr)
-            if browser is not None:
-                browser.close()
-                playwright.stop()
+            playwright = sync_playwright().start()
+            browser = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS
+            )
+        time.sleep(3)  # the always-on streams are running
+        for gop in GOPS:
+            for mode in ("warm", "cold"):
+                stream_id = f"{mode}-{gop}"
+                for count in counts:
+                    samples: list[dict[str, float]] = []
+                    for _ in range(args.rounds):
+                        if mode == "cold":
+                            wait_stopped(url, stream_id)
+                        else:
+                            time.sleep(random.uniform(0.2, 4.2))  # a random point of the GOP
+                        if browser is not None:
+                            samples += run_chromium(browser, url, stream_id, count)
+                        else:
+                            samples += run_aiortc(url, stream_id, count)
+                    rows.append(summarise(gop, mode, count, samples))
+                    print(rows[-1], file=sys.stderr)
+        if browser is not None:
+            browser.close()
+            playwright.stop()
 
     print(f"\nTime to first frame, {args.client} viewers, {args.rounds} rounds per case (ms)")
     headers = ["GOP", "start", "viewers", "samples", "p50", "p95", "max"]

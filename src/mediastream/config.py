@@ -88,6 +88,9 @@ class MediaConfig:
     viewer_queue_frames: int = 300
     #: frames of the current GOP kept for late joiners; a longer GOP is not cached.
     gop_cache_frames: int = 300
+    #: how fast a late joiner is sent the cached GOP, in kbit/s: fast enough to reach the
+    #: live edge quickly, paced so a big GOP doesn't arrive as one burst.
+    catchup_rate_kbps: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,7 @@ def _check_ranges(config: Config) -> None:
         "media.retry_max_delay": config.media.retry_max_delay,
         "media.viewer_queue_frames": config.media.viewer_queue_frames,
         "media.gop_cache_frames": config.media.gop_cache_frames,
+        "media.catchup_rate_kbps": config.media.catchup_rate_kbps,
         "limits.max_message_bytes": config.limits.max_message_bytes,
         "limits.max_sdp_bytes": config.limits.max_sdp_bytes,
         "limits.max_streams_per_socket": config.limits.max_streams_per_socket,

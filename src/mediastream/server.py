@@ -90,7 +90,9 @@ async def serve(
         async with trio_asyncio.open_loop():
             changes = ChangeSignal()
             registry = StreamRegistry(config, changes)
-            peers = PeerConnectionFactory(config.webrtc, changes)
+            peers = PeerConnectionFactory(
+                config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
+            )
             hub = SignalingHub(config, registry, peers, changes)
             services = Services(
                 registry=registry, peers=peers, hub=hub, static_dir=static_dir, changes=changes

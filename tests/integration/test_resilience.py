@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import trio
@@ -189,3 +190,27 @@ async def test_500_viewer_cycles_leave_nothing_behind(start_server: StartServer)
     assert after[0].tasks <= baseline[0].tasks
     assert after[0].threads <= baseline[0].threads + 2  # idle pool threads retire on a timer
     assert after[1] <= baseline[1] + 2
+
+
+async def test_a_camera_that_stalls_is_reopened_and_resumes(start_server: StartServer) -> None:
+    # A stalled camera keeps its TCP connection open and sends nothing: SIGSTOP does exactly that.
+    port = free_port()
+    camera = await trio.to_thread.run_sync(start_camera, port)
+    try:
+        config = make_config([{"id": "cam", "source": camera.url("/h264")}], media=FAST_RETRY)
+        server = await start_server(config)
+        stream = server.services.registry.get("cam")
+        assert stream is not None
+        async with open_viewer(server.ws_url) as viewer:
+            played = await viewer.play("cam")
+            await played.wait_frames(10)
+            camera.process.send_signal(signal.SIGSTOP)
+            try:
+                await wait_until(server, lambda: stream.state in ("reconnecting", "offline"))
+            finally:
+                camera.process.send_signal(signal.SIGCONT)
+            await wait_until(server, lambda: stream.state == "live")
+            await played.wait_frames(25)
+        assert "no data for 1 s (stalled)" in (stream.statistics().last_error or "")
+    finally:
+        await trio.to_thread.run_sync(stop_camera, camera)

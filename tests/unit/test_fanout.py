@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mediastream.media.fanout import FanOut
 from mediastream.media.frames import EncodedFrame
 
@@ -123,3 +125,14 @@ def test_video_and_audio_subscribers_each_get_only_their_kind() -> None:
     assert drain(video) == [0, 1]
     assert drain(audio) == [160]
     assert fanout.subscriber_count == 2
+
+
+def test_catch_up_frames_are_paced_and_live_frames_are_not() -> None:
+    from mediastream.media.fanout import CatchUpPacer
+
+    pacer = CatchUpPacer(rate=1000)  # bytes per second
+    assert pacer.delay(500, now=10.0, backlog=True) == 0.0  # the first goes at once
+    assert pacer.delay(500, now=10.0, backlog=True) == 0.5  # then 500 bytes take 0.5 s
+    assert pacer.delay(250, now=10.2, backlog=True) == pytest.approx(0.8)
+    assert pacer.delay(5000, now=10.3, backlog=False) == 0.0  # live: never held back
+    assert pacer.delay(100, now=10.3, backlog=True) == 0.0

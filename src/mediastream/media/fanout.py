@@ -147,6 +147,29 @@ class Subscriber:
             )
 
 
+class CatchUpPacer:
+    """Spaces out the frames a viewer catches up on, so a replayed GOP is not one burst.
+
+    A late joiner's queue starts with the cached GOP; sending it all at once can overflow
+    the receiver's socket buffer on a big GOP (a lost packet older than the sender's
+    retransmission history corrupts the picture until the next keyframe). Backlog frames go
+    out at ``rate`` bytes per second at most; live frames are never delayed.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._next = 0.0
+
+    def delay(self, size: int, now: float, *, backlog: bool) -> float:
+        """Seconds to wait before sending a frame of ``size`` bytes."""
+        if not backlog:
+            self._next = now
+            return 0.0
+        start = max(now, self._next)
+        self._next = start + size / self._rate
+        return start - now
+
+
 class FanOut:
     """Distributes one stream's frames to its subscribers.
 

@@ -348,7 +348,8 @@ def _read(
     try:
         container = _open(config, media)
     except av.FFmpegError as exc:
-        raise SourceError(f"cannot open {describe_source(spec)}: {_ffmpeg_reason(exc)}") from None
+        reason = _ffmpeg_reason(exc, f"no answer within {media.open_timeout:g} s")
+        raise SourceError(f"cannot open {describe_source(spec)}: {reason}") from None
     try:
         if not container.streams.video:
             raise SourceError(f"{describe_source(spec)} has no video track")
@@ -380,9 +381,8 @@ def _read(
         for frame in converter.flush():
             deliver(frame)
     except av.FFmpegError as exc:
-        raise SourceError(
-            f"reading {describe_source(spec)} failed: {_ffmpeg_reason(exc)}"
-        ) from None
+        reason = _ffmpeg_reason(exc, f"no data for {media.read_timeout:g} s (stalled)")
+        raise SourceError(f"reading {describe_source(spec)} failed: {reason}") from None
     finally:
         container.close()
 
@@ -675,7 +675,9 @@ def _frame(nal_units: list[bytes], ticks: int, keyframe: bool) -> EncodedFrame:
     )
 
 
-def _ffmpeg_reason(exc: av.FFmpegError) -> str:
+def _ffmpeg_reason(exc: av.FFmpegError, timed_out: str) -> str:
+    if isinstance(exc, av.ExitError):
+        return timed_out  # PyAV's timeout interrupts FFmpeg, which reports an "exit"
     # FFmpeg errors carry the URL as ``filename``: leave it out, credentials and all.
     return redact_text(exc.strerror or type(exc).__name__)
 

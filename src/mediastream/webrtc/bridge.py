@@ -49,7 +49,7 @@ from aiortc.sdp import candidate_from_sdp
 from ..changes import ChangeSignal
 from ..config import WebRTCConfig
 from ..errors import ErrorCode, SignalingError
-from ..media.fanout import Subscriber
+from ..media.fanout import CatchUpPacer, Subscriber
 from ..media.frames import EncodedFrame
 from ..protocol import IceCandidate
 
@@ -79,10 +79,18 @@ class PeerConnectionFactory:
     Args:
         config: ICE servers and candidate policy.
         changes: notified whenever a peer connection opens or closes.
+        catchup_rate: bytes per second at most while a viewer catches up on a cached GOP.
     """
 
-    def __init__(self, config: WebRTCConfig, changes: ChangeSignal | None = None) -> None:
+    def __init__(
+        self,
+        config: WebRTCConfig,
+        changes: ChangeSignal | None = None,
+        *,
+        catchup_rate: float = 20e6 / 8,
+    ) -> None:
         self._config = config
+        self._catchup_rate = catchup_rate
         self._changes = changes or ChangeSignal()
         self._open = 0
         self._opened = 0
@@ -112,7 +120,12 @@ class PeerConnectionFactory:
         self._open += 1
         self._opened += 1
         self._changes.notify()
-        peer = PeerConnection(pc, label, ignore_mdns=self._config.ignore_mdns_candidates)
+        peer = PeerConnection(
+            pc,
+            label,
+            ignore_mdns=self._config.ignore_mdns_candidates,
+            catchup_rate=self._catchup_rate,
+        )
         try:
             yield peer
         finally:
@@ -130,10 +143,13 @@ class PeerConnectionFactory:
 class PeerConnection:
     """One aiortc peer connection, seen from Trio. Made by :meth:`PeerConnectionFactory.open`."""
 
-    def __init__(self, pc: RTCPeerConnection, label: str, *, ignore_mdns: bool) -> None:
+    def __init__(
+        self, pc: RTCPeerConnection, label: str, *, ignore_mdns: bool, catchup_rate: float
+    ) -> None:
         self._pc = pc
         self._label = label
         self._ignore_mdns = ignore_mdns
+        self._catchup_rate = catchup_rate
         self._state_changed = trio.Event()
         self._tracks: list[SubscriberTrack] = []
 
@@ -166,9 +182,9 @@ class PeerConnection:
         """
         if self._ignore_mdns:
             offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
-        self._tracks = [SubscriberTrack(video, "video")]
+        self._tracks = [SubscriberTrack(video, "video", self._catchup_rate)]
         if audio is not None and audio_codec is not None:
-            self._tracks.append(SubscriberTrack(audio, "audio"))
+            self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
         try:
             return str(
                 await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._tracks, audio_codec)
@@ -260,10 +276,11 @@ class SubscriberTrack(MediaStreamTrack):
     stops aiortc's sender for good).
     """
 
-    def __init__(self, subscriber: Subscriber, kind: str) -> None:
+    def __init__(self, subscriber: Subscriber, kind: str, catchup_rate: float) -> None:
         super().__init__()
         self.kind = kind
         self._subscriber = subscriber
+        self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
         subscriber.set_wakeup(self._wake)
 
@@ -276,9 +293,12 @@ class SubscriberTrack(MediaStreamTrack):
         while True:
             frame = self._subscriber.get_nowait()
             if frame is not None:
-                if self._subscriber.queued_frames:
-                    # Catching up through a cached GOP: let other peers send between frames.
-                    await asyncio.sleep(0)
+                backlog = self._subscriber.queued_frames > 0
+                loop = asyncio.get_running_loop()
+                # Catching up through a cached GOP: paced, and other peers send in between.
+                wait = self._pacer.delay(frame.size, loop.time(), backlog=backlog)
+                if backlog:
+                    await asyncio.sleep(wait)
                 return frame
             if self._subscriber.closed or self.readyState != "live":
                 raise MediaStreamError

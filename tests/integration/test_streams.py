@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import trio
 
 from mediastream.config import default_config
@@ -237,18 +238,19 @@ async def test_always_on_stream_runs_from_server_start(start_server: StartServer
     assert stream.viewers == 0 and stream.source_running
 
 
-async def test_mjpeg_camera_is_transcoded_once_for_all_its_viewers(
-    start_server: StartServer, camera: Camera
+@pytest.mark.parametrize(("mount", "codec"), [("/mjpeg", "mjpeg"), ("/h265", "hevc")])
+async def test_a_camera_codec_browsers_cant_take_is_transcoded_once_for_all_its_viewers(
+    start_server: StartServer, camera: Camera, mount: str, codec: str
 ) -> None:
-    server = await start_server(make_config([{"id": "mjpeg", "source": camera.url("/mjpeg")}]))
+    server = await start_server(make_config([{"id": "cam", "source": camera.url(mount)}]))
     async with open_viewer(server.ws_url) as first, open_viewer(server.ws_url) as second:
-        streams = [await first.play("mjpeg"), await second.play("mjpeg")]
+        streams = [await first.play("cam"), await second.play("cam")]
         for played in streams:
             await played.wait_frames(10)
             assert played.sizes == {(640, 360)}
-    stats = server.services.registry.get("mjpeg").statistics()  # type: ignore[union-attr]
+    stats = server.services.registry.get("cam").statistics()  # type: ignore[union-attr]
     assert stats.encoders_opened == 1
-    assert stats.codec == "h264 (encoded once from mjpeg)"
+    assert stats.codec == f"h264 (encoded once from {codec})"
 
 
 async def test_h264_with_b_frames_is_transcoded_once_for_all_its_viewers(

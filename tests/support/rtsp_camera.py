@@ -12,6 +12,7 @@ Mount points (all live, shared between clients like a real camera):
     /h264-gop4   the same with a keyframe every 4 s
     /h264-hd     1920x1080 25 fps, ~4 Mbps, keyframe every 2 s
     /h264-bframes  640x360 25 fps H.264 main profile with B-frames
+    /h265        640x360 25 fps H.265
     /mjpeg       640x360 25 fps Motion JPEG
     /h264-pcmu   /h264 plus G.711 µ-law audio
     /h264-opus   /h264 plus Opus audio
@@ -53,6 +54,11 @@ MOUNTS = {
         "framerate=25/1 ! timeoverlay ! x264enc speed-preset=superfast bframes=2 b-adapt=false "
         "bitrate=800 key-int-max=50 ! video/x-h264,profile=main ! "
         "rtph264pay name=pay0 pt=96 config-interval=1 )"
+    ),
+    "/h265": (
+        "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,"
+        "framerate=25/1 ! timeoverlay ! x265enc speed-preset=ultrafast tune=zerolatency "
+        "bitrate=800 key-int-max=50 ! rtph265pay name=pay0 pt=96 config-interval=1 )"
     ),
     "/mjpeg": (
         "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,"

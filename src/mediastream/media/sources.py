@@ -156,12 +156,13 @@ async def run_source(
             for timeline in timelines.values():
                 timeline.new_attempt()
             went_live = False
+            started = trio.current_time()
             try:
                 went_live = await _run_attempt(config, media, sink, timelines, label, transcode)
-                if spec.kind != "rtsp":
+                if spec.kind != "rtsp" and went_live:
                     failures = 0
                     continue  # a file or pattern ended: loop it, seamlessly
-                reason = "the source ended the stream"
+                reason = "the source ended the stream" if went_live else "the source had no frames"
             except _NeedsTranscoding as exc:
                 log.info("%s: %s; transcoding it to H.264 once for all viewers", label, exc)
                 transcode = True
@@ -174,13 +175,12 @@ async def run_source(
                 log.exception("%s: source failed unexpectedly", label)
                 reason = f"internal error ({type(exc).__name__})"
             ever_live = ever_live or went_live
-            failures = 0 if went_live else failures + 1
+            # A camera that ran for a good while starts the backoff afresh; one that keeps
+            # dropping right after connecting (flapping) backs off like one that is down.
+            healthy = went_live and trio.current_time() - started >= media.retry_max_delay
+            failures = 1 if healthy else failures + 1
             delay = backoff_delay(failures, media.retry_initial_delay, media.retry_max_delay)
-            state = (
-                SourceState.RECONNECTING
-                if ever_live and (went_live or failures < 3)
-                else SourceState.OFFLINE
-            )
+            state = SourceState.RECONNECTING if ever_live and failures <= 3 else SourceState.OFFLINE
             log.warning("%s: %s; retrying in %.1f s", label, reason, delay)
             sink.source_state(state, f"{reason}; retrying in {delay:.0f} s")
             sink.source_restarted()

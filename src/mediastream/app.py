@@ -3,15 +3,21 @@
 Routes:
     ``/ws``                       the signaling socket (``docs/protocol.md``)
     ``/static/…``                 pages and scripts from ``web/static``, never served stale
-    ``/api/streams``              every stream: id, name, state, viewers, codec, source
+    ``/api/streams``              the streams the caller may watch: id, name, state, viewers…
     ``/api/streams/<id>``         one stream
     ``/api/stats``                sockets, sessions, peer connections, sources, tasks, threads
+                                  (admin)
     ``/healthz``                  liveness
+
+With ``[security]`` configured, ``/ws`` and ``/api`` need an access token (``docs/security.md``):
+the ``token`` query parameter or an ``Authorization: Bearer`` header. Pages and scripts are
+public: they hold no secrets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -24,10 +30,14 @@ from quart.helpers import send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.security import safe_join
 
+from .auth import AuthError, Grant, bearer_token
 from .changes import ChangeSignal
+from .errors import ErrorCode
 from .registry import StreamRegistry, StreamStatistics
-from .signaling import MessageSocket, SignalingHub
+from .signaling import MessageSocket, Refused, SignalingHub
 from .webrtc.bridge import PeerConnectionFactory
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATIC_DIR: Final = Path(__file__).resolve().parents[2] / "web" / "static"
 _ASSET_REFERENCE: Final = re.compile(r'(?P<attr>(?:src|href)=")(?P<path>/static/[^"?#]+)(?P<end>")')
@@ -57,6 +67,8 @@ class Services:
     static_dir: Path
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
+    #: ``security.allowed_origins``
+    allowed_origins: tuple[str, ...] = ()
 
     def statistics(self) -> ServerStatistics:
         """The server's moving parts, counted (call from inside the server's Trio run)."""
@@ -93,21 +105,32 @@ def create_app(services: Services) -> QuartTrio:
     async def healthz() -> Any:
         return jsonify({"status": "ok"})
 
+    def caller() -> Grant:
+        """The caller's grant; aborts with 401 when a token is needed and missing or bad."""
+        token = request.args.get("token") or bearer_token(request.headers.get("Authorization"))
+        try:
+            return services.hub.authenticator.verify(token)
+        except AuthError as exc:
+            abort(_json_error(401, exc.code, exc.message))
+
     @app.route("/api/streams")
     async def list_streams() -> Any:
-        return jsonify({"streams": [_stream_json(s) for s in services.registry.statistics()]})
+        grant = caller()
+        visible = [s for s in services.registry.statistics() if grant.allows(s.id)]
+        return jsonify({"streams": [_stream_json(s) for s in visible]})
 
     @app.route("/api/streams/<stream_id>")
     async def get_stream(stream_id: str) -> Any:
+        grant = caller()
         stream = services.registry.get(stream_id)
-        if stream is None:
-            return jsonify(
-                {"error": f'Stream "{stream_id}" not found', "code": "stream_not_found"}
-            ), 404
+        if stream is None or not grant.allows(stream_id):
+            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
         return jsonify(_stream_json(stream.statistics()))
 
     @app.route("/api/stats")
     async def stats() -> Any:
+        if not caller().admin:
+            return _json_error(403, ErrorCode.FORBIDDEN, "This needs an admin token")
         s = services.statistics()
         return jsonify(
             {
@@ -130,12 +153,43 @@ def create_app(services: Services) -> QuartTrio:
         return await assets.send(filename)
 
     @app.websocket("/ws")
-    async def signaling_socket() -> None:
+    async def signaling_socket() -> Any:
+        # Decided before the socket is accepted: the browser then sees an HTTP status.
         client = websocket.remote_addr or "unknown"
+        origin = websocket.headers.get("Origin")
+        if not origin_allowed(origin, websocket.scheme, websocket.host, services.allowed_origins):
+            log.warning("%s: socket refused: origin %s not allowed", client, origin)
+            return _json_error(403, ErrorCode.FORBIDDEN, f"Origin {origin} is not allowed")
+        token = websocket.args.get("token") or bearer_token(websocket.headers.get("Authorization"))
+        try:
+            grant = services.hub.admit(client, token)
+        except Refused as refused:
+            log.warning("%s: socket refused: %s", client, refused.message)
+            return _json_error(refused.status, refused.code, refused.message)
         socket = cast(MessageSocket, websocket._get_current_object())  # type: ignore[attr-defined]
-        await services.hub.serve(socket, client)
+        await services.hub.serve(socket, client, grant)
+        return None
 
     return app
+
+
+def origin_allowed(origin: str | None, scheme: str, host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a page from ``origin`` may open a socket on this server.
+
+    No ``Origin`` header means no browser page (a tool, a test client): allowed, since it
+    can't carry a visitor's cookies. Otherwise the origin must be this server's own, or one of
+    ``security.allowed_origins``.
+    """
+    if origin is None or "*" in allowed:
+        return True
+    own = f"{'https' if scheme in ('https', 'wss') else 'http'}://{host}"
+    return origin == own or origin in allowed
+
+
+def _json_error(status: int, code: ErrorCode, message: str) -> Response:
+    response = jsonify({"error": message, "code": str(code)})
+    response.status_code = status
+    return response
 
 
 class _StaticAssets:

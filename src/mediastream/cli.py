@@ -1,9 +1,12 @@
 """The ``mediastream`` command.
 
     mediastream serve [--config FILE] [--host HOST] [--port PORT] [--log-level LEVEL]
+                      [--certfile PEM --keyfile PEM]
+    mediastream token --streams PATTERN [--streams …] [--ttl 12h] [--admin] [--config FILE]
 
 Without ``--config`` the server runs three synthetic demo streams. Command-line options
-override the file's ``[server]`` values. SIGINT and SIGTERM shut down gracefully.
+override the file's ``[server]`` values. SIGINT and SIGTERM shut down gracefully. ``token``
+prints an access token signed with the configured ``security.jwt_secret``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import trio
 
 from . import __version__
 from .app import DEFAULT_STATIC_DIR
+from .auth import Authenticator, AuthError, parse_duration
 from .config import Config, default_config, load_config
 from .errors import ConfigError
 from .server import RunningServer, serve
@@ -40,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mediastream: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "token":
+        return _print_token(args, config)
     _setup_logging(config.server.log_level)
     if args.config is None:
         log.info("no --config given: serving the built-in demo streams")
@@ -52,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(cause, OSError):
             where = f"{config.server.host}:{config.server.port}"
-            print(
-                f"mediastream: cannot serve on {where}: {cause.strerror or cause}", file=sys.stderr
-            )
+            reason = cause.strerror or cause
+            print(f"mediastream: cannot serve on {where}: {reason}", file=sys.stderr)
             return 1
         raise
     return 0
@@ -85,19 +90,61 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_STATIC_DIR,
         help="folder of the pages and scripts (default: the source tree's web/static)",
     )
+    run.add_argument("--certfile", help="serve HTTPS/WSS with this PEM certificate chain")
+    run.add_argument("--keyfile", help="the certificate's PEM private key")
+    token = commands.add_parser(
+        "token", help="print an access token", description="Print a signed access token."
+    )
+    token.add_argument("--config", type=Path, help="TOML configuration with security.jwt_secret")
+    token.add_argument(
+        "--streams",
+        action="append",
+        required=True,
+        metavar="PATTERN",
+        help="a stream id or pattern the token grants (cam-*); repeat for more",
+    )
+    token.add_argument("--ttl", default="12h", help="lifetime: 90s, 15m, 12h, 7d (default 12h)")
+    token.add_argument("--admin", action="store_true", help="also grant the management API")
+    token.add_argument("--subject", help="who the token is for")
     return parser
 
 
 def _config_from(args: argparse.Namespace) -> Config:
     config = load_config(args.config) if args.config is not None else default_config()
+    if args.command != "serve":
+        return config
+    if bool(args.certfile) != bool(args.keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
     overrides = {
         key: value
-        for key, value in (("host", args.host), ("port", args.port), ("log_level", args.log_level))
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("log_level", args.log_level),
+            ("certfile", args.certfile),
+            ("keyfile", args.keyfile),
+        )
         if value is not None
     }
     if "port" in overrides and not 0 <= overrides["port"] <= 65535:
         raise ConfigError(f"--port must be 0-65535, got {overrides['port']}")
     return dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+
+
+def _print_token(args: argparse.Namespace, config: Config) -> int:
+    try:
+        ttl = parse_duration(args.ttl)
+        token = Authenticator(config.security).issue(
+            args.streams, ttl, admin=args.admin, subject=args.subject
+        )
+    except ValueError as exc:
+        print(f"mediastream: --ttl: {exc}", file=sys.stderr)
+        return 2
+    except AuthError as exc:
+        print(f"mediastream: {exc.message}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def _setup_logging(level: str) -> None:

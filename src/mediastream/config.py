@@ -45,6 +45,23 @@ class ServerConfig:
     #: how long a shutdown waits for sockets and peers to close before cutting them off.
     graceful_timeout: float = 5 * SECONDS
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: serve HTTPS and WSS with this certificate chain and private key (PEM files).
+    certfile: str = ""
+    keyfile: str = ""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """``[security]``: who may watch what. No secret and no key: the server is open."""
+
+    #: HS256 secret that signs and checks access tokens (or put it in ``jwt_secret_file``).
+    jwt_secret: str = ""
+    jwt_secret_file: str = ""
+    #: PEM public key checking RS256/ES256 tokens issued elsewhere.
+    jwt_public_key_file: str = ""
+    #: origins whose pages may open ``/ws`` (``https://wall.example.com``); empty: only the
+    #: server's own origin; ``"*"``: any.
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,12 @@ class LimitsConfig:
     max_streams_per_socket: int = 128
     #: candidates queued for a session before its offer is processed.
     max_pending_candidates: int = 64
+    #: sockets one client address may hold open at once (a page holds one).
+    max_sockets_per_client: int = 32
+    #: offers one socket may send per second (sustained; twice that in a burst).
+    max_offers_per_second: float = 10.0
+    #: messages of any kind one socket may send per second before it is closed as abusive.
+    max_messages_per_second: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +170,7 @@ class Config:
     webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     streams: tuple[StreamConfig, ...] = ()
 
 
@@ -190,6 +214,7 @@ def config_from_dict(data: dict[str, Any], *, path: Path | None = None) -> Confi
         streams_data = data.get("streams", [])
         config = _build(Config, {k: v for k, v in data.items() if k != "streams"}, "")
         streams = _build_streams(streams_data, base_dir)
+        config = _resolve_files(config, base_dir)
         _check_ranges(config)
     except ConfigError as exc:
         raise ConfigError(exc.reason, path=where, key=exc.key) from None
@@ -283,6 +308,32 @@ def _check_pattern_options(options: dict[str, str], key: str) -> None:
         raise ConfigError("pattern fps must be 1-60", key=key)
 
 
+def _resolve_files(config: Config, base_dir: Path) -> Config:
+    """File settings relative to the configuration file's folder; each must exist."""
+
+    def resolve(value: str, key: str) -> str:
+        if not value:
+            return value
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if not path.is_file():
+            raise ConfigError(f"file not found: {path}", key=key)
+        return str(path)
+
+    server = dataclasses.replace(
+        config.server,
+        certfile=resolve(config.server.certfile, "server.certfile"),
+        keyfile=resolve(config.server.keyfile, "server.keyfile"),
+    )
+    security = dataclasses.replace(
+        config.security,
+        jwt_secret_file=resolve(config.security.jwt_secret_file, "security.jwt_secret_file"),
+        jwt_public_key_file=resolve(
+            config.security.jwt_public_key_file, "security.jwt_public_key_file"
+        ),
+    )
+    return dataclasses.replace(config, server=server, security=security)
+
+
 def _check_ranges(config: Config) -> None:
     positive = {
         "server.graceful_timeout": config.server.graceful_timeout,
@@ -298,6 +349,9 @@ def _check_ranges(config: Config) -> None:
         "limits.max_sdp_bytes": config.limits.max_sdp_bytes,
         "limits.max_streams_per_socket": config.limits.max_streams_per_socket,
         "limits.max_pending_candidates": config.limits.max_pending_candidates,
+        "limits.max_sockets_per_client": config.limits.max_sockets_per_client,
+        "limits.max_offers_per_second": config.limits.max_offers_per_second,
+        "limits.max_messages_per_second": config.limits.max_messages_per_second,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -310,6 +364,27 @@ def _check_ranges(config: Config) -> None:
         )
     if config.media.retry_max_delay < config.media.retry_initial_delay:
         raise ConfigError("must be at least media.retry_initial_delay", key="media.retry_max_delay")
+    if bool(config.server.certfile) != bool(config.server.keyfile):
+        key = "server.keyfile" if config.server.certfile else "server.certfile"
+        raise ConfigError("TLS needs both server.certfile and server.keyfile", key=key)
+    security = config.security
+    if security.jwt_secret and security.jwt_secret_file:
+        raise ConfigError("set jwt_secret or jwt_secret_file, not both", key="security.jwt_secret")
+    if (security.jwt_secret or security.jwt_secret_file) and security.jwt_public_key_file:
+        raise ConfigError(
+            "choose a shared secret or a public key, not both", key="security.jwt_public_key_file"
+        )
+    if security.jwt_secret and len(security.jwt_secret) < 32:
+        raise ConfigError(
+            "must be at least 32 characters (e.g. `openssl rand -hex 32`)",
+            key="security.jwt_secret",
+        )
+    for index, origin in enumerate(security.allowed_origins):
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(
+                f'"{origin}" is not an origin such as https://wall.example.com (no path)',
+                key=f"security.allowed_origins[{index}]",
+            )
     for index, server in enumerate(config.webrtc.ice_servers):
         for url in server.urls:
             if not re.match(r"^(stun|stuns|turn|turns):", url):

@@ -61,9 +61,17 @@ class Ping:
     payload: Any
 
 
-ClientMessage = Offer | IceCandidate | Close | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``auth``: replace this socket's access token (before the old one expires)."""
 
-CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping")
+    token: str
+
+
+ClientMessage = Offer | IceCandidate | Close | Ping | Auth
+
+CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth")
+MAX_TOKEN_CHARS: Final = 8192
 
 
 def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMessage:
@@ -97,6 +105,13 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
         )
     if message_type == "ping":
         return Ping(payload)
+    if message_type == "auth":
+        token = payload.get("token") if isinstance(payload, dict) else None
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE, 'auth payload needs a "token" string', stream_id=None
+            )
+        return Auth(token)
     if message_type not in CLIENT_MESSAGE_TYPES:
         raise SignalingError(
             ErrorCode.UNKNOWN_TYPE,
@@ -281,3 +296,7 @@ def pong(payload: Any) -> str:
 
 def welcome(payload: dict[str, Any]) -> str:
     return encode("welcome", None, payload)
+
+
+def authenticated(expires_at: float | None) -> str:
+    return encode("auth", None, {"ok": True, "expiresAt": expires_at})

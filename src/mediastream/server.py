@@ -95,7 +95,12 @@ async def serve(
             )
             hub = SignalingHub(config, registry, peers, changes)
             services = Services(
-                registry=registry, peers=peers, hub=hub, static_dir=static_dir, changes=changes
+                registry=registry,
+                peers=peers,
+                hub=hub,
+                static_dir=static_dir,
+                changes=changes,
+                allowed_origins=config.security.allowed_origins,
             )
             app = create_app(services)
             hypercorn_stop = trio.Event()
@@ -112,6 +117,12 @@ async def serve(
                     )
                     running = RunningServer(urls=urls, services=services, _stopped=stopped)
                     log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
+                    if not hub.authenticator.enabled:
+                        log.warning(
+                            "OPEN MODE: no security.jwt_secret or jwt_public_key_file is set, so "
+                            "anyone who can reach this server may watch every stream. Set one "
+                            "before exposing cameras (docs/security.md)."
+                        )
                     task_status.started(running)
                     await running._shutdown_requested.wait()
 
@@ -138,8 +149,12 @@ def _hypercorn_config(config: Config) -> hypercorn.config.Config:
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
+    # No access log: the signaling socket's URL carries the page's access token.
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
+    if config.server.certfile:
+        hc.certfile = config.server.certfile
+        hc.keyfile = config.server.keyfile
     return hc
 
 

@@ -369,3 +369,30 @@ async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_a
     # And a few seconds on it is no further behind live than the viewer who joined first.
     print("late joiner:", result)
     assert result["late_delay"] <= result["first_delay"] + 0.05, result
+
+
+async def test_the_dashboard_with_a_token_shows_and_plays_only_what_it_grants(
+    start_server: StartServer,
+) -> None:
+    from mediastream.auth import Authenticator
+    from mediastream.config import SecurityConfig
+
+    secret = "e2e-secret-" + "z" * 32
+    server = await start_server(make_config(DEMO_STREAMS, security={"jwt_secret": secret}))
+    granted = Authenticator(SecurityConfig(jwt_secret=secret)).issue(["demo-1", "demo-3"], 600)
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/dashboard.html?token={granted}")
+        page.wait_for_function("document.querySelectorAll('.tile').length === 2")
+        page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
+        ids = page.eval_on_selector_all(".tile", "tiles => tiles.map((t) => t.dataset.streamId)")
+        assert ids == ["demo-1", "demo-3"]
+        assert "token=" not in page.url  # not left in the address bar
+        assert len(watch.sockets) == 1 and "token=" in watch.sockets[0].url
+        # Without a token the page says what is missing.
+        page.goto(f"{server.url}/static/dashboard.html")
+        page.wait_for_function("document.body.textContent.includes('needs an access token')")
+
+    await in_browser(scenario)

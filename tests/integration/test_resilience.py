@@ -161,7 +161,10 @@ def open_fds() -> int:
 
 async def test_500_viewer_cycles_leave_nothing_behind(start_server: StartServer) -> None:
     config = make_config(
-        [dict(DEMO_STREAMS[0], on_demand=False), DEMO_STREAMS[1]], media={"on_demand_grace": 0}
+        [dict(DEMO_STREAMS[0], on_demand=False), DEMO_STREAMS[1]],
+        media={"on_demand_grace": 0},
+        # Far more offers a second than a page sends: this test churns on purpose.
+        limits={"max_offers_per_second": 1000, "max_messages_per_second": 10000},
     )
     server = await start_server(config)
     services = server.services

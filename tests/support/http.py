@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ async def request(
     body: bytes = b"",
     read_to_eof: bool = False,
     timeout: float = 10,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> HttpResponse:
     """One request on a fresh connection.
 
@@ -41,7 +43,14 @@ async def request(
         f"{k}: {v}\r\n" for k, v in all_headers.items()
     )
     with trio.fail_after(timeout):
-        stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        stream: trio.abc.Stream
+        if parts.scheme == "https":
+            stream = await trio.open_ssl_over_tcp_stream(
+                host, port, ssl_context=ssl_context or ssl.create_default_context()
+            )
+        else:
+            stream = await trio.open_tcp_stream(host, port)
         async with stream:
             await stream.send_all(head.encode() + b"\r\n" + body)
             data = b""

@@ -14,6 +14,7 @@ import contextlib
 import json
 import queue
 import re
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -148,11 +149,14 @@ class Viewer:
         capture: bool = False,
         mdns_only: bool = False,
         audio: bool = False,
+        connect: bool = True,
     ) -> PlayedStream:
         """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``.
 
         ``trickle`` sends the candidates as ``ice`` messages, as browsers do; ``mdns_only``
-        (with it) disguises every host address as an mDNS name, as Chrome does.
+        (with it) disguises every host address as an mDNS name, as Chrome does. With
+        ``connect=False`` the answer is not applied: the server waits for a peer that never
+        comes.
         """
         pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
         transceiver = pc.addTransceiver("video", direction="recvonly")
@@ -193,6 +197,9 @@ class Viewer:
         if reply["type"] == "error":
             await trio_asyncio.aio_as_trio(pc.close)()
             raise SignalingFailed(reply)
+        if not connect:
+            self.streams[stream_id] = played
+            return played
         await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
             RTCSessionDescription(sdp=reply["payload"], type="answer")
         )
@@ -277,8 +284,16 @@ async def _new_peer_connection() -> RTCPeerConnection:
 
 
 @asynccontextmanager
-async def open_viewer(ws_url: str) -> AsyncIterator[Viewer]:
-    async with open_websocket_url(ws_url) as ws, trio.open_nursery() as nursery:
+async def open_viewer(
+    ws_url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> AsyncIterator[Viewer]:
+    async with (
+        open_websocket_url(ws_url, ssl_context=ssl_context, extra_headers=headers) as ws,
+        trio.open_nursery() as nursery,
+    ):
         viewer = Viewer(ws, nursery)
         nursery.start_soon(viewer._read)
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mediastream.protocol import parse_client_message
+from mediastream.protocol import CLIENT_MESSAGE_TYPES, parse_client_message
 
 DOC = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
 BLOCKS = re.findall(r"```json (client|server)\n(.*?)\n```", DOC, re.S)
@@ -16,14 +16,9 @@ BLOCKS = re.findall(r"```json (client|server)\n(.*?)\n```", DOC, re.S)
 
 def test_the_document_has_examples_of_every_message_type() -> None:
     types = {(side, json.loads(text)["type"]) for side, text in BLOCKS}
-    assert {t for side, t in types if side == "client"} == {"offer", "ice", "close", "ping"}
-    assert {t for side, t in types if side == "server"} == {
-        "welcome",
-        "answer",
-        "state",
-        "error",
-        "pong",
-    }
+    assert {t for side, t in types if side == "client"} == set(CLIENT_MESSAGE_TYPES)
+    server_types = {"welcome", "answer", "state", "error", "pong", "auth"}
+    assert {t for side, t in types if side == "server"} == server_types
 
 
 @pytest.mark.parametrize("text", [t for side, t in BLOCKS if side == "client"])

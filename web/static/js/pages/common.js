@@ -4,11 +4,26 @@
   'use strict';
 
   /**
-   * The server's streams, from GET /api/streams.
+   * The access token the page was opened with (`page.html?token=…`), if the server needs
+   * one. It is handed to the shared socket, and then dropped from the address bar so it
+   * isn't bookmarked or shared by accident.
+   */
+  const token = new URLSearchParams(root.location.search).get('token');
+  if (token) {
+    root.WebSocketManager.getInstance().configure({ token });
+    const url = new URL(root.location.href);
+    url.searchParams.delete('token');
+    history.replaceState(null, '', url);
+  }
+
+  /**
+   * The server's streams the page may watch, from GET /api/streams.
    * @returns {Promise<{id: string, name: string, state: string, viewers: number, codec: string}[]>}
    */
   async function fetchStreams() {
-    const response = await fetch('/api/streams', { cache: 'no-store' });
+    const headers = token ? { Authorization: `Bearer ${token}` } : undefined;
+    const response = await fetch('/api/streams', { cache: 'no-store', headers });
+    if (response.status === 401) throw new Error('this server needs an access token (open the page with ?token=…)');
     if (!response.ok) throw new Error(`GET /api/streams: ${response.status}`);
     return (await response.json()).streams;
   }

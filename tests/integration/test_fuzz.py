@@ -135,6 +135,7 @@ async def test_fuzzed_messages_never_disturb_the_server_or_another_socket(
         playing = await bystander.play("demo-1")
         await playing.wait_frames(5)
         bystander_messages = len(bystander.messages)
+        tasks_before = server.services.statistics().tasks
 
         async with open_websocket_url(server.ws_url, max_message_size=2**22) as fuzz:
 
@@ -174,6 +175,7 @@ async def test_fuzzed_messages_never_disturb_the_server_or_another_socket(
                     stats().open_sockets == 1
                     and stats().open_sessions == 1
                     and stats().open_peer_connections == 1
+                    and stats().tasks <= tasks_before
                 )
             )
     assert sent >= EXAMPLES

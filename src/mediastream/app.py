@@ -16,6 +16,7 @@ public: they hold no secrets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -32,9 +33,11 @@ from werkzeug.security import safe_join
 
 from .auth import AuthError, Grant, bearer_token
 from .changes import ChangeSignal
-from .errors import ErrorCode
+from .config import StreamConfig, stream_from_dict, stream_to_dict
+from .errors import ConfigError, ErrorCode
 from .registry import StreamRegistry, StreamStatistics
 from .signaling import MessageSocket, Refused, SignalingHub
+from .store import StreamStore
 from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class Services:
     peers: PeerConnectionFactory
     hub: SignalingHub
     static_dir: Path
+    store: StreamStore
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
     #: ``security.allowed_origins``
@@ -127,6 +131,77 @@ def create_app(services: Services) -> QuartTrio:
             return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
         return jsonify(_stream_json(stream.statistics()))
 
+    def require_admin() -> None:
+        if not caller().admin:
+            abort(_json_error(403, ErrorCode.FORBIDDEN, "This needs an admin token"))
+
+    async def request_object() -> dict[str, Any]:
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            abort(_json_error(400, ErrorCode.INVALID_CONFIG, "The body must be a JSON object"))
+        return {_API_KEYS.get(str(key), str(key)): value for key, value in body.items()}
+
+    async def parse_definition(body: dict[str, Any], stream_id: str | None) -> StreamConfig:
+        """A stream definition from an API body; aborts with 400 naming the bad field."""
+        if stream_id is not None and body.setdefault("id", stream_id) != stream_id:
+            message = f'The body\'s id "{body["id"]}" is not the stream "{stream_id}"'
+            abort(_json_error(400, ErrorCode.INVALID_CONFIG, message, field="id"))
+        try:
+            # In a thread: a file source's existence is checked on disk.
+            return await trio.to_thread.run_sync(functools.partial(stream_from_dict, body))
+        except ConfigError as exc:
+            abort(_json_error(400, ErrorCode.INVALID_CONFIG, exc.reason, field=exc.key))
+
+    @app.route("/api/streams", methods=["POST"])
+    async def add_stream() -> Any:
+        require_admin()
+        config = await parse_definition(await request_object(), None)
+        if services.registry.get(config.id) is not None:
+            message = f'A stream "{config.id}" exists already (PUT /api/streams/{config.id})'
+            return _json_error(409, ErrorCode.STREAM_EXISTS, message, field="id")
+        await trio.to_thread.run_sync(services.store.save, config.id, stream_to_dict(config))
+        stream = services.registry.add(config)
+        return jsonify(_stream_json(stream.statistics())), 201
+
+    @app.route("/api/streams/<stream_id>", methods=["PUT", "PATCH"])
+    async def change_stream(stream_id: str) -> Any:
+        require_admin()
+        stream = services.registry.get(stream_id)
+        if stream is None:
+            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        body = await request_object()
+        if request.method == "PATCH":
+            # Unmentioned fields keep their values (the source, credentials included).
+            body = {**stream_to_dict(stream.config), **body}
+        config = await parse_definition(body, stream_id)
+        definition = stream_to_dict(config)
+        await trio.to_thread.run_sync(
+            functools.partial(services.store.save, stream_id, definition, enabled=stream.enabled)
+        )
+        stream = services.registry.replace(config)
+        return jsonify(_stream_json(stream.statistics()))
+
+    @app.route("/api/streams/<stream_id>", methods=["DELETE"])
+    async def delete_stream(stream_id: str) -> Any:
+        require_admin()
+        if services.registry.get(stream_id) is None:
+            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        await trio.to_thread.run_sync(services.store.delete, stream_id)
+        services.registry.remove(stream_id)
+        return "", 204
+
+    @app.route("/api/streams/<stream_id>/<action>", methods=["POST"])
+    async def start_or_stop_stream(stream_id: str, action: str) -> Any:
+        require_admin()
+        if action not in ("start", "stop"):
+            abort(404)
+        if services.registry.get(stream_id) is None:
+            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        enabled = action == "start"
+        await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
+        stream = services.registry.set_enabled(stream_id, enabled)
+        return jsonify(_stream_json(stream.statistics()))
+
     @app.route("/api/stats")
     async def stats() -> Any:
         if not caller().admin:
@@ -186,8 +261,17 @@ def origin_allowed(origin: str | None, scheme: str, host: str, allowed: tuple[st
     return origin == own or origin in allowed
 
 
-def _json_error(status: int, code: ErrorCode, message: str) -> Response:
-    response = jsonify({"error": message, "code": str(code)})
+#: The API's camelCase spellings of the configuration file's stream keys.
+_API_KEYS: Final = {"onDemand": "on_demand", "rtspTransport": "rtsp_transport"}
+
+
+def _json_error(
+    status: int, code: ErrorCode, message: str, *, field: str | None = None
+) -> Response:
+    body: dict[str, Any] = {"error": message, "code": str(code)}
+    if field is not None:
+        body["field"] = field
+    response = jsonify(body)
     response.status_code = status
     return response
 
@@ -255,6 +339,10 @@ def _stream_json(stats: StreamStatistics) -> dict[str, Any]:
         "codec": stats.codec,
         "source": stats.source,
         "onDemand": stats.on_demand,
+        "rtspTransport": stats.rtsp_transport,
+        "audio": stats.audio,
+        "enabled": stats.enabled,
+        "origin": stats.origin,
         "running": stats.source_running,
         "framesPublished": stats.fanout.published_frames,
         "bytesPublished": stats.fanout.published_bytes,

@@ -48,6 +48,8 @@ class ServerConfig:
     #: serve HTTPS and WSS with this certificate chain and private key (PEM files).
     certfile: str = ""
     keyfile: str = ""
+    #: where changes made through the management API are kept (created if missing).
+    data_dir: str = "data"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,8 @@ class SourceSpec:
     location: str
     #: for ``pattern:``: generator options (size, fps, kbps, gop).
     options: tuple[tuple[str, str], ...] = ()
+    #: the ``source`` string as written (credentials included: never shown, only stored).
+    text: str = field(default="", compare=False, repr=False)
 
     @property
     def option_map(self) -> dict[str, str]:
@@ -227,27 +231,48 @@ def _build_streams(items: Any, base_dir: Path) -> tuple[StreamConfig, ...]:
     streams: list[StreamConfig] = []
     seen: set[str] = set()
     for index, item in enumerate(items):
-        key = f"streams[{index}]"
-        if not isinstance(item, dict):
-            raise ConfigError("must be a table", key=key)
-        if "source" not in item:
-            raise ConfigError("missing required key", key=f"{key}.source")
-        source_text = item["source"]
-        if not isinstance(source_text, str):
-            raise ConfigError("must be a string", key=f"{key}.source")
-        source = parse_source(source_text, key=f"{key}.source", base_dir=base_dir)
-        stream = _build(StreamConfig, {**item, "source": source}, key)
-        if not STREAM_ID_PATTERN.fullmatch(stream.id):
-            raise ConfigError(
-                f'"{stream.id}" is not a valid id (1-64 letters, digits, "_.-", starting with '
-                "a letter or digit)",
-                key=f"{key}.id",
-            )
+        stream = stream_from_dict(item, key=f"streams[{index}]", base_dir=base_dir)
         if stream.id in seen:
-            raise ConfigError(f'duplicate stream id "{stream.id}"', key=f"{key}.id")
+            raise ConfigError(f'duplicate stream id "{stream.id}"', key=f"streams[{index}].id")
         seen.add(stream.id)
         streams.append(stream)
     return tuple(streams)
+
+
+def stream_from_dict(item: Any, *, key: str = "", base_dir: Path | None = None) -> StreamConfig:
+    """One stream from its table (a ``[[streams]]`` entry, or a management API body).
+
+    Raises:
+        ConfigError: naming the key (``key.field``, or just ``field`` when ``key`` is empty).
+    """
+    if not isinstance(item, dict):
+        raise ConfigError("must be a table (an object)", key=key or None)
+    if "source" not in item:
+        raise ConfigError("missing required key", key=_join(key, "source"))
+    source_text = item["source"]
+    if not isinstance(source_text, str):
+        raise ConfigError("must be a string", key=_join(key, "source"))
+    source = parse_source(source_text, key=_join(key, "source"), base_dir=base_dir)
+    stream = _build(StreamConfig, {**item, "source": source}, key)
+    if not STREAM_ID_PATTERN.fullmatch(stream.id):
+        raise ConfigError(
+            f'"{stream.id}" is not a valid id (1-64 letters, digits, "_.-", starting with '
+            "a letter or digit)",
+            key=_join(key, "id"),
+        )
+    return stream
+
+
+def stream_to_dict(stream: StreamConfig) -> dict[str, Any]:
+    """The inverse of :func:`stream_from_dict` (with the source as written, credentials too)."""
+    return {
+        "id": stream.id,
+        "name": stream.name,
+        "source": stream.source.text or stream.source.location,
+        "rtsp_transport": stream.rtsp_transport,
+        "on_demand": stream.on_demand,
+        "audio": stream.audio,
+    }
 
 
 def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> SourceSpec:
@@ -261,7 +286,7 @@ def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> Source
     if scheme in ("rtsp", "rtsps"):
         if not parts.hostname:
             raise ConfigError("RTSP URL has no host", key=key)
-        return SourceSpec(kind="rtsp", location=text)
+        return SourceSpec(kind="rtsp", location=text, text=text)
     if scheme == "pattern":
         name = parts.path
         if name not in PATTERNS:
@@ -270,7 +295,9 @@ def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> Source
             )
         options = dict(parse_qsl(parts.query, keep_blank_values=True))
         _check_pattern_options(options, key)
-        return SourceSpec(kind="pattern", location=name, options=tuple(sorted(options.items())))
+        return SourceSpec(
+            kind="pattern", location=name, options=tuple(sorted(options.items())), text=text
+        )
     if scheme in ("file", ""):
         raw_path = parts.path if scheme == "file" else text
         file_path = Path(raw_path)
@@ -278,7 +305,7 @@ def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> Source
             file_path = (base_dir or Path.cwd()) / file_path
         if not file_path.is_file():
             raise ConfigError(f"file not found: {file_path}", key=key)
-        return SourceSpec(kind="file", location=str(file_path))
+        return SourceSpec(kind="file", location=str(file_path), text=text)
     raise ConfigError(
         f'unsupported source scheme "{scheme}:"; use rtsp://, rtsps://, file: or pattern:', key=key
     )
@@ -319,10 +346,12 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
             raise ConfigError(f"file not found: {path}", key=key)
         return str(path)
 
+    data_dir = Path(config.server.data_dir)
     server = dataclasses.replace(
         config.server,
         certfile=resolve(config.server.certfile, "server.certfile"),
         keyfile=resolve(config.server.keyfile, "server.keyfile"),
+        data_dir=str(data_dir if data_dir.is_absolute() else base_dir / data_dir),
     )
     security = dataclasses.replace(
         config.security,

@@ -1,17 +1,25 @@
-"""The configured streams, and the supervisor that runs each one's source on demand.
+"""The streams, and the supervisor that runs each one's source while it is wanted.
 
 Task tree (inside the app's lifetime nursery)::
 
     StreamRegistry.run               nursery
-    └── supervise(stream) × N        waits for viewers (on-demand) or runs at once (always-on)
+    └── supervise(stream) × N        one cancel scope each: deleting or editing a stream
+        │                            cancels exactly its supervisor
         └── run_source               while wanted; cancelled after the last viewer + grace period
 
-A viewer is counted from the moment its session subscribes (:meth:`Stream.open_viewer`) until
-it leaves, so a stopped stream starts on its first offer, before the answer is even sent.
+A stream is *wanted* when it is enabled and always-on, or has viewers, or was started through
+the API (until it has been idle for the grace period). A viewer is counted from the moment its
+session subscribes (:meth:`Stream.open_viewer`), so a stopped stream starts on its first
+offer, before the answer is even sent.
+
+Streams can be added, edited, stopped, started and deleted while the server runs (the
+management API). Viewers of an edited stream stay connected: the stream keeps its fan-out and
+its timeline, only the source behind it changes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,10 +28,12 @@ from dataclasses import dataclass
 import trio
 
 from .changes import ChangeSignal
-from .config import Config, MediaConfig, StreamConfig
+from .config import Config, MediaConfig, StreamConfig, stream_from_dict
+from .errors import ConfigError
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
-from .media.sources import SourceInfo, SourceState, describe_source, run_source
+from .media.sources import SourceInfo, SourceState, Timelines, describe_source, run_source
+from .store import StoredStream
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,11 @@ class StreamStatistics:
     detail: str | None
     last_error: str | None
     on_demand: bool
+    enabled: bool
+    #: "config" (the configuration file) or "api" (added or edited through the API).
+    origin: str
+    audio: bool
+    rtsp_transport: str
     viewers: int
     codec: str
     source_running: bool
@@ -53,9 +68,22 @@ class Stream:
     """
 
     def __init__(
-        self, config: StreamConfig, media: MediaConfig, changes: ChangeSignal | None = None
+        self,
+        config: StreamConfig,
+        media: MediaConfig,
+        changes: ChangeSignal | None = None,
+        *,
+        origin: str = "config",
+        enabled: bool = True,
     ) -> None:
         self.config = config
+        self.origin = origin
+        self.enabled = enabled
+        #: why sessions can't watch it right now ("stopped", "deleted"); None when they can.
+        self.unavailable: str | None = None if enabled else "the stream is stopped"
+        #: kept across source restarts and edits, so viewers' timestamps never jump back.
+        self.timelines = Timelines()
+        self._started_by_api = False
         self.fanout = FanOut(
             config.id,
             queue_frames=media.viewer_queue_frames,
@@ -140,6 +168,10 @@ class Stream:
             detail=self._detail,
             last_error=self._last_error,
             on_demand=self.config.on_demand,
+            enabled=self.enabled,
+            origin=self.origin,
+            audio=self.config.audio,
+            rtsp_transport=self.config.rtsp_transport,
             viewers=self._viewers,
             codec=self._codec(),
             source_running=self._source_running,
@@ -182,19 +214,23 @@ class Stream:
     def _notify(self) -> None:
         self.changes.notify()
 
-    async def _wait_for_viewers(self) -> None:
-        while self._viewers == 0:
-            await self.wait_changed()
+    def _wanted(self) -> bool:
+        return self.enabled and (
+            not self.config.on_demand or self._viewers > 0 or self._started_by_api
+        )
 
-    async def _wait_until_idle(self, grace: float) -> None:
-        """Return once nobody has watched for ``grace`` seconds in a row."""
+    async def _wait_until_unwanted(self, grace: float) -> None:
+        """Return when the source should stop: disabled, or idle for ``grace`` seconds."""
         while True:
-            while self._viewers > 0:
+            while self.enabled and (not self.config.on_demand or self._viewers > 0):
                 await self.wait_changed()
+            if not self.enabled:
+                return
             with trio.move_on_after(grace):
-                while self._viewers == 0:
+                while self.enabled and self._viewers == 0:
                     await self.wait_changed()
-                continue  # a viewer came back within the grace period
+                continue  # a viewer came back (or the stream was disabled) within the grace
+            self._started_by_api = False
             return
 
 
@@ -207,21 +243,24 @@ async def supervise(
     """Run ``stream``'s source whenever it is wanted, until cancelled."""
     task_status.started()
     while True:
-        if stream.config.on_demand:
-            await stream._wait_for_viewers()
+        await stream.changes.wait_until(stream._wanted)
+        if stream.config.on_demand and stream.viewers:
             log.info("%s: first viewer, starting the source", stream.id)
         stream._set_source_running(True)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(run_source, stream.config, media, stream)
-                if not stream.config.on_demand:
-                    await trio.sleep_forever()
-                await stream._wait_until_idle(media.on_demand_grace)
-                log.info(
-                    "%s: no viewers for %.0f s, stopping the source",
-                    stream.id,
-                    media.on_demand_grace,
+                await nursery.start(
+                    functools.partial(
+                        run_source, stream.config, media, stream, timelines=stream.timelines
+                    )
                 )
+                await stream._wait_until_unwanted(media.on_demand_grace)
+                if stream.enabled:
+                    log.info(
+                        "%s: no viewers for %.0f s, stopping the source",
+                        stream.id,
+                        media.on_demand_grace,
+                    )
                 nursery.cancel_scope.cancel()
         finally:
             # Only now is the source (and its reader thread) really gone.
@@ -230,17 +269,48 @@ async def supervise(
 
 
 class StreamRegistry:
-    """All configured streams, by id, with their supervisors."""
+    """All streams, by id, each with its supervisor.
+
+    Changes (:meth:`add`, :meth:`replace`, :meth:`remove`, :meth:`set_enabled`) take effect at
+    once and need :meth:`run` to be running.
+    """
 
     def __init__(self, config: Config, changes: ChangeSignal | None = None) -> None:
         self._media = config.media
-        self._streams = {s.id: Stream(s, config.media, changes) for s in config.streams}
+        self._changes = changes
+        self._streams: dict[str, Stream] = {}
+        self._supervisors: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._nursery: trio.Nursery | None = None
+        for stream_config in config.streams:
+            self._streams[stream_config.id] = self._new_stream(stream_config, "config", True)
+
+    def apply_stored(self, records: list[StoredStream]) -> None:
+        """Apply the management API's saved changes to the configured streams (at start-up).
+
+        A saved definition that no longer loads (a file source that is gone) is skipped
+        with an error in the log, rather than keeping the server from starting.
+        """
+        for record in records:
+            if record.deleted:
+                self._streams.pop(record.id, None)
+                continue
+            if record.definition is not None:
+                try:
+                    config = stream_from_dict(record.definition)
+                except ConfigError as exc:
+                    log.error("%s: saved definition ignored: %s", record.id, exc)
+                    continue
+                self._streams[record.id] = self._new_stream(config, "api", record.enabled)
+            elif record.id in self._streams:
+                stream = self._streams[record.id]
+                stream.enabled = record.enabled
+                stream.unavailable = None if record.enabled else "the stream is stopped"
 
     def get(self, stream_id: str) -> Stream | None:
         return self._streams.get(stream_id)
 
     def __iter__(self) -> Iterator[Stream]:
-        return iter(self._streams.values())
+        return iter(list(self._streams.values()))
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -248,10 +318,82 @@ class StreamRegistry:
     def statistics(self) -> list[StreamStatistics]:
         return [stream.statistics() for stream in self._streams.values()]
 
+    def add(self, config: StreamConfig, *, origin: str = "api", enabled: bool = True) -> Stream:
+        """A new stream, supervised at once. The id must be new."""
+        if config.id in self._streams:
+            raise KeyError(config.id)
+        stream = self._new_stream(config, origin, enabled)
+        self._streams[config.id] = stream
+        self._supervise(stream)
+        self._notify()
+        return stream
+
+    def replace(self, config: StreamConfig, *, origin: str = "api") -> Stream:
+        """Change a stream's definition; its viewers stay, its source restarts."""
+        stream = self._streams[config.id]
+        stream.config = config
+        stream.origin = origin
+        self._restart(stream)
+        log.info("%s: definition changed, source restarted", stream.id)
+        return stream
+
+    def remove(self, stream_id: str) -> None:
+        """Delete a stream: its viewers' sessions end, its source stops."""
+        stream = self._streams.pop(stream_id)
+        stream.unavailable = "the stream was deleted"
+        stream.enabled = False
+        stream._notify()
+        scope, _ = self._supervisors.pop(stream_id)
+        scope.cancel()
+        log.info("%s: deleted", stream_id)
+        self._notify()
+
+    def set_enabled(self, stream_id: str, enabled: bool) -> Stream:
+        """Start (enable, and run now even without viewers) or stop (end viewers) a stream."""
+        stream = self._streams[stream_id]
+        stream.enabled = enabled
+        stream.unavailable = None if enabled else "the stream is stopped"
+        stream._started_by_api = enabled
+        log.info("%s: %s", stream_id, "started" if enabled else "stopped")
+        stream._notify()
+        return stream
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise every stream until cancelled; ready once always-on sources are starting."""
         async with trio.open_nursery() as nursery:
-            for stream in self._streams.values():
-                await nursery.start(supervise, stream, self._media)
+            self._nursery = nursery
+            for stream in list(self._streams.values()):
+                self._supervise(stream)
             task_status.started()
             await trio.sleep_forever()
+
+    def _new_stream(self, config: StreamConfig, origin: str, enabled: bool) -> Stream:
+        return Stream(config, self._media, self._changes, origin=origin, enabled=enabled)
+
+    def _supervise(self, stream: Stream, after: trio.Event | None = None) -> None:
+        if self._nursery is None:
+            return  # started by run()
+        scope, done = trio.CancelScope(), trio.Event()
+        self._supervisors[stream.id] = (scope, done)
+
+        async def supervised() -> None:
+            try:
+                with scope:
+                    if after is not None:
+                        await after.wait()  # the previous supervisor has released the source
+                    await supervise(stream, self._media)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(supervised, name=f"supervise {stream.id}")
+
+    def _restart(self, stream: Stream) -> None:
+        old = self._supervisors.pop(stream.id, None)
+        if old is not None:
+            old[0].cancel()
+        self._supervise(stream, after=old[1] if old is not None else None)
+        stream._notify()
+
+    def _notify(self) -> None:
+        if self._changes is not None:
+            self._changes.notify()

@@ -35,6 +35,7 @@ from .config import Config
 from .errors import ConfigError
 from .registry import StreamRegistry
 from .signaling import SignalingHub
+from .store import StreamStore
 from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,15 @@ async def serve(
     try:
         async with trio_asyncio.open_loop():
             changes = ChangeSignal()
+            store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
             registry = StreamRegistry(config, changes)
+            registry.apply_stored(await trio.to_thread.run_sync(store.load))
             peers = PeerConnectionFactory(
                 config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
             )
             hub = SignalingHub(config, registry, peers, changes)
             services = Services(
+                store=store,
                 registry=registry,
                 peers=peers,
                 hub=hub,

@@ -186,6 +186,13 @@ class StreamSession:
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None
         while True:
+            if self.stream.unavailable is not None:
+                # Stopped or deleted through the management API: this session is over.
+                self._post_error(
+                    ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {self.stream.unavailable}"
+                )
+                self.end(self.stream.unavailable)
+                return
             current = (str(self.stream.state), self.stream.detail)
             if current != last:
                 last = current

@@ -280,6 +280,12 @@ class SignalingConnection:
             raise SignalingError(
                 ErrorCode.STREAM_NOT_FOUND, "Stream not found", stream_id=offer.stream_id
             )
+        if stream.unavailable is not None:
+            raise SignalingError(
+                ErrorCode.STREAM_UNAVAILABLE,
+                f"Unavailable: {stream.unavailable}",
+                stream_id=offer.stream_id,
+            )
         existing = self.sessions.get(offer.stream_id)
         if existing is not None:
             if existing.phase is SessionPhase.NEGOTIATING:

@@ -14,7 +14,7 @@ from mediastream.server import RunningServer
 
 from support.h264 import file_slices, rtsp_slices, slices_of
 from support.http import get
-from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
+from support.servers import DEMO_STREAMS, Camera, StartServer, lasting_tasks, make_config
 from support.viewer import open_viewer
 
 
@@ -121,7 +121,7 @@ async def test_ending_one_stream_leaves_the_others_flowing(start_server: StartSe
 async def test_closing_the_socket_leaves_nothing_running(start_server: StartServer) -> None:
     server = await start_server(make_config(DEMO_STREAMS, media={"on_demand_grace": 0.2}))
     await wait_until(server, lambda: server.services.statistics().open_sockets == 0)
-    baseline = server.services.statistics()
+    tasks_before = lasting_tasks()
     async with open_viewer(server.ws_url) as viewer:
         for sid in ("demo-1", "demo-2", "demo-3"):
             await (await viewer.play(sid)).wait_frames(3)
@@ -137,7 +137,7 @@ async def test_closing_the_socket_leaves_nothing_running(start_server: StartServ
     )
     after = server.services.statistics()
     assert (after.open_sessions, after.viewers) == (0, 0)
-    assert after.tasks == baseline.tasks
+    assert lasting_tasks() == tasks_before
     for stream in server.services.registry:
         assert stream.fanout.subscriber_count == 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable
 from fractions import Fraction
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import av
 
+from mediastream.app import task_names
 from mediastream.config import Config, config_from_dict
 from mediastream.server import RunningServer
 
@@ -80,7 +83,13 @@ def write_h264_file(path: Path, *, seconds: int, width: int = 640, height: int =
 def make_config(streams: list[dict[str, Any]] | None = None, **sections: Any) -> Config:
     """A test configuration: loopback, a free port, short timeouts, the given streams."""
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "graceful_timeout": 3},
+        "server": {
+            "host": "127.0.0.1",
+            "port": 0,
+            "graceful_timeout": 3,
+            # Each server its own: API changes persist there, and must not leak between tests.
+            "data_dir": tempfile.mkdtemp(prefix="mediastream-test-"),
+        },
         "media": {"on_demand_grace": 1},
     }
     for name, values in sections.items():
@@ -94,3 +103,11 @@ DEMO_STREAMS = [
     {"id": f"demo-{n}", "source": f"pattern:{p}?size=320x180&fps=25&kbps=300&gop=50"}
     for n, p in ((1, "testsrc2"), (2, "testsrc"), (3, "cellauto"))
 ]
+
+
+def lasting_tasks() -> collections.Counter[str]:
+    """The Trio tasks of this run by name, less the momentary ones: a running source's reader
+    thread hands each frame over in a short-lived task, present or not at any instant."""
+    names = collections.Counter(task_names())
+    del names["trio.MemorySendChannel.send"]
+    return names

@@ -290,17 +290,18 @@ async def open_viewer(
     ssl_context: ssl.SSLContext | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> AsyncIterator[Viewer]:
-    async with (
-        open_websocket_url(ws_url, ssl_context=ssl_context, extra_headers=headers) as ws,
-        trio.open_nursery() as nursery,
-    ):
-        viewer = Viewer(ws, nursery)
-        nursery.start_soon(viewer._read)
+    async with open_websocket_url(ws_url, ssl_context=ssl_context, extra_headers=headers) as ws:
         try:
-            yield viewer
+            async with trio.open_nursery() as nursery:
+                viewer = Viewer(ws, nursery)
+                nursery.start_soon(viewer._read)
+                try:
+                    yield viewer
+                finally:
+                    await viewer.close_peers()
+                    nursery.cancel_scope.cancel()
         finally:
-            await viewer.close_peers()
-            nursery.cancel_scope.cancel()
-            # trio-websocket 0.12 never closes the TCP stream when the server reset it (its
-            # abort path skips _close_stream, and aclose() then returns early): close it here.
+            # Outside the cancelled nursery, so it can't turn the body's own exception into
+            # a Cancelled that the nursery would swallow. trio-websocket 0.12 never closes
+            # the TCP stream when the server reset it: close it here.
             await ws._stream.aclose()

@@ -39,7 +39,10 @@ def config_error(tmp_path: Path, text: str) -> ConfigError:
 def test_example_file_loads_and_its_settings_are_the_defaults() -> None:
     config = load_config(EXAMPLE)
     defaults = Config()
-    assert dataclasses.replace(config, streams=()) == defaults
+    # data_dir is resolved against the file's folder; everything else is as written.
+    assert config.server.data_dir == str(EXAMPLE.parent / "data")
+    server = dataclasses.replace(config.server, data_dir=defaults.server.data_dir)
+    assert dataclasses.replace(config, server=server, streams=()) == defaults
     assert [s.id for s in config.streams] == ["front-door", "test-card"]
     assert config.streams[0].source.kind == "rtsp"
     assert config.streams[1].on_demand is False

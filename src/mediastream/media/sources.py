@@ -22,7 +22,7 @@ import dataclasses
 import enum
 import logging
 import math
-import random
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from fractions import Fraction
@@ -131,11 +131,19 @@ class _Timeline:
         return out
 
 
+class Timelines(dict[str, _Timeline]):
+    """A stream's timelines by track kind, kept across source restarts and edits."""
+
+    def __init__(self) -> None:
+        super().__init__(video=_Timeline())
+
+
 async def run_source(
     config: StreamConfig,
     media: MediaConfig,
     sink: SourceSink,
     *,
+    timelines: Timelines | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one source until cancelled: read, publish, and reopen it with backoff when it fails.
@@ -145,7 +153,7 @@ async def run_source(
     """
     spec = config.source
     label = f"{config.id} ({describe_source(spec)})"
-    timelines = {"video": _Timeline()}
+    timelines = timelines if timelines is not None else Timelines()
     failures = 0
     ever_live = False
     transcode = False  # set for good once the H.264 turns out to need it (B-frames)
@@ -208,7 +216,8 @@ def backoff_delay(failures: int, initial: float, maximum: float) -> float:
     if failures <= 0:
         return 0.0
     base: float = min(initial * 2.0 ** min(failures - 1, 30), maximum)
-    return min(base * (1 + random.uniform(0, 0.2)), maximum)
+    # The OS's randomness, not the random module's shared state.
+    return min(base * (1 + secrets.SystemRandom().uniform(0, 0.2)), maximum)
 
 
 async def _run_attempt(

@@ -63,6 +63,18 @@ _CANDIDATE_SHAPE: Final = re.compile(
     r"(host|srflx|prflx|relay)( .*)?$"
 )
 
+#: What aiortc's SDP parsing raises on offers it can't make sense of (found by fuzzing: it
+#: assumes fields it never checks for, such as a DTLS setup role).
+_MALFORMED_SDP: Final = (
+    ValueError,
+    AssertionError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    TypeError,
+    InvalidStateError,
+)
+
 #: Connection states after which a peer connection never carries media again.
 FINAL_STATES: Final = frozenset({"failed", "closed"})
 
@@ -194,7 +206,7 @@ class PeerConnection:
                 ErrorCode.UNSUPPORTED_CODEC,
                 f"The offer has no video the server can send (it needs H.264): {exc}",
             ) from None
-        except (ValueError, AssertionError, IndexError, KeyError, InvalidStateError) as exc:
+        except _MALFORMED_SDP as exc:
             raise SignalingError(
                 ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
             ) from None

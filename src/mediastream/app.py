@@ -35,6 +35,8 @@ from .auth import AuthError, Grant, bearer_token
 from .changes import ChangeSignal
 from .config import StreamConfig, stream_from_dict, stream_to_dict
 from .errors import ConfigError, ErrorCode
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .registry import StreamRegistry, StreamStatistics
 from .signaling import MessageSocket, Refused, SignalingHub
 from .store import StreamStore
@@ -71,6 +73,7 @@ class Services:
     store: StreamStore
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
+    metrics: Metrics
     #: ``security.allowed_origins``
     allowed_origins: tuple[str, ...] = ()
 
@@ -201,6 +204,12 @@ def create_app(services: Services) -> QuartTrio:
         await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
         stream = services.registry.set_enabled(stream_id, enabled)
         return jsonify(_stream_json(stream.statistics()))
+
+    @app.route("/metrics")
+    async def metrics() -> Any:
+        require_admin()
+        # Read in the event loop on purpose: the statistics it reads belong to this thread.
+        return Response(services.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
 
     @app.route("/api/stats")
     async def stats() -> Any:

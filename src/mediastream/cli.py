@@ -26,6 +26,7 @@ from .app import DEFAULT_STATIC_DIR
 from .auth import Authenticator, AuthError, parse_duration
 from .config import Config, default_config, load_config
 from .errors import ConfigError
+from .logs import setup_logging
 from .server import RunningServer, serve
 
 log = logging.getLogger("mediastream")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return _print_token(args, config)
-    _setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     if args.config is None:
         log.info("no --config given: serving the built-in demo streams")
     try:
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     run.add_argument("--port", type=int, help="port to listen on (default 8107)")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default: info")
+    run.add_argument("--log-format", choices=("text", "json"), help="default: text")
     run.add_argument(
         "--static-dir",
         type=Path,
@@ -121,6 +123,7 @@ def _config_from(args: argparse.Namespace) -> Config:
             ("host", args.host),
             ("port", args.port),
             ("log_level", args.log_level),
+            ("log_format", args.log_format),
             ("certfile", args.certfile),
             ("keyfile", args.keyfile),
         )
@@ -145,17 +148,6 @@ def _print_token(args: argparse.Namespace, config: Config) -> int:
         return 2
     print(token)
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    if level != "debug":
-        # aiortc, aioice and Hypercorn are chatty at INFO about every connection.
-        for name in ("aioice", "aiortc", "hypercorn.error"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _serve_until_signalled(config: Config, static_dir: Path) -> None:

@@ -45,6 +45,8 @@ class ServerConfig:
     #: how long a shutdown waits for sockets and peers to close before cutting them off.
     graceful_timeout: float = 5 * SECONDS
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: "text" for people, "json" (one object per line) for log collectors.
+    log_format: Literal["text", "json"] = "text"
     #: serve HTTPS and WSS with this certificate chain and private key (PEM files).
     certfile: str = ""
     keyfile: str = ""

@@ -58,6 +58,8 @@ class StreamStatistics:
     #: encoders this stream has opened (H.264 or Opus, one per source start when it transcodes;
     #: never one per viewer).
     encoders_opened: int
+    #: times the source was reopened after failing or ending (camera reconnects).
+    source_restarts: int
     fanout: FanOutStatistics
 
 
@@ -96,6 +98,7 @@ class Stream:
         self._source_running = False
         self._source_info: SourceInfo | None = None
         self._encoders_opened = 0
+        self._source_restarts = 0
         self.changes = ChangeSignal(parent=changes)
 
     @property
@@ -176,6 +179,7 @@ class Stream:
             codec=self._codec(),
             source_running=self._source_running,
             encoders_opened=self._encoders_opened,
+            source_restarts=self._source_restarts,
             fanout=self.fanout.statistics(),
         )
 
@@ -192,6 +196,7 @@ class Stream:
             self._notify()
 
     def source_restarted(self) -> None:
+        self._source_restarts += 1
         self.fanout.reset()
 
     def source_opened(self, info: SourceInfo) -> None:

@@ -33,6 +33,7 @@ from .app import DEFAULT_STATIC_DIR, Services, create_app
 from .changes import ChangeSignal
 from .config import Config
 from .errors import ConfigError
+from .metrics import Metrics
 from .registry import StreamRegistry
 from .signaling import SignalingHub
 from .store import StreamStore
@@ -96,7 +97,9 @@ async def serve(
             peers = PeerConnectionFactory(
                 config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
             )
-            hub = SignalingHub(config, registry, peers, changes)
+            # The metrics read the services' statistics at scrape time (bound just below).
+            metrics = Metrics(lambda: services.statistics(), registry.statistics)
+            hub = SignalingHub(config, registry, peers, changes, metrics=metrics)
             services = Services(
                 store=store,
                 registry=registry,
@@ -104,6 +107,7 @@ async def serve(
                 hub=hub,
                 static_dir=static_dir,
                 changes=changes,
+                metrics=metrics,
                 allowed_origins=config.security.allowed_origins,
             )
             app = create_app(services)

@@ -26,6 +26,7 @@ import trio
 from . import protocol
 from .errors import ErrorCode, SignalingError
 from .media.fanout import Subscriber, SubscriberStatistics
+from .metrics import Metrics
 from .protocol import IceCandidate, Offer
 from .registry import Stream
 from .webrtc.bridge import (
@@ -38,6 +39,7 @@ from .webrtc.bridge import (
 log = logging.getLogger(__name__)
 
 Post = Callable[[str], None]
+PostError = Callable[[ErrorCode, str, str | None, str | None], None]
 
 
 class SessionPhase(enum.Enum):
@@ -71,15 +73,20 @@ class StreamSession:
         *,
         peers: PeerConnectionFactory,
         post: Post,
+        post_error: PostError,
         negotiation_timeout: float,
         max_pending_candidates: int,
         client: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.stream = stream
         self.offer = offer
         self.phase = SessionPhase.NEGOTIATING
         self._peers = peers
         self._post = post
+        self._post_error_to = post_error
+        self._metrics = metrics
+        self._offered_at = trio.current_time()
         self._negotiation_timeout = negotiation_timeout
         self._label = f"{client} {stream.id}" + (
             f" [{offer.session_id}]" if offer.session_id else ""
@@ -148,8 +155,13 @@ class StreamSession:
             audio_codec = await self._audio_codec()
             audio = optional.enter_context(self.stream.open_audio()) if audio_codec else None
             async with self._peers.open(self._label) as peer:
-                answer_sdp = await peer.answer(self.offer.sdp, subscriber, audio, audio_codec)
+                answer_sdp = await peer.answer(
+                    self.offer.sdp, subscriber, audio, audio_codec, on_first_frame=self._first_frame
+                )
                 self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))
+                if self._metrics is not None:
+                    elapsed = trio.current_time() - self._offered_at
+                    self._metrics.offer_to_answer.observe(elapsed)
                 self.phase = SessionPhase.CONNECTING
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._apply_candidates, peer)
@@ -229,5 +241,9 @@ class StreamSession:
             stream_id=self.stream.id,
         )
 
+    def _first_frame(self) -> None:
+        if self._metrics is not None:
+            self._metrics.offer_to_first_frame.observe(trio.current_time() - self._offered_at)
+
     def _post_error(self, code: ErrorCode, message: str) -> None:
-        self._post(protocol.error(code, message, self.stream.id, self.session_id))
+        self._post_error_to(code, message, self.stream.id, self.session_id)

@@ -32,6 +32,7 @@ from .changes import ChangeSignal
 from .config import Config
 from .errors import ErrorCode, SignalingError
 from .limits import TokenBucket
+from .metrics import Metrics
 from .protocol import Auth, Close, IceCandidate, Offer, Ping
 from .registry import StreamRegistry
 from .session import SessionPhase, StreamSession
@@ -39,6 +40,8 @@ from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
 
+#: Message classes by their wire type (``IceCandidate`` is ``ice``).
+_WIRE_NAMES: Final = {"icecandidate": "ice"}
 OUTBOX_MESSAGES: Final = 256  # queued server messages before a non-reading client is cut off
 CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_GOING_AWAY: Final = 1001
@@ -82,12 +85,14 @@ class SignalingHub:
         peers: PeerConnectionFactory,
         changes: ChangeSignal | None = None,
         authenticator: Authenticator | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.peers = peers
         self.changes = changes or ChangeSignal()
         self.authenticator = authenticator or Authenticator(config.security)
+        self.metrics = metrics
         self._connections: set[SignalingConnection] = set()
         self._per_client: dict[str, int] = {}
         self._opened = 0
@@ -214,12 +219,20 @@ class SignalingConnection:
             try:
                 self._handle(data)
             except SignalingError as exc:
-                self.post(protocol.error(exc.code, exc.message, exc.stream_id))
+                self.post_error(exc.code, exc.message, exc.stream_id)
             except Exception:
                 # A bug, found by a message nobody foresaw: that message fails, the socket
                 # and its streams carry on.
                 log.exception("%s: failed to handle a message", self.label)
-                self.post(protocol.error(ErrorCode.INTERNAL_ERROR, "Internal server error", None))
+                self.post_error(ErrorCode.INTERNAL_ERROR, "Internal server error", None)
+
+    def post_error(
+        self, code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
+    ) -> None:
+        """Tell the client that something about one stream (or the socket) went wrong."""
+        if self._hub.metrics is not None:
+            self._hub.metrics.errors.labels(code=str(code)).inc()
+        self.post(protocol.error(code, message, stream_id, session_id))
 
     def _handle(self, data: str | bytes | None) -> None:
         if not data:  # Quart hands over an empty binary message as None
@@ -230,7 +243,12 @@ class SignalingConnection:
                 ErrorCode.MESSAGE_TOO_LARGE,
                 f"Message is {size} bytes; the limit is {self._limits.max_message_bytes}",
             )
-        message = protocol.parse_client_message(data, max_sdp_bytes=self._limits.max_sdp_bytes)
+        try:
+            message = protocol.parse_client_message(data, max_sdp_bytes=self._limits.max_sdp_bytes)
+        except SignalingError:
+            self._count("invalid")
+            raise
+        self._count(type(message).__name__.lower())
         if isinstance(message, Offer):
             self._on_offer(message)
         elif isinstance(message, IceCandidate):
@@ -254,6 +272,12 @@ class SignalingConnection:
             except AuthError as exc:
                 raise SignalingError(exc.code, exc.message) from None
             self.post(protocol.authenticated(self.grant.expires_at))
+
+    def _count(self, message_type: str) -> None:
+        if self._hub.metrics is not None:
+            self._hub.metrics.messages.labels(
+                type=_WIRE_NAMES.get(message_type, message_type)
+            ).inc()
 
     def _on_offer(self, offer: Offer) -> None:
         if self.grant.expired():
@@ -306,6 +330,8 @@ class SignalingConnection:
             offer,
             peers=self._hub.peers,
             post=self.post,
+            post_error=self.post_error,
+            metrics=self._hub.metrics,
             negotiation_timeout=self._hub.config.webrtc.negotiation_timeout,
             max_pending_candidates=self._limits.max_pending_candidates,
             client=self.label,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -109,3 +110,29 @@ async def test_version_and_help() -> None:
     usage = await run_command("serve", "--help")
     for option in ("--config", "--host", "--port", "--log-level"):
         assert option in usage.stdout
+
+
+async def test_json_logs_are_one_object_per_line_and_the_default_level_has_no_debug_noise() -> None:
+    port = free_port()
+    command = [*MEDIASTREAM, "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--log-format", "json"]  # fmt: skip
+    log = b""
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(trio.run_process, command, stderr=subprocess.PIPE, check=False)
+        )
+        assert process.stderr is not None
+        with trio.fail_after(20):
+            while b"MediaStream serving" not in log:
+                chunk = await process.stderr.receive_some()
+                assert chunk, log
+                log += chunk
+        assert (await get(f"http://127.0.0.1:{port}/healthz")).status == 200
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            while chunk := await process.stderr.receive_some():
+                log += chunk
+    records = [json.loads(line) for line in log.decode().splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= records[0].keys()
+    assert any("MediaStream serving" in r["message"] for r in records)
+    assert {r["level"] for r in records} <= {"info", "warning"}

@@ -46,6 +46,9 @@ class FanOutStatistics:
     published_bytes: int
     gop_frames: int
     dropped_frames: int
+    #: RTP packets and payload bytes handed to viewers' senders, all viewers together.
+    sent_packets: int
+    sent_bytes: int
 
 
 class Subscriber:
@@ -55,8 +58,11 @@ class Subscriber:
     context) when the viewer leaves, or the fan-out keeps feeding it.
     """
 
-    def __init__(self, label: str, max_frames: int, *, keyframe_gated: bool) -> None:
+    def __init__(
+        self, label: str, max_frames: int, *, keyframe_gated: bool, fanout: FanOut | None = None
+    ) -> None:
         self.label = label
+        self._fanout = fanout
         self._max_frames = max_frames
         self._keyframe_gated = keyframe_gated
         self._frames: collections.deque[EncodedFrame] = collections.deque()
@@ -76,7 +82,10 @@ class Subscriber:
         if not self._frames:
             return None
         self._delivered += 1
-        return self._frames.popleft()
+        frame = self._frames.popleft()
+        if self._fanout is not None:
+            self._fanout._count_sent(frame)
+        return frame
 
     @property
     def queued_frames(self) -> int:
@@ -191,6 +200,8 @@ class FanOut:
         self._published_frames = 0
         self._published_bytes = 0
         self._dropped = 0
+        self._sent_packets = 0
+        self._sent_bytes = 0
         self._next_label = 0
 
     def subscribe(self, kind: str = "video") -> Subscriber:
@@ -200,6 +211,7 @@ class FanOut:
             f"{self.stream_id} viewer {self._next_label}",
             self._queue_frames,
             keyframe_gated=kind == "video",
+            fanout=self,
         )
         subscriber._start_with([frame for frame in self._gop if frame.kind == kind])
         self._subscribers[kind].add(subscriber)
@@ -232,7 +244,13 @@ class FanOut:
             published_bytes=self._published_bytes,
             gop_frames=len(self._gop),
             dropped_frames=self._dropped,
+            sent_packets=self._sent_packets,
+            sent_bytes=self._sent_bytes,
         )
+
+    def _count_sent(self, frame: EncodedFrame) -> None:
+        self._sent_packets += len(frame.payloads)
+        self._sent_bytes += sum(len(payload) for payload in frame.payloads)
 
     @property
     def subscriber_count(self) -> int:

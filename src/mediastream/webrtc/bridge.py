@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -185,6 +185,8 @@ class PeerConnection:
         video: Subscriber,
         audio: Subscriber | None = None,
         audio_codec: str | None = None,
+        *,
+        on_first_frame: Callable[[], None] | None = None,
     ) -> str:
         """Apply the browser's offer, send ``video`` as H.264 (and ``audio`` in ``audio_codec``),
         and return the answer SDP.
@@ -194,7 +196,9 @@ class PeerConnection:
         """
         if self._ignore_mdns:
             offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
-        self._tracks = [SubscriberTrack(video, "video", self._catchup_rate)]
+        self._tracks = [
+            SubscriberTrack(video, "video", self._catchup_rate, on_first_frame=on_first_frame)
+        ]
         if audio is not None and audio_codec is not None:
             self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
         try:
@@ -288,10 +292,18 @@ class SubscriberTrack(MediaStreamTrack):
     stops aiortc's sender for good).
     """
 
-    def __init__(self, subscriber: Subscriber, kind: str, catchup_rate: float) -> None:
+    def __init__(
+        self,
+        subscriber: Subscriber,
+        kind: str,
+        catchup_rate: float,
+        *,
+        on_first_frame: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
         self._subscriber = subscriber
+        self._on_first_frame = on_first_frame
         self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
         subscriber.set_wakeup(self._wake)
@@ -311,6 +323,9 @@ class SubscriberTrack(MediaStreamTrack):
                 wait = self._pacer.delay(frame.size, loop.time(), backlog=backlog)
                 if backlog:
                     await asyncio.sleep(wait)
+                if self._on_first_frame is not None:
+                    self._on_first_frame()
+                    self._on_first_frame = None
                 return frame
             if self._subscriber.closed or self.readyState != "live":
                 raise MediaStreamError

@@ -1,0 +1,187 @@
+"""Prometheus metrics at ``/metrics`` (prometheus-client).
+
+Two kinds:
+
+- **Events**, counted where they happen: signaling messages by type, errors by code, and the
+  offer→answer and offer→first-frame latencies (histograms).
+- **Levels**, read from the server's own statistics at scrape time by a collector (nothing is
+  counted twice, and nothing is paid between scrapes): sockets, sessions per socket, peer
+  connections, and per stream its viewers, state, frames and bytes read, RTP packets and bytes
+  sent to viewers, frames dropped for slow viewers, source restarts, encoders opened.
+
+Everything lives in one :class:`Metrics` object with its own registry (no module-level state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .media.sources import SourceState
+
+if TYPE_CHECKING:
+    from .app import ServerStatistics
+    from .registry import StreamStatistics
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SESSIONS_PER_SOCKET_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """The server's metrics.
+
+    Args:
+        server: the server-wide statistics, read at each scrape.
+        streams: every stream's statistics, read at each scrape.
+    """
+
+    def __init__(
+        self,
+        server: Callable[[], ServerStatistics],
+        streams: Callable[[], list[StreamStatistics]],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "mediastream_signaling_messages",
+            "Signaling messages received, by type (invalid: could not be parsed).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "mediastream_signaling_errors",
+            "Error messages sent to clients, by code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.offer_to_answer = Histogram(
+            "mediastream_offer_answer_seconds",
+            "Time from receiving an offer to sending its answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.offer_to_first_frame = Histogram(
+            "mediastream_first_frame_seconds",
+            "Time from receiving an offer to sending the session's first video frame.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LevelsCollector(server, streams))
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class _LevelsCollector(Collector):
+    def __init__(
+        self,
+        server: Callable[[], ServerStatistics],
+        streams: Callable[[], list[StreamStatistics]],
+    ) -> None:
+        self._server = server
+        self._streams = streams
+
+    def collect(
+        self,
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | GaugeHistogramMetricFamily]:
+        server = self._server()
+        yield GaugeMetricFamily(
+            "mediastream_sockets_open", "Signaling sockets open.", value=server.open_sockets
+        )
+        yield CounterMetricFamily(
+            "mediastream_sockets_opened", "Signaling sockets opened.", value=server.sockets_opened
+        )
+        yield GaugeMetricFamily(
+            "mediastream_sessions_open",
+            "Stream sessions open (all sockets).",
+            value=server.open_sessions,
+        )
+        yield GaugeMetricFamily(
+            "mediastream_peer_connections_open",
+            "Server peer connections open.",
+            value=server.open_peer_connections,
+        )
+        buckets = [
+            (str(bound), sum(1 for n in server.sessions_per_socket if n <= bound))
+            for bound in SESSIONS_PER_SOCKET_BUCKETS
+        ]
+        buckets.append(("+Inf", len(server.sessions_per_socket)))
+        yield GaugeHistogramMetricFamily(
+            "mediastream_streams_per_socket",
+            "Open sockets by how many streams each carries.",
+            buckets=buckets,
+            gsum_value=sum(server.sessions_per_socket),
+        )
+
+        streams = self._streams()
+        per_stream = {
+            "viewers": GaugeMetricFamily(
+                "mediastream_stream_viewers", "Viewers of each stream.", labels=["stream"]
+            ),
+            "running": GaugeMetricFamily(
+                "mediastream_stream_source_running",
+                "1 while the stream's source runs.",
+                labels=["stream"],
+            ),
+            "state": GaugeMetricFamily(
+                "mediastream_stream_state",
+                "The stream's source state (1 for the current one).",
+                labels=["stream", "state"],
+            ),
+        }
+        counters = {
+            "frames": CounterMetricFamily(
+                "mediastream_stream_frames_read", "Frames read from the source.", labels=["stream"]
+            ),
+            "bytes": CounterMetricFamily(
+                "mediastream_stream_bytes_read",
+                "Media bytes read from the source.",
+                labels=["stream"],
+            ),
+            "packets_sent": CounterMetricFamily(
+                "mediastream_stream_packets_sent", "RTP packets sent to viewers.", labels=["stream"]
+            ),
+            "bytes_sent": CounterMetricFamily(
+                "mediastream_stream_bytes_sent",
+                "RTP payload bytes sent to viewers.",
+                labels=["stream"],
+            ),
+            "dropped": CounterMetricFamily(
+                "mediastream_stream_frames_dropped",
+                "Frames slow viewers skipped (to the next keyframe).",
+                labels=["stream"],
+            ),
+            "restarts": CounterMetricFamily(
+                "mediastream_stream_source_restarts",
+                "Times the source was reopened (camera reconnects).",
+                labels=["stream"],
+            ),
+            "encoders": CounterMetricFamily(
+                "mediastream_stream_encoders_opened",
+                "Encoders opened for transcoding (per source start, never per viewer).",
+                labels=["stream"],
+            ),
+        }
+        for stream in streams:
+            labels = [stream.id]
+            per_stream["viewers"].add_metric(labels, stream.viewers)
+            per_stream["running"].add_metric(labels, int(stream.source_running))
+            for state in SourceState:
+                per_stream["state"].add_metric([stream.id, str(state)], int(stream.state == state))
+            counters["frames"].add_metric(labels, stream.fanout.published_frames)
+            counters["bytes"].add_metric(labels, stream.fanout.published_bytes)
+            counters["packets_sent"].add_metric(labels, stream.fanout.sent_packets)
+            counters["bytes_sent"].add_metric(labels, stream.fanout.sent_bytes)
+            counters["dropped"].add_metric(labels, stream.fanout.dropped_frames)
+            counters["restarts"].add_metric(labels, stream.source_restarts)
+            counters["encoders"].add_metric(labels, stream.encoders_opened)
+        yield from per_stream.values()
+        yield from counters.values()

@@ -35,6 +35,7 @@ from .auth import AuthError, Grant, bearer_token
 from .changes import ChangeSignal
 from .config import StreamConfig, stream_from_dict, stream_to_dict
 from .errors import ConfigError, ErrorCode
+from .media.snapshot import SnapshotError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .registry import StreamRegistry, StreamStatistics
@@ -44,6 +45,8 @@ from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
 
+#: How long a snapshot of a stopped stream waits for its source's first keyframe (seconds).
+SNAPSHOT_WAIT: Final = 15.0
 DEFAULT_STATIC_DIR: Final = Path(__file__).resolve().parents[2] / "web" / "static"
 _ASSET_REFERENCE: Final = re.compile(r'(?P<attr>(?:src|href)=")(?P<path>/static/[^"?#]+)(?P<end>")')
 
@@ -154,6 +157,27 @@ def create_app(services: Services) -> QuartTrio:
             return await trio.to_thread.run_sync(functools.partial(stream_from_dict, body))
         except ConfigError as exc:
             abort(_json_error(400, ErrorCode.INVALID_CONFIG, exc.reason, field=exc.key))
+
+    @app.route("/api/streams/<stream_id>/snapshot.jpg")
+    async def snapshot(stream_id: str) -> Any:
+        grant = caller()
+        stream = services.registry.get(stream_id)
+        if stream is None or not grant.allows(stream_id):
+            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        jpeg = None
+        try:
+            with trio.move_on_after(SNAPSHOT_WAIT):
+                jpeg = await stream.snapshot(start_source=request.args.get("cached") != "1")
+        except LookupError as exc:
+            return _json_error(503, ErrorCode.STREAM_UNAVAILABLE, f"No picture: {exc}")
+        except SnapshotError as exc:
+            return _json_error(502, ErrorCode.STREAM_UNAVAILABLE, str(exc))
+        if jpeg is None:
+            message = f"No picture: the source sent no keyframe within {SNAPSHOT_WAIT:g} s"
+            return _json_error(503, ErrorCode.STREAM_UNAVAILABLE, message)
+        response = Response(jpeg, content_type="image/jpeg")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
     @app.route("/api/streams", methods=["POST"])
     async def add_stream() -> Any:

@@ -32,6 +32,7 @@ from .config import Config, MediaConfig, StreamConfig, stream_from_dict
 from .errors import ConfigError
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
+from .media.snapshot import jpeg_from_keyframe
 from .media.sources import SourceInfo, SourceState, Timelines, describe_source, run_source
 from .store import StoredStream
 
@@ -99,6 +100,8 @@ class Stream:
         self._source_info: SourceInfo | None = None
         self._encoders_opened = 0
         self._source_restarts = 0
+        self._probes = 0  # snapshot requests keeping the source up, not counted as viewers
+        self._snapshot: tuple[EncodedFrame, bytes] | None = None
         self.changes = ChangeSignal(parent=changes)
 
     @property
@@ -221,18 +224,62 @@ class Stream:
 
     def _wanted(self) -> bool:
         return self.enabled and (
-            not self.config.on_demand or self._viewers > 0 or self._started_by_api
+            not self.config.on_demand or self._viewers + self._probes > 0 or self._started_by_api
         )
+
+    async def snapshot(self, *, start_source: bool) -> bytes:
+        """A JPEG of the current keyframe.
+
+        Args:
+            start_source: when nothing is cached, start the source (if on-demand and stopped)
+                and wait for its first keyframe; otherwise give up at once.
+
+        Raises:
+            LookupError: no keyframe to show.
+            SnapshotError: the keyframe did not decode.
+
+        Cancellation: bound the wait for a keyframe at the call site (``trio.move_on_after``).
+        """
+        keyframe = self.fanout.cached_keyframe
+        if keyframe is None:
+            if not start_source or not self.enabled:
+                raise LookupError("no picture cached")
+            keyframe = await self._wait_keyframe()
+        cached = self._snapshot
+        if cached is not None and cached[0] is keyframe:
+            return cached[1]
+        jpeg, _, _ = await trio.to_thread.run_sync(jpeg_from_keyframe, keyframe)
+        self._snapshot = (keyframe, jpeg)
+        return jpeg
+
+    async def _wait_keyframe(self) -> EncodedFrame:
+        arrived = trio.Event()
+        probe = self.fanout.subscribe("video")
+        probe.set_wakeup(arrived.set)
+        self._probes += 1
+        self._notify()
+        try:
+            while True:
+                while (frame := probe.get_nowait()) is not None:
+                    if frame.keyframe:
+                        return frame
+                await arrived.wait()
+                arrived = trio.Event()
+                probe.set_wakeup(arrived.set)
+        finally:
+            self.fanout.unsubscribe(probe)
+            self._probes -= 1
+            self._notify()
 
     async def _wait_until_unwanted(self, grace: float) -> None:
         """Return when the source should stop: disabled, or idle for ``grace`` seconds."""
         while True:
-            while self.enabled and (not self.config.on_demand or self._viewers > 0):
+            while self.enabled and (not self.config.on_demand or self._viewers + self._probes > 0):
                 await self.wait_changed()
             if not self.enabled:
                 return
             with trio.move_on_after(grace):
-                while self.enabled and self._viewers == 0:
+                while self.enabled and self._viewers + self._probes == 0:
                     await self.wait_changed()
                 continue  # a viewer came back (or the stream was disabled) within the grace
             self._started_by_api = False

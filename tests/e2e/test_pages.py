@@ -396,3 +396,31 @@ async def test_the_dashboard_with_a_token_shows_and_plays_only_what_it_grants(
         page.wait_for_function("document.body.textContent.includes('needs an access token')")
 
     await in_browser(scenario)
+
+
+async def test_the_dashboard_management_view_adds_stops_and_deletes_streams(
+    start_server: StartServer,
+) -> None:
+    server = await start_server()
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/dashboard.html")
+        page.wait_for_function("document.querySelectorAll('.tile').length === 3")
+        page.click("#manage-toggle")
+        page.wait_for_selector("#stream-table tr[data-stream-id='demo-1']")
+        page.fill("#add-stream input[name=id]", "added")
+        page.fill("#add-stream input[name=name]", "Added camera")
+        page.fill("#add-stream input[name=source]", "pattern:testsrc?size=320x180&fps=25")
+        page.click("#add-stream button[type=submit]")
+        page.wait_for_selector(".tile[data-stream-id='added'][data-state='live']", timeout=20_000)
+        page.wait_for_selector("#stream-table tr[data-stream-id='added']")
+        page.click("#stream-table tr[data-stream-id='added'] button:text('stop')")
+        page.wait_for_selector(".tile[data-stream-id='added'][data-state='error']", timeout=10_000)
+        page.click("#stream-table tr[data-stream-id='added'] button:text('delete')")
+        page.wait_for_function("!document.querySelector(\".tile[data-stream-id='added']\")")
+        assert "added" not in [s["id"] for s in get_json(f"{server.url}/api/streams")["streams"]]
+        assert watch.errors == []
+
+    await in_browser(scenario)

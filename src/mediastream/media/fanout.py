@@ -237,6 +237,11 @@ class FanOut:
         self._gop = []
         self._gop_overflowed = False
 
+    @property
+    def cached_keyframe(self) -> EncodedFrame | None:
+        """The keyframe late joiners start from, if one is cached."""
+        return self._gop[0] if self._gop and self._gop[0].keyframe else None
+
     def statistics(self) -> FanOutStatistics:
         return FanOutStatistics(
             subscribers=self.subscriber_count,

@@ -65,8 +65,8 @@
 
   /** Server error codes after which retrying can't help. */
   const FATAL_CODES = new Set([
-    'stream_not_found', 'unsupported_codec', 'invalid_sdp', 'invalid_message', 'forbidden',
-    'unauthorized', 'too_many_streams',
+    'stream_not_found', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
+    'invalid_message', 'forbidden', 'unauthorized', 'token_expired', 'too_many_streams',
   ]);
   const RETRY_BASE_MS = 1000;
   const RETRY_CAP_MS = 30000;

@@ -72,5 +72,41 @@
     pill.textContent = text || state;
   }
 
-  root.MediaStreamPages = { fetchStreams, el, formatBitrate, formatDuration, setPill };
+  /**
+   * Call the server's JSON API with the page's token.
+   * @param {string} path e.g. '/api/streams/cam-1/stop'
+   * @param {{method?: string, body?: any}} [options]
+   * @returns {Promise<any>} the decoded body (null for 204)
+   */
+  async function api(path, options = {}) {
+    /** @type {Record<string, string>} */
+    const headers = { 'Content-Type': 'application/json' };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(path, {
+      method: options.method || 'GET',
+      headers,
+      body: options.body === undefined ? undefined : JSON.stringify(options.body),
+      cache: 'no-store',
+    });
+    const body = response.status === 204 ? null : await response.json();
+    if (!response.ok) {
+      const field = body && body.field ? ` (${body.field})` : '';
+      throw new Error(`${(body && body.error) || response.statusText}${field}`);
+    }
+    return body;
+  }
+
+  /**
+   * The URL of a stream's still picture; `cachedOnly` never starts a stopped camera.
+   * @param {string} streamId
+   * @param {boolean} [cachedOnly]
+   */
+  function snapshotUrl(streamId, cachedOnly = true) {
+    const query = new URLSearchParams({ t: String(Date.now()) });
+    if (cachedOnly) query.set('cached', '1');
+    if (token) query.set('token', token);
+    return `/api/streams/${encodeURIComponent(streamId)}/snapshot.jpg?${query}`;
+  }
+
+  root.MediaStreamPages = { fetchStreams, el, formatBitrate, formatDuration, setPill, api, snapshotUrl };
 })(window);

@@ -7,7 +7,7 @@
 (function () {
   'use strict';
 
-  const { fetchStreams, el, formatBitrate, setPill } = /** @type {any} */ (window).MediaStreamPages;
+  const { fetchStreams, el, formatBitrate, setPill, api, snapshotUrl } = /** @type {any} */ (window).MediaStreamPages;
   const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
   const manager = /** @type {any} */ (window).WebSocketManager.getInstance();
   const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
@@ -42,8 +42,12 @@
     if (wanted && !running) {
       tile.engine.connect().catch(() => { /* shown through the state event */ });
     } else if (!wanted && running) {
+      const wasLive = tile.state === 'live';
       tile.engine.disconnect();
       show(tile, 'paused', 'paused while not visible');
+      // Its last picture stays as the tile's poster (a cached keyframe: no decoding here,
+      // and never a camera started just for a poster).
+      if (wasLive) posterOf(tile);
     }
     updateSummary();
   }
@@ -63,7 +67,16 @@
     summary.textContent = `${live} of ${tiles.size} live`;
   }
 
-  /** @param {{id: string, name: string}} stream */
+  /** @param {Tile} tile */
+  function posterOf(tile) {
+    const video = /** @type {HTMLVideoElement} */ (tile.tile.querySelector('video'));
+    const url = snapshotUrl(tile.id, true);
+    const probe = new Image();
+    probe.onload = () => { video.poster = url; };
+    probe.src = url;
+  }
+
+  /** @param {{id: string, name: string, running?: boolean}} stream */
   function addTile(stream) {
     const video = /** @type {HTMLVideoElement} */ (el('video', { muted: true, autoplay: true, playsInline: true }));
     const tileElement = el('div', { class: 'tile', dataset: { streamId: stream.id, state: 'idle' }, title: stream.name }, [
@@ -90,7 +103,84 @@
     tiles.set(stream.id, tile);
     wall.append(tileElement);
     observer.observe(tileElement);
+    if (stream.running) posterOf(tile);
   }
+
+  /** @param {string} streamId */
+  function removeTile(streamId) {
+    const tile = tiles.get(streamId);
+    if (!tile) return;
+    tile.engine.disconnect();
+    observer.unobserve(tile.tile);
+    tile.tile.remove();
+    tiles.delete(streamId);
+    updateSummary();
+  }
+
+  // --- management view (the management API; needs an admin token on a secured server) ---
+
+  const manage = /** @type {HTMLElement} */ (document.getElementById('manage'));
+  const table = /** @type {HTMLElement} */ (document.querySelector('#stream-table tbody'));
+  const message = /** @type {HTMLElement} */ (document.getElementById('manage-message'));
+  const form = /** @type {HTMLFormElement} */ (document.getElementById('add-stream'));
+
+  /** @param {string} text @param {boolean} [failed] */
+  function say(text, failed = false) {
+    message.textContent = text;
+    message.style.color = failed ? 'var(--bad)' : '';
+  }
+
+  async function refreshManagement() {
+    const streams = await fetchStreams();
+    table.replaceChildren(...streams.map((/** @type {any} */ s) => {
+      const act = (/** @type {string} */ label, /** @type {() => Promise<any>} */ action) =>
+        el('button', { type: 'button', onclick: () => run(action, `${s.id}: ${label} done`) }, [label]);
+      return el('tr', { dataset: { streamId: s.id } }, [
+        el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
+        el('td', { class: 'mono' }, [s.source]),
+        el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [String(s.viewers)]),
+        el('td', {}, [
+          s.enabled
+            ? act('stop', () => api(`/api/streams/${s.id}/stop`, { method: 'POST' }))
+            : act('start', () => api(`/api/streams/${s.id}/start`, { method: 'POST' })),
+          act('delete', async () => {
+            await api(`/api/streams/${s.id}`, { method: 'DELETE' });
+            removeTile(s.id);
+          }),
+        ]),
+      ]);
+    }));
+  }
+
+  /** @param {() => Promise<any>} action @param {string} done */
+  async function run(action, done) {
+    try {
+      await action();
+      say(done);
+    } catch (error) {
+      say(/** @type {Error} */ (error).message, true);
+    }
+    await refreshManagement().catch(() => {});
+  }
+
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const data = new FormData(form);
+    const body = {
+      id: String(data.get('id')), source: String(data.get('source')),
+      name: String(data.get('name') || ''), on_demand: data.get('on_demand') === 'on',
+    };
+    run(async () => {
+      const created = await api('/api/streams', { method: 'POST', body });
+      addTile(created);
+      form.reset();
+    }, `${body.id} added`);
+  });
+
+  /** @type {HTMLButtonElement} */ (document.getElementById('manage-toggle')).addEventListener('click', () => {
+    manage.hidden = !manage.hidden;
+    if (!manage.hidden) refreshManagement().catch((/** @type {Error} */ e) => say(e.message, true));
+  });
 
   /** @param {HTMLElement} tileElement */
   function enlarge(tileElement) {

@@ -73,8 +73,14 @@ class IceServerConfig:
     """One ``[[webrtc.ice_servers]]`` entry (STUN or TURN)."""
 
     urls: tuple[str, ...]
+    #: fixed TURN credentials…
     username: str | None = None
     credential: str | None = None
+    #: …or the TURN server's shared secret (coturn's ``static-auth-secret``): every socket and
+    #: every server peer then gets its own time-limited credentials (the TURN REST API scheme).
+    secret: str | None = None
+    #: lifetime of those time-limited credentials.
+    credential_ttl: float = 24 * 3600 * SECONDS
 
 
 @dataclass(frozen=True)
@@ -417,6 +423,16 @@ def _check_ranges(config: Config) -> None:
                 key=f"security.allowed_origins[{index}]",
             )
     for index, server in enumerate(config.webrtc.ice_servers):
+        if server.secret and (server.username or server.credential):
+            raise ConfigError(
+                "a TURN secret makes its own credentials: set secret, or username and "
+                "credential, not both",
+                key=f"webrtc.ice_servers[{index}].secret",
+            )
+        if server.credential_ttl <= 0:
+            raise ConfigError(
+                "must be greater than 0", key=f"webrtc.ice_servers[{index}].credential_ttl"
+            )
         for url in server.urls:
             if not re.match(r"^(stun|stuns|turn|turns):", url):
                 raise ConfigError(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -31,6 +31,7 @@ from .auth import Authenticator, AuthError, Grant
 from .changes import ChangeSignal
 from .config import Config
 from .errors import ErrorCode, SignalingError
+from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
 from .protocol import Auth, Close, IceCandidate, Offer, Ping
@@ -354,15 +355,9 @@ class SignalingConnection:
             "server": "mediastream",
             "version": __version__,
             "connectionId": self.connection_id,
-            "iceServers": list(_browser_ice_servers(self._hub.config)),
+            "iceServers": ice_servers(
+                self._hub.config.webrtc.ice_servers,
+                label=self.grant.subject or "viewer",
+                now=time.time(),
+            ),
         }
-
-
-def _browser_ice_servers(config: Config) -> Iterator[dict[str, Any]]:
-    for server in config.webrtc.ice_servers:
-        entry: dict[str, Any] = {"urls": list(server.urls)}
-        if server.username is not None:
-            entry["username"] = server.username
-        if server.credential is not None:
-            entry["credential"] = server.credential
-        yield entry

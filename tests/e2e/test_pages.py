@@ -4,6 +4,7 @@ server: one WebSocket per page, every video decoding, state and stats shown."""
 from __future__ import annotations
 
 import socket
+import time
 
 import trio
 from playwright.sync_api import Browser, Page
@@ -18,6 +19,7 @@ from support.browser import (
     wait_until_decoding_more,
 )
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
+from support.turn import running_turn_server
 
 
 async def test_multi_stream_page_flow_over_exactly_one_websocket(start_server: StartServer) -> None:
@@ -424,3 +426,43 @@ async def test_the_dashboard_management_view_adds_stops_and_deletes_streams(
         assert watch.errors == []
 
     await in_browser(scenario)
+
+
+async def test_relay_only_chromium_plays_through_a_real_turn_server(
+    start_server: StartServer,
+) -> None:
+    with running_turn_server() as turn:
+        config = make_config(
+            DEMO_STREAMS, webrtc={"ice_servers": [{"urls": [turn.url], "secret": turn.secret}]}
+        )
+        server = await start_server(config)
+
+        def scenario(browser: Browser) -> dict[str, str]:
+            page = browser.new_page()
+            watch = PageWatch(page)
+            page.goto(f"{server.url}/static/viewer.html?stream=demo-1&relay=1")
+            page.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=30_000)
+            pair = page.evaluate(
+                """async () => {
+                    const pc = window.msViewer.engine.pc;
+                    const report = await pc.getStats();
+                    let pair = null;
+                    report.forEach((s) => {
+                        if (s.type === 'candidate-pair' && s.nominated
+                            && s.state === 'succeeded') pair = s;
+                    });
+                    const local = report.get(pair.localCandidateId);
+                    const configuration = pc.getConfiguration();
+                    return {local: local.candidateType,
+                            policy: configuration.iceTransportPolicy,
+                            username: configuration.iceServers[0].username || ''};
+                }"""
+            )
+            assert watch.errors == []
+            return pair
+
+        result = await in_browser(scenario)
+    assert result["policy"] == "relay"
+    assert result["local"] == "relay"  # the media came through coturn
+    expiry, _, label = result["username"].partition(":")
+    assert label == "viewer" and int(expiry) > time.time()  # time-limited credentials

@@ -7,6 +7,12 @@ const { WebSocketManager } = require('../../web/static/js/websocket-manager.js')
 const { WebRTCEngine } = require('../../web/static/js/webrtc-engine.js');
 const { FakeWebSocket, FakeClock, FakePeerConnection, flush } = require('./fakes.js');
 
+/** The server accepts the socket and, as it always does, sends its welcome first. */
+function opened(socket) {
+  socket.serverOpens();
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [{ urls: ['stun:x'] }] } });
+}
+
 async function setup(options = {}) {
   FakeWebSocket.reset();
   FakePeerConnection.reset();
@@ -27,7 +33,8 @@ async function connectAndAnswer(engine) {
   const connecting = engine.connect();
   await flush();
   const socket = FakeWebSocket.last();
-  if (socket.readyState !== 1) socket.serverOpens();
+  if (socket.readyState !== 1) opened(socket);
+  await flush();
   await flush();
   const offer = socket.sent.filter((m) => m.type === 'offer' && m.streamId === engine.streamId).at(-1);
   socket.serverSends({ type: 'answer', streamId: engine.streamId, payload: 'v=0 answer', sessionId: offer.payload.sessionId });
@@ -45,6 +52,8 @@ test('connect sends a recvonly offer over the shared socket and applies the answ
   const { socket, offer } = await connectAndAnswer(engine);
   const pc = FakePeerConnection.last();
   assert.deepEqual(pc.transceivers, [{ kind: 'video', init: { direction: 'recvonly' } }]);
+  // The ICE servers are the ones the server announced (waited for, even if it speaks late).
+  assert.deepEqual(pc.config.iceServers, [{ urls: ['stun:x'] }]);
   assert.equal(offer.payload.type, 'offer');
   assert.equal(offer.payload.streamId, 'cam-1'); // legacy servers read it there
   assert.match(offer.payload.sessionId, /.+-\d+/);
@@ -86,7 +95,7 @@ test('an answer for an older session is ignored', async () => {
   const connecting = engine.connect();
   await flush();
   const socket = FakeWebSocket.last();
-  socket.serverOpens();
+  opened(socket);
   await flush();
   const offer = socket.sent.find((m) => m.type === 'offer');
   socket.serverSends({ type: 'answer', streamId: 'cam-1', payload: 'stale', sessionId: 'old-1' });
@@ -103,7 +112,7 @@ test('a stream the server does not know rejects connect and ends in the error st
   const connecting = engine.connect();
   await flush();
   const socket = FakeWebSocket.last();
-  socket.serverOpens();
+  opened(socket);
   await flush();
   socket.serverSends({ type: 'error', streamId: 'nope', payload: 'Stream not found', code: 'stream_not_found' });
   await assert.rejects(connecting, /Stream not found/);
@@ -149,7 +158,7 @@ test('after the socket comes back every engine renegotiates', async () => {
   clock.advance(1200);
   const next = FakeWebSocket.last();
   assert.notEqual(next, socket);
-  next.serverOpens();
+  opened(next);
   await flush();
   const offer = next.sent.find((m) => m.type === 'offer');
   assert.ok(offer, 'a new offer on the new socket');

@@ -308,3 +308,22 @@ test('at debug level the tell-tale lines are logged', async () => {
   assert.match(text, /reusing the existing socket/);
   assert.match(text, /streams managed: 1/);
 });
+
+test('whenWelcomed waits for the welcome, or gives up after its timeout', async () => {
+  const { manager, socket, clock } = await connected();
+  let done = false;
+  manager.whenWelcomed(1000).then(() => { done = true; });
+  await new Promise((r) => setImmediate(r));
+  assert.equal(done, false);
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [] } });
+  await new Promise((r) => setImmediate(r));
+  assert.equal(done, true);
+  assert.equal(manager.welcomed, true);
+  socket.serverDrops();
+  assert.equal(manager.welcomed, false); // a new socket gets its own welcome
+  let timedOut = false;
+  manager.whenWelcomed(1000).then(() => { timedOut = true; });
+  clock.advance(1000);
+  await new Promise((r) => setImmediate(r));
+  assert.equal(timedOut, true);
+});

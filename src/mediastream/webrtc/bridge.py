@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from aiortc.sdp import candidate_from_sdp
 from ..changes import ChangeSignal
 from ..config import WebRTCConfig
 from ..errors import ErrorCode, SignalingError
+from ..ice import ice_servers as ice_servers_for
 from ..media.fanout import CatchUpPacer, Subscriber
 from ..media.frames import EncodedFrame
 from ..protocol import IceCandidate
@@ -120,8 +122,8 @@ class PeerConnectionFactory:
         :data:`CLOSE_TIMEOUT`, so a cancelled session still releases its sockets and threads.
         """
         ice_servers = [
-            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
-            for s in self._config.ice_servers
+            RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in ice_servers_for(self._config.ice_servers, label="mediastream", now=time.time())
         ]
 
         async def create() -> RTCPeerConnection:

@@ -37,6 +37,7 @@
    *   `signalingUrl` and `url` are accepted as older spellings
    * @property {string} [token] access token, passed to the manager
    * @property {RTCIceServer[]} [iceServers] default: what the server announced in `welcome`
+   * @property {RTCIceTransportPolicy} [iceTransportPolicy] 'relay' forces TURN (default 'all')
    * @property {boolean} [audio] also receive the camera's audio, if it has any (default false;
    *   the video element stays muted until the page unmutes it)
    * @property {number} [statsInterval] ms between `stats` events (default 1000; 0 disables)
@@ -240,12 +241,18 @@
       this.#mediaStream = null;
       this.#announcedConnected = false;
       this.#lastSample = null;
+      if (!this.#options.iceServers && this.#manager.whenWelcomed) {
+        await this.#manager.whenWelcomed(); // the server's ICE servers (and TURN credentials)
+      }
       const sessionId = `${this.#manager.instanceId || 'p'}-${++sessionCounter}`;
       this.#sessionId = sessionId;
       const PeerConnection = this.#options.RTCPeerConnection || root.RTCPeerConnection;
       const iceServers = this.#options.iceServers || this.#manager.serverInfo?.iceServers || [];
       /** @type {RTCPeerConnection} */
-      const pc = new PeerConnection({ iceServers });
+      const pc = new PeerConnection({
+        iceServers,
+        iceTransportPolicy: this.#options.iceTransportPolicy || 'all',
+      });
       this.pc = pc;
       pc.addTransceiver('video', { direction: 'recvonly' });
       if (this.#options.audio) pc.addTransceiver('audio', { direction: 'recvonly' });

@@ -77,6 +77,9 @@
     instanceId = Math.random().toString(36).slice(2, 8);
     /** @type {{server?: string, version?: string, connectionId?: string, iceServers?: RTCIceServer[]}} */
     serverInfo = {};
+    /** whether this socket's `welcome` (with the ICE servers to use) has arrived */
+    welcomed = false;
+    /** @type {(() => void)[]} */ #welcomeWaiters = [];
 
     /** @type {string|undefined} */ #url;
     /** @type {string|undefined} */ #token;
@@ -218,6 +221,26 @@
 
     isConnected() {
       return this.connected;
+    }
+
+    /**
+     * Resolves once the server's `welcome` has arrived on the current socket (it carries the
+     * ICE servers, TURN credentials included), or after `timeoutMs` for servers that send
+     * none.
+     * @param {number} [timeoutMs]
+     * @returns {Promise<void>}
+     */
+    whenWelcomed(timeoutMs = 3000) {
+      if (this.welcomed) return Promise.resolve();
+      return new Promise((resolve) => {
+        const timer = this.#clock.setTimeout(() => finish(), timeoutMs);
+        const finish = () => {
+          this.#clock.clearTimeout(timer);
+          this.#welcomeWaiters = this.#welcomeWaiters.filter((w) => w !== finish);
+          resolve();
+        };
+        this.#welcomeWaiters.push(finish);
+      });
     }
 
     /**
@@ -374,6 +397,7 @@
           this.ws = null;
           const wasConnected = this.connected;
           this.connected = false;
+          this.welcomed = false;
           this.#stopPings();
           this.#pendingPings.clear();
           const willReconnect = this.#wanted && this.streamHandlers.size > 0;
@@ -503,6 +527,8 @@
     #receiveGlobal(message) {
       if (message.type === 'welcome') {
         this.serverInfo = message.payload || {};
+        this.welcomed = true;
+        for (const waiter of this.#welcomeWaiters.splice(0)) waiter();
         this.#log('debug', `instance ${this.instanceId}: server connection ${this.serverInfo.connectionId}`);
         this.emit('welcome', this.serverInfo);
       } else if (message.type === 'pong') {

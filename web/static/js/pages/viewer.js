@@ -21,7 +21,11 @@
     const url = new URL(window.location.href);
     url.searchParams.set('stream', streamId);
     history.replaceState(null, '', url);
-    engine = new WebRTCEngine({ streamId, videoElement: video, audio: true });
+    // ?relay=1 forces the media through the TURN server (to check a TURN set-up).
+    const relay = new URLSearchParams(window.location.search).get('relay') === '1';
+    engine = new WebRTCEngine({
+      streamId, videoElement: video, audio: true, iceTransportPolicy: relay ? 'relay' : 'all',
+    });
     engine.on('state', (/** @type {any} */ s) => {
       setPill(statePill, s.state);
       detail.textContent = s.detail || '';

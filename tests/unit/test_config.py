@@ -182,3 +182,9 @@ def test_pattern_options_are_parsed() -> None:
     spec = parse_source("pattern:life?size=320x240&fps=10", key="k")
     assert spec.kind == "pattern" and spec.location == "life"
     assert spec.option_map == {"size": "320x240", "fps": "10"}
+
+
+def test_the_configuration_reference_shows_the_example_file_as_it_is() -> None:
+    reference = (EXAMPLE.parent / "configuration.md").read_text()
+    embedded = reference.split("```toml\n", 1)[1].rsplit("```", 1)[0]
+    assert embedded == EXAMPLE.read_text()

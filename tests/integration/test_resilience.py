@@ -192,7 +192,8 @@ async def test_500_viewer_cycles_leave_nothing_behind(start_server: StartServer)
     after = (services.statistics(), open_fds())
     assert after[0].peer_connections_opened - baseline[0].peer_connections_opened == 500
     assert after[0].open_peer_connections == 0 and after[0].open_sessions == 0
-    assert not lasting_tasks() - tasks_before
+    leaked = lasting_tasks() - tasks_before
+    assert not leaked, leaked
     assert after[0].threads <= baseline[0].threads + 2  # idle pool threads retire on a timer
     assert after[1] <= baseline[1] + 2
 

@@ -68,6 +68,7 @@ class Subscriber:
         self._frames: collections.deque[EncodedFrame] = collections.deque()
         self._waiting_for_keyframe = keyframe_gated
         self._wakeup: Callable[[], None] | None = None
+        self._sink: Callable[[EncodedFrame], None] | None = None
         self._closed = False
         self._delivered = 0
         self._dropped = 0
@@ -76,6 +77,12 @@ class Subscriber:
     def set_wakeup(self, wakeup: Callable[[], None] | None) -> None:
         """Install the callback run (synchronously, inside ``publish``) when a frame arrives."""
         self._wakeup = wakeup
+
+    def set_sink(self, sink: Callable[[EncodedFrame], None] | None) -> None:
+        """Deliver frames by calling ``sink`` synchronously in ``publish``, while the queue is
+        empty (a live viewer). If it raises, it is dropped, the frame is queued instead and
+        the wakeup runs: the viewer goes back to reading its queue."""
+        self._sink = sink
 
     def get_nowait(self) -> EncodedFrame | None:
         """The next frame, or ``None`` when the queue is empty (or closed)."""
@@ -122,6 +129,17 @@ class Subscriber:
                 self._dropped += 1
                 return 1
             self._waiting_for_keyframe = False
+        elif self._sink is not None and not self._frames:
+            try:
+                self._sink(frame)
+            except Exception as exc:
+                log.info("%s: direct sending stopped (%s); queueing", self.label, exc)
+                self._sink = None
+            else:
+                self._delivered += 1
+                if self._fanout is not None:
+                    self._fanout._count_sent(frame)
+                return 0
         elif len(self._frames) >= self._max_frames:
             dropped = len(self._frames)
             self._frames.clear()

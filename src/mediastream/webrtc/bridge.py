@@ -26,13 +26,14 @@ What this module adds to stock aiortc, and why:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import trio
 import trio_asyncio
@@ -42,10 +43,14 @@ from aiortc import (
     RTCPeerConnection,
     RTCRtpSender,
     RTCSessionDescription,
+    clock,
 )
 from aiortc.exceptions import InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtp import RtpPacket, wrap_rtx
 from aiortc.sdp import candidate_from_sdp
+from aiortc.utils import random16, random32
 
 from ..changes import ChangeSignal
 from ..config import WebRTCConfig
@@ -58,7 +63,6 @@ from ..protocol import IceCandidate
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT: Final = 5.0  # seconds allowed for closing one peer connection
-_SENDER_ENCODER_ATTRIBUTE: Final = "_RTCRtpSender__encoder"
 _MDNS_CANDIDATE: Final = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.M)
 _CANDIDATE_SHAPE: Final = re.compile(
     r"^(candidate:)?\S{1,64} \d{1,5} (udp|tcp|UDP|TCP) \d{1,10} \S{1,255} \d{1,5} typ "
@@ -224,10 +228,7 @@ class PeerConnection:
         transceivers = []
         for track in tracks:
             sender = self._pc.addTrack(track)
-            # Replace the encoder before the sender starts: frames arrive already packetized.
-            if not hasattr(sender, _SENDER_ENCODER_ATTRIBUTE):
-                raise RuntimeError("aiortc's RTCRtpSender changed: no encoder attribute to replace")
-            setattr(sender, _SENDER_ENCODER_ATTRIBUTE, PrepacketizedEncoder())
+            track.attach(sender)
             transceiver = next(t for t in self._pc.getTransceivers() if t.sender is sender)
             capabilities = RTCRtpSender.getCapabilities(track.kind)
             transceiver.setCodecPreferences(
@@ -280,18 +281,118 @@ class PeerConnection:
         await trio_asyncio.aio_as_trio(self._pc.close)()
 
 
-class PrepacketizedEncoder:
-    """Stands in for aiortc's H.264 encoder: the frame's payloads were cut at the source."""
+class DirectRtpSender:
+    """Sends one viewer's frames as RTP straight from the fan-out.
 
-    def pack(self, frame: EncodedFrame) -> tuple[tuple[bytes, ...], int]:
-        return frame.payloads, frame.timestamp
+    aiortc's sender would take each frame through its own task (a wake-up, a ``recv`` and a
+    packetizer per frame and viewer). Instead, once the viewer is live, the fan-out calls
+    :meth:`send` for it synchronously as it publishes: per packet there remain a copied RTP
+    header with its sequence number and marker, SRTP protection, and the ``sendto``. aiortc
+    keeps doing RTCP (sender reports read the counters updated here) and NACKs (served from
+    this history).
+
+    Uses aiortc's private sender state (pinned to the aiortc range it was verified with; a
+    test fails if it moves).
+    """
+
+    def __init__(self, sender: RTCRtpSender, parameters: RTCRtpSendParameters) -> None:
+        missing = [name for name in _SENDER_STATE if not hasattr(sender, name)]
+        if missing:
+            raise RuntimeError(f"aiortc's RTCRtpSender changed: no {', '.join(missing)}")
+        # Typed loosely on purpose: the name-mangled state below is not in aiortc's types.
+        self._sender: Any = cast(Any, sender)
+        self._dtls: Any = sender.transport
+        payload_type = parameters.codecs[0].payloadType
+        if payload_type is None:
+            raise RuntimeError("aiortc started a sender without a payload type")
+        self._payload_type: int = payload_type
+        self._mid = parameters.muxId
+        self._ssrc = sender._ssrc
+        self._extensions = self._sender._RTCRtpSender__rtp_header_extensions_map
+        self._sequence = random16() % 32768  # as aiortc: far from wrapping, for SRTP
+        self._timestamp_origin = random32()
+        self._history: dict[int, bytes] = {}
+        # NACKed packets come from this history (aiortc keeps its own for its own loop).
+        setattr(self._sender, "_retransmit", self._retransmit)  # noqa: B010 (a method, on purpose)
+
+    def send(self, frame: EncodedFrame) -> None:
+        """Send one frame now. Raises ConnectionError once the transport is gone."""
+        timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
+        template = RtpPacket(payload_type=self._payload_type, timestamp=timestamp)
+        template.ssrc = self._ssrc
+        template.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+        template.extensions.mid = self._mid
+        header = bytearray(template.serialize(self._extensions))
+        last = len(frame.payloads) - 1
+        octets = 0
+        for index, payload in enumerate(frame.payloads):
+            header[1] = (0x80 if index == last else 0) | self._payload_type
+            header[2:4] = self._sequence.to_bytes(2, "big")
+            packet = bytes(header) + payload
+            self._history[self._sequence % RTP_HISTORY_SIZE] = packet
+            _run_now(self._dtls._send_rtp(packet))
+            self._sequence = (self._sequence + 1) & 0xFFFF
+            octets += len(payload)
+        sender = self._sender
+        # What aiortc's RTCP task reports in its sender reports.
+        sender._RTCRtpSender__ntp_timestamp = clock.current_ntp_time()
+        sender._RTCRtpSender__rtp_timestamp = timestamp
+        packets = sender._RTCRtpSender__packet_count + len(frame.payloads)
+        sender._RTCRtpSender__packet_count = packets
+        sender._RTCRtpSender__octet_count += octets
+
+    async def _retransmit(self, sequence_number: int) -> None:
+        raw = self._history.get(sequence_number % RTP_HISTORY_SIZE)
+        if raw is None or int.from_bytes(raw[2:4], "big") != sequence_number:
+            return
+        packet = RtpPacket.parse(raw, self._extensions)
+        sender = self._sender
+        rtx_payload_type = sender._RTCRtpSender__rtx_payload_type
+        if rtx_payload_type is not None:
+            rtx_sequence = sender._RTCRtpSender__rtx_sequence_number
+            packet = wrap_rtx(
+                packet,
+                payload_type=rtx_payload_type,
+                sequence_number=rtx_sequence,
+                ssrc=sender._rtx_ssrc,
+            )
+            sender._RTCRtpSender__rtx_sequence_number = (rtx_sequence + 1) & 0xFFFF
+        await self._dtls._send_rtp(packet.serialize(self._extensions))
+
+
+#: aiortc's private sender state that :class:`DirectRtpSender` relies on.
+_SENDER_STATE: Final = (
+    "_ssrc",
+    "_rtx_ssrc",
+    "_RTCRtpSender__rtp_header_extensions_map",
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__octet_count",
+    "_RTCRtpSender__rtx_payload_type",
+    "_RTCRtpSender__rtx_sequence_number",
+)
+RTP_HISTORY_SIZE: Final = 128  # packets kept for NACKs, as aiortc
+
+
+def _run_now(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends (aiortc's and aioice's send path) to completion."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("the send path suspended; it can't run synchronously")
 
 
 class SubscriberTrack(MediaStreamTrack):
     """A track that plays one viewer's :class:`Subscriber` queue (video or audio).
 
-    It never ends on its own: a source that restarts keeps the same track (a track that ends
-    stops aiortc's sender for good).
+    aiortc's sender loop only ever waits in :meth:`recv`: frames go out through a
+    :class:`DirectRtpSender`. While the viewer catches up (a replayed GOP, or right after it
+    connected) this track sends the queue, paced; once it is live, the fan-out sends each
+    frame synchronously as it publishes it. The track never ends on its own: a source that
+    restarts keeps the same track (a track that ends stops aiortc's sender for good).
     """
 
     def __init__(
@@ -308,37 +409,59 @@ class SubscriberTrack(MediaStreamTrack):
         self._on_first_frame = on_first_frame
         self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
+        self._direct: DirectRtpSender | None = None
         subscriber.set_wakeup(self._wake)
 
+    def attach(self, sender: RTCRtpSender) -> None:
+        """Take over ``sender``'s sending once aiortc starts it (DTLS is up)."""
+        start = sender.send
+
+        async def send(parameters: RTCRtpSendParameters) -> None:
+            await start(parameters)
+            self._direct = DirectRtpSender(sender, parameters)
+            self._wake()
+
+        sender.send = send  # type: ignore[method-assign]
+
     def _wake(self) -> None:
-        # Called from Trio (the fan-out), in the same thread as the asyncio loop.
+        # Called from Trio (the fan-out) or asyncio, in the same thread.
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     async def recv(self) -> Any:
+        while self._direct is None:
+            await self._wait()
+        direct = self._direct
         while True:
-            frame = self._subscriber.get_nowait()
-            if frame is not None:
-                backlog = self._subscriber.queued_frames > 0
-                loop = asyncio.get_running_loop()
-                # Catching up through a cached GOP: paced, and other peers send in between.
-                wait = self._pacer.delay(frame.size, loop.time(), backlog=backlog)
-                if backlog:
-                    await asyncio.sleep(wait)
-                if self._on_first_frame is not None:
-                    self._on_first_frame()
-                    self._on_first_frame = None
-                return frame
+            while (frame := self._subscriber.get_nowait()) is not None:
+                if self._subscriber.queued_frames:
+                    # Catching up through a cached GOP: paced, other peers send in between.
+                    loop = asyncio.get_running_loop()
+                    await asyncio.sleep(self._pacer.delay(frame.size, loop.time(), backlog=True))
+                self._send(direct, frame)
             if self._subscriber.closed or self.readyState != "live":
                 raise MediaStreamError
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            # Live: from now on the fan-out sends each frame as it publishes it. The sink is
+            # dropped (and this track woken) if sending fails or the queue takes over.
+            self._subscriber.set_sink(functools.partial(self._send, direct))
+            await self._wait()
+
+    def _send(self, direct: DirectRtpSender, frame: EncodedFrame) -> None:
+        direct.send(frame)
+        if self._on_first_frame is not None:
+            self._on_first_frame()
+            self._on_first_frame = None
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def stop(self) -> None:
         super().stop()
+        self._subscriber.set_sink(None)
         self._subscriber.set_wakeup(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

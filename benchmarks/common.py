@@ -19,6 +19,13 @@ PYTHON = sys.executable
 SYSTEM_PYTHON = "/usr/bin/python3"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
+#: Every load generator connects from one address, far faster than pages do.
+BENCH_LIMITS = """[limits]
+max_sockets_per_client = 100000
+max_offers_per_second = 100000.0
+max_messages_per_second = 100000.0
+"""
+
 
 def free_port() -> int:
     with socket.socket() as probe:

@@ -1,133 +1,202 @@
-"""Fan-out cost: one RTSP camera to N viewers in another process; server CPU per viewer.
+"""Fan-out cost: one RTSP camera to N viewers; server CPU per viewer and per RTP packet.
 
-    python benchmarks/fanout.py [--viewers 1,10,20] [--seconds 20] [--mount /h264]
-                                [--json results.json]
+    python benchmarks/fanout.py [--server mediastream|janus|transcoding] [--viewers 1,10,50,100]
+                                [--mount /h264-busy] [--seconds 20] [--json results.json]
 
-The server runs as ``mediastream serve`` in its own process with the camera always on; the
-viewers (aiortc, no decoding) run in a third process. For each viewer count the script
-measures the server's CPU time over a window and the RTP packets the viewers received and
-lost, then prints a table. The 0-viewer row is the camera ingest alone.
+The server runs in its own process with the camera always on; the viewers run in other
+processes (aiortc peers that count RTP packets and do nothing else: no decoding, no jitter
+buffer, no NACKs, so the load generator stays light and lost packets stay lost). For each
+viewer count the server's CPU time (user + system, /proc) is measured over a window, with the
+packets the viewers received and the ones they missed (sequence-number gaps). The 0-viewer
+row is the camera ingest alone; "per viewer" and "µs/packet" subtract it.
+
+Servers:
+    mediastream   this project, H.264 passed through
+    janus         Janus (Debian's package), streaming plugin restreaming the same camera
+    transcoding   stock aiortc: the camera decoded once, VP8 encoded for each viewer
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from common import (
+    BENCH_LIMITS,
     PYTHON,
     ROOT,
     cpu_seconds,
+    free_port,
     mediastream_server,
     print_table,
     rss_bytes,
     rtsp_camera,
 )
 
+VIEWERS = str(ROOT / "benchmarks" / "viewers.py")
 
-def measure(pid: int, seconds: float, viewer: subprocess.Popen[str] | None) -> dict[str, float]:
-    before_stats = _viewer_stats(viewer)
+
+class ViewerProcesses:
+    """N viewers spread over processes of at most ``per_process`` each."""
+
+    def __init__(self, target: str, count: int, per_process: int, *, janus: bool) -> None:
+        self.processes: list[subprocess.Popen[str]] = []
+        for index in range(math.ceil(count / per_process)):
+            share = min(per_process, count - index * per_process)
+            command = [PYTHON, VIEWERS, target, "cam", str(share)] + (["--janus"] if janus else [])
+            self.processes.append(
+                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+        for process in self.processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "READY":
+                self.close()
+                raise SystemExit(f"viewers did not connect ({count})")
+
+    def stats(self) -> dict[str, int]:
+        totals = {"packetsReceived": 0, "packetsLost": 0}
+        for process in self.processes:
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write("stats\n")
+            process.stdin.flush()
+            for key, value in json.loads(process.stdout.readline()).items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(process.pid) for process in self.processes)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for process in self.processes:
+            process.wait(timeout=60)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def measure(pid: int, seconds: float, viewers: ViewerProcesses | None) -> dict[str, float]:
+    before = viewers.stats() if viewers else {"packetsReceived": 0, "packetsLost": 0}
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    client_before = viewers.cpu_seconds() if viewers else 0.0
     time.sleep(seconds)
     cpu_after, wall_after = cpu_seconds(pid), time.monotonic()
-    after_stats = _viewer_stats(viewer)
+    client_after = viewers.cpu_seconds() if viewers else 0.0
+    after = viewers.stats() if viewers else before
     wall = wall_after - wall_before
-    packets = after_stats["packetsReceived"] - before_stats["packetsReceived"]
-    lost = after_stats["packetsLost"] - before_stats["packetsLost"]
+    packets = after["packetsReceived"] - before["packetsReceived"]
+    lost = after["packetsLost"] - before["packetsLost"]
     return {
         "cpu_percent": 100 * (cpu_after - cpu_before) / wall,
         "packets_per_s": packets / wall,
         "loss_percent": 100 * lost / max(1, packets + lost),
         "rss_mb": rss_bytes(pid) / 2**20,
+        "client_cpu_percent": 100 * (client_after - client_before) / wall,
     }
 
 
-def _viewer_stats(viewer: subprocess.Popen[str] | None) -> dict[str, int]:
-    if viewer is None:
-        return {"packetsReceived": 0, "packetsLost": 0}
-    assert viewer.stdin is not None and viewer.stdout is not None
-    viewer.stdin.write("stats\n")
-    viewer.stdin.flush()
-    return dict(json.loads(viewer.stdout.readline()))
+@contextmanager
+def server(kind: str, camera_url: str, tmp: Path) -> Iterator[tuple[str, int]]:
+    """The server under test; yields (the viewers' target, its pid)."""
+    if kind == "mediastream":
+        config = (
+            BENCH_LIMITS + f'[[streams]]\nid = "cam"\nsource = "{camera_url}"\non_demand = false\n'
+        )
+        with mediastream_server(config, tmp) as (url, pid):
+            yield url.replace("http", "ws") + "/ws", pid
+    elif kind == "janus":
+        from janus import running_janus
+
+        with running_janus(camera_url) as (url, pid):
+            yield url, pid
+    else:
+        port = free_port()
+        process = subprocess.Popen(
+            [PYTHON, str(ROOT / "benchmarks" / "stock_aiortc_server.py"), camera_url, str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "READY":
+            raise SystemExit("the stock aiortc server did not start")
+        try:
+            yield f"ws://127.0.0.1:{port}/ws", process.pid
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+            process.stdout.close()
+
+
+def run(
+    kind: str, mount: str, counts: list[int], seconds: float, per_process: int
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
+        camera_url = f"rtsp://127.0.0.1:{camera_port}{mount}"
+        with server(kind, camera_url, Path(tmp)) as (target, pid):
+            time.sleep(3)  # let the camera connect and settle
+            ingest = measure(pid, seconds, None)
+            results.append({"viewers": 0, **ingest})
+            for count in counts:
+                viewers = ViewerProcesses(target, count, per_process, janus=kind == "janus")
+                try:
+                    time.sleep(2)
+                    row = measure(pid, seconds, viewers)
+                finally:
+                    viewers.close()
+                added = row["cpu_percent"] - ingest["cpu_percent"]
+                row["per_viewer_cpu_percent"] = added / count
+                row["us_per_packet"] = 1e6 * added / 100 / max(1, row["packets_per_s"])
+                results.append({"viewers": count, **row})
+                time.sleep(2)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--viewers", default="1,10,20")
+    parser.add_argument(
+        "--server", choices=("mediastream", "janus", "transcoding"), default="mediastream"
+    )
+    parser.add_argument("--viewers", default="1,10,50,100")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--mount", default="/h264")
+    parser.add_argument("--mount", default="/h264-busy")
+    parser.add_argument("--per-process", type=int, default=25, help="viewers per load process")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     counts = [int(n) for n in args.viewers.split(",")]
-
-    results = []
-    with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
-        config = (
-            f'[[streams]]\nid = "cam"\nsource = "rtsp://127.0.0.1:{camera_port}{args.mount}"\n'
-            "on_demand = false\n"
-        )
-        with mediastream_server(config, Path(tmp)) as (url, pid):
-            time.sleep(3)  # let the camera connect and settle
-            ingest = measure(pid, args.seconds, None)
-            results.append({"viewers": 0, **ingest})
-            for count in counts:
-                viewer = subprocess.Popen(
-                    [
-                        PYTHON,
-                        str(ROOT / "benchmarks" / "viewers.py"),
-                        url.replace("http", "ws") + "/ws",
-                        "cam",
-                        str(count),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                assert viewer.stdout is not None and viewer.stdin is not None
-                if viewer.stdout.readline().strip() != "READY":
-                    raise SystemExit(f"viewers did not connect ({count})")
-                time.sleep(2)
-                row = measure(pid, args.seconds, viewer)
-                viewer.stdin.close()
-                viewer.wait(timeout=30)
-                row["per_viewer_cpu_percent"] = (row["cpu_percent"] - ingest["cpu_percent"]) / count
-                row["us_per_packet"] = (
-                    1e6
-                    * (row["cpu_percent"] - ingest["cpu_percent"])
-                    / 100
-                    / max(1, row["packets_per_s"])
-                )
-                results.append({"viewers": count, **row})
-                time.sleep(2)
+    results = run(args.server, args.mount, counts, args.seconds, args.per_process)
 
     print(
-        f"\nFan-out, one RTSP camera ({args.mount}), server CPU in % of one core, "
+        f"\nFan-out: {args.server}, one RTSP camera ({args.mount}); CPU in % of one core, "
         f"{args.seconds:.0f} s windows"
     )
     print_table(
-        ["viewers", "server CPU %", "per viewer %", "µs/packet", "packets/s", "loss %", "RSS MB"],
+        ["viewers", "server CPU %", "per viewer %", "µs/packet", "packets/s", "loss %",
+         "server RSS MB", "viewers' CPU %"],
         [
-            [
-                r["viewers"],
-                r["cpu_percent"],
-                r.get("per_viewer_cpu_percent", "-"),
-                r.get("us_per_packet", "-"),
-                r["packets_per_s"],
-                r["loss_percent"],
-                r["rss_mb"],
-            ]
+            [r["viewers"], r["cpu_percent"], r.get("per_viewer_cpu_percent", "-"),
+             r.get("us_per_packet", "-"), r["packets_per_s"], r["loss_percent"], r["rss_mb"],
+             r["client_cpu_percent"]]
             for r in results
         ],
-    )
+    )  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"mount": args.mount, "results": results}, indent=2))
+        args.json.write_text(json.dumps(
+            {"server": args.server, "mount": args.mount, "seconds": args.seconds, "results": results},
+            indent=2,
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import get_json, mediastream_server, print_table, rtsp_camera
+from common import BENCH_LIMITS, get_json, mediastream_server, print_table, rtsp_camera
 
 GOPS = {"gop1": "/h264-gop1", "gop4": "/h264-gop4"}
 
 
 def config_text(camera_port: int) -> str:
-    lines = ["[media]\non_demand_grace = 0\n"]
+    lines = [BENCH_LIMITS, "[media]\non_demand_grace = 0\n"]
     for gop, mount in GOPS.items():
         url = f"rtsp://127.0.0.1:{camera_port}{mount}"
         lines.append(f'[[streams]]\nid = "warm-{gop}"\nsource = "{url}"\non_demand = false\n')

@@ -10,7 +10,8 @@ Mount points (all live, shared between clients like a real camera):
     /h264        640x360 25 fps, ~800 kbps, keyframe every 2 s
     /h264-gop1   the same with a keyframe every second
     /h264-gop4   the same with a keyframe every 4 s
-    /h264-hd     1920x1080 25 fps, ~4 Mbps, keyframe every 2 s
+    /h264-busy   640x360 25 fps, moving bars using the full ~800 kbps (~100 RTP packets/s)
+    /h264-hd     1920x1080 25 fps, moving bars, ~4 Mbps, keyframe every 2 s
     /h264-bframes  640x360 25 fps H.264 main profile with B-frames
     /h265        640x360 25 fps H.265
     /mjpeg       640x360 25 fps Motion JPEG
@@ -33,22 +34,26 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 
-def video(width: int, height: int, kbps: int, gop: int) -> str:
+def video(width: int, height: int, kbps: int, gop: int, pattern: str = "ball") -> str:
     return (
-        f"videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},"
+        f"videotestsrc is-live=true pattern={pattern} ! video/x-raw,width={width},height={height},"
         f"framerate=25/1 ! timeoverlay ! x264enc tune=zerolatency speed-preset=ultrafast "
         f"bitrate={kbps} key-int-max={gop} ! video/x-h264,profile=constrained-baseline ! "
         f"rtph264pay name=pay0 pt=96 config-interval=1"
     )
 
 
+#: Moving colour bars: enough detail to use the bitrate a real camera would (the ball pattern
+#: compresses to a fraction of it).
+BUSY = "smpte horizontal-speed=8"
 AUDIO_SOURCE = "audiotestsrc is-live=true wave=sine freq=440 volume=0.3"
 
 MOUNTS = {
     "/h264": f"( {video(640, 360, 800, 50)} )",
     "/h264-gop1": f"( {video(640, 360, 800, 25)} )",
     "/h264-gop4": f"( {video(640, 360, 800, 100)} )",
-    "/h264-hd": f"( {video(1920, 1080, 4000, 50)} )",
+    "/h264-busy": f"( {video(640, 360, 800, 50, BUSY)} )",
+    "/h264-hd": f"( {video(1920, 1080, 4000, 50, BUSY)} )",
     "/h264-bframes": (
         "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,"
         "framerate=25/1 ! timeoverlay ! x264enc speed-preset=superfast bframes=2 b-adapt=false "

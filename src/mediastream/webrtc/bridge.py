@@ -30,7 +30,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -47,6 +47,7 @@ from aiortc import (
 )
 from aiortc.exceptions import InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtp import RtpPacket, wrap_rtx
 from aiortc.sdp import candidate_from_sdp
@@ -323,16 +324,20 @@ class DirectRtpSender:
         template.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
         template.extensions.mid = self._mid
         header = bytearray(template.serialize(self._extensions))
+        send = self._packet_sender()
         last = len(frame.payloads) - 1
         octets = 0
+        sequence = self._sequence
         for index, payload in enumerate(frame.payloads):
             header[1] = (0x80 if index == last else 0) | self._payload_type
-            header[2:4] = self._sequence.to_bytes(2, "big")
+            header[2] = sequence >> 8
+            header[3] = sequence & 0xFF
             packet = bytes(header) + payload
-            self._history[self._sequence % RTP_HISTORY_SIZE] = packet
-            _run_now(self._dtls._send_rtp(packet))
-            self._sequence = (self._sequence + 1) & 0xFFFF
+            self._history[sequence % RTP_HISTORY_SIZE] = packet
+            send(packet)
+            sequence = (sequence + 1) & 0xFFFF
             octets += len(payload)
+        self._sequence = sequence
         sender = self._sender
         # What aiortc's RTCP task reports in its sender reports.
         sender._RTCRtpSender__ntp_timestamp = clock.current_ntp_time()
@@ -340,6 +345,25 @@ class DirectRtpSender:
         packets = sender._RTCRtpSender__packet_count + len(frame.payloads)
         sender._RTCRtpSender__packet_count = packets
         sender._RTCRtpSender__octet_count += octets
+
+    def _packet_sender(self) -> Callable[[bytes], None]:
+        """How to send one RTP packet right now: SRTP-protect it and hand it to the socket of
+        the nominated ICE pair, without the four coroutine layers of aiortc and aioice (the
+        same steps, read off them)."""
+        dtls = self._dtls
+        if dtls._state != DtlsState.CONNECTED:
+            raise ConnectionError("Cannot send encrypted RTP, not connected")
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None:
+            raise ConnectionError("Cannot send data, not connected")
+        protect = dtls._tx_srtp.protect
+        sendto = pair.protocol.transport.sendto
+        address = pair.remote_addr
+
+        def send(packet: bytes) -> None:
+            sendto(protect(packet), address)
+
+        return send
 
     async def _retransmit(self, sequence_number: int) -> None:
         raw = self._history.get(sequence_number % RTP_HISTORY_SIZE)
@@ -373,16 +397,6 @@ _SENDER_STATE: Final = (
     "_RTCRtpSender__rtx_sequence_number",
 )
 RTP_HISTORY_SIZE: Final = 128  # packets kept for NACKs, as aiortc
-
-
-def _run_now(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine that never suspends (aiortc's and aioice's send path) to completion."""
-    try:
-        coroutine.send(None)
-    except StopIteration:
-        return
-    coroutine.close()
-    raise RuntimeError("the send path suspended; it can't run synchronously")
 
 
 class SubscriberTrack(MediaStreamTrack):

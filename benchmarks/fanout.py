@@ -193,10 +193,8 @@ def main() -> None:
         ],
     )  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(
-            {"server": args.server, "mount": args.mount, "seconds": args.seconds, "results": results},
-            indent=2,
-        ))  # fmt: skip
+        summary = {"server": args.server, "mount": args.mount, "seconds": args.seconds}
+        args.json.write_text(json.dumps({**summary, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,12 @@ async def main(url: str, port: int) -> None:
                 )
                 await ws.send_message(
                     json.dumps(
-                        {"type": "answer", "streamId": message["streamId"], "payload": answer}
+                        {
+                            "type": "answer",
+                            "streamId": message["streamId"],
+                            "sessionId": message["payload"].get("sessionId"),
+                            "payload": answer,
+                        }
                     )
                 )
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -48,6 +49,8 @@ class _Counter:
 
 
 COUNTERS: list[_Counter] = []
+#: Seconds from sending each offer to receiving its answer.
+ANSWER_TIMES: list[float] = []
 
 
 def _count_only(receiver: RTCRtpReceiver) -> None:
@@ -158,15 +161,18 @@ async def _serve_stats(peers: list[RTCPeerConnection]) -> None:
 
 
 async def run(ws_url: str, stream_id: str, count: int, sockets: str) -> None:
+    """``count`` viewers join at once: every offer is made first, then all are sent together
+    (as a camera wall connecting its tiles), then the answers are applied as they come."""
     peers: list[RTCPeerConnection] = []
     socket_count = 1 if sockets == "one" else count
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        connections = []
-        for _ in range(socket_count):
-            connections.append(await nursery.start(_open_socket, ws_url))
+        answers: dict[str, tuple[trio.Event, list[Any]]] = {}
+        connections = [
+            await nursery.start(_open_socket, ws_url, answers) for _ in range(socket_count)
+        ]
         connected = trio.Semaphore(0)
+        offers = []
         for index in range(count):
-            ws, answers = connections[index % socket_count]
             pc = await trio_asyncio.aio_as_trio(_make_pc)()
             peers.append(pc)
 
@@ -180,34 +186,47 @@ async def run(ws_url: str, stream_id: str, count: int, sockets: str) -> None:
             await trio_asyncio.aio_as_trio(pc.setLocalDescription)(
                 await trio_asyncio.aio_as_trio(pc.createOffer)()
             )
-            await ws.send_message(
-                json.dumps(
-                    {
-                        "type": "offer",
-                        "streamId": stream_id,
-                        "payload": {"sdp": pc.localDescription.sdp, "sessionId": f"v{index}"},
-                    }
-                )
-            )
-            answer = await answers.receive()
+            session = f"v{index}"
+            answers[session] = (trio.Event(), [])
+            message = {
+                "type": "offer",
+                "streamId": stream_id.format(i=index),
+                "payload": {"sdp": pc.localDescription.sdp, "sessionId": session},
+            }
+            offers.append((connections[index % socket_count], pc, session, json.dumps(message)))
+        sent: dict[str, float] = {}
+        for ws, _, session, offer in offers:
+            sent[session] = time.perf_counter()
+            await ws.send_message(offer)
+        for _, pc, session, _ in offers:
+            arrived, box = answers[session]
+            with trio.fail_after(60):
+                await arrived.wait()
+            answer_sdp, answered_at = box
+            ANSWER_TIMES.append(answered_at - sent[session])
             await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
-                RTCSessionDescription(sdp=answer, type="answer")
+                RTCSessionDescription(sdp=answer_sdp, type="answer")
             )
-        with trio.fail_after(60):
+        with trio.fail_after(120):
             for _ in range(count):
                 await connected.acquire()
         await _serve_stats(peers)
         nursery.cancel_scope.cancel()
 
 
-async def _open_socket(ws_url: str, task_status: trio.TaskStatus[Any]) -> None:
-    send, receive = trio.open_memory_channel[str](1000)
+async def _open_socket(
+    ws_url: str,
+    answers: dict[str, tuple[trio.Event, list[Any]]],
+    task_status: trio.TaskStatus[Any],
+) -> None:
     async with open_websocket_url(ws_url, max_message_size=2**22) as ws:
-        task_status.started((ws, receive))
+        task_status.started(ws)
         while True:
             message = json.loads(await ws.get_message())
             if message["type"] == "answer":
-                await send.send(message["payload"])
+                arrived, box = answers[message["sessionId"]]
+                box.extend([message["payload"], time.perf_counter()])
+                arrived.set()
             elif message["type"] == "error":
                 raise SystemExit(f"server error: {message}")
 
@@ -219,7 +238,11 @@ async def _make_pc() -> RTCPeerConnection:
 async def _stats(peers: list[RTCPeerConnection]) -> dict[str, int]:
     received = sum(c.received for c in COUNTERS)
     expected = sum(c.expected for c in COUNTERS)
-    return {"packetsReceived": received, "packetsLost": max(0, expected - received)}
+    return {
+        "packetsReceived": received,
+        "packetsLost": max(0, expected - received),
+        "answerSeconds": list(ANSWER_TIMES),
+    }
 
 
 def main() -> None:

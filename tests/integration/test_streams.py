@@ -13,7 +13,7 @@ from mediastream.config import default_config
 from mediastream.server import RunningServer
 
 from support.h264 import file_slices, rtsp_slices, slices_of
-from support.http import get
+from support.http import get, request
 from support.servers import DEMO_STREAMS, Camera, StartServer, lasting_tasks, make_config
 from support.viewer import open_viewer
 
@@ -236,6 +236,27 @@ async def test_always_on_stream_runs_from_server_start(start_server: StartServer
     assert stream is not None
     await wait_until(server, lambda: stream.state == "live")
     assert stream.viewers == 0 and stream.source_running
+
+
+async def test_a_wall_of_fifty_cameras_all_run_and_the_api_and_shutdown_still_work(
+    start_server: StartServer,
+) -> None:
+    # More cameras than Trio's 40 shared worker threads: each reader must hold a thread of its
+    # own, or the 41st camera never starts and every store write behind it waits for ever.
+    tiny = "pattern:testsrc?size=64x64&fps=5&kbps=20&gop=5"
+    streams = [{"id": f"cam-{n:02d}", "source": tiny, "on_demand": False} for n in range(50)]
+    server = await start_server(make_config(streams))
+    registry = server.services.registry
+    await wait_until(
+        server, lambda: all(s.state == "live" for s in registry.statistics()), timeout=60
+    )
+    stopped = await request(server.url + "/api/streams/cam-49/stop", method="POST")
+    assert stopped.status == 200 and stopped.json()["enabled"] is False
+
+    server.request_shutdown()
+    with trio.fail_after(20):
+        await server.wait_stopped()
+    assert server.services.statistics().sources_running == 0
 
 
 @pytest.mark.parametrize(("mount", "codec"), [("/mjpeg", "mjpeg"), ("/h265", "hevc")])

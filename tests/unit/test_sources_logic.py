@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
-from mediastream.config import SourceSpec
-from mediastream.media.sources import _Timeline, backoff_delay, describe_source
+from mediastream.config import SourceSpec, config_from_dict
+from mediastream.media.sources import (
+    READER_EXIT_WAIT,
+    SourceState,
+    _Timeline,
+    backoff_delay,
+    describe_source,
+    run_source,
+)
 from mediastream.redact import redact_text, redact_url
 
 
@@ -73,3 +81,48 @@ def test_redact_text_removes_userinfo_of_urls_inside_messages() -> None:
 def test_describe_source_hides_credentials() -> None:
     spec = SourceSpec(kind="rtsp", location="rtsp://admin:hunter2@cam/x")
     assert "hunter2" not in describe_source(spec)
+
+
+class _NullSink:
+    def __init__(self) -> None:
+        self.states: list[SourceState] = []
+        self.published = trio.Event()
+
+    def publish(self, frame: object) -> None:
+        self.published.set()
+
+    def source_state(self, state: SourceState, detail: str | None = None) -> None:
+        self.states.append(state)
+
+    def source_restarted(self) -> None:
+        pass
+
+    def source_opened(self, info: object) -> None:
+        pass
+
+
+async def test_a_source_stopped_before_its_reader_thread_started_stops_at_once() -> None:
+    # Cancelled right after starting: the reader thread is never spawned, so stopping must
+    # not wait for that thread to say it has exited.
+    config = config_from_dict({"streams": [{"id": "s", "source": "pattern:testsrc"}]})
+    sink = _NullSink()
+    with trio.fail_after(READER_EXIT_WAIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_source, config.streams[0], config.media, sink)
+            nursery.cancel_scope.cancel()
+    assert sink.states == [SourceState.STARTING, SourceState.STOPPED]
+
+
+async def test_a_source_runs_and_stops_while_trios_shared_worker_threads_are_all_busy() -> None:
+    # The store and snapshots share Trio's default thread limiter; a camera must not need it.
+    shared_threads = trio.to_thread.current_default_thread_limiter()
+    shared_threads.total_tokens = 1
+    config = config_from_dict({"streams": [{"id": "s", "source": "pattern:testsrc"}]})
+    sink = _NullSink()
+    async with shared_threads:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_source, config.streams[0], config.media, sink)
+                await sink.published.wait()
+                nursery.cancel_scope.cancel()
+    assert sink.states == [SourceState.STARTING, SourceState.LIVE, SourceState.STOPPED]

@@ -235,13 +235,12 @@ async def _run_attempt(
     """
     paced = config.source.kind != "rtsp"
     send, receive = trio.open_memory_channel[_ReaderItem](READER_CHANNEL_FRAMES)
-    stop = threading.Event()
-    exited = threading.Event()
+    reader = _ReaderThread()
     went_live = False
     failure: _ReaderFailed | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_reader_thread, config, media, transcode, send, stop, exited)
+            nursery.start_soon(_run_reader_thread, config, media, transcode, send, reader)
             anchors: dict[str, tuple[float, int]] = {}
             async with receive:
                 async for item in receive:
@@ -268,10 +267,7 @@ async def _run_attempt(
                         went_live = True
                         sink.source_state(SourceState.LIVE)
     finally:
-        stop.set()
-        with trio.move_on_after(READER_EXIT_WAIT) as waited, trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(exited.wait, abandon_on_cancel=True)
-        if waited.cancelled_caught:
+        if not await reader.stop_and_wait():
             log.warning("%s: reader thread is still blocked in I/O; it ends at its timeout", label)
     # Raised out here: inside the nursery they would arrive wrapped in exception groups.
     if failure is not None and failure.needs_transcoding:
@@ -311,20 +307,49 @@ _ReaderItem = EncodedFrame | SourceInfo | _ReaderFailed
 _HANDOVER_STOPPED = (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError)
 
 
+class _ReaderThread:
+    """The handshake between one attempt's reader thread and the Trio task that stops it."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.exited = threading.Event()
+        # Whoever takes this first decides: the thread runs, or it never will. An attempt
+        # cancelled before its thread was spawned would otherwise wait for an exit that
+        # never comes.
+        self._claim = threading.Lock()
+
+    def claim_for_thread(self) -> bool:
+        return self._claim.acquire(blocking=False)
+
+    async def stop_and_wait(self) -> bool:
+        """Stop the thread and wait for it, at most READER_EXIT_WAIT; False if it is still busy."""
+        self.stop.set()
+        if self._claim.acquire(blocking=False):
+            return True  # the thread never started, and now never will
+        # Shielded, because this runs while the attempt is being cancelled, and bounded by the
+        # wait's own timeout in the thread. A limiter of its own: the waits of many stopping
+        # sources must not use up the threads Trio shares with everything else.
+        with trio.CancelScope(shield=True):
+            return await trio.to_thread.run_sync(
+                self.exited.wait, READER_EXIT_WAIT, limiter=trio.CapacityLimiter(1)
+            )
+
+
 async def _run_reader_thread(
     config: StreamConfig,
     media: MediaConfig,
     transcode: bool,
     send: trio.MemorySendChannel[_ReaderItem],
-    stop: threading.Event,
-    exited: threading.Event,
+    reader: _ReaderThread,
 ) -> None:
     def deliver(item: _ReaderItem) -> None:
         trio.from_thread.run(send.send, item)
 
     def read() -> None:
+        if not reader.claim_for_thread():
+            return  # the attempt was stopped before this thread got going
         try:
-            _read(config, media, transcode, deliver, stop)
+            _read(config, media, transcode, deliver, reader.stop)
         except _NeedsTranscoding as exc:
             with contextlib.suppress(*_HANDOVER_STOPPED):
                 deliver(_ReaderFailed(str(exc), needs_transcoding=True))
@@ -334,12 +359,15 @@ async def _run_reader_thread(
         except _HANDOVER_STOPPED:
             pass  # the attempt was stopped while a frame was being handed over
         finally:
-            exited.set()
+            reader.exited.set()
 
     async with send:
         # abandon_on_cancel: a thread stuck in FFmpeg I/O must not hold up cancellation; it
         # notices ``stop`` (or a failed delivery) and exits at its next frame or timeout.
-        await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        # A limiter of its own: a reader holds its thread for as long as the source runs, and
+        # Trio's default limiter (40 threads, shared with the store and snapshots) would cap
+        # the number of cameras and starve everything else.
+        await trio.to_thread.run_sync(read, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1))
 
 
 # --- the reader thread: PyAV only below this line, no Trio except ``deliver`` -----------------

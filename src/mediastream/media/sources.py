@@ -330,9 +330,10 @@ class _ReaderThread:
         # wait's own timeout in the thread. A limiter of its own: the waits of many stopping
         # sources must not use up the threads Trio shares with everything else.
         with trio.CancelScope(shield=True):
-            return await trio.to_thread.run_sync(
+            exited: bool = await trio.to_thread.run_sync(
                 self.exited.wait, READER_EXIT_WAIT, limiter=trio.CapacityLimiter(1)
             )
+        return exited
 
 
 async def _run_reader_thread(

@@ -3,8 +3,8 @@
     python benchmarks/sockets.py [--streams 100] [--idle 500] [--json results.json]
 
 ``mediastream serve`` runs in its own process with 100 tiny synthetic streams (64x64 at one
-frame a second: their sources cost next to nothing, so what is measured is sockets, sessions
-and peer connections). Then, each in turn:
+frame a second, always on: their sources cost next to nothing, so what is measured is sockets,
+sessions and peer connections). Then, each in turn:
 
 - ``idle``: 500 WebSockets that carry nothing — the server memory each costs;
 - ``one socket``: 100 viewers (aiortc, in another process) on one socket, one stream each;
@@ -145,9 +145,9 @@ def main() -> None:
     args = parser.parse_args()
     config = (
         BENCH_LIMITS
-        + "[media]\non_demand_grace = 30\n"
         + "".join(
-            f'[[streams]]\nid = "s{i:03d}"\nsource = "{TINY_PATTERN}"\n'
+            # Always on: both cases meet the same running sources, none started by an offer.
+            f'[[streams]]\nid = "s{i:03d}"\nsource = "{TINY_PATTERN}"\non_demand = false\n'
             for i in range(args.streams)
         )
     )

@@ -122,6 +122,7 @@ async def run_janus(api_url: str, count: int) -> None:
             for _ in range(count):
                 await connected.acquire()
         await _serve_stats(peers)
+        await _close_all(peers)
 
 
 async def _janus(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +157,6 @@ async def _serve_stats(peers: list[RTCPeerConnection]) -> None:
         while b"\n" in buffer:
             _, buffer = buffer.split(b"\n", 1)
             print(json.dumps(await _stats(peers)), flush=True)
-    for pc in peers:
-        await trio_asyncio.aio_as_trio(pc.close)()
 
 
 async def run(ws_url: str, stream_id: str, count: int, sockets: str) -> None:
@@ -165,7 +164,24 @@ async def run(ws_url: str, stream_id: str, count: int, sockets: str) -> None:
     (as a camera wall connecting its tiles), then the answers are applied as they come."""
     peers: list[RTCPeerConnection] = []
     socket_count = 1 if sockets == "one" else count
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with trio_asyncio.open_loop():
+        try:
+            await _run_viewers(ws_url, stream_id, count, socket_count, peers)
+        finally:
+            # After the sockets: a peer closed first would be reported by the server as an error.
+            await _close_all(peers)
+
+
+async def _close_all(peers: list[RTCPeerConnection]) -> None:
+    with trio.CancelScope(shield=True):
+        for pc in peers:
+            await trio_asyncio.aio_as_trio(pc.close)()
+
+
+async def _run_viewers(
+    ws_url: str, stream_id: str, count: int, socket_count: int, peers: list[RTCPeerConnection]
+) -> None:
+    async with trio.open_nursery() as nursery:
         answers: dict[str, tuple[trio.Event, list[Any]]] = {}
         connections = [
             await nursery.start(_open_socket, ws_url, answers) for _ in range(socket_count)

@@ -143,13 +143,10 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=500)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    config = (
-        BENCH_LIMITS
-        + "".join(
-            # Always on: both cases meet the same running sources, none started by an offer.
-            f'[[streams]]\nid = "s{i:03d}"\nsource = "{TINY_PATTERN}"\non_demand = false\n'
-            for i in range(args.streams)
-        )
+    config = BENCH_LIMITS + "".join(
+        # Always on: both cases meet the same running sources, none started by an offer.
+        f'[[streams]]\nid = "s{i:03d}"\nsource = "{TINY_PATTERN}"\non_demand = false\n'
+        for i in range(args.streams)
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp, mediastream_server(config, Path(tmp)) as (url, pid):

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
+    with rtsp_camera(prime=args.mount) as camera_port, tempfile.TemporaryDirectory() as tmp:
         config = BENCH_LIMITS + "".join(
             f'[[streams]]\nid = "cam-{n}"\nsource = "rtsp://127.0.0.1:{camera_port}{args.mount}"\n'
             "on_demand = false\n"

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -47,8 +48,13 @@ def rss_bytes(pid: int) -> int:
 
 
 @contextmanager
-def rtsp_camera() -> Iterator[int]:
-    """The GStreamer test camera of the test suite; yields its port."""
+def rtsp_camera(prime: str | None = None) -> Iterator[int]:
+    """The GStreamer test camera of the test suite; yields its port.
+
+    ``prime``: a mount to keep playing from the start, through one client of our own. Many
+    sessions opening a shared mount that is not yet playing can crash GStreamer's RTSP server
+    (``gst_rtsp_media_get_rates: assertion failed``); once it plays, they join it safely.
+    """
     process = subprocess.Popen(
         [SYSTEM_PYTHON, str(ROOT / "tests" / "support" / "rtsp_camera.py")],
         stdin=subprocess.PIPE,
@@ -59,12 +65,36 @@ def rtsp_camera() -> Iterator[int]:
     line = process.stdout.readline().split()
     if not line or line[0] != "READY":
         raise SystemExit("the RTSP test camera did not start (see README: test set-up)")
+    port = int(line[1])
+    stop, playing = threading.Event(), threading.Event()
+    primer = None
+    if prime is not None:
+        primer = threading.Thread(
+            target=_keep_playing, args=(port, prime, playing, stop), daemon=True
+        )
+        primer.start()
+        if not playing.wait(timeout=20):
+            raise SystemExit(f"the RTSP test camera did not play {prime}")
     try:
-        yield int(line[1])
+        yield port
     finally:
+        stop.set()
+        if primer is not None:
+            primer.join(timeout=10)
         process.stdin.close()
         process.wait(timeout=10)
         process.stdout.close()
+
+
+def _keep_playing(port: int, mount: str, playing: threading.Event, stop: threading.Event) -> None:
+    import av
+
+    url = f"rtsp://127.0.0.1:{port}{mount}"
+    with av.open(url, options={"rtsp_transport": "tcp", "timeout": "5000000"}) as container:
+        for _ in container.demux(video=0):  # read, or the shared pipeline would back up
+            playing.set()
+            if stop.is_set():
+                return
 
 
 @contextmanager

@@ -45,7 +45,10 @@ def chromium_cpu_seconds() -> float:
         if not entry.name.isdigit():
             continue
         try:
-            if CHROMIUM.encode() in (entry / "cmdline").read_bytes().split(b"\0")[0]:
+            # Debian's /usr/bin/chromium is a script that execs /usr/lib/chromium/chromium,
+            # whose child processes rewrite their command line into one space-separated string.
+            program = (entry / "cmdline").read_bytes().split(b"\0")[0].split(b" ")[0]
+            if program.endswith(b"/chromium"):
                 total += cpu_seconds(int(entry.name))
         except OSError:
             continue
@@ -63,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
+    with rtsp_camera(prime=args.mount) as camera_port, tempfile.TemporaryDirectory() as tmp:
         config = BENCH_LIMITS + "".join(
             f'[[streams]]\nid = "cam-{n:02d}"\nsource = "rtsp://127.0.0.1:{camera_port}{args.mount}"\n'
             for n in range(1, args.tiles + 1)

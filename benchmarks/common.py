@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -75,6 +76,7 @@ def rtsp_camera(prime: str | None = None) -> Iterator[int]:
         primer.start()
         if not playing.wait(timeout=20):
             raise SystemExit(f"the RTSP test camera did not play {prime}")
+    _ahead_of_the_load(process.pid)
     try:
         yield port
     finally:
@@ -84,6 +86,19 @@ def rtsp_camera(prime: str | None = None) -> Iterator[int]:
         process.stdin.close()
         process.wait(timeout=10)
         process.stdout.close()
+
+
+def _ahead_of_the_load(pid: int) -> None:
+    """A real camera does not share the server's CPU: ahead of the load generators here, so
+    that a saturated machine slows the viewers, not the frames every figure depends on."""
+    _renice(pid, -10)
+
+
+def _renice(pid: int, priority: int) -> None:
+    # Every thread: Linux priorities are per thread, and encoders run in their own.
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(PermissionError, ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), priority)
 
 
 def _keep_playing(port: int, mount: str, playing: threading.Event, stop: threading.Event) -> None:
@@ -116,7 +131,7 @@ def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]
             "--port",
             str(port),
             "--log-level",
-            "warning",
+            os.environ.get("BENCH_LOG_LEVEL", "warning"),
         ],
         cwd=ROOT,
     )

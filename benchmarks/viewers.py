@@ -54,17 +54,26 @@ ANSWER_TIMES: list[float] = []
 
 
 def _count_only(receiver: RTCRtpReceiver) -> None:
-    """Make a receiver count RTP packets and do nothing else: no jitter buffer, no NACKs, no
-    decoding. The load generator then costs a fraction of a real viewer, so the machine's two
-    cores measure the server, and lost packets stay lost (no retransmissions muddy the CPU
-    figures)."""
+    """Make a viewer count its RTP packets and do nothing else with them: each is counted as
+    the ICE connection receives it (the RTP header, sequence number included, is in the
+    clear) and goes no further: no decryption, no parsing, no jitter buffer, no NACKs, no
+    decoding, none of the asyncio tasks a packet otherwise wakes. The load generator then
+    costs a fraction of a real viewer, so the machine's two cores measure the server, and
+    lost packets stay lost (no retransmissions muddy the CPU figures). DTLS, STUN and RTCP
+    take their usual way; the server's side is untouched."""
     counter = _Counter()
     COUNTERS.append(counter)
+    connection: Any = receiver.transport.transport._connection  # aioice's, for this peer
+    deliver = connection.data_received
 
-    async def handle_rtp_packet(packet: Any, arrival_time_ms: int) -> None:
-        counter.add(packet.sequence_number)
+    def count_or_deliver(data: bytes, component: int) -> None:
+        # RTP and RTCP share the first byte's range; RTCP's packet types are 192-223.
+        if 127 < data[0] < 192 and not 192 <= data[1] <= 223:
+            counter.add((data[2] << 8) | data[3])
+        else:
+            deliver(data, component)
 
-    receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+    connection.data_received = count_or_deliver
 
 
 async def run_janus(api_url: str, count: int) -> None:

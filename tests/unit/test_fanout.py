@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from mediastream.media.fanout import FanOut
 from mediastream.media.frames import EncodedFrame
 
@@ -127,12 +125,39 @@ def test_video_and_audio_subscribers_each_get_only_their_kind() -> None:
     assert fanout.subscriber_count == 2
 
 
-def test_catch_up_frames_are_paced_and_live_frames_are_not() -> None:
+def test_catch_up_goes_out_in_bursts_refilled_at_the_rate() -> None:
     from mediastream.media.fanout import CatchUpPacer
 
-    pacer = CatchUpPacer(rate=1000)  # bytes per second
-    assert pacer.delay(500, now=10.0, backlog=True) == 0.0  # the first goes at once
-    assert pacer.delay(500, now=10.0, backlog=True) == 0.5  # then 500 bytes take 0.5 s
-    assert pacer.delay(250, now=10.2, backlog=True) == pytest.approx(0.8)
-    assert pacer.delay(5000, now=10.3, backlog=False) == 0.0  # live: never held back
-    assert pacer.delay(100, now=10.3, backlog=True) == 0.0
+    pacer = CatchUpPacer(rate=1000, burst=500)  # bytes per second, bytes back to back
+    assert pacer.ready(10.0)
+    pacer.spend(300)
+    assert pacer.ready(10.0)
+    pacer.spend(300)  # the last frame of a burst may overdraw it...
+    assert not pacer.ready(10.0)
+    assert not pacer.ready(10.1)  # ...which the time that passes pays back first
+    assert pacer.ready(10.2)
+
+
+def test_time_that_passed_refills_the_budget_but_never_beyond_the_burst() -> None:
+    from mediastream.media.fanout import CatchUpPacer
+
+    pacer = CatchUpPacer(rate=1000, burst=300)
+    assert pacer.ready(10.0)
+    pacer.spend(300)
+    assert not pacer.ready(10.0)
+    # A wake-up that came late (a busy server) brings what the time earned, at most a burst.
+    assert pacer.ready(99.0)
+    pacer.spend(299)
+    assert pacer.ready(99.0)
+    pacer.spend(1)
+    assert not pacer.ready(99.0)
+
+
+def test_a_viewer_a_whole_gop_behind_skips_to_the_new_keyframe() -> None:
+    fanout = FanOut("cam", queue_frames=100, gop_cache_frames=100)
+    behind = fanout.subscribe()  # never read, as a viewer still connecting
+    for ts in range(6):
+        fanout.publish(frame(ts, ts in (0, 3)))
+    assert drain(behind) == [3, 4, 5]
+    assert behind.dropped_frames == 3
+    assert not behind.statistics().waiting_for_keyframe

@@ -29,6 +29,7 @@ from .frames import EncodedFrame
 log = logging.getLogger(__name__)
 
 DROP_LOG_INTERVAL: Final = 10.0  # seconds between two drop warnings of one viewer
+CATCH_UP_BURST_BYTES: Final = 128 * 1024  # what a catching-up viewer may get back to back
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,12 @@ class Subscriber:
                 if self._fanout is not None:
                     self._fanout._count_sent(frame)
                 return 0
+        elif self._keyframe_gated and frame.keyframe and self._frames:
+            # A whole GOP behind (still connecting, or catching up on a starved loop): the
+            # viewer can start from this keyframe, so the older frames are not worth sending.
+            dropped = len(self._frames)
+            self._frames.clear()
+            self._dropped += dropped
         elif len(self._frames) >= self._max_frames:
             dropped = len(self._frames)
             self._frames.clear()
@@ -179,22 +186,32 @@ class CatchUpPacer:
 
     A late joiner's queue starts with the cached GOP; sending it all at once can overflow
     the receiver's socket buffer on a big GOP (a lost packet older than the sender's
-    retransmission history corrupts the picture until the next keyframe). Backlog frames go
-    out at ``rate`` bytes per second at most; live frames are never delayed.
+    retransmission history corrupts the picture until the next keyframe). A token bucket:
+    backlog goes out at ``rate`` bytes per second, at most ``burst`` bytes back to back; live
+    frames are never held back.
+
+    It has no timer: a viewer whose budget is spent resumes when the next frame is published
+    (every 40 ms at 25 fps), with the budget refilled for the time that passed. On a busy
+    server a short asyncio sleep was seen to take seconds; a pacer that slept per frame
+    trailed the camera for good and its viewer never reached the live edge.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: int = CATCH_UP_BURST_BYTES) -> None:
         self._rate = rate
-        self._next = 0.0
+        self._burst = float(burst)
+        self._tokens = self._burst
+        self._last: float | None = None
 
-    def delay(self, size: int, now: float, *, backlog: bool) -> float:
-        """Seconds to wait before sending a frame of ``size`` bytes."""
-        if not backlog:
-            self._next = now
-            return 0.0
-        start = max(now, self._next)
-        self._next = start + size / self._rate
-        return start - now
+    def ready(self, now: float) -> bool:
+        """Whether more backlog may go out now."""
+        if self._last is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        return self._tokens > 0
+
+    def spend(self, size: int) -> None:
+        """Count ``size`` bytes of backlog sent (the last frame may overdraw the budget)."""
+        self._tokens -= size
 
 
 class FanOut:

@@ -446,18 +446,22 @@ class SubscriberTrack(MediaStreamTrack):
         while self._direct is None:
             await self._wait()
         direct = self._direct
+        loop = asyncio.get_running_loop()
         while True:
-            while (frame := self._subscriber.get_nowait()) is not None:
+            # Catching up through a queue (a replayed GOP, or right after connecting): paced,
+            # other peers send in between. A spent budget waits for the next frame published.
+            while self._pacer.ready(loop.time()):
+                if (frame := self._subscriber.get_nowait()) is None:
+                    break
                 if self._subscriber.queued_frames:
-                    # Catching up through a cached GOP: paced, other peers send in between.
-                    loop = asyncio.get_running_loop()
-                    await asyncio.sleep(self._pacer.delay(frame.size, loop.time(), backlog=True))
+                    self._pacer.spend(frame.size)
                 self._send(direct, frame)
             if self._subscriber.closed or self.readyState != "live":
                 raise MediaStreamError
-            # Live: from now on the fan-out sends each frame as it publishes it. The sink is
-            # dropped (and this track woken) if sending fails or the queue takes over.
-            self._subscriber.set_sink(functools.partial(self._send, direct))
+            if not self._subscriber.queued_frames:
+                # Live: from now on the fan-out sends each frame as it publishes it. The sink
+                # is dropped (and this track woken) if sending fails or the queue takes over.
+                self._subscriber.set_sink(functools.partial(self._send, direct))
             await self._wait()
 
     def _send(self, direct: DirectRtpSender, frame: EncodedFrame) -> None:

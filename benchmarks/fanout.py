@@ -68,8 +68,9 @@ class ViewerProcesses:
             assert process.stdin is not None and process.stdout is not None
             process.stdin.write("stats\n")
             process.stdin.flush()
-            for key, value in json.loads(process.stdout.readline()).items():
-                totals[key] = totals.get(key, 0) + value
+            line = json.loads(process.stdout.readline())
+            for key in totals:
+                totals[key] += line[key]
         return totals
 
     def cpu_seconds(self) -> float:

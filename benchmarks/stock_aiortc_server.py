@@ -17,34 +17,41 @@ import trio
 import trio_asyncio
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer, MediaRelay
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 
 async def main(url: str, port: int) -> None:
     async with trio_asyncio.open_loop():
         player = await trio_asyncio.aio_as_trio(_open_player)(url)
         relay = MediaRelay()
-        peers: list[RTCPeerConnection] = []
 
         async def handler(request: WebSocketRequest) -> None:
             ws = await request.accept()
-            while True:
-                message = json.loads(await ws.get_message())
-                if message.get("type") != "offer":
-                    continue
-                answer = await trio_asyncio.aio_as_trio(_answer)(
-                    message["payload"]["sdp"], relay.subscribe(player.video), peers
-                )
-                await ws.send_message(
-                    json.dumps(
-                        {
-                            "type": "answer",
-                            "streamId": message["streamId"],
-                            "sessionId": message["payload"].get("sessionId"),
-                            "payload": answer,
-                        }
+            mine: list[RTCPeerConnection] = []
+            try:
+                while True:
+                    message = json.loads(await ws.get_message())
+                    if message.get("type") != "offer":
+                        continue
+                    answer = await trio_asyncio.aio_as_trio(_answer)(
+                        message["payload"]["sdp"], relay.subscribe(player.video), mine
                     )
-                )
+                    await ws.send_message(
+                        json.dumps(
+                            {
+                                "type": "answer",
+                                "streamId": message["streamId"],
+                                "sessionId": message["payload"].get("sessionId"),
+                                "payload": answer,
+                            }
+                        )
+                    )
+            except ConnectionClosed:
+                pass  # the viewers left: their peers stop encoding below
+            finally:
+                with trio.CancelScope(shield=True):
+                    for pc in mine:
+                        await trio_asyncio.aio_as_trio(pc.close)()
 
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)

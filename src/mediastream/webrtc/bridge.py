@@ -29,8 +29,6 @@ import asyncio
 import functools
 import logging
 import re
-import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -314,8 +312,6 @@ class DirectRtpSender:
         self._sequence = random16() % 32768  # as aiortc: far from wrapping, for SRTP
         self._timestamp_origin = random32()
         self._history: dict[int, bytes] = {}
-        # One system call per frame (UDP segmentation offload) until the socket refuses it.
-        self._segmented = _SEGMENTATION_OFFLOAD
         # The header is made once; each frame patches its timestamp and send time into it.
         self._header, self._send_time_at = self._header_template()
         # NACKed packets come from this history (aiortc keeps its own for its own loop).
@@ -345,22 +341,20 @@ class DirectRtpSender:
         header[4:8] = timestamp.to_bytes(4, "big")
         if (at := self._send_time_at) is not None:
             header[at : at + 3] = ((ntp_now >> 14) & 0xFFFFFF).to_bytes(3, "big")
-        protect, send = self._packet_sender()
+        send = self._packet_sender()
         last = len(frame.payloads) - 1
         octets = 0
         sequence = self._sequence
-        protected = []
         for index, payload in enumerate(frame.payloads):
             header[1] = (0x80 if index == last else 0) | self._payload_type
             header[2] = sequence >> 8
             header[3] = sequence & 0xFF
             packet = bytes(header) + payload
             self._history[sequence % RTP_HISTORY_SIZE] = packet
-            protected.append(protect(packet))
+            send(packet)
             sequence = (sequence + 1) & 0xFFFF
             octets += len(payload)
         self._sequence = sequence
-        send(protected)
         sender = self._sender
         # What aiortc's RTCP task reports in its sender reports.
         sender._RTCRtpSender__ntp_timestamp = ntp_now
@@ -369,33 +363,24 @@ class DirectRtpSender:
         sender._RTCRtpSender__packet_count = packets
         sender._RTCRtpSender__octet_count += octets
 
-    def _packet_sender(
-        self,
-    ) -> tuple[Callable[[bytes], bytes], Callable[[list[bytes]], None]]:
-        """How to send a frame's RTP packets right now: SRTP-protect each and hand them to the
-        socket of the nominated ICE pair, without the four coroutine layers of aiortc and
-        aioice (the same steps, read off them)."""
+    def _packet_sender(self) -> Callable[[bytes], None]:
+        """How to send one RTP packet right now: SRTP-protect it and hand it to the socket of
+        the nominated ICE pair, without the four coroutine layers of aiortc and aioice (the
+        same steps, read off them)."""
         dtls = self._dtls
         if dtls._state != DtlsState.CONNECTED:
             raise ConnectionError("Cannot send encrypted RTP, not connected")
         pair = dtls.transport._connection._nominated.get(1)
         if pair is None:
             raise ConnectionError("Cannot send data, not connected")
-        transport = pair.protocol.transport
+        protect = dtls._tx_srtp.protect
+        sendto = pair.protocol.transport.sendto
         address = pair.remote_addr
 
-        def send(packets: list[bytes]) -> None:
-            if self._segmented:
-                try:
-                    if _send_segmented(transport, packets, address):
-                        return
-                except _SegmentationRefused as exc:
-                    log.info("UDP segmentation offload refused (%s): one sendto per packet", exc)
-                    self._segmented = False
-            for packet in packets:
-                transport.sendto(packet, address)
+        def send(packet: bytes) -> None:
+            sendto(protect(packet), address)
 
-        return dtls._tx_srtp.protect, send
+        return send
 
     async def _retransmit(self, sequence_number: int) -> None:
         raw = self._history.get(sequence_number % RTP_HISTORY_SIZE)
@@ -422,49 +407,6 @@ _NTP_EPOCH_OFFSET: Final = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Uni
 def _ntp_time() -> int:
     """Now as a 64-bit NTP timestamp, as aiortc's clock gives it, without its datetimes."""
     return int((time.time() + _NTP_EPOCH_OFFSET) * (1 << 32))
-
-
-#: Linux's UDP segmentation offload (GSO): one ``sendmsg`` carries a frame's packets, cut
-#: into datagrams by the kernel. Linux 4.18 or later; elsewhere, one ``sendto`` per packet.
-_SEGMENTATION_OFFLOAD: Final = sys.platform == "linux"
-_SOL_UDP: Final = 17
-_UDP_SEGMENT: Final = 103
-_MAX_SEGMENTS: Final = 40  # under the kernel's 64 and, at ~1.2 kB each, its 64 kB
-
-
-class _SegmentationRefused(Exception):
-    """This socket can't send segmented (an old kernel, an interface without offload)."""
-
-
-def _send_segmented(transport: Any, packets: list[bytes], address: tuple[str, int]) -> bool:
-    """Send ``packets`` with as few ``sendmsg`` calls as the kernel allows; False if they
-    don't lend themselves to it (the caller then sends them one by one).
-
-    Segmentation needs every datagram but the last of a call to have the same size: RTP
-    packets of one frame do (full payloads, then the remainder). A full send buffer drops
-    the rest of the frame, as a plain UDP send would; the viewer NACKs what it misses.
-
-    Raises:
-        _SegmentationRefused: the socket refused the first call.
-    """
-    sock = getattr(transport, "_sock", None)
-    # Not while asyncio holds datagrams it could not send yet: they must go out first.
-    if len(packets) < 2 or sock is None or transport.get_write_buffer_size():
-        return False
-    size = len(packets[0])
-    if any(len(packet) != size for packet in packets[1:-1]) or len(packets[-1]) > size:
-        return False
-    option = [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", size))]
-    for start in range(0, len(packets), _MAX_SEGMENTS):
-        try:
-            sock.sendmsg([b"".join(packets[start : start + _MAX_SEGMENTS])], option, 0, address)
-        except BlockingIOError:
-            break
-        except OSError as exc:
-            if start == 0:
-                raise _SegmentationRefused(exc.strerror or type(exc).__name__) from None
-            break
-    return True
 
 
 #: aiortc's private sender state that :class:`DirectRtpSender` relies on.

@@ -21,6 +21,21 @@ PYTHON = sys.executable
 SYSTEM_PYTHON = "/usr/bin/python3"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
+# Debian's Chromium and the flags these machines need, as in tests/support/browser.py (not
+# imported from there: that module installs trio-asyncio's loop policy, which breaks
+# Playwright's synchronous API used here).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
 #: Every load generator connects from one address, far faster than pages do.
 BENCH_LIMITS = """[limits]
 max_sockets_per_client = 100000
@@ -91,14 +106,10 @@ def rtsp_camera(prime: str | None = None) -> Iterator[int]:
 def _ahead_of_the_load(pid: int) -> None:
     """A real camera does not share the server's CPU: ahead of the load generators here, so
     that a saturated machine slows the viewers, not the frames every figure depends on."""
-    _renice(pid, -10)
-
-
-def _renice(pid: int, priority: int) -> None:
     # Every thread: Linux priorities are per thread, and encoders run in their own.
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(PermissionError, ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, int(task.name), priority)
+            os.setpriority(os.PRIO_PROCESS, int(task.name), -10)
 
 
 def _keep_playing(port: int, mount: str, playing: threading.Event, stop: threading.Event) -> None:

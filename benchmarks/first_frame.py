@@ -27,7 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_LIMITS, get_json, mediastream_server, print_table, rtsp_camera
+from common import (
+    BENCH_LIMITS,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    get_json,
+    mediastream_server,
+    print_table,
+    rtsp_camera,
+)
 
 GOPS = {"gop1": "/h264-gop1", "gop4": "/h264-gop4"}
 
@@ -136,16 +144,6 @@ async def _make_pc(configuration: Any, peer_connection: Any) -> Any:
 
 # --- Chromium viewers ---------------------------------------------------------------------
 
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 ENGINE_STATS = """async () => {
     const engine = window.msViewer.engine;
     const stats = engine && engine.getStats();
@@ -199,9 +197,7 @@ def main() -> None:
             from playwright.sync_api import sync_playwright
 
             playwright = sync_playwright().start()
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS
-            )
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         time.sleep(3)  # the always-on streams are running
         for gop in GOPS:
             for mode in ("warm", "cold"):

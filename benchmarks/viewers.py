@@ -103,14 +103,7 @@ async def run_janus(api_url: str, count: int) -> None:
             while offer is None:
                 event = await _janus_poll(f"{api_url}/{session}")
                 offer = event.get("jsep")
-            pc = await trio_asyncio.aio_as_trio(_make_pc)()
-            peers.append(pc)
-
-            @pc.on("connectionstatechange")
-            def _state(pc: RTCPeerConnection = pc) -> None:
-                if pc.connectionState == "connected":
-                    connected.release()
-
+            pc = await _new_peer(peers, connected)
             await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
                 RTCSessionDescription(sdp=offer["sdp"], type="offer")
             )
@@ -198,14 +191,7 @@ async def _run_viewers(
         connected = trio.Semaphore(0)
         offers = []
         for index in range(count):
-            pc = await trio_asyncio.aio_as_trio(_make_pc)()
-            peers.append(pc)
-
-            @pc.on("connectionstatechange")
-            def _state(pc: RTCPeerConnection = pc) -> None:
-                if pc.connectionState == "connected":
-                    connected.release()
-
+            pc = await _new_peer(peers, connected)
             transceiver = pc.addTransceiver("video", direction="recvonly")
             _count_only(transceiver.receiver)
             await trio_asyncio.aio_as_trio(pc.setLocalDescription)(
@@ -254,6 +240,19 @@ async def _open_socket(
                 arrived.set()
             elif message["type"] == "error":
                 raise SystemExit(f"server error: {message}")
+
+
+async def _new_peer(peers: list[RTCPeerConnection], connected: trio.Semaphore) -> RTCPeerConnection:
+    """A viewer's peer connection, kept in ``peers``; ``connected`` is released once it is."""
+    pc = await trio_asyncio.aio_as_trio(_make_pc)()
+    peers.append(pc)
+
+    @pc.on("connectionstatechange")
+    def _state() -> None:
+        if pc.connectionState == "connected":
+            connected.release()
+
+    return pc
 
 
 async def _make_pc() -> RTCPeerConnection:

@@ -19,19 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_LIMITS, cpu_seconds, mediastream_server, print_table, rtsp_camera
+from common import (
+    BENCH_LIMITS,
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    cpu_seconds,
+    mediastream_server,
+    print_table,
+    rtsp_camera,
+)
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-]
 FRAMES = """() => Object.fromEntries([...document.querySelectorAll('.tile')].map((t) => [
     t.dataset.streamId, t.querySelector('video').getVideoPlaybackQuality().totalVideoFrames,
 ]))"""
@@ -72,7 +69,7 @@ def main() -> None:
             for n in range(1, args.tiles + 1)
         )
         with mediastream_server(config, Path(tmp)) as (url, pid), sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1920, "height": 1200})
             sockets: list[str] = []
             page.on("websocket", lambda ws: sockets.append(ws.url))

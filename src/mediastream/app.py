@@ -38,7 +38,7 @@ from .errors import ConfigError, ErrorCode
 from .media.snapshot import SnapshotError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from .registry import StreamRegistry, StreamStatistics
+from .registry import Stream, StreamRegistry, StreamStatistics
 from .signaling import MessageSocket, Refused, SignalingHub
 from .store import StreamStore
 from .webrtc.bridge import PeerConnectionFactory
@@ -131,11 +131,17 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.route("/api/streams/<stream_id>")
     async def get_stream(stream_id: str) -> Any:
-        grant = caller()
-        stream = services.registry.get(stream_id)
-        if stream is None or not grant.allows(stream_id):
-            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        stream = stream_or_404(stream_id, caller())
         return jsonify(_stream_json(stream.statistics()))
+
+    def stream_or_404(stream_id: str, grant: Grant | None = None) -> Stream:
+        """The stream, or a 404 if there is none (or ``grant`` may not see it: the same answer,
+        so a token can't probe for the names of streams it isn't allowed)."""
+        stream = services.registry.get(stream_id)
+        if stream is None or (grant is not None and not grant.allows(stream_id)):
+            message = f'Stream "{stream_id}" not found'
+            abort(_json_error(404, ErrorCode.STREAM_NOT_FOUND, message))
+        return stream
 
     def require_admin() -> None:
         if not caller().admin:
@@ -160,10 +166,7 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.route("/api/streams/<stream_id>/snapshot.jpg")
     async def snapshot(stream_id: str) -> Any:
-        grant = caller()
-        stream = services.registry.get(stream_id)
-        if stream is None or not grant.allows(stream_id):
-            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        stream = stream_or_404(stream_id, caller())
         jpeg = None
         try:
             with trio.move_on_after(SNAPSHOT_WAIT):
@@ -193,9 +196,7 @@ def create_app(services: Services) -> QuartTrio:
     @app.route("/api/streams/<stream_id>", methods=["PUT", "PATCH"])
     async def change_stream(stream_id: str) -> Any:
         require_admin()
-        stream = services.registry.get(stream_id)
-        if stream is None:
-            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        stream = stream_or_404(stream_id)
         body = await request_object()
         if request.method == "PATCH":
             # Unmentioned fields keep their values (the source, credentials included).
@@ -211,8 +212,7 @@ def create_app(services: Services) -> QuartTrio:
     @app.route("/api/streams/<stream_id>", methods=["DELETE"])
     async def delete_stream(stream_id: str) -> Any:
         require_admin()
-        if services.registry.get(stream_id) is None:
-            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        stream_or_404(stream_id)
         await trio.to_thread.run_sync(services.store.delete, stream_id)
         services.registry.remove(stream_id)
         return "", 204
@@ -222,8 +222,7 @@ def create_app(services: Services) -> QuartTrio:
         require_admin()
         if action not in ("start", "stop"):
             abort(404)
-        if services.registry.get(stream_id) is None:
-            return _json_error(404, ErrorCode.STREAM_NOT_FOUND, f'Stream "{stream_id}" not found')
+        stream_or_404(stream_id)
         enabled = action == "start"
         await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
         stream = services.registry.set_enabled(stream_id, enabled)

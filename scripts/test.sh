@@ -11,7 +11,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 #   ffmpeg                       test media files
 #   python3-gi, gir1.2-gst-rtsp-server-1.0, gstreamer1.0-*
 #                                the real RTSP camera (GStreamer's RTSP server, test patterns,
-#                                x264enc in -ugly, avenc_aac in -libav)
+#                                x264enc in -ugly, avenc_aac in -libav, timeoverlay in -x)
 #   coturn                       a real TURN server (relay-only playback test)
 #   nodejs                       the JavaScript unit tests (node --test)
 #   python3-venv                 the virtual environment
@@ -20,7 +20,7 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
     python3-venv chromium ffmpeg coturn \
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
-    gstreamer1.0-plugins-ugly gstreamer1.0-libav
+    gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +32,9 @@ from .errors import ErrorCode, MediaStreamError
 SYMMETRIC_ALGORITHMS: Final = ("HS256",)
 ASYMMETRIC_ALGORITHMS: Final = ("RS256", "ES256")
 CLOCK_LEEWAY: Final = 5.0  # seconds of clock difference tolerated with a token's issuer
+
+#: Unix time in seconds; injectable so tests needn't wait on the wall clock.
+Clock = Callable[[], float]
 
 
 class AuthError(MediaStreamError):
@@ -55,8 +58,10 @@ class Grant:
     def allows(self, stream_id: str) -> bool:
         return any(fnmatch.fnmatchcase(stream_id, pattern) for pattern in self.streams)
 
-    def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+    def expired(self, now: float) -> bool:
+        """Whether the token has expired at ``now`` (Unix time), leeway included: the same
+        rule that admitted it, so a token let in inside the leeway is not refused later."""
+        return self.expires_at is not None and now >= self.expires_at + CLOCK_LEEWAY
 
 
 #: What everyone holds when no secret is configured.
@@ -64,12 +69,21 @@ OPEN_GRANT: Final = Grant(streams=("*",), admin=True)
 
 
 class Authenticator:
-    """Checks and issues tokens according to ``[security]``."""
+    """Checks and issues tokens according to ``[security]``.
 
-    def __init__(self, config: SecurityConfig) -> None:
+    Args:
+        clock: the time every expiry is judged by, at admission and afterwards.
+    """
+
+    def __init__(self, config: SecurityConfig, clock: Clock = time.time) -> None:
         self._secret = config.jwt_secret or _read(config.jwt_secret_file)
         self._public_key = _read(config.jwt_public_key_file)
         self.enabled = bool(self._secret or self._public_key)
+        self.clock = clock
+
+    def expired(self, grant: Grant) -> bool:
+        """Whether ``grant`` has expired by now (see :meth:`Grant.expired`)."""
+        return grant.expired(self.clock())
 
     def verify(self, token: str | None) -> Grant:
         """The grant a token carries.
@@ -100,13 +114,15 @@ class Authenticator:
                 key,
                 algorithms=list(algorithms),
                 leeway=CLOCK_LEEWAY,
-                options={"require": ["exp"]},
+                # Expiry is judged below by this authenticator's clock, as it is later.
+                options={"require": ["exp"], "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError(ErrorCode.TOKEN_EXPIRED, "The access token has expired") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(ErrorCode.UNAUTHORIZED, f"Invalid access token: {exc}") from None
-        return _grant_from(claims)
+        grant = _grant_from(claims)
+        if self.expired(grant):
+            raise AuthError(ErrorCode.TOKEN_EXPIRED, "The access token has expired")
+        return grant
 
     def issue(
         self,
@@ -121,7 +137,7 @@ class Authenticator:
             raise AuthError(
                 ErrorCode.UNAUTHORIZED, "Issuing tokens needs security.jwt_secret in the config"
             )
-        now = int(time.time())
+        now = int(self.clock())
         claims: dict[str, Any] = {"streams": list(streams), "iat": now, "exp": now + int(ttl)}
         if admin:
             claims["admin"] = True
@@ -137,10 +153,13 @@ def _grant_from(claims: dict[str, Any]) -> Grant:
     if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
         raise AuthError(ErrorCode.UNAUTHORIZED, 'The token\'s "streams" must be a list of ids')
     subject = claims.get("sub")
+    expires_at = claims["exp"]
+    if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+        raise AuthError(ErrorCode.UNAUTHORIZED, 'The token\'s "exp" must be a number')
     return Grant(
         streams=tuple(streams),
         admin=claims.get("admin") is True,
-        expires_at=float(claims["exp"]),
+        expires_at=float(expires_at),
         subject=subject if isinstance(subject, str) else None,
     )
 

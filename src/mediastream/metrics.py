@@ -2,8 +2,9 @@
 
 Two kinds:
 
-- **Events**, counted where they happen: signaling messages by type, errors by code, and the
-  offer→answer and offer→first-frame latencies (histograms).
+- **Events**, counted where they happen: signaling messages by type, errors by code,
+  connections ended by a failure inside the server (by reason), and the offer→answer and
+  offer→first-frame latencies (histograms).
 - **Levels**, read from the server's own statistics at scrape time by a collector (nothing is
   counted twice, and nothing is paid between scrapes): sockets, sessions per socket, peer
   connections, and per stream its viewers, state, frames and bytes read, RTP packets and bytes
@@ -60,6 +61,13 @@ class Metrics:
             "mediastream_signaling_errors",
             "Error messages sent to clients, by code.",
             ["code"],
+            registry=self.registry,
+        )
+        self.connection_failures = Counter(
+            "mediastream_connection_failures",
+            "Connections (HTTP or WebSocket) ended by a failure inside the server, by the "
+            "exception's class; each ended only its own connection.",
+            ["reason"],
             registry=self.registry,
         )
         self.offer_to_answer = Histogram(

@@ -21,14 +21,14 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import hypercorn.config
 import hypercorn.trio
-import hypercorn.trio.tcp_server
 import trio
 import trio_asyncio
 
+from . import hypercorn_compat
 from .app import DEFAULT_STATIC_DIR, Services, create_app
 from .changes import ChangeSignal
 from .config import Config
@@ -86,7 +86,7 @@ async def serve(
     """
     if not await trio.Path(static_dir).is_dir():
         raise ConfigError(f"static files folder not found: {static_dir}")
-    _fix_hypercorn_keep_alive()
+    hypercorn_compat.install()
     stopped = trio.Event()
     try:
         async with trio_asyncio.open_loop():
@@ -119,7 +119,7 @@ async def serve(
                         functools.partial(
                             hypercorn.trio.serve,
                             app,
-                            _hypercorn_config(config),
+                            _hypercorn_config(config, metrics, changes),
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
@@ -151,8 +151,16 @@ async def serve(
         stopped.set()
 
 
-def _hypercorn_config(config: Config) -> hypercorn.config.Config:
+def _hypercorn_config(
+    config: Config, metrics: Metrics, changes: ChangeSignal
+) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
+
+    def connection_failed(reason: str) -> None:
+        metrics.connection_failures.labels(reason=reason).inc()
+        changes.notify()
+
+    hypercorn_compat.on_connection_failure(hc, connection_failed)
     host = config.server.host
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = config.server.graceful_timeout
@@ -164,27 +172,3 @@ def _hypercorn_config(config: Config) -> hypercorn.config.Config:
         hc.certfile = config.server.certfile
         hc.keyfile = config.server.keyfile
     return hc
-
-
-def _fix_hypercorn_keep_alive() -> None:
-    """Shield Hypercorn's ``TCPServer.protocol_send`` from cancellation (idempotent).
-
-    With Quart-Trio, Hypercorn (re)starts a connection's idle timer from inside the request
-    task, which Quart-Trio cancels right after the response; the timer is then never armed, so
-    idle keep-alive connections are never closed and ``Connection: close`` responses never
-    close the socket (a client reading to EOF hangs; shutdown waits its full timeout). Running
-    the send under a shield lets it finish; ``tests/integration/test_http.py`` reads a response
-    to EOF to keep this honest.
-    """
-    server_class = hypercorn.trio.tcp_server.TCPServer
-    if getattr(server_class.protocol_send, "_mediastream_shielded", False):
-        return
-    original = server_class.protocol_send
-
-    @functools.wraps(original)
-    async def protocol_send(self: hypercorn.trio.tcp_server.TCPServer, event: Any) -> None:
-        with trio.CancelScope(shield=True):
-            await original(self, event)
-
-    protocol_send._mediastream_shielded = True  # type: ignore[attr-defined]
-    setattr(server_class, "protocol_send", protocol_send)  # noqa: B010 (replacing a method)

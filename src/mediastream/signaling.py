@@ -281,7 +281,7 @@ class SignalingConnection:
             ).inc()
 
     def _on_offer(self, offer: Offer) -> None:
-        if self.grant.expired():
+        if self._hub.authenticator.expired(self.grant):
             raise SignalingError(
                 ErrorCode.TOKEN_EXPIRED,
                 "The access token has expired; send an auth message with a new one",

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from support.http import get
+from support.http import get, scrape
 from support.servers import DEMO_STREAMS, StartServer, make_config
 from support.viewer import SignalingFailed, open_viewer
-
-
-async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await get(url + "/metrics")
-    assert response.status == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 async def test_metrics_follow_sockets_streams_and_traffic(start_server: StartServer) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -80,3 +81,15 @@ async def request(
 
 async def get(url: str, **kwargs: Any) -> HttpResponse:
     return await request(url, **kwargs)
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of ``/metrics``, keyed by name and sorted labels."""
+    response = await get(url + "/metrics")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

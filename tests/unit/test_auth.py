@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mediastream.auth import (
+    CLOCK_LEEWAY,
     OPEN_GRANT,
     Authenticator,
     AuthError,
@@ -41,7 +42,27 @@ def test_an_issued_token_verifies_to_its_grant() -> None:
     grant = hs256().verify(hs256().issue(["lobby", "cam-*"], 60, admin=True, subject="wall"))
     assert grant.streams == ("lobby", "cam-*") and grant.admin and grant.subject == "wall"
     assert grant.allows("lobby") and grant.allows("cam-7") and not grant.allows("cam")
-    assert not grant.expired() and grant.expired(now=time.time() + 120)
+    assert not grant.expired(time.time()) and grant.expired(time.time() + 120)
+
+
+def test_a_token_admitted_inside_the_leeway_is_not_expired_afterwards() -> None:
+    """One notion of time: the leeway that admitted a token applies to later checks too."""
+    now = 1_800_000_000.0
+    authenticator = Authenticator(SecurityConfig(jwt_secret=SECRET), clock=lambda: now)
+    token = jwt.encode({"streams": ["*"], "exp": int(now) - 2}, SECRET)  # 2 s past, leeway 5 s
+    grant = authenticator.verify(token)
+    assert not authenticator.expired(grant)
+    now += CLOCK_LEEWAY
+    assert authenticator.expired(grant)
+    with pytest.raises(AuthError) as refused:
+        authenticator.verify(token)
+    assert refused.value.code is ErrorCode.TOKEN_EXPIRED
+
+
+def test_an_exp_that_is_not_a_number_is_refused() -> None:
+    with pytest.raises(AuthError) as refused:
+        hs256().verify(jwt.encode({"streams": ["*"], "exp": "tomorrow"}, SECRET))
+    assert refused.value.code is ErrorCode.UNAUTHORIZED
 
 
 @pytest.mark.parametrize(

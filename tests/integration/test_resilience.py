@@ -146,8 +146,9 @@ async def test_a_viewer_that_stops_reading_drops_alone(start_server: StartServer
     async with open_viewer(server.ws_url) as viewer:
         steady = await viewer.play("demo-1")
         await steady.wait_frames(5)
-        # A second viewer of the same stream that never reads its queue.
+        # A second viewer of the same stream that takes one frame, then never reads again.
         with stream.open_viewer() as stalled:
+            assert stalled.get_nowait() is not None  # from the cached GOP: it has started
             await steady.wait_frames(75)  # three seconds at 25 fps
             assert stalled.dropped_frames >= 50
         (session,) = [s for c in server.services.hub._connections for s in c.sessions.values()]

@@ -8,7 +8,7 @@ from aiortc import clock
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
-from mediastream.webrtc.bridge import DirectRtpSender, _ntp_time
+from mediastream.webrtc.rtp_sender import DirectRtpSender, _ntp_time
 
 MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"

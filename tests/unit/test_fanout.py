@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mediastream.media.fanout import FanOut
+from mediastream.media.fanout import Delivery, FanOut, Subscriber
 from mediastream.media.frames import EncodedFrame
 
 
@@ -35,7 +35,8 @@ def test_subscriber_before_any_keyframe_waits_for_one() -> None:
     assert drain(early) == []
     fanout.publish(frame(2, True))
     assert drain(early) == [2]
-    assert early.dropped_frames == 2
+    # It had not started: the frames before its first keyframe are skipped, not lost.
+    assert (early.dropped_frames, early.statistics().skipped_frames) == (0, 2)
 
 
 def test_gop_longer_than_the_cache_is_not_replayed() -> None:
@@ -53,17 +54,19 @@ def test_a_full_queue_skips_to_the_next_keyframe_and_counts_the_drop() -> None:
     slow = fanout.subscribe()
     fast = fanout.subscribe()
     fanout.publish(frame(0, True))
+    assert drain(slow) == [0]  # it played, then stopped reading
     for ts in range(1, 6):
         fanout.publish(frame(ts))
         drain(fast)
-    # slow never read: after 3 frames it dropped its queue and waits for a keyframe.
+    # After 3 frames it dropped its queue and waits for a keyframe.
     assert drain(slow) == []
     assert slow.statistics().waiting_for_keyframe
     fanout.publish(frame(6, True))
     fanout.publish(frame(7))
     assert drain(slow) == [6, 7]
-    assert slow.dropped_frames == 6  # 0-2 flushed, 3 overflowed, 4-5 skipped
+    assert slow.dropped_frames == 5  # 1-3 flushed, 4 overflowed, 5 while waiting
     assert fast.dropped_frames == 0
+    assert fanout.statistics().dropped_frames == 5
 
 
 def test_overflow_on_a_keyframe_restarts_from_that_keyframe() -> None:
@@ -159,5 +162,73 @@ def test_a_viewer_a_whole_gop_behind_skips_to_the_new_keyframe() -> None:
     for ts in range(6):
         fanout.publish(frame(ts, ts in (0, 3)))
     assert drain(behind) == [3, 4, 5]
-    assert behind.dropped_frames == 3
+    # Joining is not losing: the frames a connecting viewer never needed are skips.
+    assert (behind.dropped_frames, behind.statistics().skipped_frames) == (0, 3)
     assert not behind.statistics().waiting_for_keyframe
+    for ts in range(6, 9):
+        fanout.publish(frame(ts, ts == 8))  # it played, then fell a whole GOP behind
+    assert drain(behind) == [8]
+    assert (behind.dropped_frames, fanout.statistics().dropped_frames) == (2, 2)
+
+
+class FakeTransport:
+    """A viewer's sender whose socket is full while ``blocked``."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.blocked = False
+        self.gone = False
+
+    def ready(self) -> bool:
+        if self.gone:
+            raise ConnectionError("gone")
+        return not self.blocked
+
+    def send(self, frame: EncodedFrame) -> None:
+        self.sent.append(frame.timestamp)
+
+
+def live_viewer(fanout: FanOut) -> tuple[Subscriber, FakeTransport, list[int]]:
+    viewer = fanout.subscribe()
+    transport = FakeTransport()
+    woken: list[int] = []
+    viewer.set_wakeup(lambda: woken.append(1))
+    fanout.publish(frame(0, True))
+    assert drain(viewer) == [0]
+    viewer.set_transport(transport)
+    woken.clear()
+    return viewer, transport, woken
+
+
+def test_a_live_viewer_gets_each_frame_synchronously_through_its_transport() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    viewer, transport, woken = live_viewer(fanout)
+    assert viewer.offer(frame(1)) is Delivery.SENT
+    fanout.publish(frame(2))
+    assert transport.sent == [1, 2] and viewer.queued_frames == 0 and not woken
+
+
+def test_a_full_socket_queues_frames_for_the_drainer_then_drops_to_a_keyframe() -> None:
+    fanout = FanOut("cam", queue_frames=3, gop_cache_frames=100)
+    viewer, transport, woken = live_viewer(fanout)
+    transport.blocked = True  # the socket returned EAGAIN: nothing more goes out for now
+    assert [viewer.offer(frame(ts)) for ts in (1, 2, 3)] == [Delivery.QUEUED] * 3
+    assert len(woken) == 3 and transport.sent == []  # the drainer is woken for each
+    # Still blocked and the queue is full: the same policy as a slow catch-up.
+    assert viewer.offer(frame(4)) is Delivery.DROPPED
+    assert viewer.offer(frame(5)) is Delivery.DROPPED
+    assert viewer.statistics().waiting_for_keyframe and viewer.dropped_frames == 5
+    transport.blocked = False
+    assert viewer.offer(frame(6, True)) is Delivery.QUEUED  # the drainer sends it
+    assert drain(viewer) == [6]
+    assert viewer.offer(frame(7)) is Delivery.SENT
+
+
+def test_a_transport_that_fails_is_dropped_and_frames_queue_again() -> None:
+    fanout = FanOut("cam", queue_frames=10, gop_cache_frames=10)
+    viewer, transport, _ = live_viewer(fanout)
+    transport.gone = True
+    assert viewer.offer(frame(1)) is Delivery.QUEUED
+    transport.gone = False
+    assert viewer.offer(frame(2)) is Delivery.QUEUED  # no transport until the drainer says so
+    assert transport.sent == [] and drain(viewer) == [1, 2]

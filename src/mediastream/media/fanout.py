@@ -1,7 +1,16 @@
 """Fan-out: one source's frames to many viewers, each with its own bounded queue.
 
 Pure, synchronous logic with no I/O and no event loop: the source calls :meth:`FanOut.publish`,
-each viewer pulls with :meth:`Subscriber.get_nowait` and is woken by a callback it installs.
+which *offers* each frame to every viewer's :class:`Subscriber`. The subscriber belongs to the
+viewer's session and answers what became of the frame (:class:`Delivery`): sent at once through
+its transport, queued, or dropped. One policy covers every path a frame can take:
+
+- a live viewer whose transport is ready (nothing of earlier frames is still waiting in its
+  socket buffer) gets the frame synchronously, inside ``publish``;
+- otherwise the frame is queued and the viewer's drainer is woken: a viewer catching up on the
+  cached GOP, a viewer still connecting, and a viewer whose socket is full (EAGAIN) all wait in
+  the same bounded queue, and the drainer sends it when the transport is ready again;
+- a full queue is emptied and the viewer skips to the next keyframe.
 
 Policies (from what CCTV viewers run into with other servers):
 
@@ -18,11 +27,12 @@ Policies (from what CCTV viewers run into with other servers):
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from .frames import EncodedFrame
 
@@ -32,11 +42,44 @@ DROP_LOG_INTERVAL: Final = 10.0  # seconds between two drop warnings of one view
 CATCH_UP_BURST_BYTES: Final = 128 * 1024  # what a catching-up viewer may get back to back
 
 
+class Delivery(enum.Enum):
+    """What became of one frame offered to one viewer."""
+
+    SENT = "sent"  # handed to the viewer's transport at once
+    QUEUED = "queued"  # in the viewer's bounded queue, for its drainer
+    DROPPED = "dropped"  # lost to a viewer that was playing: it skips to the next keyframe
+    #: not needed by a viewer that has not started yet (it starts at a keyframe): not a loss
+    SKIPPED = "skipped"
+
+
+class Transport(Protocol):
+    """Where a viewer's frames go out (its RTP sender)."""
+
+    def ready(self) -> bool:
+        """Whether a frame can go out now without waiting in a buffer.
+
+        Raises:
+            ConnectionError: the transport is gone.
+        """
+        ...
+
+    def send(self, frame: EncodedFrame) -> None:
+        """Send one frame now.
+
+        Raises:
+            ConnectionError: the transport is gone.
+        """
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriberStatistics:
     queued_frames: int
     delivered_frames: int
+    #: frames lost after the viewer started playing (a slow link or a full socket)
     dropped_frames: int
+    #: frames passed over before the viewer started (joining mid-GOP, connecting): no loss
+    skipped_frames: int
     waiting_for_keyframe: bool
 
 
@@ -47,16 +90,19 @@ class FanOutStatistics:
     published_bytes: int
     gop_frames: int
     dropped_frames: int
+    skipped_frames: int
     #: RTP packets and payload bytes handed to viewers' senders, all viewers together.
     sent_packets: int
     sent_bytes: int
 
 
 class Subscriber:
-    """One viewer's queue of frames of one kind.
+    """One viewer's frames of one kind: its transport, its bounded queue, its policy.
 
-    Resource handling: call :meth:`FanOut.unsubscribe` (or use the fan-out's ``subscription``
-    context) when the viewer leaves, or the fan-out keeps feeding it.
+    Opened by :meth:`FanOut.subscribe` for a viewer's session and closed with it.
+
+    Resource handling: call :meth:`FanOut.unsubscribe` (the stream's ``open_viewer`` context
+    does) when the viewer leaves, or the fan-out keeps offering it frames.
     """
 
     def __init__(
@@ -69,30 +115,32 @@ class Subscriber:
         self._frames: collections.deque[EncodedFrame] = collections.deque()
         self._waiting_for_keyframe = keyframe_gated
         self._wakeup: Callable[[], None] | None = None
-        self._sink: Callable[[EncodedFrame], None] | None = None
+        self._transport: Transport | None = None
         self._closed = False
+        #: whether a frame has gone out: losses before that are skips, not drops
+        self._started = False
         self._delivered = 0
         self._dropped = 0
+        self._skipped = 0
         self._last_drop_log = -DROP_LOG_INTERVAL
 
     def set_wakeup(self, wakeup: Callable[[], None] | None) -> None:
-        """Install the callback run (synchronously, inside ``publish``) when a frame arrives."""
+        """Install the drainer's callback, run (synchronously, inside ``publish``) when a frame
+        is queued."""
         self._wakeup = wakeup
 
-    def set_sink(self, sink: Callable[[EncodedFrame], None] | None) -> None:
-        """Deliver frames by calling ``sink`` synchronously in ``publish``, while the queue is
-        empty (a live viewer). If it raises, it is dropped, the frame is queued instead and
-        the wakeup runs: the viewer goes back to reading its queue."""
-        self._sink = sink
+    def set_transport(self, transport: Transport | None) -> None:
+        """Send frames through ``transport`` synchronously in ``publish`` while the queue is
+        empty and the transport is ready (a live viewer). If it raises, it is dropped, the
+        frame is queued instead and the drainer is woken."""
+        self._transport = transport
 
     def get_nowait(self) -> EncodedFrame | None:
-        """The next frame, or ``None`` when the queue is empty (or closed)."""
+        """The next queued frame, for the drainer to send; ``None`` when the queue is empty."""
         if not self._frames:
             return None
-        self._delivered += 1
         frame = self._frames.popleft()
-        if self._fanout is not None:
-            self._fanout._count_sent(frame)
+        self._count_delivered(frame)
         return frame
 
     @property
@@ -112,55 +160,69 @@ class Subscriber:
             queued_frames=len(self._frames),
             delivered_frames=self._delivered,
             dropped_frames=self._dropped,
+            skipped_frames=self._skipped,
             waiting_for_keyframe=self._waiting_for_keyframe,
         )
+
+    def offer(self, frame: EncodedFrame) -> Delivery:
+        """Take one published frame: send it now, queue it, or drop it (see the module doc)."""
+        if self._closed:
+            return Delivery.SKIPPED
+        if self._waiting_for_keyframe:
+            if not frame.keyframe:
+                return self._lose(1)
+            self._waiting_for_keyframe = False
+        elif self._transport is not None and not self._frames:
+            try:
+                if self._transport.ready():
+                    self._transport.send(frame)
+                    self._count_delivered(frame)
+                    return Delivery.SENT
+                # The socket is full: the frame waits in the queue like any backlog.
+            except Exception as exc:
+                log.info("%s: direct sending stopped (%s); queueing", self.label, exc)
+                self._transport = None
+        elif self._keyframe_gated and frame.keyframe and self._frames:
+            # A whole GOP behind (still connecting, or a slow link): the viewer can start from
+            # this keyframe, so the older frames are not worth sending.
+            self._lose(len(self._frames))
+            self._frames.clear()
+        elif len(self._frames) >= self._max_frames:
+            lost = len(self._frames)
+            self._frames.clear()
+            if self._keyframe_gated and not frame.keyframe:
+                self._waiting_for_keyframe = True
+                self._lose(lost)
+                return self._lose(1)
+            self._lose(lost)
+        self._frames.append(frame)
+        if self._wakeup is not None:
+            self._wakeup()
+        return Delivery.QUEUED
 
     def _start_with(self, frames: list[EncodedFrame]) -> None:
         if frames and (frames[0].keyframe or not self._keyframe_gated):
             self._frames.extend(frames[-self._max_frames :])
             self._waiting_for_keyframe = False
 
-    def _push(self, frame: EncodedFrame) -> int:
-        """Queue one frame; returns how many frames this viewer dropped doing it."""
-        if self._closed:
-            return 0
-        dropped = 0
-        if self._waiting_for_keyframe:
-            if not frame.keyframe:
-                self._dropped += 1
-                return 1
-            self._waiting_for_keyframe = False
-        elif self._sink is not None and not self._frames:
-            try:
-                self._sink(frame)
-            except Exception as exc:
-                log.info("%s: direct sending stopped (%s); queueing", self.label, exc)
-                self._sink = None
-            else:
-                self._delivered += 1
-                if self._fanout is not None:
-                    self._fanout._count_sent(frame)
-                return 0
-        elif self._keyframe_gated and frame.keyframe and self._frames:
-            # A whole GOP behind (still connecting, or catching up on a starved loop): the
-            # viewer can start from this keyframe, so the older frames are not worth sending.
-            dropped = len(self._frames)
-            self._frames.clear()
-            self._dropped += dropped
-        elif len(self._frames) >= self._max_frames:
-            dropped = len(self._frames)
-            self._frames.clear()
-            if self._keyframe_gated and not frame.keyframe:
-                self._waiting_for_keyframe = True
-                dropped += 1
-            self._dropped += dropped
-            self._log_drop(dropped)
-            if self._waiting_for_keyframe:
-                return dropped
-        self._frames.append(frame)
-        if self._wakeup is not None:
-            self._wakeup()
-        return dropped
+    def _count_delivered(self, frame: EncodedFrame) -> None:
+        self._started = True
+        self._delivered += 1
+        if self._fanout is not None:
+            self._fanout._count_sent(frame)
+
+    def _lose(self, frames: int) -> Delivery:
+        """Count ``frames`` this viewer will never get: drops once it played, skips before."""
+        if not self._started:
+            self._skipped += frames
+            if self._fanout is not None:
+                self._fanout._skipped += frames
+            return Delivery.SKIPPED
+        self._dropped += frames
+        if self._fanout is not None:
+            self._fanout._dropped += frames
+        self._log_drop(frames)
+        return Delivery.DROPPED
 
     def _close(self) -> None:
         self._closed = True
@@ -235,6 +297,7 @@ class FanOut:
         self._published_frames = 0
         self._published_bytes = 0
         self._dropped = 0
+        self._skipped = 0
         self._sent_packets = 0
         self._sent_bytes = 0
         self._next_label = 0
@@ -265,7 +328,7 @@ class FanOut:
         if frame.kind == "video":
             self._remember(frame)  # audio is not replayed: a burst of old sound helps nobody
         for subscriber in list(self._subscribers[frame.kind]):
-            self._dropped += subscriber._push(frame)
+            subscriber.offer(frame)
 
     def reset(self) -> None:
         """Forget the cached GOP (the source restarted; its next keyframe starts afresh)."""
@@ -284,6 +347,7 @@ class FanOut:
             published_bytes=self._published_bytes,
             gop_frames=len(self._gop),
             dropped_frames=self._dropped,
+            skipped_frames=self._skipped,
             sent_packets=self._sent_packets,
             sent_bytes=self._sent_bytes,
         )

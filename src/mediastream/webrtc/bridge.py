@@ -9,14 +9,14 @@ What this module adds to stock aiortc, and why:
 - **H.264 only, decided before the offer is applied.** aiortc fixes the negotiated codecs
   inside ``setRemoteDescription``; the transceiver's codec preferences must be set before it,
   or VP8 is negotiated and the browser can't decode the H.264 it receives.
-- **Packetize once per source.** A viewer's track yields :class:`EncodedFrame` objects whose
-  RTP payloads were cut when the frame was read; the sender's encoder is replaced by one that
-  hands those payloads back unchanged. Per viewer remain only the RTP header, SRTP and the
-  send. (aiortc keeps the encoder in a private attribute; ``aiortc`` is pinned to the range
-  this was verified against, and a test fails loudly if the attribute disappears.)
-- **Bounded per-viewer queues.** The track reads a :class:`Subscriber` from the fan-out and
-  is woken by it; aiortc's own relay keeps unbounded queues (or silently drops frames and
-  corrupts H.264).
+- **Packetize once per source, send directly.** Frames carry RTP payloads cut when they were
+  read; once DTLS is up, each viewer's :class:`~mediastream.webrtc.rtp_sender.DirectRtpSender`
+  becomes its subscriber's transport, so the fan-out sends a live viewer's frames
+  synchronously as it publishes them. aiortc's sender task only waits; its RTCP and NACK
+  handling stay. (The aiortc internals this needs are all in ``aiortc_compat``.)
+- **Bounded per-viewer queues.** A viewer that is catching up, still connecting or whose
+  socket is full is drained from its :class:`Subscriber` queue by its track (paced); aiortc's
+  own relay keeps unbounded queues (or silently drops frames and corrupts H.264).
 - **mDNS candidates are skipped** (configurable): aioice resolves ``.local`` names with a fixed
   one-second timeout per peer connection, while the browser's connectivity checks reveal its
   address anyway.
@@ -26,14 +26,13 @@ What this module adds to stock aiortc, and why:
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import trio
 import trio_asyncio
@@ -46,11 +45,8 @@ from aiortc import (
 )
 from aiortc.exceptions import InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
-from aiortc.rtp import RtpPacket, wrap_rtx
 from aiortc.sdp import candidate_from_sdp
-from aiortc.utils import random16, random32
 
 from ..changes import ChangeSignal
 from ..config import WebRTCConfig
@@ -59,6 +55,8 @@ from ..ice import ice_servers as ice_servers_for
 from ..media.fanout import CatchUpPacer, Subscriber
 from ..media.frames import EncodedFrame
 from ..protocol import IceCandidate
+from .aiortc_compat import on_sender_started
+from .rtp_sender import DirectRtpSender
 
 log = logging.getLogger(__name__)
 
@@ -281,157 +279,16 @@ class PeerConnection:
         await trio_asyncio.aio_as_trio(self._pc.close)()
 
 
-class DirectRtpSender:
-    """Sends one viewer's frames as RTP straight from the fan-out.
-
-    aiortc's sender would take each frame through its own task (a wake-up, a ``recv`` and a
-    packetizer per frame and viewer). Instead, once the viewer is live, the fan-out calls
-    :meth:`send` for it synchronously as it publishes: per packet there remain a copied RTP
-    header with its sequence number and marker, SRTP protection, and the ``sendto``. aiortc
-    keeps doing RTCP (sender reports read the counters updated here) and NACKs (served from
-    this history).
-
-    Uses aiortc's private sender state (pinned to the aiortc range it was verified with; a
-    test fails if it moves).
-    """
-
-    def __init__(self, sender: RTCRtpSender, parameters: RTCRtpSendParameters) -> None:
-        missing = [name for name in _SENDER_STATE if not hasattr(sender, name)]
-        if missing:
-            raise RuntimeError(f"aiortc's RTCRtpSender changed: no {', '.join(missing)}")
-        # Typed loosely on purpose: the name-mangled state below is not in aiortc's types.
-        self._sender: Any = cast(Any, sender)
-        self._dtls: Any = sender.transport
-        payload_type = parameters.codecs[0].payloadType
-        if payload_type is None:
-            raise RuntimeError("aiortc started a sender without a payload type")
-        self._payload_type: int = payload_type
-        self._mid = parameters.muxId
-        self._ssrc = sender._ssrc
-        self._extensions = self._sender._RTCRtpSender__rtp_header_extensions_map
-        self._sequence = random16() % 32768  # as aiortc: far from wrapping, for SRTP
-        self._timestamp_origin = random32()
-        self._history: dict[int, bytes] = {}
-        # The header is made once; each frame patches its timestamp and send time into it.
-        self._header, self._send_time_at = self._header_template()
-        # NACKed packets come from this history (aiortc keeps its own for its own loop).
-        setattr(self._sender, "_retransmit", self._retransmit)  # noqa: B010 (a method, on purpose)
-
-    def _header_template(self) -> tuple[bytearray, int | None]:
-        """This viewer's RTP header, and where its abs-send-time extension sits (None when the
-        browser did not negotiate it): found by serializing two headers that differ only there.
-        """
-
-        def serialize(send_time: int) -> bytes:
-            packet = RtpPacket(payload_type=self._payload_type)
-            packet.ssrc = self._ssrc
-            packet.extensions.abs_send_time = send_time
-            packet.extensions.mid = self._mid
-            return bytes(packet.serialize(self._extensions))
-
-        zeros, ones = serialize(0), serialize(0xFFFFFF)
-        differ = [index for index, (a, b) in enumerate(zip(zeros, ones, strict=True)) if a != b]
-        return bytearray(zeros), (differ[0] if differ else None)
-
-    def send(self, frame: EncodedFrame) -> None:
-        """Send one frame now. Raises ConnectionError once the transport is gone."""
-        timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
-        ntp_now = _ntp_time()
-        header = self._header
-        header[4:8] = timestamp.to_bytes(4, "big")
-        if (at := self._send_time_at) is not None:
-            header[at : at + 3] = ((ntp_now >> 14) & 0xFFFFFF).to_bytes(3, "big")
-        send = self._packet_sender()
-        last = len(frame.payloads) - 1
-        octets = 0
-        sequence = self._sequence
-        for index, payload in enumerate(frame.payloads):
-            header[1] = (0x80 if index == last else 0) | self._payload_type
-            header[2] = sequence >> 8
-            header[3] = sequence & 0xFF
-            packet = bytes(header) + payload
-            self._history[sequence % RTP_HISTORY_SIZE] = packet
-            send(packet)
-            sequence = (sequence + 1) & 0xFFFF
-            octets += len(payload)
-        self._sequence = sequence
-        sender = self._sender
-        # What aiortc's RTCP task reports in its sender reports.
-        sender._RTCRtpSender__ntp_timestamp = ntp_now
-        sender._RTCRtpSender__rtp_timestamp = timestamp
-        packets = sender._RTCRtpSender__packet_count + len(frame.payloads)
-        sender._RTCRtpSender__packet_count = packets
-        sender._RTCRtpSender__octet_count += octets
-
-    def _packet_sender(self) -> Callable[[bytes], None]:
-        """How to send one RTP packet right now: SRTP-protect it and hand it to the socket of
-        the nominated ICE pair, without the four coroutine layers of aiortc and aioice (the
-        same steps, read off them)."""
-        dtls = self._dtls
-        if dtls._state != DtlsState.CONNECTED:
-            raise ConnectionError("Cannot send encrypted RTP, not connected")
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None:
-            raise ConnectionError("Cannot send data, not connected")
-        protect = dtls._tx_srtp.protect
-        sendto = pair.protocol.transport.sendto
-        address = pair.remote_addr
-
-        def send(packet: bytes) -> None:
-            sendto(protect(packet), address)
-
-        return send
-
-    async def _retransmit(self, sequence_number: int) -> None:
-        raw = self._history.get(sequence_number % RTP_HISTORY_SIZE)
-        if raw is None or int.from_bytes(raw[2:4], "big") != sequence_number:
-            return
-        packet = RtpPacket.parse(raw, self._extensions)
-        sender = self._sender
-        rtx_payload_type = sender._RTCRtpSender__rtx_payload_type
-        if rtx_payload_type is not None:
-            rtx_sequence = sender._RTCRtpSender__rtx_sequence_number
-            packet = wrap_rtx(
-                packet,
-                payload_type=rtx_payload_type,
-                sequence_number=rtx_sequence,
-                ssrc=sender._rtx_ssrc,
-            )
-            sender._RTCRtpSender__rtx_sequence_number = (rtx_sequence + 1) & 0xFFFF
-        await self._dtls._send_rtp(packet.serialize(self._extensions))
-
-
-_NTP_EPOCH_OFFSET: Final = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix)
-
-
-def _ntp_time() -> int:
-    """Now as a 64-bit NTP timestamp, as aiortc's clock gives it, without its datetimes."""
-    return int((time.time() + _NTP_EPOCH_OFFSET) * (1 << 32))
-
-
-#: aiortc's private sender state that :class:`DirectRtpSender` relies on.
-_SENDER_STATE: Final = (
-    "_ssrc",
-    "_rtx_ssrc",
-    "_RTCRtpSender__rtp_header_extensions_map",
-    "_RTCRtpSender__ntp_timestamp",
-    "_RTCRtpSender__rtp_timestamp",
-    "_RTCRtpSender__packet_count",
-    "_RTCRtpSender__octet_count",
-    "_RTCRtpSender__rtx_payload_type",
-    "_RTCRtpSender__rtx_sequence_number",
-)
-RTP_HISTORY_SIZE: Final = 128  # packets kept for NACKs, as aiortc
-
-
 class SubscriberTrack(MediaStreamTrack):
-    """A track that plays one viewer's :class:`Subscriber` queue (video or audio).
+    """A track that drains one viewer's :class:`Subscriber` queue (video or audio).
 
     aiortc's sender loop only ever waits in :meth:`recv`: frames go out through a
-    :class:`DirectRtpSender`. While the viewer catches up (a replayed GOP, or right after it
-    connected) this track sends the queue, paced; once it is live, the fan-out sends each
-    frame synchronously as it publishes it. The track never ends on its own: a source that
-    restarts keeps the same track (a track that ends stops aiortc's sender for good).
+    :class:`DirectRtpSender`. While the viewer's queue holds frames (a replayed GOP, frames
+    published while it connected, frames held back while its socket was full) this track
+    sends them, paced and only while the socket is ready; once the queue is empty the sender
+    becomes the subscriber's transport and the fan-out sends each frame as it publishes it.
+    The track never ends on its own: a source that restarts keeps the same track (a track
+    that ends stops aiortc's sender for good).
     """
 
     def __init__(
@@ -453,14 +310,12 @@ class SubscriberTrack(MediaStreamTrack):
 
     def attach(self, sender: RTCRtpSender) -> None:
         """Take over ``sender``'s sending once aiortc starts it (DTLS is up)."""
-        start = sender.send
 
-        async def send(parameters: RTCRtpSendParameters) -> None:
-            await start(parameters)
+        def started(parameters: RTCRtpSendParameters) -> None:
             self._direct = DirectRtpSender(sender, parameters)
             self._wake()
 
-        sender.send = send  # type: ignore[method-assign]
+        on_sender_started(sender, started)
 
     def _wake(self) -> None:
         # Called from Trio (the fan-out) or asyncio, in the same thread.
@@ -470,27 +325,33 @@ class SubscriberTrack(MediaStreamTrack):
     async def recv(self) -> Any:
         while self._direct is None:
             await self._wait()
-        direct = self._direct
+        subscriber = self._subscriber
         loop = asyncio.get_running_loop()
         while True:
-            # Catching up through a queue (a replayed GOP, or right after connecting): paced,
-            # other peers send in between. A spent budget waits for the next frame published.
-            while self._pacer.ready(loop.time()):
-                if (frame := self._subscriber.get_nowait()) is None:
-                    break
-                if self._subscriber.queued_frames:
+            # Draining the queue: paced, and only while the socket takes more. A spent budget
+            # or a full socket waits for the next frame published (no timers: see CatchUpPacer).
+            while subscriber.queued_frames and self.ready() and self._pacer.ready(loop.time()):
+                frame = subscriber.get_nowait()
+                assert frame is not None
+                if subscriber.queued_frames:
                     self._pacer.spend(frame.size)
-                self._send(direct, frame)
-            if self._subscriber.closed or self.readyState != "live":
+                self.send(frame)
+            if subscriber.closed or self.readyState != "live":
                 raise MediaStreamError
-            if not self._subscriber.queued_frames:
-                # Live: from now on the fan-out sends each frame as it publishes it. The sink
-                # is dropped (and this track woken) if sending fails or the queue takes over.
-                self._subscriber.set_sink(functools.partial(self._send, direct))
+            if not subscriber.queued_frames:
+                # Live: from now on the fan-out sends each frame as it publishes it. The
+                # transport is dropped (and this track woken) if sending fails.
+                subscriber.set_transport(self)
             await self._wait()
 
-    def _send(self, direct: DirectRtpSender, frame: EncodedFrame) -> None:
-        direct.send(frame)
+    # Transport (for the subscriber), once the sender has started.
+    def ready(self) -> bool:
+        assert self._direct is not None
+        return self._direct.ready()
+
+    def send(self, frame: EncodedFrame) -> None:
+        assert self._direct is not None
+        self._direct.send(frame)
         if self._on_first_frame is not None:
             self._on_first_frame()
             self._on_first_frame = None
@@ -504,7 +365,7 @@ class SubscriberTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         super().stop()
-        self._subscriber.set_sink(None)
+        self._subscriber.set_transport(None)
         self._subscriber.set_wakeup(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)

@@ -7,10 +7,13 @@ Task tree (inside the app's lifetime nursery)::
         │                            cancels exactly its supervisor
         └── run_source               while wanted; cancelled after the last viewer + grace period
 
-A stream is *wanted* when it is enabled and always-on, or has viewers, or was started through
-the API (until it has been idle for the grace period). A viewer is counted from the moment its
-session subscribes (:meth:`Stream.open_viewer`), so a stopped stream starts on its first
-offer, before the answer is even sent.
+Whether a stream may be watched is one explicit state, :class:`Availability`, changed only
+through :meth:`Stream.change_availability` along the transitions drawn there. A stream is
+*wanted* (its source runs) when it is available and always-on, or has viewers, or was started
+through the API (until it has been idle for the grace period). A viewer is counted from the
+moment its session subscribes (:meth:`Stream.open_viewer`), so a stopped stream starts on its
+first offer, before the answer is even sent. Stopping or deleting a stream ends its viewers'
+sessions by cancelling them (each viewer hands :meth:`Stream.open_viewer` how to end it).
 
 Streams can be added, edited, stopped, started and deleted while the server runs (the
 management API). Viewers of an edited stream stay connected: the stream keeps its fan-out and
@@ -19,11 +22,13 @@ its timeline, only the source behind it changes.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -37,6 +42,53 @@ from .media.sources import SourceInfo, SourceState, Timelines, describe_source, 
 from .store import StoredStream
 
 log = logging.getLogger(__name__)
+
+
+class Availability(enum.Enum):
+    """Whether a stream may be watched, and why its source runs.
+
+    ::
+
+        AVAILABLE ──start──> STARTED ──idle for the grace period──> AVAILABLE
+            │                  │  ▲
+           stop               stop └──start── STOPPED <──stop── (any but DELETED)
+            ▼                  ▼
+         STOPPED ──────────────┘           any ──delete──> DELETED (final)
+    """
+
+    #: may be watched; the source runs while wanted (always-on, or viewers)
+    AVAILABLE = "available"
+    #: may be watched, and started through the API: runs even without viewers until idle for
+    #: the grace period (on-demand streams), then back to AVAILABLE
+    STARTED = "started"
+    #: stopped through the API: no viewers, no source
+    STOPPED = "stopped"
+    #: removed; its viewers' sessions ended
+    DELETED = "deleted"
+
+    @property
+    def watchable(self) -> bool:
+        return self in (Availability.AVAILABLE, Availability.STARTED)
+
+
+_TRANSITIONS: Final = {
+    Availability.AVAILABLE: {Availability.STARTED, Availability.STOPPED, Availability.DELETED},
+    Availability.STARTED: {
+        Availability.AVAILABLE,
+        Availability.STARTED,
+        Availability.STOPPED,
+        Availability.DELETED,
+    },
+    Availability.STOPPED: {Availability.STARTED, Availability.STOPPED, Availability.DELETED},
+    Availability.DELETED: set(),
+}
+_UNAVAILABLE_BECAUSE: Final = {
+    Availability.STOPPED: "the stream is stopped",
+    Availability.DELETED: "the stream was deleted",
+}
+
+#: Ends one viewer's session, saying why (handed to :meth:`Stream.open_viewer`).
+EndViewer = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +133,10 @@ class Stream:
     ) -> None:
         self.config = config
         self.origin = origin
-        self.enabled = enabled
-        #: why sessions can't watch it right now ("stopped", "deleted"); None when they can.
-        self.unavailable: str | None = None if enabled else "the stream is stopped"
+        self._availability = Availability.AVAILABLE if enabled else Availability.STOPPED
+        self._viewer_endings: dict[int, EndViewer] = {}
         #: kept across source restarts and edits, so viewers' timestamps never jump back.
         self.timelines = Timelines()
-        self._started_by_api = False
         self.fanout = FanOut(
             config.id,
             queue_frames=media.viewer_queue_frames,
@@ -107,6 +157,36 @@ class Stream:
     @property
     def id(self) -> str:
         return self.config.id
+
+    @property
+    def availability(self) -> Availability:
+        return self._availability
+
+    @property
+    def enabled(self) -> bool:
+        """Whether it may be watched (not stopped, not deleted)."""
+        return self._availability.watchable
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why sessions can't watch it right now; None when they can."""
+        return _UNAVAILABLE_BECAUSE.get(self._availability)
+
+    def change_availability(self, to: Availability) -> None:
+        """Move to ``to``; a stopped or deleted stream ends every viewer's session.
+
+        Raises:
+            ValueError: the transition is not one of :class:`Availability`'s, saying which.
+        """
+        if to not in _TRANSITIONS[self._availability]:
+            raise ValueError(
+                f'Cannot make stream "{self.id}" {to.value}: it is {self._availability.value}'
+            )
+        self._availability = to
+        if not to.watchable:
+            for end in list(self._viewer_endings.values()):
+                end(_UNAVAILABLE_BECAUSE[to])
+        self._notify()
 
     @property
     def state(self) -> SourceState:
@@ -141,14 +221,21 @@ class Stream:
         return self._source_info
 
     @contextmanager
-    def open_viewer(self) -> Iterator[Subscriber]:
-        """Count a viewer and give it a queue of this stream's video for as long as it stays."""
+    def open_viewer(self, end: EndViewer | None = None) -> Iterator[Subscriber]:
+        """Count a viewer and give it a queue of this stream's video for as long as it stays.
+
+        Args:
+            end: called (with the reason) if the stream is stopped or deleted meanwhile.
+        """
         subscriber = self.fanout.subscribe("video")
+        if end is not None:
+            self._viewer_endings[id(subscriber)] = end
         self._viewers += 1
         self._notify()
         try:
             yield subscriber
         finally:
+            self._viewer_endings.pop(id(subscriber), None)
             self.fanout.unsubscribe(subscriber)
             self._viewers -= 1
             self._notify()
@@ -224,7 +311,9 @@ class Stream:
 
     def _wanted(self) -> bool:
         return self.enabled and (
-            not self.config.on_demand or self._viewers + self._probes > 0 or self._started_by_api
+            not self.config.on_demand
+            or self._viewers + self._probes > 0
+            or self._availability is Availability.STARTED
         )
 
     async def snapshot(self, *, start_source: bool) -> bytes:
@@ -282,7 +371,8 @@ class Stream:
                 while self.enabled and self._viewers + self._probes == 0:
                     await self.wait_changed()
                 continue  # a viewer came back (or the stream was disabled) within the grace
-            self._started_by_api = False
+            if self._availability is Availability.STARTED:
+                self.change_availability(Availability.AVAILABLE)
             return
 
 
@@ -353,10 +443,8 @@ class StreamRegistry:
                     log.error("%s: saved definition ignored: %s", record.id, exc)
                     continue
                 self._streams[record.id] = self._new_stream(config, "api", record.enabled)
-            elif record.id in self._streams:
-                stream = self._streams[record.id]
-                stream.enabled = record.enabled
-                stream.unavailable = None if record.enabled else "the stream is stopped"
+            elif record.id in self._streams and not record.enabled:
+                self._streams[record.id].change_availability(Availability.STOPPED)
 
     def get(self, stream_id: str) -> Stream | None:
         return self._streams.get(stream_id)
@@ -392,9 +480,7 @@ class StreamRegistry:
     def remove(self, stream_id: str) -> None:
         """Delete a stream: its viewers' sessions end, its source stops."""
         stream = self._streams.pop(stream_id)
-        stream.unavailable = "the stream was deleted"
-        stream.enabled = False
-        stream._notify()
+        stream.change_availability(Availability.DELETED)
         scope, _ = self._supervisors.pop(stream_id)
         scope.cancel()
         log.info("%s: deleted", stream_id)
@@ -403,11 +489,8 @@ class StreamRegistry:
     def set_enabled(self, stream_id: str, enabled: bool) -> Stream:
         """Start (enable, and run now even without viewers) or stop (end viewers) a stream."""
         stream = self._streams[stream_id]
-        stream.enabled = enabled
-        stream.unavailable = None if enabled else "the stream is stopped"
-        stream._started_by_api = enabled
+        stream.change_availability(Availability.STARTED if enabled else Availability.STOPPED)
         log.info("%s: %s", stream_id, "started" if enabled else "stopped")
-        stream._notify()
         return stream
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -2,7 +2,8 @@
 
 Task tree of a session (a cancel scope inside its socket's nursery)::
 
-    StreamSession.run                    cancel scope: ``end()`` or the socket closing
+    StreamSession.run                    cancel scope: ``end()``, the socket closing, or the
+    │                                    stream stopped or deleted (it calls ``end``)
     └── with stream.open_viewer()        counted viewer, bounded frame queue
         └── async with peer              closed shielded and bounded on the way out
             └── nursery
@@ -150,7 +151,8 @@ class StreamSession:
             log.info("%s: session ended (%s)", self._label, self._end_reason)
 
     async def _serve(self) -> None:
-        with self.stream.open_viewer() as subscriber, contextlib.ExitStack() as optional:
+        viewer = self.stream.open_viewer(end=self._stream_unavailable)
+        with viewer as subscriber, contextlib.ExitStack() as optional:
             self._subscriber = subscriber
             audio_codec = await self._audio_codec()
             audio = optional.enter_context(self.stream.open_audio()) if audio_codec else None
@@ -195,16 +197,14 @@ class StreamSession:
                 except SignalingError as exc:
                     self._post_error(exc.code, exc.message)
 
+    def _stream_unavailable(self, reason: str) -> None:
+        """The stream was stopped or deleted through the management API: this session is over."""
+        self._post_error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")
+        self.end(reason)
+
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None
         while True:
-            if self.stream.unavailable is not None:
-                # Stopped or deleted through the management API: this session is over.
-                self._post_error(
-                    ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {self.stream.unavailable}"
-                )
-                self.end(self.stream.unavailable)
-                return
             current = (str(self.stream.state), self.stream.detail)
             if current != last:
                 last = current

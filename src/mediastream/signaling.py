@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -29,13 +30,13 @@ import trio
 from . import __version__, protocol
 from .auth import Authenticator, AuthError, Grant
 from .changes import ChangeSignal
-from .config import Config
+from .config import Config, LimitsConfig, WebRTCConfig
 from .errors import ErrorCode, SignalingError
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
 from .protocol import Auth, Close, IceCandidate, Offer, Ping
-from .registry import StreamRegistry
+from .registry import Stream, StreamRegistry
 from .session import SessionPhase, StreamSession
 from .webrtc.bridge import PeerConnectionFactory
 
@@ -69,6 +70,21 @@ class MessageSocket(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """What one socket's connection needs from the server, and nothing more."""
+
+    limits: LimitsConfig
+    webrtc: WebRTCConfig
+    #: the stream a message names, or None
+    find_stream: Callable[[str], Stream | None]
+    peers: PeerConnectionFactory
+    authenticator: Authenticator
+    #: notified when the socket's sessions change
+    changes: ChangeSignal
+    metrics: Metrics | None
+
+
+@dataclass(frozen=True, slots=True)
 class SocketStatistics:
     open_sockets: int
     sockets_opened: int
@@ -89,11 +105,17 @@ class SignalingHub:
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
-        self.registry = registry
-        self.peers = peers
         self.changes = changes or ChangeSignal()
         self.authenticator = authenticator or Authenticator(config.security)
-        self.metrics = metrics
+        self._context = ConnectionContext(
+            limits=config.limits,
+            webrtc=config.webrtc,
+            find_stream=registry.get,
+            peers=peers,
+            authenticator=self.authenticator,
+            changes=self.changes,
+            metrics=metrics,
+        )
         self._connections: set[SignalingConnection] = set()
         self._per_client: dict[str, int] = {}
         self._opened = 0
@@ -127,7 +149,7 @@ class SignalingHub:
 
     async def serve(self, socket: MessageSocket, client: str, grant: Grant) -> None:
         """Serve one admitted socket until the client leaves or the server shuts down."""
-        connection = SignalingConnection(self, socket, client, grant)
+        connection = SignalingConnection(self._context, socket, client, grant)
         self._connections.add(connection)
         self._per_client[client] = self._per_client.get(client, 0) + 1
         self._opened += 1
@@ -150,10 +172,12 @@ class SignalingHub:
 class SignalingConnection:
     """One socket: reads, routes and answers messages; owns the socket's sessions."""
 
-    def __init__(self, hub: SignalingHub, socket: MessageSocket, client: str, grant: Grant) -> None:
-        self._hub = hub
+    def __init__(
+        self, context: ConnectionContext, socket: MessageSocket, client: str, grant: Grant
+    ) -> None:
+        self._context = context
         self._socket = socket
-        self._limits = hub.config.limits
+        self._limits = context.limits
         self.grant = grant
         now = trio.current_time()
         self._messages = TokenBucket(
@@ -231,8 +255,8 @@ class SignalingConnection:
         self, code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
     ) -> None:
         """Tell the client that something about one stream (or the socket) went wrong."""
-        if self._hub.metrics is not None:
-            self._hub.metrics.errors.labels(code=str(code)).inc()
+        if self._context.metrics is not None:
+            self._context.metrics.errors.labels(code=str(code)).inc()
         self.post(protocol.error(code, message, stream_id, session_id))
 
     def _handle(self, data: str | bytes | None) -> None:
@@ -269,19 +293,19 @@ class SignalingConnection:
             self.post(protocol.pong(message.payload))
         elif isinstance(message, Auth):
             try:
-                self.grant = self._hub.authenticator.verify(message.token)
+                self.grant = self._context.authenticator.verify(message.token)
             except AuthError as exc:
                 raise SignalingError(exc.code, exc.message) from None
             self.post(protocol.authenticated(self.grant.expires_at))
 
     def _count(self, message_type: str) -> None:
-        if self._hub.metrics is not None:
-            self._hub.metrics.messages.labels(
+        if self._context.metrics is not None:
+            self._context.metrics.messages.labels(
                 type=_WIRE_NAMES.get(message_type, message_type)
             ).inc()
 
     def _on_offer(self, offer: Offer) -> None:
-        if self._hub.authenticator.expired(self.grant):
+        if self._context.authenticator.expired(self.grant):
             raise SignalingError(
                 ErrorCode.TOKEN_EXPIRED,
                 "The access token has expired; send an auth message with a new one",
@@ -300,7 +324,7 @@ class SignalingConnection:
                 f"More than {self._limits.max_offers_per_second:g} offers a second on this socket",
                 stream_id=offer.stream_id,
             )
-        stream = self._hub.registry.get(offer.stream_id)
+        stream = self._context.find_stream(offer.stream_id)
         if stream is None:
             raise SignalingError(
                 ErrorCode.STREAM_NOT_FOUND, "Stream not found", stream_id=offer.stream_id
@@ -329,16 +353,16 @@ class SignalingConnection:
         session = StreamSession(
             stream,
             offer,
-            peers=self._hub.peers,
+            peers=self._context.peers,
             post=self.post,
             post_error=self.post_error,
-            metrics=self._hub.metrics,
-            negotiation_timeout=self._hub.config.webrtc.negotiation_timeout,
+            metrics=self._context.metrics,
+            negotiation_timeout=self._context.webrtc.negotiation_timeout,
             max_pending_candidates=self._limits.max_pending_candidates,
             client=self.label,
         )
         self.sessions[offer.stream_id] = session
-        self._hub.changes.notify()
+        self._context.changes.notify()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
 
@@ -348,7 +372,7 @@ class SignalingConnection:
         finally:
             if self.sessions.get(session.stream.id) is session:
                 del self.sessions[session.stream.id]
-            self._hub.changes.notify()
+            self._context.changes.notify()
 
     def _welcome_payload(self) -> dict[str, Any]:
         return {
@@ -356,7 +380,7 @@ class SignalingConnection:
             "version": __version__,
             "connectionId": self.connection_id,
             "iceServers": ice_servers(
-                self._hub.config.webrtc.ice_servers,
+                self._context.webrtc.ice_servers,
                 label=self.grant.subject or "viewer",
                 now=time.time(),
             ),

@@ -162,8 +162,10 @@ class StreamConfig:
     id: str
     source: SourceSpec
     name: str = ""
-    #: ``"tcp"`` (default: works through NAT and firewalls) or ``"udp"``.
-    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    #: how to ask an RTSP camera for its media: ``"auto"`` tries TCP (passes NAT and firewalls)
+    #: and, if the camera refuses it (461 Unsupported transport), UDP, then keeps to what
+    #: worked; ``"tcp"`` or ``"udp"`` ask for that one only.
+    rtsp_transport: Literal["auto", "tcp", "udp"] = "auto"
     #: start on the first viewer and stop after the last (plus the grace period); ``false``
     #: keeps the stream running from server start.
     on_demand: bool = True

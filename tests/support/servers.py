@@ -35,22 +35,39 @@ class Camera:
         return f"rtsp://{auth}127.0.0.1:{self.port}{mount}"
 
 
-def start_camera(port: int = 0) -> Camera:
-    """Start the test camera and wait for its ``READY`` line."""
-    process = subprocess.Popen(
-        [SYSTEM_PYTHON, str(TESTS / "support" / "rtsp_camera.py"), "--port", str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+class CameraFailed(RuntimeError):
+    """The test camera could not start; the message says why and what to install."""
+
+
+def start_camera(port: int = 0, *options: str) -> Camera:
+    """Start the test camera and wait for its ``READY`` line.
+
+    ``options`` go to ``rtsp_camera.py`` (``"--protocols", "udp"``, ``"--digest", "u:p"``).
+
+    Raises:
+        CameraFailed: at once, with the camera's own ``FAILED`` line (a missing GStreamer
+            element and its Debian package, missing bindings, a port in use).
+    """
+    command = [SYSTEM_PYTHON, str(TESTS / "support" / "rtsp_camera.py"), "--port", str(port)]
+    try:
+        process = subprocess.Popen(
+            [*command, *options], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+    except FileNotFoundError:
+        raise CameraFailed(
+            f"the RTSP test camera needs Debian's {SYSTEM_PYTHON} with python3-gi "
+            "(scripts/test.sh installs everything it needs)"
+        ) from None
     assert process.stdout is not None
     line = process.stdout.readline().strip()
     if not line.startswith("READY "):
         process.kill()
-        raise RuntimeError(
-            f"the RTSP test camera did not start ({line!r}); it needs Debian's python3-gi, "
-            "gir1.2-gst-rtsp-server-1.0 and the GStreamer plugins (see README)"
-        )
+        process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+        why = line.removeprefix("FAILED ") or f"it exited with status {process.returncode}"
+        raise CameraFailed(f"the RTSP test camera did not start: {why}")
     return Camera(port=int(line.split()[1]), process=process)
 
 

@@ -15,6 +15,7 @@ from mediastream.config import (
     default_config,
     load_config,
     parse_source,
+    stream_from_dict,
 )
 from mediastream.errors import ConfigError
 
@@ -72,8 +73,20 @@ def test_minimal_stream_gets_defaults(tmp_path: Path) -> None:
     )
     (stream,) = config.streams
     assert stream.display_name == "cam"
-    assert stream.rtsp_transport == "tcp"
+    assert stream.rtsp_transport == "auto"
     assert stream.on_demand is True
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp", "udp"])
+def test_every_rtsp_transport_setting_is_accepted(transport: str) -> None:
+    stream = stream_from_dict({"id": "c", "source": "rtsp://h/", "rtsp_transport": transport})
+    assert stream.rtsp_transport == transport
+
+
+def test_a_bad_rtsp_transport_lists_the_choices() -> None:
+    with pytest.raises(ConfigError) as caught:
+        stream_from_dict({"id": "c", "source": "rtsp://h/", "rtsp_transport": "http"})
+    assert "must be one of 'auto', 'tcp', 'udp'" in str(caught.value)
 
 
 def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ Task tree of one running source (inside its stream's supervisor, see ``registry.
                                hands each frame to the sink (the stream's fan-out)
 
 PyAV's blocking calls run in a worker thread with FFmpeg's open/read timeouts, so a dead
-camera never blocks the event loop. H.264 is passed through untouched (only its NAL units are
+camera never blocks the event loop. RTSP cameras are asked for RTP over TCP first and over UDP
+when they refuse TCP (``rtsp_transport = "auto"``); what worked is asked for first from then
+on (see "RTSP transport" below). H.264 is passed through untouched (only its NAL units are
 tidied: parameter sets in front of every keyframe, AVCC converted to Annex B); any other codec,
 and every test pattern, is encoded to H.264 **once per source** here, whatever the number of
 viewers.
@@ -20,13 +22,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 import logging
 import math
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any, Final, Protocol, cast
+from urllib.parse import urlsplit
 
 import av
 import av.audio
@@ -89,6 +93,8 @@ class SourceInfo:
     #: the source's own audio codec, e.g. "aac" (transcoded to Opus) or "pcm_mulaw".
     audio_source_codec: str | None = None
     audio_transcoded: bool = False
+    #: the RTSP transport the camera is read over ("tcp" or "udp"); None for other sources.
+    rtsp_transport: str | None = None
 
 
 class _Timeline:
@@ -132,10 +138,15 @@ class _Timeline:
 
 
 class Timelines(dict[str, _Timeline]):
-    """A stream's timelines by track kind, kept across source restarts and edits."""
+    """A stream's timelines by track kind, kept across source restarts and edits.
+
+    It also keeps the RTSP transport its camera was found to take, so that neither a
+    reconnect nor the next start of an on-demand stream is refused again.
+    """
 
     def __init__(self) -> None:
         super().__init__(video=_Timeline())
+        self.rtsp_transport = RtspTransportMemory()
 
 
 async def run_source(
@@ -224,7 +235,7 @@ async def _run_attempt(
     config: StreamConfig,
     media: MediaConfig,
     sink: SourceSink,
-    timelines: dict[str, _Timeline],
+    timelines: Timelines,
     label: str,
     transcode: bool,
 ) -> bool:
@@ -235,7 +246,7 @@ async def _run_attempt(
     """
     paced = config.source.kind != "rtsp"
     send, receive = trio.open_memory_channel[_ReaderItem](READER_CHANNEL_FRAMES)
-    reader = _ReaderThread()
+    reader = _ReaderThread(label, timelines.rtsp_transport)
     went_live = False
     failure: _ReaderFailed | None = None
     try:
@@ -293,6 +304,8 @@ def _describe_info(info: SourceInfo) -> str:
             if info.audio_transcoded
             else " (passed through)"
         )
+    if info.rtsp_transport:
+        text += f"; RTSP over {info.rtsp_transport.upper()}"
     return text
 
 
@@ -310,7 +323,11 @@ _HANDOVER_STOPPED = (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceE
 class _ReaderThread:
     """The handshake between one attempt's reader thread and the Trio task that stops it."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str, rtsp_transport: RtspTransportMemory) -> None:
+        #: what the thread's log lines start with (the stream, its source without credentials)
+        self.label = label
+        #: what it learns about the camera's RTSP transport, for the next attempts
+        self.rtsp_transport = rtsp_transport
         self.stop = threading.Event()
         self.exited = threading.Event()
         # Whoever takes this first decides: the thread runs, or it never will. An attempt
@@ -350,7 +367,7 @@ async def _run_reader_thread(
         if not reader.claim_for_thread():
             return  # the attempt was stopped before this thread got going
         try:
-            _read(config, media, transcode, deliver, reader.stop)
+            _read(config, media, transcode, deliver, reader)
         except _NeedsTranscoding as exc:
             with contextlib.suppress(*_HANDOVER_STOPPED):
                 deliver(_ReaderFailed(str(exc), needs_transcoding=True))
@@ -379,14 +396,19 @@ def _read(
     media: MediaConfig,
     transcode: bool,
     deliver: Callable[[_ReaderItem], None],
-    stop: threading.Event,
+    reader: _ReaderThread,
 ) -> None:
-    """Read until the source ends or ``stop`` is set. Raises SourceError on failure."""
+    """Read until the source ends or ``reader.stop`` is set. Raises SourceError on failure."""
     spec = config.source
+    stop = reader.stop
+    rtsp_transport: str | None = None
     try:
-        container = _open(config, media)
+        if spec.kind == "rtsp":
+            container, rtsp_transport = _open_rtsp(config, media, reader)
+        else:
+            container = _open(config, media)
     except av.FFmpegError as exc:
-        reason = _ffmpeg_reason(exc, f"no answer within {media.open_timeout:g} s")
+        reason = _ffmpeg_reason(exc, f"no answer within {media.open_timeout:g} s", spec)
         raise SourceError(f"cannot open {describe_source(spec)}: {reason}") from None
     try:
         if not container.streams.video:
@@ -395,7 +417,7 @@ def _read(
         converter = _make_converter(video, spec, transcode)
         audio = container.streams.audio[0] if config.audio and container.streams.audio else None
         audio_converter = _make_audio_converter(audio) if audio is not None else None
-        info = converter.info
+        info = dataclasses.replace(converter.info, rtsp_transport=rtsp_transport)
         if audio_converter is not None:
             info = dataclasses.replace(
                 info,
@@ -419,33 +441,143 @@ def _read(
         for frame in converter.flush():
             deliver(frame)
     except av.FFmpegError as exc:
-        reason = _ffmpeg_reason(exc, f"no data for {media.read_timeout:g} s (stalled)")
+        reason = _ffmpeg_reason(exc, f"no data for {media.read_timeout:g} s (stalled)", spec)
         raise SourceError(f"reading {describe_source(spec)} failed: {reason}") from None
     finally:
         container.close()
 
 
 def _open(config: StreamConfig, media: MediaConfig) -> av.container.InputContainer:
+    """Open a file or a test pattern (RTSP cameras: :func:`_open_rtsp`)."""
     spec = config.source
     timeouts = (media.open_timeout, media.read_timeout)
-    if spec.kind == "rtsp":
-        options = {
-            "rtsp_transport": config.rtsp_transport,
-            # FFmpeg's socket I/O timeout, in microseconds (``stimeout`` is gone since FFmpeg 5).
-            "timeout": str(int(media.read_timeout * 1_000_000)),
-            # Start fast: the codec parameters come from the camera's SDP, and probing the
-            # stream would cost ~1 s of cold start (measured: 1.2 s open -> 0.12 s). Not
-            # ``fflags=nobuffer``: that throws away the probed packets, first keyframe included.
-            "analyzeduration": "0",
-            "probesize": "32",
-        }
-        return av.open(spec.location, "r", options=options, timeout=timeouts)
     if spec.kind == "pattern":
         opts = spec.option_map
         size, fps = opts.get("size", "640x360"), opts.get("fps", DEFAULT_FPS)
         graph = f"{spec.location}=size={size}:rate={fps}"
         return av.open(graph, "r", format="lavfi", timeout=timeouts)
     return av.open(spec.location, "r", timeout=timeouts)
+
+
+# --- RTSP transport: which lower transport to ask the camera for ----------------------------
+#
+# Many cameras take RTP over TCP (interleaved in the RTSP connection) and over UDP; some take
+# only one and answer a SETUP for the other "461 Unsupported transport", which FFmpeg reports
+# as EPROTONOSUPPORT ("Protocol not supported"). "auto" asks for TCP first (it passes NAT and
+# firewalls and loses nothing) and, only on that refusal, for UDP at once, in a new RTSP
+# session; whichever worked is asked for first from then on. A camera that stays silent over
+# UDP is not a refusal: "auto" never guesses from timeouts. "tcp" and "udp" ask for that one
+# alone, and a refusal names the setting that would work.
+
+#: FFmpeg's error for RTSP "461 Unsupported transport".
+RTSP_TRANSPORT_REFUSED: Final = errno.EPROTONOSUPPORT
+RTSP_TRANSPORTS: Final = ("tcp", "udp")
+#: seconds to wait before asking once more when the camera is busy right after a refusal
+RTSP_BUSY_AFTER_REFUSAL_PAUSE: Final = 0.25
+
+
+class RtspTransportMemory:
+    """Which RTSP transport to ask a stream's camera for first ("auto" only).
+
+    Written by the reader thread and read by the next one; one camera URL's knowledge: an
+    edit that changes the URL starts afresh.
+    """
+
+    def __init__(self) -> None:
+        self._location = ""
+        self._first: str | None = None
+
+    def first_choice(self, location: str) -> str | None:
+        """The transport that last worked (or was left after a refusal), if any."""
+        return self._first if location == self._location else None
+
+    def remember(self, location: str, transport: str) -> bool:
+        """Ask for ``transport`` first from now on; True if that is news."""
+        news = self.first_choice(location) != transport
+        self._location, self._first = location, transport
+        return news
+
+
+def rtsp_transport_order(setting: str, learned: str | None) -> tuple[str, ...]:
+    """The transports to ask for, in order: a forced one alone; for "auto", what worked last
+    (else TCP), then the other."""
+    if setting != "auto":
+        return (setting,)
+    first = learned or "tcp"
+    return (first, *(t for t in RTSP_TRANSPORTS if t != first))
+
+
+def rtsp_refusal_reason(refused: Sequence[str], setting: str) -> str:
+    """Why a camera can't be read when it refused every transport asked for, and the fix."""
+    names = " and ".join(t.upper() for t in refused)
+    reason = f"the camera refused RTSP over {names} (461 Unsupported transport)"
+    if setting == "auto":
+        return reason
+    other = next(t for t in RTSP_TRANSPORTS if t != setting)
+    return f'{reason}; set rtsp_transport = "{other}" (or "auto")'
+
+
+def _open_rtsp(
+    config: StreamConfig, media: MediaConfig, reader: _ReaderThread
+) -> tuple[av.container.InputContainer, str]:
+    """Open an RTSP camera over the first transport it takes; returns it and that transport.
+
+    Raises:
+        av.FFmpegError: anything but a refused transport.
+        SourceError: the camera refused every transport the setting allows.
+    """
+    location, setting, memory = config.source.location, config.rtsp_transport, reader.rtsp_transport
+    order = rtsp_transport_order(setting, memory.first_choice(location))
+    refused: list[str] = []
+
+    def open_over(transport: str) -> av.container.InputContainer:
+        options = _rtsp_options(transport, media)
+        timeouts = (media.open_timeout, media.read_timeout)
+        try:
+            return av.open(location, "r", options=options, timeout=timeouts)
+        except av.error.HTTPServerError:
+            if not refused or reader.stop.wait(RTSP_BUSY_AFTER_REFUSAL_PAUSE):
+                raise
+        # GStreamer's RTSP servers answer "503 Service Unavailable" to a DESCRIBE that comes
+        # while they still tear down the session they just refused (5 times in 12 on loopback,
+        # for under 10 ms): ask once more after a pause rather than after a whole backoff.
+        return av.open(location, "r", options=options, timeout=timeouts)
+
+    for transport in order:
+        try:
+            container = open_over(transport)
+        except av.FFmpegError as exc:
+            if exc.errno != RTSP_TRANSPORT_REFUSED:
+                raise
+            refused.append(transport)
+            if len(refused) < len(order) and memory.remember(location, order[len(refused)]):
+                # Remembered before trying it: should it fail for another reason (a camera
+                # still busy), the next attempt starts with it all the same.
+                log.info(
+                    "%s: %s; asking for RTSP over %s instead, and first from now on",
+                    reader.label,
+                    rtsp_refusal_reason([transport], setting),
+                    order[len(refused)].upper(),
+                )
+            continue
+        if setting == "auto":
+            memory.remember(location, transport)
+        return container, transport
+    reason = rtsp_refusal_reason(refused, setting)
+    raise SourceError(f"cannot open {describe_source(config.source)}: {reason}")
+
+
+def _rtsp_options(transport: str, media: MediaConfig) -> dict[str, str]:
+    return {
+        "rtsp_transport": transport,
+        # FFmpeg's socket I/O timeout, in microseconds (``stimeout`` is gone since FFmpeg 5).
+        "timeout": str(int(media.read_timeout * 1_000_000)),
+        # Start fast: the codec parameters come from the camera's SDP, and probing the
+        # stream would cost ~1 s of cold start (measured: 1.2 s open -> 0.12 s). Not
+        # ``fflags=nobuffer``: that throws away the probed packets, first keyframe included.
+        "analyzeduration": "0",
+        "probesize": "32",
+    }
 
 
 class _Converter(Protocol):
@@ -713,11 +845,31 @@ def _frame(nal_units: list[bytes], ticks: int, keyframe: bool) -> EncodedFrame:
     )
 
 
-def _ffmpeg_reason(exc: av.FFmpegError, timed_out: str) -> str:
+def _ffmpeg_reason(exc: av.FFmpegError, timed_out: str, spec: SourceSpec) -> str:
     if isinstance(exc, av.ExitError):
         return timed_out  # PyAV's timeout interrupts FFmpeg, which reports an "exit"
+    if spec.kind == "rtsp":
+        reason = _rtsp_status_reason(exc, spec)
+        if reason is not None:
+            return reason
     # FFmpeg errors carry the URL as ``filename``: leave it out, credentials and all.
     return redact_text(exc.strerror or type(exc).__name__)
+
+
+def _rtsp_status_reason(exc: av.FFmpegError, spec: SourceSpec) -> str | None:
+    """The camera's RTSP answer, as what it means and what to do (FFmpeg knows these by their
+    HTTP names and keeps only the class of a 5xx)."""
+    if isinstance(exc, av.error.HTTPUnauthorizedError):
+        if urlsplit(spec.location).username is None:
+            return "the camera needs credentials (401); put user:password@ in the source URL"
+        return "the camera refused the credentials (401); check the user and password in the URL"
+    if isinstance(exc, av.error.HTTPForbiddenError):
+        return "the camera refused access (403); check that this user may watch this stream"
+    if isinstance(exc, av.error.HTTPNotFoundError):
+        return "the camera has no stream at this path (404); check the path in the source URL"
+    if isinstance(exc, av.error.HTTPServerError):
+        return "the camera answered with a server error (5xx); it may be busy or restarting"
+    return None
 
 
 def describe_source(spec: SourceSpec) -> str:

@@ -105,6 +105,8 @@ class StreamStatistics:
     origin: str
     audio: bool
     rtsp_transport: str
+    #: what the camera was last opened with ("tcp", "udp"); None before it opened, or not RTSP
+    rtsp_transport_in_use: str | None
     viewers: int
     codec: str
     source_running: bool
@@ -265,6 +267,7 @@ class Stream:
             origin=self.origin,
             audio=self.config.audio,
             rtsp_transport=self.config.rtsp_transport,
+            rtsp_transport_in_use=info.rtsp_transport if (info := self._source_info) else None,
             viewers=self._viewers,
             codec=self._codec(),
             source_running=self._source_running,

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .media.sources import SourceState
+from .media.source_contract import SourceState
 
 if TYPE_CHECKING:
     from .app import ServerStatistics

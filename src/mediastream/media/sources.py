@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import errno
 import logging
 import math
@@ -49,6 +48,7 @@ from .frames import (
     is_b_slice,
     split_annexb,
 )
+from .source_contract import SourceInfo, SourceSink, SourceState
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +57,6 @@ READER_EXIT_WAIT: Final = 2.0  # seconds a stopping source waits for its reader 
 DEFAULT_TRANSCODE_KBPS: Final = 2000
 DEFAULT_FPS: Final = 25
 MAX_LAG: Final = 1.0  # seconds a paced source may fall behind before it re-anchors its clock
-
-
-class SourceState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    LIVE = "live"
-    RECONNECTING = "reconnecting"
-    OFFLINE = "offline"
-
-
-class SourceSink(Protocol):
-    """Where a running source delivers (the stream it belongs to)."""
-
-    def publish(self, frame: EncodedFrame) -> None: ...
-
-    def source_state(self, state: SourceState, detail: str | None = None) -> None: ...
-
-    def source_restarted(self) -> None: ...
-
-    def source_opened(self, info: SourceInfo) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SourceInfo:
-    """What the reader found when it opened the source."""
-
-    codec: str  # the source's own codec name, e.g. "h264", "mjpeg"
-    transcoded: bool
-    width: int
-    height: int
-    #: the RTP audio codec viewers get ("PCMU", "PCMA", "opus"), or None without audio.
-    audio_codec: str | None = None
-    audio_clock_rate: int = 0
-    #: the source's own audio codec, e.g. "aac" (transcoded to Opus) or "pcm_mulaw".
-    audio_source_codec: str | None = None
-    audio_transcoded: bool = False
-    #: the RTSP transport the camera is read over ("tcp" or "udp"); None for other sources.
-    rtsp_transport: str | None = None
 
 
 class _Timeline:

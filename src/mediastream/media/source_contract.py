@@ -1,0 +1,51 @@
+"""What a running source reports to its stream: frames, its state, what it found.
+
+Kept apart from ``sources.py`` (which needs PyAV and aiortc) so that the control plane —
+the registry, the metrics, the API — can speak of sources without importing a media stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Protocol
+
+from .frames import EncodedFrame
+
+
+class SourceState(enum.StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    OFFLINE = "offline"
+
+
+class SourceSink(Protocol):
+    """Where a running source delivers (the stream it belongs to)."""
+
+    def publish(self, frame: EncodedFrame) -> None: ...
+
+    def source_state(self, state: SourceState, detail: str | None = None) -> None: ...
+
+    def source_restarted(self) -> None: ...
+
+    def source_opened(self, info: SourceInfo) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What the reader found when it opened the source."""
+
+    codec: str  # the source's own codec name, e.g. "h264", "mjpeg"
+    transcoded: bool
+    width: int
+    height: int
+    #: the RTP audio codec viewers get ("PCMU", "PCMA", "opus"), or None without audio.
+    audio_codec: str | None = None
+    audio_clock_rate: int = 0
+    #: the source's own audio codec, e.g. "aac" (transcoded to Opus) or "pcm_mulaw".
+    audio_source_codec: str | None = None
+    audio_transcoded: bool = False
+    #: the RTSP transport the camera is read over ("tcp" or "udp"); None for other sources.
+    rtsp_transport: str | None = None

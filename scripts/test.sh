@@ -29,6 +29,11 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 command -v node >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nodejs
 
 .venv/bin/python -m pytest "$@"
+# TypeScript checks the browser scripts (a dev tool only, pinned by package-lock.json; the pages
+# load web/static/js as written). npm is Debian's if there is none yet.
+command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q npm
+npm ci --no-audit --no-fund
+npx tsc --noEmit -p .
 node --test tests/js/
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks

@@ -3,6 +3,8 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
+const { execFileSync } = require('node:child_process');
+const path = require('node:path');
 const { WebSocketManager } = require('../../web/static/js/websocket-manager.js');
 const { WebRTCEngine } = require('../../web/static/js/webrtc-engine.js');
 const { FakeWebSocket, FakeClock, FakePeerConnection, flush } = require('./fakes.js');
@@ -236,4 +238,107 @@ test('stats report bitrate, packets, frames, fps and time to first frame', async
   assert.equal(last.iceState, 'connected');
   assert.equal(last.jitterBufferMs, 50);
   assert.ok(last.timeToFirstFrameMs !== null);
+});
+
+test('renegotiations back off on the shared schedule: 1 s, 2 s, 4 s, plus up to 20 %', async () => {
+  const { make, clock } = await setup({ statsInterval: 0 });
+  const engine = make('a');
+  await connectAndAnswer(engine);
+  FakePeerConnection.last().becomes('connected');
+  for (const base of [1000, 2000, 4000]) {
+    FakePeerConnection.last().becomes('failed'); // no answer, no recovery: the attempts add up
+    const delay = clock.pending()[0];
+    assert.ok(delay >= base && delay <= base * 1.2, `retry after ${delay} ms, expected ${base}–${base * 1.2}`);
+    const peers = FakePeerConnection.instances.length;
+    clock.advance(delay);
+    await flush();
+    assert.equal(FakePeerConnection.instances.length, peers + 1);
+  }
+  assert.equal(engine.state, 'reconnecting');
+});
+
+test('the engine needs only its typed seam of the manager (SignalingChannel), not a WebSocketManager', async () => {
+  FakePeerConnection.reset();
+  const clock = new FakeClock();
+  const sent = [];
+  const listeners = [];
+  let handlers = null;
+  let unregistered = 0;
+  // Exactly SignalingChannel's members, and nothing else.
+  const channel = {
+    instanceId: 'seam',
+    serverInfo: { iceServers: [{ urls: ['stun:seam'] }] },
+    connect: async () => {},
+    isConnected: () => true,
+    send: (type, streamId, payload) => { sent.push({ type, streamId, payload }); return true; },
+    registerStream: (streamId, registered) => {
+      handlers = registered;
+      return () => { unregistered += 1; };
+    },
+    on: (event, callback) => {
+      listeners.push(event);
+      return () => listeners.splice(listeners.indexOf(event), 1);
+    },
+  };
+  const engine = new WebRTCEngine({
+    streamId: 'cam', manager: channel, RTCPeerConnection: FakePeerConnection, timers: clock,
+  });
+  const connecting = engine.connect();
+  await flush();
+  const offer = sent.find((m) => m.type === 'offer');
+  assert.equal(offer.streamId, 'cam');
+  assert.match(offer.payload.sessionId, /^seam-\d+$/);
+  assert.deepEqual(FakePeerConnection.last().config.iceServers, [{ urls: ['stun:seam'] }]);
+  handlers.answer('v=0 seam', { type: 'answer', streamId: 'cam', sessionId: offer.payload.sessionId });
+  await connecting;
+  assert.equal(FakePeerConnection.last().remoteDescription.sdp, 'v=0 seam');
+  assert.deepEqual(listeners, ['disconnected']);
+  engine.disconnect();
+  assert.equal(unregistered, 1);
+  assert.deepEqual(listeners, []);
+});
+
+test("disconnecting an engine leaves another engine's registration of the same stream alone", async () => {
+  const { make, manager } = await setup();
+  const first = make('cam');
+  const { socket } = await connectAndAnswer(first);
+  const second = make('cam');
+  await connectAndAnswer(second); // takes over the stream id's routing
+  const routing = manager.streamHandlers.get('cam');
+  first.disconnect();
+  assert.equal(manager.streamHandlers.get('cam'), routing);
+  assert.equal(socket.sent.filter((m) => m.type === 'close').length, 0);
+  second.disconnect();
+  assert.equal(manager.streamHandlers.has('cam'), false);
+  assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam' });
+});
+
+test("an engine's throwing listener is logged and the other listeners still run", async () => {
+  const { make } = await setup();
+  const engine = make('a');
+  const seen = [];
+  const logged = [];
+  const original = console.error;
+  console.error = (...args) => logged.push(args.join(' '));
+  try {
+    engine.on('state', () => { throw new Error('boom'); });
+    const off = engine.on('state', (s) => seen.push(s.state));
+    await connectAndAnswer(engine);
+    off();
+    engine.disconnect();
+  } finally {
+    console.error = original;
+  }
+  assert.deepEqual(seen, ['connecting']);
+  assert.ok(logged.some((line) => /a: "state" listener failed/.test(line)), logged.join('\n'));
+});
+
+test('under Node, webrtc-engine.js loads websocket-manager.js by itself', () => {
+  const engineScript = path.join(__dirname, '../../web/static/js/webrtc-engine.js');
+  const output = execFileSync(process.execPath, ['-e', `
+    const { WebRTCEngine } = require(${JSON.stringify(engineScript)});
+    const engine = new WebRTCEngine({ streamId: 'x' });
+    console.log(typeof globalThis.WebSocketManager, engine.state);
+  `], { encoding: 'utf8' });
+  assert.equal(output.trim(), 'function idle');
 });

@@ -3,7 +3,7 @@
 
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { WebSocketManager } = require('../../web/static/js/websocket-manager.js');
+const { WebSocketManager, MediaStreamEmitter, backoffDelay } = require('../../web/static/js/websocket-manager.js');
 const { FakeWebSocket, FakeClock } = require('./fakes.js');
 
 function makeManager(options = {}) {
@@ -326,4 +326,68 @@ test('whenWelcomed waits for the welcome, or gives up after its timeout', async 
   clock.advance(1000);
   await new Promise((r) => setImmediate(r));
   assert.equal(timedOut, true);
+});
+
+test('backoffDelay is one function, shared: the module export and WebSocketManager.backoffDelay', () => {
+  assert.equal(WebSocketManager.backoffDelay, backoffDelay);
+  assert.equal(backoffDelay(0, () => 0.5), 1100);
+  assert.equal(backoffDelay(40, () => 0), 30000); // capped, however many attempts
+});
+
+test('the emitter calls listeners in order, isolates a throwing one and reports it', () => {
+  const failures = [];
+  const emitter = new MediaStreamEmitter((event, error) => failures.push([event, error.message]));
+  const seen = [];
+  emitter.on('a', (d) => seen.push(['first', d]));
+  emitter.on('a', () => { throw new Error('boom'); });
+  emitter.on('a', (d) => seen.push(['third', d]));
+  emitter.on('b', (d) => seen.push(['b', d]));
+  emitter.emit('a', 1);
+  assert.deepEqual(seen, [['first', 1], ['third', 1]]);
+  assert.deepEqual(failures, [['a', 'boom']]);
+  emitter.emit('nobody-listens', 2); // harmless
+});
+
+test('the emitter removes listeners by the returned function or off(), and emits to a snapshot', () => {
+  const emitter = new MediaStreamEmitter(() => assert.fail('no listener throws'));
+  const seen = [];
+  const second = (d) => seen.push(['second', d]);
+  const removeFirst = emitter.on('e', (d) => {
+    seen.push(['first', d]);
+    emitter.on('e', (x) => seen.push(['added during emit', x]));
+  });
+  emitter.on('e', second);
+  emitter.emit('e', 1);
+  assert.deepEqual(seen, [['first', 1], ['second', 1]]); // the listener added meanwhile waits
+  removeFirst();
+  emitter.off('e', second);
+  seen.length = 0;
+  emitter.emit('e', 2);
+  assert.deepEqual(seen, [['added during emit', 2]]);
+});
+
+test("the manager's page-wide events go through the shared emitter; globalHandlers is its map", () => {
+  const { manager } = makeManager();
+  const listener = () => {};
+  const off = manager.on('connected', listener);
+  assert.ok(manager.globalHandlers.get('connected').has(listener));
+  off();
+  assert.equal(manager.globalHandlers.get('connected').size, 0);
+});
+
+test('registerStream returns what unregisters that registration only', async () => {
+  const { manager, socket } = await connected();
+  manager.registerStream('keep', {});
+  const first = {};
+  const unregisterFirst = manager.registerStream('cam', first);
+  const second = {};
+  const unregisterSecond = manager.registerStream('cam', second); // replaces the first
+  unregisterFirst();
+  assert.equal(manager.streamHandlers.get('cam'), second);
+  assert.equal(socket.sent.filter((m) => m.type === 'close').length, 0);
+  unregisterSecond();
+  assert.equal(manager.streamHandlers.has('cam'), false);
+  assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam' });
+  unregisterSecond(); // twice is harmless
+  assert.equal(manager.isConnected(), true); // 'keep' is still there
 });

@@ -8,9 +8,13 @@
  *   ...
  *   engine.disconnect();
  *
- * Needs websocket-manager.js loaded first. Pages written for the older engine that opened one
- * socket per stream keep working unchanged: every engine now shares WebSocketManager's socket
- * (the old `serverUrl`/`wsUrl`/`signalingUrl` options are still honoured).
+ * Needs websocket-manager.js loaded first (its socket, its event emitter and its backoff are the
+ * engine's too). Pages written for the older engine that opened one socket per stream keep
+ * working unchanged: every engine now shares WebSocketManager's socket (the old
+ * `serverUrl`/`wsUrl`/`signalingUrl` options are still honoured).
+ *
+ * The engine reaches the manager only through `SignalingChannel` below: the few members it
+ * uses, typed, so the manager's internals stay its own.
  *
  * Events (`engine.on(name, callback)`):
  *   connected     the peer connection is up ({streamId})
@@ -24,74 +28,152 @@
  * recovers (the engine renegotiates by itself); error when it can't (unknown stream,
  * unsupported codec…); closed after disconnect().
  */
+/** @typedef {import('./websocket-manager.js').Message} Message */
+/** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
+/** @typedef {'idle'|'connecting'|'live'|'reconnecting'|'offline'|'error'|'closed'} EngineState */
+/**
+ * The engine's seam with the page's signaling socket: exactly what it uses of
+ * WebSocketManager, and all it may use. Any object with these members will do (a page may
+ * pass its own as `manager`); WebSocketManager is checked against it where the engine takes
+ * its instance.
+ * @typedef {object} SignalingChannel
+ * @property {string} instanceId the manager's id, the prefix of every session id
+ * @property {{iceServers?: RTCIceServer[]}} serverInfo what the server announced (its ICE servers)
+ * @property {(options?: {url?: string, token?: string}) => Promise<void>} connect open the
+ *   socket, or reuse it
+ * @property {() => boolean} isConnected
+ * @property {(timeoutMs?: number) => Promise<void>} [whenWelcomed] resolves once the server
+ *   announced its ICE servers (optional: without it the engine doesn't wait)
+ * @property {(type: string, streamId: string, payload?: unknown) => boolean} send
+ * @property {(streamId: string, handlers: StreamHandlers) => (() => void)} registerStream
+ *   route the stream's messages to `handlers`; returns what unregisters exactly that
+ *   registration (the server is told, and the socket closes after the page's last stream)
+ * @property {(event: 'disconnected', callback: (info: {willReconnect: boolean}) => void) => (() => void)} on
+ *   the engine only follows the socket's loss (it renegotiates through `onReconnect`)
+ */
+/**
+ * Timer functions and a millisecond clock (tests inject a fake clock).
+ * @typedef {object} Timers
+ * @property {(callback: () => void, ms: number) => unknown} setTimeout
+ * @property {(id: unknown) => void} clearTimeout
+ * @property {(callback: () => void, ms: number) => unknown} setInterval
+ * @property {(id: unknown) => void} clearInterval
+ * @property {() => number} [now] default: performance.now()
+ */
+/**
+ * @typedef {object} EngineOptions
+ * @property {string} streamId the server's stream id
+ * @property {HTMLVideoElement} [videoElement] where the video plays
+ * @property {SignalingChannel} [manager] the shared socket (default: WebSocketManager.getInstance())
+ * @property {string} [serverUrl] signaling URL (default: this page's origin); `wsUrl`,
+ *   `signalingUrl` and `url` are accepted as older spellings
+ * @property {string} [token] access token, passed to the manager
+ * @property {RTCIceServer[]} [iceServers] default: what the server announced in `welcome`
+ * @property {RTCIceTransportPolicy} [iceTransportPolicy] 'relay' forces TURN (default 'all')
+ * @property {boolean} [audio] also receive the camera's audio, if it has any (default false;
+ *   the video element stays muted until the page unmutes it)
+ * @property {number} [statsInterval] ms between `stats` events (default 1000; 0 disables)
+ * @property {boolean} [autoReconnect] renegotiate after failures (default true)
+ * @property {number} [answerTimeout] ms to wait for the answer (default 15000)
+ * @property {{new (configuration: RTCConfiguration): RTCPeerConnection}} [RTCPeerConnection]
+ *   implementation (tests inject a fake)
+ * @property {Timers} [timers]
+ * @property {string} [wsUrl] older spelling of `serverUrl`
+ * @property {string} [signalingUrl] older spelling of `serverUrl`
+ * @property {string} [url] older spelling of `serverUrl`
+ */
+/**
+ * @typedef {object} EngineStats
+ * @property {string} streamId
+ * @property {number} bitrateKbps video bitrate over the last interval
+ * @property {number} packetsReceived
+ * @property {number} packetsLost
+ * @property {number} framesDecoded
+ * @property {number} fps frames decoded per second over the last interval
+ * @property {number} width
+ * @property {number} height
+ * @property {string} iceState the peer's ICE connection state
+ * @property {string} connectionState
+ * @property {number|null} timeToFirstFrameMs from connect() to the first decoded frame
+ * @property {number|null} jitterBufferMs average jitter-buffer delay
+ * @property {EngineState} state
+ */
+/**
+ * What `error` listeners receive.
+ * @typedef {object} EngineError
+ * @property {string} streamId
+ * @property {string} message
+ * @property {string} [code] the server's error code, or the engine's (`answer_timeout`)
+ * @property {boolean} recoverable whether the engine retries by itself
+ */
+/**
+ * The events of an engine (`engine.on(name, callback)`), with what each callback receives.
+ * @typedef {object} EngineEvents
+ * @property {{streamId: string}} connected the peer connection is up
+ * @property {{streamId: string}} disconnected disconnect() was called
+ * @property {EngineError} error
+ * @property {EngineStats} stats
+ * @property {{streamId: string, state: EngineState, previous: EngineState, detail: string|null}} state
+ * @property {{streamId: string, track: MediaStreamTrack, stream: MediaStream}} track
+ */
+/**
+ * An error of a negotiation: its server code, whether retrying can help, and whether a newer
+ * negotiation replaced it (then nobody reports it).
+ * @typedef {Error & {code?: string, recoverable?: boolean, superseded?: boolean}} Failure
+ */
+
 (function (root) {
   'use strict';
-
-  /** @typedef {'idle'|'connecting'|'live'|'reconnecting'|'offline'|'error'|'closed'} EngineState */
-  /**
-   * @typedef {object} EngineOptions
-   * @property {string} streamId the server's stream id
-   * @property {HTMLVideoElement} [videoElement] where the video plays
-   * @property {any} [manager] the shared WebSocketManager (default: getInstance())
-   * @property {string} [serverUrl] signaling URL (default: this page's origin); `wsUrl`,
-   *   `signalingUrl` and `url` are accepted as older spellings
-   * @property {string} [token] access token, passed to the manager
-   * @property {RTCIceServer[]} [iceServers] default: what the server announced in `welcome`
-   * @property {RTCIceTransportPolicy} [iceTransportPolicy] 'relay' forces TURN (default 'all')
-   * @property {boolean} [audio] also receive the camera's audio, if it has any (default false;
-   *   the video element stays muted until the page unmutes it)
-   * @property {number} [statsInterval] ms between `stats` events (default 1000; 0 disables)
-   * @property {boolean} [autoReconnect] renegotiate after failures (default true)
-   * @property {number} [answerTimeout] ms to wait for the answer (default 15000)
-   * @property {any} [RTCPeerConnection] implementation (tests inject a fake)
-   * @property {{setTimeout: Function, clearTimeout: Function, setInterval: Function, clearInterval: Function, now?: () => number}} [timers]
-   *   timer functions and a millisecond clock (tests inject a fake clock)
-   */
-  /**
-   * @typedef {object} EngineStats
-   * @property {string} streamId
-   * @property {number} bitrateKbps video bitrate over the last interval
-   * @property {number} packetsReceived
-   * @property {number} packetsLost
-   * @property {number} framesDecoded
-   * @property {number} fps frames decoded per second over the last interval
-   * @property {number} width
-   * @property {number} height
-   * @property {string} iceState the peer's ICE connection state
-   * @property {string} connectionState
-   * @property {number|null} timeToFirstFrameMs from connect() to the first decoded frame
-   * @property {number|null} jitterBufferMs average jitter-buffer delay
-   * @property {EngineState} state
-   */
 
   /** Server error codes after which retrying can't help. */
   const FATAL_CODES = new Set([
     'stream_not_found', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
     'invalid_message', 'forbidden', 'unauthorized', 'token_expired', 'too_many_streams',
   ]);
-  const RETRY_BASE_MS = 1000;
-  const RETRY_CAP_MS = 30000;
   const DISCONNECTED_GRACE_MS = 4000; // 'disconnected' often heals by itself; 'failed' does not
   let sessionCounter = 0;
+
+  /**
+   * What webrtc-engine.js builds on, from websocket-manager.js: loaded first by the page, or
+   * required here under Node (the unit tests).
+   * @returns {typeof import('./websocket-manager.js')}
+   */
+  function managerScript() {
+    const { WebSocketManager, MediaStreamEmitter } = root;
+    if (WebSocketManager && MediaStreamEmitter) {
+      return { WebSocketManager, MediaStreamEmitter, backoffDelay: WebSocketManager.backoffDelay };
+    }
+    if (typeof module === 'object' && module.exports) return require('./websocket-manager.js');
+    throw new Error('Load websocket-manager.js before webrtc-engine.js');
+  }
+
+  /**
+   * @param {unknown} error what a negotiation threw or rejected with
+   * @returns {Failure}
+   */
+  function asFailure(error) {
+    return error instanceof Error ? error : new Error(String(error));
+  }
 
   class WebRTCEngine {
     /** @type {string} */ streamId;
     /** @type {HTMLVideoElement|null} */ videoElement;
     /** @type {RTCPeerConnection|null} */ pc = null;
 
-    /** @type {any} */ #manager;
-    /** @type {{setTimeout: Function, clearTimeout: Function, setInterval: Function, clearInterval: Function, now?: () => number}} */
-    #timers;
+    /** @type {SignalingChannel} the page's shared socket, through the engine's seam */
+    #manager;
+    /** @type {Timers} */ #timers;
     /** @type {EngineOptions} */ #options;
     /** @type {EngineState} */ #state = 'idle';
-    /** @type {Map<string, Set<Function>>} */ #listeners = new Map();
+    /** @type {InstanceType<typeof import('./websocket-manager.js').MediaStreamEmitter<EngineEvents>>} */ #events;
+    /** @type {(attempt: number) => number} the shared retry schedule (ms before retry n) */ #backoffDelay;
     /** @type {string|null} */ #sessionId = null;
-    /** @type {{resolve: (sdp: string) => void, reject: (e: Error) => void, timer: any}|null} */
+    /** @type {{resolve: (sdp: string) => void, reject: (e: Failure) => void, timer: unknown}|null} */
     #pendingAnswer = null;
     /** @type {(() => void)[]} */ #cleanups = [];
-    /** @type {any} */ #statsTimer = null;
-    /** @type {any} */ #retryTimer = null;
-    /** @type {any} */ #disconnectedTimer = null;
+    /** @type {unknown} the timers' id */ #statsTimer = null;
+    /** @type {unknown} the timers' id */ #retryTimer = null;
+    /** @type {unknown} the timers' id */ #disconnectedTimer = null;
     #retries = 0;
     #connectStartedAt = 0;
     /** @type {number|null} */ #firstFrameAt = null;
@@ -99,8 +181,8 @@
     /** @type {EngineStats|null} */ #lastStats = null;
     #serverState = '';
     #announcedConnected = false;
-    /** @type {object|null} the handlers registered with the manager, to unregister only ours */
-    #handlers = null;
+    /** @type {(() => void)|null} unregisters our handlers from the manager (only ours) */
+    #unregister = null;
     /** @type {MediaStream|null} what the video element plays: this negotiation's tracks */
     #mediaStream = null;
 
@@ -109,19 +191,20 @@
       if (!options || typeof options.streamId !== 'string' || !options.streamId) {
         throw new TypeError('WebRTCEngine needs a streamId');
       }
-      const Manager = root.WebSocketManager;
-      if (!options.manager && !Manager) {
-        throw new Error('Load websocket-manager.js before webrtc-engine.js');
-      }
+      const { WebSocketManager, MediaStreamEmitter, backoffDelay } = managerScript();
       this.#options = options;
       this.streamId = options.streamId;
       this.videoElement = options.videoElement || null;
-      this.#manager = options.manager || Manager.getInstance();
+      this.#manager = options.manager || WebSocketManager.getInstance();
+      this.#events = new MediaStreamEmitter((event, error) => {
+        console.error('[MediaStream]', `${this.streamId}: "${event}" listener failed:`, error);
+      });
+      this.#backoffDelay = backoffDelay;
       this.#timers = options.timers || {
-        setTimeout: (/** @type {Function} */ fn, /** @type {number} */ ms) => setTimeout(fn, ms),
-        clearTimeout: (/** @type {any} */ id) => clearTimeout(id),
-        setInterval: (/** @type {Function} */ fn, /** @type {number} */ ms) => setInterval(fn, ms),
-        clearInterval: (/** @type {any} */ id) => clearInterval(id),
+        setTimeout: (callback, ms) => setTimeout(callback, ms),
+        clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
+        setInterval: (callback, ms) => setInterval(callback, ms),
+        clearInterval: (id) => clearInterval(/** @type {number|undefined} */ (id)),
       };
     }
 
@@ -145,20 +228,23 @@
     }
 
     /**
-     * @param {string} event connected, disconnected, error, stats, state, track
-     * @param {Function} callback
+     * Listen to one of the engine's events (see EngineEvents for what each callback receives).
+     * @template {keyof EngineEvents} K
+     * @param {K} event connected, disconnected, error, stats, state, track
+     * @param {(data: EngineEvents[K]) => void} callback
      * @returns {() => void} removes the listener
      */
     on(event, callback) {
-      let set = this.#listeners.get(event);
-      if (!set) this.#listeners.set(event, (set = new Set()));
-      set.add(callback);
-      return () => set?.delete(callback);
+      return this.#events.on(event, callback);
     }
 
-    /** @param {string} event @param {Function} callback */
+    /**
+     * @template {keyof EngineEvents} K
+     * @param {K} event
+     * @param {(data: EngineEvents[K]) => void} callback
+     */
     off(event, callback) {
-      this.#listeners.get(event)?.delete(callback);
+      this.#events.off(event, callback);
     }
 
     /**
@@ -172,27 +258,26 @@
       this.#connectStartedAt = this.#now();
       this.#firstFrameAt = null;
       this.#setState('connecting');
-      this.#handlers = {
-        answer: (/** @type {any} */ payload, /** @type {any} */ raw) => this.#onAnswer(payload, raw),
-        error: (/** @type {any} */ payload, /** @type {any} */ raw) => this.#onServerError(payload, raw),
-        state: (/** @type {any} */ payload, /** @type {any} */ raw) => this.#onServerState(payload, raw),
+      this.#unregister = this.#manager.registerStream(this.streamId, {
+        answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
+        error: (/** @type {unknown} */ text, /** @type {Message} */ raw) => this.#onServerError(text, raw),
+        state: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerState(payload, raw),
         onReconnect: () => this.#renegotiate('signaling socket reconnected', 0),
-      };
-      this.#manager.registerStream(this.streamId, this.#handlers);
+      });
       this.#cleanups.push(
-        this.#manager.on('disconnected', (/** @type {any} */ info) => {
+        this.#manager.on('disconnected', (info) => {
           if (info && info.willReconnect && this.#state !== 'closed') {
             this.#setState('reconnecting', 'signaling socket lost');
           }
         }),
       );
-      const url = this.#options.serverUrl || /** @type {any} */ (this.#options).wsUrl ||
-        /** @type {any} */ (this.#options).signalingUrl || /** @type {any} */ (this.#options).url;
+      const options = this.#options;
+      const url = options.serverUrl || options.wsUrl || options.signalingUrl || options.url;
       try {
-        await this.#manager.connect({ url, token: this.#options.token });
+        await this.#manager.connect({ url, token: options.token });
         await this.#negotiate();
       } catch (error) {
-        const err = /** @type {any} */ (error);
+        const err = asFailure(error);
         if (this.#state === 'closed') return;
         const recoverable = err.recoverable !== false;
         this.#emit('error', { streamId: this.streamId, message: err.message, code: err.code, recoverable });
@@ -223,10 +308,9 @@
       for (const cleanup of this.#cleanups.splice(0)) cleanup();
       this.#rejectPendingAnswer(new Error('disconnected'));
       this.#closePeer();
-      if (this.#manager.streamHandlers.get(this.streamId) === this.#handlers) {
-        this.#manager.unregisterStream(this.streamId);
-      }
-      this.#handlers = null;
+      const unregister = this.#unregister;
+      this.#unregister = null;
+      if (unregister) unregister(); // ends the session on the server, unless another engine took over the id
       if (this.videoElement) {
         this.videoElement.srcObject = null;
       }
@@ -290,7 +374,7 @@
       });
     }
 
-    /** @param {Error} error */
+    /** @param {Failure} error */
     #rejectPendingAnswer(error) {
       const pending = this.#pendingAnswer;
       if (!pending) return;
@@ -299,7 +383,7 @@
       pending.reject(Object.assign(error, { recoverable: true, superseded: true }));
     }
 
-    /** @param {any} sdp @param {any} raw */
+    /** @param {unknown} sdp the answer's SDP @param {Message} raw */
     #onAnswer(sdp, raw) {
       if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return; // an old session's
       const pending = this.#pendingAnswer;
@@ -309,12 +393,12 @@
       pending.resolve(String(sdp));
     }
 
-    /** @param {any} text @param {any} raw */
+    /** @param {unknown} text the error's human-readable message @param {Message} raw */
     #onServerError(text, raw) {
       if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return;
       const code = raw && raw.code;
       if (code === 'negotiation_in_progress') return; // our earlier offer is still being answered
-      const recoverable = !FATAL_CODES.has(code);
+      const recoverable = !(code && FATAL_CODES.has(code));
       const error = Object.assign(new Error(String(text)), { code, recoverable });
       const pending = this.#pendingAnswer;
       if (pending) {
@@ -333,12 +417,13 @@
       }
     }
 
-    /** @param {any} payload @param {any} raw */
+    /** @param {unknown} payload `{state, detail}` (docs/protocol.md) @param {Message} raw */
     #onServerState(payload, raw) {
       if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return;
-      const serverState = payload && payload.state;
+      const fields = typeof payload === 'object' && payload !== null ? payload : {};
+      const serverState = 'state' in fields && typeof fields.state === 'string' ? fields.state : '';
       this.#serverState = serverState;
-      const detail = payload && payload.detail;
+      const detail = 'detail' in fields && typeof fields.detail === 'string' ? fields.detail : '';
       if (serverState === 'reconnecting') this.#setState('reconnecting', detail || 'camera reconnecting');
       else if (serverState === 'offline') this.#setState('offline', detail || 'camera offline');
       else if (serverState === 'live' && this.pc && this.pc.connectionState === 'connected') this.#setState('live');
@@ -379,7 +464,8 @@
         return;
       }
       this.#setState('reconnecting', reason);
-      this.#negotiate().catch((/** @type {any} */ error) => {
+      this.#negotiate().catch((/** @type {unknown} */ rejection) => {
+        const error = asFailure(rejection);
         if (this.#state === 'closed' || error.superseded) return;
         this.#emit('error', { streamId: this.streamId, message: error.message, code: error.code, recoverable: error.recoverable !== false });
         if (error.recoverable === false) {
@@ -405,9 +491,7 @@
     }
 
     #retryDelay() {
-      const base = Math.min(RETRY_BASE_MS * 2 ** this.#retries, RETRY_CAP_MS);
-      this.#retries += 1;
-      return Math.round(base * (1 + 0.2 * Math.random()));
+      return this.#backoffDelay(this.#retries++);
     }
 
     get #autoReconnect() {
@@ -445,9 +529,9 @@
       const mark = () => {
         if (this.#firstFrameAt === null) this.#firstFrameAt = this.#now();
       };
-      const anyVideo = /** @type {any} */ (video);
-      if (typeof anyVideo.requestVideoFrameCallback === 'function') {
-        anyVideo.requestVideoFrameCallback(mark);
+      // Chrome, Safari and Firefox 132+ tell when a frame is painted; older ones only when loaded.
+      if (typeof video.requestVideoFrameCallback === 'function') {
+        video.requestVideoFrameCallback(mark);
       } else {
         video.addEventListener('loadeddata', mark, { once: true });
         this.#cleanups.push(() => video.removeEventListener('loadeddata', mark));
@@ -466,10 +550,11 @@
       const pc = this.pc;
       if (!pc) return;
       const report = await pc.getStats();
-      /** @type {any} */ let inbound = null;
-      report.forEach((/** @type {any} */ stat) => {
+      /** @type {RTCInboundRtpStreamStats|null} */ let inbound = null;
+      for (const stat of report.values()) {
+        // `mediaType`: the name of `kind` in older browsers.
         if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') inbound = stat;
-      });
+      }
       const at = this.#now();
       const bytes = inbound ? inbound.bytesReceived || 0 : 0;
       const frames = inbound ? inbound.framesDecoded || 0 : 0;
@@ -490,7 +575,7 @@
         connectionState: pc.connectionState,
         timeToFirstFrameMs: this.#firstFrameAt === null ? null : Math.round(this.#firstFrameAt - this.#connectStartedAt),
         jitterBufferMs: inbound && inbound.jitterBufferEmittedCount
-          ? Math.round((inbound.jitterBufferDelay / inbound.jitterBufferEmittedCount) * 1000)
+          ? Math.round(((inbound.jitterBufferDelay || 0) / inbound.jitterBufferEmittedCount) * 1000)
           : null,
         state: this.#state,
       };
@@ -537,18 +622,15 @@
       this.#emit('state', { streamId: this.streamId, state, previous, detail: detail || null });
     }
 
-    /** @param {string} event @param {any} data */
+    /**
+     * @template {keyof EngineEvents} K
+     * @param {K} event
+     * @param {EngineEvents[K]} data
+     */
     #emit(event, data) {
-      for (const callback of [...(this.#listeners.get(event) || [])]) {
-        try {
-          callback(data);
-        } catch (error) {
-          console.error('[MediaStream]', `${this.streamId}: "${event}" listener failed:`, error);
-        }
-      }
+      this.#events.emit(event, data);
     }
   }
-
 
   root.WebRTCEngine = WebRTCEngine;
   if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine };

@@ -11,38 +11,169 @@
  * The protocol is documented in docs/protocol.md.
  *
  * No build step, no dependencies: a plain script that defines `WebSocketManager` on the page
- * (and exports it under Node for the unit tests).
+ * (and exports it under Node for the unit tests). It also defines what webrtc-engine.js builds
+ * on, so that pages still load exactly these two scripts: `MediaStreamEmitter`, the one event
+ * emitter of both, and `WebSocketManager.backoffDelay`, the one retry schedule of both.
  */
+/** @typedef {'debug'|'info'|'warn'|'error'|'silent'} LogLevel */
+/**
+ * One protocol message (docs/protocol.md), as sent and as received. The payload's shape
+ * depends on the type, so it stays `unknown` until the code that knows the type reads it.
+ * @typedef {{type: string, streamId: string|null, payload?: unknown, code?: string, sessionId?: string}} Message
+ */
+/**
+ * One handler of a stream's messages: the message's payload, then the whole message. The
+ * payload is `any` here on purpose: its shape depends on the message type (docs/protocol.md),
+ * so each handler declares the shape it expects (`unknown` if it checks for itself).
+ * @typedef {(payload: any, raw: Message) => void} StreamHandler
+ */
+/**
+ * Handlers of one stream. Each key is a message type (`answer`, `ice`, `state`, `error`) or
+ * its `on`-prefixed form (`onAnswer`…); `onReconnect` (or `reconnect`) is called after the
+ * socket came back, so the stream can negotiate again.
+ * @typedef {{[type: string]: StreamHandler | undefined}
+ *   & {onReconnect?: (info: {streamId: string}) => void, reconnect?: (info: {streamId: string}) => void}} StreamHandlers
+ */
+/**
+ * What the server says first on every socket (`welcome`): the ICE servers to use, TURN
+ * credentials included.
+ * @typedef {{server?: string, version?: string, connectionId?: string, iceServers?: RTCIceServer[]}} ServerInfo
+ */
+/**
+ * The page-wide events of WebSocketManager (`manager.on(name, callback)`), with what each
+ * callback receives.
+ * @typedef {object} ManagerEvents
+ * @property {{url: string, reconnected: boolean}} connected the socket is open
+ * @property {{code: number, reason: string, willReconnect: boolean}} disconnected the socket closed
+ * @property {{attempt: number, delay: number}} reconnecting the next attempt starts in `delay` ms
+ * @property {{streams: number}} reconnected the socket is back; every stream renegotiates
+ * @property {ServerInfo} welcome the server's `welcome` arrived
+ * @property {Message} message any message arrived (before it is routed)
+ * @property {{message: string, url?: string, code?: string}} error the socket failed, or the server reported an error for no stream
+ * @property {Message} unknownStream a message arrived for a stream nobody registered
+ * @property {{streamId: string, streams: number}} streamRegistered
+ * @property {{streamId: string, streams: number}} streamUnregistered
+ */
+/**
+ * Timer functions and a millisecond clock (tests inject a fake clock).
+ * @typedef {object} Clock
+ * @property {(callback: () => void, ms: number) => unknown} setTimeout
+ * @property {(id: unknown) => void} clearTimeout
+ * @property {() => number} now
+ */
+/**
+ * @typedef {object} ManagerOptions
+ * @property {string} [url] signaling URL; default: the page's own origin + /ws (ws: or wss:)
+ * @property {string} [token] sent as the `token` query parameter (browsers can't set headers)
+ * @property {LogLevel} [logLevel]
+ * @property {number} [pingInterval] ms between latency pings while connected (default 10000)
+ * @property {number} [maxQueue] messages kept while disconnected (default 1000)
+ * @property {{new (url: string): WebSocket}} [WebSocket] WebSocket implementation (tests inject a fake)
+ * @property {Clock} [clock]
+ * @property {() => number} [random] a source of numbers in [0, 1), for the jitter
+ */
+
 (function (root) {
   'use strict';
-
-  /** @typedef {'debug'|'info'|'warn'|'error'|'silent'} LogLevel */
-  /** @typedef {{type: string, streamId: string|null, payload?: any, code?: string, sessionId?: string}} Message */
-  /**
-   * Handlers of one stream. Each key is a message type (`answer`, `ice`, `state`, `error`) or
-   * its `on`-prefixed form (`onAnswer`…); `onReconnect` is called after the socket came back,
-   * so the stream can negotiate again.
-   * @typedef {{[name: string]: ((message: any, raw?: Message) => void) | undefined}} StreamHandlers
-   */
-  /**
-   * @typedef {object} ManagerOptions
-   * @property {string} [url] signaling URL; default: the page's own origin + /ws (ws: or wss:)
-   * @property {string} [token] sent as the `token` query parameter (browsers can't set headers)
-   * @property {LogLevel} [logLevel]
-   * @property {number} [pingInterval] ms between latency pings while connected (default 10000)
-   * @property {number} [maxQueue] messages kept while disconnected (default 1000)
-   * @property {any} [WebSocket] WebSocket implementation (tests inject a fake)
-   * @property {{setTimeout: Function, clearTimeout: Function, now: () => number}} [clock]
-   * @property {() => number} [random]
-   */
 
   const LEVELS = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 };
   /** Messages that must not wait behind routine ones (negotiation in flight). */
   const URGENT_TYPES = new Set(['offer', 'ice', 'close']);
-  const RECONNECT_BASE_MS = 1000;
-  const RECONNECT_CAP_MS = 30000;
-  const RECONNECT_JITTER = 0.2; // up to +20 % of the delay, so pages don't reconnect in lockstep
+  const BACKOFF_BASE_MS = 1000;
+  const BACKOFF_CAP_MS = 30000;
+  const BACKOFF_JITTER = 0.2; // up to +20 % of the delay, so pages don't retry in lockstep
   const OPEN = 1;
+
+  /**
+   * The delay before retry number `attempt` (0-based): min(1000·2^attempt, 30000) ms, plus up to
+   * 20 % jitter. The one retry schedule of the browser side: the manager's reconnects and each
+   * engine's renegotiations (as `WebSocketManager.backoffDelay`).
+   * @param {number} attempt
+   * @param {() => number} [random] a source of numbers in [0, 1)
+   * @returns {number} milliseconds
+   */
+  function backoffDelay(attempt, random = Math.random) {
+    const base = Math.min(BACKOFF_BASE_MS * 2 ** attempt, BACKOFF_CAP_MS);
+    return Math.round(base * (1 + BACKOFF_JITTER * random()));
+  }
+
+  /**
+   * Listeners by event name: the one event emitter of the browser side (the manager's page-wide
+   * events and each engine's). A listener that throws is reported to `onListenerError` and
+   * doesn't keep the others, or the code that emitted, from running.
+   * @template {object} Events event name → what its listeners receive
+   */
+  class MediaStreamEmitter {
+    /**
+     * The listeners of each event. `any`: one map holds the listeners of every event, each
+     * typed by `on()` for its own event's data.
+     * @type {Map<string, Set<(data: any) => void>>}
+     */
+    listeners = new Map();
+    /** @type {(event: string, error: unknown) => void} */ #onListenerError;
+
+    /** @param {(event: string, error: unknown) => void} onListenerError told when a listener throws */
+    constructor(onListenerError) {
+      this.#onListenerError = onListenerError;
+    }
+
+    /**
+     * @template {keyof Events & string} K
+     * @param {K} event
+     * @param {(data: Events[K]) => void} callback
+     * @returns {() => void} removes the listener
+     */
+    on(event, callback) {
+      let set = this.listeners.get(event);
+      if (!set) this.listeners.set(event, (set = new Set()));
+      set.add(callback);
+      return () => this.off(event, callback);
+    }
+
+    /**
+     * @template {keyof Events & string} K
+     * @param {K} event
+     * @param {(data: Events[K]) => void} callback
+     */
+    off(event, callback) {
+      this.listeners.get(event)?.delete(callback);
+    }
+
+    /**
+     * Call every listener of `event` with `data`, each in turn; listeners added or removed
+     * meanwhile take effect from the next emit.
+     * @template {keyof Events & string} K
+     * @param {K} event
+     * @param {Events[K]} data
+     */
+    emit(event, data) {
+      for (const callback of [...(this.listeners.get(event) || [])]) {
+        try {
+          callback(data);
+        } catch (error) {
+          this.#onListenerError(event, error);
+        }
+      }
+    }
+  }
+
+  /**
+   * @param {unknown} value
+   * @returns {value is {[key: string]: unknown}}
+   */
+  function isObject(value) {
+    return typeof value === 'object' && value !== null;
+  }
+
+  /**
+   * Whether a decoded frame has a message's shape: an object with a string `type` (the rest is
+   * checked where it is read).
+   * @param {unknown} value
+   * @returns {value is Message}
+   */
+  function isMessage(value) {
+    return isObject(value) && typeof value.type === 'string';
+  }
 
   /** @type {WebSocketManager|null} */
   let instance = null;
@@ -67,15 +198,17 @@
     ws = null;
     /** @type {Map<string, StreamHandlers>} handlers of each registered stream */
     streamHandlers = new Map();
-    /** @type {Map<string, Set<Function>>} page-wide event listeners, by event name */
-    globalHandlers = new Map();
+    /** @type {MediaStreamEmitter<ManagerEvents>} */
+    #events = new MediaStreamEmitter((event, error) => this.#log('error', `listener of "${event}" failed:`, error));
+    /** page-wide event listeners, by event name (the emitter's own map) */
+    globalHandlers = this.#events.listeners;
     /** whether the socket is open */
     connected = false;
     /** whether the socket was lost and is being reopened */
     reconnecting = false;
     /** a short random id, logged, to confirm every stream shares one manager */
     instanceId = Math.random().toString(36).slice(2, 8);
-    /** @type {{server?: string, version?: string, connectionId?: string, iceServers?: RTCIceServer[]}} */
+    /** @type {ServerInfo} what the server said in its `welcome` */
     serverInfo = {};
     /** whether this socket's `welcome` (with the ICE servers to use) has arrived */
     welcomed = false;
@@ -86,16 +219,16 @@
     /** @type {LogLevel} */ #logLevel = 'warn';
     #pingInterval = 10000;
     #maxQueue = 1000;
-    /** @type {any} */ #WebSocket;
-    /** @type {{setTimeout: Function, clearTimeout: Function, now: () => number}} */ #clock;
+    /** @type {{new (url: string): WebSocket}} */ #WebSocket;
+    /** @type {Clock} */ #clock;
     /** @type {() => number} */ #random;
     /** @type {Promise<void>|null} */ #connecting = null;
     /** @type {Message[]} */ #urgent = [];
     /** @type {Message[]} */ #routine = [];
     #wanted = false; // the page wants a socket (not disconnected on purpose)
     #attempt = 0;
-    /** @type {any} */ #reconnectTimer = null;
-    /** @type {any} */ #pingTimer = null;
+    /** @type {unknown} the clock's timer id */ #reconnectTimer = null;
+    /** @type {unknown} the clock's timer id */ #pingTimer = null;
     #connectedAt = 0;
     #messagesSent = 0;
     #messagesReceived = 0;
@@ -107,8 +240,8 @@
     constructor(options = {}) {
       this.#WebSocket = options.WebSocket || root.WebSocket;
       this.#clock = options.clock || {
-        setTimeout: (/** @type {Function} */ fn, /** @type {number} */ ms) => setTimeout(fn, ms),
-        clearTimeout: (/** @type {any} */ id) => clearTimeout(id),
+        setTimeout: (callback, ms) => setTimeout(callback, ms),
+        clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
         now: () => Date.now(),
       };
       this.#random = options.random || Math.random;
@@ -139,14 +272,9 @@
 
     /**
      * The reconnect delay before attempt `attempt` (0-based): min(1000·2^n, 30000) ms, plus
-     * up to 20 % jitter.
-     * @param {number} attempt
-     * @param {() => number} [random]
+     * up to 20 % jitter. The engines retry on the same schedule.
      */
-    static backoffDelay(attempt, random = Math.random) {
-      const base = Math.min(RECONNECT_BASE_MS * 2 ** attempt, RECONNECT_CAP_MS);
-      return Math.round(base * (1 + RECONNECT_JITTER * random()));
-    }
+    static backoffDelay = backoffDelay;
 
     /** @param {ManagerOptions} options */
     configure(options) {
@@ -248,7 +376,7 @@
      * closes go ahead of routine messages.
      * @param {string} type
      * @param {string|null} streamId
-     * @param {any} [payload]
+     * @param {unknown} [payload] anything JSON can carry
      * @returns {boolean} true if sent now, false if queued
      */
     send(type, streamId, payload) {
@@ -258,7 +386,7 @@
 
     /**
      * Send several messages in one go (urgent ones first).
-     * @param {{type: string, streamId?: string|null, payload?: any}[]} messages
+     * @param {{type: string, streamId?: string|null, payload?: unknown}[]} messages
      * @returns {number} how many went out now
      */
     sendBatch(messages) {
@@ -270,6 +398,8 @@
      * Route this stream's messages to `handlers`.
      * @param {string} streamId
      * @param {StreamHandlers} handlers
+     * @returns {() => void} unregisters the stream, if these handlers are still its own (a
+     *   later registration under the same id is left alone)
      */
     registerStream(streamId, handlers) {
       this.streamHandlers.set(streamId, handlers);
@@ -278,6 +408,9 @@
         `instance ${this.instanceId}: stream ${streamId} registered; streams managed: ${this.streamHandlers.size}`,
       );
       this.emit('streamRegistered', { streamId, streams: this.streamHandlers.size });
+      return () => {
+        if (this.streamHandlers.get(streamId) === handlers) this.unregisterStream(streamId);
+      };
     }
 
     /**
@@ -301,32 +434,34 @@
 
     /**
      * Listen to a page-wide event: connected, disconnected, reconnecting, reconnected,
-     * welcome, message, error, unknownStream, streamRegistered, streamUnregistered.
-     * @param {string} event
-     * @param {Function} callback
+     * welcome, message, error, unknownStream, streamRegistered, streamUnregistered (see
+     * ManagerEvents for what each callback receives).
+     * @template {keyof ManagerEvents} K
+     * @param {K} event
+     * @param {(data: ManagerEvents[K]) => void} callback
      * @returns {() => void} removes the listener
      */
     on(event, callback) {
-      let set = this.globalHandlers.get(event);
-      if (!set) this.globalHandlers.set(event, (set = new Set()));
-      set.add(callback);
-      return () => this.off(event, callback);
+      return this.#events.on(event, callback);
     }
 
-    /** @param {string} event @param {Function} callback */
+    /**
+     * @template {keyof ManagerEvents} K
+     * @param {K} event
+     * @param {(data: ManagerEvents[K]) => void} callback
+     */
     off(event, callback) {
-      this.globalHandlers.get(event)?.delete(callback);
+      this.#events.off(event, callback);
     }
 
-    /** @param {string} event @param {any} [data] */
+    /**
+     * Call the listeners of `event`; one that throws is logged and the others still run.
+     * @template {keyof ManagerEvents} K
+     * @param {K} event
+     * @param {ManagerEvents[K]} data
+     */
     emit(event, data) {
-      for (const callback of [...(this.globalHandlers.get(event) || [])]) {
-        try {
-          callback(data);
-        } catch (error) {
-          this.#log('error', `listener of "${event}" failed:`, error);
-        }
-      }
+      this.#events.emit(event, data);
     }
 
     /** @returns {{messagesSent: number, messagesReceived: number, averageLatency: number|null, uptime: number, streamsActive: number}} */
@@ -347,7 +482,10 @@
     ping() {
       const id = this.#nextPing++;
       this.#pendingPings.set(id, this.#clock.now());
-      if (this.#pendingPings.size > 10) this.#pendingPings.delete(this.#pendingPings.keys().next().value);
+      if (this.#pendingPings.size > 10) {
+        const [oldest] = this.#pendingPings.keys(); // its pong is long overdue
+        if (oldest !== undefined) this.#pendingPings.delete(oldest);
+      }
       this.send('ping', null, { id });
     }
 
@@ -483,10 +621,10 @@
       return sent;
     }
 
-    /** @param {any} data */
+    /** @param {string} data a text frame (the protocol has no binary ones) */
     #receive(data) {
       this.#messagesReceived += 1;
-      /** @type {Message} */
+      /** @type {unknown} */
       let message;
       try {
         message = JSON.parse(data);
@@ -494,7 +632,7 @@
         this.#log('warn', 'ignoring a message that is not JSON');
         return;
       }
-      if (!message || typeof message !== 'object' || typeof message.type !== 'string') {
+      if (!isMessage(message)) {
         this.#log('warn', 'ignoring a message without a type');
         return;
       }
@@ -525,22 +663,25 @@
 
     /** @param {Message} message */
     #receiveGlobal(message) {
+      const payload = message.payload;
       if (message.type === 'welcome') {
-        this.serverInfo = message.payload || {};
+        // The welcome's fields are the server's (docs/protocol.md); only its being an object is checked.
+        this.serverInfo = /** @type {ServerInfo} */ (isObject(payload) ? payload : {});
         this.welcomed = true;
         for (const waiter of this.#welcomeWaiters.splice(0)) waiter();
         this.#log('debug', `instance ${this.instanceId}: server connection ${this.serverInfo.connectionId}`);
         this.emit('welcome', this.serverInfo);
       } else if (message.type === 'pong') {
-        const sentAt = this.#pendingPings.get(message.payload?.id);
-        if (sentAt !== undefined) {
-          this.#pendingPings.delete(message.payload.id);
+        const id = isObject(payload) ? payload.id : undefined;
+        const sentAt = typeof id === 'number' ? this.#pendingPings.get(id) : undefined;
+        if (typeof id === 'number' && sentAt !== undefined) {
+          this.#pendingPings.delete(id);
           this.#latencies.push(this.#clock.now() - sentAt);
           if (this.#latencies.length > 20) this.#latencies.shift();
         }
       } else if (message.type === 'error') {
-        this.#log('warn', `server error: ${message.payload} (${message.code})`);
-        this.emit('error', { message: message.payload, code: message.code });
+        this.#log('warn', `server error: ${payload} (${message.code})`);
+        this.emit('error', { message: String(payload), code: message.code });
       }
     }
 
@@ -561,7 +702,7 @@
       }
     }
 
-    /** @param {LogLevel} level @param {...any} args */
+    /** @param {LogLevel} level @param {...unknown} args */
     #log(level, ...args) {
       if (LEVELS[level] < LEVELS[this.#logLevel]) return;
       const method = level === 'debug' ? 'log' : level;
@@ -571,5 +712,6 @@
   }
 
   root.WebSocketManager = WebSocketManager;
-  if (typeof module === 'object' && module.exports) module.exports = { WebSocketManager };
+  root.MediaStreamEmitter = MediaStreamEmitter;
+  if (typeof module === 'object' && module.exports) module.exports = { WebSocketManager, MediaStreamEmitter, backoffDelay };
 })(typeof window !== 'undefined' ? window : globalThis);

@@ -1,6 +1,25 @@
 // @ts-check
 /** Helpers shared by the MediaStream pages (not needed by pages of your own). */
-(function (root) {
+
+/**
+ * One stream as GET /api/streams lists it (the fields the pages read; the `Stream` schema of
+ * /api/openapi.json has them all).
+ * @typedef {object} StreamInfo
+ * @property {string} id
+ * @property {string} name
+ * @property {'stopped'|'starting'|'live'|'reconnecting'|'offline'} state
+ * @property {string|null} detail what the state means right now
+ * @property {number} viewers
+ * @property {string} codec
+ * @property {string} source with credentials removed
+ * @property {boolean} enabled false once stopped through the API
+ * @property {boolean} running whether its source runs now
+ */
+
+// A global `var` (a property of `window`, as before) so the page scripts loaded after this one,
+// and the type checker, see it.
+// eslint-disable-next-line no-var
+var MediaStreamPages = (function (root) {
   'use strict';
 
   /**
@@ -18,7 +37,7 @@
 
   /**
    * The server's streams the page may watch, from GET /api/streams.
-   * @returns {Promise<{id: string, name: string, state: string, viewers: number, codec: string}[]>}
+   * @returns {Promise<StreamInfo[]>}
    */
   async function fetchStreams() {
     const headers = token ? { Authorization: `Bearer ${token}` } : undefined;
@@ -29,10 +48,13 @@
   }
 
   /**
-   * @param {string} tag
-   * @param {Record<string, any>} [props]
+   * A new element: `el('video', {muted: true}, [...children])`.
+   * @template {keyof HTMLElementTagNameMap} K
+   * @param {K} tag
+   * @param {Record<string, any>} [props] element properties, plus `class`, `dataset` and `on…`
+   *   listeners (`any`: each key takes its own kind of value)
    * @param {(Node|string)[]} [children]
-   * @returns {HTMLElement}
+   * @returns {HTMLElementTagNameMap[K]}
    */
   function el(tag, props = {}, children = []) {
     const node = document.createElement(tag);
@@ -40,7 +62,7 @@
       if (key === 'dataset') Object.assign(node.dataset, value);
       else if (key === 'class') node.className = value;
       else if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
-      else /** @type {any} */ (node)[key] = value;
+      else Object.assign(node, { [key]: value });
     }
     for (const child of children) node.append(child);
     return node;
@@ -75,8 +97,8 @@
   /**
    * Call the server's JSON API with the page's token.
    * @param {string} path e.g. '/api/streams/cam-1/stop'
-   * @param {{method?: string, body?: any}} [options]
-   * @returns {Promise<any>} the decoded body (null for 204)
+   * @param {{method?: string, body?: unknown}} [options] `body` is sent as JSON
+   * @returns {Promise<unknown>} the decoded body (null for 204)
    */
   async function api(path, options = {}) {
     /** @type {Record<string, string>} */
@@ -108,5 +130,5 @@
     return `/api/streams/${encodeURIComponent(streamId)}/snapshot.jpg?${query}`;
   }
 
-  root.MediaStreamPages = { fetchStreams, el, formatBitrate, formatDuration, setPill, api, snapshotUrl };
+  return { fetchStreams, el, formatBitrate, formatDuration, setPill, api, snapshotUrl };
 })(window);

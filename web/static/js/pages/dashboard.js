@@ -7,19 +7,18 @@
 (function () {
   'use strict';
 
-  const { fetchStreams, el, formatBitrate, setPill, api, snapshotUrl } = /** @type {any} */ (window).MediaStreamPages;
-  const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
-  const manager = /** @type {any} */ (window).WebSocketManager.getInstance();
+  const { fetchStreams, el, formatBitrate, setPill, api, snapshotUrl } = MediaStreamPages;
+  const manager = WebSocketManager.getInstance();
   const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
   const wsStatus = /** @type {HTMLElement} */ (document.getElementById('ws-status'));
   const summary = /** @type {HTMLElement} */ (document.getElementById('summary'));
 
-  /** @typedef {{id: string, name: string, tile: HTMLElement, engine: any, visible: boolean, state: string}} Tile */
+  /** @typedef {{id: string, name: string, tile: HTMLElement, engine: WebRTCEngine, visible: boolean, state: string}} Tile */
   /** @type {Map<string, Tile>} */
   const tiles = new Map();
 
   manager.on('connected', () => setPill(wsStatus, 'connected', 'socket connected'));
-  manager.on('disconnected', (/** @type {any} */ e) =>
+  manager.on('disconnected', (e) =>
     setPill(wsStatus, e.willReconnect ? 'reconnecting' : 'waiting', e.willReconnect ? 'socket reconnecting' : 'socket idle'));
 
   const observer = new IntersectionObserver((entries) => {
@@ -78,7 +77,7 @@
 
   /** @param {{id: string, name: string, running?: boolean}} stream */
   function addTile(stream) {
-    const video = /** @type {HTMLVideoElement} */ (el('video', { muted: true, autoplay: true, playsInline: true }));
+    const video = el('video', { muted: true, autoplay: true, playsInline: true });
     const tileElement = el('div', { class: 'tile', dataset: { streamId: stream.id, state: 'idle' }, title: stream.name }, [
       video,
       el('div', { class: 'detail' }),
@@ -91,11 +90,11 @@
     const engine = new WebRTCEngine({ streamId: stream.id, videoElement: video });
     /** @type {Tile} */
     const tile = { id: stream.id, name: stream.name, tile: tileElement, engine, visible: false, state: 'idle' };
-    engine.on('state', (/** @type {any} */ s) => {
+    engine.on('state', (s) => {
       if (s.state !== 'closed') show(tile, s.state, s.detail);
       updateSummary();
     });
-    engine.on('stats', (/** @type {any} */ s) => {
+    engine.on('stats', (s) => {
       /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
         `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
     });
@@ -132,8 +131,8 @@
 
   async function refreshManagement() {
     const streams = await fetchStreams();
-    table.replaceChildren(...streams.map((/** @type {any} */ s) => {
-      const act = (/** @type {string} */ label, /** @type {() => Promise<any>} */ action) =>
+    table.replaceChildren(...streams.map((s) => {
+      const act = (/** @type {string} */ label, /** @type {() => Promise<unknown>} */ action) =>
         el('button', { type: 'button', onclick: () => run(action, `${s.id}: ${label} done`) }, [label]);
       return el('tr', { dataset: { streamId: s.id } }, [
         el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
@@ -152,7 +151,7 @@
     }));
   }
 
-  /** @param {() => Promise<any>} action @param {string} done */
+  /** @param {() => Promise<unknown>} action @param {string} done */
   async function run(action, done) {
     try {
       await action();
@@ -172,7 +171,7 @@
     };
     run(async () => {
       const created = await api('/api/streams', { method: 'POST', body });
-      addTile(created);
+      addTile(/** @type {StreamInfo} */ (created)); // the API answers with the new stream
       form.reset();
     }, `${body.id} added`);
   });
@@ -202,7 +201,7 @@
   });
 
   fetchStreams()
-    .then((/** @type {any[]} */ streams) => {
+    .then((streams) => {
       if (!streams.length) wall.replaceWith(el('p', { class: 'empty' }, ['No streams are configured.']));
       for (const stream of streams) addTile(stream);
       updateSummary();
@@ -211,5 +210,5 @@
       wall.replaceWith(el('p', { class: 'empty' }, [`Cannot list the streams: ${error.message}`]));
     });
 
-  /** @type {any} */ (window).msDashboard = { manager, tiles };
+  window.msDashboard = { manager, tiles };
 })();

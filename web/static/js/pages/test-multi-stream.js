@@ -3,16 +3,15 @@
 (function () {
   'use strict';
 
-  const { fetchStreams, el, formatBitrate, formatDuration, setPill } = /** @type {any} */ (window).MediaStreamPages;
-  const manager = /** @type {any} */ (window).WebSocketManager.getInstance();
-  const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
+  const { fetchStreams, el, formatBitrate, formatDuration, setPill } = MediaStreamPages;
+  const manager = WebSocketManager.getInstance();
 
   const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
   const cards = $('cards');
   const logBox = $('activity-log');
   const connectAll = /** @type {HTMLButtonElement} */ ($('connect-all'));
   const disconnectAll = /** @type {HTMLButtonElement} */ ($('disconnect-all'));
-  /** @type {Map<string, any>} */
+  /** @type {Map<string, WebRTCEngine>} */
   const engines = new Map();
 
   /** @param {string} text @param {'info'|'warn'|'error'} [level] */
@@ -23,18 +22,18 @@
     while (logBox.childElementCount > 500) logBox.firstElementChild?.remove();
   }
 
-  manager.on('connected', (/** @type {any} */ e) => {
+  manager.on('connected', (e) => {
     setPill($('ws-status'), 'connected');
     $('instance-id').textContent = manager.instanceId;
     log(`WebSocket connected${e.reconnected ? ' again' : ''} (manager instance ${manager.instanceId})`);
   });
-  manager.on('disconnected', (/** @type {any} */ e) => {
+  manager.on('disconnected', (e) => {
     setPill($('ws-status'), e.willReconnect ? 'reconnecting' : 'closed');
     log(`WebSocket closed (${e.code})${e.willReconnect ? ', reconnecting…' : ''}`, e.willReconnect ? 'warn' : 'info');
   });
-  manager.on('reconnecting', (/** @type {any} */ e) => log(`reconnect attempt ${e.attempt} in ${e.delay} ms`, 'warn'));
-  manager.on('welcome', (/** @type {any} */ info) => log(`server ${info.server} ${info.version}, connection ${info.connectionId}`));
-  manager.on('error', (/** @type {any} */ e) => log(`socket error: ${e.message}`, 'error'));
+  manager.on('reconnecting', (e) => log(`reconnect attempt ${e.attempt} in ${e.delay} ms`, 'warn'));
+  manager.on('welcome', (info) => log(`server ${info.server} ${info.version}, connection ${info.connectionId}`));
+  manager.on('error', (e) => log(`socket error: ${e.message}`, 'error'));
 
   function showMetrics() {
     const m = manager.getMetrics();
@@ -47,7 +46,7 @@
 
   /** @param {{id: string, name: string}} stream */
   function addCard(stream) {
-    const video = /** @type {HTMLVideoElement} */ (el('video', { muted: true, autoplay: true, playsInline: true }));
+    const video = el('video', { muted: true, autoplay: true, playsInline: true });
     const pill = el('span', { class: 'pill', dataset: { state: 'connecting' } }, ['connecting']);
     const field = (/** @type {string} */ name, /** @type {string} */ label) =>
       el('div', {}, [el('dt', {}, [label]), el('dd', { class: `stat-${name}` }, ['–'])]);
@@ -65,13 +64,13 @@
 
     const engine = new WebRTCEngine({ streamId: stream.id, videoElement: video });
     engines.set(stream.id, engine);
-    engine.on('state', (/** @type {any} */ s) => {
+    engine.on('state', (s) => {
       setPill(pill, s.state);
       log(`${stream.id}: ${s.state}${s.detail ? ` — ${s.detail}` : ''}`, s.state === 'error' ? 'error' : 'info');
     });
     engine.on('connected', () => log(`${stream.id}: peer connected`));
-    engine.on('error', (/** @type {any} */ e) => log(`${stream.id}: ${e.message}${e.code ? ` (${e.code})` : ''}`, 'error'));
-    engine.on('stats', (/** @type {any} */ s) => {
+    engine.on('error', (e) => log(`${stream.id}: ${e.message}${e.code ? ` (${e.code})` : ''}`, 'error'));
+    engine.on('stats', (s) => {
       stat('bitrate').textContent = formatBitrate(s.bitrateKbps);
       stat('packets').textContent = `${s.packetsReceived}${s.packetsLost ? ` (${s.packetsLost} lost)` : ''}`;
       stat('ice').textContent = s.iceState;
@@ -79,7 +78,7 @@
       stat('fps').textContent = String(s.fps);
       stat('ttff').textContent = s.timeToFirstFrameMs === null ? '–' : `${s.timeToFirstFrameMs} ms`;
     });
-    engine.connect().catch((/** @type {any} */ error) => log(`${stream.id}: ${error.message}`, 'error'));
+    engine.connect().catch((/** @type {Error} */ error) => log(`${stream.id}: ${error.message}`, 'error'));
   }
 
   connectAll.addEventListener('click', async () => {
@@ -110,5 +109,5 @@
   window.addEventListener('pagehide', () => {
     for (const engine of engines.values()) engine.disconnect();
   });
-  /** @type {any} */ (window).msTestPage = { manager, engines };
+  window.msTestPage = { manager, engines };
 })();

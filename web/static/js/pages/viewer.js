@@ -3,14 +3,13 @@
 (function () {
   'use strict';
 
-  const { fetchStreams, el, formatBitrate, setPill } = /** @type {any} */ (window).MediaStreamPages;
-  const WebRTCEngine = /** @type {any} */ (window).WebRTCEngine;
+  const { fetchStreams, el, formatBitrate, setPill } = MediaStreamPages;
   const select = /** @type {HTMLSelectElement} */ (document.getElementById('stream-select'));
   const video = /** @type {HTMLVideoElement} */ (document.getElementById('video'));
   const statePill = /** @type {HTMLElement} */ (document.getElementById('state'));
   const statsLine = /** @type {HTMLElement} */ (document.getElementById('stats'));
   const detail = /** @type {HTMLElement} */ (document.getElementById('detail'));
-  /** @type {any} */
+  /** @type {WebRTCEngine|null} */
   let engine = null;
 
   /** @param {string} streamId */
@@ -23,30 +22,31 @@
     history.replaceState(null, '', url);
     // ?relay=1 forces the media through the TURN server (to check a TURN set-up).
     const relay = new URLSearchParams(window.location.search).get('relay') === '1';
-    engine = new WebRTCEngine({
+    const next = new WebRTCEngine({
       streamId, videoElement: video, audio: true, iceTransportPolicy: relay ? 'relay' : 'all',
     });
-    engine.on('state', (/** @type {any} */ s) => {
+    engine = next;
+    next.on('state', (s) => {
       setPill(statePill, s.state);
       detail.textContent = s.detail || '';
     });
-    engine.on('error', (/** @type {any} */ e) => { detail.textContent = `${e.message}${e.code ? ` (${e.code})` : ''}`; });
-    engine.on('stats', (/** @type {any} */ s) => {
+    next.on('error', (e) => { detail.textContent = `${e.message}${e.code ? ` (${e.code})` : ''}`; });
+    next.on('stats', (s) => {
       statsLine.textContent = [
         `${s.width}x${s.height}`, formatBitrate(s.bitrateKbps), `${s.fps} fps`,
         `${s.packetsReceived} packets (${s.packetsLost} lost)`, `ICE ${s.iceState}`,
         s.timeToFirstFrameMs === null ? '' : `first frame after ${s.timeToFirstFrameMs} ms`,
       ].filter(Boolean).join(' · ');
     });
-    engine.connect().catch(() => { /* shown through the state and error events */ });
+    next.connect().catch(() => { /* shown through the state and error events */ });
   }
 
   select.addEventListener('change', () => play(select.value));
-  /** @type {any} */ (window).msViewer = { get engine() { return engine; } };
+  window.msViewer = { get engine() { return engine; } };
   window.addEventListener('pagehide', () => engine && engine.disconnect());
 
   fetchStreams()
-    .then((/** @type {any[]} */ streams) => {
+    .then((streams) => {
       for (const s of streams) select.append(el('option', { value: s.id }, [`${s.name} (${s.id})`]));
       const wanted = new URLSearchParams(window.location.search).get('stream');
       const first = streams.find((s) => s.id === wanted) || streams[0];

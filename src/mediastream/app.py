@@ -7,6 +7,8 @@ Routes:
     ``/api/streams/<id>``         one stream
     ``/api/stats``                sockets, sessions, peer connections, sources, tasks, threads
                                   (admin)
+    ``/api/openapi.json``         the OpenAPI description of every route here but ``/ws`` and
+                                  ``/static`` (``openapi.json`` beside this module)
     ``/healthz``                  liveness
 
 With ``[security]`` configured, ``/ws`` and ``/api`` need an access token (``docs/security.md``):
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.resources
+import json
 import logging
 import re
 import threading
@@ -148,7 +152,12 @@ def create_app(services: Services) -> QuartTrio:
             abort(_json_error(403, ErrorCode.FORBIDDEN, "This needs an admin token"))
 
     async def request_object() -> dict[str, Any]:
-        body = await request.get_json(force=True, silent=True)
+        # Parsed here, not by ``request.get_json``: that decodes the body as UTF-8 outside its
+        # ``silent`` guard, so a body of other bytes was a 500 (found by the API fuzzer).
+        try:
+            body = json.loads(await request.get_data())
+        except (ValueError, RecursionError):  # not UTF-8 (or -16/-32), not JSON, too deep
+            body = None
         if not isinstance(body, dict):
             abort(_json_error(400, ErrorCode.INVALID_CONFIG, "The body must be a JSON object"))
         return {_API_KEYS.get(str(key), str(key)): value for key, value in body.items()}
@@ -182,50 +191,70 @@ def create_app(services: Services) -> QuartTrio:
         response.headers["Cache-Control"] = "no-cache"
         return response
 
+    # One change at a time: each checks the registry, saves to the store in a thread, then
+    # changes the registry. Interleaved, two DELETEs of one stream both passed the check and
+    # the second raised KeyError (a 500), and two POSTs of one id overwrote each other's
+    # saved definition. The body is read before the lock: a slow client holds up no one.
+    changing = trio.Lock()
+
     @app.route("/api/streams", methods=["POST"])
     async def add_stream() -> Any:
         require_admin()
-        config = await parse_definition(await request_object(), None)
-        if services.registry.get(config.id) is not None:
-            message = f'A stream "{config.id}" exists already (PUT /api/streams/{config.id})'
-            return _json_error(409, ErrorCode.STREAM_EXISTS, message, field="id")
-        await trio.to_thread.run_sync(services.store.save, config.id, stream_to_dict(config))
-        stream = services.registry.add(config)
+        body = await request_object()
+        async with changing:
+            config = await parse_definition(body, None)
+            if services.registry.get(config.id) is not None:
+                message = f'A stream "{config.id}" exists already (PUT /api/streams/{config.id})'
+                return _json_error(409, ErrorCode.STREAM_EXISTS, message, field="id")
+            await trio.to_thread.run_sync(services.store.save, config.id, stream_to_dict(config))
+            stream = services.registry.add(config)
         return jsonify(_stream_json(stream.statistics())), 201
 
     @app.route("/api/streams/<stream_id>", methods=["PUT", "PATCH"])
     async def change_stream(stream_id: str) -> Any:
         require_admin()
-        stream = stream_or_404(stream_id)
+        stream_or_404(stream_id)
         body = await request_object()
-        if request.method == "PATCH":
-            # Unmentioned fields keep their values (the source, credentials included).
-            body = {**stream_to_dict(stream.config), **body}
-        config = await parse_definition(body, stream_id)
-        definition = stream_to_dict(config)
-        await trio.to_thread.run_sync(
-            functools.partial(services.store.save, stream_id, definition, enabled=stream.enabled)
-        )
-        stream = services.registry.replace(config)
+        async with changing:
+            stream = stream_or_404(stream_id)  # again: it may be gone by now
+            if request.method == "PATCH":
+                # Unmentioned fields keep their values (the source, credentials included).
+                body = {**stream_to_dict(stream.config), **body}
+            config = await parse_definition(body, stream_id)
+            definition = stream_to_dict(config)
+            await trio.to_thread.run_sync(
+                functools.partial(
+                    services.store.save, stream_id, definition, enabled=stream.enabled
+                )
+            )
+            stream = services.registry.replace(config)
         return jsonify(_stream_json(stream.statistics()))
 
     @app.route("/api/streams/<stream_id>", methods=["DELETE"])
     async def delete_stream(stream_id: str) -> Any:
         require_admin()
-        stream_or_404(stream_id)
-        await trio.to_thread.run_sync(services.store.delete, stream_id)
-        services.registry.remove(stream_id)
+        async with changing:
+            stream_or_404(stream_id)
+            await trio.to_thread.run_sync(services.store.delete, stream_id)
+            services.registry.remove(stream_id)
         return "", 204
 
-    @app.route("/api/streams/<stream_id>/<action>", methods=["POST"])
-    async def start_or_stop_stream(stream_id: str, action: str) -> Any:
+    # Two routes, not one ``<action>`` route: that one also took ``POST …/snapshot.jpg`` (an
+    # HTML 404 instead of a 405) and made every ``Allow`` of that path list POST.
+    @app.route("/api/streams/<stream_id>/start", methods=["POST"])
+    async def start_stream(stream_id: str) -> Any:
+        return await set_enabled(stream_id, True)
+
+    @app.route("/api/streams/<stream_id>/stop", methods=["POST"])
+    async def stop_stream(stream_id: str) -> Any:
+        return await set_enabled(stream_id, False)
+
+    async def set_enabled(stream_id: str, enabled: bool) -> Any:
         require_admin()
-        if action not in ("start", "stop"):
-            abort(404)
-        stream_or_404(stream_id)
-        enabled = action == "start"
-        await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
-        stream = services.registry.set_enabled(stream_id, enabled)
+        async with changing:
+            stream_or_404(stream_id)
+            await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
+            stream = services.registry.set_enabled(stream_id, enabled)
         return jsonify(_stream_json(stream.statistics()))
 
     @app.route("/metrics")
@@ -233,6 +262,12 @@ def create_app(services: Services) -> QuartTrio:
         require_admin()
         # Read in the event loop on purpose: the statistics it reads belong to this thread.
         return Response(services.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.route("/api/openapi.json")
+    async def openapi() -> Any:
+        caller()
+        description = await trio.to_thread.run_sync(_openapi_description)
+        return Response(description, content_type="application/json")
 
     @app.route("/api/stats")
     async def stats() -> Any:
@@ -381,6 +416,12 @@ def _stream_json(stats: StreamStatistics) -> dict[str, Any]:
         "framesDropped": stats.fanout.dropped_frames,
         "encodersOpened": stats.encoders_opened,
     }
+
+
+@functools.cache
+def _openapi_description() -> bytes:
+    """``openapi.json``, the OpenAPI 3.1 description of the routes (package data)."""
+    return importlib.resources.files("mediastream").joinpath("openapi.json").read_bytes()
 
 
 def _count_tasks() -> int:

@@ -21,7 +21,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import hypercorn.config
 import hypercorn.trio
@@ -89,7 +89,8 @@ async def serve(
     hypercorn_compat.install()
     stopped = trio.Event()
     try:
-        async with trio_asyncio.open_loop():
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(_log_asyncio_error)
             changes = ChangeSignal()
             store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
             registry = StreamRegistry(config, changes)
@@ -149,6 +150,24 @@ async def serve(
             log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
     finally:
         stopped.set()
+
+
+def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
+    """Log what asyncio reports about aiortc's tasks instead of raising it.
+
+    trio-asyncio's default handler raises every such report (a task garbage-collected while
+    still pending, an exception no one retrieved) into the loop's nursery, which encloses the
+    whole server: one peer connection's stray task would end every socket and session. That
+    happens when closing a peer is cut off by ``CLOSE_TIMEOUT`` on a loaded machine, leaving
+    its ICE transport's monitor task waiting forever until the garbage collector finds it.
+    """
+    what = context.get("task") or context.get("future") or context.get("handle") or ""
+    log.error(
+        "asyncio: %s %s",
+        context.get("message", "unhandled error"),
+        what,
+        exc_info=context.get("exception"),
+    )
 
 
 def _hypercorn_config(

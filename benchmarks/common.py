@@ -123,11 +123,13 @@ def _keep_playing(port: int, mount: str, playing: threading.Event, stop: threadi
                 return
 
 
-@contextmanager
-def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]:
-    """``mediastream serve`` in its own process; yields (base URL, pid)."""
+def start_mediastream(
+    config_text: str, workdir: Path, *, log_level: str, output: Any = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``mediastream serve`` on a free loopback port with ``config_text`` written to
+    ``workdir``; returns (process, port) once the process runs (see :func:`wait_healthy`)."""
     port = free_port()
-    config = tmp / "bench.toml"
+    config = workdir / "bench.toml"
     config.write_text(config_text)
     process = subprocess.Popen(
         [
@@ -142,21 +144,37 @@ def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]
             "--port",
             str(port),
             "--log-level",
-            os.environ.get("BENCH_LOG_LEVEL", "warning"),
+            log_level,
         ],
         cwd=ROOT,
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
     )
+    return process, port
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Wait until ``/healthz`` answers; exit the script if the server died or never did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]:
+    """``mediastream serve`` in its own process; yields (base URL, pid)."""
+    log_level = os.environ.get("BENCH_LOG_LEVEL", "warning")
+    process, port = start_mediastream(config_text, tmp, log_level=log_level)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.1)
+        wait_healthy(url, process, timeout=20)
         yield url, process.pid
     finally:
         process.terminate()

@@ -67,10 +67,11 @@ from common import (
     SYSTEM_PYTHON,
     _ahead_of_the_load,
     cpu_seconds,
-    free_port,
     get_json,
     print_table,
     rss_bytes,
+    start_mediastream,
+    wait_healthy,
 )
 
 #: Two cameras, two mounts each: five RTSP streams per camera.
@@ -599,41 +600,15 @@ def server_config(streams: list[StreamPlan], data_dir: Path) -> str:
 
 def start_server(config_text: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     """``mediastream serve`` at INFO, its log to a file; returns (process, URL, log path)."""
-    port = free_port()
-    config = workdir / "soak.toml"
-    config.write_text(config_text)
     log_path = workdir / "server.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "mediastream",
-                "serve",
-                "--config",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "info",
-            ],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process, port = start_mediastream(config_text, workdir, log_level="info", output=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            return process, url, log_path
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise SystemExit(f"the server did not start; see {log_path}") from None
-            time.sleep(0.2)
+    try:
+        wait_healthy(url, process, timeout=30)
+    except SystemExit:
+        raise SystemExit(f"the server did not start; see {log_path}") from None
+    return process, url, log_path
 
 
 def server_state(url: str, pid: int) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import socket
 import trio
 from aiortc.codecs.h264 import H264PayloadDescriptor
 
-from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
 from support.servers import (
@@ -20,6 +19,7 @@ from support.servers import (
     make_config,
     start_camera,
     stop_camera,
+    wait_published,
 )
 from support.viewer import open_viewer
 
@@ -40,18 +40,6 @@ def free_port() -> int:
 async def wait_until(server: RunningServer, condition, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(timeout):
         await server.services.changes.wait_until(condition)
-
-
-async def wait_published(stream: Stream, condition, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    """Wait until ``condition()`` holds, checking it as each frame is published."""
-    published = trio.Event()
-    with trio.fail_after(timeout), stream.open_viewer() as probe:
-        while not condition():
-            probe.set_wakeup(published.set)
-            await published.wait()
-            published = trio.Event()
-            while probe.get_nowait() is not None:
-                pass
 
 
 async def test_a_camera_that_restarts_resumes_for_its_viewer_without_renegotiation(

@@ -29,12 +29,11 @@ import pytest
 import trio
 
 from mediastream.media.fanout import SubscriberStatistics
-from mediastream.registry import Stream
 from mediastream.server import RunningServer
 from mediastream.session import StreamSession
 
 from support.netns import NetnsUnavailable, SlowLink, slow_link
-from support.servers import StartServer, make_config
+from support.servers import StartServer, make_config, wait_published
 from support.viewer import open_viewer
 
 SLOW_VIEWER = Path(__file__).parents[1] / "support" / "slow_viewer.py"
@@ -123,18 +122,6 @@ def session_from(server: RunningServer, client: str) -> StreamSession:
     return session
 
 
-async def wait_published(stream: Stream, condition: Any, timeout: float = 30) -> None:
-    """Wait until ``condition()`` holds, checking it as each frame is published."""
-    published = trio.Event()
-    with trio.fail_after(timeout), stream.open_viewer() as probe:
-        while not condition():
-            probe.set_wakeup(published.set)
-            await published.wait()
-            published = trio.Event()
-            while probe.get_nowait() is not None:
-                pass
-
-
 def queue_of(session: StreamSession) -> SubscriberStatistics:
     statistics = session.subscriber_statistics()
     assert statistics is not None
@@ -184,7 +171,9 @@ async def test_a_viewer_whose_link_cannot_keep_up_drops_to_keyframes_alone(
                 fast_before = fast.frames
 
                 # Backpressure turns into drops for the slow viewer...
-                await wait_published(stream, lambda: queue_of(slow_session).dropped_frames > 0)
+                await wait_published(
+                    stream, lambda: queue_of(slow_session).dropped_frames > 0, timeout=30
+                )
                 # ...and it goes on decoding: it resumes at keyframes, more than once.
                 keyframes, frames = slow.get("keyframes"), slow.get("frames")
                 await slow.wait_until(

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import av
+import trio
 
 from mediastream.app import task_names
 from mediastream.config import Config, config_from_dict
+from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
 TESTS = Path(__file__).parents[1]
@@ -130,3 +132,17 @@ def lasting_tasks() -> collections.Counter[str]:
     del names["trio.MemorySendChannel.send"]
     del names["hypercorn.trio.task_group._handle"]
     return names
+
+
+async def wait_published(
+    stream: Stream, condition: Callable[[], bool], timeout: float = 20
+) -> None:
+    """Wait until ``condition()`` holds, checking it as each frame of ``stream`` is published."""
+    published = trio.Event()
+    with trio.fail_after(timeout), stream.open_viewer() as probe:
+        while not condition():
+            probe.set_wakeup(published.set)
+            await published.wait()
+            published = trio.Event()
+            while probe.get_nowait() is not None:
+                pass

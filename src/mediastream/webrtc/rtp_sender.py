@@ -48,6 +48,8 @@ class DirectRtpSender:
         self._sequence = random16() % 32768  # as aiortc: far from wrapping, for SRTP
         self._timestamp_origin = random32()
         self._history: dict[int, bytes] = {}
+        #: the socket the last frame went out on (its buffer says whether it is full)
+        self._last_socket: SrtpSocket | None = None
         # The header is made once; each frame patches its timestamp and send time into it.
         self._header, self._send_time_at = self._header_template()
         self._internals.answer_nacks_with(self._retransmit)
@@ -70,13 +72,15 @@ class DirectRtpSender:
 
     def ready(self) -> bool:
         """Whether the socket takes a frame now: nothing of earlier frames is still waiting in
-        the transport's buffer (the socket returned EAGAIN). Raises ConnectionError once the
-        transport is gone."""
-        return self._srtp_socket().buffered_bytes() == 0
+        the buffer of the socket they went out on (it returned EAGAIN). Cheap on purpose: it
+        runs before every frame; :meth:`send` looks the socket up afresh."""
+        return self._last_socket is None or self._last_socket.buffered_bytes() == 0
 
     def send(self, frame: EncodedFrame) -> None:
         """Send one frame now. Raises ConnectionError once the transport is gone."""
-        socket = self._srtp_socket()
+        # Looked up per frame, not kept from the last one: ICE may nominate another pair, DTLS
+        # may close (then this raises ConnectionError).
+        socket = self._last_socket = SrtpSocket(self._dtls)
         timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
         ntp_now = _ntp_time()
         header = self._header
@@ -99,10 +103,6 @@ class DirectRtpSender:
         self._sequence = sequence
         self._internals.count_sent(ntp_now, timestamp, len(frame.payloads), octets)
 
-    def _srtp_socket(self) -> SrtpSocket:
-        # Looked up per frame, not kept: ICE may nominate another pair, DTLS may close.
-        return SrtpSocket(self._dtls)
-
     async def _retransmit(self, sequence_number: int) -> None:
         raw = self._history.get(sequence_number % RTP_HISTORY_SIZE)
         if raw is None or int.from_bytes(raw[2:4], "big") != sequence_number:
@@ -114,7 +114,7 @@ class DirectRtpSender:
             packet = wrap_rtx(
                 packet, payload_type=payload_type, sequence_number=rtx_sequence, ssrc=self._rtx_ssrc
             )
-        await self._srtp_socket().send_rtp_through_aiortc(packet.serialize(self._extensions))
+        await SrtpSocket(self._dtls).send_rtp_through_aiortc(packet.serialize(self._extensions))
 
 
 def _ntp_time() -> int:

@@ -1,6 +1,6 @@
 """Everything MediaStream changes inside Hypercorn, in one place.
 
-Hypercorn is the stack's HTTP server; three of its behaviours had to change, each a small,
+Hypercorn is the stack's HTTP server; four of its behaviours had to change, each a small,
 upstreamable patch applied by :func:`install` (idempotent) and guarded by
 ``tests/unit/test_hypercorn_compat.py``, which names what moved if an upgrade breaks one:
 
@@ -19,13 +19,20 @@ upstreamable patch applied by :func:`install` (idempotent) and guarded by
    responses never closed the socket. Running ``TCPServer.protocol_send`` shielded lets it
    finish; ``tests/integration/test_http.py`` reads a response to EOF to keep this honest.
 
-Nothing else in MediaStream imports Hypercorn's internals.
+4. **A compressed message is never inflated past the cap.** Hypercorn negotiates
+   permessage-deflate (wsproto's extension), which inflated each read without bound before the
+   message cap was checked: 64 KiB of compressed zeros became 64 MiB (found by the frame
+   fuzzer, ``tests/integration/test_ws_frames.py``). The extension now inflates at most one
+   byte past ``websocket_max_message_size`` per message and then closes with 1009.
+
+Nothing else in MediaStream imports Hypercorn's (or wsproto's) internals.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -33,6 +40,8 @@ import hypercorn.config
 import hypercorn.protocol.ws_stream
 import hypercorn.trio.tcp_server
 import trio
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +54,24 @@ _ORIGINALS: dict[tuple[type, str], Any] = {}
 
 
 def install() -> None:
-    """Apply the three patches (idempotent; the first call in a process does the work)."""
+    """Apply the patches (idempotent; the first call in a process does the work)."""
     server_class = hypercorn.trio.tcp_server.TCPServer
     buffer_class = hypercorn.protocol.ws_stream.WebsocketBuffer
     _patch(server_class, "run", _contained_run)
     _patch(server_class, "protocol_send", _shielded_protocol_send)
     _patch(buffer_class, "extend", _extend_unless_overflowed)
+    # Hypercorn makes the extension by this module-level name in ``Handshake.accept``.
+    setattr(hypercorn.protocol.ws_stream, "PerMessageDeflate", BoundedPerMessageDeflate)  # noqa: B010
+
+
+def limit_inflation(max_message_bytes: int) -> None:
+    """Inflate no compressed WebSocket message beyond ``max_message_bytes``.
+
+    Process-wide, like the patch: with several servers in one process (the tests), the
+    largest of their caps applies to all.
+    """
+    limit = BoundedPerMessageDeflate.max_message_bytes
+    BoundedPerMessageDeflate.max_message_bytes = max(limit or 0, max_message_bytes)
 
 
 def original(cls: type, name: str) -> Any:
@@ -116,6 +137,37 @@ def _extend_unless_overflowed(original: Any) -> Any:
         original(self, event)
 
     return extend
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """wsproto's permessage-deflate, inflating each message at most one byte past the cap."""
+
+    #: set by :func:`limit_inflation`; until then, Hypercorn's own default cap
+    max_message_bytes: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inflated = 0
+
+    def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any, payload_length: int) -> Any:
+        if self._inbound_compressed is None:  # the first frame of a message
+            self._inflated = 0
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        assert self._decompressor is not None
+        cap = self.max_message_bytes or hypercorn.config.Config.websocket_max_message_size
+        room = cap - self._inflated + 1
+        try:
+            inflated = self._decompressor.decompress(bytes(data), room)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(inflated)
+        if self._inflated > cap or self._decompressor.unconsumed_tail:
+            return CloseReason.MESSAGE_TOO_BIG
+        return inflated
 
 
 def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:

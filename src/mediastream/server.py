@@ -184,6 +184,7 @@ def _hypercorn_config(
     hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
+    hypercorn_compat.limit_inflation(hc.websocket_max_message_size)
     # No access log: the signaling socket's URL carries the page's access token.
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")

@@ -56,3 +56,14 @@ def test_the_patches_are_applied_once_per_process() -> None:
     assert hypercorn.trio.tcp_server.TCPServer.run is run
     original = hypercorn_compat.original(hypercorn.trio.tcp_server.TCPServer, "run")
     assert run.__wrapped__ is original
+
+
+def test_wsproto_still_has_what_the_bounded_inflater_reads() -> None:
+    """The bound itself is played against a live server (a deflate bomb, test_ws_frames.py)."""
+    hypercorn_compat.install()
+    deflate = hypercorn.protocol.ws_stream.PerMessageDeflate
+    assert deflate is hypercorn_compat.BoundedPerMessageDeflate, (
+        "Hypercorn no longer makes its permessage-deflate extension by this module-level name"
+    )
+    for name in ("_inbound_compressed", "_inbound_is_compressible", "_decompressor"):
+        assert hasattr(deflate(), name), f"wsproto's PerMessageDeflate has no {name} any more"

@@ -3,8 +3,8 @@
 Two kinds:
 
 - **Events**, counted where they happen: signaling messages by type, errors by code,
-  connections ended by a failure inside the server (by reason), and the offer→answer and
-  offer→first-frame latencies (histograms).
+  connections ended by a failure inside the server or a ping flood (by reason), and the
+  offer→answer and offer→first-frame latencies (histograms).
 - **Levels**, read from the server's own statistics at scrape time by a collector (nothing is
   counted twice, and nothing is paid between scrapes): sockets, sessions per socket, peer
   connections, and per stream its viewers, state, frames and bytes read, RTP packets and bytes
@@ -66,7 +66,8 @@ class Metrics:
         self.connection_failures = Counter(
             "mediastream_connection_failures",
             "Connections (HTTP or WebSocket) ended by a failure inside the server, by the "
-            "exception's class; each ended only its own connection.",
+            "exception's class (each ended only its own connection), or by a limit the HTTP "
+            "server enforces (ping_flood: a socket closed with 1008 for too many pings).",
             ["reason"],
             registry=self.registry,
         )

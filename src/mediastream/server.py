@@ -185,6 +185,9 @@ def _hypercorn_config(
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
     hypercorn_compat.limit_inflation(hc.websocket_max_message_size)
+    # Hypercorn answers pings itself, unseen by the application's message limit: pings are
+    # held to the same rate.
+    hypercorn_compat.limit_pings(hc, config.limits.max_messages_per_second)
     # No access log: the signaling socket's URL carries the page's access token.
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")

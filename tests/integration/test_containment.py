@@ -65,9 +65,13 @@ async def test_any_failure_inside_a_connection_ends_only_that_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """With Hypercorn's bug put back, the connection boundary alone must keep the server up."""
-    buffer_class = hypercorn.protocol.ws_stream.WebsocketBuffer
     hypercorn_compat.install()
-    monkeypatch.setattr(buffer_class, "extend", hypercorn_compat.original(buffer_class, "extend"))
+    # Hypercorn's buffer, and its reading that goes on to the next message after a refused one.
+    for cls, name in (
+        (hypercorn.protocol.ws_stream.WebsocketBuffer, "extend"),
+        (hypercorn.protocol.ws_stream.WSStream, "_handle_events"),
+    ):
+        monkeypatch.setattr(cls, name, hypercorn_compat.original(cls, name))
     server = await start_server(make_config(DEMO_STREAMS, limits={"max_message_bytes": 4096}))
     async with open_viewer(server.ws_url) as bystander:
         playing = await bystander.play("demo-1")

@@ -98,7 +98,7 @@ class _Reader:
     pos: int = 0
     message: int | None = None  # opcode of the message being received
     decoder: codecs.IncrementalDecoder | None = None
-    length: int = 0  # of the message so far: characters for text (as Hypercorn counts), bytes
+    length: int = 0  # bytes of the message so far (text: of the characters decoded so far)
     pongs: list[bytes] = field(default_factory=list)
     messages: int = 0
 
@@ -192,12 +192,14 @@ def predict(data: bytes, hard_cap: int) -> Prediction:
             try:
                 text = r.decoder.decode(payload, final)
             except UnicodeDecodeError as exc:
-                valid = len(payload[: exc.start].decode("utf-8", "ignore"))
+                valid = len(payload[: exc.start].decode("utf-8", "ignore").encode())
                 accept = {"fail:1007"}
                 if r.length + valid > hard_cap:
                     accept.add("1009")
                 return result(accept, "invalid UTF-8 in a text message")
-            r.length += len(text)
+            # The server counts the bytes of whole characters: a character cut between two
+            # fragments counts once its last byte has come.
+            r.length += len(text.encode())
         else:
             r.length += len(payload)
         if r.length > hard_cap:
@@ -777,9 +779,9 @@ async def _observe(ws: RawWebSocket, case: Case) -> Verdict:
         return "reset"
     too_big = "1009" in case.prediction.accept
     if too_big:
-        # The server waits for our close: answer its close frame, and end our side too so the
-        # server need not read our close (once Hypercorn has refused a message it handles one
-        # message per read).
+        # Answer the server's close frame, and end our side too: the refused frame may still be
+        # open (a lying length), so the server might read our close as its payload and only
+        # end the connection after its close-handshake timeout.
         while (frame := await ws.receive_frame()) is not None:
             if frame.opcode == Opcode.CLOSE:
                 await ws.send_close(1000)

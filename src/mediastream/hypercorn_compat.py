@@ -294,16 +294,18 @@ async def _close_for_ping_flood(stream: hypercorn.protocol.ws_stream.WSStream) -
 
 def _send_with_a_bounded_close(original: Any) -> Any:
     async def _send_wsproto_event(self: hypercorn.protocol.ws_stream.WSStream, event: Any) -> None:
-        await original(self, event)
         if (
             isinstance(event, CloseConnection)
-            and self.connection.state is ConnectionState.LOCAL_CLOSING
+            and self.connection.state is ConnectionState.OPEN
             and not hasattr(self, _CLOSED_EVENT_ATTRIBUTE)
         ):
-            # Our close frame went first: the client owes the reply, for a bounded time.
+            # Our close frame goes first: the client owes the reply, for a bounded time. The
+            # clock starts before the frame is sent: a client that reads nothing can hold that
+            # send (shielded, in Hypercorn) for ever, and closing the connection ends it.
             closed = trio.Event()
             setattr(self, _CLOSED_EVENT_ATTRIBUTE, closed)
             self.task_group.spawn(_end_an_unanswered_close, self, closed)
+        await original(self, event)
 
     return _send_wsproto_event
 

@@ -578,9 +578,15 @@ async def test_a_ping_flood_is_closed_with_1008_and_the_bystander_keeps_playing(
         async with open_raw_websocket(harness.url) as ws:
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
+                    # Sent by another task while this one reads: the pongs need a reader.
                     nursery.start_soon(ws.send_raw, flood)
-                    closure = await ws.wait_closed()  # answers the server's close
-        assert closure.code == 1008, closure
+                    while (frame := await ws.receive_frame()) is not None:
+                        if frame.opcode == Opcode.CLOSE:
+                            break
+                # The flood is out (one writer at a time): now answer the close.
+                await ws.send_close(1008)
+                closure = await ws.wait_closed(answer=False)
+        assert (closure.code, closure.how) == (1008, "close frame, eof"), closure
         assert closure.reason == f"more than {per_second} pings a second".encode()
         # A full bucket's worth was answered, in order, then nothing: 3,000 pings at 50 a
         # second would have taken a minute.

@@ -120,7 +120,7 @@ class Bus:
             ),
             0,
         )  # fmt: skip
-        self._last_drop_warning = -math.inf
+        self._last_warning: dict[str, float] = {}
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -249,7 +249,11 @@ class Bus:
             envelope = parse_envelope(data)
         except EnvelopeError as exc:
             self._counts["dropped_invalid"] += 1
-            log.warning('node "%s" dropped a message from the bus: %s', self.node_id, exc)
+            if self._may_warn("invalid"):
+                log.warning(
+                    'node "%s" dropped a message from the bus: %s (%d invalid so far)',
+                    self.node_id, exc, self._counts["dropped_invalid"],
+                )  # fmt: skip
             return
         self._counts["received"] += 1
         if not self._seen.accept(envelope.reply_to, envelope.seq):
@@ -269,9 +273,7 @@ class Bus:
             self._inbox_send.send_nowait(envelope)
         except trio.WouldBlock:
             self._counts["dropped_full"] += 1
-            now = trio.current_time()
-            if now - self._last_drop_warning >= DROP_LOG_INTERVAL:
-                self._last_drop_warning = now
+            if self._may_warn("full"):
                 log.warning(
                     'node "%s": inbox full (%d messages), dropped %s for stream "%s" '
                     "(%d dropped so far)",
@@ -290,6 +292,14 @@ class Bus:
             log.info("reply to a repeated %s not resent: %s", envelope.kind, exc)
             return
         self._counts["replies_resent"] += 1
+
+    def _may_warn(self, about: str) -> bool:
+        """At most one warning per :data:`DROP_LOG_INTERVAL` about each kind of drop."""
+        now = trio.current_time()
+        if now - self._last_warning.get(about, -math.inf) < DROP_LOG_INTERVAL:
+            return False
+        self._last_warning[about] = now
+        return True
 
     def close_inbox(self) -> None:
         """No more messages: the consumer's ``async for`` over :attr:`inbox` ends."""

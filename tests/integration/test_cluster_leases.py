@@ -163,6 +163,7 @@ async def test_a_frozen_owner_wakes_up_to_a_lost_lease_and_never_acts_on_it(
     try:
         assert process.stdout is not None
         held = await trio.to_thread.run_sync(read_event, process, "held", process_events)
+        await trio.to_thread.run_sync(read_event, process, "tick", process_events)  # it acts
         os.kill(process.pid, signal.SIGSTOP)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(10):

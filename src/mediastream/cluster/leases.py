@@ -508,12 +508,15 @@ async def _keep(
         if trio.current_time() >= lease.stop_at:  # no answer in time, or woke up late
             lease._lose(f"not renewed before its deadline ({ttl:g} s lease)")
             return
+        if lease.state is not LeaseState.HELD:  # lost meanwhile, through check()
+            return
         if verdict == "renewed":
             lease._counts["renewals"] += 1
             lease._hold(lease.epoch, sent + ttl - safety_margin)
         elif verdict == "claimed":
-            # The key was gone while our deadline still held (Redis restarted empty): nobody
-            # else could have used the stream, and now it is ours again under a new epoch.
+            # The key was gone while our deadline still held: Redis lost it (restarted
+            # empty). Nobody holds the stream now, and it is ours again under a new epoch
+            # (docs/cluster.md, known limits: the window before this renewal).
             lease._counts["reclaims"] += 1
             log.warning(
                 'node "%s": lease of stream "%s" was missing in Redis; claimed again '

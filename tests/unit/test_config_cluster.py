@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,14 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, key: str, reason: str)
         load(tmp_path, f"[cluster]\n{text}\n")
     assert caught.value.key == key
     assert reason in str(caught.value)
+
+
+def test_a_single_process_never_loads_a_redis_client() -> None:
+    # In a fresh interpreter: this test run itself has imported the cluster package.
+    probe = "import sys, mediastream.app, mediastream.cli; print('coredis' in sys.modules)"
+    paths = [str(Path(__file__).parents[2] / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -13,11 +13,12 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 #                                the real RTSP camera (GStreamer's RTSP server, test patterns,
 #                                x264enc in -ugly, avenc_aac in -libav, timeoverlay in -x)
 #   coturn                       a real TURN server (relay-only playback test)
+#   redis-server                 a real Redis for the cluster tests (leases, the bus)
 #   nodejs                       the JavaScript unit tests (node --test)
 #   python3-venv                 the virtual environment
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    python3-venv chromium ffmpeg coturn \
+    python3-venv chromium ffmpeg coturn redis-server \
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
     gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x

@@ -139,6 +139,24 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several nodes sharing streams through Redis. No ``redis_url``: one
+    process on its own, no Redis (the default)."""
+
+    #: ``redis://host:6379/0``, ``rediss://…`` (TLS) or ``unix:///path/redis.sock``.
+    redis_url: str = ""
+    #: this node's name in the cluster; empty: the host name and the HTTP port (``host-8107``).
+    node_id: str = ""
+    #: where browsers and the other nodes reach this node (``http://10.0.0.5:8107``); empty:
+    #: ``http://`` + the host name + the HTTP port.
+    public_url: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     """Where a stream's media comes from; parsed from the ``source`` string."""
 
@@ -185,6 +203,7 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     streams: tuple[StreamConfig, ...] = ()
 
 
@@ -424,6 +443,7 @@ def _check_ranges(config: Config) -> None:
                 f'"{origin}" is not an origin such as https://wall.example.com (no path)',
                 key=f"security.allowed_origins[{index}]",
             )
+    _check_cluster(config.cluster)
     for index, server in enumerate(config.webrtc.ice_servers):
         if server.secret and (server.username or server.credential):
             raise ConfigError(
@@ -441,6 +461,33 @@ def _check_ranges(config: Config) -> None:
                     f'"{url}" is not a stun:, stuns:, turn: or turns: URL',
                     key=f"webrtc.ice_servers[{index}].urls",
                 )
+
+
+NODE_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_cluster(cluster: ClusterConfig) -> None:
+    if cluster.redis_url and urlsplit(cluster.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f'"{cluster.redis_url}" is not a redis://, rediss:// or unix:// URL',
+            key="cluster.redis_url",
+        )
+    if cluster.node_id and not NODE_ID_PATTERN.fullmatch(cluster.node_id):
+        raise ConfigError(
+            f'"{cluster.node_id}" is not a valid node id (1-64 letters, digits, "_.-", starting '
+            "with a letter or digit)",
+            key="cluster.node_id",
+        )
+    if cluster.public_url and not re.match(r"^https?://[^/\s]+/?$", cluster.public_url):
+        raise ConfigError(
+            f'"{cluster.public_url}" is not a URL such as http://10.0.0.5:8107 (no path)',
+            key="cluster.public_url",
+        )
+    if (cluster.node_id or cluster.public_url) and not cluster.redis_url:
+        raise ConfigError(
+            "node_id and public_url need cluster.redis_url (without it there is no cluster)",
+            key="cluster.redis_url",
+        )
 
 
 # --- a small typed loader: dataclass fields drive validation ---------------------------------

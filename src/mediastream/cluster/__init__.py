@@ -1,0 +1,34 @@
+"""Several MediaStream nodes as one cluster, coordinated through Redis (docs/cluster.md).
+
+Nothing here runs unless ``[cluster] redis_url`` is set: a single process never imports a
+Redis client nor opens a connection.
+
+- :mod:`.leases`: node records and stream ownership (leases with fencing epochs).
+- :mod:`.placement`: which node should own a stream (rendezvous hashing, then load).
+- :mod:`.envelope`: the message format between nodes, parsed once at the edge.
+- :mod:`.bus`: inboxes, request/reply with one retry, de-duplication (no Redis in it).
+- :mod:`.redis_bus`: the bus over Redis pub/sub; :mod:`.redis_client`: the bounded client.
+- :mod:`.errors`: the cluster's exception tree.
+
+Task tree (once wired into the server): the app's lifetime nursery holds the node
+registration task, the bus (its receive pump) and one ``hold_stream_lease`` task per stream
+this node owns, whose loss cancels that stream's ingest scope.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from ..config import ClusterConfig
+
+
+def node_identity(cluster: ClusterConfig, port: int) -> tuple[str, str]:
+    """This node's id and public URL: as configured, else from the host name and HTTP port.
+
+    The default id is ``{host name}-{port}`` so that several nodes on one machine (one per
+    core, each on its own port) differ.
+    """
+    host = socket.gethostname()
+    node_id = cluster.node_id or f"{host}-{port}"
+    public_url = (cluster.public_url or f"http://{host}:{port}").rstrip("/")
+    return node_id, public_url

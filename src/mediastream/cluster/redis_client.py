@@ -1,0 +1,75 @@
+"""The one Redis connection pool of a node (coredis, natively on Trio through anyio).
+
+Every command is bounded in time here, at the call site (:func:`redis_call`), and any way
+Redis can fail (refused, reset, silent) becomes one :class:`RedisUnavailable` that names the
+server and the command. coredis's own retries are off: the callers know their deadlines (a
+lease must not be renewed late) and retry within them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Final, TypeVar
+
+import coredis
+import coredis.exceptions
+import coredis.retry
+import trio
+
+from .errors import RedisUnavailable
+
+#: a command that takes longer is treated as Redis being unavailable.
+COMMAND_TIMEOUT: Final = 2.0  # seconds
+#: opening a TCP connection to Redis.
+CONNECT_TIMEOUT: Final = 1.0  # seconds
+
+Redis = coredis.Redis[str]
+
+_T = TypeVar("_T")
+
+
+@asynccontextmanager
+async def open_redis(url: str) -> AsyncIterator[Redis]:
+    """A coredis client for ``url`` with bounded connect and read times, decoding to ``str``.
+
+    Nothing is sent until the first command, so this succeeds while Redis is down; the
+    commands then raise :class:`RedisUnavailable`.
+
+    Resource handling: the pool's connections close when the block exits.
+    """
+    client: Redis = coredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        stream_timeout=COMMAND_TIMEOUT,
+        retry_policy=coredis.retry.NoRetryPolicy(),
+    )
+    async with client:
+        yield client
+
+
+async def redis_call(client: Redis, what: str, command: Awaitable[_T]) -> _T:
+    """Await one Redis command, at most :data:`COMMAND_TIMEOUT` seconds.
+
+    Args:
+        what: the command in words, for the error (``'renew lease of "cam-1"'``).
+
+    Raises:
+        RedisUnavailable: naming the server and ``what``, when Redis refused the connection,
+            dropped it or did not answer in time.
+    """
+    try:
+        with trio.fail_after(COMMAND_TIMEOUT):
+            return await command
+    except trio.TooSlowError:
+        raise RedisUnavailable(
+            f"Redis at {describe(client)} did not answer {what} within {COMMAND_TIMEOUT:g} s"
+        ) from None
+    except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"Redis at {describe(client)} failed {what}: {exc}") from None
+
+
+def describe(client: Redis) -> str:
+    """Where the client connects, without credentials (``127.0.0.1:6379``)."""
+    return str(client.connection_pool.location)

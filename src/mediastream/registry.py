@@ -38,8 +38,8 @@ from .errors import ConfigError
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
 from .media.snapshot import jpeg_from_keyframe
-from .media.source_contract import SourceInfo, SourceState
-from .media.sources import Timelines, describe_source, run_source
+from .media.source_contract import SourceInfo, SourceState, describe_source
+from .media.sources import Timelines, run_source
 from .store import StoredStream
 
 log = logging.getLogger(__name__)

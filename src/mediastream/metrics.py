@@ -164,7 +164,7 @@ class _LevelsCollector(Collector):
             ),
             "dropped": CounterMetricFamily(
                 "mediastream_stream_frames_dropped",
-                "Frames slow viewers skipped (to the next keyframe).",
+                "Frames lost by viewers that had started playing (a slow link, a full socket).",
                 labels=["stream"],
             ),
             "restarts": CounterMetricFamily(

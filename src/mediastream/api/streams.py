@@ -174,6 +174,7 @@ def stream_json(stats: StreamStatistics) -> dict[str, Any]:
         "source": stats.source,
         "onDemand": stats.on_demand,
         "rtspTransport": stats.rtsp_transport,
+        "rtspTransportInUse": stats.rtsp_transport_in_use,
         "audio": stats.audio,
         "enabled": stats.enabled,
         "origin": stats.origin,
@@ -181,5 +182,6 @@ def stream_json(stats: StreamStatistics) -> dict[str, Any]:
         "framesPublished": stats.fanout.published_frames,
         "bytesPublished": stats.fanout.published_bytes,
         "framesDropped": stats.fanout.dropped_frames,
+        "framesSkipped": stats.fanout.skipped_frames,
         "encodersOpened": stats.encoders_opened,
     }

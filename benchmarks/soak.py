@@ -836,7 +836,7 @@ def classify(
         return "user", "slow viewer skipped to a keyframe (load generator on shared cores)"
     stream_id = message.split(" ", 1)[0].rstrip(":")
     plan = streams.get(stream_id)
-    if record["logger"] == "mediastream.media.sources" and plan is not None:
+    if record["logger"].startswith("mediastream.media.sources") and plan is not None:
         if plan.camera is not None and any(
             down - 1 <= at <= up + KILL_WINDOW_AFTER for down, up in outages.get(plan.camera, [])
         ):

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .app import DEFAULT_STATIC_DIR
+from .api.pages import DEFAULT_STATIC_DIR
 from .auth import Authenticator, AuthError, parse_duration
 from .config import Config, default_config, load_config
 from .errors import ConfigError

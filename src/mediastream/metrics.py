@@ -29,8 +29,8 @@ from prometheus_client.registry import Collector
 from .media.source_contract import SourceState
 
 if TYPE_CHECKING:
-    from .app import ServerStatistics
     from .registry import StreamStatistics
+    from .statistics import ServerStatistics
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -165,7 +165,7 @@ class _LevelsCollector(Collector):
             ),
             "dropped": CounterMetricFamily(
                 "mediastream_stream_frames_dropped",
-                "Frames slow viewers skipped (to the next keyframe).",
+                "Frames lost by viewers that had started playing (a slow link, a full socket).",
                 labels=["stream"],
             ),
             "restarts": CounterMetricFamily(

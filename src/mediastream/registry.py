@@ -3,7 +3,7 @@
 Task tree (inside the app's lifetime nursery)::
 
     StreamRegistry.run               nursery
-    └── supervise(stream) × N        one cancel scope each: deleting or editing a stream
+    └── Stream.supervise × N     one cancel scope each: deleting or editing a stream
         │                            cancels exactly its supervisor
         └── run_source               while wanted; cancelled after the last viewer + grace period
 
@@ -38,8 +38,8 @@ from .errors import ConfigError
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
 from .media.snapshot import jpeg_from_keyframe
-from .media.source_contract import SourceInfo, SourceState
-from .media.sources import Timelines, describe_source, run_source
+from .media.source_contract import SourceInfo, SourceState, describe_source
+from .media.sources import Timelines, run_source
 from .store import StoredStream
 
 log = logging.getLogger(__name__)
@@ -379,39 +379,38 @@ class Stream:
                 self.change_availability(Availability.AVAILABLE)
             return
 
-
-async def supervise(
-    stream: Stream,
-    media: MediaConfig,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run ``stream``'s source whenever it is wanted, until cancelled."""
-    task_status.started()
-    while True:
-        await stream.changes.wait_until(stream._wanted)
-        if stream.config.on_demand and stream.viewers:
-            log.info("%s: first viewer, starting the source", stream.id)
-        stream._set_source_running(True)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    functools.partial(
-                        run_source, stream.config, media, stream, timelines=stream.timelines
+    async def supervise(
+        self,
+        media: MediaConfig,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run this stream's source whenever it is wanted, until cancelled."""
+        task_status.started()
+        while True:
+            await self.changes.wait_until(self._wanted)
+            if self.config.on_demand and self.viewers:
+                log.info("%s: first viewer, starting the source", self.id)
+            self._set_source_running(True)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(
+                        functools.partial(
+                            run_source, self.config, media, self, timelines=self.timelines
+                        )
                     )
-                )
-                await stream._wait_until_unwanted(media.on_demand_grace)
-                if stream.enabled:
-                    log.info(
-                        "%s: no viewers for %.0f s, stopping the source",
-                        stream.id,
-                        media.on_demand_grace,
-                    )
-                nursery.cancel_scope.cancel()
-        finally:
-            # Only now is the source (and its reader thread) really gone.
-            stream._set_source_running(False)
-        stream.fanout.reset()
+                    await self._wait_until_unwanted(media.on_demand_grace)
+                    if self.enabled:
+                        log.info(
+                            "%s: no viewers for %.0f s, stopping the source",
+                            self.id,
+                            media.on_demand_grace,
+                        )
+                    nursery.cancel_scope.cancel()
+            finally:
+                # Only now is the source (and its reader thread) really gone.
+                self._set_source_running(False)
+            self.fanout.reset()
 
 
 class StreamRegistry:
@@ -520,7 +519,7 @@ class StreamRegistry:
                 with scope:
                     if after is not None:
                         await after.wait()  # the previous supervisor has released the source
-                    await supervise(stream, self._media)
+                    await stream.supervise(self._media)
             finally:
                 done.set()
 
@@ -531,7 +530,7 @@ class StreamRegistry:
         if old is not None:
             old[0].cancel()
         self._supervise(stream, after=old[1] if old is not None else None)
-        stream._notify()
+        stream.changes.notify()
 
     def _notify(self) -> None:
         if self._changes is not None:

@@ -29,7 +29,9 @@ import trio
 import trio_asyncio
 
 from . import hypercorn_compat
-from .app import DEFAULT_STATIC_DIR, Services, create_app
+from .api.pages import DEFAULT_STATIC_DIR
+from .api.services import Services
+from .app import create_app
 from .changes import ChangeSignal
 from .config import Config
 from .errors import ConfigError

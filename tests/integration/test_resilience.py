@@ -11,6 +11,7 @@ from aiortc.codecs.h264 import H264PayloadDescriptor
 
 from mediastream.server import RunningServer
 
+from support.http import get
 from support.servers import (
     DEMO_STREAMS,
     Camera,
@@ -124,6 +125,32 @@ async def test_a_late_joiner_starts_from_the_cached_keyframe(
     # The very first picture the viewer decoded is the keyframe that was cached before it
     # joined: byte for byte, as aiortc's depacketizer rebuilt it.
     assert played.access_units[0] == expected
+
+
+async def test_frames_a_joiner_never_got_are_skips_in_the_api_not_drops(
+    start_server: StartServer,
+) -> None:
+    # One demo stream: a 50-frame GOP, so a keyframe is published within any 50 frames.
+    server = await start_server(make_config(DEMO_STREAMS[:1], media={"viewer_queue_frames": 20}))
+    async with open_viewer(server.ws_url) as steady, open_viewer(server.ws_url) as joiner:
+        watched = await steady.play("demo-1")
+        await watched.wait_frames(10)
+        # A joiner that never connects: it subscribed with the offer, and gets no frame.
+        await joiner.play("demo-1", connect=False)
+        # 60 frames published after it joined, a keyframe among them: the frames queued for
+        # it (the cached GOP, then live ones) are passed over for that keyframe.
+        await watched.wait_frames(60)
+        sessions = [s for c in server.services.hub._connections for s in c.sessions.values()]
+        queues = [session.subscriber_statistics() for session in sessions]
+        assert all(queue is not None for queue in queues)
+        late = [q for q in queues if q is not None and q.delivered_frames == 0]
+        playing = [q for q in queues if q is not None and q.delivered_frames > 0]
+        assert len(late) == 1 and len(playing) == 1
+        assert late[0].skipped_frames > 0 and late[0].dropped_frames == 0
+        listed = (await get(server.url + "/api/streams/demo-1")).json()
+    assert listed["framesSkipped"] >= late[0].skipped_frames
+    assert listed["framesDropped"] == 0 == playing[0].dropped_frames
+    assert listed["rtspTransportInUse"] is None  # a test pattern, not an RTSP camera
 
 
 async def test_a_viewer_that_stops_reading_drops_alone(start_server: StartServer) -> None:

@@ -152,6 +152,7 @@ async def test_auto_plays_a_camera_that_takes_only_udp_and_reconnects_over_udp_f
                 await played.wait_frames(10)
         listed = (await get(server.url + "/api/streams/cam")).json()
         assert listed["rtspTransport"] == "auto"
+        assert listed["rtspTransportInUse"] == "udp"  # what "auto" settled on
     finally:
         await trio.to_thread.run_sync(stop_camera, camera)
     notes = [r.getMessage() for r in caplog.records if REFUSAL_NOTE in r.getMessage()]
@@ -168,8 +169,10 @@ async def test_auto_plays_a_camera_that_takes_only_tcp_without_trying_udp(
         server = await start_server(config)
         async with open_viewer(server.ws_url) as viewer:
             await (await viewer.play("cam")).wait_frames(10)
+        listed = (await get(server.url + "/api/streams/cam")).json()
     info = stream_of(server).source_info
     assert info is not None and info.rtsp_transport == "tcp"
+    assert listed["rtspTransportInUse"] == "tcp"
     assert not [r for r in caplog.records if "refused" in r.getMessage()]
 
 

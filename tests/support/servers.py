@@ -14,10 +14,10 @@ from typing import Any
 import av
 import trio
 
-from mediastream.app import task_names
 from mediastream.config import Config, config_from_dict
 from mediastream.registry import Stream
 from mediastream.server import RunningServer
+from mediastream.statistics import task_names
 
 TESTS = Path(__file__).parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: the GStreamer bindings live there

@@ -16,7 +16,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-from mediastream.app import _API_KEYS, DEFAULT_STATIC_DIR, Services, create_app
+from mediastream.api.pages import DEFAULT_STATIC_DIR
+from mediastream.api.services import Services
+from mediastream.api.streams import API_KEYS
+from mediastream.app import create_app
 from mediastream.config import StreamConfig
 from mediastream.errors import ErrorCode
 from mediastream.media.sources import SourceState
@@ -86,7 +89,7 @@ def test_every_operation_has_an_id_and_documents_its_errors() -> None:
 def test_stream_definitions_take_the_configuration_keys_and_their_api_spellings() -> None:
     properties = set(SCHEMAS["StreamFields"]["properties"])
     config_keys = {field.name for field in dataclasses.fields(StreamConfig)}
-    assert properties == config_keys | set(_API_KEYS)
+    assert properties == config_keys | set(API_KEYS)
     assert SCHEMAS["StreamId"]["pattern"] == r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 

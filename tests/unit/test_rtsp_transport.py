@@ -7,6 +7,7 @@ GStreamer test camera (see tests/integration/test_rtsp_cameras.py for the real t
 from __future__ import annotations
 
 import errno
+import threading
 from typing import Any
 
 import av
@@ -14,12 +15,11 @@ import pytest
 
 from mediastream.config import MediaConfig, SourceSpec, config_from_dict
 from mediastream.errors import SourceError
-from mediastream.media import sources
-from mediastream.media.sources import (
+from mediastream.media.sources import rtsp
+from mediastream.media.sources.demux import ffmpeg_reason
+from mediastream.media.sources.rtsp import (
     RtspTransportMemory,
-    _ffmpeg_reason,
-    _open_rtsp,
-    _ReaderThread,
+    open_rtsp,
     rtsp_refusal_reason,
     rtsp_transport_order,
 )
@@ -72,9 +72,11 @@ def stream(transport: str = "auto", url: str = URL) -> Any:
 def open_with(
     camera: FakeCamera, monkeypatch: pytest.MonkeyPatch, config: Any, memory: RtspTransportMemory
 ) -> tuple[object, str]:
-    monkeypatch.setattr(sources.av, "open", camera.open)
-    reader = _ReaderThread("cam (rtsp://***@10.0.0.5:554/live)", memory)
-    return _open_rtsp(config, MediaConfig(), reader)  # type: ignore[return-value]
+    monkeypatch.setattr(rtsp.av, "open", camera.open)
+    label = "cam (rtsp://***@10.0.0.5:554/live)"
+    return open_rtsp(  # type: ignore[return-value]
+        config, MediaConfig(), memory, stop=threading.Event(), label=label
+    )
 
 
 def test_auto_asks_for_tcp_first_then_udp_and_a_forced_transport_alone() -> None:
@@ -200,6 +202,6 @@ def test_camera_statuses_say_what_they_mean(
     error: type[av.FFmpegError], url: str, expected: str
 ) -> None:
     exc = error(-1, "Server returned something", url)
-    reason = _ffmpeg_reason(exc, "timed out", SourceSpec(kind="rtsp", location=url))
+    reason = ffmpeg_reason(exc, "timed out", SourceSpec(kind="rtsp", location=url))
     assert reason.startswith(expected)
     assert "hunter2" not in reason and "admin" not in reason

@@ -9,11 +9,11 @@ from mediastream.config import SourceSpec, config_from_dict
 from mediastream.media.sources import (
     READER_EXIT_WAIT,
     SourceState,
-    _Timeline,
     backoff_delay,
     describe_source,
     run_source,
 )
+from mediastream.media.sources.timeline import Timeline
 from mediastream.redact import redact_text, redact_url
 
 
@@ -33,7 +33,7 @@ def test_backoff_jitter_actually_varies() -> None:
 
 
 def test_timeline_is_continuous_across_a_live_source_restart() -> None:
-    timeline = _Timeline()
+    timeline = Timeline()
     assert timeline.place(1000, now=0.0, paced=False) == 0
     assert timeline.place(4600, now=0.04, paced=False) == 3600
     timeline.new_attempt()
@@ -44,7 +44,7 @@ def test_timeline_is_continuous_across_a_live_source_restart() -> None:
 
 
 def test_timeline_of_a_looping_file_continues_one_frame_later() -> None:
-    timeline = _Timeline()
+    timeline = Timeline()
     timeline.place(0, now=0, paced=True)
     timeline.place(3600, now=0.04, paced=True)
     timeline.new_attempt()
@@ -52,7 +52,7 @@ def test_timeline_of_a_looping_file_continues_one_frame_later() -> None:
 
 
 def test_timeline_never_goes_backwards() -> None:
-    timeline = _Timeline()
+    timeline = Timeline()
     timeline.place(9000, now=0, paced=False)
     assert timeline.place(100, now=0.01, paced=False) == 1
 

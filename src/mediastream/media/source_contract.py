@@ -1,7 +1,9 @@
-"""What a running source reports to its stream: frames, its state, what it found.
+"""What a running source reports to its stream (frames, its state, what it found), and how a
+source is named where people see it.
 
-Kept apart from ``sources.py`` (which needs PyAV and aiortc) so that the control plane —
-the registry, the metrics, the API — can speak of sources without importing a media stack.
+Kept apart from the ``sources`` package (which needs PyAV and aiortc) so that the control
+plane — the registry, the metrics, the API — can speak of sources without importing a media
+stack.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import dataclasses
 import enum
 from typing import Protocol
 
+from ..config import SourceSpec
+from ..redact import redact_url
 from .frames import EncodedFrame
 
 
@@ -49,3 +53,13 @@ class SourceInfo:
     audio_transcoded: bool = False
     #: the RTSP transport the camera is read over ("tcp" or "udp"); None for other sources.
     rtsp_transport: str | None = None
+
+
+def describe_source(spec: SourceSpec) -> str:
+    """The source as it may appear in logs, errors and APIs: credentials removed."""
+    if spec.kind == "rtsp":
+        return redact_url(spec.location)
+    if spec.kind == "pattern":
+        query = "&".join(f"{k}={v}" for k, v in spec.options)
+        return f"pattern:{spec.location}" + (f"?{query}" if query else "")
+    return f"file:{spec.location}"

@@ -1,0 +1,48 @@
+"""What the routes are given: built once per server by ``server.serve``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..changes import ChangeSignal
+from ..metrics import Metrics
+from ..registry import StreamRegistry
+from ..signaling import SignalingHub
+from ..statistics import ServerStatistics, task_names, thread_count
+from ..store import StreamStore
+from ..webrtc.bridge import PeerConnectionFactory
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes need; built once per server by ``server.serve``."""
+
+    registry: StreamRegistry
+    peers: PeerConnectionFactory
+    hub: SignalingHub
+    static_dir: Path
+    store: StreamStore
+    #: notified on every socket, session, peer connection and source change.
+    changes: ChangeSignal
+    metrics: Metrics
+    #: ``security.allowed_origins``
+    allowed_origins: tuple[str, ...] = ()
+
+    def statistics(self) -> ServerStatistics:
+        """The server's moving parts, counted (call from inside the server's Trio run)."""
+        sockets = self.hub.statistics()
+        peers = self.peers.statistics()
+        streams = self.registry.statistics()
+        return ServerStatistics(
+            open_sockets=sockets.open_sockets,
+            sockets_opened=sockets.sockets_opened,
+            open_sessions=sockets.open_sessions,
+            sessions_per_socket=sockets.sessions_per_socket,
+            open_peer_connections=peers.open_peer_connections,
+            peer_connections_opened=peers.peer_connections_opened,
+            sources_running=sum(s.source_running for s in streams),
+            viewers=sum(s.viewers for s in streams),
+            tasks=len(task_names()),
+            threads=thread_count(),
+        )

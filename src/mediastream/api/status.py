@@ -1,0 +1,66 @@
+"""How the server is doing, and what it offers: ``/healthz``, ``/api/stats``, ``/metrics``,
+``/api/openapi.json``."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, jsonify
+
+from ..errors import ErrorCode
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .access import caller, json_error, require_admin
+from .services import Services
+
+
+def status_blueprint(services: Services) -> Blueprint:
+    """Liveness (public), the server's statistics and metrics (admin), the API description."""
+    status = Blueprint("status", __name__)
+
+    @status.route("/healthz")
+    async def healthz() -> Any:
+        return jsonify({"status": "ok"})
+
+    @status.route("/metrics")
+    async def metrics() -> Any:
+        require_admin(services)
+        # Read in the event loop on purpose: the statistics it reads belong to this thread.
+        return Response(services.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+
+    @status.route("/api/openapi.json")
+    async def openapi() -> Any:
+        caller(services)
+        description = await trio.to_thread.run_sync(_openapi_description)
+        return Response(description, content_type="application/json")
+
+    @status.route("/api/stats")
+    async def stats() -> Any:
+        if not caller(services).admin:
+            return json_error(403, ErrorCode.FORBIDDEN, "This needs an admin token")
+        s = services.statistics()
+        return jsonify(
+            {
+                "sockets": {"open": s.open_sockets, "opened": s.sockets_opened},
+                "sessions": s.open_sessions,
+                "sessionsPerSocket": list(s.sessions_per_socket),
+                "peerConnections": {
+                    "open": s.open_peer_connections,
+                    "opened": s.peer_connections_opened,
+                },
+                "sourcesRunning": s.sources_running,
+                "viewers": s.viewers,
+                "tasks": s.tasks,
+                "threads": s.threads,
+            }
+        )
+
+    return status
+
+
+@functools.cache
+def _openapi_description() -> bytes:
+    """``openapi.json``, the OpenAPI 3.1 description of the routes (package data)."""
+    return importlib.resources.files("mediastream").joinpath("openapi.json").read_bytes()

@@ -37,6 +37,7 @@ from common import (
     ROOT,
     cpu_seconds,
     free_port,
+    join_together,
     mediastream_server,
     print_table,
     rss_bytes,
@@ -76,11 +77,11 @@ class ViewerProcesses:
             self.processes.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
-        for process in self.processes:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "READY":
-                self.close()
-                raise SystemExit(f"viewers did not connect ({count})")
+        try:
+            join_together(self.processes, f"{count} viewers")
+        except SystemExit:
+            self.close()
+            raise
 
     def stats(self) -> dict[str, Any]:
         """Every process's counters summed, its lists (answer and keyframe times) joined."""
@@ -133,18 +134,26 @@ def measure(pid: int, seconds: float, viewers: ViewerProcesses | None) -> dict[s
 
 
 @contextmanager
-def server(kind: str, camera_url: str, tmp: Path) -> Iterator[tuple[str, int]]:
-    """The server under test; yields (the viewers' target, its pid)."""
+def server(
+    kind: str,
+    camera_url: str,
+    tmp: Path,
+    *,
+    cpus: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> Iterator[tuple[str, int]]:
+    """The server under test; yields (the viewers' target, its pid). ``cpus``: pin it to
+    these; ``environment``: added to MediaStream's."""
     if kind == "mediastream":
         config = (
             BENCH_LIMITS + f'[[streams]]\nid = "cam"\nsource = "{camera_url}"\non_demand = false\n'
         )
-        with mediastream_server(config, tmp) as (url, pid):
+        with mediastream_server(config, tmp, cpus=cpus, environment=environment) as (url, pid):
             yield url.replace("http", "ws") + "/ws", pid
     elif kind == "janus":
         from janus import running_janus
 
-        with running_janus(camera_url) as (url, pid):
+        with running_janus(camera_url, cpus=cpus) as (url, pid):
             yield url, pid
     else:
         port = free_port()

@@ -5,12 +5,13 @@
 
 Browser-like by default: each viewer sends the RTCP a browser sends (receiver reports with
 loss and jitter, SDES and REMB every second; NACKs on sequence gaps); ``--silent`` makes the
-old counting viewers, which send no RTCP at all. Prints ``READY`` once every viewer's peer is
-connected, then answers each line on stdin ("stats") with one JSON line: packets received and
-lost, answer times, times to the first complete keyframe and the RTCP sent, summed over
-viewers. Quits when
-stdin closes. ``--sockets each`` (default) gives each viewer its own socket, as separate tabs
-do; ``one`` puts them all on one socket (which needs one stream id per viewer: a socket has
+old counting viewers, which send no RTCP at all. Prints ``OFFERS`` when its viewers are ready
+to join and joins on the next line read from stdin (so that the viewers of several processes
+join together); prints ``READY`` once every viewer's peer is connected, then answers each
+further line ("stats") with one JSON line: packets received and lost, answer times, times to
+the first complete keyframe, RTCP sent, summed over viewers. Quits when stdin closes.
+``--sockets each`` (default) gives each viewer its own socket, as separate tabs do; ``one``
+puts them all on one socket (which needs one stream id per viewer: a socket has
 one session per stream).
 """
 
@@ -71,6 +72,7 @@ class _Viewer:
         self.requested_at: float | None = None
         self.keyframe_at: float | None = None
         self.frames: dict[int, _AccessUnit] = {}
+        self.early: list[tuple[bytes, int]] = []
 
     @property
     def expected(self) -> int:
@@ -175,16 +177,26 @@ class _Viewer:
 
     def _look_for_keyframe(self, data: bytes, sequence: int) -> None:
         """Decrypt until the first complete keyframe: every packet of an access unit with an
-        IDR slice, from one that starts a NAL unit to the one with the marker bit."""
-        dtls: Any = self.receiver.transport
+        IDR slice, from one that starts a NAL unit to the one with the marker bit. Packets
+        that come before this peer has its SRTP keys wait for them (aiortc would drop them;
+        a browser, the DTLS server here, has its keys before the server sends any)."""
+        srtp = self.receiver.transport._rx_srtp
+        if srtp is None:
+            if len(self.early) < 1000:
+                self.early.append((data, sequence))
+            return
+        if self.early:
+            early, self.early = self.early, []
+            for packet in early:
+                self._look_for_keyframe(*packet)
         try:
-            plain = dtls._rx_srtp.unprotect(data)
-        except pylibsrtp.Error:  # a replay, or a packet before the keys: skip it
+            plain = srtp.unprotect(data)
+        except pylibsrtp.Error:  # a replay: skip it
             return
         timestamp = int.from_bytes(plain[4:8], "big")
         unit = self.frames.setdefault(timestamp, _AccessUnit())
         unit.add(sequence, plain)
-        if unit.complete():
+        if unit.complete() and self.keyframe_at is None:
             self.keyframe_at = time.perf_counter()
             self.frames.clear()
 
@@ -298,13 +310,14 @@ async def run_janus(api_url: str, count: int) -> None:
             attach = {"janus": "attach", "plugin": "janus.plugin.streaming"}
             handle = (await _janus(f"{api_url}/{session}", attach, limiter))["data"]["id"]
             handles.append((session, handle, await _new_peer(peers, connected)))
+        await _ready_to_join()
+        nursery.start_soon(_report_every_second)
         async with trio.open_nursery() as joining:
             for session, handle, pc in handles:
                 joining.start_soon(_janus_join, api_url, session, handle, pc, limiter)
         with trio.fail_after(60):
             for _ in range(count):
                 await connected.acquire()
-        nursery.start_soon(_report_every_second)
         await _serve_stats(peers)
         nursery.cancel_scope.cancel()
         await _close_all(peers)
@@ -359,16 +372,46 @@ async def _janus_poll(url: str, limiter: trio.CapacityLimiter) -> dict[str, Any]
     return await trio.to_thread.run_sync(get, limiter=limiter)
 
 
+class _Lines:
+    """Lines from stdin, for the process that drives the viewers."""
+
+    def __init__(self) -> None:
+        self._stream = trio.lowlevel.FdStream(sys.stdin.fileno())
+        self._buffer = b""
+
+    async def next(self) -> str | None:
+        """The next line, or None once stdin is closed."""
+        while b"\n" not in self._buffer:
+            data = await self._stream.receive_some()
+            if not data:
+                return None
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+
+STDIN: list[_Lines] = []
+
+
+def _stdin() -> _Lines:
+    if not STDIN:
+        STDIN.append(_Lines())
+    return STDIN[0]
+
+
+async def _ready_to_join() -> None:
+    """Print OFFERS when every viewer is ready to join, and wait for a line saying go: the
+    driver then starts the viewers of all its processes at the same moment."""
+    print("OFFERS", flush=True)
+    if await _stdin().next() is None:
+        raise SystemExit("stdin closed before the viewers joined")
+
+
 async def _serve_stats(peers: list[RTCPeerConnection]) -> None:
     """Print READY, then one JSON line of stats per line read from stdin, until it closes."""
     print("READY", flush=True)
-    stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
-    buffer = b""
-    while data := await stdin.receive_some():
-        buffer += data
-        while b"\n" in buffer:
-            _, buffer = buffer.split(b"\n", 1)
-            print(json.dumps(await _stats(peers)), flush=True)
+    while await _stdin().next() is not None:
+        print(json.dumps(await _stats(peers)), flush=True)
 
 
 async def run(ws_url: str, stream_id: str, count: int, sockets: str) -> None:
@@ -417,25 +460,31 @@ async def _run_viewers(
             offers.append(
                 (connections[index % socket_count], pc, session, json.dumps(message), viewer)
             )
-        sent: dict[str, float] = {}
-        for ws, _, session, offer, viewer in offers:
-            sent[session] = viewer.requested_at = time.perf_counter()
-            await ws.send_message(offer)
-        for _, pc, session, _, _ in offers:
-            arrived, box = answers[session]
-            with trio.fail_after(60):
-                await arrived.wait()
-            answer_sdp, answered_at = box
-            ANSWER_TIMES.append(answered_at - sent[session])
-            await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
-                RTCSessionDescription(sdp=answer_sdp, type="answer")
-            )
+        await _ready_to_join()
+        nursery.start_soon(_report_every_second)
+        async with trio.open_nursery() as answering:
+            for ws, pc, session, offer, viewer in offers:
+                viewer.requested_at = time.perf_counter()
+                await ws.send_message(offer)
+                answering.start_soon(_take_answer, pc, answers[session], viewer.requested_at)
         with trio.fail_after(120):
             for _ in range(count):
                 await connected.acquire()
-        nursery.start_soon(_report_every_second)
         await _serve_stats(peers)
         nursery.cancel_scope.cancel()
+
+
+async def _take_answer(
+    pc: RTCPeerConnection, answer: tuple[trio.Event, list[Any]], sent_at: float
+) -> None:
+    arrived, box = answer
+    with trio.fail_after(60):
+        await arrived.wait()
+    answer_sdp, answered_at = box
+    ANSWER_TIMES.append(answered_at - sent_at)
+    await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
+        RTCSessionDescription(sdp=answer_sdp, type="answer")
+    )
 
 
 async def _open_socket(

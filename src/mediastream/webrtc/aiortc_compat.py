@@ -16,7 +16,8 @@ What is used, and why:
   packet history); its public ``send()`` is wrapped to learn when DTLS is up.
 - ``RTCDtlsTransport``: its state, its outgoing SRTP context and ``_send_rtp``.
 - ``aioice.Connection._nominated``: the selected candidate pair, whose asyncio datagram
-  transport carries the packets (and whose write buffer tells when the socket is full).
+  transport carries the packets (and whose write buffer tells when the socket is full);
+  that transport's ``_buffer`` and socket, to ``sendto`` directly while nothing waits.
 - ``H264Encoder._packetize``: RFC 6184 packetization (single NAL units, STAP-A, FU-A).
 
 And three fixes that belong in the dependencies, applied at run time by :func:`install` (each
@@ -39,6 +40,7 @@ behaviour and fails if the dependency changes under it):
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import heapq
 from collections.abc import Awaitable, Callable, Iterable
@@ -101,6 +103,17 @@ async def missing_internals() -> list[str]:
             missing.append("aioice.Connection._nominated")
     finally:
         await pc.close()
+    # asyncio's datagram transport, which SrtpSocket.send bypasses while it holds nothing
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+    )
+    try:
+        if not isinstance(getattr(transport, "_buffer", None), collections.deque):
+            missing.append("asyncio datagram transport ._buffer")
+        if not hasattr(transport.get_extra_info("socket"), "_sock"):
+            missing.append("asyncio TransportSocket._sock")
+    finally:
+        transport.close()
     return missing
 
 
@@ -180,17 +193,49 @@ class SrtpSocket:
         internals: Any = dtls
         if internals._state != DtlsState.CONNECTED:
             raise ConnectionError("Cannot send encrypted RTP, not connected")
-        pair = internals.transport._connection._nominated.get(1)
+        nominated = internals.transport._connection._nominated
+        pair = nominated.get(1)
         if pair is None:
             raise ConnectionError("Cannot send data, not connected")
         self._dtls = internals
+        self._nominated = nominated
+        self._pair = pair
         self._protect = internals._tx_srtp.protect
         self._transport = pair.protocol.transport
+        self._socket = self._transport.get_extra_info("socket")._sock  # the socket itself
         self._address = pair.remote_addr
 
+    @classmethod
+    def of(cls, dtls: RTCDtlsTransport, last: SrtpSocket | None) -> SrtpSocket:
+        """``last`` if it is still the transport's way out (DTLS connected, the same pair
+        nominated), else a new one: cheaper than :class:`SrtpSocket` per frame.
+
+        Raises:
+            ConnectionError: the transport is not (or no longer) connected.
+        """
+        if (
+            last is not None
+            and last._dtls is dtls
+            and last._dtls._state == DtlsState.CONNECTED
+            and last._nominated.get(1) is last._pair
+        ):
+            return last
+        return cls(dtls)
+
     def send(self, packet: bytes) -> None:
-        """Protect and send one RTP packet now (asyncio buffers it if the socket is full)."""
-        self._transport.sendto(self._protect(packet), self._address)
+        """Protect and send one RTP packet now. Straight to the socket while asyncio's
+        datagram transport has nothing waiting (its ``sendto`` does the same, with more
+        Python around it); through the transport otherwise, or when the socket refuses
+        (EAGAIN: the transport buffers it and waits for the socket; an error: it reports)."""
+        data = self._protect(packet)
+        transport = self._transport
+        if not transport._buffer:
+            try:
+                self._socket.sendto(data, self._address)
+                return
+            except OSError:
+                pass
+        transport.sendto(data, self._address)
 
     def buffered_bytes(self) -> int:
         """Bytes waiting in the datagram transport because the socket would block (EAGAIN)."""

@@ -65,7 +65,7 @@ class ViewerProcesses:
         per_process: int,
         *,
         janus: bool,
-        options: list[str] = [],  # noqa: B006 (never mutated)
+        options: tuple[str, ...] | list[str] = (),
         cpus: str | None = None,
     ) -> None:
         self.processes: list[subprocess.Popen[str]] = []

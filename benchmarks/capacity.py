@@ -26,6 +26,7 @@ from common import (
     ROOT,
     cpu_seconds,
     get_json,
+    join_together,
     mediastream_server,
     print_table,
     rss_bytes,
@@ -102,10 +103,7 @@ def main() -> None:
                 for n in range(args.cameras)
             ]
             try:
-                for process in processes:
-                    assert process.stdout is not None
-                    if process.stdout.readline().strip() != "READY":
-                        raise SystemExit("viewers did not connect")
+                join_together(processes, "capacity")
                 settled = wait_settled(url)
                 received_before, lost_before = stats(processes)
                 published_before, dropped_before = source_frames(url)

@@ -124,15 +124,23 @@ def _keep_playing(port: int, mount: str, playing: threading.Event, stop: threadi
 
 
 def start_mediastream(
-    config_text: str, workdir: Path, *, log_level: str, output: Any = None
+    config_text: str,
+    workdir: Path,
+    *,
+    log_level: str,
+    output: Any = None,
+    cpus: str | None = None,
+    environment: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``mediastream serve`` on a free loopback port with ``config_text`` written to
-    ``workdir``; returns (process, port) once the process runs (see :func:`wait_healthy`)."""
+    ``workdir``; returns (process, port) once the process runs (see :func:`wait_healthy`).
+    ``cpus``: pin it to these (``taskset -c``); ``environment``: added to the server's."""
     port = free_port()
     config = workdir / "bench.toml"
     config.write_text(config_text)
     process = subprocess.Popen(
         [
+            *(["taskset", "-c", cpus] if cpus else []),
             PYTHON,
             "-m",
             "mediastream",
@@ -147,6 +155,7 @@ def start_mediastream(
             log_level,
         ],
         cwd=ROOT,
+        env={**os.environ, **(environment or {})},
         stdout=output,
         stderr=subprocess.STDOUT if output is not None else None,
     )
@@ -168,10 +177,18 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], *, timeout: float) 
 
 
 @contextmanager
-def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]:
+def mediastream_server(
+    config_text: str,
+    tmp: Path,
+    *,
+    cpus: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> Iterator[tuple[str, int]]:
     """``mediastream serve`` in its own process; yields (base URL, pid)."""
     log_level = os.environ.get("BENCH_LOG_LEVEL", "warning")
-    process, port = start_mediastream(config_text, tmp, log_level=log_level)
+    process, port = start_mediastream(
+        config_text, tmp, log_level=log_level, cpus=cpus, environment=environment
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, timeout=20)
@@ -179,6 +196,23 @@ def mediastream_server(config_text: str, tmp: Path) -> Iterator[tuple[str, int]]
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+def join_together(processes: list[subprocess.Popen[str]], what: str) -> None:
+    """Let ``viewers.py`` processes join together: wait until each has its viewers ready to
+    join (OFFERS), tell all to go, and wait until each has every viewer connected (READY)."""
+    for process in processes:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "OFFERS":
+            raise SystemExit(f"viewers did not get ready to join ({what})")
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    for process in processes:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "READY":
+            raise SystemExit(f"viewers did not connect ({what})")
 
 
 def get_json(url: str) -> Any:

@@ -4,8 +4,9 @@
                                 [--mount /h264-busy] [--seconds 20] [--json results.json]
 
 The server runs in its own process with the camera always on; the viewers run in other
-processes (aiortc peers that count RTP packets and do nothing else: no decoding, no jitter
-buffer, no NACKs, so the load generator stays light and lost packets stay lost). For each
+processes (aiortc peers that do not decrypt or decode, but send the RTCP a browser sends:
+receiver reports, REMB, NACKs on gaps; ``--silent`` for viewers that only count packets,
+``--drop 0.01`` to lose 1 % of packets on arrival and have them NACKed). For each
 viewer count the server's CPU time (user + system, /proc) is measured over a window, with the
 packets the viewers received and the ones they missed (sequence-number gaps). The 0-viewer
 row is the camera ingest alone; "per viewer" and "µs/packet" subtract it.
@@ -36,6 +37,7 @@ from common import (
     ROOT,
     cpu_seconds,
     free_port,
+    join_together,
     mediastream_server,
     print_table,
     rss_bytes,
@@ -43,34 +45,55 @@ from common import (
 )
 
 VIEWERS = str(ROOT / "benchmarks" / "viewers.py")
+#: What each viewer process counts (see viewers.py's ``_stats``).
+COUNTERS = (
+    "packetsReceived",
+    "packetsLost",
+    "rtcpSent",
+    "nacksSent",
+    "retransmissionsReceived",
+)
 
 
 class ViewerProcesses:
     """N viewers spread over processes of at most ``per_process`` each."""
 
-    def __init__(self, target: str, count: int, per_process: int, *, janus: bool) -> None:
+    def __init__(
+        self,
+        target: str,
+        count: int,
+        per_process: int,
+        *,
+        janus: bool,
+        options: tuple[str, ...] | list[str] = (),
+        cpus: str | None = None,
+    ) -> None:
         self.processes: list[subprocess.Popen[str]] = []
+        pin = ["taskset", "-c", cpus] if cpus else []
         for index in range(math.ceil(count / per_process)):
             share = min(per_process, count - index * per_process)
-            command = [PYTHON, VIEWERS, target, "cam", str(share)] + (["--janus"] if janus else [])
+            command = [*pin, PYTHON, VIEWERS, target, "cam", str(share), *options]
+            command += ["--janus"] if janus else []
             self.processes.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
-        for process in self.processes:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "READY":
-                self.close()
-                raise SystemExit(f"viewers did not connect ({count})")
+        try:
+            join_together(self.processes, f"{count} viewers")
+        except SystemExit:
+            self.close()
+            raise
 
-    def stats(self) -> dict[str, int]:
-        totals = {"packetsReceived": 0, "packetsLost": 0}
+    def stats(self) -> dict[str, Any]:
+        """Every process's counters summed, its lists (answer and keyframe times) joined."""
+        totals: dict[str, Any] = {key: 0 for key in COUNTERS}
+        totals.update(answerSeconds=[], keyframeSeconds=[])
         for process in self.processes:
             assert process.stdin is not None and process.stdout is not None
             process.stdin.write("stats\n")
             process.stdin.flush()
             line = json.loads(process.stdout.readline())
-            for key in totals:
-                totals[key] += line[key]
+            for key, value in line.items():
+                totals[key] += value
         return totals
 
     def cpu_seconds(self) -> float:
@@ -87,7 +110,7 @@ class ViewerProcesses:
 
 
 def measure(pid: int, seconds: float, viewers: ViewerProcesses | None) -> dict[str, float]:
-    before = viewers.stats() if viewers else {"packetsReceived": 0, "packetsLost": 0}
+    before = viewers.stats() if viewers else dict.fromkeys(COUNTERS, 0)
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
     client_before = viewers.cpu_seconds() if viewers else 0.0
     time.sleep(seconds)
@@ -98,6 +121,10 @@ def measure(pid: int, seconds: float, viewers: ViewerProcesses | None) -> dict[s
     packets = after["packetsReceived"] - before["packetsReceived"]
     lost = after["packetsLost"] - before["packetsLost"]
     return {
+        **{
+            f"{key}_per_s": (after[key] - before[key]) / wall
+            for key in ("rtcpSent", "nacksSent", "retransmissionsReceived")
+        },
         "cpu_percent": 100 * (cpu_after - cpu_before) / wall,
         "packets_per_s": packets / wall,
         "loss_percent": 100 * lost / max(1, packets + lost),
@@ -107,18 +134,26 @@ def measure(pid: int, seconds: float, viewers: ViewerProcesses | None) -> dict[s
 
 
 @contextmanager
-def server(kind: str, camera_url: str, tmp: Path) -> Iterator[tuple[str, int]]:
-    """The server under test; yields (the viewers' target, its pid)."""
+def server(
+    kind: str,
+    camera_url: str,
+    tmp: Path,
+    *,
+    cpus: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> Iterator[tuple[str, int]]:
+    """The server under test; yields (the viewers' target, its pid). ``cpus``: pin it to
+    these; ``environment``: added to MediaStream's."""
     if kind == "mediastream":
         config = (
             BENCH_LIMITS + f'[[streams]]\nid = "cam"\nsource = "{camera_url}"\non_demand = false\n'
         )
-        with mediastream_server(config, tmp) as (url, pid):
+        with mediastream_server(config, tmp, cpus=cpus, environment=environment) as (url, pid):
             yield url.replace("http", "ws") + "/ws", pid
     elif kind == "janus":
         from janus import running_janus
 
-        with running_janus(camera_url) as (url, pid):
+        with running_janus(camera_url, cpus=cpus) as (url, pid):
             yield url, pid
     else:
         port = free_port()
@@ -139,7 +174,7 @@ def server(kind: str, camera_url: str, tmp: Path) -> Iterator[tuple[str, int]]:
 
 
 def run(
-    kind: str, mount: str, counts: list[int], seconds: float, per_process: int
+    kind: str, mount: str, counts: list[int], seconds: float, per_process: int, options: list[str]
 ) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     with rtsp_camera() as camera_port, tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +184,9 @@ def run(
             ingest = measure(pid, seconds, None)
             results.append({"viewers": 0, **ingest})
             for count in counts:
-                viewers = ViewerProcesses(target, count, per_process, janus=kind == "janus")
+                viewers = ViewerProcesses(
+                    target, count, per_process, janus=kind == "janus", options=options
+                )
                 try:
                     time.sleep(2)
                     row = measure(pid, seconds, viewers)
@@ -175,9 +212,12 @@ def main() -> None:
     parser.add_argument("--mount", default="/h264-busy")
     parser.add_argument("--per-process", type=int, default=25, help="viewers per load process")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--silent", action="store_true", help="viewers send no RTCP (old mode)")
+    parser.add_argument("--drop", type=float, default=0.0, help="viewers lose this fraction")
     args = parser.parse_args()
     counts = [int(n) for n in args.viewers.split(",")]
-    results = run(args.server, args.mount, counts, args.seconds, args.per_process)
+    options = ["--silent"] if args.silent else ["--drop", str(args.drop)]
+    results = run(args.server, args.mount, counts, args.seconds, args.per_process, options)
 
     print(
         f"\nFan-out: {args.server}, one RTSP camera ({args.mount}); CPU in % of one core, "
@@ -185,11 +225,12 @@ def main() -> None:
     )
     print_table(
         ["viewers", "server CPU %", "per viewer %", "µs/packet", "packets/s", "loss %",
-         "server RSS MB", "viewers' CPU %"],
+         "server RSS MB", "viewers' CPU %", "RTCP/s", "NACKs/s", "RTX/s"],
         [
             [r["viewers"], r["cpu_percent"], r.get("per_viewer_cpu_percent", "-"),
              r.get("us_per_packet", "-"), r["packets_per_s"], r["loss_percent"], r["rss_mb"],
-             r["client_cpu_percent"]]
+             r["client_cpu_percent"], r["rtcpSent_per_s"], r["nacksSent_per_s"],
+             r["retransmissionsReceived_per_s"]]
             for r in results
         ],
     )  # fmt: skip

@@ -76,8 +76,9 @@ camera: {{
 
 
 @contextmanager
-def running_janus(rtsp_url: str) -> Iterator[tuple[str, int]]:
-    """Janus restreaming ``rtsp_url``; yields (HTTP API URL, pid)."""
+def running_janus(rtsp_url: str, *, cpus: str | None = None) -> Iterator[tuple[str, int]]:
+    """Janus restreaming ``rtsp_url``; yields (HTTP API URL, pid). ``cpus``: pin it to these
+    (``taskset -c``)."""
     binary = shutil.which("janus")
     if binary is None:
         raise SystemExit("Janus is not installed: apt-get install janus")
@@ -85,7 +86,10 @@ def running_janus(rtsp_url: str) -> Iterator[tuple[str, int]]:
     with tempfile.TemporaryDirectory() as folder:
         _configuration(Path(folder), rtsp_url, port)
         process = subprocess.Popen(
-            [binary, "-F", folder, "-C", f"{folder}/janus.jcfg", "--disable-colors"],
+            [
+                *(["taskset", "-c", cpus] if cpus else []),
+                *[binary, "-F", folder, "-C", f"{folder}/janus.jcfg", "--disable-colors"],
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

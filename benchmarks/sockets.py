@@ -28,7 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_LIMITS, PYTHON, ROOT, get_json, mediastream_server, print_table, rss_bytes
+from common import (
+    BENCH_LIMITS,
+    PYTHON,
+    ROOT,
+    get_json,
+    join_together,
+    mediastream_server,
+    print_table,
+    rss_bytes,
+)
 
 #: A camera as light as one can be, so the figures are the sockets' and sessions' own.
 TINY_PATTERN = "pattern:testsrc?size=64x64&fps=1&kbps=20&gop=5"
@@ -111,8 +120,7 @@ def viewers_case(
     )
     assert process.stdin is not None and process.stdout is not None
     try:
-        if process.stdout.readline().strip() != "READY":
-            raise SystemExit(f"viewers did not connect ({sockets})")
+        join_together([process], sockets)
         time.sleep(3)
         state = server_state(url, pid)
         process.stdin.write("stats\n")

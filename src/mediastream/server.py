@@ -39,6 +39,7 @@ from .metrics import Metrics
 from .registry import StreamRegistry
 from .signaling import SignalingHub
 from .store import StreamStore
+from .webrtc import aiortc_compat
 from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ async def serve(
     if not await trio.Path(static_dir).is_dir():
         raise ConfigError(f"static files folder not found: {static_dir}")
     hypercorn_compat.install()
+    aiortc_compat.install()
     stopped = trio.Event()
     try:
         async with trio_asyncio.open_loop() as loop:

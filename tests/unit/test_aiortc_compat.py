@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
 import trio_asyncio
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcdtlstransport import RTCCertificate
 
 from mediastream.webrtc import aiortc_compat
 
@@ -21,3 +31,125 @@ def test_h264_is_cut_into_rtp_payloads_as_aiortc_cuts_it() -> None:
     assert single == small  # one NAL unit that fits: sent as it is
     fragments = aiortc_compat.packetize_h264([large])
     assert len(fragments) == 3 and all(f[0] & 0x1F == 28 for f in fragments)  # FU-A
+
+
+# --- the run-time fixes to trio-asyncio and aiortc (aiortc_compat.install) --------------------
+
+
+@pytest.fixture
+def stock_then_fixed() -> Iterator[None]:
+    """Stock trio-asyncio and aiortc for the test's first part; the fixes installed after
+    (they stay installed: every server of the test session installs them)."""
+    aiortc_compat.uninstall()
+    try:
+        yield
+    finally:
+        aiortc_compat.install()
+
+
+async def _rounds_to_run(loop: Any, callbacks: int) -> int:
+    """Trio scheduler rounds (checkpoints of this task) until ``callbacks`` asyncio callbacks
+    queued at once have all run."""
+    ran: list[int] = []
+    for index in range(callbacks):
+        loop.call_soon(ran.append, index)
+    rounds = 0
+    while len(ran) < callbacks:
+        await trio.lowlevel.checkpoint()
+        rounds += 1
+    assert ran == list(range(callbacks)), "callbacks ran out of order"
+    return rounds
+
+
+async def test_trio_asyncio_runs_every_ready_callback_in_one_trio_round(
+    stock_then_fixed: None,
+) -> None:
+    async with trio_asyncio.open_loop() as loop:
+        stock = await _rounds_to_run(loop, 50)
+        aiortc_compat.install()
+        fixed = await _rounds_to_run(loop, 50)
+    assert stock >= 40, f"stock trio-asyncio ran 50 callbacks in {stock} rounds: fixed upstream?"
+    assert fixed <= 3, f"50 ready callbacks took {fixed} Trio rounds with the fix"
+
+
+async def test_trio_asyncio_fix_keeps_callbacks_scheduled_by_callbacks_for_the_next_round(
+    aio_loop: None,
+) -> None:
+    aiortc_compat.install()
+    loop = asyncio.get_event_loop()
+    order: list[str] = []
+
+    def first() -> None:
+        order.append("first")
+        loop.call_soon(order.append, "scheduled by first")
+
+    loop.call_soon(first)
+    loop.call_soon(order.append, "second")
+    while len(order) < 3:
+        await trio.lowlevel.checkpoint()
+    assert order == ["first", "second", "scheduled by first"]
+
+
+def test_a_receiver_builds_its_bandwidth_estimator_only_when_rtp_arrives() -> None:
+    aiortc_compat.install()
+    lazy = aiortc_compat._LazyRemoteBitrateEstimator()
+    real = RemoteBitrateEstimator()
+    assert lazy._estimator is None  # what a server's send-only receiver keeps: nothing
+    for n in range(200):  # 40 ms of 1 200-byte packets every 1 ms, abs-send-time ticking
+        arrival, send_time = 1_000 + n, (n * 262) & 0xFFFFFF
+        assert lazy.add(arrival, send_time, 1_200, 1234) == real.add(
+            arrival, send_time, 1_200, 1234
+        )
+    assert isinstance(lazy._estimator, RemoteBitrateEstimator)
+
+
+async def test_receivers_get_the_lazy_estimator_and_peers_share_one_certificate(
+    aio_loop: None,
+) -> None:
+    aiortc_compat.install()
+
+    async def two_peers() -> list[RTCPeerConnection]:
+        return [RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2)]
+
+    first, second = await trio_asyncio.aio_as_trio(two_peers)()
+    try:
+        receiver: Any = first.addTransceiver("video", direction="sendonly").receiver
+        estimator = receiver._RTCRtpReceiver__remote_bitrate_estimator
+        assert isinstance(estimator, aiortc_compat._LazyRemoteBitrateEstimator)
+        assert estimator._estimator is None
+        fingerprints = [_fingerprint(pc) for pc in (first, second)]
+        assert fingerprints[0] == fingerprints[1]
+        # ...and DTLS still works between two peers with that one certificate and context.
+        channel = first.createDataChannel("check")
+        opened = trio.Event()
+        channel.on("open", opened.set)
+        await trio_asyncio.aio_as_trio(_connect)(first, second)
+        with trio.fail_after(20):
+            await opened.wait()
+    finally:
+        for pc in (first, second):
+            await trio_asyncio.aio_as_trio(pc.close)()
+
+
+def _fingerprint(pc: RTCPeerConnection) -> str:
+    internals: Any = pc
+    [certificate] = internals._RTCPeerConnection__certificates
+    return str(certificate.getFingerprints()[0].value)
+
+
+async def _connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    await offerer.setRemoteDescription(answerer.localDescription)
+
+
+def test_the_shared_certificate_is_renewed_before_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    aiortc_compat.install()
+    first = RTCCertificate.generateCertificate()
+    assert RTCCertificate.generateCertificate() is first
+    monkeypatch.setattr(aiortc_compat, "CERTIFICATE_RENEWAL", datetime.timedelta(days=365))
+    renewed = RTCCertificate.generateCertificate()
+    assert renewed is not first and renewed.expires > datetime.datetime.now(datetime.UTC)

@@ -16,22 +16,49 @@ What is used, and why:
   packet history); its public ``send()`` is wrapped to learn when DTLS is up.
 - ``RTCDtlsTransport``: its state, its outgoing SRTP context and ``_send_rtp``.
 - ``aioice.Connection._nominated``: the selected candidate pair, whose asyncio datagram
-  transport carries the packets (and whose write buffer tells when the socket is full).
+  transport carries the packets (and whose write buffer tells when the socket is full);
+  that transport's ``_buffer`` and socket, to ``sendto`` directly while nothing waits.
 - ``H264Encoder._packetize``: RFC 6184 packetization (single NAL units, STAP-A, FU-A).
+
+And three fixes that belong in the dependencies, applied at run time by :func:`install` (each
+written so that it could go upstream as it is, and each with a test that proves the
+behaviour and fails if the dependency changes under it):
+
+- **trio-asyncio runs every ready asyncio callback per Trio round**, not one
+  (:func:`_main_loop_one`). Stock trio-asyncio 0.16 takes one callback from its queue per
+  round of Trio's scheduler, so each aiortc step (every RTCP packet, STUN check and DTLS
+  record passes through several) waits for a whole scheduler round, and negotiation bursts and
+  closes crawl behind everything else queued.
+- **aiortc builds a receiver's bandwidth estimator when RTP first arrives**, not for every
+  receiver (:class:`_LazyRemoteBitrateEstimator`): a server's transceivers only send, yet
+  each built a ``RemoteBitrateEstimator`` with a thousand rate buckets (~100 KB, ~0.6 ms).
+- **One DTLS certificate per process** (:func:`_shared_certificate`), as Janus and browsers
+  keep one: aiortc made a new ECDSA key and certificate, and an SSL context from them, for
+  every peer connection (~0.5 ms each). The fingerprint still goes in every answer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import datetime
+import heapq
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiortc import RTCPeerConnection, RTCRtpSender
+import aiortc.rtcrtpreceiver
+import sniffio
+import trio
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.h264 import H264Encoder
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtp import HeaderExtensionsMap
+from trio_asyncio._base import BaseTrioEventLoop
+from trio_asyncio._handles import AsyncHandle
 
 #: Private attributes of an ``RTCRtpSender`` this module reads or writes.
 SENDER_ATTRIBUTES: Final = (
@@ -76,6 +103,17 @@ async def missing_internals() -> list[str]:
             missing.append("aioice.Connection._nominated")
     finally:
         await pc.close()
+    # asyncio's datagram transport, which SrtpSocket.send bypasses while it holds nothing
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+    )
+    try:
+        if not isinstance(getattr(transport, "_buffer", None), collections.deque):
+            missing.append("asyncio datagram transport ._buffer")
+        if not hasattr(transport.get_extra_info("socket"), "_sock"):
+            missing.append("asyncio TransportSocket._sock")
+    finally:
+        transport.close()
     return missing
 
 
@@ -155,17 +193,49 @@ class SrtpSocket:
         internals: Any = dtls
         if internals._state != DtlsState.CONNECTED:
             raise ConnectionError("Cannot send encrypted RTP, not connected")
-        pair = internals.transport._connection._nominated.get(1)
+        nominated = internals.transport._connection._nominated
+        pair = nominated.get(1)
         if pair is None:
             raise ConnectionError("Cannot send data, not connected")
         self._dtls = internals
+        self._nominated = nominated
+        self._pair = pair
         self._protect = internals._tx_srtp.protect
         self._transport = pair.protocol.transport
+        self._socket = self._transport.get_extra_info("socket")._sock  # the socket itself
         self._address = pair.remote_addr
 
+    @classmethod
+    def of(cls, dtls: RTCDtlsTransport, last: SrtpSocket | None) -> SrtpSocket:
+        """``last`` if it is still the transport's way out (DTLS connected, the same pair
+        nominated), else a new one: cheaper than :class:`SrtpSocket` per frame.
+
+        Raises:
+            ConnectionError: the transport is not (or no longer) connected.
+        """
+        if (
+            last is not None
+            and last._dtls is dtls
+            and last._dtls._state == DtlsState.CONNECTED
+            and last._nominated.get(1) is last._pair
+        ):
+            return last
+        return cls(dtls)
+
     def send(self, packet: bytes) -> None:
-        """Protect and send one RTP packet now (asyncio buffers it if the socket is full)."""
-        self._transport.sendto(self._protect(packet), self._address)
+        """Protect and send one RTP packet now. Straight to the socket while asyncio's
+        datagram transport has nothing waiting (its ``sendto`` does the same, with more
+        Python around it); through the transport otherwise, or when the socket refuses
+        (EAGAIN: the transport buffers it and waits for the socket; an error: it reports)."""
+        data = self._protect(packet)
+        transport = self._transport
+        if not transport._buffer:
+            try:
+                self._socket.sendto(data, self._address)
+                return
+            except OSError:
+                pass
+        transport.sendto(data, self._address)
 
     def buffered_bytes(self) -> int:
         """Bytes waiting in the datagram transport because the socket would block (EAGAIN)."""
@@ -174,3 +244,133 @@ class SrtpSocket:
     async def send_rtp_through_aiortc(self, packet: bytes) -> None:
         """Send one packet the way aiortc does (for retransmissions, off the hot path)."""
         await self._dtls._send_rtp(packet)
+
+
+# --- fixes that belong in the dependencies, applied at run time ------------------------------
+
+#: What :func:`install` replaces, kept to check it is still what was patched.
+_ORIGINAL_MAIN_LOOP_ONE: Final = BaseTrioEventLoop._main_loop_one
+_ORIGINAL_RECEIVER_INIT: Final = RTCRtpReceiver.__init__
+_ORIGINAL_GENERATE_CERTIFICATE: Final = RTCCertificate.__dict__["generateCertificate"]
+_ORIGINAL_CREATE_SSL_CONTEXT: Final = RTCCertificate._create_ssl_context
+
+
+def install() -> None:
+    """Apply the three run-time fixes (idempotent); before the asyncio loop is opened.
+
+    Raises:
+        AiortcChanged: trio-asyncio or aiortc no longer has what is being replaced.
+    """
+    if not all(
+        callable(f)
+        for f in (
+            _ORIGINAL_MAIN_LOOP_ONE,
+            _ORIGINAL_RECEIVER_INIT,
+            _ORIGINAL_GENERATE_CERTIFICATE.__func__,
+            _ORIGINAL_CREATE_SSL_CONTEXT,
+        )
+    ) or not hasattr(_RECEIVER_MODULE, "RemoteBitrateEstimator"):
+        raise AiortcChanged("trio-asyncio or aiortc moved what aiortc_compat.install replaces")
+    BaseTrioEventLoop._main_loop_one = _main_loop_one
+    RTCRtpReceiver.__init__ = _receiver_init  # type: ignore[method-assign]
+    setattr(RTCCertificate, "generateCertificate", classmethod(_shared_certificate))  # noqa: B010
+    RTCCertificate._create_ssl_context = _shared_ssl_context  # type: ignore[method-assign]
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (for tests that compare with the stock behaviour)."""
+    BaseTrioEventLoop._main_loop_one = _ORIGINAL_MAIN_LOOP_ONE
+    RTCRtpReceiver.__init__ = _ORIGINAL_RECEIVER_INIT  # type: ignore[method-assign]
+    setattr(RTCCertificate, "generateCertificate", _ORIGINAL_GENERATE_CERTIFICATE)  # noqa: B010
+    RTCCertificate._create_ssl_context = _ORIGINAL_CREATE_SSL_CONTEXT  # type: ignore[method-assign]
+
+
+async def _main_loop_one(self: Any, no_wait: bool = False) -> None:
+    """trio-asyncio's ``BaseTrioEventLoop._main_loop_one``, running every callback that is
+    ready when the round starts instead of one.
+
+    Stock: take one item (a due timer, or the next queued handle), run it, return; the loop
+    calls it again after a checkpoint, i.e. one asyncio callback per Trio scheduler round.
+    Here: the same for the first item, then, without a checkpoint, the timers that are due and
+    as many queued handles as were queued when the round began (callbacks those schedule wait
+    for the next round, so Trio's other tasks are not starved). Order is kept: timers and
+    handles are taken exactly as the stock loop would take them, only more per round.
+    """
+    budget = self._q_recv.statistics().current_buffer_used - 1  # the stock step takes one
+    await _ORIGINAL_MAIN_LOOP_ONE(self, no_wait)
+    if no_wait:  # the loop is closing: keep the stock one-by-one drain
+        return
+    while budget > 0:
+        if self._timers and self._timers[0]._when <= self.time():
+            handle = heapq.heappop(self._timers)
+        else:
+            try:
+                handle = self._q_recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            budget -= 1
+            if isinstance(handle, asyncio.TimerHandle):
+                heapq.heappush(self._timers, handle)
+                continue
+        if isinstance(handle, AsyncHandle):
+            handle._context.run(self._nursery.start_soon, handle._run, name=handle._callback)
+            await handle._started.wait()
+        elif not handle._cancelled:
+            previous, sniffio.thread_local.name = sniffio.thread_local.name, "asyncio"
+            try:
+                handle._run()
+            finally:
+                sniffio.thread_local.name = previous
+
+
+class _LazyRemoteBitrateEstimator:
+    """Stands in for a receiver's ``RemoteBitrateEstimator`` until RTP arrives (aiortc only
+    calls its ``add``), so receivers that never receive, a server's, never build one."""
+
+    __slots__ = ("_estimator",)
+
+    def __init__(self) -> None:
+        self._estimator: RemoteBitrateEstimator | None = None
+
+    def add(
+        self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
+    ) -> tuple[int, list[int]] | None:
+        if self._estimator is None:
+            self._estimator = RemoteBitrateEstimator()
+        return self._estimator.add(arrival_time_ms, abs_send_time, payload_size, ssrc)
+
+
+#: aiortc's receiver module, whose global ``RemoteBitrateEstimator`` its constructor calls.
+_RECEIVER_MODULE: Final[Any] = aiortc.rtcrtpreceiver
+
+
+def _receiver_init(self: Any, kind: str, transport: RTCDtlsTransport) -> None:
+    """``RTCRtpReceiver.__init__``, with a lazy estimator in place of the real one."""
+    _RECEIVER_MODULE.RemoteBitrateEstimator = _LazyRemoteBitrateEstimator
+    try:
+        _ORIGINAL_RECEIVER_INIT(self, kind, transport)
+    finally:
+        _RECEIVER_MODULE.RemoteBitrateEstimator = RemoteBitrateEstimator
+
+
+#: Renewed this long before it expires (aiortc's certificates are valid for 30 days).
+CERTIFICATE_RENEWAL: Final = datetime.timedelta(days=1)
+_certificates: list[RTCCertificate] = []
+
+
+def _shared_certificate(cls: type[RTCCertificate]) -> RTCCertificate:
+    """The process's DTLS certificate, made on first use and renewed before it expires."""
+    now = datetime.datetime.now(datetime.UTC)
+    if not _certificates or _certificates[0].expires - now < CERTIFICATE_RENEWAL:
+        _certificates[:] = [_ORIGINAL_GENERATE_CERTIFICATE.__func__(cls)]
+    return _certificates[0]
+
+
+def _shared_ssl_context(self: Any, srtp_profiles: list[Any]) -> Any:
+    """One SSL context per certificate and SRTP profiles (OpenSSL contexts are shared by
+    many connections; each DTLS transport still gets its own connection)."""
+    contexts = self.__dict__.setdefault("_mediastream_ssl_contexts", {})
+    key = tuple(p.openssl_profile for p in srtp_profiles)
+    if key not in contexts:
+        contexts[key] = _ORIGINAL_CREATE_SSL_CONTEXT(self, srtp_profiles)
+    return contexts[key]

@@ -73,14 +73,14 @@ class DirectRtpSender:
     def ready(self) -> bool:
         """Whether the socket takes a frame now: nothing of earlier frames is still waiting in
         the buffer of the socket they went out on (it returned EAGAIN). Cheap on purpose: it
-        runs before every frame; :meth:`send` looks the socket up afresh."""
+        runs before every frame; :meth:`send` checks the socket is still the way out."""
         return self._last_socket is None or self._last_socket.buffered_bytes() == 0
 
     def send(self, frame: EncodedFrame) -> None:
         """Send one frame now. Raises ConnectionError once the transport is gone."""
-        # Looked up per frame, not kept from the last one: ICE may nominate another pair, DTLS
-        # may close (then this raises ConnectionError).
-        socket = self._last_socket = SrtpSocket(self._dtls)
+        # Checked per frame: ICE may nominate another pair, DTLS may close (then this raises
+        # ConnectionError).
+        socket = self._last_socket = SrtpSocket.of(self._dtls, self._last_socket)
         timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
         ntp_now = _ntp_time()
         header = self._header

@@ -12,6 +12,7 @@ from ..signaling import SignalingHub
 from ..statistics import ServerStatistics, task_names, thread_count
 from ..store import StreamStore
 from ..webrtc.bridge import PeerConnectionFactory
+from ..whep import WhepHub
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Services:
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
     metrics: Metrics
+    #: the WHEP sessions (``/whep``)
+    whep: WhepHub
     #: ``security.allowed_origins``
     allowed_origins: tuple[str, ...] = ()
 

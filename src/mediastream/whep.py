@@ -19,6 +19,7 @@ statuses.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import secrets
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 MAX_SESSIONS: Final = 1024
 #: Clients whose offer rate is remembered before the idle ones are forgotten.
 MAX_TRACKED_CLIENTS: Final = 4096
+#: Sessions that ended on their own whose DELETE still gets a 200 (a player closes its peer
+#: connection before it sends DELETE, and the server may notice first).
+MAX_ENDED_REMEMBERED: Final = 1024
 #: How long a DELETE waits for the session's peer connection to be closed (seconds).
 END_WAIT: Final = 5.0
 _ICE_UFRAG: Final = re.compile(r"^a=ice-ufrag:(\S+)", re.M)
@@ -142,6 +146,8 @@ class WhepSession:
         match = _ICE_UFRAG.search(offer_sdp)
         self.remote_ufrag = match.group(1) if match else None
         self.finished = trio.Event()
+        #: ended by the player's DELETE
+        self.deleted = False
         self._metrics = metrics
         self._answer: str | None = None
         self._failure: SignalingError | None = None
@@ -230,6 +236,8 @@ class WhepHub:
         self._changes = changes
         self._metrics = metrics
         self._sessions: dict[str, WhepSession] = {}
+        #: session id → stream id of sessions that ended before their DELETE, oldest first
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._per_client: dict[str, int] = {}
         self._offers: dict[str, TokenBucket] = {}
         self._nursery: trio.Nursery | None = None
@@ -302,8 +310,16 @@ class WhepHub:
             f"No answer within {self.webrtc.negotiation_timeout:g} s",
         )
 
+    def forget_ended(self, stream_id: str, session_id: str) -> bool:
+        """Whether the session had ended on its own and was not deleted yet (now it is)."""
+        if self._ended.get(session_id) != stream_id:
+            return False
+        del self._ended[session_id]
+        return True
+
     async def end_session(self, session: WhepSession, reason: str) -> None:
         """End a session and wait (bounded) until its peer connection is closed."""
+        session.deleted = True
         session.session.end(reason)
         with trio.move_on_after(END_WAIT):
             await session.finished.wait()
@@ -345,6 +361,10 @@ class WhepHub:
             await session.run()
         finally:
             del self._sessions[session.id]
+            if not session.deleted:
+                self._ended[session.id] = session.stream_id
+                if len(self._ended) > MAX_ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
             self._per_client[session.client] -= 1
             if not self._per_client[session.client]:
                 del self._per_client[session.client]

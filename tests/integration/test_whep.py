@@ -260,6 +260,15 @@ async def test_stopping_the_stream_ends_its_whep_sessions(
         whep = server.services.whep
         with trio.fail_after(10):
             await server.services.changes.wait_until(lambda: whep.open_sessions == 0)
+        patched = await request(
+            server.url + response.headers["location"],
+            method="PATCH",
+            headers=TRICKLE,
+            body=b"a=end-of-candidates\r\n",
+        )
+        assert patched.status == 404
+        # Ended on its own: the player may still delete it, once.
+        assert (await delete(server, response.headers["location"])).status == 200
         assert (await delete(server, response.headers["location"])).status == 404
         assert await open_peers(server) == 0
     finally:

@@ -93,6 +93,11 @@ def whep_blueprint(services: Services) -> Blueprint:
         if isinstance(refused, Response):
             return refused
         session = services.whep.find(stream_id, session_id)
+        # A session that ended on its own (the player closed its peer connection first, the
+        # stream stopped…) is still deleted once.
+        ended = session is None and request.method == "DELETE"
+        if ended and services.whep.forget_ended(stream_id, session_id):
+            return Response("", status=200)
         if session is None:
             return json_error(404, ErrorCode.NO_SESSION, "No such WHEP session (it may have ended)")
         if request.method == "DELETE":

@@ -13,7 +13,7 @@ from mediastream.auth import Authenticator
 from mediastream.config import SecurityConfig
 from mediastream.server import RunningServer
 
-from support.http import HttpResponse, get, request
+from support.http import HttpResponse, get, request, scrape
 from support.servers import DEMO_STREAMS, StartServer, make_config
 from support.turn import running_turn_server
 from support.viewer import open_viewer
@@ -147,6 +147,8 @@ async def test_bad_offers_unknown_streams_and_wrong_types_are_refused_with_reaso
     assert "SDP" in broken.json()["error"]
     binary = await request(endpoint, method="POST", headers=sdp, body=b"v=0\xff\xfe")
     assert binary.status == 400 and "UTF-8" in binary.json()["error"]
+    huge = await request(endpoint, method="POST", headers=sdp, body=b"v=0\r\n" + b"a" * 49_200)
+    assert huge.status == 413 and "larger than 49152 bytes" in huge.json()["error"]
 
     player = await WhepPlayer.create()
     try:
@@ -271,5 +273,94 @@ async def test_stopping_the_stream_ends_its_whep_sessions(
         assert (await delete(server, response.headers["location"])).status == 200
         assert (await delete(server, response.headers["location"])).status == 404
         assert await open_peers(server) == 0
+    finally:
+        await player.close()
+
+
+async def test_a_player_that_never_connects_is_ended_by_the_negotiation_timeout(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS, webrtc={"negotiation_timeout": 1}))
+    player = await WhepPlayer.create()
+    try:
+        response = await player.offer(server.url + "/whep/demo-1")
+        assert response.status == 201, response.body
+        whep = server.services.whep
+        assert whep.open_sessions == 1
+        # The answer is never applied: the session gives up on its own.
+        with trio.fail_after(10):
+            await server.services.changes.wait_until(lambda: whep.open_sessions == 0)
+        assert await open_peers(server) == 0
+    finally:
+        await player.close()
+
+
+async def test_sessions_per_address_and_offer_rate_are_limited(start_server: StartServer) -> None:
+    one_session = await start_server(
+        make_config(DEMO_STREAMS, limits={"max_streams_per_socket": 1})
+    )
+    # Half an offer a second: a burst of one, then the next token is 2 s away.
+    slow_offers = await start_server(
+        make_config(DEMO_STREAMS, limits={"max_offers_per_second": 0.5})
+    )
+    players = [await WhepPlayer.create() for _ in range(4)]
+    try:
+        first = await players[0].offer(one_session.url + "/whep/demo-1")
+        assert first.status == 201, first.body
+        second = await players[1].offer(one_session.url + "/whep/demo-2")
+        assert second.status == 429 and second.json()["code"] == "too_many_streams"
+        assert (await delete(one_session, first.headers["location"])).status == 200
+
+        allowed = await players[2].offer(slow_offers.url + "/whep/demo-1")
+        assert allowed.status == 201, allowed.body
+        over = await players[3].offer(slow_offers.url + "/whep/demo-2")
+        assert over.status == 429 and over.json()["code"] == "rate_limited"
+    finally:
+        for player in players:
+            await player.close()
+
+
+async def test_shutdown_ends_whep_sessions_and_closes_their_peers(
+    start_server: StartServer, nursery: trio.Nursery
+) -> None:
+    server = await start_server()
+    player = await WhepPlayer.create()
+    try:
+        response = await player.offer(server.url + "/whep/demo-1")
+        assert response.status == 201, response.body
+        await player.accept(response, nursery)
+        await player.wait_frames(3)
+        server.request_shutdown()
+        with trio.fail_after(10):
+            await server.wait_stopped()
+        stats = server.services.statistics()
+        assert (stats.open_peer_connections, stats.sources_running) == (0, 0)
+        assert server.services.whep.open_sessions == 0
+    finally:
+        await player.close()
+
+
+async def test_whep_sessions_are_measured_like_the_sockets(
+    start_server: StartServer, nursery: trio.Nursery
+) -> None:
+    server = await start_server()
+    player = await WhepPlayer.create()
+    try:
+        response = await player.offer(server.url + "/whep/demo-1")
+        assert response.status == 201, response.body
+        await player.accept(response, nursery)
+        await player.wait_frames(5)
+        samples = await scrape(server.url)
+        assert samples[("mediastream_offer_answer_seconds_count", ())] == 1
+        assert samples[("mediastream_first_frame_seconds_count", ())] == 1
+        bad = await request(
+            server.url + "/whep/demo-2",
+            method="POST",
+            headers={"Content-Type": "application/sdp"},
+            body=b"v=0\r\nm=nonsense\r\n",
+        )
+        assert bad.status == 400
+        samples = await scrape(server.url)
+        assert samples[("mediastream_signaling_errors_total", (("code", "invalid_sdp"),))] == 1
     finally:
         await player.close()

@@ -139,15 +139,14 @@ def _authorize(services: Services, stream_id: str) -> Grant | Response:
 
 async def _body_text(limit: int, what: str) -> str | Response:
     """The request body as UTF-8 text, or the 400/413 to answer with."""
+    too_large = json_error(
+        413, ErrorCode.MESSAGE_TOO_LARGE, f"The {what} is larger than {limit} bytes"
+    )
     if (request.content_length or 0) > limit:
-        return json_error(
-            413, ErrorCode.MESSAGE_TOO_LARGE, f"The {what} is larger than {limit} bytes"
-        )
+        return too_large
     body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
     if len(body) > limit:
-        return json_error(
-            413, ErrorCode.MESSAGE_TOO_LARGE, f"The {what} is larger than {limit} bytes"
-        )
+        return too_large
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:

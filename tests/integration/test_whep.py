@@ -353,6 +353,8 @@ async def test_whep_sessions_are_measured_like_the_sockets(
         samples = await scrape(server.url)
         assert samples[("mediastream_offer_answer_seconds_count", ())] == 1
         assert samples[("mediastream_first_frame_seconds_count", ())] == 1
+        assert samples[("mediastream_sessions_open", ())] == 1
+        assert (await get(server.url + "/api/stats")).json()["sessions"] == 1
         bad = await request(
             server.url + "/whep/demo-2",
             method="POST",

@@ -9,6 +9,7 @@ from .api.pages import pages_blueprint
 from .api.services import Services
 from .api.status import status_blueprint
 from .api.streams import streams_blueprint
+from .api.whep import whep_blueprint
 from .api.ws import signaling_blueprint
 
 
@@ -19,4 +20,5 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(status_blueprint(services))
     app.register_blueprint(streams_blueprint(services))
     app.register_blueprint(signaling_blueprint(services))
+    app.register_blueprint(whep_blueprint(services))
     return app

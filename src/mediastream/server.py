@@ -5,11 +5,12 @@
         ├── StreamRegistry.run             stream supervisors and their sources
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
+        ├── WhepHub.run                    WHEP sessions (see ``whep.py``)
         └── (waits for a shutdown request)
 
-Shutdown closes every socket (code 1001), which ends every session and closes its peer
-connection; then Hypercorn stops; then the sources stop. The whole sequence is bounded by
-``server.graceful_timeout`` plus a second; whatever is left is cancelled.
+Shutdown closes every socket (code 1001) and ends every WHEP session, which ends every session
+and closes its peer connection; then Hypercorn stops; then the sources stop. The whole
+sequence is bounded by ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
 
 trio-asyncio keeps its loop in a context variable, so ``open_loop()`` must enclose Hypercorn
 itself: handlers started from a sibling task would find no loop.
@@ -41,6 +42,7 @@ from .signaling import SignalingHub
 from .store import StreamStore
 from .webrtc import aiortc_compat
 from .webrtc.bridge import PeerConnectionFactory
+from .whep import WhepHub
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,15 @@ async def serve(
             # The metrics read the services' statistics at scrape time (bound just below).
             metrics = Metrics(lambda: services.statistics(), registry.statistics)
             hub = SignalingHub(config, registry, peers, changes, metrics=metrics)
+            whep = WhepHub(
+                limits=config.limits,
+                webrtc=config.webrtc,
+                find_stream=registry.get,
+                peers=peers,
+                authenticator=hub.authenticator,
+                changes=changes,
+                metrics=metrics,
+            )
             services = Services(
                 store=store,
                 registry=registry,
@@ -113,12 +124,14 @@ async def serve(
                 static_dir=static_dir,
                 changes=changes,
                 metrics=metrics,
+                whep=whep,
                 allowed_origins=config.security.allowed_origins,
             )
             app = create_app(services)
             hypercorn_stop = trio.Event()
             async with trio.open_nursery() as lifetime:
                 await lifetime.start(registry.run)
+                await lifetime.start(whep.run)
                 async with trio.open_nursery() as http:
                     urls = await http.start(
                         functools.partial(
@@ -144,6 +157,7 @@ async def serve(
                         trio.current_time() + config.server.graceful_timeout + SHUTDOWN_MARGIN
                     )
                     hub.shutdown()
+                    whep.shutdown()
                     hypercorn_stop.set()
                 lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
             if trio.current_time() >= lifetime.cancel_scope.deadline:

@@ -65,6 +65,7 @@ class StreamSession:
         post: queues a message to the client; never blocks.
         negotiation_timeout: seconds from the offer to a connected peer.
         max_pending_candidates: candidates buffered before they can be applied.
+        answered: takes the answer SDP instead of ``post`` (a client with no socket: WHEP).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class StreamSession:
         max_pending_candidates: int,
         client: str,
         metrics: Metrics | None = None,
+        answered: Callable[[str], None] | None = None,
     ) -> None:
         self.stream = stream
         self.offer = offer
@@ -86,6 +88,7 @@ class StreamSession:
         self._peers = peers
         self._post = post
         self._post_error_to = post_error
+        self._answered = answered
         self._metrics = metrics
         self._offered_at = trio.current_time()
         self._negotiation_timeout = negotiation_timeout
@@ -160,7 +163,10 @@ class StreamSession:
                 answer_sdp = await peer.answer(
                     self.offer.sdp, subscriber, audio, audio_codec, on_first_frame=self._first_frame
                 )
-                self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))
+                if self._answered is not None:
+                    self._answered(answer_sdp)
+                else:
+                    self._post(protocol.answer(self.stream.id, answer_sdp, self.session_id))
                 if self._metrics is not None:
                     elapsed = trio.current_time() - self._offered_at
                     self._metrics.offer_to_answer.observe(elapsed)

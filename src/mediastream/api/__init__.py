@@ -8,6 +8,7 @@
                   but ``/ws`` and the pages)
     pages.py      ``/``, ``/favicon.ico``, ``/static/…``: pages and scripts, never served stale
     ws.py         ``/ws``: the signaling socket (``docs/protocol.md``)
+    whep.py       ``/whep/<streamId>``: WHEP players (offer, trickle, delete; CORS)
 
     services.py   what the routes are given: the registry, the signaling hub, the store…
     access.py     who the caller is (access tokens), and error bodies

@@ -12,6 +12,7 @@ from ..signaling import SignalingHub
 from ..statistics import ServerStatistics, task_names, thread_count
 from ..store import StreamStore
 from ..webrtc.bridge import PeerConnectionFactory
+from ..whep import WhepHub
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Services:
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
     metrics: Metrics
+    #: the WHEP sessions (``/whep``)
+    whep: WhepHub
     #: ``security.allowed_origins``
     allowed_origins: tuple[str, ...] = ()
 
@@ -37,7 +40,8 @@ class Services:
         return ServerStatistics(
             open_sockets=sockets.open_sockets,
             sockets_opened=sockets.sockets_opened,
-            open_sessions=sockets.open_sessions,
+            # A WHEP session is a session like a socket's (it has no socket to count it under).
+            open_sessions=sockets.open_sessions + self.whep.open_sessions,
             sessions_per_socket=sockets.sessions_per_socket,
             open_peer_connections=peers.open_peer_connections,
             peer_connections_opened=peers.peer_connections_opened,

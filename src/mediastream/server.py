@@ -5,6 +5,8 @@
         ├── StreamRegistry.run             stream supervisors and their sources
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
+        ├── ClusterNode.run                only with ``[cluster] redis_url``: node record,
+        │                                  inbox, leases, remote sockets (``cluster/routing.py``)
         └── (waits for a shutdown request)
 
 Shutdown closes every socket (code 1001), which ends every session and closes its peer
@@ -37,7 +39,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .registry import StreamRegistry
-from .signaling import SignalingHub
+from .signaling import LocalRouter, SignalingHub
 from .store import StreamStore
 from .webrtc.bridge import PeerConnectionFactory
 
@@ -95,14 +97,23 @@ async def serve(
             loop.set_exception_handler(_log_asyncio_error)
             changes = ChangeSignal()
             store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
-            registry = StreamRegistry(config, changes)
-            registry.apply_stored(await trio.to_thread.run_sync(store.load))
             peers = PeerConnectionFactory(
                 config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
             )
             # The metrics read the services' statistics at scrape time (bound just below).
-            metrics = Metrics(lambda: services.statistics(), registry.statistics)
-            hub = SignalingHub(config, registry, peers, changes, metrics=metrics)
+            metrics = Metrics(lambda: services.statistics(), lambda: registry.statistics())
+            local = LocalRouter(peers, config.webrtc, config.limits, metrics)
+            cluster = None
+            if config.cluster.redis_url:
+                # Imported only here: a single process never imports a Redis client.
+                from .cluster.routing import ClusterNode
+
+                cluster = ClusterNode(config, local)
+            registry = StreamRegistry(config, changes, gate=cluster)
+            registry.apply_stored(await trio.to_thread.run_sync(store.load))
+            if cluster is not None:
+                cluster.registry = registry
+            hub = SignalingHub(config, registry, peers, changes, metrics=metrics, router=cluster)
             services = Services(
                 store=store,
                 registry=registry,
@@ -111,6 +122,7 @@ async def serve(
                 static_dir=static_dir,
                 changes=changes,
                 metrics=metrics,
+                cluster=cluster,
                 allowed_origins=config.security.allowed_origins,
             )
             app = create_app(services)
@@ -126,6 +138,8 @@ async def serve(
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
+                    if cluster is not None:
+                        await lifetime.start(cluster.run, _bound_port(urls[0]))
                     running = RunningServer(urls=urls, services=services, _stopped=stopped)
                     log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
                     if not hub.authenticator.enabled:
@@ -152,6 +166,11 @@ async def serve(
             log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
     finally:
         stopped.set()
+
+
+def _bound_port(url: str) -> int:
+    """The HTTP port Hypercorn bound (``server.port`` may be 0: any free port)."""
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..changes import ChangeSignal
 from ..metrics import Metrics
@@ -12,6 +13,9 @@ from ..signaling import SignalingHub
 from ..statistics import ServerStatistics, task_names, thread_count
 from ..store import StreamStore
 from ..webrtc.bridge import PeerConnectionFactory
+
+if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
+    from ..cluster.routing import ClusterNode
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class Services:
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
     metrics: Metrics
+    #: this node of a cluster; None in a single process (no ``[cluster] redis_url``)
+    cluster: ClusterNode | None = None
     #: ``security.allowed_origins``
     allowed_origins: tuple[str, ...] = ()
 

@@ -1,0 +1,143 @@
+"""Two real nodes and one real redis-server: one socket plays streams owned by either node.
+
+The nodes are MediaStream servers on loopback ports in this test process (each its own
+registry, peers, Redis pool and inbox); the client is aiortc with one signaling socket.
+Which node owns a stream is decided by placement (rendezvous hashing over the serving
+nodes), so the streams are picked by computing the same placement here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.routing import ClusterNode
+from mediastream.server import RunningServer
+
+from support.redis import RedisServer, running_redis
+from support.servers import StartServer, make_config
+from support.viewer import open_viewer
+
+PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
+NODES = ("node-a", "node-b")
+
+
+def streams_placed_on(node_id: str, count: int) -> list[str]:
+    """Stream ids that placement gives to ``node_id`` when both nodes serve, idle."""
+    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+    found: list[str] = []
+    index = 0
+    while len(found) < count:
+        stream_id = f"cam-{index}"
+        owner = choose_owner(stream_id, records)
+        if owner is not None and owner.node_id == node_id:
+            found.append(stream_id)
+        index += 1
+    return found
+
+
+ON_A = streams_placed_on("node-a", 2)
+ON_B = streams_placed_on("node-b", 2)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with running_redis() as server:
+        yield server
+
+
+async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:
+    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    nodes = []
+    for node_id in NODES:
+        config = make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
+        nodes.append(await start_server(config))
+    # Both records are in Redis once each node's registration has written it.
+    for node in nodes:
+        await cluster_of(node)._started.wait()
+    return nodes
+
+
+def cluster_of(server: RunningServer) -> ClusterNode:
+    cluster = server.services.cluster
+    assert cluster is not None
+    return cluster
+
+
+def ingests(nodes: list[RunningServer], stream_id: str) -> int:
+    """Sources of ``stream_id`` opened on all nodes together (each start opens an encoder)."""
+    total = 0
+    for node in nodes:
+        stream = node.services.registry.get(stream_id)
+        assert stream is not None
+        total += stream.statistics().encoders_opened
+    return total
+
+
+async def test_one_socket_plays_a_stream_of_each_node_and_media_comes_from_its_owner(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    local_stream, remote_stream = ON_A[0], ON_B[0]
+    async with open_viewer(a.ws_url) as viewer:
+        local = await viewer.play(local_stream, trickle=True)
+        remote = await viewer.play(remote_stream, trickle=True)
+        await local.wait_frames(5)
+        await remote.wait_frames(5)
+
+        # Each stream is owned and read by its placed node only.
+        assert cluster_of(a).statistics().owned_streams == (local_stream,)
+        assert cluster_of(b).statistics().owned_streams == (remote_stream,)
+        assert ingests([a, b], local_stream) == 1
+        assert ingests([a, b], remote_stream) == 1
+        remote_on_a = a.services.registry.get(remote_stream)
+        assert remote_on_a is not None and remote_on_a.statistics().encoders_opened == 0
+        # The remote stream's peer connection is B's: the media comes from B's ports, not A's.
+        assert a.services.peers.statistics().open_peer_connections == 1
+        assert b.services.peers.statistics().open_peer_connections == 1
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        assert cluster_of(b).statistics().remote_sockets == 1
+
+        # A second offer for the stream A owns is served without a single Redis command.
+        before = cluster_of(a).statistics()
+        async with open_viewer(a.ws_url) as second:
+            again = await second.play(local_stream, trickle=True)
+            await again.wait_frames(3)
+        after = cluster_of(a).statistics()
+        assert after.local_offers == before.local_offers + 1
+        assert after.redis_commands == before.redis_commands
+        assert ingests([a, b], local_stream) == 1
+
+        # Closing the relayed stream ends B's session and peer (told over the bus).
+        await viewer.stop(remote_stream)
+        with trio.fail_after(15):
+            while b.services.peers.statistics().open_peer_connections:
+                await b.services.changes.wait()
+        assert cluster_of(a).statistics().relayed_sessions == 0
+
+
+async def test_concurrent_opens_through_both_nodes_read_the_stream_once(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    stream_id = ON_B[1]
+    async with open_viewer(a.ws_url) as on_a, open_viewer(b.ws_url) as on_b:
+        played: dict[str, object] = {}
+
+        async def play(name: str, viewer: object) -> None:
+            played[name] = await viewer.play(stream_id, trickle=True)  # type: ignore[attr-defined]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(play, "a", on_a)
+            nursery.start_soon(play, "b", on_b)
+        for each in played.values():
+            await each.wait_frames(5)  # type: ignore[attr-defined]
+        assert ingests([a, b], stream_id) == 1
+        owners = [n for n in (a, b) if stream_id in cluster_of(n).statistics().owned_streams]
+        assert owners == [b]
+        assert b.services.peers.statistics().open_peer_connections == 2
+        assert a.services.peers.statistics().open_peer_connections == 0

@@ -157,6 +157,9 @@ async def serve(
                     )
                     hub.shutdown()
                     hypercorn_stop.set()
+                if cluster is not None:  # leave the cluster while Redis is still reachable
+                    cluster.stop()
+                    await cluster.wait_stopped()
                 lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
             if trio.current_time() >= lifetime.cancel_scope.deadline:
                 log.warning(

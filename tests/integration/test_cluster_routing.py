@@ -8,7 +8,13 @@ nodes), so the streams are picked by computing the same placement here.
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -24,6 +30,14 @@ from support.viewer import open_viewer
 
 PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 NODES = ("node-a", "node-b")
+MEDIASTREAM = [sys.executable, "-m", "mediastream"]
+SRC = Path(__file__).parents[2] / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def streams_placed_on(node_id: str, count: int) -> list[str]:
@@ -141,3 +155,73 @@ async def test_concurrent_opens_through_both_nodes_read_the_stream_once(
         assert owners == [b]
         assert b.services.peers.statistics().open_peer_connections == 2
         assert a.services.peers.statistics().open_peer_connections == 0
+
+
+def node_config_file(path: Path, node_id: str, port: int, redis: RedisServer) -> Path:
+    streams = "".join(
+        f'[[streams]]\nid = "{s}"\nsource = "{PATTERN}"\non_demand = true\n\n' for s in ON_A + ON_B
+    )
+    path.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{path.parent / node_id}"\n\n'
+        f"[media]\non_demand_grace = 1\n\n"
+        f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n\n{streams}'
+    )
+    return path
+
+
+async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_ingest(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = make_config(
+        [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B],
+        cluster={"redis_url": redis_server.url, "node_id": "node-a"},
+    )
+    a = await start_server(config)
+    stream_id = ON_B[0]
+    port = free_port()
+    command = [
+        *MEDIASTREAM, "serve", "--config",
+        str(node_config_file(tmp_path / "node-b.toml", "node-b", port, redis_server)),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
+            )
+        )
+        try:
+            assert process.stderr is not None
+            log = b""
+            with trio.fail_after(30):
+                while b"MediaStream serving" not in log:
+                    chunk = await process.stderr.receive_some()
+                    assert chunk, log
+                    log += chunk
+            async with open_viewer(a.ws_url) as viewer:
+                first = await viewer.play(stream_id, trickle=True)
+                await first.wait_frames(5)
+                assert cluster_of(a).statistics().relayed_sessions == 1
+                assert a.services.peers.statistics().open_peer_connections == 0  # B's peer
+
+                mark = len(viewer.messages)
+                process.kill()  # SIGKILL: no goodbye, its lease and record just stop renewing
+                told = await viewer.wait_for(
+                    lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
+                    after=mark,
+                    timeout=30,
+                )
+                assert told["code"] == "peer_failed", told
+                assert "send a new offer" in told["payload"]
+
+                again = await viewer.play(stream_id, trickle=True)
+                await again.wait_frames(5)
+                assert cluster_of(a).statistics().owned_streams == (stream_id,)
+                assert ingests([a], stream_id) == 1  # exactly one new camera session, on A
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

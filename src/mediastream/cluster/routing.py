@@ -61,6 +61,7 @@ from .leases import (
     current_owner,
     hold_stream_lease,
     live_nodes,
+    owner_key,
     run_node_registration,
 )
 from .placement import choose_owner
@@ -111,6 +112,8 @@ class ClusterNode:
         self._bus: Bus | None = None
         self._bus_ready = trio.Event()
         self._started = trio.Event()
+        self._stopped = trio.Event()
+        self._stop_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._owned: dict[str, StreamLease] = {}
         self._claims: dict[str, trio.Lock] = {}
@@ -128,21 +131,36 @@ class ClusterNode:
     async def run(
         self, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Be a node of the cluster until cancelled; ready once registered (or Redis failed
-        once: the node serves its local streams while Redis is down)."""
+        """Be a node of the cluster until :meth:`stop` (or cancelled); ready once registered
+        (or once Redis failed: the node then serves what it owns while Redis is down).
+
+        :meth:`stop` ends the node's tasks while the Redis pool still runs, so the leases are
+        released and the record deleted at once; a plain cancellation (the server's deadline)
+        cancels the pool too, and they expire by themselves.
+        """
         self.node_id, public_url = node_identity(self._config.cluster, port)
-        async with (
-            open_redis(self._config.cluster.redis_url) as redis,
-            trio.open_nursery() as nursery,
-        ):
-            self._redis = redis
-            self._nursery = nursery
-            await nursery.start(run_node_registration, redis, NodeRecord(self.node_id, public_url))
-            nursery.start_soon(self._keep_inbox, redis)
-            nursery.start_soon(self._watch_nodes)
-            log.info('cluster node "%s" (%s) registered', self.node_id, public_url)
-            self._started.set()
-            task_status.started()
+        try:
+            async with open_redis(self._config.cluster.redis_url) as redis:
+                with self._stop_scope:
+                    async with trio.open_nursery() as nursery:
+                        self._redis = redis
+                        self._nursery = nursery
+                        record = NodeRecord(self.node_id, public_url)
+                        await nursery.start(run_node_registration, redis, record)
+                        nursery.start_soon(self._keep_inbox, redis)
+                        nursery.start_soon(self._watch_nodes)
+                        log.info('cluster node "%s" (%s) started', self.node_id, public_url)
+                        self._started.set()
+                        task_status.started()
+        finally:
+            self._stopped.set()
+
+    def stop(self) -> None:
+        """Leave the cluster: release every lease, delete the record (see :meth:`run`)."""
+        self._stop_scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
 
     async def _keep_inbox(self, redis: Redis) -> None:
         while True:
@@ -276,9 +294,21 @@ class ClusterNode:
         await self._started.wait()  # a socket can open while the node is still starting
         assert self._redis is not None
         redis = self._redis
-        owner = await self._redis_call(lambda: current_owner(redis, stream.id))
-        if owner is not None and owner.node_id != self.node_id:
-            return owner.node_id, owner.epoch
+        while True:
+            owner = await self._redis_call(lambda: current_owner(redis, stream.id))
+            if owner is None or owner.node_id == self.node_id:
+                break
+            nodes = await self._redis_call(lambda: live_nodes(redis))
+            if owner.node_id in {node.node_id for node in nodes}:
+                return owner.node_id, owner.epoch
+            # The owner's record expired (it died); its lease outlives it by design (an owner
+            # frozen past it must stop first). Wait until Redis lets the stream go.
+            remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
+            log.info(
+                'stream "%s": owner node "%s" is gone; its lease expires in %d ms',
+                stream.id, owner.node_id, remaining,
+            )  # fmt: skip
+            await trio.sleep(max(remaining, 50) / 1000)
         nodes = await self._redis_call(lambda: live_nodes(redis))
         chosen = choose_owner(stream.id, nodes)
         if chosen is not None and chosen.node_id != self.node_id:

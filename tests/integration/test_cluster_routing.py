@@ -18,15 +18,18 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_asyncio
 
-from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
 from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
+from support.http import get
 from support.redis import RedisServer, running_redis
 from support.servers import StartServer, make_config
-from support.viewer import open_viewer
+from support.viewer import SignalingFailed, open_viewer
 
 PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 NODES = ("node-a", "node-b")
@@ -125,6 +128,18 @@ async def test_one_socket_plays_a_stream_of_each_node_and_media_comes_from_its_o
         assert after.local_offers == before.local_offers + 1
         assert after.redis_commands == before.redis_commands
         assert ingests([a, b], local_stream) == 1
+
+        # A new offer for the relayed stream replaces its session on B; the old session's
+        # close and end, racing it over the bus, name the old offer and leave the new alone.
+        replaced_pc = remote.pc
+        renewed = await viewer.play(remote_stream, trickle=True)
+        await trio_asyncio.aio_as_trio(replaced_pc.close)()
+        await renewed.wait_frames(5)
+        with trio.fail_after(15):
+            while b.services.peers.statistics().open_peer_connections != 1:
+                await b.services.changes.wait()
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        await renewed.wait_frames(10)
 
         # Closing the relayed stream ends B's session and peer (told over the bus).
         await viewer.stop(remote_stream)
@@ -225,3 +240,43 @@ async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_in
             process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+async def test_a_node_is_in_redis_while_it_serves_and_leaves_at_once_when_it_stops(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    async with open_redis(redis_server.url) as client:
+        assert [n.node_id for n in await live_nodes(client)] == ["node-a", "node-b"]
+        async with open_viewer(b.ws_url) as viewer:
+            await (await viewer.play(ON_A[0], trickle=True)).wait_frames(3)
+            owner = await current_owner(client, ON_A[0])
+            assert owner is not None and owner.node_id == "node-a"
+            a.request_shutdown()
+            with trio.fail_after(15):
+                await a.wait_stopped()
+        # Released and unregistered on the way out, not left to expire.
+        assert await current_owner(client, ON_A[0]) is None
+        assert [n.node_id for n in await live_nodes(client)] == ["node-b"]
+
+
+async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearly(
+    start_server: StartServer,
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    config = make_config(
+        [{"id": "cam", "source": PATTERN, "on_demand": True}],
+        cluster={"redis_url": nowhere, "node_id": "node-a"},
+    )
+    node = await start_server(config)
+    health = await get(f"{node.url}/healthz")
+    assert (health.status, health.json()) == (200, {"status": "ok"})
+    async with open_viewer(node.ws_url) as viewer:
+        with pytest.raises(SignalingFailed) as failed:
+            await viewer.play("cam", trickle=True)
+        assert failed.value.message["code"] == "stream_unavailable"
+        assert "Redis at 127.0.0.1" in failed.value.message["payload"]
+        # The socket lives on: it still answers.
+        await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
+    stream = node.services.registry.get("cam")
+    assert stream is not None and stream.statistics().encoders_opened == 0

@@ -37,12 +37,14 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import trio
 
+from .. import protocol
 from ..config import Config
 from ..errors import ErrorCode, SignalingError
 from ..protocol import IceCandidate, Offer
@@ -369,7 +371,8 @@ class ClusterNode:
         stream = self.registry.get(envelope.stream)
         sdp = payload.get("sdp")
         session_id = payload.get("sessionId")
-        if stream is None or not isinstance(sdp, str):
+        relay = payload.get("relay")
+        if stream is None or not isinstance(sdp, str) or not isinstance(relay, str):
             await _reply(
                 bus, envelope, {"error": "stream_not_found", "message": "Stream not found"}
             )
@@ -413,7 +416,7 @@ class ClusterNode:
         offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
         # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
         # and the relayed session accepts the owner's messages before it knows the epoch.
-        remote.start_session(stream, offer, lease.epoch)
+        remote.start_session(stream, offer, lease.epoch, relay)
         await _reply(bus, envelope, {"epoch": lease.epoch})
 
     def _forget_remote(self, remote: RemoteSocket) -> None:
@@ -453,6 +456,10 @@ class ClusterNode:
         )
 
 
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 async def _reply(bus: Bus, request: Envelope, payload: dict[str, Any]) -> None:
     with contextlib.suppress(ClusterError):  # the requester is gone, or Redis: it times out
         await bus.reply(request, payload)
@@ -468,6 +475,8 @@ class RoutedSession:
         self.socket = socket
         self.owner = ""
         self.epoch = 0
+        #: names this offer on the bus (see ``_RemoteSession.relay``)
+        self.relay_id = secrets.token_hex(8)
         self._node = node
         self._phase = SessionPhase.NEGOTIATING
         self._inner: Session | None = None
@@ -526,9 +535,10 @@ class RoutedSession:
                     contextlib.suppress(ClusterError),
                 ):
                     await self._node.send(
-                            self.owner, "close", socket=self.socket.socket_id,
-                            stream=self.stream.id, epoch=self.epoch,
-                        )  # fmt: skip
+                        self.owner, "close", socket=self.socket.socket_id,
+                        stream=self.stream.id, epoch=self.epoch,
+                        payload={"relay": self.relay_id},
+                    )  # fmt: skip
             if self._inner is None:
                 log.info("%s: relayed session ended (%s)", label, self._end_reason)
 
@@ -547,7 +557,11 @@ class RoutedSession:
                 return
             self.owner, self.epoch = node_id, epoch
             self._node._relaying(self, True)
-            payload = {"sdp": self.offer.sdp, "sessionId": self.offer.session_id}
+            payload = {
+                "sdp": self.offer.sdp,
+                "sessionId": self.offer.session_id,
+                "relay": self.relay_id,
+            }
             reply = await self._node.request(
                 node_id, "offer", socket=self.socket.socket_id, stream=self.stream.id,
                 epoch=epoch, payload=payload,
@@ -582,6 +596,7 @@ class RoutedSession:
                     "sdpMid": candidate.sdp_mid,
                     "sdpMLineIndex": candidate.sdp_mline_index,
                     "sessionId": candidate.session_id,
+                    "relay": self.relay_id,
                 }
                 await self._node.send(
                     self.owner, "ice", socket=self.socket.socket_id, stream=self.stream.id,
@@ -590,15 +605,21 @@ class RoutedSession:
         await trio.sleep_forever()  # until the owner ends it, or the socket does
 
     def accepts(self, envelope: Envelope) -> bool:
-        """From the owner, about the epoch of this session (0: not known yet)."""
-        return envelope.reply_to == self.owner and (not self.epoch or envelope.epoch == self.epoch)
+        """From the owner, about this offer (its relay id), in this session's epoch (any
+        while the epoch is not known yet)."""
+        return (
+            envelope.reply_to == self.owner
+            and (not self.epoch or envelope.epoch == self.epoch)
+            and isinstance(envelope.payload, dict)
+            and envelope.payload.get("relay") == self.relay_id
+        )
 
     def from_owner(self, envelope: Envelope) -> None:
         if envelope.kind == "ended":
             self._owner_ended = True
-            self.end(str(envelope.payload or "ended by the owner node"))
+            self.end(f'the owner node "{self.owner}" ended the session')
             return
-        text = envelope.payload
+        text = envelope.payload.get("text")
         if not isinstance(text, str):
             return
         with contextlib.suppress(ValueError):
@@ -615,6 +636,17 @@ class RoutedSession:
         self.socket.post_error(code, message, self.stream.id, self.session_id)
 
 
+@dataclass(frozen=True)
+class _RemoteSession:
+    """A session this node serves for a remote socket, and what names it on the bus."""
+
+    session: StreamSession
+    epoch: int
+    #: chosen by the socket's node per offer: messages about an older offer of the same
+    #: stream on the same socket (a close racing a new offer) do not touch this one.
+    relay: str
+
+
 class RemoteSocket:
     """A browser socket on another node, watching streams this node owns (the owner side)."""
 
@@ -625,7 +657,7 @@ class RemoteSocket:
         self.closing = False
         self.ready = trio.Event()
         self._node = node
-        self._sessions: dict[str, tuple[StreamSession, int]] = {}
+        self._sessions: dict[str, _RemoteSession] = {}
         self._outbox_in, self._outbox_out = trio.open_memory_channel[tuple[str, str, int, Any]](
             REMOTE_OUTBOX
         )
@@ -642,94 +674,96 @@ class RemoteSocket:
             self.closing = True
             self._node._forget_remote(self)
 
-    def start_session(self, stream: Stream, offer: Offer, epoch: int) -> None:
+    def start_session(self, stream: Stream, offer: Offer, epoch: int, relay: str) -> None:
         old = self._sessions.get(stream.id)
         if old is not None:
-            old[0].end("replaced by a new offer")
-        post: Callable[[str], None] = functools.partial(self._post, stream.id, epoch)
+            old.session.end("replaced by a new offer")
+        post = functools.partial(self._post, "client", stream.id, epoch, relay)
+
+        def post_error(
+            code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
+        ) -> None:
+            post(protocol.error(code, message, stream_id, session_id))
+
         session = StreamSession(
             stream,
             offer,
             peers=self._node._local._peers,
             post=post,
-            post_error=self._post_error,
+            post_error=post_error,
             metrics=self._node._local._metrics,
             negotiation_timeout=self._node._config.webrtc.negotiation_timeout,
             max_pending_candidates=self._node._config.limits.max_pending_candidates,
             client=self._label,
         )
-        self._sessions[stream.id] = (session, epoch)
+        entry = self._sessions[stream.id] = _RemoteSession(session, epoch, relay)
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_session, session, epoch)
+        self._nursery.start_soon(self._run_session, entry)
 
-    async def _run_session(self, session: StreamSession, epoch: int) -> None:
+    async def _run_session(self, entry: _RemoteSession) -> None:
+        stream_id = entry.session.stream.id
         try:
-            await session.run()
+            await entry.session.run()
         finally:
-            if self._sessions.get(session.stream.id, (None, 0))[0] is session:
-                del self._sessions[session.stream.id]
-                with contextlib.suppress(
-                    trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
-                ):
-                    self._outbox_in.send_nowait(
-                        ("ended", session.stream.id, epoch, "session ended")
-                    )
+            self._post("ended", stream_id, entry.epoch, entry.relay, "session ended")
+            if self._sessions.get(stream_id) is entry:
+                del self._sessions[stream_id]
             if not self._sessions:
                 self.closing = True
                 self._node._forget_remote(self)
                 self._outbox_in.close()
 
     def deliver(self, envelope: Envelope) -> None:
+        """``ice`` or ``close`` from the socket's node (its epoch already checked)."""
         entry = self._sessions.get(envelope.stream)
-        if entry is None:
-            return
-        session, _ = entry
-        if envelope.kind == "close":
-            session.end("client closed the stream")
-            return
         payload = envelope.payload if isinstance(envelope.payload, dict) else {}
+        if entry is None or payload.get("relay") != entry.relay:
+            self._node._counts["stale_dropped"] += 1
+            return
+        if envelope.kind == "close":
+            entry.session.end("client closed the stream")
+            return
         candidate = IceCandidate(
             envelope.stream,
-            payload.get("candidate"),
-            payload.get("sdpMid"),
-            payload.get("sdpMLineIndex"),
-            payload.get("sessionId"),
+            _str_or_none(payload.get("candidate")),
+            _str_or_none(payload.get("sdpMid")),
+            index if isinstance(index := payload.get("sdpMLineIndex"), int) else None,
+            _str_or_none(payload.get("sessionId")),
         )
         try:
-            session.add_candidate(candidate)
+            entry.session.add_candidate(candidate)
         except SignalingError as exc:
-            self._post_error(exc.code, exc.message, envelope.stream, session.session_id)
+            message = protocol.error(
+                exc.code, exc.message, envelope.stream, entry.session.session_id
+            )
+            self._post("client", envelope.stream, entry.epoch, entry.relay, message)
 
     def end_stream(self, stream_id: str, reason: str) -> None:
+        """The stream's lease was lost: its session here ends, its page is told to re-offer."""
         entry = self._sessions.get(stream_id)
         if entry is not None:
-            entry[0]._post_error(ErrorCode.PEER_FAILED, f"{reason}; send a new offer")
-            entry[0].end(reason)
+            message = protocol.error(
+                ErrorCode.PEER_FAILED, f"{reason}; send a new offer", stream_id,
+                entry.session.session_id,
+            )  # fmt: skip
+            self._post("client", stream_id, entry.epoch, entry.relay, message)
+            entry.session.end(reason)
 
     def close(self, reason: str) -> None:
         self.closing = True
         self._node._forget_remote(self)
-        for session, _ in list(self._sessions.values()):
-            session.end(reason)
+        for entry in list(self._sessions.values()):
+            entry.session.end(reason)
         if not self._sessions:
             self._outbox_in.close()
 
-    def _post(self, stream_id: str, epoch: int, text: str) -> None:
+    def _post(self, kind: str, stream_id: str, epoch: int, relay: str, text: str) -> None:
         try:
-            self._outbox_in.send_nowait(("client", stream_id, epoch, text))
+            self._outbox_in.send_nowait((kind, stream_id, epoch, {"relay": relay, "text": text}))
         except trio.WouldBlock:
             self.close("its node is not taking its messages")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
-
-    def _post_error(
-        self, code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
-    ) -> None:
-        from .. import protocol
-
-        entry = self._sessions.get(stream_id or "")
-        epoch = entry[1] if entry is not None else 0
-        self._post(stream_id or "", epoch, protocol.error(code, message, stream_id, session_id))
 
     async def _write(self) -> None:
         async with self._outbox_out:

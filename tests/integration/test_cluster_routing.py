@@ -280,3 +280,30 @@ async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearl
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
     stream = node.services.registry.get("cam")
     assert stream is not None and stream.statistics().encoders_opened == 0
+
+
+async def test_an_owner_that_cannot_renew_stops_its_ingest_and_tells_its_viewers(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, _ = await start_nodes(start_server, redis_server)
+    stream_id = ON_A[0]
+    stream = a.services.registry.get(stream_id)
+    assert stream is not None
+    async with open_viewer(a.ws_url) as viewer:
+        await (await viewer.play(stream_id, trickle=True)).wait_frames(3)
+        assert cluster_of(a).statistics().owned_streams == (stream_id,)
+        mark = len(viewer.messages)
+        redis_server.freeze()  # SIGSTOP: renewals get no answer until the lease's deadline
+        try:
+            told = await viewer.wait_for(
+                lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
+                after=mark,
+                timeout=30,
+            )
+            assert told["code"] == "peer_failed", told
+            assert "lost the stream" in told["payload"]
+            with trio.fail_after(15):
+                await stream.changes.wait_until(lambda: not stream.source_running)
+            assert cluster_of(a).statistics().owned_streams == ()
+        finally:
+            redis_server.thaw()

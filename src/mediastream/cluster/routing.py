@@ -25,8 +25,8 @@ The owner answers with its own ICE addresses, so media flows from the owner to t
 Messages between nodes (envelope ``kind``):
 
 - ``offer`` (request) socket node → owner; reply ``{"epoch"}`` or ``{"error", "message",
-  "owner"?}``. ``ice`` and ``close`` socket node → owner (one-way, carry the epoch; others
-  dropped). ``socket_closed`` socket node → owner.
+  "owner"?}``. ``ice`` and ``close`` socket node → owner (one-way, carry the epoch and the
+  offer's relay id; others dropped). ``socket_closed`` (understood, not sent yet).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
 """
@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -120,6 +121,10 @@ class ClusterNode:
         self._owned: dict[str, StreamLease] = {}
         self._claims: dict[str, trio.Lock] = {}
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
+        #: sessions of this node's sockets on streams it owns, ended if the lease is lost
+        self._local_sessions: weakref.WeakKeyDictionary[Session, SocketEnd] = (
+            weakref.WeakKeyDictionary()
+        )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
@@ -271,8 +276,16 @@ class ClusterNode:
 
     async def _end_sessions_on_loss(self, stream: Stream, lease: StreamLease) -> None:
         await lease.lost.wait()
+        reason = f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
         for remote in list(self._remote.values()):
-            remote.end_stream(stream.id, f"node lost the stream: {lease.loss_reason}")
+            remote.end_stream(stream.id, reason)
+        for session, socket in list(self._local_sessions.items()):
+            if session.stream is stream and session.phase is not SessionPhase.ENDED:
+                socket.post_error(
+                    ErrorCode.PEER_FAILED, f"{reason}; send a new offer", stream.id,
+                    session.session_id,
+                )  # fmt: skip
+                session.end(reason)
         stream.changes.notify()
 
     # --- Router (the socket's node) ---------------------------------------------------------
@@ -280,9 +293,15 @@ class ClusterNode:
     def open_session(self, stream: Stream, offer: Offer, socket: SocketEnd) -> Session:
         if self.owns(stream.id):
             self._counts["local_offers"] += 1
-            return self._local.open_session(stream, offer, socket)
+            return self.open_local(stream, offer, socket)
         self._counts["routed_offers"] += 1
         return RoutedSession(self, stream, offer, socket)
+
+    def open_local(self, stream: Stream, offer: Offer, socket: SocketEnd) -> Session:
+        """A session served here, on a stream this node owns."""
+        session = self._local.open_session(stream, offer, socket)
+        self._local_sessions[session] = socket
+        return session
 
     async def resolve(self, stream: Stream) -> tuple[str, int]:
         """Where ``stream`` is served: ``(this node's id, epoch)`` once claimed here, else the
@@ -546,7 +565,7 @@ class RoutedSession:
         for _ in range(2):  # a second try when the owner named another, or an old epoch
             node_id, epoch = await self._node.resolve(self.stream)
             if node_id == self._node.node_id:
-                self._inner = self._node._local.open_session(self.stream, self.offer, self.socket)
+                self._inner = self._node.open_local(self.stream, self.offer, self.socket)
                 with self._candidates_out:
                     while True:
                         try:

@@ -22,6 +22,7 @@ import trio_asyncio
 
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
 from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.redis_bus import open_redis_bus
 from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
@@ -307,3 +308,33 @@ async def test_an_owner_that_cannot_renew_stops_its_ingest_and_tells_its_viewers
             assert cluster_of(a).statistics().owned_streams == ()
         finally:
             redis_server.thaw()
+
+
+async def test_bad_and_stale_messages_from_another_node_change_nothing(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, _ = await start_nodes(start_server, redis_server)
+    stream_id = ON_A[0]
+    async with open_viewer(a.ws_url) as viewer, open_redis(redis_server.url) as client:
+        played = await viewer.play(stream_id, trickle=True)
+        await played.wait_frames(3)
+        async with open_redis_bus(client, "node-x") as stranger:
+            with trio.fail_after(10):
+                reply = await stranger.request(
+                    "node-a", "offer", socket="s-1", stream=stream_id, payload={"sdp": 5}
+                )
+            assert reply.payload["error"] == "invalid_offer"
+            assert '"sdp"' in reply.payload["message"]
+            before = cluster_of(a).statistics().stale_dropped
+            # A candidate and a close from a node with no session there, of an old epoch.
+            for kind in ("ice", "close"):
+                await stranger.send(
+                    "node-a", kind, socket="s-1", stream=stream_id, epoch=1, payload={}
+                )
+            # Each PUBLISH is delivered before the next is sent, and the inbox is handled in
+            # order: once this request is answered, the two messages above were handled.
+            with trio.fail_after(10):
+                await stranger.request("node-a", "offer", stream=stream_id, payload=None)
+            assert cluster_of(a).statistics().stale_dropped == before + 2
+        await played.wait_frames(played.frames + 5)  # the node's own viewer plays on
+        assert cluster_of(a).statistics().owned_streams == (stream_id,)

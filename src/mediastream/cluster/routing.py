@@ -177,7 +177,15 @@ class ClusterNode:
                     self._bus_ready.set()
                     async with trio.open_nursery() as handlers:
                         async for envelope in bus.inbox:
-                            self._dispatch(envelope, bus, handlers)
+                            try:
+                                self._dispatch(envelope, bus, handlers)
+                            except Exception:
+                                # A bug met by one message: that message is lost, the inbox
+                                # and the node carry on.
+                                log.exception(
+                                    'node "%s": failed to handle %s from node "%s"',
+                                    self.node_id, envelope.kind, envelope.reply_to,
+                                )  # fmt: skip
             except RedisUnavailable as exc:
                 log.warning("%s; trying again in 1 s", exc)
             finally:
@@ -385,13 +393,28 @@ class ClusterNode:
             log.info('node "%s": message of unknown kind %r ignored', self.node_id, kind)
 
     async def _serve_remote_offer(self, envelope: Envelope, bus: Bus) -> None:
+        try:
+            await self._answer_remote_offer(envelope, bus)
+        except Exception:
+            log.exception(
+                'node "%s": failed to serve an offer for "%s" from node "%s"',
+                self.node_id, envelope.stream, envelope.reply_to,
+            )  # fmt: skip
+            await _reply(bus, envelope, {"error": "internal_error", "message": "Internal error"})
+
+    async def _answer_remote_offer(self, envelope: Envelope, bus: Bus) -> None:
         payload = envelope.payload if isinstance(envelope.payload, dict) else {}
         assert self.registry is not None
         stream = self.registry.get(envelope.stream)
         sdp = payload.get("sdp")
         session_id = payload.get("sessionId")
         relay = payload.get("relay")
-        if stream is None or not isinstance(sdp, str) or not isinstance(relay, str):
+        if not isinstance(sdp, str) or not isinstance(relay, str):
+            message = f'offer from node "{envelope.reply_to}" lacks a string "sdp" and "relay"'
+            log.warning('node "%s": %s', self.node_id, message)
+            await _reply(bus, envelope, {"error": "invalid_offer", "message": message})
+            return
+        if stream is None:
             await _reply(
                 bus, envelope, {"error": "stream_not_found", "message": "Stream not found"}
             )
@@ -543,6 +566,10 @@ class RoutedSession:
         except ClusterError as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+        except Exception as exc:  # a bug: this stream's session fails, the socket carries on
+            log.exception("%s: relayed session failed", label)
+            self._end_reason = f"internal error: {type(exc).__name__}"
+            self._error(ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's session")
         finally:
             self._phase = SessionPhase.ENDED
             self._candidates_in.close()

@@ -731,16 +731,9 @@ class RemoteSocket:
         ) -> None:
             post(protocol.error(code, message, stream_id, session_id))
 
-        session = StreamSession(
-            stream,
-            offer,
-            peers=self._node._local._peers,
-            post=post,
-            post_error=post_error,
-            metrics=self._node._local._metrics,
-            negotiation_timeout=self._node._config.webrtc.negotiation_timeout,
-            max_pending_candidates=self._node._config.limits.max_pending_candidates,
-            client=self._label,
+        # The same session a socket of this node gets: only its post goes over the bus.
+        session = self._node._local.open_session(
+            stream, offer, SocketEnd(self.socket_id, self._label, post, post_error)
         )
         entry = self._sessions[stream.id] = _RemoteSession(session, epoch, relay)
         assert self._nursery is not None

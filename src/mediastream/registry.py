@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -92,6 +92,20 @@ _UNAVAILABLE_BECAUSE: Final = {
 EndViewer = Callable[[str], None]
 
 
+class IngestGate(Protocol):
+    """Whether this process may read a stream's source (a cluster: only the stream's owner).
+
+    Without a gate (one process) every stream may be read. With one, the supervisor starts a
+    source only while :meth:`may_ingest` holds, and hands the source's scope to
+    :meth:`guard_ingest`, which cancels it the moment the right to read is lost. The gate
+    notifies the stream's ``changes`` when :meth:`may_ingest` turns true.
+    """
+
+    def may_ingest(self, stream_id: str) -> bool: ...
+
+    def guard_ingest(self, stream_id: str, scope: trio.CancelScope) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class StreamStatistics:
     id: str
@@ -133,8 +147,10 @@ class Stream:
         *,
         origin: str = "config",
         enabled: bool = True,
+        gate: IngestGate | None = None,
     ) -> None:
         self.config = config
+        self._gate = gate
         self.origin = origin
         self._availability = Availability.AVAILABLE if enabled else Availability.STOPPED
         self._viewer_endings: dict[int, EndViewer] = {}
@@ -314,10 +330,14 @@ class Stream:
         self.changes.notify()
 
     def _wanted(self) -> bool:
-        return self.enabled and (
-            not self.config.on_demand
-            or self._viewers + self._probes > 0
-            or self._availability is Availability.STARTED
+        return (
+            self.enabled
+            and (
+                not self.config.on_demand
+                or self._viewers + self._probes > 0
+                or self._availability is Availability.STARTED
+            )
+            and (self._gate is None or self._gate.may_ingest(self.id))
         )
 
     async def snapshot(self, *, start_source: bool) -> bytes:
@@ -394,6 +414,8 @@ class Stream:
             self._set_source_running(True)
             try:
                 async with trio.open_nursery() as nursery:
+                    if self._gate is not None:
+                        self._gate.guard_ingest(self.id, nursery.cancel_scope)
                     await nursery.start(
                         functools.partial(
                             run_source, self.config, media, self, timelines=self.timelines
@@ -420,9 +442,16 @@ class StreamRegistry:
     once and need :meth:`run` to be running.
     """
 
-    def __init__(self, config: Config, changes: ChangeSignal | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        changes: ChangeSignal | None = None,
+        *,
+        gate: IngestGate | None = None,
+    ) -> None:
         self._media = config.media
         self._changes = changes
+        self._gate = gate
         self._streams: dict[str, Stream] = {}
         self._supervisors: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
@@ -506,7 +535,9 @@ class StreamRegistry:
             await trio.sleep_forever()
 
     def _new_stream(self, config: StreamConfig, origin: str, enabled: bool) -> Stream:
-        return Stream(config, self._media, self._changes, origin=origin, enabled=enabled)
+        return Stream(
+            config, self._media, self._changes, origin=origin, enabled=enabled, gate=self._gate
+        )
 
     def _supervise(self, stream: Stream, after: trio.Event | None = None) -> None:
         if self._nursery is None:

@@ -6,6 +6,8 @@
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         ├── WhepHub.run                    WHEP sessions (see ``whep.py``)
+        ├── ClusterNode.run                only with ``[cluster] redis_url``: node record,
+        │                                  inbox, leases, remote sockets (``cluster/routing.py``)
         └── (waits for a shutdown request)
 
 Shutdown closes every socket (code 1001) and ends every WHEP session, which ends every session
@@ -38,7 +40,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .registry import StreamRegistry
-from .signaling import SignalingHub
+from .signaling import LocalRouter, SignalingHub
 from .store import StreamStore
 from .webrtc import aiortc_compat
 from .webrtc.bridge import PeerConnectionFactory
@@ -99,14 +101,23 @@ async def serve(
             loop.set_exception_handler(_log_asyncio_error)
             changes = ChangeSignal()
             store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
-            registry = StreamRegistry(config, changes)
-            registry.apply_stored(await trio.to_thread.run_sync(store.load))
             peers = PeerConnectionFactory(
                 config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
             )
             # The metrics read the services' statistics at scrape time (bound just below).
-            metrics = Metrics(lambda: services.statistics(), registry.statistics)
-            hub = SignalingHub(config, registry, peers, changes, metrics=metrics)
+            metrics = Metrics(lambda: services.statistics(), lambda: registry.statistics())
+            local = LocalRouter(peers, config.webrtc, config.limits, metrics)
+            cluster = None
+            if config.cluster.redis_url:
+                # Imported only here: a single process never imports a Redis client.
+                from .cluster.routing import ClusterNode
+
+                cluster = ClusterNode(config, local)
+            registry = StreamRegistry(config, changes, gate=cluster)
+            registry.apply_stored(await trio.to_thread.run_sync(store.load))
+            if cluster is not None:
+                cluster.registry = registry
+            hub = SignalingHub(config, registry, peers, changes, metrics=metrics, router=cluster)
             whep = WhepHub(
                 limits=config.limits,
                 webrtc=config.webrtc,
@@ -125,6 +136,7 @@ async def serve(
                 changes=changes,
                 metrics=metrics,
                 whep=whep,
+                cluster=cluster,
                 allowed_origins=config.security.allowed_origins,
             )
             app = create_app(services)
@@ -141,6 +153,8 @@ async def serve(
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
+                    if cluster is not None:
+                        await lifetime.start(cluster.run, _bound_port(urls[0]))
                     running = RunningServer(urls=urls, services=services, _stopped=stopped)
                     log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
                     if not hub.authenticator.enabled:
@@ -159,6 +173,9 @@ async def serve(
                     hub.shutdown()
                     whep.shutdown()
                     hypercorn_stop.set()
+                if cluster is not None:  # leave the cluster while Redis is still reachable
+                    cluster.stop()
+                    await cluster.wait_stopped()
                 lifetime.cancel_scope.cancel()  # Hypercorn is done: stop the sources
             if trio.current_time() >= lifetime.cancel_scope.deadline:
                 log.warning(
@@ -168,6 +185,11 @@ async def serve(
             log.info("stopped: %d peer connections open", peers.statistics().open_peer_connections)
     finally:
         stopped.set()
+
+
+def _bound_port(url: str) -> int:
+    """The HTTP port Hypercorn bound (``server.port`` may be 0: any free port)."""
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:

@@ -5,7 +5,14 @@ Task tree of a socket (the WebSocket handler's task)::
     SignalingConnection.run      nursery: closing the socket cancels all of it
     ├── writer                   drains the bounded outbox into the socket
     ├── reader                   parses each message once and routes it by streamId
-    └── StreamSession.run × N    one per stream (see ``session.py``)
+    └── Session.run × N          one per stream: a StreamSession (``session.py``), or in a
+                                 cluster a session relayed to the stream's owner node
+                                 (``cluster/routing.py``), chosen by the Router
+
+The :class:`Router` is the one seam between a socket and where its streams are served. One
+process has :class:`LocalRouter`: every offer becomes a :class:`StreamSession` here. A cluster
+node has ``cluster.routing.ClusterNode``, which returns a local session for a stream this
+node owns (no Redis touched) and a relayed one, with the same interface, for any other.
 
 A bad message gets an ``error`` for its stream and changes nothing else: the socket, its other
 streams and the server carry on. Abuse is different: a client that floods messages beyond
@@ -37,7 +44,7 @@ from .limits import TokenBucket
 from .metrics import Metrics
 from .protocol import Auth, Close, IceCandidate, Offer, Ping
 from .registry import Stream, StreamRegistry
-from .session import SessionPhase, StreamSession
+from .session import Post, PostError, SessionPhase, StreamSession
 from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,70 @@ class MessageSocket(Protocol):
     async def close(self, code: int, reason: str = "") -> None: ...
 
 
+class Session(Protocol):
+    """One stream's session on a socket, served here or relayed to another node."""
+
+    stream: Stream
+
+    @property
+    def phase(self) -> SessionPhase: ...
+
+    @property
+    def session_id(self) -> str | None: ...
+
+    async def run(self) -> None: ...
+
+    def end(self, reason: str) -> None: ...
+
+    def add_candidate(self, candidate: IceCandidate) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SocketEnd:
+    """What a session needs of the socket it belongs to."""
+
+    #: this socket's id on this node (``connectionId`` in the welcome)
+    socket_id: str
+    label: str
+    post: Post
+    post_error: PostError
+
+
+class Router(Protocol):
+    """Turns an offer into the session that serves it: here, or on the stream's owner node."""
+
+    def open_session(self, stream: Stream, offer: Offer, socket: SocketEnd) -> Session: ...
+
+
+class LocalRouter:
+    """Every stream served in this process (one process, and a cluster node's own streams)."""
+
+    def __init__(
+        self,
+        peers: PeerConnectionFactory,
+        webrtc: WebRTCConfig,
+        limits: LimitsConfig,
+        metrics: Metrics | None,
+    ) -> None:
+        self._peers = peers
+        self._webrtc = webrtc
+        self._limits = limits
+        self._metrics = metrics
+
+    def open_session(self, stream: Stream, offer: Offer, socket: SocketEnd) -> StreamSession:
+        return StreamSession(
+            stream,
+            offer,
+            peers=self._peers,
+            post=socket.post,
+            post_error=socket.post_error,
+            metrics=self._metrics,
+            negotiation_timeout=self._webrtc.negotiation_timeout,
+            max_pending_candidates=self._limits.max_pending_candidates,
+            client=socket.label,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionContext:
     """What one socket's connection needs from the server, and nothing more."""
@@ -77,7 +148,8 @@ class ConnectionContext:
     webrtc: WebRTCConfig
     #: the stream a message names, or None
     find_stream: Callable[[str], Stream | None]
-    peers: PeerConnectionFactory
+    #: makes each offer's session, local or relayed
+    router: Router
     authenticator: Authenticator
     #: notified when the socket's sessions change
     changes: ChangeSignal
@@ -103,6 +175,7 @@ class SignalingHub:
         changes: ChangeSignal | None = None,
         authenticator: Authenticator | None = None,
         metrics: Metrics | None = None,
+        router: Router | None = None,
     ) -> None:
         self.config = config
         self.changes = changes or ChangeSignal()
@@ -111,7 +184,7 @@ class SignalingHub:
             limits=config.limits,
             webrtc=config.webrtc,
             find_stream=registry.get,
-            peers=peers,
+            router=router or LocalRouter(peers, config.webrtc, config.limits, metrics),
             authenticator=self.authenticator,
             changes=self.changes,
             metrics=metrics,
@@ -188,7 +261,7 @@ class SignalingConnection:
         )
         self.connection_id = secrets.token_hex(4)
         self.label = f"{client} #{self.connection_id}"
-        self.sessions: dict[str, StreamSession] = {}
+        self.sessions: dict[str, Session] = {}
         self._outbox_in, self._outbox_out = trio.open_memory_channel[str](OUTBOX_MESSAGES)
         self._cancel_scope = trio.CancelScope()
         self._close: tuple[int, str] | None = None
@@ -350,23 +423,15 @@ class SignalingConnection:
                 f"This socket already has {len(self.sessions)} streams, the limit",
                 stream_id=offer.stream_id,
             )
-        session = StreamSession(
-            stream,
-            offer,
-            peers=self._context.peers,
-            post=self.post,
-            post_error=self.post_error,
-            metrics=self._context.metrics,
-            negotiation_timeout=self._context.webrtc.negotiation_timeout,
-            max_pending_candidates=self._limits.max_pending_candidates,
-            client=self.label,
+        session = self._context.router.open_session(
+            stream, offer, SocketEnd(self.connection_id, self.label, self.post, self.post_error)
         )
         self.sessions[offer.stream_id] = session
         self._context.changes.notify()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
 
-    async def _run_session(self, session: StreamSession) -> None:
+    async def _run_session(self, session: Session) -> None:
         try:
             await session.run()
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..changes import ChangeSignal
 from ..metrics import Metrics
@@ -13,6 +14,9 @@ from ..statistics import ServerStatistics, task_names, thread_count
 from ..store import StreamStore
 from ..webrtc.bridge import PeerConnectionFactory
 from ..whep import WhepHub
+
+if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
+    from ..cluster.routing import ClusterNode
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Services:
     metrics: Metrics
     #: the WHEP sessions (``/whep``)
     whep: WhepHub
+    #: this node of a cluster; None in a single process (no ``[cluster] redis_url``)
+    cluster: ClusterNode | None = None
     #: ``security.allowed_origins``
     allowed_origins: tuple[str, ...] = ()
 

@@ -9,10 +9,13 @@ Redis client nor opens a connection.
 - :mod:`.bus`: inboxes, request/reply with one retry, de-duplication (no Redis in it).
 - :mod:`.redis_bus`: the bus over Redis pub/sub; :mod:`.redis_client`: the bounded client.
 - :mod:`.errors`: the cluster's exception tree.
+- :mod:`.routing`: the node itself (``ClusterNode``): started by ``server.serve``, it is the
+  signaling Router (local or relayed sessions) and the registry's IngestGate (only the
+  owner reads a camera).
 
-Task tree (once wired into the server): the app's lifetime nursery holds the node
+Task tree: the app's lifetime nursery holds ``ClusterNode.run``, under which run the node
 registration task, the bus (its receive pump) and one ``hold_stream_lease`` task per stream
-this node owns, whose loss cancels that stream's ingest scope.
+this node owns, whose loss cancels that stream's ingest scope (see :mod:`.routing`).
 """
 
 from __future__ import annotations

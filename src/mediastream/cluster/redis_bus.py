@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
+import anyio
 import coredis.exceptions
 import coredis.retry
 import trio
@@ -124,7 +125,12 @@ async def _receive(
                     if message["type"] == "message" and isinstance(data, str | bytes):
                         await bus.deliver(data)
             reason = "the subscription ended"
-        except* (coredis.exceptions.RedisError, TimeoutError, OSError) as group:
+        except* (
+            coredis.exceptions.RedisError,
+            TimeoutError,
+            OSError,
+            anyio.ClosedResourceError,
+        ) as group:
             reason = "; ".join(str(exc) for exc in group.exceptions)
         log.warning(
             'node "%s" lost its inbox subscription at Redis %s (%s); subscribing again in %g s',

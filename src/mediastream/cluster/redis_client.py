@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Final, TypeVar
 
+import anyio
 import coredis
 import coredis.exceptions
 import coredis.retry
@@ -66,7 +67,13 @@ async def redis_call(client: Redis, what: str, command: Awaitable[_T]) -> _T:
         raise RedisUnavailable(
             f"Redis at {describe(client)} did not answer {what} within {COMMAND_TIMEOUT:g} s"
         ) from None
-    except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
+    except (
+        coredis.exceptions.ConnectionError,
+        TimeoutError,
+        OSError,
+        # the pool's connection was closed under the command (its tasks cancelled at shutdown)
+        anyio.ClosedResourceError,
+    ) as exc:
         raise RedisUnavailable(f"Redis at {describe(client)} failed {what}: {exc}") from None
 
 

@@ -1,0 +1,340 @@
+"""Two real nodes and one real redis-server: one socket plays streams owned by either node.
+
+The nodes are MediaStream servers on loopback ports in this test process (each its own
+registry, peers, Redis pool and inbox); the client is aiortc with one signaling socket.
+Which node owns a stream is decided by placement (rendezvous hashing over the serving
+nodes), so the streams are picked by computing the same placement here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio_asyncio
+
+from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
+from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.redis_bus import open_redis_bus
+from mediastream.cluster.redis_client import open_redis
+from mediastream.cluster.routing import ClusterNode
+from mediastream.server import RunningServer
+
+from support.http import get
+from support.redis import RedisServer, running_redis
+from support.servers import StartServer, make_config
+from support.viewer import SignalingFailed, open_viewer
+
+PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
+NODES = ("node-a", "node-b")
+MEDIASTREAM = [sys.executable, "-m", "mediastream"]
+SRC = Path(__file__).parents[2] / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def streams_placed_on(node_id: str, count: int) -> list[str]:
+    """Stream ids that placement gives to ``node_id`` when both nodes serve, idle."""
+    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+    found: list[str] = []
+    index = 0
+    while len(found) < count:
+        stream_id = f"cam-{index}"
+        owner = choose_owner(stream_id, records)
+        if owner is not None and owner.node_id == node_id:
+            found.append(stream_id)
+        index += 1
+    return found
+
+
+ON_A = streams_placed_on("node-a", 2)
+ON_B = streams_placed_on("node-b", 2)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with running_redis() as server:
+        yield server
+
+
+async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:
+    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    nodes = []
+    for node_id in NODES:
+        config = make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
+        nodes.append(await start_server(config))
+    # Both records are in Redis once each node's registration has written it.
+    for node in nodes:
+        await cluster_of(node)._started.wait()
+    return nodes
+
+
+def cluster_of(server: RunningServer) -> ClusterNode:
+    cluster = server.services.cluster
+    assert cluster is not None
+    return cluster
+
+
+def ingests(nodes: list[RunningServer], stream_id: str) -> int:
+    """Sources of ``stream_id`` opened on all nodes together (each start opens an encoder)."""
+    total = 0
+    for node in nodes:
+        stream = node.services.registry.get(stream_id)
+        assert stream is not None
+        total += stream.statistics().encoders_opened
+    return total
+
+
+async def test_one_socket_plays_a_stream_of_each_node_and_media_comes_from_its_owner(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    local_stream, remote_stream = ON_A[0], ON_B[0]
+    async with open_viewer(a.ws_url) as viewer:
+        local = await viewer.play(local_stream, trickle=True)
+        remote = await viewer.play(remote_stream, trickle=True)
+        await local.wait_frames(5)
+        await remote.wait_frames(5)
+
+        # Each stream is owned and read by its placed node only.
+        assert cluster_of(a).statistics().owned_streams == (local_stream,)
+        assert cluster_of(b).statistics().owned_streams == (remote_stream,)
+        assert ingests([a, b], local_stream) == 1
+        assert ingests([a, b], remote_stream) == 1
+        remote_on_a = a.services.registry.get(remote_stream)
+        assert remote_on_a is not None and remote_on_a.statistics().encoders_opened == 0
+        # The remote stream's peer connection is B's: the media comes from B's ports, not A's.
+        assert a.services.peers.statistics().open_peer_connections == 1
+        assert b.services.peers.statistics().open_peer_connections == 1
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        assert cluster_of(b).statistics().remote_sockets == 1
+
+        # A second offer for the stream A owns is served without a single Redis command.
+        before = cluster_of(a).statistics()
+        async with open_viewer(a.ws_url) as second:
+            again = await second.play(local_stream, trickle=True)
+            await again.wait_frames(3)
+        after = cluster_of(a).statistics()
+        assert after.local_offers == before.local_offers + 1
+        assert after.redis_commands == before.redis_commands
+        assert ingests([a, b], local_stream) == 1
+
+        # A new offer for the relayed stream replaces its session on B; the old session's
+        # close and end, racing it over the bus, name the old offer and leave the new alone.
+        replaced_pc = remote.pc
+        renewed = await viewer.play(remote_stream, trickle=True)
+        await trio_asyncio.aio_as_trio(replaced_pc.close)()
+        await renewed.wait_frames(5)
+        with trio.fail_after(15):
+            while b.services.peers.statistics().open_peer_connections != 1:
+                await b.services.changes.wait()
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        await renewed.wait_frames(10)
+
+        # Closing the relayed stream ends B's session and peer (told over the bus).
+        await viewer.stop(remote_stream)
+        with trio.fail_after(15):
+            while b.services.peers.statistics().open_peer_connections:
+                await b.services.changes.wait()
+        assert cluster_of(a).statistics().relayed_sessions == 0
+
+
+async def test_concurrent_opens_through_both_nodes_read_the_stream_once(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    stream_id = ON_B[1]
+    async with open_viewer(a.ws_url) as on_a, open_viewer(b.ws_url) as on_b:
+        played: dict[str, object] = {}
+
+        async def play(name: str, viewer: object) -> None:
+            played[name] = await viewer.play(stream_id, trickle=True)  # type: ignore[attr-defined]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(play, "a", on_a)
+            nursery.start_soon(play, "b", on_b)
+        for each in played.values():
+            await each.wait_frames(5)  # type: ignore[attr-defined]
+        assert ingests([a, b], stream_id) == 1
+        owners = [n for n in (a, b) if stream_id in cluster_of(n).statistics().owned_streams]
+        assert owners == [b]
+        assert b.services.peers.statistics().open_peer_connections == 2
+        assert a.services.peers.statistics().open_peer_connections == 0
+
+
+def node_config_file(path: Path, node_id: str, port: int, redis: RedisServer) -> Path:
+    streams = "".join(
+        f'[[streams]]\nid = "{s}"\nsource = "{PATTERN}"\non_demand = true\n\n' for s in ON_A + ON_B
+    )
+    path.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{path.parent / node_id}"\n\n'
+        f"[media]\non_demand_grace = 1\n\n"
+        f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n\n{streams}'
+    )
+    return path
+
+
+async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_ingest(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = make_config(
+        [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B],
+        cluster={"redis_url": redis_server.url, "node_id": "node-a"},
+    )
+    a = await start_server(config)
+    stream_id = ON_B[0]
+    port = free_port()
+    command = [
+        *MEDIASTREAM, "serve", "--config",
+        str(node_config_file(tmp_path / "node-b.toml", "node-b", port, redis_server)),
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
+            )
+        )
+        try:
+            assert process.stderr is not None
+            log = b""
+            with trio.fail_after(30):
+                while b"MediaStream serving" not in log:
+                    chunk = await process.stderr.receive_some()
+                    assert chunk, log
+                    log += chunk
+            async with open_viewer(a.ws_url) as viewer:
+                first = await viewer.play(stream_id, trickle=True)
+                await first.wait_frames(5)
+                assert cluster_of(a).statistics().relayed_sessions == 1
+                assert a.services.peers.statistics().open_peer_connections == 0  # B's peer
+
+                mark = len(viewer.messages)
+                process.kill()  # SIGKILL: no goodbye, its lease and record just stop renewing
+                told = await viewer.wait_for(
+                    lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
+                    after=mark,
+                    timeout=30,
+                )
+                assert told["code"] == "peer_failed", told
+                assert "send a new offer" in told["payload"]
+
+                again = await viewer.play(stream_id, trickle=True)
+                await again.wait_frames(5)
+                assert cluster_of(a).statistics().owned_streams == (stream_id,)
+                assert ingests([a], stream_id) == 1  # exactly one new camera session, on A
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def test_a_node_is_in_redis_while_it_serves_and_leaves_at_once_when_it_stops(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, b = await start_nodes(start_server, redis_server)
+    async with open_redis(redis_server.url) as client:
+        assert [n.node_id for n in await live_nodes(client)] == ["node-a", "node-b"]
+        async with open_viewer(b.ws_url) as viewer:
+            await (await viewer.play(ON_A[0], trickle=True)).wait_frames(3)
+            owner = await current_owner(client, ON_A[0])
+            assert owner is not None and owner.node_id == "node-a"
+            a.request_shutdown()
+            with trio.fail_after(15):
+                await a.wait_stopped()
+        # Released and unregistered on the way out, not left to expire.
+        assert await current_owner(client, ON_A[0]) is None
+        assert [n.node_id for n in await live_nodes(client)] == ["node-b"]
+
+
+async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearly(
+    start_server: StartServer,
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    config = make_config(
+        [{"id": "cam", "source": PATTERN, "on_demand": True}],
+        cluster={"redis_url": nowhere, "node_id": "node-a"},
+    )
+    node = await start_server(config)
+    health = await get(f"{node.url}/healthz")
+    assert (health.status, health.json()) == (200, {"status": "ok"})
+    async with open_viewer(node.ws_url) as viewer:
+        with pytest.raises(SignalingFailed) as failed:
+            await viewer.play("cam", trickle=True)
+        assert failed.value.message["code"] == "stream_unavailable"
+        assert "Redis at 127.0.0.1" in failed.value.message["payload"]
+        # The socket lives on: it still answers.
+        await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
+    stream = node.services.registry.get("cam")
+    assert stream is not None and stream.statistics().encoders_opened == 0
+
+
+async def test_an_owner_that_cannot_renew_stops_its_ingest_and_tells_its_viewers(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, _ = await start_nodes(start_server, redis_server)
+    stream_id = ON_A[0]
+    stream = a.services.registry.get(stream_id)
+    assert stream is not None
+    async with open_viewer(a.ws_url) as viewer:
+        await (await viewer.play(stream_id, trickle=True)).wait_frames(3)
+        assert cluster_of(a).statistics().owned_streams == (stream_id,)
+        mark = len(viewer.messages)
+        redis_server.freeze()  # SIGSTOP: renewals get no answer until the lease's deadline
+        try:
+            told = await viewer.wait_for(
+                lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
+                after=mark,
+                timeout=30,
+            )
+            assert told["code"] == "peer_failed", told
+            assert "lost the stream" in told["payload"]
+            with trio.fail_after(15):
+                await stream.changes.wait_until(lambda: not stream.source_running)
+            assert cluster_of(a).statistics().owned_streams == ()
+        finally:
+            redis_server.thaw()
+
+
+async def test_bad_and_stale_messages_from_another_node_change_nothing(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    a, _ = await start_nodes(start_server, redis_server)
+    stream_id = ON_A[0]
+    async with open_viewer(a.ws_url) as viewer, open_redis(redis_server.url) as client:
+        played = await viewer.play(stream_id, trickle=True)
+        await played.wait_frames(3)
+        async with open_redis_bus(client, "node-x") as stranger:
+            with trio.fail_after(10):
+                reply = await stranger.request(
+                    "node-a", "offer", socket="s-1", stream=stream_id, payload={"sdp": 5}
+                )
+            assert reply.payload["error"] == "invalid_offer"
+            assert '"sdp"' in reply.payload["message"]
+            before = cluster_of(a).statistics().stale_dropped
+            # A candidate and a close from a node with no session there, of an old epoch.
+            for kind in ("ice", "close"):
+                await stranger.send(
+                    "node-a", kind, socket="s-1", stream=stream_id, epoch=1, payload={}
+                )
+            # Each PUBLISH is delivered before the next is sent, and the inbox is handled in
+            # order: once this request is answered, the two messages above were handled.
+            with trio.fail_after(10):
+                await stranger.request("node-a", "offer", stream=stream_id, payload=None)
+            assert cluster_of(a).statistics().stale_dropped == before + 2
+        await played.wait_frames(played.frames + 5)  # the node's own viewer plays on
+        assert cluster_of(a).statistics().owned_streams == (stream_id,)

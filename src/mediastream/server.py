@@ -3,12 +3,14 @@
     serve                                  trio_asyncio loop: aiortc runs inside it
     └── nursery
         ├── StreamRegistry.run             stream supervisors and their sources
+        ├── PeerConnectionFactory.run      closes that outlive their sessions' wait
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         └── (waits for a shutdown request)
 
 Shutdown closes every socket (code 1001), which ends every session and closes its peer
-connection; then Hypercorn stops; then the sources stop. The whole sequence is bounded by
+connection; then Hypercorn stops; then the sources stop, and peer closes still running get a
+few seconds more (``SHUTDOWN_CLOSE_TIMEOUT``). The rest of the sequence is bounded by
 ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
 
 trio-asyncio keeps its loop in a context variable, so ``open_loop()`` must enclose Hypercorn
@@ -95,11 +97,14 @@ async def serve(
             store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
             registry = StreamRegistry(config, changes)
             registry.apply_stored(await trio.to_thread.run_sync(store.load))
-            peers = PeerConnectionFactory(
-                config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
-            )
             # The metrics read the services' statistics at scrape time (bound just below).
             metrics = Metrics(lambda: services.statistics(), registry.statistics)
+            peers = PeerConnectionFactory(
+                config.webrtc,
+                changes,
+                catchup_rate=config.media.catchup_rate_kbps * 1000 / 8,
+                on_close_overrun=metrics.peer_close_overruns.inc,
+            )
             hub = SignalingHub(config, registry, peers, changes, metrics=metrics)
             services = Services(
                 store=store,
@@ -115,6 +120,7 @@ async def serve(
             hypercorn_stop = trio.Event()
             async with trio.open_nursery() as lifetime:
                 await lifetime.start(registry.run)
+                await lifetime.start(peers.run)  # owns peer closes that outlive their sessions
                 async with trio.open_nursery() as http:
                     urls = await http.start(
                         functools.partial(
@@ -158,8 +164,10 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
     trio-asyncio's default handler raises every such report (a task garbage-collected while
     still pending, an exception no one retrieved) into the loop's nursery, which encloses the
     whole server: one peer connection's stray task would end every socket and session. That
-    happens when closing a peer is cut off by ``CLOSE_TIMEOUT`` on a loaded machine, leaving
-    its ICE transport's monitor task waiting forever until the garbage collector finds it.
+    happened when closing a peer was cut off on a loaded machine, leaving its ICE transport's
+    monitor task waiting forever until the garbage collector found it (closes now run to their
+    end, see ``PeerConnectionFactory.run``); any other such report must not end the server
+    either.
     """
     what = context.get("task") or context.get("future") or context.get("handle") or ""
     log.error(

@@ -4,6 +4,7 @@
     └── nursery
         ├── StreamRegistry.run             stream supervisors and their sources
         ├── PeerConnectionFactory.run      closes that outlive their sessions' wait
+        ├── memory.trim_periodically       freed heap memory back to the system
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         └── (waits for a shutdown request)
@@ -30,7 +31,7 @@ import hypercorn.trio
 import trio
 import trio_asyncio
 
-from . import hypercorn_compat
+from . import hypercorn_compat, memory
 from .app import DEFAULT_STATIC_DIR, Services, create_app
 from .changes import ChangeSignal
 from .config import Config
@@ -121,6 +122,7 @@ async def serve(
             async with trio.open_nursery() as lifetime:
                 await lifetime.start(registry.run)
                 await lifetime.start(peers.run)  # owns peer closes that outlive their sessions
+                await lifetime.start(memory.trim_periodically)
                 async with trio.open_nursery() as http:
                     urls = await http.start(
                         functools.partial(

@@ -321,6 +321,7 @@ class PeerConnection:
         self._catchup_rate = catchup_rate
         self._state_changed = trio.Event()
         self._tracks: list[SubscriberTrack] = []
+        self._answering: asyncio.Future[str] | None = None
 
         @pc.on("connectionstatechange")
         def _on_state_change() -> None:
@@ -360,7 +361,9 @@ class PeerConnection:
             self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
         try:
             return str(
-                await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._tracks, audio_codec)
+                await trio_asyncio.aio_as_trio(self._answer_to_the_end)(
+                    offer_sdp, self._tracks, audio_codec
+                )
             )
         except OperationError as exc:
             raise SignalingError(
@@ -371,6 +374,15 @@ class PeerConnection:
             raise SignalingError(
                 ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
             ) from None
+
+    async def _answer_to_the_end(
+        self, offer_sdp: str, tracks: list[SubscriberTrack], audio_codec: str | None
+    ) -> str:
+        # Cut off inside ICE gathering, aioice loses the UDP sockets it was opening (nothing
+        # closes them, not even close()): a session cancelled mid-answer leaked them. So the
+        # answer runs to its end in asyncio, and _close waits for it before closing.
+        self._answering = asyncio.ensure_future(self._answer(offer_sdp, tracks, audio_codec))
+        return await asyncio.shield(self._answering)
 
     async def _answer(
         self, offer_sdp: str, tracks: list[SubscriberTrack], audio_codec: str | None
@@ -429,7 +441,15 @@ class PeerConnection:
     async def _close(self) -> None:
         for track in self._tracks:
             track.stop()
-        await trio_asyncio.aio_as_trio(self._pc.close)()
+        await trio_asyncio.aio_as_trio(self._close_after_answer)()
+
+    async def _close_after_answer(self) -> None:
+        if self._answering is not None:
+            # Its outcome was the session's business (or the session is gone): only wait.
+            await asyncio.wait([self._answering])
+            if not self._answering.cancelled():
+                self._answering.exception()  # retrieved: asyncio must not report it
+        await self._pc.close()
 
 
 class SubscriberTrack(MediaStreamTrack):

@@ -147,3 +147,37 @@ async def test_a_factory_whose_closer_is_not_running_refuses_to_open_peers() -> 
         with pytest.raises(RuntimeError, match=r"PeerConnectionFactory\.run must be running"):
             async with factory.open("cam#no-closer"):
                 pass
+
+
+async def test_a_session_cancelled_at_any_point_of_its_answer_leaves_no_socket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Cut off inside ICE gathering, aioice lost the UDP sockets it was opening: no close
+    # could find them. Cancel the session after 0, 1, 2, ... scheduler rounds of its answer,
+    # until the answer finishes first (every point of it was cut once).
+    factory = PeerConnectionFactory(WebRTCConfig())
+    async with asyncio_loop() as reports, trio.open_nursery() as nursery:
+        await nursery.start(factory.run)
+        viewer = await new_viewer()
+        baseline = open_sockets()
+        answered = False
+        rounds = 0
+        while not answered:
+            with trio.CancelScope() as session:
+                async with factory.open(f"cam#cut-{rounds}") as peer:
+                    nursery.start_soon(cancel_after, session, rounds)
+                    subscriber = Subscriber("close-test", 10, keyframe_gated=True)
+                    await peer.answer(viewer.localDescription.sdp, subscriber)
+                    answered = True
+            await wait_until(lambda: open_sockets() == baseline)
+            rounds += 1
+        assert rounds > 5  # the answer did get cut at several points
+        await trio_asyncio.aio_as_trio(viewer.close)()
+        nursery.cancel_scope.cancel()
+    assert_nothing_destroyed(reports, caplog)
+
+
+async def cancel_after(scope: trio.CancelScope, rounds: int) -> None:
+    for _ in range(rounds):
+        await trio.lowlevel.checkpoint()
+    scope.cancel()

@@ -24,7 +24,8 @@ For the whole run:
 
 Every minute it samples the server process: RSS (``/proc/PID/status``), open file descriptors
 (``/proc/PID/fd``), OS threads, and from ``/api/stats`` Trio tasks, peer connections open and
-opened so far (one per session), sockets, sources running. The server's log (level INFO) is
+opened so far (one per session), sockets, sources running; from ``/metrics`` the peer closes
+that outlived their session's 5 s wait ("slow closes"). The server's log (level INFO) is
 kept and every WARNING, ERROR and traceback in it is classified: caused by what the soak does
 on purpose (a killed camera, a stopped stream, a slow load generator) or not.
 
@@ -639,9 +640,22 @@ def server_state(url: str, pid: int) -> dict[str, Any]:
             "sockets_opened": stats["sockets"]["opened"] if stats else None,
             "sources_running": stats["sourcesRunning"] if stats else None,
             "viewers": stats["viewers"] if stats else None,
+            "close_overruns": close_overruns(url),
         }
     )
     return state
+
+
+def close_overruns(url: str) -> int | None:
+    """Peer closes that outlived their session's wait so far (``/metrics``), None if the server
+    did not say."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^mediastream_peer_close_overruns_total (\S+)$", text, re.M)
+    return int(float(found.group(1))) if found else None
 
 
 def fd_kinds(pid: int) -> dict[str, int]:
@@ -814,6 +828,7 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, stray
 
 
+SOURCES_LOGGER: Final = "mediastream.media.sources"
 #: How long after a camera comes back its streams may still report the failure (backoff).
 KILL_WINDOW_AFTER: Final = 40.0  # seconds
 
@@ -836,7 +851,7 @@ def classify(
         return "user", "slow viewer skipped to a keyframe (load generator on shared cores)"
     stream_id = message.split(" ", 1)[0].rstrip(":")
     plan = streams.get(stream_id)
-    if record["logger"].startswith("mediastream.media.sources") and plan is not None:
+    if _is_sources_logger(record["logger"]) and plan is not None:
         if plan.camera is not None and any(
             down - 1 <= at <= up + KILL_WINDOW_AFTER for down, up in outages.get(plan.camera, [])
         ):
@@ -844,6 +859,12 @@ def classify(
         if any(s == stream_id and a - 1 <= at <= b + 5 for s, a, b in stops):
             return "user", "stream stopped or edited through the API"
     return "server", f"{record['level']} {record['logger']}: {_shape(message)}"
+
+
+def _is_sources_logger(name: str) -> bool:
+    """The sources' logger or one of its children (``media/sources`` may be a package whose
+    modules log as ``mediastream.media.sources.reader`` and the like)."""
+    return name == SOURCES_LOGGER or name.startswith(SOURCES_LOGGER + ".")
 
 
 def _shape(message: str) -> str:
@@ -1278,6 +1299,7 @@ def report(result: dict[str, Any]) -> None:
             "sockets",
             "sources",
             "sessions",
+            "slow closes",
             "CPU %",
             "load",
         ],
@@ -1292,6 +1314,7 @@ def report(result: dict[str, Any]) -> None:
                 s["sockets_open"],
                 s["sources_running"],
                 s["sessions_opened"],
+                s.get("close_overruns"),
                 s["cpu_percent"],
                 s["load_average"],
             ]

@@ -71,6 +71,12 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.peer_close_overruns = Counter(
+            "mediastream_peer_close_overruns",
+            "Peer connection closes that outlived their session's wait (5 s) and went on "
+            "closing in the background.",
+            registry=self.registry,
+        )
         self.offer_to_answer = Histogram(
             "mediastream_offer_answer_seconds",
             "Time from receiving an offer to sending its answer.",

@@ -3,6 +3,8 @@
     serve                                  trio_asyncio loop: aiortc runs inside it
     └── nursery
         ├── StreamRegistry.run             stream supervisors and their sources
+        ├── PeerConnectionFactory.run      closes that outlive their sessions' wait
+        ├── memory.trim_periodically       freed heap memory back to the system
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         ├── WhepHub.run                    WHEP sessions (see ``whep.py``)
@@ -11,8 +13,9 @@
         └── (waits for a shutdown request)
 
 Shutdown closes every socket (code 1001) and ends every WHEP session, which ends every session
-and closes its peer connection; then Hypercorn stops; then the sources stop. The whole
-sequence is bounded by ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
+and closes its peer connection; then Hypercorn stops; then the sources stop, and peer closes
+still running get a few seconds more (``SHUTDOWN_CLOSE_TIMEOUT``). The rest of the sequence is
+bounded by ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
 
 trio-asyncio keeps its loop in a context variable, so ``open_loop()`` must enclose Hypercorn
 itself: handlers started from a sibling task would find no loop.
@@ -31,7 +34,7 @@ import hypercorn.trio
 import trio
 import trio_asyncio
 
-from . import hypercorn_compat
+from . import hypercorn_compat, memory
 from .api.pages import DEFAULT_STATIC_DIR
 from .api.services import Services
 from .app import create_app
@@ -101,11 +104,14 @@ async def serve(
             loop.set_exception_handler(_log_asyncio_error)
             changes = ChangeSignal()
             store = await trio.to_thread.run_sync(StreamStore, Path(config.server.data_dir))
-            peers = PeerConnectionFactory(
-                config.webrtc, changes, catchup_rate=config.media.catchup_rate_kbps * 1000 / 8
-            )
             # The metrics read the services' statistics at scrape time (bound just below).
             metrics = Metrics(lambda: services.statistics(), lambda: registry.statistics())
+            peers = PeerConnectionFactory(
+                config.webrtc,
+                changes,
+                catchup_rate=config.media.catchup_rate_kbps * 1000 / 8,
+                on_close_overrun=metrics.peer_close_overruns.inc,
+            )
             local = LocalRouter(peers, config.webrtc, config.limits, metrics)
             cluster = None
             if config.cluster.redis_url:
@@ -143,6 +149,8 @@ async def serve(
             hypercorn_stop = trio.Event()
             async with trio.open_nursery() as lifetime:
                 await lifetime.start(registry.run)
+                await lifetime.start(peers.run)  # owns peer closes that outlive their sessions
+                await lifetime.start(memory.trim_periodically)
                 await lifetime.start(whep.run)
                 async with trio.open_nursery() as http:
                     urls = await http.start(
@@ -198,8 +206,10 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
     trio-asyncio's default handler raises every such report (a task garbage-collected while
     still pending, an exception no one retrieved) into the loop's nursery, which encloses the
     whole server: one peer connection's stray task would end every socket and session. That
-    happens when closing a peer is cut off by ``CLOSE_TIMEOUT`` on a loaded machine, leaving
-    its ICE transport's monitor task waiting forever until the garbage collector finds it.
+    happened when closing a peer was cut off on a loaded machine, leaving its ICE transport's
+    monitor task waiting forever until the garbage collector found it (closes now run to their
+    end, see ``PeerConnectionFactory.run``); any other such report must not end the server
+    either.
     """
     what = context.get("task") or context.get("future") or context.get("handle") or ""
     log.error(

@@ -20,7 +20,11 @@ What this module adds to stock aiortc, and why:
 - **mDNS candidates are skipped** (configurable): aioice resolves ``.local`` names with a fixed
   one-second timeout per peer connection, while the browser's connectivity checks reveal its
   address anyway.
-- **Closing is explicit, shielded and bounded**: cancellation does not close an aiortc peer.
+- **Closing is explicit, shielded and owned to its end**: cancellation does not close an
+  aiortc peer, and a close cut off half-way leaks it (its UDP sockets stay open, and an ICE
+  task waits forever until the garbage collector destroys it). So a session waits a bounded
+  time for its peer's close, but the close itself runs to its end in the factory's closer
+  (:meth:`PeerConnectionFactory.run`), which outlives every session.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
@@ -60,7 +64,13 @@ from .rtp_sender import DirectRtpSender
 
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT: Final = 5.0  # seconds allowed for closing one peer connection
+CLOSE_TIMEOUT: Final = 5.0  # seconds a session waits for its peer connection's close
+#: Seconds one close may take in all before it is given up (it is then logged as an error).
+CLOSE_LIMIT: Final = 120.0
+#: Seconds the closes still running at shutdown are given once the closer is cancelled.
+SHUTDOWN_CLOSE_TIMEOUT: Final = 5.0
+#: Closes that outlive their session's wait are reported in one WARNING per interval (seconds).
+CLOSE_OVERRUN_LOG_INTERVAL: Final = 60.0
 _MDNS_CANDIDATE: Final = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ \S+\.local \d+ .*$", re.M)
 _CANDIDATE_SHAPE: Final = re.compile(
     r"^(candidate:)?\S{1,64} \d{1,5} (udp|tcp|UDP|TCP) \d{1,10} \S{1,255} \d{1,5} typ "
@@ -85,17 +95,28 @@ FINAL_STATES: Final = frozenset({"failed", "closed"})
 
 @dataclass(frozen=True, slots=True)
 class PeerStatistics:
+    #: peer connections held by their sessions
     open_peer_connections: int
     peer_connections_opened: int
+    #: closes still running after their session's wait (:data:`CLOSE_TIMEOUT`) ended
+    closing_in_background: int = 0
+    #: closes that outlived their session's wait, since the start
+    close_overruns: int = 0
 
 
 class PeerConnectionFactory:
-    """Makes the server's peer connections and counts them.
+    """Makes the server's peer connections, closes them and counts them.
+
+    :meth:`run` must be running (in the server's lifetime nursery) while peer connections are
+    open: it owns the closes that outlive their sessions.
 
     Args:
         config: ICE servers and candidate policy.
         changes: notified whenever a peer connection opens or closes.
         catchup_rate: bytes per second at most while a viewer catches up on a cached GOP.
+        close_wait: seconds a session waits for its peer connection's close before it goes on
+            (the close itself goes on to its end).
+        on_close_overrun: called for each close that outlives that wait (a metric).
     """
 
     def __init__(
@@ -104,25 +125,64 @@ class PeerConnectionFactory:
         changes: ChangeSignal | None = None,
         *,
         catchup_rate: float = 20e6 / 8,
+        close_wait: float = CLOSE_TIMEOUT,
+        on_close_overrun: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._catchup_rate = catchup_rate
         self._changes = changes or ChangeSignal()
+        self._close_wait = close_wait
+        self._on_close_overrun = on_close_overrun
         self._open = 0
         self._opened = 0
+        self._close_overruns = 0
+        self._closing_in_background = 0
+        self._overrun_report = OverrunReport(CLOSE_OVERRUN_LOG_INTERVAL)
+        self._closer: trio.Nursery | None = None
+        #: the cancel scope of every close running in the closer (their deadlines at shutdown)
+        self._closing: set[trio.CancelScope] = set()
 
     def statistics(self) -> PeerStatistics:
         return PeerStatistics(
-            open_peer_connections=self._open, peer_connections_opened=self._opened
+            open_peer_connections=self._open,
+            peer_connections_opened=self._opened,
+            closing_in_background=self._closing_in_background,
+            close_overruns=self._close_overruns,
         )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the peer connections' closes until cancelled, then give the closes still running
+        :data:`SHUTDOWN_CLOSE_TIMEOUT` to finish (each is shielded from the cancellation, so a
+        server shutting down still closes its peers' sockets, and its shutdown stays bounded).
+        """
+        try:
+            async with trio.open_nursery() as closer:
+                self._closer = closer
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._closer = None
+                    deadline = trio.current_time() + SHUTDOWN_CLOSE_TIMEOUT
+                    for scope in self._closing:
+                        scope.deadline = min(scope.deadline, deadline)
+        finally:
+            self._closer = None
 
     @asynccontextmanager
     async def open(self, label: str) -> AsyncIterator[PeerConnection]:
         """A new peer connection, closed on exit however the block ends.
 
-        Resource handling: the connection is closed in a shielded ``finally``, bounded by
-        :data:`CLOSE_TIMEOUT`, so a cancelled session still releases its sockets and threads.
+        Resource handling: on exit the close is handed to the closer (:meth:`run`) and waited
+        for in a shielded ``finally``, at most ``close_wait`` seconds, so a cancelled session
+        still releases its sockets and threads, and a slow close never holds its session up
+        nor is cut off half-way.
+
+        Raises:
+            RuntimeError: :meth:`run` is not running.
         """
+        if self._closer is None:
+            raise RuntimeError("PeerConnectionFactory.run must be running to open peers")
         ice_servers = [
             RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
             for s in ice_servers_for(self._config.ice_servers, label="mediastream", now=time.time())
@@ -146,14 +206,107 @@ class PeerConnectionFactory:
             yield peer
         finally:
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CLOSE_TIMEOUT) as closing:
-                    await peer._close()
-                if closing.cancelled_caught:
-                    log.warning(
-                        "%s: peer connection did not close within %.0f s", label, CLOSE_TIMEOUT
-                    )
+                closing = _Closing(peer)
+                closer = self._running_closer()  # may have ended while the session ran
+                if closer is None:
+                    # Past the closer's end (a shutdown past its deadline): close here, bounded.
+                    await self._close_to_the_end(closing, limit=self._close_wait)
+                else:
+                    closer.start_soon(self._close_to_the_end, closing)
+                    with trio.move_on_after(self._close_wait):
+                        await closing.done.wait()
+                if not closing.done.is_set():
+                    closing.overran = True
+                    self._close_overran(label)
             self._open -= 1
             self._changes.notify()
+
+    def _running_closer(self) -> trio.Nursery | None:
+        return self._closer
+
+    async def _close_to_the_end(self, closing: _Closing, *, limit: float = CLOSE_LIMIT) -> None:
+        """Close the peer completely (shielded; bounded by ``limit``, or by the shutdown's
+        deadline), then set ``closing.done``."""
+        peer = closing.peer
+        started = trio.current_time()
+        with trio.CancelScope(shield=True, deadline=started + limit) as scope:
+            self._closing.add(scope)
+            try:
+                await peer._close()
+            except Exception:
+                log.exception("%s: closing the peer connection failed", peer.label)
+            finally:
+                self._closing.discard(scope)
+                closing.done.set()
+                if closing.overran:
+                    self._closing_in_background -= 1
+                    self._changes.notify()
+        if scope.cancelled_caught:
+            log.error(
+                "%s: peer connection close given up after %.0f s (its sockets may stay open)",
+                peer.label,
+                trio.current_time() - started,
+            )
+
+    def _close_overran(self, label: str) -> None:
+        self._close_overruns += 1
+        self._closing_in_background += 1
+        if self._on_close_overrun is not None:
+            self._on_close_overrun()
+        report = self._overrun_report.add(label, trio.current_time())
+        if report is not None:
+            log.warning(
+                "%s: peer connection still closing after %.0f s; it goes on closing in the "
+                "background%s",
+                label,
+                self._close_wait,
+                f" ({report.others} more such closes in the last {report.seconds:.0f} s)"
+                if report.others
+                else "",
+            )
+
+
+@dataclass(slots=True)
+class _Closing:
+    """One peer connection's close, handed from its session to the closer."""
+
+    peer: PeerConnection
+    done: trio.Event = field(default_factory=trio.Event)
+    #: the session stopped waiting for it (it is counted as closing in the background)
+    overran: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OverrunSummary:
+    """What one WARNING about slow closes reports."""
+
+    label: str
+    #: closes that overran since the previous report, besides ``label``'s
+    others: int
+    #: seconds since the previous report
+    seconds: float
+
+
+class OverrunReport:
+    """Aggregates slow closes into one report per ``interval`` seconds: the first close after
+    a quiet interval is reported at once, the others are counted into the next report."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last_report: float | None = None
+        self._unreported = 0
+
+    def add(self, label: str, now: float) -> OverrunSummary | None:
+        """One more slow close at ``now``; returns the report to log, if one is due."""
+        if self._last_report is not None and now - self._last_report < self._interval:
+            self._unreported += 1
+            return None
+        summary = OverrunSummary(
+            label, self._unreported, 0.0 if self._last_report is None else now - self._last_report
+        )
+        self._last_report = now
+        self._unreported = 0
+        return summary
 
 
 class PeerConnection:
@@ -163,11 +316,12 @@ class PeerConnection:
         self, pc: RTCPeerConnection, label: str, *, ignore_mdns: bool, catchup_rate: float
     ) -> None:
         self._pc = pc
-        self._label = label
+        self.label = label
         self._ignore_mdns = ignore_mdns
         self._catchup_rate = catchup_rate
         self._state_changed = trio.Event()
         self._tracks: list[SubscriberTrack] = []
+        self._answering: asyncio.Future[str] | None = None
 
         @pc.on("connectionstatechange")
         def _on_state_change() -> None:
@@ -207,7 +361,9 @@ class PeerConnection:
             self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
         try:
             return str(
-                await trio_asyncio.aio_as_trio(self._answer)(offer_sdp, self._tracks, audio_codec)
+                await trio_asyncio.aio_as_trio(self._answer_to_the_end)(
+                    offer_sdp, self._tracks, audio_codec
+                )
             )
         except OperationError as exc:
             raise SignalingError(
@@ -218,6 +374,15 @@ class PeerConnection:
             raise SignalingError(
                 ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
             ) from None
+
+    async def _answer_to_the_end(
+        self, offer_sdp: str, tracks: list[SubscriberTrack], audio_codec: str | None
+    ) -> str:
+        # Cut off inside ICE gathering, aioice loses the UDP sockets it was opening (nothing
+        # closes them, not even close()): a session cancelled mid-answer leaked them. So the
+        # answer runs to its end in asyncio, and _close waits for it before closing.
+        self._answering = asyncio.ensure_future(self._answer(offer_sdp, tracks, audio_codec))
+        return await asyncio.shield(self._answering)
 
     async def _answer(
         self, offer_sdp: str, tracks: list[SubscriberTrack], audio_codec: str | None
@@ -276,7 +441,15 @@ class PeerConnection:
     async def _close(self) -> None:
         for track in self._tracks:
             track.stop()
-        await trio_asyncio.aio_as_trio(self._pc.close)()
+        await trio_asyncio.aio_as_trio(self._close_after_answer)()
+
+    async def _close_after_answer(self) -> None:
+        if self._answering is not None:
+            # Its outcome was the session's business (or the session is gone): only wait.
+            await asyncio.wait([self._answering])
+            if not self._answering.cancelled():
+                self._answering.exception()  # retrieved: asyncio must not report it
+        await self._pc.close()
 
 
 class SubscriberTrack(MediaStreamTrack):

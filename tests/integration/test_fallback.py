@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from mediastream.fallback import BinaryKind, FallbackSession, parse_binary, remuxer_of
 from mediastream.server import RunningServer
 
-from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
+from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
 from support.viewer import open_viewer
 
 
@@ -197,4 +198,114 @@ async def test_an_rtsp_camera_plays_through_the_fallback(
         assert len(pictures) >= 30
         assert {(p.width, p.height) for p in pictures} == {(640, 360)}
         assert collections.Counter(k for k, _, _ in client.binary)[BinaryKind.INIT] == 1
+        nursery.cancel_scope.cancel()
+
+
+class StallableSocket:
+    """The hub's side of a socket whose client can stop reading: while ``stalled``, every send
+    waits, as a send into a full TCP window does. (A real TCP socket takes megabytes of loopback
+    buffers to fill; this stalls at once, so the test sees the policy, not the buffers.)"""
+
+    def __init__(self) -> None:
+        self._to_server, self._from_client = trio.open_memory_channel[str](16)
+        self._flowing = trio.Event()
+        self._flowing.set()
+        self.binary: list[tuple[BinaryKind, str, bytes]] = []
+        self.closed: tuple[int, str] | None = None
+        self._arrived = trio.Condition()
+
+    def stall(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def client_sends(self, message: dict[str, Any]) -> None:
+        await self._to_server.send(json.dumps(message))
+
+    async def receive(self) -> str:
+        return await self._from_client.receive()
+
+    async def send(self, data: str | bytes) -> None:
+        await self._flowing.wait()
+        if isinstance(data, bytes):
+            self.binary.append(parse_binary(data))
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+    async def wait_until(self, condition: Any, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            async with self._arrived:
+                while not condition():
+                    await self._arrived.wait()
+
+    def fragments(self, stream_id: str) -> list[bytes]:
+        return [p for k, s, p in self.binary if s == stream_id and k is BinaryKind.FRAGMENT]
+
+
+def decode_time_and_sync(fragment: bytes) -> tuple[int, bool]:
+    """A fragment's tfdt and whether its sample is a sync sample (the layout fmp4.py writes)."""
+    tfdt = fragment.index(b"tfdt")
+    trun = fragment.index(b"trun")
+    (decode_time,) = struct.unpack_from("!Q", fragment, tfdt + 8)
+    (flags,) = struct.unpack_from("!I", fragment, trun + 24)
+    return decode_time, not flags & 0x10000
+
+
+async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyframe(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    streams = [
+        {"id": f"gop-{n}", "source": "pattern:testsrc?size=320x180&fps=25&kbps=300&gop=10"}
+        for n in (1, 2)
+    ]
+    server = await start_server(make_config(streams))
+    hub = server.services.hub
+    socket = StallableSocket()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.serve, socket, "stalling client", hub.admit("stalling client", None))
+        for stream_id in ("gop-1", "gop-2"):
+            await socket.client_sends({"type": "fallback", "streamId": stream_id})
+        await socket.wait_until(
+            lambda: min(len(socket.fragments("gop-1")), len(socket.fragments("gop-2"))) >= 5
+        )
+        socket.stall()
+        sessions = fallback_sessions(server)
+        assert len(sessions) == 2
+        [stream] = [s for s in server.services.registry if s.id == "gop-1"]
+
+        def both_dropped() -> bool:
+            return all(
+                (stats := session.subscriber_statistics()) is not None and stats.dropped_frames > 0
+                for session in sessions
+            )
+
+        await wait_published(stream, both_dropped)
+        # Nobody was cut off, and the shared outbox holds at most one fragment per stream.
+        assert socket.closed is None
+        [connection] = hub._connections
+        assert connection._outbox_in.statistics().current_buffer_used <= 4
+        received = {s: len(socket.fragments(s)) for s in ("gop-1", "gop-2")}
+        socket.resume()
+        await socket.wait_until(
+            lambda: all(len(socket.fragments(s)) >= received[s] + 20 for s in received)
+        )
+        for stream_id in received:
+            fragments = socket.fragments(stream_id)
+            timing = [decode_time_and_sync(f) for f in fragments]
+            gaps = [
+                index
+                for index in range(1, len(timing))
+                if timing[index][0] - timing[index - 1][0] > 2 * 3600
+            ]
+            assert gaps, f"{stream_id}: no frames were skipped"
+            assert all(timing[index][1] for index in gaps), f"{stream_id}: resumed mid-GOP"
+            path = tmp_path / f"{stream_id}.mp4"
+            path.write_bytes(b"".join(p for _, s, p in socket.binary if s == stream_id))
+            assert len(decode(path)) >= len(fragments) - 1
+        stats = server.services.statistics()
+        assert stats.sessions_per_socket == (2,)
         nursery.cancel_scope.cancel()

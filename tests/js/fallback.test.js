@@ -76,3 +76,199 @@ test('a fragment that starts with a keyframe is told from one that does not', ()
   assert.equal(isKeyFragment(fixture('fallback-delta.m4s')), false);
   assert.equal(isKeyFragment(new Uint8Array(16)), false); // no trun at all
 });
+
+// --- the engine's fallback, with a fake MediaSource -------------------------------------------
+
+const { WebRTCEngine } = require('../../web/static/js/webrtc-engine.js');
+const { FakeClock, FakePeerConnection, flush } = require('./fakes.js');
+
+class FakeSourceBuffer {
+  constructor(type, video) {
+    this.type = type;
+    this.video = video;
+    this.mode = 'sequence';
+    this.updating = false;
+    this.appended = [];
+    this.removed = [];
+    this.listeners = {};
+  }
+  addEventListener(name, fn) { this.listeners[name] = fn; }
+  appendBuffer(data) {
+    this.updating = true;
+    this.appended.push(data);
+  }
+  remove(start, end) {
+    this.updating = true;
+    this.removed.push([start, end]);
+  }
+  /** The browser finished the append: `bufferedTo` seconds are now buffered from 1000 s on. */
+  finish(bufferedTo) {
+    this.updating = false;
+    if (bufferedTo !== undefined) this.video.bufferedRange = [1000, bufferedTo];
+    this.listeners.updateend && this.listeners.updateend();
+  }
+}
+
+function fakeMediaSource(video) {
+  return class FakeMediaSource {
+    static last = null;
+    constructor() {
+      this.readyState = 'closed';
+      this.buffers = [];
+      this.listeners = {};
+      FakeMediaSource.last = this;
+    }
+    addEventListener(name, fn) { this.listeners[name] = fn; }
+    addSourceBuffer(type) {
+      const buffer = new FakeSourceBuffer(type, video);
+      this.buffers.push(buffer);
+      return buffer;
+    }
+    endOfStream() { this.readyState = 'ended'; }
+    open() {
+      this.readyState = 'open';
+      this.listeners.sourceopen && this.listeners.sourceopen();
+    }
+  };
+}
+
+function fakeVideo() {
+  return {
+    srcObject: null,
+    src: '',
+    currentTime: 0,
+    bufferedRange: null,
+    played: 0,
+    get buffered() {
+      const range = this.bufferedRange;
+      return { length: range ? 1 : 0, start: () => range[0], end: () => range[1] };
+    },
+    play() { this.played += 1; return Promise.resolve(); },
+    removeAttribute(name) { if (name === 'src') this.src = ''; },
+    load() {},
+  };
+}
+
+async function fallbackSetup(extra = {}) {
+  FakeWebSocket.reset();
+  FakePeerConnection.reset();
+  const clock = new FakeClock();
+  const manager = new WebSocketManager({
+    url: 'ws://server.test/ws', WebSocket: FakeWebSocket, clock, pingInterval: 0, logLevel: 'silent',
+  });
+  const video = fakeVideo();
+  const MediaSource = fakeMediaSource(video);
+  const engine = new WebRTCEngine({
+    streamId: 'cam', videoElement: video, manager, RTCPeerConnection: FakePeerConnection, timers: clock,
+    MediaSource, ...extra,
+  });
+  const connecting = engine.connect();
+  await flush();
+  const socket = FakeWebSocket.last();
+  socket.serverOpens();
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [] } });
+  await flush();
+  await flush();
+  const offer = socket.sent.filter((m) => m.type === 'offer').at(-1);
+  if (offer) socket.serverSends({ type: 'answer', streamId: 'cam', payload: 'v=0 answer', sessionId: offer.payload.sessionId });
+  await connecting;
+  return { clock, video, MediaSource, engine, socket };
+}
+
+const originalCreateObjectURL = URL.createObjectURL;
+const originalRevokeObjectURL = URL.revokeObjectURL;
+test.before(() => {
+  URL.createObjectURL = () => 'blob:fake-media-source';
+  URL.revokeObjectURL = () => {};
+});
+test.after(() => {
+  URL.createObjectURL = originalCreateObjectURL;
+  URL.revokeObjectURL = originalRevokeObjectURL;
+});
+
+test('a peer connection that fails to connect falls back to video over the socket', async () => {
+  const { video, MediaSource, engine, socket } = await fallbackSetup();
+  const pc = FakePeerConnection.last();
+  pc.becomes('failed');
+  assert.ok(pc.closed);
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.equal(engine.transport, 'fallback');
+  assert.equal(engine.state, 'connecting');
+  assert.equal(video.src, 'blob:fake-media-source');
+
+  const states = [];
+  engine.on('state', (s) => states.push([s.state, s.detail]));
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers;
+  assert.equal(buffer.type, 'video/mp4; codecs="avc1.42c00c"');
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) }); // queued: busy
+  assert.equal(buffer.appended.length, 1);
+  buffer.finish();
+  assert.equal(buffer.appended.length, 2);
+  buffer.finish(1000.04);
+  assert.deepEqual(states, [['live', 'fallback']]);
+  assert.equal(video.played, 1);
+  assert.equal(video.currentTime, 1000); // moved to where the media starts
+  engine.disconnect();
+});
+
+test('the playhead jumps to the live edge when more than a second behind', async () => {
+  const { video, MediaSource, engine, socket } = await fallbackSetup({ fallback: 'always' });
+  assert.deepEqual(socket.sent.filter((m) => m.type === 'offer'), []); // never tried WebRTC
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers;
+  buffer.finish();
+  video.currentTime = 1000.5;
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
+  buffer.finish(1001.2); // 0.7 s behind: left alone
+  assert.equal(video.currentTime, 1000.5);
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) });
+  buffer.finish(1002); // 1.5 s behind: jump
+  assert.ok(Math.abs(video.currentTime - 1001.85) < 1e-9, String(video.currentTime));
+  engine.disconnect();
+  assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam' });
+  assert.equal(video.src, '');
+});
+
+test('an overflowing queue skips to the next keyframe fragment', async () => {
+  const { MediaSource, engine, socket } = await fallbackSetup({ fallback: 'always' });
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers; // busy with the init: everything else queues
+  for (let i = 0; i < 61; i++) socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) });
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) }); // mid-GOP: skipped
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
+  assert.deepEqual(engine.getFallbackStats(), { appended: 0, skipped: 62 });
+  buffer.finish();
+  assert.deepEqual([...buffer.appended.at(-1)], [...fixture('fallback-keyframe.m4s')]);
+  engine.disconnect();
+});
+
+test('a peer that never connects falls back after fallbackAfterMs; reconnect() tries WebRTC again', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallbackAfterMs: 3000 });
+  clock.advance(2999);
+  assert.equal(engine.transport, 'webrtc');
+  clock.advance(1);
+  assert.equal(engine.transport, 'fallback');
+  const offers = socket.sent.filter((m) => m.type === 'offer').length;
+  engine.reconnect();
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, offers + 1);
+  assert.equal(engine.transport, 'webrtc');
+  engine.disconnect();
+});
+
+test('fallback "never" keeps to WebRTC: a failed peer is renegotiated', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallback: 'never' });
+  FakePeerConnection.last().becomes('failed');
+  clock.advance(60000);
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'fallback').length, 0);
+  assert.equal(engine.transport, 'webrtc');
+  assert.ok(socket.sent.filter((m) => m.type === 'offer').length >= 2);
+  engine.disconnect();
+});

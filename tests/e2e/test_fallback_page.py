@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from playwright.sync_api import Browser
 
-from support.browser import PageWatch, in_browser
+from support.browser import PageWatch, in_browser, wait_until_decoding_more
 from support.servers import StartServer, make_config
 
 #: Chromium told to send WebRTC media only through a proxy (there is none). Chromium 156 still
@@ -69,3 +69,34 @@ async def test_four_tiles_play_through_the_fallback_on_one_socket(
     assert all(p["behind"] is not None and p["behind"] < 1.5 for p in playheads), playheads
     stats = server.services.statistics()
     assert stats.open_peer_connections == 0
+
+
+async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: StartServer) -> None:
+    server = await start_server(make_config(FOUR_STREAMS))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        watch = PageWatch(page)
+        page.goto(f"{server.url}/static/test-multi-stream.html?fallback=always")
+        page.click("#connect-all")
+        page.wait_for_function(
+            """() => document.querySelectorAll('.stream-card .pill').length === 4
+                && [...document.querySelectorAll('.stream-card .pill')].every(
+                    (pill) => pill.textContent === 'live (fallback)')""",
+            timeout=30_000,
+        )
+        page.evaluate("() => window.msTestPage.engines.forEach((e) => e.setFallback('auto'))")
+        page.wait_for_function(
+            """() => [...window.msTestPage.engines.values()].every((e) =>
+                e.transport === 'webrtc' && e.state === 'live'
+                && e.pc && e.pc.connectionState === 'connected')""",
+            timeout=30_000,
+        )
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.stream-card .pill')].every(
+                (pill) => pill.textContent === 'live')"""
+        )
+        wait_until_decoding_more(page, ".stream-card video")
+        assert len(watch.sockets) == 1
+
+    await in_browser(scenario)

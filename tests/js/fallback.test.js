@@ -272,3 +272,21 @@ test('fallback "never" keeps to WebRTC: a failed peer is renegotiated', async ()
   assert.ok(socket.sent.filter((m) => m.type === 'offer').length >= 2);
   engine.disconnect();
 });
+
+test('setFallback switches a playing stream to the socket and back to WebRTC', async () => {
+  const { engine, socket } = await fallbackSetup();
+  FakePeerConnection.last().becomes('connected');
+  assert.equal(engine.state, 'live');
+  engine.setFallback('always');
+  await flush();
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.equal(engine.transport, 'fallback');
+  assert.ok(FakePeerConnection.last().closed);
+  const offers = socket.sent.filter((m) => m.type === 'offer').length;
+  engine.setFallback('auto');
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, offers + 1);
+  assert.equal(engine.transport, 'webrtc');
+  engine.disconnect();
+});

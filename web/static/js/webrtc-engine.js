@@ -527,6 +527,20 @@
     }
 
     /**
+     * Change when the engine plays over the socket, and act on it now: 'always' switches to the
+     * fallback, 'never' or 'auto' leave it for WebRTC (a new offer, which ends the server's
+     * fallback; 'auto' falls back again if WebRTC still can't connect).
+     * @param {'auto'|'always'|'never'} mode
+     */
+    setFallback(mode) {
+      const previous = this.#options.fallback ?? 'auto';
+      this.#options = { ...this.#options, fallback: mode };
+      if (this.#state === 'idle' || this.#state === 'closed') return;
+      if (mode === 'always' && !this.#fallback) this.#renegotiate('fallback asked by the page', 0);
+      else if (mode !== 'always' && (this.#fallback || previous === 'always')) this.#renegotiate('WebRTC asked by the page', 0);
+    }
+
+    /**
      * Stop: close the peer connection, stop timers and listeners, end the session on the
      * server and detach the video. Idempotent.
      */

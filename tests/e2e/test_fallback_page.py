@@ -100,3 +100,61 @@ async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: Sta
         assert len(watch.sockets) == 1
 
     await in_browser(scenario)
+
+
+async def test_a_tile_whose_fragments_are_held_back_does_not_delay_the_others(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(FOUR_STREAMS))
+
+    def scenario(browser: Browser) -> list[dict[str, float]]:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{server.url}/static/test-multi-stream.html?fallback=always")
+        page.click("#connect-all")
+        page.wait_for_function(
+            """() => document.querySelectorAll('.stream-card .pill').length === 4
+                && [...document.querySelectorAll('.stream-card .pill')].every(
+                    (pill) => pill.textContent === 'live (fallback)')""",
+            timeout=30_000,
+        )
+        assert page.evaluate("document.querySelector('.stream-card').dataset.streamId") == "fb-1"
+        # fb-1's segments stop reaching its MediaSource (held in the page, as a stalled
+        # decoder would hold them); the other three tiles must carry on meanwhile.
+        page.evaluate(
+            """() => {
+                const handlers = window.msTestPage.manager.streamHandlers.get('fb-1');
+                window.heldBack = { deliver: handlers.onMedia, segments: [] };
+                handlers.onMedia = (segment) => window.heldBack.segments.push(segment);
+            }"""
+        )
+        before = page.evaluate(PLAYHEAD)
+        page.wait_for_function(
+            """(before) => [...document.querySelectorAll('.stream-card video')].every(
+                (v, i) => i === 0 || v.currentTime > before[i].time + 3)""",
+            arg=before,
+            timeout=20_000,
+        )
+        held = page.evaluate("() => window.heldBack.segments.length")
+        assert held > 50  # three seconds and more of fb-1's frames waited meanwhile
+        page.evaluate(
+            """() => {
+                const handlers = window.msTestPage.manager.streamHandlers.get('fb-1');
+                handlers.onMedia = window.heldBack.deliver;
+                for (const segment of window.heldBack.segments) handlers.onMedia(segment);
+            }"""
+        )
+        # fb-1 catches up: it plays on, near the live edge again.
+        released = page.evaluate(PLAYHEAD)
+        page.wait_for_function(
+            """(released) => {
+                const v = document.querySelector('.stream-card video');
+                return v.currentTime > released[0].time + 2 && v.buffered.length
+                    && v.buffered.end(v.buffered.length - 1) - v.currentTime < 1.5;
+            }""",
+            arg=released,
+            timeout=20_000,
+        )
+        return page.evaluate(PLAYHEAD)  # type: ignore[no-any-return]
+
+    playheads = await in_browser(scenario)
+    assert all(p["behind"] is not None and p["behind"] < 1.5 for p in playheads), playheads

@@ -290,3 +290,35 @@ test('setFallback switches a playing stream to the socket and back to WebRTC', a
   assert.equal(engine.transport, 'webrtc');
   engine.disconnect();
 });
+
+test('an answer that never comes falls back, and the abandoned offer does not undo it', async () => {
+  FakeWebSocket.reset();
+  FakePeerConnection.reset();
+  const clock = new FakeClock();
+  const manager = new WebSocketManager({
+    url: 'ws://server.test/ws', WebSocket: FakeWebSocket, clock, pingInterval: 0, logLevel: 'silent',
+  });
+  const video = fakeVideo();
+  const errors = [];
+  const engine = new WebRTCEngine({
+    streamId: 'cam', videoElement: video, manager, RTCPeerConnection: FakePeerConnection, timers: clock,
+    MediaSource: fakeMediaSource(video), fallbackAfterMs: 2000,
+  });
+  engine.on('error', (e) => errors.push(e));
+  const connecting = engine.connect();
+  await flush();
+  const socket = FakeWebSocket.last();
+  socket.serverOpens();
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [] } });
+  await flush();
+  await flush();
+  clock.advance(2000); // no answer yet
+  await connecting;
+  assert.equal(engine.transport, 'fallback');
+  clock.advance(120000); // no retry timer may renegotiate it away
+  await flush();
+  assert.equal(engine.transport, 'fallback');
+  assert.deepEqual(errors, []);
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 1);
+  engine.disconnect();
+});

@@ -509,7 +509,8 @@
         await this.#negotiate();
       } catch (error) {
         const err = asFailure(error);
-        if (this.#state === 'closed') return;
+        // Superseded: a newer negotiation (or the fallback) took over and reports for itself.
+        if (this.#state === 'closed' || err.superseded) return;
         const recoverable = err.recoverable !== false;
         this.#emit('error', { streamId: this.streamId, message: err.message, code: err.code, recoverable });
         if (recoverable && this.#autoReconnect) {

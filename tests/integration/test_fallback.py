@@ -120,11 +120,13 @@ async def test_each_frame_is_remuxed_once_for_every_fallback_viewer(
             await client.send({"type": "fallback", "streamId": "demo-1"})
         for client in clients:
             await client.wait_until(lambda c=client: c.fragments("demo-1") >= 30)
-        sent = sum(session.fragments_sent for session in fallback_sessions(server))
+        sent = [session.fragments_sent for session in fallback_sessions(server)]
         [stream] = [s for s in server.services.registry if s.id == "demo-1"]
-        # Two viewers got the fragments; each fragment was built once (give or take the GOP
-        # the second viewer started with, which the first had already been sent).
-        assert remuxer_of(stream).fragments_built < sent * 0.75
+        # Both viewers were sent the same frames from the same keyframe on: the remuxer built
+        # each fragment once, so no more than the busier viewer was sent (plus one fragment in
+        # flight per viewer, built but not yet counted as sent).
+        assert len(sent) == 2 and min(sent) >= 30
+        assert remuxer_of(stream).fragments_built <= max(sent) + len(sent)
         nursery.cancel_scope.cancel()
 
 

@@ -68,9 +68,17 @@ class Auth:
     token: str
 
 
-ClientMessage = Offer | IceCandidate | Close | Ping | Auth
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """``fallback``: send this stream over the socket as fragmented MP4 (binary messages), for a
+    browser whose peer connection can't connect; ``close`` or a new ``offer`` ends it."""
 
-CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth")
+    stream_id: str
+
+
+ClientMessage = Offer | IceCandidate | Close | Ping | Auth | Fallback
+
+CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth", "fallback")
 MAX_TOKEN_CHARS: Final = 8192
 
 
@@ -128,6 +136,8 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
         return _parse_offer(stream_id, payload, max_sdp_bytes=max_sdp_bytes)
     if message_type == "ice":
         return _parse_ice(stream_id, payload)
+    if message_type == "fallback":
+        return Fallback(stream_id)
     return Close(stream_id)
 
 

@@ -39,10 +39,11 @@ from .auth import Authenticator, AuthError, Grant
 from .changes import ChangeSignal
 from .config import Config, LimitsConfig, WebRTCConfig
 from .errors import ErrorCode, SignalingError
+from .fallback import FallbackSession
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
-from .protocol import Auth, Close, IceCandidate, Offer, Ping
+from .protocol import Auth, Close, Fallback, IceCandidate, Offer, Ping
 from .registry import Stream, StreamRegistry
 from .session import Post, PostError, SessionPhase, StreamSession
 from .webrtc.bridge import PeerConnectionFactory
@@ -71,7 +72,7 @@ class MessageSocket(Protocol):
 
     async def receive(self) -> str | bytes | None: ...
 
-    async def send(self, data: str) -> None: ...
+    async def send(self, data: str | bytes) -> None: ...
 
     async def close(self, code: int, reason: str = "") -> None: ...
 
@@ -262,7 +263,9 @@ class SignalingConnection:
         self.connection_id = secrets.token_hex(4)
         self.label = f"{client} #{self.connection_id}"
         self.sessions: dict[str, Session] = {}
-        self._outbox_in, self._outbox_out = trio.open_memory_channel[str](OUTBOX_MESSAGES)
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[str | _BinaryMessage](
+            OUTBOX_MESSAGES
+        )
         self._cancel_scope = trio.CancelScope()
         self._close: tuple[int, str] | None = None
         self._nursery: trio.Nursery | None = None
@@ -302,10 +305,29 @@ class SignalingConnection:
                 session.end(reason)
         self._cancel_scope.cancel()
 
+    async def send_binary(self, data: bytes) -> None:
+        """Queue a binary message and wait until it has been written to the socket.
+
+        Each fallback stream has at most one message in the outbox this way, so its backlog
+        stays in its own bounded queue (see ``fallback.py``).
+        """
+        message = _BinaryMessage(data, trio.Event())
+        try:
+            self._outbox_in.send_nowait(message)
+        except trio.WouldBlock:
+            self._cut_off(CLOSE_POLICY_VIOLATION, "client is not reading its messages")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        await message.written.wait()
+
     async def _write_loop(self) -> None:
         async with self._outbox_out:
             async for message in self._outbox_out:
-                await self._socket.send(message)
+                if isinstance(message, _BinaryMessage):
+                    await self._socket.send(message.data)
+                    message.written.set()
+                else:
+                    await self._socket.send(message)
 
     async def _read_loop(self) -> None:
         while True:
@@ -358,6 +380,8 @@ class SignalingConnection:
                     stream_id=message.stream_id,
                 )
             session.add_candidate(message)
+        elif isinstance(message, Fallback):
+            self._on_fallback(message)
         elif isinstance(message, Close):
             session = self.sessions.get(message.stream_id)
             if session is not None:  # closing twice, or a stream that already ended, is fine
@@ -378,36 +402,7 @@ class SignalingConnection:
             ).inc()
 
     def _on_offer(self, offer: Offer) -> None:
-        if self._context.authenticator.expired(self.grant):
-            raise SignalingError(
-                ErrorCode.TOKEN_EXPIRED,
-                "The access token has expired; send an auth message with a new one",
-                stream_id=offer.stream_id,
-            )
-        if not self.grant.allows(offer.stream_id):
-            # Not "not found": a token holder learns nothing about streams it may not see.
-            raise SignalingError(
-                ErrorCode.FORBIDDEN,
-                "This access token does not grant this stream",
-                stream_id=offer.stream_id,
-            )
-        if not self._offers.try_take(trio.current_time()):
-            raise SignalingError(
-                ErrorCode.RATE_LIMITED,
-                f"More than {self._limits.max_offers_per_second:g} offers a second on this socket",
-                stream_id=offer.stream_id,
-            )
-        stream = self._context.find_stream(offer.stream_id)
-        if stream is None:
-            raise SignalingError(
-                ErrorCode.STREAM_NOT_FOUND, "Stream not found", stream_id=offer.stream_id
-            )
-        if stream.unavailable is not None:
-            raise SignalingError(
-                ErrorCode.STREAM_UNAVAILABLE,
-                f"Unavailable: {stream.unavailable}",
-                stream_id=offer.stream_id,
-            )
+        stream = self._watchable_stream(offer.stream_id)
         existing = self.sessions.get(offer.stream_id)
         if existing is not None:
             if existing.phase is SessionPhase.NEGOTIATING:
@@ -426,10 +421,73 @@ class SignalingConnection:
         session = self._context.router.open_session(
             stream, offer, SocketEnd(self.connection_id, self.label, self.post, self.post_error)
         )
-        self.sessions[offer.stream_id] = session
+        self._start_session(session)
+
+    def _on_fallback(self, request: Fallback) -> None:
+        stream = self._watchable_stream(request.stream_id)
+        existing = self.sessions.get(request.stream_id)
+        if existing is not None:
+            existing.end("replaced by the fallback over the socket")
+        elif len(self.sessions) >= self._limits.max_streams_per_socket:
+            raise SignalingError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"This socket already has {len(self.sessions)} streams, the limit",
+                stream_id=request.stream_id,
+            )
+        self._start_session(
+            FallbackSession(
+                stream,
+                send_binary=self.send_binary,
+                post=self.post,
+                post_error=self.post_error,
+                client=self.label,
+            )
+        )
+
+    def _start_session(self, session: Session) -> None:
+        self.sessions[session.stream.id] = session
         self._context.changes.notify()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
+
+    def _watchable_stream(self, stream_id: str) -> Stream:
+        """The stream a request for ``stream_id`` may watch (offer or fallback).
+
+        Raises:
+            SignalingError: expired token, stream not granted, offers too fast, no such
+                stream, or the stream is unavailable.
+        """
+        if self._context.authenticator.expired(self.grant):
+            raise SignalingError(
+                ErrorCode.TOKEN_EXPIRED,
+                "The access token has expired; send an auth message with a new one",
+                stream_id=stream_id,
+            )
+        if not self.grant.allows(stream_id):
+            # Not "not found": a token holder learns nothing about streams it may not see.
+            raise SignalingError(
+                ErrorCode.FORBIDDEN,
+                "This access token does not grant this stream",
+                stream_id=stream_id,
+            )
+        if not self._offers.try_take(trio.current_time()):
+            raise SignalingError(
+                ErrorCode.RATE_LIMITED,
+                f"More than {self._limits.max_offers_per_second:g} offers a second on this socket",
+                stream_id=stream_id,
+            )
+        stream = self._context.find_stream(stream_id)
+        if stream is None:
+            raise SignalingError(
+                ErrorCode.STREAM_NOT_FOUND, "Stream not found", stream_id=stream_id
+            )
+        if stream.unavailable is not None:
+            raise SignalingError(
+                ErrorCode.STREAM_UNAVAILABLE,
+                f"Unavailable: {stream.unavailable}",
+                stream_id=stream_id,
+            )
+        return stream
 
     async def _run_session(self, session: Session) -> None:
         try:
@@ -450,3 +508,11 @@ class SignalingConnection:
                 now=time.time(),
             ),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _BinaryMessage:
+    """A binary message in the outbox; ``written`` is set once it is on the socket."""
+
+    data: bytes
+    written: trio.Event

@@ -33,7 +33,7 @@ CHROMIUM_FLAGS = [
 T = TypeVar("T")
 
 
-def _in_browser(scenario: Callable[..., T], *args: Any) -> T:
+def _in_browser(scenario: Callable[..., T], *args: Any, flags: tuple[str, ...] = ()) -> T:
     # trio-asyncio replaces asyncio's loop policy process-wide, and outside Trio it hands out
     # its own synchronous loop, which Playwright's sync API can't run on. This thread gets the
     # standard policy back (a thread-local switch trio-asyncio keeps for exactly this).
@@ -43,15 +43,18 @@ def _in_browser(scenario: Callable[..., T], *args: Any) -> T:
             f"{CHROMIUM} is missing: install Debian's chromium (scripts/test.sh does)"
         )
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=[*CHROMIUM_FLAGS, *flags]
+        )
         try:
             return scenario(browser, *args)
         finally:
             browser.close()
 
 
-async def in_browser(scenario: Callable[..., T], *args: Any) -> T:
-    """Run ``scenario(browser, *args)`` with a fresh headless Chromium, in its own thread.
+async def in_browser(scenario: Callable[..., T], *args: Any, flags: tuple[str, ...] = ()) -> T:
+    """Run ``scenario(browser, *args)`` with a fresh headless Chromium, in its own thread;
+    ``flags`` are added to Chromium's command line.
 
     A plain thread, not one of Trio's worker threads (trio-asyncio would take those for Trio
     itself). The scenario calls back into Trio with ``trio.from_thread.run(fn, trio_token=…)``.
@@ -62,7 +65,7 @@ async def in_browser(scenario: Callable[..., T], *args: Any) -> T:
 
     def target() -> None:
         try:
-            outcome["value"] = _in_browser(scenario, *args)
+            outcome["value"] = _in_browser(scenario, *args, flags=flags)
         except BaseException as error:  # handed over to the test's task below
             outcome["error"] = error
         finally:

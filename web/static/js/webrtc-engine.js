@@ -27,6 +27,13 @@
  * States: idle → connecting → live; reconnecting / offline while the camera or the network
  * recovers (the engine renegotiates by itself); error when it can't (unknown stream,
  * unsupported codec…); closed after disconnect().
+ *
+ * Fallback: when the peer connection can't connect (UDP blocked and no TURN server), the
+ * engine asks the server for the stream over the signaling socket itself (`fallback`,
+ * docs/protocol.md) and plays the fMP4 it sends through Media Source Extensions on the same
+ * video element, keeping the playhead near the live edge. `engine.transport` then says
+ * 'fallback' (pages show "live (fallback)"); `reconnect()` tries WebRTC again. The option
+ * `fallback: 'always'` skips WebRTC, `'never'` keeps retrying WebRTC only.
  */
 /** @typedef {import('./websocket-manager.js').Message} Message */
 /** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
@@ -78,6 +85,12 @@
  * @property {{new (configuration: RTCConfiguration): RTCPeerConnection}} [RTCPeerConnection]
  *   implementation (tests inject a fake)
  * @property {Timers} [timers]
+ * @property {'auto'|'always'|'never'} [fallback] play over the socket with Media Source
+ *   Extensions when WebRTC can't connect ('auto', the default), always, or never
+ * @property {number} [fallbackAfterMs] how long a peer connection may take to connect before
+ *   the engine falls back (default 10000)
+ * @property {{new (): MediaSource, isTypeSupported?: (type: string) => boolean}} [MediaSource]
+ *   implementation (default: the browser's; tests inject a fake)
  * @property {string} [wsUrl] older spelling of `serverUrl`
  * @property {string} [signalingUrl] older spelling of `serverUrl`
  * @property {string} [url] older spelling of `serverUrl`
@@ -131,7 +144,211 @@
     'invalid_message', 'forbidden', 'unauthorized', 'token_expired', 'too_many_streams',
   ]);
   const DISCONNECTED_GRACE_MS = 4000; // 'disconnected' often heals by itself; 'failed' does not
+  /** Server errors that mean this peer connection can't connect: time for the fallback. */
+  const UNREACHABLE_CODES = new Set(['negotiation_timeout', 'peer_failed']);
+  const FALLBACK_AFTER_MS = 10000;
+  /** The fallback's playhead may trail the newest buffered frame by this much before a jump. */
+  const LIVE_LAG_MAX_S = 1.0;
+  const LIVE_JUMP_TO_S = 0.15; // how far behind the newest frame a jump lands
+  const BUFFER_KEPT_S = 10; // played media older than this is removed from the SourceBuffer
+  const MAX_QUEUED_SEGMENTS = 60; // segments waiting for the SourceBuffer before a skip
   let sessionCounter = 0;
+
+  /**
+   * The RFC 6381 codec string of an fMP4 init segment's H.264 track (`avc1.PPCCLL`, from its
+   * avcC box), or null if it has none.
+   * @param {Uint8Array} init
+   * @returns {string|null}
+   */
+  function codecOfInit(init) {
+    const at = indexOfBox(init, 'avcC');
+    if (at < 0 || at + 8 > init.length) return null;
+    const hex = (/** @type {number|undefined} */ b) => (b ?? 0).toString(16).padStart(2, '0');
+    return `avc1.${hex(init[at + 5])}${hex(init[at + 6])}${hex(init[at + 7])}`;
+  }
+
+  /**
+   * Whether an fMP4 media fragment starts with a sync sample (a keyframe), read from its trun
+   * box (ISO/IEC 14496-12 8.8.8); a fragment without sample flags counts as one.
+   * @param {Uint8Array} fragment
+   * @returns {boolean}
+   */
+  function isKeyFragment(fragment) {
+    const at = indexOfBox(fragment, 'trun');
+    if (at < 0) return false;
+    const u32 = (/** @type {number} */ i) =>
+      (((fragment[i] ?? 0) << 24) | ((fragment[i + 1] ?? 0) << 16) | ((fragment[i + 2] ?? 0) << 8) | (fragment[i + 3] ?? 0)) >>> 0;
+    const flags = u32(at + 4) & 0xffffff;
+    let position = at + 12; // after the type, version/flags and sample_count
+    if (flags & 0x1) position += 4; // data_offset
+    /** @type {number|null} */ let sampleFlags = null;
+    if (flags & 0x4) sampleFlags = u32(position); // first_sample_flags
+    else {
+      if (flags & 0x100) position += 4; // sample_duration
+      if (flags & 0x200) position += 4; // sample_size
+      if (flags & 0x400) sampleFlags = u32(position);
+    }
+    return sampleFlags === null || (sampleFlags & 0x10000) === 0; // sample_is_non_sync_sample
+  }
+
+  /**
+   * Where a box's type (4 ASCII letters) first appears, or -1.
+   * @param {Uint8Array} bytes @param {string} type
+   */
+  function indexOfBox(bytes, type) {
+    const codes = [...type].map((c) => c.charCodeAt(0));
+    for (let i = 0; i + 4 <= bytes.length; i++) {
+      if (bytes[i] === codes[0] && bytes[i + 1] === codes[1] && bytes[i + 2] === codes[2] && bytes[i + 3] === codes[3]) return i;
+    }
+    return -1;
+  }
+
+  /**
+   * Plays one stream's fMP4 segments on a video element through a MediaSource: appends them in
+   * order (queued while the SourceBuffer is busy, bounded: an overflow skips to the next
+   * keyframe), keeps the playhead near the live edge and removes what has long been played.
+   */
+  class MediaSourcePlayer {
+    /** segments skipped because the queue overflowed */
+    skipped = 0;
+    /** segments appended */
+    appended = 0;
+    /** @type {HTMLVideoElement} */ #video;
+    /** @type {MediaSource} */ #mediaSource;
+    /** @type {string} */ #url;
+    /** @type {SourceBuffer|null} */ #buffer = null;
+    /** @type {import('./websocket-manager.js').MediaSegment[]} */ #queue = [];
+    #waitingForKeyframe = false;
+    #closed = false;
+    #announced = false;
+    /** @type {() => void} */ #onPlaying;
+    /** @type {(message: string) => void} */ #onError;
+
+    /**
+     * @param {HTMLVideoElement} video
+     * @param {{new (): MediaSource}} MediaSourceImpl
+     * @param {() => void} onPlaying called once, when the first fragment is buffered
+     * @param {(message: string) => void} onError the browser refused the media
+     */
+    constructor(video, MediaSourceImpl, onPlaying, onError) {
+      this.#video = video;
+      this.#onPlaying = onPlaying;
+      this.#onError = onError;
+      this.#mediaSource = new MediaSourceImpl();
+      this.#url = URL.createObjectURL(this.#mediaSource);
+      this.#mediaSource.addEventListener('sourceopen', () => this.#pump(), { once: true });
+      video.srcObject = null;
+      video.muted = true;
+      video.autoplay = true;
+      video.playsInline = true;
+      video.src = this.#url;
+    }
+
+    /** @param {import('./websocket-manager.js').MediaSegment} segment */
+    append(segment) {
+      if (this.#closed) return;
+      if (segment.kind === 'fragment') {
+        if (this.#waitingForKeyframe && !isKeyFragment(segment.data)) {
+          this.skipped += 1;
+          return;
+        }
+        this.#waitingForKeyframe = false;
+      }
+      this.#queue.push(segment);
+      if (this.#queue.length > MAX_QUEUED_SEGMENTS) {
+        // The browser can't keep up: drop what waits (keeping any init) and restart at a keyframe.
+        const inits = this.#queue.filter((s) => s.kind === 'init');
+        this.skipped += this.#queue.length - inits.length;
+        this.#queue = inits.slice(-1);
+        this.#waitingForKeyframe = true;
+      }
+      this.#pump();
+    }
+
+    close() {
+      if (this.#closed) return;
+      this.#closed = true;
+      this.#queue = [];
+      try {
+        if (this.#mediaSource.readyState === 'open') this.#mediaSource.endOfStream();
+      } catch (_) {
+        /* already ended */
+      }
+      if (this.#video.src === this.#url) {
+        this.#video.removeAttribute('src');
+        this.#video.load();
+      }
+      URL.revokeObjectURL(this.#url);
+    }
+
+    #pump() {
+      if (this.#closed || this.#mediaSource.readyState !== 'open') return;
+      const buffer = this.#buffer;
+      if (buffer && buffer.updating) return;
+      const segment = this.#queue.shift();
+      if (!segment) {
+        this.#trim();
+        return;
+      }
+      try {
+        if (!buffer) {
+          if (segment.kind !== 'init') return; // the session always starts with its init
+          this.#buffer = this.#open(segment.data);
+        }
+        /** @type {SourceBuffer} */ (this.#buffer).appendBuffer(/** @type {Uint8Array<ArrayBuffer>} */ (segment.data));
+        if (segment.kind === 'fragment') this.appended += 1;
+      } catch (error) {
+        this.#fail(`the browser refused the video: ${/** @type {Error} */ (error).message}`);
+      }
+    }
+
+    /** @param {Uint8Array} init @returns {SourceBuffer} */
+    #open(init) {
+      const codec = codecOfInit(init);
+      if (!codec) throw new Error('init segment without an H.264 track');
+      const buffer = this.#mediaSource.addSourceBuffer(`video/mp4; codecs="${codec}"`);
+      buffer.mode = 'segments';
+      buffer.addEventListener('updateend', () => this.#updated());
+      buffer.addEventListener('error', () => this.#fail('the browser could not decode the video'));
+      return buffer;
+    }
+
+    #updated() {
+      if (this.#closed) return;
+      const video = this.#video;
+      const ranges = video.buffered;
+      if (ranges.length) {
+        const start = ranges.start(0);
+        const end = ranges.end(ranges.length - 1);
+        if (video.currentTime < start || end - video.currentTime > LIVE_LAG_MAX_S) {
+          video.currentTime = Math.max(start, end - LIVE_JUMP_TO_S);
+        }
+        if (!this.#announced && this.appended > 0) {
+          this.#announced = true;
+          const played = video.play();
+          if (played && played.catch) played.catch(() => { /* autoplay refused: the page shows controls */ });
+          this.#onPlaying();
+        }
+      }
+      this.#pump();
+    }
+
+    /** Remove media played long ago, so the SourceBuffer stays small. */
+    #trim() {
+      const buffer = this.#buffer;
+      const ranges = this.#video.buffered;
+      if (!buffer || buffer.updating || !ranges.length) return;
+      const cut = this.#video.currentTime - BUFFER_KEPT_S;
+      if (cut - ranges.start(0) > BUFFER_KEPT_S / 2) buffer.remove(0, cut);
+    }
+
+    /** @param {string} message */
+    #fail(message) {
+      if (this.#closed) return;
+      this.close();
+      this.#onError(message);
+    }
+  }
 
   /**
    * What webrtc-engine.js builds on, from websocket-manager.js: loaded first by the page, or
@@ -185,6 +402,9 @@
     #unregister = null;
     /** @type {MediaStream|null} what the video element plays: this negotiation's tracks */
     #mediaStream = null;
+    /** @type {MediaSourcePlayer|null} the fallback's player, while the stream plays over the socket */
+    #fallback = null;
+    /** @type {unknown} the timers' id */ #fallbackTimer = null;
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -220,6 +440,16 @@
 
     isConnected() {
       return this.#state === 'live';
+    }
+
+    /** @returns {'webrtc'|'fallback'} how the video arrives: a peer connection, or the socket */
+    get transport() {
+      return this.#fallback ? 'fallback' : 'webrtc';
+    }
+
+    /** @returns {{appended: number, skipped: number}|null} the fallback's segments, while it plays */
+    getFallbackStats() {
+      return this.#fallback ? { appended: this.#fallback.appended, skipped: this.#fallback.skipped } : null;
     }
 
     /** @returns {EngineStats|null} the latest stats */
@@ -262,6 +492,7 @@
         answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
         error: (/** @type {unknown} */ text, /** @type {Message} */ raw) => this.#onServerError(text, raw),
         state: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerState(payload, raw),
+        onMedia: (segment) => this.#fallback?.append(segment),
         onReconnect: () => this.#renegotiate('signaling socket reconnected', 0),
       });
       this.#cleanups.push(
@@ -278,7 +509,8 @@
         await this.#negotiate();
       } catch (error) {
         const err = asFailure(error);
-        if (this.#state === 'closed') return;
+        // Superseded: a newer negotiation (or the fallback) took over and reports for itself.
+        if (this.#state === 'closed' || err.superseded) return;
         const recoverable = err.recoverable !== false;
         this.#emit('error', { streamId: this.streamId, message: err.message, code: err.code, recoverable });
         if (recoverable && this.#autoReconnect) {
@@ -296,6 +528,20 @@
     }
 
     /**
+     * Change when the engine plays over the socket, and act on it now: 'always' switches to the
+     * fallback, 'never' or 'auto' leave it for WebRTC (a new offer, which ends the server's
+     * fallback; 'auto' falls back again if WebRTC still can't connect).
+     * @param {'auto'|'always'|'never'} mode
+     */
+    setFallback(mode) {
+      const previous = this.#options.fallback ?? 'auto';
+      this.#options = { ...this.#options, fallback: mode };
+      if (this.#state === 'idle' || this.#state === 'closed') return;
+      if (mode === 'always' && !this.#fallback) this.#renegotiate('fallback asked by the page', 0);
+      else if (mode !== 'always' && (this.#fallback || previous === 'always')) this.#renegotiate('WebRTC asked by the page', 0);
+    }
+
+    /**
      * Stop: close the peer connection, stop timers and listeners, end the session on the
      * server and detach the video. Idempotent.
      */
@@ -308,6 +554,7 @@
       for (const cleanup of this.#cleanups.splice(0)) cleanup();
       this.#rejectPendingAnswer(new Error('disconnected'));
       this.#closePeer();
+      this.#stopFallback();
       const unregister = this.#unregister;
       this.#unregister = null;
       if (unregister) unregister(); // ends the session on the server, unless another engine took over the id
@@ -322,6 +569,11 @@
 
     async #negotiate() {
       this.#closePeer();
+      if (this.#options.fallback === 'always') {
+        this.#startFallback('asked by the page');
+        return;
+      }
+      this.#stopFallback(); // trying WebRTC (again): the offer ends the server's fallback
       this.#mediaStream = null;
       this.#announcedConnected = false;
       this.#lastSample = null;
@@ -355,6 +607,15 @@
       this.#manager.send('offer', this.streamId, {
         type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId,
       });
+      if (this.#fallbackAllowed) {
+        const wait = this.#options.fallbackAfterMs ?? FALLBACK_AFTER_MS;
+        this.#fallbackTimer = this.#timers.setTimeout(() => {
+          this.#fallbackTimer = null;
+          if (this.pc === pc && pc.connectionState !== 'connected') {
+            this.#startFallback(`WebRTC did not connect within ${wait / 1000} s`);
+          }
+        }, wait);
+      }
       const sdp = await answer;
       if (this.pc !== pc) return; // replaced or closed meanwhile
       await pc.setRemoteDescription({ type: 'answer', sdp });
@@ -408,6 +669,10 @@
         return;
       }
       if (code === 'invalid_candidate' || code === 'too_many_candidates') return; // one candidate lost
+      if (code && UNREACHABLE_CODES.has(code) && this.pc && !this.#announcedConnected && this.#fallbackAllowed) {
+        this.#startFallback(String(text));
+        return;
+      }
       this.#emit('error', { streamId: this.streamId, message: String(text), code, recoverable });
       if (recoverable && this.#autoReconnect) {
         this.#scheduleRetry(String(text));
@@ -427,6 +692,7 @@
       if (serverState === 'reconnecting') this.#setState('reconnecting', detail || 'camera reconnecting');
       else if (serverState === 'offline') this.#setState('offline', detail || 'camera offline');
       else if (serverState === 'live' && this.pc && this.pc.connectionState === 'connected') this.#setState('live');
+      else if (serverState === 'live' && this.#fallback && this.#fallback.appended > 0) this.#setState('live', 'fallback');
     }
 
     /** @param {RTCPeerConnection} pc */
@@ -444,6 +710,8 @@
           this.#announcedConnected = true;
           this.#emit('connected', { streamId: this.streamId });
         }
+      } else if (state === 'failed' && !this.#announcedConnected && this.#fallbackAllowed) {
+        this.#startFallback('the peer connection failed to connect');
       } else if (state === 'failed') {
         this.#renegotiate('peer connection failed', this.#retryDelay());
       } else if (state === 'disconnected' && !this.#disconnectedTimer) {
@@ -496,6 +764,64 @@
 
     get #autoReconnect() {
       return this.#options.autoReconnect !== false;
+    }
+
+    // --- fallback: video over the socket ------------------------------------------------------
+
+    get #fallbackAllowed() {
+      const mode = this.#options.fallback ?? 'auto';
+      return mode !== 'never' && this.#mediaSourceImpl !== null && this.videoElement !== null;
+    }
+
+    /** @returns {{new (): MediaSource}|null} */
+    get #mediaSourceImpl() {
+      return this.#options.MediaSource || root.MediaSource || null;
+    }
+
+    /** @param {string} reason */
+    #startFallback(reason) {
+      const MediaSourceImpl = this.#mediaSourceImpl;
+      const video = this.videoElement;
+      if (this.#state === 'closed' || !MediaSourceImpl || !video) return;
+      this.#clearFallbackTimer();
+      this.#rejectPendingAnswer(new Error('falling back to video over the socket'));
+      this.#closePeer();
+      this.#stopFallback();
+      this.#mediaStream = null;
+      this.#sessionId = null;
+      const player = new MediaSourcePlayer(
+        video,
+        MediaSourceImpl,
+        () => {
+          if (this.#fallback !== player) return;
+          this.#setState('live', 'fallback');
+          if (!this.#announcedConnected) {
+            this.#announcedConnected = true;
+            this.#emit('connected', { streamId: this.streamId });
+          }
+        },
+        (message) => {
+          if (this.#fallback !== player) return;
+          this.#fallback = null;
+          this.#emit('error', { streamId: this.streamId, message, code: 'fallback_failed', recoverable: false });
+          this.#setState('error', message);
+        },
+      );
+      this.#fallback = player;
+      this.#announcedConnected = false;
+      this.#setState('connecting', `video over the socket: ${reason}`);
+      this.#manager.send('fallback', this.streamId);
+    }
+
+    #stopFallback() {
+      const player = this.#fallback;
+      this.#fallback = null;
+      if (player) player.close();
+    }
+
+    #clearFallbackTimer() {
+      if (this.#fallbackTimer) this.#timers.clearTimeout(this.#fallbackTimer);
+      this.#fallbackTimer = null;
     }
 
     // --- media and stats -------------------------------------------------------------------
@@ -608,8 +934,8 @@
     }
 
     #clearTimers() {
-      for (const timer of [this.#retryTimer, this.#disconnectedTimer]) if (timer) this.#timers.clearTimeout(timer);
-      this.#retryTimer = this.#disconnectedTimer = null;
+      for (const timer of [this.#retryTimer, this.#disconnectedTimer, this.#fallbackTimer]) if (timer) this.#timers.clearTimeout(timer);
+      this.#retryTimer = this.#disconnectedTimer = this.#fallbackTimer = null;
       if (this.#statsTimer) this.#timers.clearInterval(this.#statsTimer);
       this.#statsTimer = null;
     }
@@ -633,5 +959,5 @@
   }
 
   root.WebRTCEngine = WebRTCEngine;
-  if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine };
+  if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine, codecOfInit, isKeyFragment };
 })(typeof window !== 'undefined' ? window : globalThis);

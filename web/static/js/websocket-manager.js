@@ -30,9 +30,16 @@
 /**
  * Handlers of one stream. Each key is a message type (`answer`, `ice`, `state`, `error`) or
  * its `on`-prefixed form (`onAnswer`…); `onReconnect` (or `reconnect`) is called after the
- * socket came back, so the stream can negotiate again.
+ * socket came back, so the stream can negotiate again; `onMedia` takes the stream's binary
+ * messages (video over the socket, when the stream asked for the `fallback`).
  * @typedef {{[type: string]: StreamHandler | undefined}
- *   & {onReconnect?: (info: {streamId: string}) => void, reconnect?: (info: {streamId: string}) => void}} StreamHandlers
+ *   & {onReconnect?: (info: {streamId: string}) => void, reconnect?: (info: {streamId: string}) => void,
+ *      onMedia?: (segment: MediaSegment) => void}} StreamHandlers
+ */
+/**
+ * One binary message of the fallback (docs/protocol.md, "Video over the socket"): an fMP4 init
+ * segment or media fragment for one stream.
+ * @typedef {{kind: 'init'|'fragment', streamId: string, data: Uint8Array}} MediaSegment
  */
 /**
  * What the server says first on every socket (`welcome`): the ICE servers to use, TURN
@@ -78,11 +85,35 @@
 
   const LEVELS = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 };
   /** Messages that must not wait behind routine ones (negotiation in flight). */
-  const URGENT_TYPES = new Set(['offer', 'ice', 'close']);
+  const URGENT_TYPES = new Set(['offer', 'ice', 'close', 'fallback']);
   const BACKOFF_BASE_MS = 1000;
   const BACKOFF_CAP_MS = 30000;
   const BACKOFF_JITTER = 0.2; // up to +20 % of the delay, so pages don't retry in lockstep
   const OPEN = 1;
+  const MEDIA_FRAMING_VERSION = 1;
+  /** @type {{[kind: number]: 'init'|'fragment'}} */
+  const MEDIA_KINDS = { 1: 'init', 2: 'fragment' };
+
+  /**
+   * Read one binary message: `version << 4 | kind` (1 byte), the stream id's length (2 bytes,
+   * big endian), the stream id (UTF-8), then the fMP4 payload.
+   * @param {ArrayBuffer|Uint8Array} buffer
+   * @returns {MediaSegment}
+   * @throws {Error} naming what is wrong with the message
+   */
+  function parseMediaMessage(buffer) {
+    const bytes = buffer instanceof Uint8Array ? buffer : new Uint8Array(buffer);
+    if (bytes.length < 3) throw new Error(`binary message of ${bytes.length} bytes is shorter than its header`);
+    const [head = 0, high = 0, low = 0] = bytes;
+    const version = head >> 4;
+    if (version !== MEDIA_FRAMING_VERSION) throw new Error(`binary framing version ${version}; expected ${MEDIA_FRAMING_VERSION}`);
+    const kind = MEDIA_KINDS[head & 0x0f];
+    if (!kind) throw new Error(`binary message of unknown kind ${head & 0x0f}`);
+    const length = (high << 8) | low;
+    if (3 + length > bytes.length) throw new Error(`stream id of ${length} bytes overruns the message`);
+    const streamId = new TextDecoder().decode(bytes.subarray(3, 3 + length));
+    return { kind, streamId, data: bytes.subarray(3 + length) };
+  }
 
   /**
    * The delay before retry number `attempt` (0-based): min(1000·2^attempt, 30000) ms, plus up to
@@ -275,6 +306,9 @@
      * up to 20 % jitter. The engines retry on the same schedule.
      */
     static backoffDelay = backoffDelay;
+
+    /** Read one binary message of the fallback (see `parseMediaMessage`). */
+    static parseMediaMessage = parseMediaMessage;
 
     /** @param {ManagerOptions} options */
     configure(options) {
@@ -505,6 +539,7 @@
           return;
         }
         this.ws = ws;
+        ws.binaryType = 'arraybuffer'; // video over the socket (fallback) arrives as binary messages
         let opened = false;
         ws.onopen = () => {
           opened = true;
@@ -621,9 +656,13 @@
       return sent;
     }
 
-    /** @param {string} data a text frame (the protocol has no binary ones) */
+    /** @param {string|ArrayBuffer} data a text frame (JSON), or a binary one (fallback video) */
     #receive(data) {
       this.#messagesReceived += 1;
+      if (typeof data !== 'string') {
+        this.#receiveMedia(data);
+        return;
+      }
       /** @type {unknown} */
       let message;
       try {
@@ -658,6 +697,28 @@
         handler(message.payload, message);
       } catch (error) {
         this.#log('error', `stream ${message.streamId}: "${name}" handler failed:`, error);
+      }
+    }
+
+    /** @param {ArrayBuffer} data */
+    #receiveMedia(data) {
+      /** @type {MediaSegment} */
+      let segment;
+      try {
+        segment = parseMediaMessage(data);
+      } catch (error) {
+        this.#log('warn', `ignoring a binary message: ${/** @type {Error} */ (error).message}`);
+        return;
+      }
+      const handler = this.streamHandlers.get(segment.streamId)?.onMedia;
+      if (!handler) {
+        this.#log('debug', `no stream "${segment.streamId}" takes video over the socket`);
+        return;
+      }
+      try {
+        handler(segment);
+      } catch (error) {
+        this.#log('error', `stream ${segment.streamId}: media handler failed:`, error);
       }
     }
 

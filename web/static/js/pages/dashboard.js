@@ -55,7 +55,8 @@
   function show(tile, state, detail) {
     tile.state = state;
     tile.tile.dataset.state = state;
-    setPill(/** @type {HTMLElement} */ (tile.tile.querySelector('.pill')), state);
+    const fallback = state === 'live' && tile.engine.transport === 'fallback'; // video over the socket
+    setPill(/** @type {HTMLElement} */ (tile.tile.querySelector('.pill')), state, fallback ? 'live (fallback)' : undefined);
     /** @type {HTMLElement} */ (tile.tile.querySelector('.detail')).textContent =
       state === 'live' || state === 'connecting' ? '' : detail || '';
   }

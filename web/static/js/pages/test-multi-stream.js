@@ -13,6 +13,18 @@
   const disconnectAll = /** @type {HTMLButtonElement} */ ($('disconnect-all'));
   /** @type {Map<string, WebRTCEngine>} */
   const engines = new Map();
+  // ?relay=1 forces WebRTC through TURN (with none configured it can't connect: the engines
+  // fall back to video over the socket); ?fallback=always|never and ?fallbackAfterMs=N choose
+  // when they do.
+  const query = new URLSearchParams(window.location.search);
+  const fallbackMode = query.get('fallback');
+  const fallbackAfterMs = Number(query.get('fallbackAfterMs')) || undefined;
+  /** @type {Partial<import('../webrtc-engine.js').EngineOptions>} */
+  const engineOptions = {
+    iceTransportPolicy: query.get('relay') === '1' ? 'relay' : 'all',
+    fallback: fallbackMode === 'always' || fallbackMode === 'never' ? fallbackMode : 'auto',
+    fallbackAfterMs,
+  };
 
   /** @param {string} text @param {'info'|'warn'|'error'} [level] */
   function log(text, level = 'info') {
@@ -62,10 +74,11 @@
     cards.append(card);
     const stat = (/** @type {string} */ name) => /** @type {HTMLElement} */ (card.querySelector(`.stat-${name}`));
 
-    const engine = new WebRTCEngine({ streamId: stream.id, videoElement: video });
+    const engine = new WebRTCEngine({ streamId: stream.id, videoElement: video, ...engineOptions });
     engines.set(stream.id, engine);
     engine.on('state', (s) => {
-      setPill(pill, s.state);
+      // Video over the socket (no WebRTC): the tile says so.
+      setPill(pill, s.state, s.state === 'live' && engine.transport === 'fallback' ? 'live (fallback)' : undefined);
       log(`${stream.id}: ${s.state}${s.detail ? ` — ${s.detail}` : ''}`, s.state === 'error' ? 'error' : 'info');
     });
     engine.on('connected', () => log(`${stream.id}: peer connected`));

@@ -27,7 +27,7 @@
     });
     engine = next;
     next.on('state', (s) => {
-      setPill(statePill, s.state);
+      setPill(statePill, s.state, s.state === 'live' && next.transport === 'fallback' ? 'live (fallback)' : undefined);
       detail.textContent = s.detail || '';
     });
     next.on('error', (e) => { detail.textContent = `${e.message}${e.code ? ` (${e.code})` : ''}`; });

@@ -1,0 +1,288 @@
+"""Fragmented MP4 (ISO BMFF) for Media Source Extensions: H.264 access units remuxed, never
+decoded.
+
+A viewer that can't reach WebRTC gets the stream's video as an *init segment* (``ftyp`` +
+``moov`` whose ``avcC`` carries the stream's SPS/PPS) and then one *media fragment* (``moof`` +
+``mdat``) per frame, which a browser's ``SourceBuffer`` appends in order.
+
+The boxes are written here by hand (ISO/IEC 14496-12 and 14496-15): an H.264 track needs a
+dozen fixed boxes, and a frame's fragment is a pure function of the frame, so one
+:class:`Fmp4Remuxer` per stream builds each fragment once and every fallback viewer of the
+stream sends the same bytes.
+
+Video only: audio is not carried by the fallback (G.711 has no MSE codec in Chromium).
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from .frames import NAL_PPS, NAL_SPS, VIDEO_CLOCK_RATE, EncodedFrame, nal_type
+
+FU_A: Final = 28
+STAP_A: Final = 24
+#: fragments kept for reuse by the stream's other fallback viewers (a few GOPs of frames).
+FRAGMENT_CACHE_FRAMES: Final = 256
+DEFAULT_FRAME_TICKS: Final = VIDEO_CLOCK_RATE // 25  # duration assumed before two frames are seen
+MAX_FRAME_TICKS: Final = VIDEO_CLOCK_RATE  # a longer gap (a source restart) counts as this
+TRACK_ID: Final = 1
+#: sample_flags (ISO/IEC 14496-12 8.8.3.1): a sync sample; and a non-sync one that depends on
+#: others.
+SYNC_SAMPLE_FLAGS: Final = 0x02000000
+NON_SYNC_SAMPLE_FLAGS: Final = 0x01010000
+
+
+class Fmp4Error(ValueError):
+    """A frame could not be remuxed (not H.264 as RFC 6184 packetizes it)."""
+
+
+def depacketize_h264(payloads: Iterable[bytes]) -> list[bytes]:
+    """The NAL units of one access unit from its RTP payloads (RFC 6184: single NAL unit,
+    STAP-A, FU-A), without start codes.
+
+    Raises:
+        Fmp4Error: an empty payload, a packetization mode this server never produces, or an
+            FU-A that does not start where it should.
+    """
+    nal_units: list[bytes] = []
+    fragmented: bytearray | None = None
+    for payload in payloads:
+        if not payload:
+            raise Fmp4Error("empty RTP payload")
+        kind = payload[0] & 0x1F
+        if 1 <= kind <= 23:
+            nal_units.append(bytes(payload))
+        elif kind == STAP_A:
+            position = 1
+            while position + 2 <= len(payload):
+                (size,) = struct.unpack_from("!H", payload, position)
+                position += 2
+                if size == 0 or position + size > len(payload):
+                    raise Fmp4Error("STAP-A unit overruns its payload")
+                nal_units.append(bytes(payload[position : position + size]))
+                position += size
+        elif kind == FU_A:
+            if len(payload) < 3:
+                raise Fmp4Error("FU-A payload shorter than its headers")
+            start, end = payload[1] & 0x80, payload[1] & 0x40
+            if start:
+                fragmented = bytearray([(payload[0] & 0xE0) | (payload[1] & 0x1F)])
+            elif fragmented is None:
+                raise Fmp4Error("FU-A continuation without its start")
+            fragmented += payload[2:]
+            if end:
+                nal_units.append(bytes(fragmented))
+                fragmented = None
+        else:
+            raise Fmp4Error(f"RTP payload of NAL type {kind} is not supported")
+    if fragmented is not None:
+        raise Fmp4Error("FU-A without its end")
+    return nal_units
+
+
+def parameter_sets(frame: EncodedFrame) -> tuple[bytes, bytes] | None:
+    """The (SPS, PPS) a keyframe carries (the fan-out's keyframes always carry both)."""
+    sps = pps = None
+    for nal in depacketize_h264(frame.payloads):
+        if nal_type(nal) == NAL_SPS:
+            sps = nal
+        elif nal_type(nal) == NAL_PPS:
+            pps = nal
+    return (sps, pps) if sps is not None and pps is not None else None
+
+
+def _box(kind: bytes, *parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return struct.pack("!I", 8 + len(body)) + kind + body
+
+
+def _full_box(kind: bytes, version: int, flags: int, *parts: bytes) -> bytes:
+    return _box(kind, struct.pack("!I", (version << 24) | flags), *parts)
+
+
+_MATRIX: Final = struct.pack("!9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+
+
+@dataclass(frozen=True, slots=True)
+class InitSegment:
+    """A track's init segment and the parameter sets it was made from."""
+
+    data: bytes
+    sps: bytes
+    pps: bytes
+
+    @property
+    def codec(self) -> str:
+        """The RFC 6381 codec string for ``MediaSource.isTypeSupported`` (``avc1.PPCCLL``)."""
+        return "avc1." + self.sps[1:4].hex()
+
+
+def init_segment(sps: bytes, pps: bytes, width: int, height: int) -> InitSegment:
+    """``ftyp`` + ``moov`` for one H.264 track at the 90 kHz RTP clock, for fragments to follow."""
+    if len(sps) < 4:
+        raise Fmp4Error("SPS shorter than its profile and level")
+    avcc = _box(
+        b"avcC",
+        bytes([1, sps[1], sps[2], sps[3], 0xFF, 0xE1]),  # 4-byte lengths, one SPS
+        struct.pack("!H", len(sps)),
+        sps,
+        b"\x01",
+        struct.pack("!H", len(pps)),
+        pps,
+    )
+    avc1 = _box(
+        b"avc1",
+        bytes(6),
+        struct.pack("!H", 1),  # data_reference_index
+        bytes(16),
+        struct.pack("!HH", width, height),
+        struct.pack("!II", 0x00480000, 0x00480000),  # 72 dpi
+        bytes(4),
+        struct.pack("!H", 1),  # frame_count
+        bytes(32),  # compressor name
+        struct.pack("!Hh", 0x0018, -1),  # depth, pre_defined
+        avcc,
+    )
+    stbl = _box(
+        b"stbl",
+        _full_box(b"stsd", 0, 0, struct.pack("!I", 1), avc1),
+        _full_box(b"stts", 0, 0, struct.pack("!I", 0)),
+        _full_box(b"stsc", 0, 0, struct.pack("!I", 0)),
+        _full_box(b"stsz", 0, 0, struct.pack("!II", 0, 0)),
+        _full_box(b"stco", 0, 0, struct.pack("!I", 0)),
+    )
+    minf = _box(
+        b"minf",
+        _full_box(b"vmhd", 0, 1, bytes(8)),
+        _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack("!I", 1), _full_box(b"url ", 0, 1))),
+        stbl,
+    )
+    mdia = _box(
+        b"mdia",
+        _full_box(b"mdhd", 0, 0, struct.pack("!IIIIHH", 0, 0, VIDEO_CLOCK_RATE, 0, 0x55C4, 0)),
+        _full_box(b"hdlr", 0, 0, bytes(4), b"vide", bytes(12), b"MediaStream\x00"),
+        minf,
+    )
+    tkhd = _full_box(
+        b"tkhd",
+        0,
+        0x3,  # enabled, in movie
+        struct.pack("!IIIII", 0, 0, TRACK_ID, 0, 0),
+        bytes(8),
+        struct.pack("!hhhH", 0, 0, 0, 0),
+        _MATRIX,
+        struct.pack("!II", width << 16, height << 16),
+    )
+    mvhd = _full_box(
+        b"mvhd",
+        0,
+        0,
+        struct.pack("!IIII", 0, 0, 1000, 0),
+        struct.pack("!IH", 0x10000, 0x0100),
+        bytes(10),
+        _MATRIX,
+        bytes(24),
+        struct.pack("!I", TRACK_ID + 1),
+    )
+    trex = _full_box(b"trex", 0, 0, struct.pack("!IIIII", TRACK_ID, 1, 0, 0, 0))
+    moov = _box(b"moov", mvhd, _box(b"trak", tkhd, mdia), _box(b"mvex", trex))
+    ftyp = _box(b"ftyp", b"isom", struct.pack("!I", 0x200), b"isom", b"iso6", b"avc1", b"mp41")
+    return InitSegment(ftyp + moov, sps, pps)
+
+
+def media_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
+    """``moof`` + ``mdat`` carrying one access unit (AVCC, parameter sets left to the init).
+
+    Raises:
+        Fmp4Error: the frame's payloads are not RFC 6184 H.264.
+    """
+    nal_units = [
+        nal for nal in depacketize_h264(frame.payloads) if nal_type(nal) not in (NAL_SPS, NAL_PPS)
+    ]
+    if not nal_units:
+        raise Fmp4Error("access unit without a picture")
+    sample = b"".join(struct.pack("!I", len(nal)) + nal for nal in nal_units)
+    flags = SYNC_SAMPLE_FLAGS if frame.keyframe else NON_SYNC_SAMPLE_FLAGS
+
+    def moof(data_offset: int) -> bytes:
+        trun = _full_box(
+            b"trun",
+            0,
+            0x000001 | 0x000100 | 0x000200 | 0x000400,  # offset, duration, size, flags
+            struct.pack("!Ii", 1, data_offset),
+            struct.pack("!III", duration, len(sample), flags),
+        )
+        traf = _box(
+            b"traf",
+            _full_box(b"tfhd", 0, 0x020000, struct.pack("!I", TRACK_ID)),  # default-base-is-moof
+            _full_box(b"tfdt", 1, 0, struct.pack("!Q", frame.timestamp)),
+            trun,
+        )
+        return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack("!I", sequence)), traf)
+
+    size = len(moof(0))
+    return moof(size + 8) + _box(b"mdat", sample)
+
+
+class Fmp4Remuxer:
+    """One stream's fMP4: each frame's fragment built once, whatever the number of viewers.
+
+    Viewers ask for fragments of the same shared frames in publish order; the fragment of a
+    frame is kept (bounded, oldest first out) for the other viewers.
+    """
+
+    def __init__(self, max_cached: int = FRAGMENT_CACHE_FRAMES) -> None:
+        self._max_cached = max_cached
+        #: id(frame) → (frame, fragment); the frame is held so that its id is not reused.
+        self._fragments: collections.OrderedDict[int, tuple[EncodedFrame, bytes]] = (
+            collections.OrderedDict()
+        )
+        self._init: InitSegment | None = None
+        self._init_size: tuple[int, int] | None = None
+        self._sequence = 0
+        self._last_timestamp: int | None = None
+        self._last_duration = DEFAULT_FRAME_TICKS
+        self.fragments_built = 0
+
+    def init_for(self, keyframe: EncodedFrame, width: int, height: int) -> InitSegment:
+        """The init segment matching ``keyframe``'s parameter sets (rebuilt when they change).
+
+        Raises:
+            Fmp4Error: the keyframe carries no SPS and PPS.
+        """
+        sets = parameter_sets(keyframe)
+        if sets is None:
+            raise Fmp4Error("keyframe without SPS and PPS")
+        current = self._init
+        if (
+            current is None
+            or (current.sps, current.pps) != sets
+            or self._init_size != (width, height)
+        ):
+            self._init = current = init_segment(*sets, width, height)
+            self._init_size = (width, height)
+        return current
+
+    def fragment(self, frame: EncodedFrame) -> bytes:
+        """The media fragment of ``frame`` (built at the first viewer's request).
+
+        Raises:
+            Fmp4Error: the frame is not RFC 6184 H.264.
+        """
+        cached = self._fragments.get(id(frame))
+        if cached is not None and cached[0] is frame:
+            return cached[1]
+        if self._last_timestamp is not None and frame.timestamp > self._last_timestamp:
+            self._last_duration = min(frame.timestamp - self._last_timestamp, MAX_FRAME_TICKS)
+        self._last_timestamp = frame.timestamp
+        self._sequence += 1
+        data = media_fragment(frame, self._sequence, self._last_duration)
+        self.fragments_built += 1
+        self._fragments[id(frame)] = (frame, data)
+        while len(self._fragments) > self._max_cached:
+            self._fragments.popitem(last=False)
+        return data

@@ -1,0 +1,313 @@
+"""Video over the signaling socket (``fallback``): fMP4 in binary messages, several streams on
+one socket, decoded here by FFmpeg from what arrived. Real server, real socket, real sources."""
+
+from __future__ import annotations
+
+import collections
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import av
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from mediastream.fallback import BinaryKind, FallbackSession, parse_binary, remuxer_of
+from mediastream.server import RunningServer
+
+from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
+from support.viewer import open_viewer
+
+
+class FallbackClient:
+    """A socket that asks for fallbacks and keeps everything the server sends, in order."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.messages: list[dict[str, Any]] = []
+        #: (kind, streamId, payload) of every binary message, in arrival order
+        self.binary: list[tuple[BinaryKind, str, bytes]] = []
+        self._arrived = trio.Condition()
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
+
+    async def read(self) -> None:
+        while True:
+            data = await self.ws.get_message()
+            if isinstance(data, bytes):
+                self.binary.append(parse_binary(data))
+            else:
+                self.messages.append(json.loads(data))
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    async def wait_until(self, condition: Any, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            async with self._arrived:
+                while not condition():
+                    await self._arrived.wait()
+
+    def fragments(self, stream_id: str) -> int:
+        return sum(1 for k, s, _ in self.binary if s == stream_id and k is BinaryKind.FRAGMENT)
+
+    def media(self, stream_id: str) -> bytes:
+        """Everything the stream received, in order: a playable fragmented MP4."""
+        return b"".join(payload for _, s, payload in self.binary if s == stream_id)
+
+
+def decode(path: Path) -> list[Any]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        return list(container.decode(stream))
+
+
+def fallback_sessions(server: RunningServer) -> list[FallbackSession]:
+    return [
+        session
+        for connection in server.services.hub._connections
+        for session in connection.sessions.values()
+        if isinstance(session, FallbackSession)
+    ]
+
+
+async def test_two_streams_play_over_one_socket_and_decode(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS[:2]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "demo-1"})
+        await client.send({"type": "fallback", "streamId": "demo-2"})
+        await client.wait_until(
+            lambda: min(client.fragments("demo-1"), client.fragments("demo-2")) >= 40
+        )
+
+        for stream_id in ("demo-1", "demo-2"):
+            first_kind, _, _ = next(m for m in client.binary if m[1] == stream_id)
+            assert first_kind is BinaryKind.INIT
+            path = tmp_path / f"{stream_id}.mp4"
+            path.write_bytes(client.media(stream_id))
+            pictures = decode(path)
+            assert len(pictures) >= 40
+            assert {(p.width, p.height) for p in pictures} == {(320, 180)}
+        # Interleaved on the one socket: neither stream waited for the other to finish.
+        order = [s for k, s, _ in client.binary if k is BinaryKind.FRAGMENT]
+        assert order.index("demo-2") < len(order) - 1 - order[::-1].index("demo-1")
+        # The stream's state reached the client as for a WebRTC session.
+        assert any(m["type"] == "state" and m["streamId"] == "demo-1" for m in client.messages)
+        stats = server.services.statistics()
+        assert stats.sessions_per_socket == (2,)
+        assert stats.open_peer_connections == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_each_frame_is_remuxed_once_for_every_fallback_viewer(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS[:1]))
+    async with (
+        open_websocket_url(server.ws_url) as ws_a,
+        open_websocket_url(server.ws_url) as ws_b,
+        trio.open_nursery() as nursery,
+    ):
+        clients = [FallbackClient(ws_a), FallbackClient(ws_b)]
+        for client in clients:
+            nursery.start_soon(client.read)
+            await client.send({"type": "fallback", "streamId": "demo-1"})
+        for client in clients:
+            await client.wait_until(lambda c=client: c.fragments("demo-1") >= 30)
+        sent = [session.fragments_sent for session in fallback_sessions(server)]
+        [stream] = [s for s in server.services.registry if s.id == "demo-1"]
+        # Both viewers were sent the same frames from the same keyframe on: the remuxer built
+        # each fragment once, so no more than the busier viewer was sent (plus one fragment in
+        # flight per viewer, built but not yet counted as sent).
+        assert len(sent) == 2 and min(sent) >= 30
+        assert remuxer_of(stream).fragments_built <= max(sent) + len(sent)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_fallback_request_is_answered_and_nothing_else_is_lost(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS[:1]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "demo-1"})
+        await client.wait_until(lambda: client.fragments("demo-1") >= 5)
+        await client.send({"type": "fallback"})
+        await client.send({"type": "fallback", "streamId": "nope"})
+        await client.send({"type": "fallback", "streamId": "bad id!"})
+        await client.wait_until(
+            lambda: sum(1 for m in client.messages if m["type"] == "error") >= 3
+        )
+        errors = [m for m in client.messages if m["type"] == "error"]
+        assert '"fallback" needs a "streamId"' in errors[0]["payload"]
+        assert errors[1]["streamId"] == "nope" and errors[1]["code"] == "stream_not_found"
+        assert '"streamId" must be' in errors[2]["payload"]
+        before = client.fragments("demo-1")
+        await client.wait_until(lambda: client.fragments("demo-1") >= before + 25)
+        # close ends it like a WebRTC session; the socket stays open and can ask again.
+        await client.send({"type": "close", "streamId": "demo-1"})
+        with trio.fail_after(10):
+            await server.services.changes.wait_until(
+                lambda: server.services.statistics().sessions_per_socket == (0,)
+            )
+        stopped_at = client.fragments("demo-1")
+        await client.send({"type": "fallback", "streamId": "demo-1"})
+        await client.wait_until(lambda: client.fragments("demo-1") >= stopped_at + 5)
+        inits = [k for k, s, _ in client.binary if s == "demo-1" and k is BinaryKind.INIT]
+        assert len(inits) == 2  # a new session starts with its init segment
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_offer_replaces_the_fallback_and_a_fallback_replaces_an_offer(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(DEMO_STREAMS[:1]))
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play("demo-1")
+        await played.wait_frames(5)
+        await viewer.send(json.dumps({"type": "fallback", "streamId": "demo-1"}))
+        with trio.fail_after(15):
+            await server.services.changes.wait_until(
+                lambda: (
+                    len(fallback_sessions(server)) == 1
+                    and server.services.statistics().open_peer_connections == 0
+                )
+            )
+        played = await viewer.play("demo-1")
+        await played.wait_frames(5)
+        assert fallback_sessions(server) == []
+
+
+async def test_an_rtsp_camera_plays_through_the_fallback(
+    start_server: StartServer, camera: Camera, tmp_path: Path
+) -> None:
+    server = await start_server(make_config([{"id": "cam", "source": camera.url("/h264")}]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "cam"})
+        await client.wait_until(lambda: client.fragments("cam") >= 30)
+        path = tmp_path / "cam.mp4"
+        path.write_bytes(client.media("cam"))
+        pictures = decode(path)
+        assert len(pictures) >= 30
+        assert {(p.width, p.height) for p in pictures} == {(640, 360)}
+        assert collections.Counter(k for k, _, _ in client.binary)[BinaryKind.INIT] == 1
+        nursery.cancel_scope.cancel()
+
+
+class StallableSocket:
+    """The hub's side of a socket whose client can stop reading: while ``stalled``, every send
+    waits, as a send into a full TCP window does. (A real TCP socket takes megabytes of loopback
+    buffers to fill; this stalls at once, so the test sees the policy, not the buffers.)"""
+
+    def __init__(self) -> None:
+        self._to_server, self._from_client = trio.open_memory_channel[str](16)
+        self._flowing = trio.Event()
+        self._flowing.set()
+        self.binary: list[tuple[BinaryKind, str, bytes]] = []
+        self.closed: tuple[int, str] | None = None
+        self._arrived = trio.Condition()
+
+    def stall(self) -> None:
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    async def client_sends(self, message: dict[str, Any]) -> None:
+        await self._to_server.send(json.dumps(message))
+
+    async def receive(self) -> str:
+        return await self._from_client.receive()
+
+    async def send(self, data: str | bytes) -> None:
+        await self._flowing.wait()
+        if isinstance(data, bytes):
+            self.binary.append(parse_binary(data))
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+    async def wait_until(self, condition: Any, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            async with self._arrived:
+                while not condition():
+                    await self._arrived.wait()
+
+    def fragments(self, stream_id: str) -> list[bytes]:
+        return [p for k, s, p in self.binary if s == stream_id and k is BinaryKind.FRAGMENT]
+
+
+def decode_time_and_sync(fragment: bytes) -> tuple[int, bool]:
+    """A fragment's tfdt and whether its sample is a sync sample (the layout fmp4.py writes)."""
+    tfdt = fragment.index(b"tfdt")
+    trun = fragment.index(b"trun")
+    (decode_time,) = struct.unpack_from("!Q", fragment, tfdt + 8)
+    (flags,) = struct.unpack_from("!I", fragment, trun + 24)
+    return decode_time, not flags & 0x10000
+
+
+async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyframe(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    streams = [
+        {"id": f"gop-{n}", "source": "pattern:testsrc?size=320x180&fps=25&kbps=300&gop=10"}
+        for n in (1, 2)
+    ]
+    server = await start_server(make_config(streams))
+    hub = server.services.hub
+    socket = StallableSocket()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.serve, socket, "stalling client", hub.admit("stalling client", None))
+        for stream_id in ("gop-1", "gop-2"):
+            await socket.client_sends({"type": "fallback", "streamId": stream_id})
+        await socket.wait_until(
+            lambda: min(len(socket.fragments("gop-1")), len(socket.fragments("gop-2"))) >= 5
+        )
+        socket.stall()
+        sessions = fallback_sessions(server)
+        assert len(sessions) == 2
+        [stream] = [s for s in server.services.registry if s.id == "gop-1"]
+
+        def both_dropped() -> bool:
+            return all(
+                (stats := session.subscriber_statistics()) is not None and stats.dropped_frames > 0
+                for session in sessions
+            )
+
+        await wait_published(stream, both_dropped)
+        # Nobody was cut off, and the shared outbox holds at most one fragment per stream.
+        assert socket.closed is None
+        [connection] = hub._connections
+        assert connection._outbox_in.statistics().current_buffer_used <= 4
+        received = {s: len(socket.fragments(s)) for s in ("gop-1", "gop-2")}
+        socket.resume()
+        await socket.wait_until(
+            lambda: all(len(socket.fragments(s)) >= received[s] + 20 for s in received)
+        )
+        for stream_id in received:
+            fragments = socket.fragments(stream_id)
+            timing = [decode_time_and_sync(f) for f in fragments]
+            gaps = [
+                index
+                for index in range(1, len(timing))
+                if timing[index][0] - timing[index - 1][0] > 2 * 3600
+            ]
+            assert gaps, f"{stream_id}: no frames were skipped"
+            assert all(timing[index][1] for index in gaps), f"{stream_id}: resumed mid-GOP"
+            path = tmp_path / f"{stream_id}.mp4"
+            path.write_bytes(b"".join(p for _, s, p in socket.binary if s == stream_id))
+            assert len(decode(path)) >= len(fragments) - 1
+        stats = server.services.statistics()
+        assert stats.sessions_per_socket == (2,)
+        nursery.cancel_scope.cancel()

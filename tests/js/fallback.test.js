@@ -1,0 +1,324 @@
+// Video over the socket (fallback): the binary framing, its routing to the stream, and what the
+// engine reads of the server's fMP4 (node --test). The fMP4 fixtures were written by the
+// server's own remuxer (src/mediastream/media/fmp4.py) from libx264 frames.
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { WebSocketManager } = require('../../web/static/js/websocket-manager.js');
+const { codecOfInit, isKeyFragment } = require('../../web/static/js/webrtc-engine.js');
+const { FakeWebSocket } = require('./fakes.js');
+
+const fixture = (name) => new Uint8Array(fs.readFileSync(path.join(__dirname, 'fixtures', name)));
+const parse = WebSocketManager.parseMediaMessage;
+
+/** A binary message as the server frames it (src/mediastream/fallback.py frame_binary). */
+function framed(kind, streamId, payload) {
+  const name = new TextEncoder().encode(streamId);
+  const message = new Uint8Array(3 + name.length + payload.length);
+  message[0] = (1 << 4) | kind;
+  message[1] = name.length >> 8;
+  message[2] = name.length & 0xff;
+  message.set(name, 3);
+  message.set(payload, 3 + name.length);
+  return message.buffer;
+}
+
+test('a binary message is read into its kind, stream id and payload', () => {
+  const init = parse(framed(1, 'cam-é', new Uint8Array([1, 2, 3])));
+  assert.equal(init.kind, 'init');
+  assert.equal(init.streamId, 'cam-é');
+  assert.deepEqual([...init.data], [1, 2, 3]);
+  const fragment = parse(framed(2, 'x', new Uint8Array(0)));
+  assert.equal(fragment.kind, 'fragment');
+  assert.equal(fragment.data.length, 0);
+});
+
+test('a malformed binary message is refused, naming what is wrong', () => {
+  assert.throws(() => parse(new Uint8Array([0x11, 0]).buffer), /shorter than its header/);
+  assert.throws(() => parse(new Uint8Array([0x21, 0, 0]).buffer), /version 2; expected 1/);
+  assert.throws(() => parse(new Uint8Array([0x13, 0, 0]).buffer), /unknown kind 3/);
+  assert.throws(() => parse(new Uint8Array([0x11, 0, 9, 97]).buffer), /overruns the message/);
+});
+
+test('binary messages go to their own stream\'s onMedia; bad or unclaimed ones are dropped', async () => {
+  FakeWebSocket.reset();
+  const manager = new WebSocketManager({ url: 'ws://server.test/ws', WebSocket: FakeWebSocket, pingInterval: 0, logLevel: 'silent' });
+  const a = [];
+  const b = [];
+  manager.registerStream('cam-a', { onMedia: (segment) => a.push(segment) });
+  manager.registerStream('cam-b', { onMedia: (segment) => b.push(segment) });
+  const opening = manager.connect();
+  const socket = FakeWebSocket.last();
+  socket.serverOpens();
+  await opening;
+  assert.equal(socket.binaryType, 'arraybuffer');
+  socket.onmessage({ data: framed(1, 'cam-a', new Uint8Array([7])) });
+  socket.onmessage({ data: framed(2, 'cam-b', new Uint8Array([8])) });
+  socket.onmessage({ data: framed(2, 'cam-a', new Uint8Array([9])) });
+  socket.onmessage({ data: new Uint8Array([0xff]).buffer }); // malformed: ignored
+  socket.onmessage({ data: framed(2, 'nobody', new Uint8Array([1])) }); // unclaimed: ignored
+  socket.serverSends({ type: 'state', streamId: 'cam-a', payload: { state: 'live' } }); // text still works
+  assert.deepEqual(a.map((s) => [s.kind, [...s.data]]), [['init', [7]], ['fragment', [9]]]);
+  assert.deepEqual(b.map((s) => [s.kind, [...s.data]]), [['fragment', [8]]]);
+  manager.disconnect();
+});
+
+test('the codec string comes from the init segment\'s avcC', () => {
+  assert.equal(codecOfInit(fixture('fallback-init.mp4')), 'avc1.42c00c');
+  assert.equal(codecOfInit(new Uint8Array([0, 0, 0, 8, 0x66, 0x74, 0x79, 0x70])), null);
+});
+
+test('a fragment that starts with a keyframe is told from one that does not', () => {
+  assert.equal(isKeyFragment(fixture('fallback-keyframe.m4s')), true);
+  assert.equal(isKeyFragment(fixture('fallback-delta.m4s')), false);
+  assert.equal(isKeyFragment(new Uint8Array(16)), false); // no trun at all
+});
+
+// --- the engine's fallback, with a fake MediaSource -------------------------------------------
+
+const { WebRTCEngine } = require('../../web/static/js/webrtc-engine.js');
+const { FakeClock, FakePeerConnection, flush } = require('./fakes.js');
+
+class FakeSourceBuffer {
+  constructor(type, video) {
+    this.type = type;
+    this.video = video;
+    this.mode = 'sequence';
+    this.updating = false;
+    this.appended = [];
+    this.removed = [];
+    this.listeners = {};
+  }
+  addEventListener(name, fn) { this.listeners[name] = fn; }
+  appendBuffer(data) {
+    this.updating = true;
+    this.appended.push(data);
+  }
+  remove(start, end) {
+    this.updating = true;
+    this.removed.push([start, end]);
+  }
+  /** The browser finished the append: `bufferedTo` seconds are now buffered from 1000 s on. */
+  finish(bufferedTo) {
+    this.updating = false;
+    if (bufferedTo !== undefined) this.video.bufferedRange = [1000, bufferedTo];
+    this.listeners.updateend && this.listeners.updateend();
+  }
+}
+
+function fakeMediaSource(video) {
+  return class FakeMediaSource {
+    static last = null;
+    constructor() {
+      this.readyState = 'closed';
+      this.buffers = [];
+      this.listeners = {};
+      FakeMediaSource.last = this;
+    }
+    addEventListener(name, fn) { this.listeners[name] = fn; }
+    addSourceBuffer(type) {
+      const buffer = new FakeSourceBuffer(type, video);
+      this.buffers.push(buffer);
+      return buffer;
+    }
+    endOfStream() { this.readyState = 'ended'; }
+    open() {
+      this.readyState = 'open';
+      this.listeners.sourceopen && this.listeners.sourceopen();
+    }
+  };
+}
+
+function fakeVideo() {
+  return {
+    srcObject: null,
+    src: '',
+    currentTime: 0,
+    bufferedRange: null,
+    played: 0,
+    get buffered() {
+      const range = this.bufferedRange;
+      return { length: range ? 1 : 0, start: () => range[0], end: () => range[1] };
+    },
+    play() { this.played += 1; return Promise.resolve(); },
+    removeAttribute(name) { if (name === 'src') this.src = ''; },
+    load() {},
+  };
+}
+
+async function fallbackSetup(extra = {}) {
+  FakeWebSocket.reset();
+  FakePeerConnection.reset();
+  const clock = new FakeClock();
+  const manager = new WebSocketManager({
+    url: 'ws://server.test/ws', WebSocket: FakeWebSocket, clock, pingInterval: 0, logLevel: 'silent',
+  });
+  const video = fakeVideo();
+  const MediaSource = fakeMediaSource(video);
+  const engine = new WebRTCEngine({
+    streamId: 'cam', videoElement: video, manager, RTCPeerConnection: FakePeerConnection, timers: clock,
+    MediaSource, ...extra,
+  });
+  const connecting = engine.connect();
+  await flush();
+  const socket = FakeWebSocket.last();
+  socket.serverOpens();
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [] } });
+  await flush();
+  await flush();
+  const offer = socket.sent.filter((m) => m.type === 'offer').at(-1);
+  if (offer) socket.serverSends({ type: 'answer', streamId: 'cam', payload: 'v=0 answer', sessionId: offer.payload.sessionId });
+  await connecting;
+  return { clock, video, MediaSource, engine, socket };
+}
+
+const originalCreateObjectURL = URL.createObjectURL;
+const originalRevokeObjectURL = URL.revokeObjectURL;
+test.before(() => {
+  URL.createObjectURL = () => 'blob:fake-media-source';
+  URL.revokeObjectURL = () => {};
+});
+test.after(() => {
+  URL.createObjectURL = originalCreateObjectURL;
+  URL.revokeObjectURL = originalRevokeObjectURL;
+});
+
+test('a peer connection that fails to connect falls back to video over the socket', async () => {
+  const { video, MediaSource, engine, socket } = await fallbackSetup();
+  const pc = FakePeerConnection.last();
+  pc.becomes('failed');
+  assert.ok(pc.closed);
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.equal(engine.transport, 'fallback');
+  assert.equal(engine.state, 'connecting');
+  assert.equal(video.src, 'blob:fake-media-source');
+
+  const states = [];
+  engine.on('state', (s) => states.push([s.state, s.detail]));
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers;
+  assert.equal(buffer.type, 'video/mp4; codecs="avc1.42c00c"');
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) }); // queued: busy
+  assert.equal(buffer.appended.length, 1);
+  buffer.finish();
+  assert.equal(buffer.appended.length, 2);
+  buffer.finish(1000.04);
+  assert.deepEqual(states, [['live', 'fallback']]);
+  assert.equal(video.played, 1);
+  assert.equal(video.currentTime, 1000); // moved to where the media starts
+  engine.disconnect();
+});
+
+test('the playhead jumps to the live edge when more than a second behind', async () => {
+  const { video, MediaSource, engine, socket } = await fallbackSetup({ fallback: 'always' });
+  assert.deepEqual(socket.sent.filter((m) => m.type === 'offer'), []); // never tried WebRTC
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers;
+  buffer.finish();
+  video.currentTime = 1000.5;
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
+  buffer.finish(1001.2); // 0.7 s behind: left alone
+  assert.equal(video.currentTime, 1000.5);
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) });
+  buffer.finish(1002); // 1.5 s behind: jump
+  assert.ok(Math.abs(video.currentTime - 1001.85) < 1e-9, String(video.currentTime));
+  engine.disconnect();
+  assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam' });
+  assert.equal(video.src, '');
+});
+
+test('an overflowing queue skips to the next keyframe fragment', async () => {
+  const { MediaSource, engine, socket } = await fallbackSetup({ fallback: 'always' });
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const [buffer] = MediaSource.last.buffers; // busy with the init: everything else queues
+  for (let i = 0; i < 61; i++) socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) });
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) }); // mid-GOP: skipped
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
+  assert.deepEqual(engine.getFallbackStats(), { appended: 0, skipped: 62 });
+  buffer.finish();
+  assert.deepEqual([...buffer.appended.at(-1)], [...fixture('fallback-keyframe.m4s')]);
+  engine.disconnect();
+});
+
+test('a peer that never connects falls back after fallbackAfterMs; reconnect() tries WebRTC again', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallbackAfterMs: 3000 });
+  clock.advance(2999);
+  assert.equal(engine.transport, 'webrtc');
+  clock.advance(1);
+  assert.equal(engine.transport, 'fallback');
+  const offers = socket.sent.filter((m) => m.type === 'offer').length;
+  engine.reconnect();
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, offers + 1);
+  assert.equal(engine.transport, 'webrtc');
+  engine.disconnect();
+});
+
+test('fallback "never" keeps to WebRTC: a failed peer is renegotiated', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallback: 'never' });
+  FakePeerConnection.last().becomes('failed');
+  clock.advance(60000);
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'fallback').length, 0);
+  assert.equal(engine.transport, 'webrtc');
+  assert.ok(socket.sent.filter((m) => m.type === 'offer').length >= 2);
+  engine.disconnect();
+});
+
+test('setFallback switches a playing stream to the socket and back to WebRTC', async () => {
+  const { engine, socket } = await fallbackSetup();
+  FakePeerConnection.last().becomes('connected');
+  assert.equal(engine.state, 'live');
+  engine.setFallback('always');
+  await flush();
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.equal(engine.transport, 'fallback');
+  assert.ok(FakePeerConnection.last().closed);
+  const offers = socket.sent.filter((m) => m.type === 'offer').length;
+  engine.setFallback('auto');
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, offers + 1);
+  assert.equal(engine.transport, 'webrtc');
+  engine.disconnect();
+});
+
+test('an answer that never comes falls back, and the abandoned offer does not undo it', async () => {
+  FakeWebSocket.reset();
+  FakePeerConnection.reset();
+  const clock = new FakeClock();
+  const manager = new WebSocketManager({
+    url: 'ws://server.test/ws', WebSocket: FakeWebSocket, clock, pingInterval: 0, logLevel: 'silent',
+  });
+  const video = fakeVideo();
+  const errors = [];
+  const engine = new WebRTCEngine({
+    streamId: 'cam', videoElement: video, manager, RTCPeerConnection: FakePeerConnection, timers: clock,
+    MediaSource: fakeMediaSource(video), fallbackAfterMs: 2000,
+  });
+  engine.on('error', (e) => errors.push(e));
+  const connecting = engine.connect();
+  await flush();
+  const socket = FakeWebSocket.last();
+  socket.serverOpens();
+  socket.serverSends({ type: 'welcome', streamId: null, payload: { iceServers: [] } });
+  await flush();
+  await flush();
+  clock.advance(2000); // no answer yet
+  await connecting;
+  assert.equal(engine.transport, 'fallback');
+  clock.advance(120000); // no retry timer may renegotiate it away
+  await flush();
+  assert.equal(engine.transport, 'fallback');
+  assert.deepEqual(errors, []);
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 1);
+  engine.disconnect();
+});

@@ -1,0 +1,177 @@
+"""fMP4 for the socket fallback: real libx264 frames, packetized as sources do, remuxed by hand
+and opened again by FFmpeg (PyAV), which decodes every frame at the right size."""
+
+from __future__ import annotations
+
+import struct
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import pytest
+
+from mediastream.fallback import BinaryKind, frame_binary, parse_binary
+from mediastream.media.fmp4 import (
+    Fmp4Error,
+    Fmp4Remuxer,
+    depacketize_h264,
+    init_segment,
+    media_fragment,
+)
+from mediastream.media.frames import (
+    VIDEO_CLOCK_RATE,
+    EncodedFrame,
+    H264AccessUnitNormalizer,
+    split_annexb,
+)
+from mediastream.webrtc.aiortc_compat import packetize_h264
+
+WIDTH, HEIGHT = 320, 180
+
+
+def encoded_frames(count: int, gop: int = 10) -> list[EncodedFrame]:
+    """``count`` frames of a moving test picture from libx264, as a source publishes them."""
+    encoder: Any = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    encoder.time_base = Fraction(1, 25)
+    encoder.gop_size = gop
+    encoder.options = {"tune": "zerolatency", "preset": "ultrafast", "bframes": "0"}
+    normalizer = H264AccessUnitNormalizer()
+    frames: list[EncodedFrame] = []
+    for index in range(count):
+        picture = av.VideoFrame(WIDTH, HEIGHT, "yuv420p")
+        for plane in picture.planes:
+            plane.update(bytes([(index * 7 + 16) % 256]) * plane.buffer_size)
+        picture.pts = index
+        for packet in encoder.encode(picture):
+            normalized = normalizer.normalize(split_annexb(bytes(packet)))
+            assert normalized is not None
+            nal_units, keyframe = normalized
+            frames.append(
+                EncodedFrame(
+                    kind="video",
+                    timestamp=len(frames) * VIDEO_CLOCK_RATE // 25,
+                    keyframe=keyframe,
+                    payloads=tuple(packetize_h264(nal_units)),
+                    size=sum(map(len, nal_units)),
+                )
+            )
+    return frames
+
+
+def decode_file(path: Path) -> list[Any]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        return list(container.decode(stream))
+
+
+def test_init_and_fragments_decode_as_the_frames_that_went_in(tmp_path: Path) -> None:
+    frames = encoded_frames(30)
+    assert frames[0].keyframe
+    remuxer = Fmp4Remuxer()
+    init = remuxer.init_for(frames[0], WIDTH, HEIGHT)
+    assert init.codec.startswith("avc1.")
+    path = tmp_path / "out.mp4"
+    path.write_bytes(init.data + b"".join(remuxer.fragment(frame) for frame in frames))
+    pictures = decode_file(path)
+    assert len(pictures) == 30
+    assert {(p.width, p.height) for p in pictures} == {(WIDTH, HEIGHT)}
+    # Timestamps survive: the fragments' tfdt is the frame's 90 kHz timestamp.
+    assert [p.pts for p in pictures[:3]] == [f.timestamp for f in frames[:3]]
+
+
+def test_a_viewer_joining_at_a_later_keyframe_decodes_from_there(tmp_path: Path) -> None:
+    frames = encoded_frames(25, gop=10)
+    remuxer = Fmp4Remuxer()
+    for frame in frames[:10]:
+        remuxer.fragment(frame)  # another viewer's earlier frames
+    assert frames[10].keyframe
+    path = tmp_path / "late.mp4"
+    init = remuxer.init_for(frames[10], WIDTH, HEIGHT)
+    path.write_bytes(init.data + b"".join(remuxer.fragment(f) for f in frames[10:]))
+    assert len(decode_file(path)) == 15
+
+
+def test_each_fragment_is_built_once_for_all_viewers() -> None:
+    frames = encoded_frames(5)
+    remuxer = Fmp4Remuxer()
+    first = [remuxer.fragment(frame) for frame in frames]
+    second = [remuxer.fragment(frame) for frame in frames]
+    assert first == second and all(a is b for a, b in zip(first, second, strict=True))
+    assert remuxer.fragments_built == 5
+
+
+def test_the_fragment_cache_is_bounded() -> None:
+    frames = encoded_frames(6)
+    remuxer = Fmp4Remuxer(max_cached=2)
+    for frame in frames:
+        remuxer.fragment(frame)
+    remuxer.fragment(frames[0])  # evicted: built again
+    assert remuxer.fragments_built == 7
+
+
+def test_the_init_segment_changes_only_with_the_parameter_sets_or_size() -> None:
+    frames = encoded_frames(21, gop=10)
+    remuxer = Fmp4Remuxer()
+    first = remuxer.init_for(frames[0], WIDTH, HEIGHT)
+    assert remuxer.init_for(frames[10], WIDTH, HEIGHT) is first
+    assert remuxer.init_for(frames[20], WIDTH * 2, HEIGHT) is not first
+
+
+def test_a_fragment_is_a_moof_then_an_mdat_whose_offset_points_at_the_sample() -> None:
+    frame = encoded_frames(1)[0]
+    data = media_fragment(frame, sequence=7, duration=3600)
+    moof_size, moof_type = struct.unpack_from("!I4s", data, 0)
+    assert moof_type == b"moof"
+    assert data[moof_size + 4 : moof_size + 8] == b"mdat"
+    trun = data.index(b"trun")
+    (data_offset,) = struct.unpack_from("!i", data, trun + 4 + 4 + 4)
+    assert data_offset == moof_size + 8
+    (first_nal_length,) = struct.unpack_from("!I", data, data_offset)
+    assert 0 < first_nal_length < len(data)
+
+
+def test_depacketizing_undoes_single_stap_a_and_fu_a_packetization() -> None:
+    small = [b"\x67" + bytes(10), b"\x68" + bytes(4)]
+    large = b"\x65" + bytes(range(256)) * 20  # larger than one RTP payload: FU-A
+    nal_units = [*small, large]
+    assert depacketize_h264(packetize_h264(nal_units)) == nal_units
+
+
+@pytest.mark.parametrize(
+    ("payloads", "message"),
+    [
+        ([b""], "empty RTP payload"),
+        ([b"\x7c\x05abc"], "FU-A continuation without its start"),
+        ([b"\x7c\x85abc"], "FU-A without its end"),
+        ([b"\x18\x00\x09ab"], "STAP-A unit overruns"),
+        ([b"\x1d\x00"], "NAL type 29 is not supported"),
+    ],
+)
+def test_bad_payloads_are_named(payloads: list[bytes], message: str) -> None:
+    with pytest.raises(Fmp4Error, match=message):
+        depacketize_h264(payloads)
+
+
+def test_a_frame_without_a_picture_or_an_sps_is_refused() -> None:
+    with pytest.raises(Fmp4Error, match="SPS shorter"):
+        init_segment(b"\x67", b"\x68", WIDTH, HEIGHT)
+    headers_only = EncodedFrame("video", 0, False, (b"\x67" + bytes(4),), 5)
+    with pytest.raises(Fmp4Error, match="without a picture"):
+        media_fragment(headers_only, 1, 3600)
+    with pytest.raises(Fmp4Error, match="without SPS and PPS"):
+        Fmp4Remuxer().init_for(headers_only, WIDTH, HEIGHT)
+
+
+def test_binary_framing_round_trips_and_names_what_is_wrong() -> None:
+    message = frame_binary(BinaryKind.FRAGMENT, "cam-é", b"\x00\x01payload")
+    assert message[0] == 0x12
+    assert parse_binary(message) == (BinaryKind.FRAGMENT, "cam-é", b"\x00\x01payload")
+    with pytest.raises(ValueError, match="shorter than its header"):
+        parse_binary(b"\x11\x00")
+    with pytest.raises(ValueError, match="version 2"):
+        parse_binary(b"\x21\x00\x00")
+    with pytest.raises(ValueError, match="overruns"):
+        parse_binary(b"\x11\x00\x09abc")

@@ -2,6 +2,7 @@
 
     python benchmarks/targets.py [--servers mediastream,janus] [--viewers 60] [--rounds 2]
                                  [--seconds 20] [--profile DIR] [--label NAME]
+                                 [--only-idle] [--idle-windows N]
 
 One RTSP camera (``/h264-busy``, SD). Each server in turn, pinned to CPU 0 (``taskset``); the
 viewers' processes run where the scheduler puts them (``--viewer-cpus 1`` pins them; on a
@@ -19,7 +20,8 @@ shared machine that starves them), the camera ahead of the load:
 ``--profile DIR`` samples the server with py-spy (``--nonblocking``, so the figures move
 little) through each phase and writes the collapsed stacks there. ``--label`` names the run
 in the JSON (``benchmarks/results/targets[-LABEL].json``): run the same script against two
-checkouts (``PYTHONPATH=...``) for a before/after.
+checkouts (``PYTHONPATH=...``) for a before/after. ``--only-idle`` stops after step 1 (the
+camera ingest alone), measured in ``--idle-windows`` windows of ``--seconds`` (median).
 """
 
 from __future__ import annotations
@@ -93,10 +95,17 @@ def run_server(kind: str, camera_url: str, args: argparse.Namespace) -> dict[str
         profiler = Profiler(args.profile / kind if args.profile else None, pid)
         time.sleep(5)  # the camera connects, the server settles
         result["rss_before_mb"] = rss_bytes(pid) / 2**20
-        profiler.start("idle", args.seconds)
-        idle = measure(pid, args.seconds, None)
-        profiler.wait()
+        idle_windows = []
+        for window in range(args.idle_windows):
+            profiler.start("idle" if window == 0 else f"idle-{window}", args.seconds)
+            idle_windows.append(measure(pid, args.seconds, None)["cpu_percent"])
+            profiler.wait()
+        idle = {"cpu_percent": statistics.median(idle_windows)}
         result["idle_cpu_percent"] = idle["cpu_percent"]
+        result["idle_cpu_percent_windows"] = idle_windows
+        if args.only_idle:
+            result["load_average_end"] = os.getloadavg()
+            return result
         rounds = []
         for index in range(args.rounds):
             rss_before = rss_bytes(pid)
@@ -180,6 +189,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write py-spy's samples here")
     parser.add_argument("--label", default="")
     parser.add_argument("--viewer-cpus", help="pin the viewers' processes (taskset -c)")
+    parser.add_argument(
+        "--only-idle", action="store_true", help="measure the idle server only (no viewers)"
+    )
+    parser.add_argument(
+        "--idle-windows", type=int, default=1, help="idle windows of --seconds (median taken)"
+    )
     args = parser.parse_args()
 
     results = []
@@ -194,9 +209,16 @@ def main() -> None:
         headers.append(r["server"])
     rows = []
     for what, key, goal in TARGETS:
+        if args.only_idle and key != "idle_cpu_percent" and key != "rss_before_mb":
+            continue
         rows.append([what, "-" if goal is None else f"≤ {goal:g}"] + [r[key] for r in results])
-    rows.append(["server CPU per joiner, ms", "-"]
-                + [r["join_server_cpu_ms_per_viewer"] for r in results])  # fmt: skip
+    if args.only_idle:
+        rows.append(["idle windows, % of a core", "-"]
+                    + [" / ".join(f"{w:.2f}" for w in r["idle_cpu_percent_windows"])
+                       for r in results])  # fmt: skip
+    else:
+        rows.append(["server CPU per joiner, ms", "-"]
+                    + [r["join_server_cpu_ms_per_viewer"] for r in results])  # fmt: skip
     rows.append(["load average (1 min), start / end", "-"]
                 + [f"{r['load_average_start'][0]:.1f} / {r['load_average_end'][0]:.1f}"
                    for r in results])  # fmt: skip
@@ -204,7 +226,7 @@ def main() -> None:
     name = "targets" + (f"-{args.label}" if args.label else "") + ".json"
     path = ROOT / "benchmarks" / "results" / name
     summary = {"viewers": args.viewers, "rounds": args.rounds, "seconds": args.seconds,
-               "silent": args.silent, "label": args.label}  # fmt: skip
+               "silent": args.silent, "label": args.label, "only_idle": args.only_idle}  # fmt: skip
     path.write_text(json.dumps({**summary, "servers": results}, indent=2))
     print(f"written: {path}")
 

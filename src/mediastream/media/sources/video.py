@@ -6,7 +6,6 @@ into EncodedFrames, cut into RTP payloads once for every viewer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any, Final, Protocol
@@ -25,7 +24,7 @@ from ..frames import (
 )
 from ..source_contract import SourceInfo
 from .reader import NeedsTranscoding
-from .timeline import DEFAULT_FPS
+from .timeline import DEFAULT_FPS, scale_timestamp
 
 DEFAULT_TRANSCODE_KBPS: Final = 2000
 
@@ -184,14 +183,14 @@ class _Clock:
             # FFmpeg's RTSP demuxer leaves the very first packet (a keyframe) without pts.
             ticks = 0 if self._last is None else self._last + VIDEO_CLOCK_RATE // DEFAULT_FPS
         else:
-            ticks = self.ticks_of(value, packet.time_base or self._time_base)
+            ticks = self.ticks_of(value, packet.time_base)
         self._last = ticks
         return ticks
 
     def ticks_of(self, value: int | None, time_base: Fraction | None) -> int:
         if value is None:
             return (self._last or 0) + VIDEO_CLOCK_RATE // DEFAULT_FPS
-        return math.floor(value * (time_base or self._time_base) * VIDEO_CLOCK_RATE)
+        return scale_timestamp(value, time_base or self._time_base, VIDEO_CLOCK_RATE)
 
 
 def _frame(nal_units: list[bytes], ticks: int, keyframe: bool) -> EncodedFrame:

@@ -10,6 +10,7 @@ from mediastream.media.frames import (
     join_annexb,
     nal_type,
     split_annexb,
+    sps_forbids_b_slices,
 )
 
 SPS = bytes([0x67, 0x42, 0xC0, 0x1E, 0x95])
@@ -101,3 +102,21 @@ def test_b_slices_are_recognised_from_the_slice_header() -> None:
     assert sum(map(is_b_slice, with_b)) >= 10
     assert not any(map(is_b_slice, without_b))
     assert not is_b_slice(SPS) and not is_b_slice(b"\x41")
+
+
+def test_only_a_baseline_sps_rules_out_b_slices() -> None:
+    # The parameter sets of real encodes: with B-frames; without, in a profile that allows
+    # them; and baseline (x264's ultrafast picks it: no CABAC, no B-frames).
+    with_b = _encoded_slices({"preset": "veryfast", "bf": "2", "b_strategy": "0"})
+    high = _encoded_slices({"preset": "veryfast", "tune": "zerolatency"})
+    baseline = _encoded_slices({"preset": "ultrafast", "tune": "zerolatency"})
+
+    def sps_of(units: list[bytes]) -> bytes:
+        return next(unit for unit in units if nal_type(unit) == 7)
+
+    assert not any(map(is_b_slice, high))
+    assert not sps_forbids_b_slices(sps_of(with_b))
+    assert not sps_forbids_b_slices(sps_of(high))  # no B-frames, but its profile allows them
+    assert sps_forbids_b_slices(sps_of(baseline))
+    assert sps_forbids_b_slices(SPS)  # 0x42 = 66, constrained baseline
+    assert not sps_forbids_b_slices(b"\x67")

@@ -39,7 +39,7 @@ from typing import Any
 
 from fanout import ViewerProcesses, measure, server
 
-from common import ROOT, cpu_seconds, print_table, rss_bytes, rtsp_camera
+from common import CLOCK_TICKS, ROOT, cpu_seconds, print_table, rss_bytes, rtsp_camera
 
 MOUNT = "/h264-busy"
 SERVER_CPUS = "0"
@@ -95,14 +95,24 @@ def run_server(kind: str, camera_url: str, args: argparse.Namespace) -> dict[str
         profiler = Profiler(args.profile / kind if args.profile else None, pid)
         time.sleep(5)  # the camera connects, the server settles
         result["rss_before_mb"] = rss_bytes(pid) / 2**20
-        idle_windows = []
+        idle_windows, idle_threads = [], []
         for window in range(args.idle_windows):
             profiler.start("idle" if window == 0 else f"idle-{window}", args.seconds)
+            threads_before, wall_before = thread_cpu_seconds(pid), time.monotonic()
             idle_windows.append(measure(pid, args.seconds, None)["cpu_percent"])
+            threads_after, wall = thread_cpu_seconds(pid), time.monotonic() - wall_before
+            idle_threads.append(
+                {
+                    f"{name} ({tid})": 100 * (cpu - threads_before.get(tid, (name, 0.0))[1]) / wall
+                    for tid, (name, cpu) in threads_after.items()
+                    if cpu > threads_before.get(tid, (name, 0.0))[1]
+                }
+            )
             profiler.wait()
         idle = {"cpu_percent": statistics.median(idle_windows)}
         result["idle_cpu_percent"] = idle["cpu_percent"]
         result["idle_cpu_percent_windows"] = idle_windows
+        result["idle_cpu_percent_by_thread"] = idle_threads
         if args.only_idle:
             result["load_average_end"] = os.getloadavg()
             return result
@@ -165,6 +175,19 @@ def run_server(kind: str, camera_url: str, args: argparse.Namespace) -> dict[str
     return result
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, tuple[str, float]]:
+    """User + system CPU time of each of a process's threads: {tid: (name, seconds)}."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        threads[task.name] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return threads
+
+
 def _brief(row: dict[str, Any]) -> str:
     keys = ("cpu_percent", "per_viewer_cpu_percent", "us_per_packet", "packets_per_s",
             "loss_percent", "rtcpSent_per_s", "nacksSent_per_s", "join_server_cpu_ms")  # fmt: skip
@@ -216,6 +239,10 @@ def main() -> None:
         rows.append(["idle windows, % of a core", "-"]
                     + [" / ".join(f"{w:.2f}" for w in r["idle_cpu_percent_windows"])
                        for r in results])  # fmt: skip
+        for r in results:
+            for window, threads in enumerate(r["idle_cpu_percent_by_thread"]):
+                busy = ", ".join(f"{name} {cpu:.2f}" for name, cpu in threads.items())
+                print(f"{r['server']} idle window {window}, % of a core by thread: {busy}")
     else:
         rows.append(["server CPU per joiner, ms", "-"]
                     + [r["join_server_cpu_ms_per_viewer"] for r in results])  # fmt: skip

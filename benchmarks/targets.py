@@ -2,6 +2,7 @@
 
     python benchmarks/targets.py [--servers mediastream,janus] [--viewers 60] [--rounds 2]
                                  [--seconds 20] [--profile DIR] [--label NAME]
+                                 [--only-idle] [--idle-windows N]
 
 One RTSP camera (``/h264-busy``, SD). Each server in turn, pinned to CPU 0 (``taskset``); the
 viewers' processes run where the scheduler puts them (``--viewer-cpus 1`` pins them; on a
@@ -19,7 +20,8 @@ shared machine that starves them), the camera ahead of the load:
 ``--profile DIR`` samples the server with py-spy (``--nonblocking``, so the figures move
 little) through each phase and writes the collapsed stacks there. ``--label`` names the run
 in the JSON (``benchmarks/results/targets[-LABEL].json``): run the same script against two
-checkouts (``PYTHONPATH=...``) for a before/after.
+checkouts (``PYTHONPATH=...``) for a before/after. ``--only-idle`` stops after step 1 (the
+camera ingest alone), measured in ``--idle-windows`` windows of ``--seconds`` (median).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 from fanout import ViewerProcesses, measure, server
 
-from common import ROOT, cpu_seconds, print_table, rss_bytes, rtsp_camera
+from common import CLOCK_TICKS, ROOT, cpu_seconds, print_table, rss_bytes, rtsp_camera
 
 MOUNT = "/h264-busy"
 SERVER_CPUS = "0"
@@ -93,10 +95,27 @@ def run_server(kind: str, camera_url: str, args: argparse.Namespace) -> dict[str
         profiler = Profiler(args.profile / kind if args.profile else None, pid)
         time.sleep(5)  # the camera connects, the server settles
         result["rss_before_mb"] = rss_bytes(pid) / 2**20
-        profiler.start("idle", args.seconds)
-        idle = measure(pid, args.seconds, None)
-        profiler.wait()
+        idle_windows, idle_threads = [], []
+        for window in range(args.idle_windows):
+            profiler.start("idle" if window == 0 else f"idle-{window}", args.seconds)
+            threads_before, wall_before = thread_cpu_seconds(pid), time.monotonic()
+            idle_windows.append(measure(pid, args.seconds, None)["cpu_percent"])
+            threads_after, wall = thread_cpu_seconds(pid), time.monotonic() - wall_before
+            idle_threads.append(
+                {
+                    f"{name} ({tid})": 100 * (cpu - threads_before.get(tid, (name, 0.0))[1]) / wall
+                    for tid, (name, cpu) in threads_after.items()
+                    if cpu > threads_before.get(tid, (name, 0.0))[1]
+                }
+            )
+            profiler.wait()
+        idle = {"cpu_percent": statistics.median(idle_windows)}
         result["idle_cpu_percent"] = idle["cpu_percent"]
+        result["idle_cpu_percent_windows"] = idle_windows
+        result["idle_cpu_percent_by_thread"] = idle_threads
+        if args.only_idle:
+            result["load_average_end"] = os.getloadavg()
+            return result
         rounds = []
         for index in range(args.rounds):
             rss_before = rss_bytes(pid)
@@ -156,6 +175,19 @@ def run_server(kind: str, camera_url: str, args: argparse.Namespace) -> dict[str
     return result
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, tuple[str, float]]:
+    """User + system CPU time of each of a process's threads: {tid: (name, seconds)}."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        threads[task.name] = (name, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return threads
+
+
 def _brief(row: dict[str, Any]) -> str:
     keys = ("cpu_percent", "per_viewer_cpu_percent", "us_per_packet", "packets_per_s",
             "loss_percent", "rtcpSent_per_s", "nacksSent_per_s", "join_server_cpu_ms")  # fmt: skip
@@ -180,6 +212,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write py-spy's samples here")
     parser.add_argument("--label", default="")
     parser.add_argument("--viewer-cpus", help="pin the viewers' processes (taskset -c)")
+    parser.add_argument(
+        "--only-idle", action="store_true", help="measure the idle server only (no viewers)"
+    )
+    parser.add_argument(
+        "--idle-windows", type=int, default=1, help="idle windows of --seconds (median taken)"
+    )
     args = parser.parse_args()
 
     results = []
@@ -194,9 +232,20 @@ def main() -> None:
         headers.append(r["server"])
     rows = []
     for what, key, goal in TARGETS:
+        if args.only_idle and key != "idle_cpu_percent" and key != "rss_before_mb":
+            continue
         rows.append([what, "-" if goal is None else f"≤ {goal:g}"] + [r[key] for r in results])
-    rows.append(["server CPU per joiner, ms", "-"]
-                + [r["join_server_cpu_ms_per_viewer"] for r in results])  # fmt: skip
+    if args.only_idle:
+        rows.append(["idle windows, % of a core", "-"]
+                    + [" / ".join(f"{w:.2f}" for w in r["idle_cpu_percent_windows"])
+                       for r in results])  # fmt: skip
+        for r in results:
+            for window, threads in enumerate(r["idle_cpu_percent_by_thread"]):
+                busy = ", ".join(f"{name} {cpu:.2f}" for name, cpu in threads.items())
+                print(f"{r['server']} idle window {window}, % of a core by thread: {busy}")
+    else:
+        rows.append(["server CPU per joiner, ms", "-"]
+                    + [r["join_server_cpu_ms_per_viewer"] for r in results])  # fmt: skip
     rows.append(["load average (1 min), start / end", "-"]
                 + [f"{r['load_average_start'][0]:.1f} / {r['load_average_end'][0]:.1f}"
                    for r in results])  # fmt: skip
@@ -204,7 +253,7 @@ def main() -> None:
     name = "targets" + (f"-{args.label}" if args.label else "") + ".json"
     path = ROOT / "benchmarks" / "results" / name
     summary = {"viewers": args.viewers, "rounds": args.rounds, "seconds": args.seconds,
-               "silent": args.silent, "label": args.label}  # fmt: skip
+               "silent": args.silent, "label": args.label, "only_idle": args.only_idle}  # fmt: skip
     path.write_text(json.dumps({**summary, "servers": results}, indent=2))
     print(f"written: {path}")
 

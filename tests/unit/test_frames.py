@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
+
 from mediastream.media.frames import (
     H264AccessUnitNormalizer,
     is_b_slice,
     join_annexb,
     nal_type,
     split_annexb,
+    sps_forbids_b_slices,
 )
 
 SPS = bytes([0x67, 0x42, 0xC0, 0x1E, 0x95])
@@ -101,3 +104,66 @@ def test_b_slices_are_recognised_from_the_slice_header() -> None:
     assert sum(map(is_b_slice, with_b)) >= 10
     assert not any(map(is_b_slice, without_b))
     assert not is_b_slice(SPS) and not is_b_slice(b"\x41")
+
+
+def test_only_a_baseline_sps_rules_out_b_slices() -> None:
+    # The parameter sets of real encodes: with B-frames; without, in a profile that allows
+    # them; and baseline (x264's ultrafast picks it: no CABAC, no B-frames).
+    with_b = _encoded_slices({"preset": "veryfast", "bf": "2", "b_strategy": "0"})
+    high = _encoded_slices({"preset": "veryfast", "tune": "zerolatency"})
+    baseline = _encoded_slices({"preset": "ultrafast", "tune": "zerolatency"})
+
+    def sps_of(units: list[bytes]) -> bytes:
+        return next(unit for unit in units if nal_type(unit) == 7)
+
+    assert not any(map(is_b_slice, high))
+    assert not sps_forbids_b_slices(sps_of(with_b))
+    assert not sps_forbids_b_slices(sps_of(high))  # no B-frames, but its profile allows them
+    assert sps_forbids_b_slices(sps_of(baseline))
+    assert sps_forbids_b_slices(SPS)  # 0x42 = 66, constrained baseline
+    assert not sps_forbids_b_slices(b"\x67")
+
+
+MAIN_SPS = bytes([0x67, 0x4D, 0x40, 0x1E, 0x95])  # profile_idc 77: B slices allowed
+#: A slice header saying first_mb_in_slice 0, slice_type 1 (B): bits 1 010...
+B_SLICE = bytes([0x01, 0xA8, 0x00, 0x80])
+
+
+def _passthrough() -> object:
+    from types import SimpleNamespace
+
+    from mediastream.config import parse_source
+    from mediastream.media.sources.video import make_video_converter
+
+    context = SimpleNamespace(name="h264", extradata=None, width=640, height=360)
+    stream = SimpleNamespace(codec_context=context, time_base=Fraction(1, 90_000))
+    return make_video_converter(stream, parse_source("rtsp://cam/1", key="source"), False)  # type: ignore[arg-type]
+
+
+def _convert(converter: object, number: int, nal_units: list[bytes]) -> list[object]:
+    import av
+
+    packet = av.Packet(join_annexb(nal_units))
+    packet.pts, packet.time_base = number * 3600, Fraction(1, 90_000)
+    return list(converter.convert(packet))  # type: ignore[attr-defined]
+
+
+def test_b_slices_go_unread_only_while_every_sps_was_baseline() -> None:
+    from mediastream.media.sources.reader import NeedsTranscoding
+
+    converter = _passthrough()
+    assert is_b_slice(B_SLICE)
+    assert len(_convert(converter, 0, [SPS, PPS, IDR])) == 1
+    # Baseline has no B slices: this header is not read (a real Baseline stream has none).
+    assert len(_convert(converter, 1, [B_SLICE])) == 1
+    # The camera switches to Main: from now on every slice header is read again.
+    assert len(_convert(converter, 2, [MAIN_SPS, PPS, IDR])) == 1
+    with pytest.raises(NeedsTranscoding, match="B-frames"):
+        _convert(converter, 3, [B_SLICE])
+
+
+def test_b_slices_are_looked_for_before_any_sps_is_seen() -> None:
+    from mediastream.media.sources.reader import NeedsTranscoding
+
+    with pytest.raises(NeedsTranscoding, match="B-frames"):
+        _convert(_passthrough(), 0, [B_SLICE])

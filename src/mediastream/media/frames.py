@@ -20,6 +20,9 @@ NAL_SPS: Final = 7
 NAL_PPS: Final = 8
 NAL_AUD: Final = 9
 NAL_FILLER: Final = 12
+#: profile_idc of H.264's Baseline profile (and Constrained Baseline): "only I and P slice
+#: types may be present" (H.264 A.2.1), so such a stream has no B-frames.
+PROFILE_IDC_BASELINE: Final = 66
 _VCL_TYPES: Final = frozenset(range(1, 6))
 #: NAL units the browser does not need: access unit delimiters and filler only cost bandwidth.
 _DROPPED_TYPES: Final = frozenset({NAL_AUD, NAL_FILLER})
@@ -80,6 +83,15 @@ def is_b_slice(nal: bytes) -> bool:
     except IndexError:
         return False
     return slice_type % 5 == 1
+
+
+def sps_forbids_b_slices(sps: bytes) -> bool:
+    """Whether a sequence parameter set's profile allows no B slices (Baseline, H.264 A.2.1).
+
+    profile_idc is the byte after the NAL header: an emulation prevention byte can only
+    follow two zero bytes, so it is never in the way.
+    """
+    return len(sps) > 1 and sps[1] == PROFILE_IDC_BASELINE
 
 
 class _BitReader:

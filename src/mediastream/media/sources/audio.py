@@ -6,7 +6,6 @@ Runs in the reader thread (PyAV), no Trio here.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any, Final, cast
@@ -15,6 +14,7 @@ import av
 import av.audio
 
 from ..frames import EncodedFrame
+from .timeline import scale_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class AudioPassthrough:
         if not data:
             return
         if packet.pts is not None:
-            ticks = math.floor(packet.pts * self._time_base * self.clock_rate)
+            ticks = scale_timestamp(packet.pts, self._time_base, self.clock_rate)
         else:
             ticks = self._next or 0
         if self.rtp_codec == "opus":

@@ -42,18 +42,41 @@ class ReaderFailed:
 ReaderItem = EncodedFrame | SourceInfo | ReaderFailed
 #: Hands one item to the Trio side, blocking while its channel is full.
 Deliver = Callable[[ReaderItem], None]
-#: What handing a frame to Trio raises once the attempt has been stopped.
-_HANDOVER_STOPPED = (trio.Cancelled, trio.RunFinishedError, trio.BrokenResourceError)
+
+
+class _HandoverStopped(Exception):
+    """Raised in the reader thread by ``deliver`` once the attempt has been stopped."""
+
+
+#: What handing a frame to Trio raises once the attempt has been stopped (RunFinishedError:
+#: the whole Trio run is over).
+_HANDOVER_STOPPED = (_HandoverStopped, trio.RunFinishedError)
+#: Seconds a reader thread waiting for room in the channel sleeps between looks at ``stop``
+#: (a stop also wakes it at once; this only bounds a missed wake-up).
+_FULL_CHANNEL_RECHECK: Final = 0.5
 
 
 class ReaderThread:
-    """The handshake between one attempt's reader thread and the Trio task that stops it."""
+    """The handshake between one attempt's reader thread and the Trio task that stops it.
 
-    def __init__(self, label: str) -> None:
+    Frames cross with one ``run_sync_soon`` callback each (no Trio task per frame, which cost
+    a fifth of an idle server's CPU): the thread first takes one of ``capacity`` slots,
+    blocking while all are taken, and the Trio side gives a slot back as it takes each item
+    out of the channel (:meth:`items`). So at most ``capacity`` items are ever queued or in
+    the channel, the channel's ``send_nowait`` never finds it full, and a Trio side slower
+    than the source holds the thread back as a blocking send did (counted in
+    ``full_channel_waits``).
+    """
+
+    def __init__(self, label: str, capacity: int) -> None:
         #: what the thread's log lines start with (the stream, its source without credentials)
         self.label = label
+        self.capacity = capacity
         self.stop = threading.Event()
         self.exited = threading.Event()
+        #: times the thread found the channel full and waited for the Trio side
+        self.full_channel_waits = 0
+        self._slots = threading.Semaphore(capacity)
         # Whoever takes this first decides: the thread runs, or it never will. An attempt
         # cancelled before its thread was spawned would otherwise wait for an exit that
         # never comes.
@@ -62,9 +85,24 @@ class ReaderThread:
     def claim_for_thread(self) -> bool:
         return self._claim.acquire(blocking=False)
 
+    def take_slot(self) -> None:
+        """In the thread: wait for room in the channel; raises _HandoverStopped once stopped."""
+        if not self._slots.acquire(blocking=False):
+            self.full_channel_waits += 1
+            while not self._slots.acquire(timeout=_FULL_CHANNEL_RECHECK):
+                if self.stop.is_set():
+                    raise _HandoverStopped
+        if self.stop.is_set():
+            raise _HandoverStopped
+
+    def items(self, receive: trio.MemoryReceiveChannel[ReaderItem]) -> _ReaderItems:
+        """The items the thread delivered, in order, each giving its slot back."""
+        return _ReaderItems(receive, self._slots)
+
     async def stop_and_wait(self) -> bool:
         """Stop the thread and wait for it, at most READER_EXIT_WAIT; False if it is still busy."""
         self.stop.set()
+        self._slots.release()  # wakes a thread waiting for room in the channel
         if self._claim.acquire(blocking=False):
             return True  # the thread never started, and now never will
         # Shielded, because this runs while the attempt is being cancelled, and bounded by the
@@ -77,6 +115,25 @@ class ReaderThread:
         return exited
 
 
+class _ReaderItems:
+    def __init__(
+        self, receive: trio.MemoryReceiveChannel[ReaderItem], slots: threading.Semaphore
+    ) -> None:
+        self._receive = receive
+        self._slots = slots
+
+    def __aiter__(self) -> _ReaderItems:
+        return self
+
+    async def __anext__(self) -> ReaderItem:
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self._slots.release()
+        return item
+
+
 async def run_reader_thread(
     read: Callable[[Deliver], None],
     send: trio.MemorySendChannel[ReaderItem],
@@ -85,14 +142,23 @@ async def run_reader_thread(
     """Run ``read(deliver)`` in a thread of its own until it returns or ``reader.stop`` is set.
 
     ``read`` blocks (PyAV) and hands each item over with ``deliver``; a SourceError or
-    NeedsTranscoding it raises arrives as a ReaderFailed, the last item.
+    NeedsTranscoding it raises arrives as a ReaderFailed, the last item. The receiving side
+    reads them with ``reader.items(receive)``; ``send``'s buffer must hold ``reader.capacity``.
 
-    Cancellation: abandons the thread (it notices ``reader.stop``, or a failed delivery, and
-    exits at its next frame or timeout); ``reader.stop_and_wait`` waits for it.
+    Cancellation: abandons the thread (it notices ``reader.stop`` at its next frame or
+    timeout and exits); ``reader.stop_and_wait`` waits for it.
     """
+    trio_token = trio.lowlevel.current_trio_token()
+
+    def put(item: ReaderItem) -> None:
+        # In Trio's thread. Never full (see ReaderThread); closed once the attempt is over,
+        # and then the item is of no use to anyone. Raising here would crash the Trio run.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            send.send_nowait(item)
 
     def deliver(item: ReaderItem) -> None:
-        trio.from_thread.run(send.send, item)
+        reader.take_slot()
+        trio_token.run_sync_soon(put, item)
 
     def in_thread() -> None:
         if not reader.claim_for_thread():

@@ -126,7 +126,7 @@ async def _run_attempt(
     """
     paced = config.source.kind != "rtsp"
     send, receive = trio.open_memory_channel[ReaderItem](READER_CHANNEL_FRAMES)
-    reader = ReaderThread(label)
+    reader = ReaderThread(label, READER_CHANNEL_FRAMES)
     read = functools.partial(
         read_source,
         config,
@@ -142,7 +142,7 @@ async def _run_attempt(
             nursery.start_soon(run_reader_thread, read, send, reader)
             anchors: dict[str, tuple[float, int]] = {}
             async with receive:
-                async for item in receive:
+                async for item in reader.items(receive):
                     if isinstance(item, ReaderFailed):
                         failure = item
                         break
@@ -168,6 +168,13 @@ async def _run_attempt(
     finally:
         if not await reader.stop_and_wait():
             log.warning("%s: reader thread is still blocked in I/O; it ends at its timeout", label)
+        if reader.full_channel_waits and not paced:
+            # A live source read faster than it was published: FFmpeg's buffers took the rest.
+            log.info(
+                "%s: the reader waited %d times for the publisher to catch up",
+                label,
+                reader.full_channel_waits,
+            )
     # Raised out here: inside the nursery they would arrive wrapped in exception groups.
     if failure is not None and failure.needs_transcoding:
         raise NeedsTranscoding(failure.reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Final
 
 from ..frames import VIDEO_CLOCK_RATE
@@ -9,6 +10,13 @@ from .rtsp import RtspTransportMemory
 
 #: frames per second assumed where a source says nothing (patterns, packets without pts)
 DEFAULT_FPS: Final = 25
+
+
+def scale_timestamp(value: int, time_base: Fraction, clock_rate: int) -> int:
+    """``math.floor(value * time_base * clock_rate)``, in integers: no Fraction per frame."""
+    # Floor division rounds towards minus infinity as math.floor does, so negative timestamps
+    # (FFmpeg's pre-roll) come out the same too. A Fraction's denominator is always positive.
+    return value * time_base.numerator * clock_rate // time_base.denominator
 
 
 class Timeline:

@@ -6,7 +6,6 @@ into EncodedFrames, cut into RTP payloads once for every viewer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any, Final, Protocol
@@ -17,15 +16,18 @@ import av.video
 from ...config import SourceSpec
 from ...webrtc.aiortc_compat import packetize_h264
 from ..frames import (
+    NAL_SPS,
     VIDEO_CLOCK_RATE,
     EncodedFrame,
     H264AccessUnitNormalizer,
     is_b_slice,
+    nal_type,
     split_annexb,
+    sps_forbids_b_slices,
 )
 from ..source_contract import SourceInfo
 from .reader import NeedsTranscoding
-from .timeline import DEFAULT_FPS
+from .timeline import DEFAULT_FPS, scale_timestamp
 
 DEFAULT_TRANSCODE_KBPS: Final = 2000
 
@@ -80,6 +82,9 @@ class _H264Passthrough:
             extradata = b""
         self._normalizer = H264AccessUnitNormalizer(extradata)
         self._clock = _Clock(stream.time_base)
+        # Whether a parameter set was seen yet, and whether every one so far forbade B slices.
+        self._sps_seen = False
+        self._only_baseline_sps = True
         ctx = stream.codec_context
         self.info = SourceInfo("h264", False, ctx.width or 0, ctx.height or 0)
 
@@ -92,10 +97,22 @@ class _H264Passthrough:
             if normalized is None:
                 continue
             nal_units, keyframe = normalized
-            if any(is_b_slice(nal) for nal in nal_units):
+            if self._may_have_b_slices(nal_units) and any(map(is_b_slice, nal_units)):
                 # Browsers show only the keyframes of passed-through H.264 with B-frames.
                 raise NeedsTranscoding("the H.264 has B-frames")
             yield _frame(nal_units, self._clock.ticks(unit), keyframe)
+
+    def _may_have_b_slices(self, nal_units: list[bytes]) -> bool:
+        """False once the source's parameter sets all say Baseline, which has no B slices.
+
+        Saves reading every slice header of such a source (most cameras): a profile that
+        allows B slices, or none seen yet, and every slice header is read as before.
+        """
+        for nal in nal_units:
+            if nal_type(nal) == NAL_SPS:
+                self._sps_seen = True
+                self._only_baseline_sps = self._only_baseline_sps and sps_forbids_b_slices(nal)
+        return not (self._sps_seen and self._only_baseline_sps)
 
     def flush(self) -> Iterator[EncodedFrame]:
         if self._bsf is not None:
@@ -184,14 +201,14 @@ class _Clock:
             # FFmpeg's RTSP demuxer leaves the very first packet (a keyframe) without pts.
             ticks = 0 if self._last is None else self._last + VIDEO_CLOCK_RATE // DEFAULT_FPS
         else:
-            ticks = self.ticks_of(value, packet.time_base or self._time_base)
+            ticks = self.ticks_of(value, packet.time_base)
         self._last = ticks
         return ticks
 
     def ticks_of(self, value: int | None, time_base: Fraction | None) -> int:
         if value is None:
             return (self._last or 0) + VIDEO_CLOCK_RATE // DEFAULT_FPS
-        return math.floor(value * (time_base or self._time_base) * VIDEO_CLOCK_RATE)
+        return scale_timestamp(value, time_base or self._time_base, VIDEO_CLOCK_RATE)
 
 
 def _frame(nal_units: list[bytes], ticks: int, keyframe: bool) -> EncodedFrame:

@@ -338,8 +338,15 @@ async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_a
         trio.from_thread.run(wait_gop, 50, trio_token=token)
         gop_when_joining = stream.fanout.statistics().gop_frames
         late = join(browser)
-        late.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
+        # The first picture, not ten frames: ten take longer the busier the machine, and the
+        # question is only where the picture came from.
+        late.wait_for_function(
+            "(selector) => document.querySelector(selector).videoWidth > 0",
+            arg="#video",
+            timeout=20_000,
+        )
         gop_at_picture = stream.fanout.statistics().gop_frames
+        late.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
         # Both settled: compare their jitter-buffer delay over the same 2 s window.
         late.wait_for_timeout(3000)
         a1, b1 = first.evaluate(JITTER_SAMPLE), late.evaluate(JITTER_SAMPLE)
@@ -365,7 +372,7 @@ async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_a
     token = trio.lowlevel.current_trio_token()
     result = await in_browser(scenario)
     assert result["gop_when_joining"] >= 50  # 2 s into the GOP: the next keyframe is 2 s away
-    # It was playing (10+ frames decoded) while the GOP it joined was still the current one:
+    # It showed a picture while the GOP it joined was still the current one:
     # its picture came from the cached keyframe, not from waiting for the next one.
     assert result["gop_at_picture"] > result["gop_when_joining"]
     # And a few seconds on it is no further behind live than the viewer who joined first.

@@ -22,10 +22,11 @@ streams stay interleaved and the socket's other messages are never crowded out.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import trio
@@ -79,25 +80,40 @@ SendBinary = Callable[[bytes], Awaitable[None]]
 Post = Callable[[str], None]
 PostError = Callable[[ErrorCode, str, str | None, str | None], None]
 
-_remuxers: dict[str, tuple[Stream, Fmp4Remuxer]] = {}
 
+class Remuxers:
+    """Each stream's one fMP4 remuxer, shared by its fallback viewers on every socket.
 
-def remuxer_of(stream: Stream) -> Fmp4Remuxer:
-    """The stream's one remuxer, shared by all its fallback viewers on every socket.
-
-    Kept while the stream object lives; a stream replaced through the API gets a new one.
+    A remuxer lives while a fallback viewer of its stream does (its fragment cache is then
+    freed); a stream replaced through the API gets a new one.
     """
-    entry = _remuxers.get(stream.id)
-    if entry is None or entry[0] is not stream:
-        entry = (stream, Fmp4Remuxer())
-        _remuxers[stream.id] = entry
-    return entry[1]
 
+    def __init__(self) -> None:
+        #: stream id → (the stream object, its remuxer, fallback viewers using it)
+        self._by_stream: dict[str, tuple[Stream, Fmp4Remuxer, int]] = {}
 
-def _forget_remuxer(stream: Stream) -> None:
-    entry = _remuxers.get(stream.id)
-    if entry is not None and entry[0] is stream and stream.viewers == 0:
-        del _remuxers[stream.id]
+    def get(self, stream: Stream) -> Fmp4Remuxer | None:
+        """The remuxer ``stream``'s fallback viewers are using now, if any."""
+        entry = self._by_stream.get(stream.id)
+        return entry[1] if entry is not None and entry[0] is stream else None
+
+    @contextlib.contextmanager
+    def open(self, stream: Stream) -> Iterator[Fmp4Remuxer]:
+        """Use ``stream``'s remuxer (made on first use) for as long as the block runs."""
+        entry = self._by_stream.get(stream.id)
+        if entry is None or entry[0] is not stream:
+            entry = (stream, Fmp4Remuxer(), 0)
+        remuxer = entry[1]
+        self._by_stream[stream.id] = (stream, remuxer, entry[2] + 1)
+        try:
+            yield remuxer
+        finally:
+            current = self._by_stream.get(stream.id)
+            if current is not None and current[1] is remuxer:  # not replaced meanwhile
+                if current[2] > 1:
+                    self._by_stream[stream.id] = (stream, remuxer, current[2] - 1)
+                else:
+                    del self._by_stream[stream.id]
 
 
 class FallbackSession:
@@ -114,8 +130,10 @@ class FallbackSession:
         post: Post,
         post_error: PostError,
         client: str,
+        remuxers: Remuxers,
     ) -> None:
         self.stream = stream
+        self._remuxers = remuxers
         self._send_binary = send_binary
         self._post = post
         self._post_error_to = post_error
@@ -160,7 +178,6 @@ class FallbackSession:
                 ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's fallback"
             )
         finally:
-            _forget_remuxer(self.stream)
             log.info(
                 "%s: session ended (%s) after %d fragments",
                 self._label,
@@ -169,11 +186,14 @@ class FallbackSession:
             )
 
     async def _serve(self) -> None:
-        with self.stream.open_viewer(end=self._stream_unavailable) as subscriber:
+        with (
+            self.stream.open_viewer(end=self._stream_unavailable) as subscriber,
+            self._remuxers.open(self.stream) as remuxer,
+        ):
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_states)
-                await self._send_frames(subscriber, remuxer_of(self.stream))
+                await self._send_frames(subscriber, remuxer)
 
     async def _send_frames(self, subscriber: Subscriber, remuxer: Fmp4Remuxer) -> None:
         queued = trio.Event()

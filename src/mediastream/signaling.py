@@ -39,7 +39,7 @@ from .auth import Authenticator, AuthError, Grant
 from .changes import ChangeSignal
 from .config import Config, LimitsConfig, WebRTCConfig
 from .errors import ErrorCode, SignalingError
-from .fallback import FallbackSession
+from .fallback import FallbackSession, Remuxers
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
@@ -155,6 +155,8 @@ class ConnectionContext:
     #: notified when the socket's sessions change
     changes: ChangeSignal
     metrics: Metrics | None
+    #: each stream's fMP4 remuxer for the sockets' fallback viewers
+    remuxers: Remuxers
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,8 @@ class SignalingHub:
         self.config = config
         self.changes = changes or ChangeSignal()
         self.authenticator = authenticator or Authenticator(config.security)
+        #: each stream's fMP4 remuxer, shared by its fallback viewers on every socket
+        self.remuxers = Remuxers()
         self._context = ConnectionContext(
             limits=config.limits,
             webrtc=config.webrtc,
@@ -189,6 +193,7 @@ class SignalingHub:
             authenticator=self.authenticator,
             changes=self.changes,
             metrics=metrics,
+            remuxers=self.remuxers,
         )
         self._connections: set[SignalingConnection] = set()
         self._per_client: dict[str, int] = {}
@@ -441,6 +446,7 @@ class SignalingConnection:
                 post=self.post,
                 post_error=self.post_error,
                 client=self.label,
+                remuxers=self._context.remuxers,
             )
         )
 

@@ -13,7 +13,7 @@ import av
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from mediastream.fallback import BinaryKind, FallbackSession, parse_binary, remuxer_of
+from mediastream.fallback import BinaryKind, FallbackSession, parse_binary
 from mediastream.server import RunningServer
 
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
@@ -126,7 +126,9 @@ async def test_each_frame_is_remuxed_once_for_every_fallback_viewer(
         # each fragment once, so no more than the busier viewer was sent (plus one fragment in
         # flight per viewer, built but not yet counted as sent).
         assert len(sent) == 2 and min(sent) >= 30
-        assert remuxer_of(stream).fragments_built <= max(sent) + len(sent)
+        remuxer = server.services.hub.remuxers.get(stream)
+        assert remuxer is not None
+        assert remuxer.fragments_built <= max(sent) + len(sent)
         nursery.cancel_scope.cancel()
 
 

@@ -37,7 +37,7 @@ from .media.fanout import Subscriber, SubscriberStatistics
 from .media.fmp4 import Fmp4Error, Fmp4Remuxer, InitSegment
 from .protocol import IceCandidate
 from .registry import Stream
-from .session import SessionPhase
+from .session import SessionPhase, serve_reporting_failure
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +166,11 @@ class FallbackSession:
         """Serve the session until it ends; never raises except Cancelled."""
         log.info("%s: session started", self._label)
         try:
-            with self._cancel_scope:
-                await self._serve()
-        except SignalingError as exc:
-            self._end_reason = f"{exc.code}: {exc.message}"
-            self._post_error(exc.code, exc.message)
-        except Exception as exc:
-            log.exception("%s: session failed", self._label)
-            self._end_reason = f"internal error: {type(exc).__name__}"
-            self._post_error(
-                ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's fallback"
+            failure = await serve_reporting_failure(
+                self._serve, self._cancel_scope, self._post_error, self._label, "fallback"
             )
+            if failure is not None:
+                self._end_reason = failure
         finally:
             log.info(
                 "%s: session ended (%s) after %d fragments",

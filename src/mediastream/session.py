@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -137,17 +137,11 @@ class StreamSession:
         """Serve the session until it ends, however it ends; never raises except Cancelled."""
         log.info("%s: session started", self._label)
         try:
-            with self._cancel_scope:
-                await self._serve()
-        except SignalingError as exc:
-            self._end_reason = f"{exc.code}: {exc.message}"
-            self._post_error(exc.code, exc.message)
-        except Exception as exc:
-            log.exception("%s: session failed", self._label)
-            self._end_reason = f"internal error: {type(exc).__name__}"
-            self._post_error(
-                ErrorCode.INTERNAL_ERROR, "Internal server error in this stream's session"
+            failure = await serve_reporting_failure(
+                self._serve, self._cancel_scope, self._post_error, self._label, "session"
             )
+            if failure is not None:
+                self._end_reason = failure
         finally:
             self.phase = SessionPhase.ENDED
             self._candidates_in.close()
@@ -253,3 +247,31 @@ class StreamSession:
 
     def _post_error(self, code: ErrorCode, message: str) -> None:
         self._post_error_to(code, message, self.stream.id, self.session_id)
+
+
+async def serve_reporting_failure(
+    serve: Callable[[], Awaitable[None]],
+    cancel_scope: trio.CancelScope,
+    post_error: Callable[[ErrorCode, str], None],
+    label: str,
+    what: str,
+) -> str | None:
+    """Run one session's ``serve`` in its ``cancel_scope``; a failure ends that session only.
+
+    A :class:`SignalingError` is told to the client as it is; anything else is a bug, logged
+    with its traceback and told as ``internal_error``. Only ``Cancelled`` propagates.
+
+    Returns:
+        Why the session failed (for its log line), or None when it ended without failing.
+    """
+    try:
+        with cancel_scope:
+            await serve()
+    except SignalingError as exc:
+        post_error(exc.code, exc.message)
+        return f"{exc.code}: {exc.message}"
+    except Exception as exc:
+        log.exception("%s: session failed", label)
+        post_error(ErrorCode.INTERNAL_ERROR, f"Internal server error in this stream's {what}")
+        return f"internal error: {type(exc).__name__}"
+    return None

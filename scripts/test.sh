@@ -29,11 +29,13 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommen
 # Node.js for the JavaScript unit tests: Debian's if none is installed yet (any 18+ works).
 command -v node >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nodejs
 
-.venv/bin/python -m pytest "$@"
-# TypeScript checks the browser scripts (a dev tool only, pinned by package-lock.json; the pages
-# load web/static/js as written). npm is Debian's if there is none yet.
+# npm packages (pinned by package-lock.json): TypeScript, which checks the browser scripts (a dev
+# tool only: the pages load web/static/js as written), and the WHEP player library the browser
+# tests serve to Chromium, so before pytest. npm is Debian's if there is none yet.
 command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q npm
 npm ci --no-audit --no-fund
+
+.venv/bin/python -m pytest "$@"
 npx tsc --noEmit -p .
 node --test tests/js/
 .venv/bin/ruff check src tests benchmarks

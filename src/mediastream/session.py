@@ -122,16 +122,7 @@ class StreamSession:
         Raises:
             SignalingError: ``too_many_candidates`` when the queue is full.
         """
-        try:
-            self._candidates_in.send_nowait(candidate)
-        except trio.WouldBlock:
-            raise SignalingError(
-                ErrorCode.TOO_MANY_CANDIDATES,
-                "Too many ICE candidates queued for this stream",
-                stream_id=self.stream.id,
-            ) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the session is ending; the candidate has nowhere to go
+        queue_candidate(self._candidates_in, candidate, self.stream.id)
 
     async def run(self) -> None:
         """Serve the session until it ends, however it ends; never raises except Cancelled."""
@@ -275,3 +266,23 @@ async def serve_reporting_failure(
         post_error(ErrorCode.INTERNAL_ERROR, f"Internal server error in this stream's {what}")
         return f"internal error: {type(exc).__name__}"
     return None
+
+
+def queue_candidate(
+    queue: trio.MemorySendChannel[IceCandidate], candidate: IceCandidate, stream_id: str
+) -> None:
+    """Queue a trickled candidate on a session's bounded candidate queue.
+
+    Raises:
+        SignalingError: ``too_many_candidates`` when the queue is full.
+    """
+    try:
+        queue.send_nowait(candidate)
+    except trio.WouldBlock:
+        raise SignalingError(
+            ErrorCode.TOO_MANY_CANDIDATES,
+            "Too many ICE candidates queued for this stream",
+            stream_id=stream_id,
+        ) from None
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass  # the session is ending; the candidate has nowhere to go

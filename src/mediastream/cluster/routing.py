@@ -50,7 +50,7 @@ from ..config import Config
 from ..errors import ErrorCode, SignalingError
 from ..protocol import IceCandidate, Offer
 from ..registry import Stream, StreamRegistry
-from ..session import SessionPhase, StreamSession
+from ..session import SessionPhase, StreamSession, queue_candidate
 from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus
@@ -547,16 +547,7 @@ class RoutedSession:
         if self._inner is not None:
             self._inner.add_candidate(candidate)
             return
-        try:
-            self._candidates_in.send_nowait(candidate)
-        except trio.WouldBlock:
-            raise SignalingError(
-                ErrorCode.TOO_MANY_CANDIDATES,
-                "Too many ICE candidates queued for this stream",
-                stream_id=self.stream.id,
-            ) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        queue_candidate(self._candidates_in, candidate, self.stream.id)
 
     async def run(self) -> None:
         label = f"{self.socket.label} {self.stream.id}"

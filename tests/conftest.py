@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mediastream.config import Config
 from mediastream.server import RunningServer, serve
 
+from support.redis import RedisServer, running_redis
 from support.servers import (
     DEMO_STREAMS,
     Camera,
@@ -24,6 +26,9 @@ from support.servers import (
     stop_camera,
     write_h264_file,
 )
+
+if TYPE_CHECKING:
+    from mediastream.cluster.redis_client import Redis
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,3 +73,20 @@ async def start_server(nursery: trio.Nursery, aio_loop: None) -> AsyncIterator[S
     yield start
     for server in started:
         server.request_shutdown()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped by PID afterwards."""
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A coredis client of :func:`redis_server` (imported here only: a single process never
+    imports a Redis client, and most tests don't need one)."""
+    from mediastream.cluster.redis_client import open_redis
+
+    async with open_redis(redis_server.url) as opened:
+        yield opened

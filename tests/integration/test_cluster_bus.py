@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import pytest
 import trio
 
@@ -11,21 +9,9 @@ from mediastream.cluster.bus import Bus
 from mediastream.cluster.envelope import Envelope
 from mediastream.cluster.errors import OwnerGone, RedisUnavailable, RequestTimeout
 from mediastream.cluster.redis_bus import inbox_channel, open_redis_bus
-from mediastream.cluster.redis_client import Redis, open_redis
+from mediastream.cluster.redis_client import Redis
 
-from support.redis import RedisServer, running_redis
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    async with open_redis(redis_server.url) as opened:
-        yield opened
+from support.redis import RedisServer
 
 
 async def answer(bus: Bus, handled: list[Envelope]) -> None:

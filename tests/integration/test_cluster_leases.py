@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from mediastream.cluster.leases import (
 )
 from mediastream.cluster.redis_client import Redis, open_redis
 
-from support.redis import RedisServer, running_redis
+from support.redis import RedisServer
 from support.tcp_proxy import TcpProxy
 
 # A wide margin: the old owner must stop before Redis frees the lease even on a busy machine.
@@ -41,18 +40,6 @@ TTL, RENEW, MARGIN = 2.0, 0.3, 1.0  # seconds
 hold = functools.partial(hold_stream_lease, ttl=TTL, renew_interval=RENEW, safety_margin=MARGIN)
 SRC = Path(__file__).parents[2] / "src"
 HOLDER = Path(__file__).parents[1] / "support" / "lease_holder.py"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    async with open_redis(redis_server.url) as opened:
-        yield opened
 
 
 async def claim_when_free(

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
 from support.http import get
-from support.redis import RedisServer, running_redis
+from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import SignalingFailed, open_viewer
 
@@ -60,12 +59,6 @@ def streams_placed_on(node_id: str, count: int) -> list[str]:
 
 ON_A = streams_placed_on("node-a", 2)
 ON_B = streams_placed_on("node-b", 2)
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with running_redis() as server:
-        yield server
 
 
 async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:

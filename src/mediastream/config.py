@@ -111,6 +111,10 @@ class MediaConfig:
     #: first retry delay after a source fails; doubles up to ``retry_max_delay``.
     retry_initial_delay: float = 1 * SECONDS
     retry_max_delay: float = 30 * SECONDS
+    #: the least wait before retrying a camera that refused its credentials or access
+    #: (401/403): cameras lock an account after a few failed logins, and a wrong password
+    #: does not fix itself; an edit of the stream through the API retries at once.
+    access_denied_retry_delay: float = 300 * SECONDS
     #: frames a viewer may fall behind before it skips ahead to the next keyframe.
     viewer_queue_frames: int = 300
     #: frames of the current GOP kept for late joiners; a longer GOP is not cached.
@@ -400,6 +404,7 @@ def _check_ranges(config: Config) -> None:
         "media.read_timeout": config.media.read_timeout,
         "media.retry_initial_delay": config.media.retry_initial_delay,
         "media.retry_max_delay": config.media.retry_max_delay,
+        "media.access_denied_retry_delay": config.media.access_denied_retry_delay,
         "media.viewer_queue_frames": config.media.viewer_queue_frames,
         "media.gop_cache_frames": config.media.gop_cache_frames,
         "media.catchup_rate_kbps": config.media.catchup_rate_kbps,

@@ -5,6 +5,7 @@
     ├── SignalingError       one client message can't be honoured; becomes an ``error`` message
     │                        for that stream (``code`` is machine-readable) and the socket lives on
     └── SourceError          a camera, file or pattern can't be opened or read
+        └── SourceAccessDenied   the camera refused the credentials or access (401/403)
 
 Anything else that escapes is a bug: the socket that hit it logs it and answers
 ``internal_error`` for the stream concerned, and still keeps its other streams.
@@ -80,3 +81,7 @@ class SignalingError(MediaStreamError):
 
 class SourceError(MediaStreamError):
     """A media source could not be opened or read. The text never contains credentials."""
+
+
+class SourceAccessDenied(SourceError):
+    """The camera answered 401 or 403: retrying at the usual pace would only lock the account."""

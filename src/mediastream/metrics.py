@@ -116,7 +116,7 @@ class _LevelsCollector(Collector):
         )
         yield GaugeMetricFamily(
             "mediastream_sessions_open",
-            "Stream sessions open (all sockets).",
+            "Stream sessions open (all sockets and WHEP).",
             value=server.open_sessions,
         )
         yield GaugeMetricFamily(

@@ -243,7 +243,10 @@ async def test_wrong_credentials_are_a_stream_error_retried_with_backoff_never_s
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     source = digest_camera.url("/h264", credentials=f"{USER}:{WRONG_PASSWORD}")
-    config = make_config([{"id": "cam", "source": source, "on_demand": False}], media=FAST_RETRY)
+    # A refused login waits at least access_denied_retry_delay (300 s by default: cameras lock
+    # accounts), here 0.6 s, above the first two delays of the ordinary backoff.
+    media = FAST_RETRY | {"access_denied_retry_delay": 0.6}
+    config = make_config([{"id": "cam", "source": source, "on_demand": False}], media=media)
     seen: list[str] = []
     with caplog.at_level(logging.DEBUG):
         server = await start_server(config)
@@ -262,10 +265,10 @@ async def test_wrong_credentials_are_a_stream_error_retried_with_backoff_never_s
     )
 
     # Spaced by the backoff, not a hot loop: each retry waited at least the delay it announced
-    # (which doubles from 0.2 s up to the 1 s cap).
+    # (which doubles from 0.2 s up to the 1 s cap, and is never under the 0.6 s floor).
     records = retry_log.records[:5]
     delays = [float(re.findall(r"retrying in ([0-9.]+) s", r.getMessage())[-1]) for r in records]
-    assert all(d >= least for d, least in zip(delays, [0.2, 0.4, 0.8, 1.0, 1.0], strict=True)), (
+    assert all(d >= least for d, least in zip(delays, [0.6, 0.6, 0.8, 1.0, 1.0], strict=True)), (
         delays
     )
     for earlier, later, delay in zip(records, records[1:], delays, strict=False):

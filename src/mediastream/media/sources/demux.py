@@ -12,7 +12,7 @@ import av
 import av.container
 
 from ...config import MediaConfig, SourceSpec, StreamConfig
-from ...errors import SourceError
+from ...errors import SourceAccessDenied, SourceError
 from ...redact import redact_text
 from ..source_contract import describe_source
 from .audio import make_audio_converter
@@ -50,7 +50,9 @@ def read_source(
             container = _open(config, media)
     except av.FFmpegError as exc:
         reason = ffmpeg_reason(exc, f"no answer within {media.open_timeout:g} s", spec)
-        raise SourceError(f"cannot open {describe_source(spec)}: {reason}") from None
+        denied = isinstance(exc, av.error.HTTPUnauthorizedError | av.error.HTTPForbiddenError)
+        error = SourceAccessDenied if spec.kind == "rtsp" and denied else SourceError
+        raise error(f"cannot open {describe_source(spec)}: {reason}") from None
     try:
         if not container.streams.video:
             raise SourceError(f"{describe_source(spec)} has no video track")

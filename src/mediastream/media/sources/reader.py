@@ -15,7 +15,7 @@ from typing import Final
 
 import trio
 
-from ...errors import SourceError
+from ...errors import SourceAccessDenied, SourceError
 from ..frames import EncodedFrame
 from ..source_contract import SourceInfo
 
@@ -36,6 +36,7 @@ class ReaderFailed:
 
     reason: str
     needs_transcoding: bool = False
+    access_denied: bool = False  # the camera refused the credentials or access (401/403)
 
 
 #: What the reader thread hands over: what it found, then frames, and a failure last.
@@ -170,7 +171,8 @@ async def run_reader_thread(
                 deliver(ReaderFailed(str(exc), needs_transcoding=True))
         except SourceError as exc:
             with contextlib.suppress(*_HANDOVER_STOPPED):
-                deliver(ReaderFailed(str(exc)))
+                denied = isinstance(exc, SourceAccessDenied)
+                deliver(ReaderFailed(str(exc), access_denied=denied))
         except _HANDOVER_STOPPED:
             pass  # the attempt was stopped while a frame was being handed over
         finally:

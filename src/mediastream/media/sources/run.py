@@ -57,7 +57,7 @@ async def run_source(
         while True:
             for timeline in timelines.values():
                 timeline.new_attempt()
-            went_live = False
+            went_live = access_denied = False
             started = trio.current_time()
             try:
                 went_live = await _run_attempt(config, media, sink, timelines, label, transcode)
@@ -70,7 +70,7 @@ async def run_source(
                 transcode = True
                 continue
             except _AttemptFailed as exc:
-                went_live, reason = exc.went_live, exc.reason
+                went_live, reason, access_denied = exc.went_live, exc.reason, exc.access_denied
             except Exception as exc:
                 # A bug, not a camera problem: log it loudly, and keep this stream (and the
                 # server) alive by treating it as a failed attempt.
@@ -82,6 +82,8 @@ async def run_source(
             healthy = went_live and trio.current_time() - started >= media.retry_max_delay
             failures = 1 if healthy else failures + 1
             delay = backoff_delay(failures, media.retry_initial_delay, media.retry_max_delay)
+            if access_denied:
+                delay = max(delay, media.access_denied_retry_delay)
             state = SourceState.RECONNECTING if ever_live and failures <= 3 else SourceState.OFFLINE
             log.warning("%s: %s; retrying in %.1f s", label, reason, delay)
             sink.source_state(state, f"{reason}; retrying in {delay:.0f} s")
@@ -92,9 +94,10 @@ async def run_source(
 
 
 class _AttemptFailed(Exception):
-    def __init__(self, reason: str, went_live: bool) -> None:
+    def __init__(self, reason: str, went_live: bool, *, access_denied: bool = False) -> None:
         self.reason = reason
         self.went_live = went_live
+        self.access_denied = access_denied
 
 
 def backoff_delay(failures: int, initial: float, maximum: float) -> float:
@@ -179,7 +182,7 @@ async def _run_attempt(
     if failure is not None and failure.needs_transcoding:
         raise NeedsTranscoding(failure.reason)
     if failure is not None:
-        raise _AttemptFailed(failure.reason, went_live)
+        raise _AttemptFailed(failure.reason, went_live, access_denied=failure.access_denied)
     return went_live
 
 

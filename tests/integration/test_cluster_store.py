@@ -19,7 +19,12 @@ from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import choose_owner
 from mediastream.cluster.redis_client import Redis
 from mediastream.cluster.routing import ClusterNode
-from mediastream.cluster.stream_store import STREAMS_KEY, LocalCopy, SharedStreamStore
+from mediastream.cluster.stream_store import (
+    CHANGES_CHANNEL,
+    STREAMS_KEY,
+    LocalCopy,
+    SharedStreamStore,
+)
 from mediastream.server import RunningServer
 from mediastream.store import StreamChanged
 
@@ -289,11 +294,16 @@ async def test_bad_input_is_refused_clearly_and_reaches_no_node(
     not_object = await call(b, "POST", "/api/streams", [1, 2])
     assert not_object.status == 400 and not_object.json()["code"] == "invalid_config"
     assert (await call(b, "PATCH", "/api/streams/nothing", {"name": "x"})).status == 404
+    # Junk on the channel and in the hash (another program, a bug): ignored by every node.
+    await client.publish(CHANGES_CHANNEL, "not a record")
+    await client.hset(STREAMS_KEY, {"junk": '{"version": "high"}'})
     exists = await call(a, "POST", "/api/streams", {"id": "x", "source": PATTERN})
     assert exists.status == 201
+    await wait_until(b, lambda: b.services.registry.get("x") is not None)
+    assert b.services.registry.get("junk") is None
     twice = await call(a, "POST", "/api/streams", {"id": "x", "source": PATTERN})
     assert (twice.status, twice.json()["code"]) == (409, "stream_exists")
-    assert list(await client.hkeys(STREAMS_KEY)) == ["x"]
+    assert sorted(await client.hkeys(STREAMS_KEY)) == ["junk", "x"]
 
 
 async def test_metrics_show_each_nodes_cluster_series(

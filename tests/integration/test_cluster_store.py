@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import choose_owner
@@ -183,14 +184,24 @@ async def test_two_nodes_changing_one_stream_at_once_one_wins_the_other_gets_409
     )
     store_a, store_b = store_of(a), store_of(b)
     version = store_b.version("gate")
-    # B's view is held still (its store's lock, as its own API would hold it) while A's change
-    # is written: B's change then reaches Redis with the version both had, A's already there.
-    async with store_b.lock:
-        async with store_a.lock:
-            await store_a.save("gate", {"id": "gate", "source": PATTERN, "name": "From A"})
-        with pytest.raises(StreamChanged) as refused:
-            await store_b.save("gate", {"id": "gate", "source": PATTERN, "name": "From B"})
-    assert 'changed on node "node-a"' in str(refused.value)
+    answers: dict[str, HttpResponse] = {}
+
+    async def patch(node: RunningServer, name: str, answers: dict[str, HttpResponse]) -> None:
+        answers[name] = await call(node, "PATCH", "/api/streams/gate", {"name": name})
+
+    # B's PATCH waits for B's store (the test holds its lock, as another change of B's would);
+    # meanwhile A's PATCH is written. B's then reaches Redis with the version both nodes had,
+    # before B has applied A's change (that waits behind B's PATCH: the lock is fair).
+    async with trio.open_nursery() as nursery, store_b.lock:
+        nursery.start_soon(patch, b, "From B", answers)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert store_b.lock.statistics().tasks_waiting == 1  # B's PATCH, queued first
+        await patch(a, "From A", answers)
+        assert answers["From A"].status == 200, answers["From A"].body
+    refused = answers["From B"]
+    assert refused.status == 409, refused.body
+    assert refused.json()["code"] == "stream_changed"
+    assert 'changed on node "node-a"' in refused.json()["error"]
     assert store_b.statistics().conflicts == 1
     # B took A's version on the spot: both nodes show A's change, and B's retry works.
     gate_b = b.services.registry.get("gate")
@@ -200,14 +211,17 @@ async def test_two_nodes_changing_one_stream_at_once_one_wins_the_other_gets_409
     assert retried.status == 200, retried.body
     await wait_until(a, lambda: a.services.registry.get("gate").config.name == "From B")  # type: ignore[union-attr]
 
+    # The same, one store call against the other: the loser raises StreamChanged.
+    async with store_b.lock:
+        async with store_a.lock:
+            await store_a.save("gate", {"id": "gate", "source": PATTERN, "name": "A again"})
+        with pytest.raises(StreamChanged):
+            await store_b.save("gate", {"id": "gate", "source": PATTERN, "name": "B again"})
+
     # Through the API, at once, on both nodes: each answer is a success or a clear 409, and
     # both nodes end with the same definition and version.
     for round_ in range(3):
-        answers: dict[str, HttpResponse] = {}
-
-        async def patch(node: RunningServer, name: str, answers: dict[str, HttpResponse]) -> None:
-            answers[name] = await call(node, "PATCH", "/api/streams/gate", {"name": name})
-
+        answers = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(patch, a, f"A{round_}", answers)
             nursery.start_soon(patch, b, f"B{round_}", answers)

@@ -27,7 +27,7 @@ from mediastream.cluster.stream_store import (
     SharedStreamStore,
 )
 from mediastream.server import RunningServer
-from mediastream.store import StreamChanged
+from mediastream.store import StreamChanged, StreamStore
 
 from support.http import HttpResponse, get, request, scrape
 from support.redis import RedisServer
@@ -367,3 +367,28 @@ async def test_a_single_process_has_no_cluster_view(start_server: StartServer) -
     assert listed and all(s["owner"] is None for s in listed)
     samples = await scrape(server.url)
     assert not any(name.startswith("mediastream_cluster_") for name, _ in samples)
+
+
+async def test_a_stream_added_before_the_node_joined_the_cluster_is_shared_once_changed(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Node A ran alone first: its API added "attic" to its own streams.sqlite3.
+    data_dir = tmp_path / "node-a"
+    StreamStore(data_dir).save("attic", {"id": "attic", "source": PATTERN})
+    a = await start_server(
+        make_config(
+            [],
+            server={"data_dir": str(data_dir)},
+            cluster={"redis_url": redis_server.url, "node_id": "node-a"},
+        )
+    )
+    b = await start_server(
+        make_config([], cluster={"redis_url": redis_server.url, "node_id": "node-b"})
+    )
+    assert a.services.registry.get("attic") is not None
+    assert b.services.registry.get("attic") is None  # not shared by joining alone
+    # Stopped through A: the change carries the definition, so B gets the stream, stopped.
+    assert (await call(a, "POST", "/api/streams/attic/stop")).status == 200
+    await wait_until(b, lambda: b.services.registry.get("attic") is not None)
+    attic = b.services.registry.get("attic")
+    assert attic is not None and not attic.enabled and attic.origin == "api"

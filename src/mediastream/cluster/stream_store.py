@@ -298,6 +298,11 @@ class SharedStreamStore:
     async def set_enabled(self, stream_id: str, enabled: bool) -> None:
         known = self._records.get(stream_id)
         definition = None if known is None or known.deleted else known.definition
+        stream = self.registry.get(stream_id) if self.registry is not None else None
+        if definition is None and stream is not None and stream.origin == "api":
+            # Added through this node's API before it joined the cluster (``streams.sqlite3``):
+            # shared with its definition, so the other nodes get the stream, not just a flag.
+            definition = stream_to_dict(stream.config)
         await self._write(stream_id, definition, deleted=False, enabled=enabled)
 
     async def _write(

@@ -35,6 +35,7 @@ from .media.source_contract import SourceState
 
 if TYPE_CHECKING:
     from .cluster.routing import RoutingStatistics
+    from .cluster.stream_store import StoreStatistics
     from .registry import StreamStatistics
     from .statistics import ServerStatistics
 
@@ -124,9 +125,12 @@ class Metrics:
         else:
             self._redis_seconds.observe(seconds)
 
-    def watch_cluster(self, routing: Callable[[], RoutingStatistics]) -> None:
-        """Add this cluster node's series, read from ``routing()`` at each scrape."""
-        self.registry.register(_ClusterCollector(routing, self._streams))
+    def watch_cluster(
+        self, routing: Callable[[], RoutingStatistics], store: Callable[[], StoreStatistics]
+    ) -> None:
+        """Add this cluster node's series, read from ``routing()`` and ``store()`` (the shared
+        stream store) at each scrape."""
+        self.registry.register(_ClusterCollector(routing, store, self._streams))
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -243,9 +247,11 @@ class _ClusterCollector(Collector):
     def __init__(
         self,
         routing: Callable[[], RoutingStatistics],
+        store: Callable[[], StoreStatistics],
         streams: Callable[[], list[StreamStatistics]],
     ) -> None:
         self._routing = routing
+        self._store = store
         self._streams = streams
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -329,3 +335,19 @@ class _ClusterCollector(Collector):
         ):
             dropped.add_metric([reason], count)
         yield dropped
+        store = self._store()
+        changes = CounterMetricFamily(
+            "mediastream_cluster_store_changes",
+            "Stream changes in the shared store seen by this node: written (through its API), "
+            "conflicts (refused with 409: another node had changed the stream), applied (made "
+            "by other nodes), written_back (records Redis had lost, written back by this node).",
+            labels=["result"],
+        )
+        for result, count in (
+            ("written", store.written),
+            ("conflicts", store.conflicts),
+            ("applied", store.applied),
+            ("written_back", store.written_back),
+        ):
+            changes.add_metric([result], count)
+        yield changes

@@ -135,7 +135,7 @@ async def serve(
                     on_command=metrics.observe_redis_command,
                 )
                 stream_changes = shared
-                metrics.watch_cluster(cluster.statistics)
+                metrics.watch_cluster(cluster.statistics, shared.statistics)
             registry = StreamRegistry(config, changes, gate=cluster)
             registry.apply_stored(await trio.to_thread.run_sync(store.load))
             if cluster is not None and shared is not None:

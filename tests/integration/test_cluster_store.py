@@ -203,6 +203,8 @@ async def test_two_nodes_changing_one_stream_at_once_one_wins_the_other_gets_409
     assert refused.json()["code"] == "stream_changed"
     assert 'changed on node "node-a"' in refused.json()["error"]
     assert store_b.statistics().conflicts == 1
+    conflicts = ("mediastream_cluster_store_changes_total", (("result", "conflicts"),))
+    assert (await scrape(b.url))[conflicts] == 1
     # B took A's version on the spot: both nodes show A's change, and B's retry works.
     gate_b = b.services.registry.get("gate")
     assert gate_b is not None and gate_b.config.name == "From A"
@@ -357,6 +359,8 @@ async def test_metrics_show_each_nodes_cluster_series(
         assert samples[("mediastream_cluster_redis_command_seconds_count", ())] > 0
         assert samples[("mediastream_cluster_redis_command_seconds_bucket", (("le", "2.0"),))] > 0
         assert samples[("mediastream_cluster_redis_failures_total", ())] == 0
+        written = ("mediastream_cluster_store_changes_total", (("result", "written"),))
+        assert samples[written] == 0  # no change through the API in this test
 
 
 async def test_a_single_process_has_no_cluster_view(start_server: StartServer) -> None:

@@ -8,6 +8,8 @@
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         ├── WhepHub.run                    WHEP sessions (see ``whep.py``)
+        ├── SharedStreamStore.run          only with ``[cluster] redis_url``: other nodes'
+        │                                  stream changes (``cluster/stream_store.py``)
         ├── ClusterNode.run                only with ``[cluster] redis_url``: node record,
         │                                  inbox, leases, remote sockets (``cluster/routing.py``)
         └── (waits for a shutdown request)
@@ -27,7 +29,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import hypercorn.config
 import hypercorn.trio
@@ -44,10 +46,13 @@ from .errors import ConfigError
 from .metrics import Metrics
 from .registry import StreamRegistry
 from .signaling import LocalRouter, SignalingHub
-from .store import StreamStore
+from .store import LocalStreamChanges, StreamChanges, StreamStore
 from .webrtc import aiortc_compat
 from .webrtc.bridge import PeerConnectionFactory
 from .whep import WhepHub
+
+if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
+    from .cluster.stream_store import SharedStreamStore
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +119,29 @@ async def serve(
             )
             local = LocalRouter(peers, config.webrtc, config.limits, metrics)
             cluster = None
+            shared: SharedStreamStore | None = None
+            stream_changes: StreamChanges = LocalStreamChanges(store)
             if config.cluster.redis_url:
                 # Imported only here: a single process never imports a Redis client.
                 from .cluster.routing import ClusterNode
+                from .cluster.stream_store import LocalCopy, SharedStreamStore
 
-                cluster = ClusterNode(config, local)
+                cluster = ClusterNode(config, local, on_redis_command=metrics.observe_redis_command)
+                copy = await trio.to_thread.run_sync(LocalCopy, Path(config.server.data_dir))
+                shared = SharedStreamStore(
+                    config.cluster.redis_url,
+                    config.cluster.node_id,
+                    copy,
+                    on_command=metrics.observe_redis_command,
+                )
+                stream_changes = shared
+                metrics.watch_cluster(cluster.statistics, shared.statistics)
             registry = StreamRegistry(config, changes, gate=cluster)
             registry.apply_stored(await trio.to_thread.run_sync(store.load))
-            if cluster is not None:
-                cluster.registry = registry
+            if cluster is not None and shared is not None:
+                # The cluster's store over the file's (and the single process's changes).
+                registry.apply_stored(await shared.load())
+                cluster.registry = shared.registry = registry
             hub = SignalingHub(config, registry, peers, changes, metrics=metrics, router=cluster)
             whep = WhepHub(
                 limits=config.limits,
@@ -134,7 +153,7 @@ async def serve(
                 metrics=metrics,
             )
             services = Services(
-                store=store,
+                stream_changes=stream_changes,
                 registry=registry,
                 peers=peers,
                 hub=hub,
@@ -161,8 +180,14 @@ async def serve(
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
-                    if cluster is not None:
-                        await lifetime.start(cluster.run, _bound_port(urls[0]))
+                    if cluster is not None and shared is not None:
+                        from .cluster import node_identity
+
+                        port = _bound_port(urls[0])
+                        shared.node_id = node_identity(config.cluster, port)[0]
+                        # In step with the cluster's streams before the server says it is up.
+                        await lifetime.start(shared.run)
+                        await lifetime.start(cluster.run, port)
                     running = RunningServer(urls=urls, services=services, _stopped=stopped)
                     log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
                     if not hub.authenticator.enabled:

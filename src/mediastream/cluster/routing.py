@@ -33,7 +33,9 @@ Messages between nodes (envelope ``kind``):
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -53,13 +55,14 @@ from ..registry import Stream, StreamRegistry
 from ..session import SessionPhase, StreamSession, queue_candidate
 from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
-from .bus import Bus
+from .bus import Bus, BusStatistics
 from .envelope import Envelope
 from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
 from .leases import (
     NODE_RENEW_INTERVAL,
     LeaseState,
     NodeRecord,
+    Owner,
     StreamLease,
     current_owner,
     hold_stream_lease,
@@ -69,7 +72,7 @@ from .leases import (
 )
 from .placement import choose_owner
 from .redis_bus import open_redis_bus
-from .redis_client import Redis, open_redis
+from .redis_client import CommandObserver, Redis, open_redis, redis_call
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +103,24 @@ class RoutingStatistics:
     owned_streams: tuple[str, ...]
     relayed_sessions: int
     remote_sockets: int
+    #: bus messages this node sent (relayed out), by kind; replies are the bus's own
+    messages_out: tuple[tuple[str, int], ...] = ()
+    #: bus messages this node's inbox handed on (relayed in), by kind
+    messages_in: tuple[tuple[str, int], ...] = ()
+    #: sends and requests that failed (owner gone, timed out, Redis), by kind
+    message_errors: tuple[tuple[str, int], ...] = ()
+    #: the bus's counters since the node started (summed over its reconnections)
+    bus: BusStatistics | None = None
 
 
 class ClusterNode:
     """Routing and ownership for one node (a :class:`Router` and an :class:`IngestGate`)."""
 
-    def __init__(self, config: Config, local: LocalRouter) -> None:
+    def __init__(
+        self, config: Config, local: LocalRouter, *, on_redis_command: CommandObserver | None = None
+    ) -> None:
         self._config = config
+        self._on_redis_command = on_redis_command
         #: set by the server once built (the registry is built with this node as its gate)
         self.registry: StreamRegistry | None = None
         self._local = local
@@ -132,6 +146,11 @@ class ClusterNode:
              "redis_commands", "stale_dropped"),
             0,
         )  # fmt: skip
+        self._messages_out: collections.Counter[str] = collections.Counter()
+        self._messages_in: collections.Counter[str] = collections.Counter()
+        self._message_errors: collections.Counter[str] = collections.Counter()
+        #: the counters of the buses closed so far (one per inbox subscription)
+        self._closed_buses: BusStatistics | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -147,7 +166,9 @@ class ClusterNode:
         """
         self.node_id, public_url = node_identity(self._config.cluster, port)
         try:
-            async with open_redis(self._config.cluster.redis_url) as redis:
+            async with open_redis(
+                self._config.cluster.redis_url, on_command=self._on_redis_command
+            ) as redis:
                 with self._stop_scope:
                     async with trio.open_nursery() as nursery:
                         self._redis = redis
@@ -189,6 +210,8 @@ class ClusterNode:
             except RedisUnavailable as exc:
                 log.warning("%s; trying again in 1 s", exc)
             finally:
+                if self._bus is not None:
+                    self._closed_buses = _sum_bus(self._closed_buses, self._bus.statistics())
                 self._bus = None
                 self._bus_ready = trio.Event()
             await trio.sleep(1.0)
@@ -349,14 +372,67 @@ class ClusterNode:
         return self.node_id, lease.epoch
 
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
-        bus = await self._wait_bus()
-        self._counts["redis_commands"] += 1
-        await bus.send(node_id, kind, **fields)
+        try:
+            bus = await self._wait_bus()
+            self._counts["redis_commands"] += 1
+            self._messages_out[kind] += 1
+            await bus.send(node_id, kind, **fields)
+        except ClusterError:
+            self._message_errors[kind] += 1
+            raise
 
     async def request(self, node_id: str, kind: str, **fields: Any) -> Envelope:
-        bus = await self._wait_bus()
-        self._counts["redis_commands"] += 1
-        return await bus.request(node_id, kind, **fields)
+        try:
+            bus = await self._wait_bus()
+            self._counts["redis_commands"] += 1
+            self._messages_out[kind] += 1
+            return await bus.request(node_id, kind, **fields)
+        except ClusterError:
+            self._message_errors[kind] += 1
+            raise
+
+    # --- the cluster view (the API) ---------------------------------------------------------
+
+    async def owners(self, stream_ids: list[str]) -> dict[str, Owner | None]:
+        """Which node owns each stream (None: nobody), in one ``MGET``.
+
+        The streams this node holds are known without Redis; with Redis unreachable, they
+        are all that is known (the others are None) rather than an error: listing streams
+        does not depend on Redis.
+        """
+        owners: dict[str, Owner | None] = {
+            stream_id: Owner(self.node_id, self._owned[stream_id].epoch)
+            if self.owns(stream_id)
+            else None
+            for stream_id in stream_ids
+        }
+        unknown = [stream_id for stream_id, owner in owners.items() if owner is None]
+        redis = self._redis
+        if redis is None or not unknown:
+            return owners
+        try:
+            values = await redis_call(
+                redis, "read the owners of streams", redis.mget([owner_key(s) for s in unknown])
+            )
+        except RedisUnavailable as exc:
+            log.info("%s; only this node's own streams are known", exc)
+            return owners
+        for stream_id, value in zip(unknown, values, strict=True):
+            if value is not None:
+                with contextlib.suppress(ClusterError):
+                    owners[stream_id] = Owner.parse(value)
+        return owners
+
+    async def nodes(self) -> list[NodeRecord]:
+        """The live nodes of the cluster, sorted by id.
+
+        Raises:
+            RedisUnavailable
+        """
+        redis = self._redis
+        if redis is None:
+            raise RedisUnavailable(f'node "{self.node_id}" is not connected to Redis')
+        return await live_nodes(redis)
 
     def _relaying(self, session: RoutedSession, on: bool) -> None:
         key = (session.socket.socket_id, session.stream.id)
@@ -370,6 +446,7 @@ class ClusterNode:
 
     def _dispatch(self, envelope: Envelope, bus: Bus, handlers: trio.Nursery) -> None:
         kind = envelope.kind
+        self._messages_in[kind] += 1
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
         elif kind in ("ice", "close"):
@@ -490,12 +567,31 @@ class ClusterNode:
                     remote.close(f'the socket\'s node "{remote.node_id}" stopped')
 
     def statistics(self) -> RoutingStatistics:
+        bus = self._closed_buses
+        if self._bus is not None:
+            bus = _sum_bus(bus, self._bus.statistics())
         return RoutingStatistics(
             **self._counts,
             owned_streams=tuple(sorted(s for s in self._owned if self.owns(s))),
             relayed_sessions=len(self._relayed),
             remote_sockets=len(self._remote),
+            messages_out=tuple(sorted(self._messages_out.items())),
+            messages_in=tuple(sorted(self._messages_in.items())),
+            message_errors=tuple(sorted(self._message_errors.items())),
+            bus=bus,
         )
+
+
+def _sum_bus(total: BusStatistics | None, more: BusStatistics) -> BusStatistics:
+    """Counters of two buses added (the inbox queue: the newer one's)."""
+    if total is None:
+        return more
+    added = {
+        field.name: getattr(total, field.name) + getattr(more, field.name)
+        for field in dataclasses.fields(BusStatistics)
+    }
+    added["inbox_queued"] = more.inbox_queued
+    return BusStatistics(**added)
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -14,6 +14,8 @@
  * @property {string} source with credentials removed
  * @property {boolean} enabled false once stopped through the API
  * @property {boolean} running whether its source runs now
+ * @property {{node: string, epoch: number}|null} [owner] in a cluster, the node reading its
+ *   source (null: none now, or a single process)
  */
 
 // A global `var` (a property of `window`, as before) so the page scripts loaded after this one,

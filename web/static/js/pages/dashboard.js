@@ -139,6 +139,7 @@
         el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
         el('td', { class: 'mono' }, [s.source]),
         el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [String(s.viewers)]),
+        el('td', { class: 'mono owner' }, [s.owner ? s.owner.node : '—']),
         el('td', {}, [
           s.enabled
             ? act('stop', () => api(`/api/streams/${s.id}/stop`, { method: 'POST' }))
@@ -152,6 +153,26 @@
     }));
   }
 
+  /**
+   * A cluster's nodes, as GET /api/cluster answers (`nodes` is empty in a single process).
+   * @typedef {{id: string, publicUrl: string, state: string, load: number, streams: string[]}} ClusterNodeInfo
+   */
+  const nodeTable = /** @type {HTMLTableElement} */ (document.getElementById('node-table'));
+
+  /** Show the cluster's nodes; the table stays hidden in a single process. */
+  async function refreshNodes() {
+    const view = /** @type {{nodeId: string|null, nodes: ClusterNodeInfo[]}} */ (await api('/api/cluster'));
+    nodeTable.hidden = view.nodes.length === 0;
+    /** @type {HTMLElement} */ (nodeTable.tBodies[0]).replaceChildren(...view.nodes.map((n) =>
+      el('tr', { dataset: { nodeId: n.id } }, [
+        el('td', { class: 'mono' }, [n.id === view.nodeId ? `${n.id} (this node)` : n.id]),
+        el('td', { class: 'mono' }, [n.publicUrl]),
+        el('td', {}, [n.state]),
+        el('td', {}, [`${Math.round(n.load * 100)} %`]),
+        el('td', { class: 'mono' }, [n.streams.join(', ') || '—']),
+      ])));
+  }
+
   /** @param {() => Promise<unknown>} action @param {string} done */
   async function run(action, done) {
     try {
@@ -161,6 +182,7 @@
       say(/** @type {Error} */ (error).message, true);
     }
     await refreshManagement().catch(() => {});
+    await refreshNodes().catch(() => {});
   }
 
   form.addEventListener('submit', (event) => {
@@ -179,7 +201,10 @@
 
   /** @type {HTMLButtonElement} */ (document.getElementById('manage-toggle')).addEventListener('click', () => {
     manage.hidden = !manage.hidden;
-    if (!manage.hidden) refreshManagement().catch((/** @type {Error} */ e) => say(e.message, true));
+    if (!manage.hidden) {
+      refreshManagement().catch((/** @type {Error} */ e) => say(e.message, true));
+      refreshNodes().catch((/** @type {Error} */ e) => say(`cluster: ${e.message}`, true));
+    }
   });
 
   /** @param {HTMLElement} tileElement */

@@ -3,12 +3,17 @@
 Task tree (started in the server's lifetime nursery with ``nursery.start(node.run, port)``)::
 
     ClusterNode.run                    the Redis pool; ready once the node record is written
-    ├── run_node_registration          ms:node:{id}, rewritten every 2 s
+    ├── hold_liveness                  the named liveness connection, its id checked
+    │                                  every 0.25 s (a new id on the same Redis run: every
+    │                                  lease given up at once)
+    ├── run_node_registration          ms:node:{id}, rewritten every 2 s and at once when
+    │                                  the liveness id changes
     ├── inbox                          open_redis_bus (its receive pump) and the dispatcher,
     │                                  subscribed again after Redis comes back
-    ├── watch nodes                    every 2 s while anything crosses nodes: ends relayed
-    │                                  sessions whose owner's record expired, reaps remote
-    │                                  sockets whose node's record expired
+    ├── watch nodes                    every 0.25 s while anything crosses nodes: ends relayed
+    │                                  sessions whose owner is gone (its liveness connection
+    │                                  dropped by Redis, or its record expired), reaps remote
+    │                                  sockets whose node is gone
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -40,7 +45,7 @@ import logging
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import trio
@@ -57,9 +62,9 @@ from .bus import Bus
 from .envelope import Envelope
 from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
 from .leases import (
-    NODE_RENEW_INTERVAL,
     LeaseState,
     NodeRecord,
+    NodeRegistration,
     StreamLease,
     current_owner,
     hold_stream_lease,
@@ -67,6 +72,7 @@ from .leases import (
     owner_key,
     run_node_registration,
 )
+from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
 from .placement import choose_owner
 from .redis_bus import open_redis_bus
 from .redis_client import Redis, open_redis
@@ -81,6 +87,10 @@ REMOTE_OUTBOX: Final = 256
 BUS_WAIT: Final = 2.0  # seconds
 #: a bounded wait for telling an owner that a relayed session closed.
 CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
+#: how often, while sessions cross nodes, the nodes involved are checked for life.
+WATCH_INTERVAL: Final = 0.25  # seconds
+#: how long a node seen gone is remembered (its record is deleted or expires well before).
+GONE_MEMORY: Final = 60.0  # seconds
 
 _T = TypeVar("_T")
 
@@ -97,6 +107,8 @@ class RoutingStatistics:
     #: Redis commands made on behalf of offers, candidates and closes (not renewals)
     redis_commands: int
     stale_dropped: int
+    #: leases of nodes whose process ended, deleted by this node (liveness.take_over)
+    takeovers: int
     owned_streams: tuple[str, ...]
     relayed_sessions: int
     remote_sockets: int
@@ -126,10 +138,13 @@ class ClusterNode:
             weakref.WeakKeyDictionary()
         )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
+        self._liveness: Liveness | None = None
+        #: node id -> (its liveness id, Trio's clock when first seen gone, Redis's run id)
+        self._gone_since: dict[str, tuple[int, float, str]] = {}
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
-             "redis_commands", "stale_dropped"),
+             "redis_commands", "stale_dropped", "takeovers"),
             0,
         )  # fmt: skip
 
@@ -152,8 +167,16 @@ class ClusterNode:
                     async with trio.open_nursery() as nursery:
                         self._redis = redis
                         self._nursery = nursery
-                        record = NodeRecord(self.node_id, public_url)
-                        await nursery.start(run_node_registration, redis, record)
+                        liveness: Liveness = await nursery.start(
+                            hold_liveness,
+                            self._config.cluster.redis_url,
+                            self.node_id,
+                            self._liveness_broken,
+                        )
+                        self._liveness = liveness
+                        record = NodeRecord(self.node_id, public_url, liveness=liveness.client_id)
+                        registration = await nursery.start(run_node_registration, redis, record)
+                        nursery.start_soon(self._publish_liveness, liveness, registration)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
@@ -201,6 +224,19 @@ class ClusterNode:
         raise RedisUnavailable(
             f'node "{self.node_id}" has no inbox: Redis did not answer within {BUS_WAIT:g} s'
         )
+
+    async def _publish_liveness(self, liveness: Liveness, registration: NodeRegistration) -> None:
+        """Keep the record's liveness id current (written at once when it changes)."""
+        while True:
+            if registration.record.liveness != liveness.client_id:
+                registration.update(replace(registration.record, liveness=liveness.client_id))
+            await liveness.wait_changed()
+
+    def _liveness_broken(self, reason: str) -> None:
+        """The liveness connection was closed under this live node: the others may take its
+        streams over after ``TAKEOVER_GRACE``, so it gives every one of them up now."""
+        for lease in list(self._owned.values()):
+            lease.give_up(f'node "{self.node_id}": {reason}')
 
     async def _redis_call(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._counts["redis_commands"] += 1
@@ -328,8 +364,30 @@ class ClusterNode:
             if owner is None or owner.node_id == self.node_id:
                 break
             nodes = await self._redis_call(lambda: live_nodes(redis))
-            if owner.node_id in {node.node_id for node in nodes}:
-                return owner.node_id, owner.epoch
+            record = next((node for node in nodes if node.node_id == owner.node_id), None)
+            if record is not None:
+                if not await self._gone(record):
+                    return owner.node_id, owner.epoch
+                self._seen_gone(record)
+            gone = self._known_gone(owner.node_id)
+            if gone is not None:
+                # Its process ended (Redis dropped its liveness connection; its record may
+                # already be deleted by a takeover of another of its streams): once it has
+                # been gone for the grace, its lease is deleted and the stream placed again.
+                liveness_id, first_seen = gone
+                await trio.sleep_until(first_seen + TAKEOVER_GRACE)
+                if record is None or await self._gone(record):
+                    takeover = functools.partial(
+                        take_over, redis, stream.id, owner.value, owner.node_id, liveness_id
+                    )
+                    if await self._redis_call(takeover):
+                        self._counts["takeovers"] += 1
+                        log.info(
+                            'stream "%s": took it over from node "%s" (epoch %d), whose '
+                            "process ended",
+                            stream.id, owner.node_id, owner.epoch,
+                        )  # fmt: skip
+                continue
             # The owner's record expired (it died); its lease outlives it by design (an owner
             # frozen past it must stop first). Wait until Redis lets the stream go.
             remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
@@ -347,6 +405,27 @@ class ClusterNode:
         except OwnedElsewhere as exc:
             return exc.node_id, exc.epoch
         return self.node_id, lease.epoch
+
+    def _seen_gone(self, record: NodeRecord) -> None:
+        run_id = self._liveness.run_id if self._liveness is not None else ""
+        known = self._gone_since.get(record.node_id)
+        if known is None or known[0] != record.liveness:
+            self._gone_since[record.node_id] = (record.liveness, trio.current_time(), run_id)
+
+    def _known_gone(self, node_id: str) -> tuple[int, float] | None:
+        """(liveness id, first seen) if ``node_id`` was seen gone during this Redis run."""
+        known = self._gone_since.get(node_id)
+        if known is None or self._liveness is None or known[2] != self._liveness.run_id:
+            return None
+        return known[0], known[1]
+
+    async def _gone(self, record: NodeRecord) -> bool:
+        """Has ``record``'s process ended (its liveness connection gone from Redis)?"""
+        if not record.liveness:
+            return False
+        assert self._redis is not None
+        redis = self._redis
+        return bool(await self._redis_call(lambda: gone_nodes(redis, [record])))
 
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
         bus = await self._wait_bus()
@@ -468,20 +547,31 @@ class ClusterNode:
     # --- failures of other nodes ------------------------------------------------------------
 
     async def _watch_nodes(self) -> None:
-        """While sessions cross nodes, notice the nodes that died (their record expired)."""
+        """While sessions cross nodes, notice the nodes that died: their process ended (Redis
+        dropped their liveness connection; checked every ``WATCH_INTERVAL``) or their record
+        expired."""
         assert self._redis is not None
         redis = self._redis
         while True:
             await self._crossing.wait()
-            await trio.sleep(NODE_RENEW_INTERVAL)
+            await trio.sleep(WATCH_INTERVAL)
             if not self._relayed and not self._remote:
                 self._crossing = trio.Event()
                 continue
             try:
-                live = {node.node_id for node in await live_nodes(redis)}
+                records = await live_nodes(redis)
+                gone = await gone_nodes(redis, records)
             except RedisUnavailable as exc:
                 log.info("%s; node liveness not checked", exc)
                 continue
+            for record in records:
+                if record.node_id in gone:
+                    self._seen_gone(record)
+            now = trio.current_time()
+            for node_id, (_, seen, _) in list(self._gone_since.items()):  # forget old deaths
+                if now - seen > GONE_MEMORY:
+                    del self._gone_since[node_id]
+            live = {record.node_id for record in records} - gone
             for session in list(self._relayed.values()):
                 if session.owner and session.owner not in live:
                     session.owner_gone(f'node "{session.owner}" serving this stream stopped')

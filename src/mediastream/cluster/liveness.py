@@ -164,29 +164,34 @@ def _changed(
     liveness._adopt(client_id, run_id)
 
 
-async def gone_nodes(client: Redis, records: Iterable[NodeRecord]) -> set[str]:
-    """The nodes among ``records`` whose liveness connection Redis no longer lists.
+async def gone_nodes(
+    client: Redis, records: Iterable[NodeRecord], *, expected: Iterable[str] = ()
+) -> set[str]:
+    """The nodes among ``records`` whose liveness connection Redis no longer lists, and those
+    of ``expected`` that have no record (it expired, or was deleted by a takeover).
 
     A record without a liveness id (0: not known yet) is never called gone, and nobody is
     while Redis has been up less than :data:`STEADY_AFTER` (checked after the list, so a
-    restart just before it is seen).
+    restart just before it is seen): after a restart, records and connections come back
+    within a second or two, and their absence meanwhile means nothing.
 
     Raises:
         RedisUnavailable
     """
+    records = list(records)
     named = {r.liveness: r.node_id for r in records if r.liveness}
-    if not named:
-        return set()
-    listed: Any = await redis_call(
-        client, "list liveness connections", client.client_list(identifiers=list(named))
-    )
-    alive = {
-        int(item["id"])
-        for item in listed
-        if named.get(int(item["id"])) is not None
-        and item.get("name") == liveness_name(named[int(item["id"])])
-    }
-    gone = {node_id for client_id, node_id in named.items() if client_id not in alive}
+    gone = set(expected) - {r.node_id for r in records}
+    if named:
+        listed: Any = await redis_call(
+            client, "list liveness connections", client.client_list(identifiers=list(named))
+        )
+        alive = {
+            int(item["id"])
+            for item in listed
+            if named.get(int(item["id"])) is not None
+            and item.get("name") == liveness_name(named[int(item["id"])])
+        }
+        gone |= {node_id for client_id, node_id in named.items() if client_id not in alive}
     if gone:
         server: Any = await redis_call(client, "read Redis's uptime", client.info("server"))
         if int(server.get("uptime_in_seconds", 0)) < STEADY_AFTER:

@@ -139,6 +139,8 @@ class ClusterNode:
         )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
         self._liveness: Liveness | None = None
+        #: this node's record in Redis (set once started)
+        self.registration: NodeRegistration | None = None
         #: node id -> (its liveness id, Trio's clock when first seen gone, Redis's run id)
         self._gone_since: dict[str, tuple[int, float, str]] = {}
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
@@ -176,6 +178,7 @@ class ClusterNode:
                         self._liveness = liveness
                         record = NodeRecord(self.node_id, public_url, liveness=liveness.client_id)
                         registration = await nursery.start(run_node_registration, redis, record)
+                        self.registration = registration
                         nursery.start_soon(self._publish_liveness, liveness, registration)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
@@ -558,9 +561,12 @@ class ClusterNode:
             if not self._relayed and not self._remote:
                 self._crossing = trio.Event()
                 continue
+            involved = {s.owner for s in self._relayed.values() if s.owner} | {
+                r.node_id for r in self._remote.values()
+            }
             try:
                 records = await live_nodes(redis)
-                gone = await gone_nodes(redis, records)
+                gone = await gone_nodes(redis, records, expected=involved)
             except RedisUnavailable as exc:
                 log.info("%s; node liveness not checked", exc)
                 continue
@@ -571,12 +577,11 @@ class ClusterNode:
             for node_id, (_, seen, _) in list(self._gone_since.items()):  # forget old deaths
                 if now - seen > GONE_MEMORY:
                     del self._gone_since[node_id]
-            live = {record.node_id for record in records} - gone
             for session in list(self._relayed.values()):
-                if session.owner and session.owner not in live:
+                if session.owner in gone:
                     session.owner_gone(f'node "{session.owner}" serving this stream stopped')
             for remote in list(self._remote.values()):
-                if remote.node_id not in live:
+                if remote.node_id in gone:
                     remote.close(f'the socket\'s node "{remote.node_id}" stopped')
 
     def statistics(self) -> RoutingStatistics:

@@ -370,3 +370,37 @@ async def test_with_redis_down_owned_streams_play_remote_offers_fail_clearly_and
         assert failed.value.code == "stream_unavailable"
         assert f"Redis at 127.0.0.1:{redis_server.port}" in failed.value.message["payload"]
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
+
+
+async def test_a_live_node_whose_liveness_connection_is_closed_gives_its_streams_up_first(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    """The reconnect race: others take a node's streams over once its liveness connection is
+    gone, so a node that finds its connection replaced (here ``CLIENT KILL``) must already
+    have stopped. It gives every lease up, then publishes its new connection's id."""
+    a, _ = await start_pattern_nodes(start_server, redis_server)
+    stream_id = ON_A[0]
+    cluster = cluster_of(a)
+    assert cluster._liveness is not None and cluster.registration is not None
+    old_id = cluster._liveness.client_id
+    async with open_viewer(a.ws_url) as viewer, open_redis(redis_server.url) as client:
+        await (await viewer.play(stream_id, trickle=True)).wait_frames(3)
+        lease = cluster._owned[stream_id]
+        mark = len(viewer.messages)
+
+        assert await client.client_kill(identifier=old_id)
+
+        with trio.fail_after(10):
+            await lease.lost.wait()
+        assert "liveness connection to Redis was closed" in lease.loss_reason
+        told = await viewer.wait_for(
+            lambda m: m.get("streamId") == stream_id and m.get("type") == "error", after=mark
+        )
+        assert told["code"] == "peer_failed" and "lost the stream" in told["payload"]
+        with trio.fail_after(10):  # the new id is written at once, not at the next renewal
+            while cluster.registration.record.liveness in (0, old_id):
+                await cluster.registration.wait_renewed()
+            await cluster.registration.wait_renewed()
+        (record,) = [n for n in await live_nodes(client) if n.node_id == "node-a"]
+        assert record.liveness == cluster._liveness.client_id != old_id
+        assert cluster._liveness.statistics().breaks == 1

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from mediastream.cluster import liveness
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
@@ -33,6 +34,7 @@ from mediastream.server import RunningServer
 from support.http import get
 from support.redis import RedisServer
 from support.servers import Camera, StartServer, make_config, start_camera, stop_camera
+from support.tcp_proxy import TcpProxy
 from support.viewer import SignalingFailed, Viewer, open_viewer
 
 NODES = ("node-a", "node-b")
@@ -404,3 +406,74 @@ async def test_a_live_node_whose_liveness_connection_is_closed_gives_its_streams
         (record,) = [n for n in await live_nodes(client) if n.node_id == "node-a"]
         assert record.liveness == cluster._liveness.client_id != old_id
         assert cluster._liveness.statistics().breaks == 1
+
+
+ICE_MESSAGE = b'"kind":"ice"'
+
+
+async def start_owner_behind_a_proxy(
+    start_server: StartServer, redis: RedisServer, proxy: TcpProxy
+) -> tuple[RunningServer, RunningServer]:
+    """Node A with the page's socket, node B (the owner of ``ON_B``) reaching Redis through
+    ``proxy``, which can lose the pub/sub messages on their way to B."""
+    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    a = await start_server(
+        make_config(streams, cluster={"redis_url": redis.url, "node_id": "node-a"})
+    )
+    proxied = f"redis://127.0.0.1:{proxy.port}/0"
+    b = await start_server(
+        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-b"})
+    )
+    await wait_registered(a, b)
+    return a, b
+
+
+def bus_of(server: RunningServer) -> Any:
+    bus = cluster_of(server)._bus
+    assert bus is not None
+    return bus
+
+
+async def test_a_lost_candidate_message_is_sent_again_and_handled_once(
+    start_server: StartServer, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    await nursery.start(proxy.serve)
+    a, _ = await start_owner_behind_a_proxy(start_server, redis_server, proxy)
+    proxy.drop_messages(1, containing=ICE_MESSAGE)  # A's first candidate for B is lost
+    async with open_viewer(a.ws_url) as viewer:
+        played = await viewer.play(ON_B[0], trickle=True)
+        await played.wait_frames(5)
+        with trio.fail_after(10):
+            await proxy.wait_dropped(1)
+            while bus_of(a).statistics().retries < 1:
+                await trio.lowlevel.checkpoint()  # a retry comes after ACK_TIMEOUT; let it run
+        # Sent again once, acknowledged: no session ended, no error on the socket.
+        assert (bus_of(a).statistics().retries, bus_of(a).statistics().timeouts) == (1, 0)
+        assert [m for m in viewer.messages if m.get("type") == "error"] == []
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        await played.wait_frames(5)
+
+
+async def test_candidate_messages_lost_past_their_retry_end_the_session_and_a_new_offer_plays(
+    start_server: StartServer, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    await nursery.start(proxy.serve)
+    a, _ = await start_owner_behind_a_proxy(start_server, redis_server, proxy)
+    proxy.drop_messages(1000, containing=ICE_MESSAGE)  # every candidate for B is lost
+    stream_id = ON_B[0]
+    async with open_viewer(a.ws_url) as viewer:
+        await viewer.play(stream_id, trickle=True, connect=False)
+        failed = await viewer.wait_for(
+            lambda m: m.get("streamId") == stream_id and m.get("type") == "error", timeout=30
+        )
+        # Not a stuck tile: a clear error the page's engine answers with a new offer.
+        assert failed["code"] == "relay_failed", failed
+        assert 'node "node-b" did not answer ice' in failed["payload"]
+        assert "send a new offer" in failed["payload"]
+        assert cluster_of(a).statistics().relayed_sessions == 0
+        proxy.drop_messages(0)
+        again = await viewer.play(stream_id, trickle=True)
+        await again.wait_frames(5)
+        assert viewer.closed_reason is None

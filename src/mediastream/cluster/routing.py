@@ -60,7 +60,7 @@ from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus
 from .envelope import Envelope
-from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
+from .errors import ClusterError, OwnedElsewhere, OwnerGone, RedisUnavailable
 from .leases import (
     LeaseState,
     NodeRecord,
@@ -87,6 +87,8 @@ REMOTE_OUTBOX: Final = 256
 BUS_WAIT: Final = 2.0  # seconds
 #: a bounded wait for telling an owner that a relayed session closed.
 CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
+#: wait for a session message's acknowledgement before sending it again (once).
+ACK_TIMEOUT: Final = 1.0  # seconds
 #: how often, while sessions cross nodes, the nodes involved are checked for life.
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).
@@ -431,9 +433,27 @@ class ClusterNode:
         return bool(await self._redis_call(lambda: gone_nodes(redis, [record])))
 
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
+        """Deliver one message about a session (``ice``, ``close``, ``client``, ``ended``):
+        a request that the receiver acknowledges, sent again with the same ``seq`` if the
+        acknowledgement does not come within ``ACK_TIMEOUT`` (the receiver's bus drops the
+        repeat, or answers it again from its reply cache: each message is handled once).
+        ``PUBLISH`` reaching nobody is tried again once after ``ACK_TIMEOUT`` too: the
+        receiver may be subscribing again after a Redis hiccup.
+
+        Raises:
+            RequestTimeout: never acknowledged; OwnerGone: nobody listened, twice;
+            RedisUnavailable.
+        """
         bus = await self._wait_bus()
-        self._counts["redis_commands"] += 1
-        await bus.send(node_id, kind, **fields)
+        for attempt in (1, 2):
+            self._counts["redis_commands"] += 1
+            try:
+                await bus.request(node_id, kind, reply_timeout=ACK_TIMEOUT, **fields)
+                return
+            except OwnerGone:
+                if attempt == 2:
+                    raise
+                await trio.sleep(ACK_TIMEOUT)
 
     async def request(self, node_id: str, kind: str, **fields: Any) -> Envelope:
         bus = await self._wait_bus()
@@ -452,6 +472,9 @@ class ClusterNode:
 
     def _dispatch(self, envelope: Envelope, bus: Bus, handlers: trio.Nursery) -> None:
         kind = envelope.kind
+        if kind != "offer" and envelope.is_request:
+            # A session message, acknowledged once handled (stale ones too: they arrived).
+            handlers.start_soon(_reply, bus, envelope, {"ok": True})
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
         elif kind in ("ice", "close"):
@@ -649,9 +672,15 @@ class RoutedSession:
         try:
             with self._cancel_scope:
                 await self._route(label)
-        except ClusterError as exc:
+        except RedisUnavailable as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+        except ClusterError as exc:  # messages between the nodes lost, or the owner changed
+            self._end_reason = str(exc)
+            self._error(
+                ErrorCode.RELAY_FAILED,
+                f"Signaling with the node serving this stream failed: {exc}; send a new offer",
+            )
         except Exception as exc:  # a bug: this stream's session fails, the socket carries on
             log.exception("%s: relayed session failed", label)
             self._end_reason = f"internal error: {type(exc).__name__}"

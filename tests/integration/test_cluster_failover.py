@@ -27,7 +27,7 @@ import trio.lowlevel
 from mediastream.cluster import liveness
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
 from mediastream.cluster.placement import choose_owner
-from mediastream.cluster.redis_client import open_redis
+from mediastream.cluster.redis_client import Redis, open_redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
@@ -477,3 +477,36 @@ async def test_candidate_messages_lost_past_their_retry_end_the_session_and_a_ne
         again = await viewer.play(stream_id, trickle=True)
         await again.wait_frames(5)
         assert viewer.closed_reason is None
+
+
+async def test_gone_nodes_and_take_over_judge_and_delete_only_what_they_name(
+    client: Redis,
+    redis_server: RedisServer,
+    judge_nodes_on_a_fresh_redis: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with liveness._open_liveness_client(redis_server.url, "node-a") as live:
+        own_id = await live.client_id()  # a named liveness connection Redis lists
+        alive = NodeRecord("node-a", "http://a", liveness=own_id)
+        dead = NodeRecord("node-b", "http://b", liveness=own_id + 1000)  # no such connection
+        unknown = NodeRecord("node-c", "http://c")  # liveness id not published yet
+        records = [alive, dead, unknown]
+        assert await liveness.gone_nodes(client, records) == {"node-b"}
+        gone = await liveness.gone_nodes(client, records, expected=["node-x"])
+        assert gone == {"node-b", "node-x"}
+        # The same id under another node's name is not that node's connection.
+        impostor = NodeRecord("node-d", "http://d", liveness=own_id)
+        assert await liveness.gone_nodes(client, [impostor]) == {"node-d"}
+        # A Redis up for less than STEADY_AFTER judges nobody (it may just have restarted).
+        monkeypatch.setattr(liveness, "STEADY_AFTER", 1e9)
+        assert await liveness.gone_nodes(client, records, expected=["node-x"]) == set()
+
+    await client.set("ms:owner:cam-t", "node-b|7")
+    await client.set("ms:node:node-b", dead.to_json())
+    # Another value (the stream was claimed meanwhile) and another liveness id: untouched.
+    assert not await liveness.take_over(client, "cam-t", "node-b|6", "node-b", dead.liveness + 1)
+    assert await client.get("ms:owner:cam-t") == "node-b|7"
+    assert await client.get("ms:node:node-b") == dead.to_json()
+    assert await liveness.take_over(client, "cam-t", "node-b|7", "node-b", dead.liveness)
+    assert await client.get("ms:owner:cam-t") is None
+    assert await client.get("ms:node:node-b") is None

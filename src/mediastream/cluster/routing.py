@@ -85,10 +85,10 @@ CLAIM_GRACE: Final = 15.0  # seconds
 REMOTE_OUTBOX: Final = 256
 #: how long a route waits for the inbox when Redis has not answered yet.
 BUS_WAIT: Final = 2.0  # seconds
-#: a bounded wait for telling an owner that a relayed session closed.
-CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
 #: wait for a session message's acknowledgement before sending it again (once).
 ACK_TIMEOUT: Final = 1.0  # seconds
+#: a bounded wait for telling an owner that a relayed session closed (room for one retry).
+CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
 #: how often, while sessions cross nodes, the nodes involved are checked for life.
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).

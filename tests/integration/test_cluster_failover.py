@@ -510,3 +510,26 @@ async def test_gone_nodes_and_take_over_judge_and_delete_only_what_they_name(
     assert await liveness.take_over(client, "cam-t", "node-b|7", "node-b", dead.liveness)
     assert await client.get("ms:owner:cam-t") is None
     assert await client.get("ms:node:node-b") is None
+
+
+async def test_a_lost_answer_from_the_owner_is_sent_again_and_the_tile_plays(
+    start_server: StartServer, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    await nursery.start(proxy.serve)
+    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    proxied = f"redis://127.0.0.1:{proxy.port}/0"  # A, the socket's node, behind the proxy
+    a = await start_server(
+        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-a"})
+    )
+    b = await start_server(
+        make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-b"})
+    )
+    await wait_registered(a, b)
+    proxy.drop_messages(1, containing=b'\\"type\\":\\"answer\\"')  # B's answer, for A's socket
+    async with open_viewer(a.ws_url) as viewer:
+        played = await viewer.play(ON_B[0], trickle=True)  # its answer came: the retry
+        await played.wait_frames(5)
+        assert proxy.dropped == 1
+        assert (bus_of(b).statistics().retries, bus_of(b).statistics().timeouts) == (1, 0)
+        assert [m for m in viewer.messages if m.get("type") == "error"] == []

@@ -19,6 +19,9 @@ Per tile and kill (seconds from the kill):
 - decoding: the first frame of the new peer connection came out of aiortc's decoder
   (ICE, the new owner's camera session, the camera's next keyframe).
 
+``--steady`` makes the first kill wait until Redis has been up for a lease's TTL (before that,
+nobody is judged gone by its liveness connection, and the first kill fails over slower).
+
 Prints p50 and max of each, and of the time until the last tile of a kill decodes, and the
 load average (the machine may be shared); writes every sample as JSON with ``--json``.
 """
@@ -172,8 +175,10 @@ async def _round(
 
 
 async def _run(args: argparse.Namespace, tmp: Path, camera: int) -> dict[str, Any]:
+    import trio
     import trio_asyncio
 
+    from mediastream.cluster.leases import LEASE_TTL
     from mediastream.cluster.redis_client import open_redis
 
     from support.redis import running_redis
@@ -185,6 +190,11 @@ async def _run(args: argparse.Namespace, tmp: Path, camera: int) -> dict[str, An
         a_process, a_url = start_node("node-a", tmp, url, camera, streams)
         try:
             async with trio_asyncio.open_loop(), open_redis(url) as redis:
+                if args.steady:
+                    # Nodes are judged gone by their liveness connection only once Redis has
+                    # been up for a lease's TTL (a restart must not read as every node dying).
+                    uptime = int((await redis.info("server"))["uptime_in_seconds"])
+                    await trio.sleep(max(0.0, LEASE_TTL + 1 - uptime))
                 for kill in range(args.kills):
                     b_process, _ = start_node("node-b", tmp, url, camera, streams)
 
@@ -223,6 +233,11 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--logs", type=Path, help="keep the nodes' logs in this directory")
+    parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="first kill only once Redis has been up for a lease's TTL",
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()

@@ -60,7 +60,7 @@ from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus
 from .envelope import Envelope
-from .errors import ClusterError, OwnedElsewhere, OwnerGone, RedisUnavailable
+from .errors import ClusterError, LeaseLost, OwnedElsewhere, OwnerGone, RedisUnavailable
 from .leases import (
     LeaseState,
     NodeRecord,
@@ -237,6 +237,9 @@ class ClusterNode:
                 registration.update(replace(registration.record, liveness=liveness.client_id))
             await liveness.wait_changed()
 
+    def _liveness_breaks(self) -> int:
+        return self._liveness.statistics().breaks if self._liveness is not None else 0
+
     def _liveness_broken(self, reason: str) -> None:
         """The liveness connection was closed under this live node: the others may take its
         streams over after ``TAKEOVER_GRACE``, so it gives every one of them up now."""
@@ -287,11 +290,13 @@ class ClusterNode:
             assert self._nursery is not None and self._redis is not None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
+            claimed.check()  # LeaseLost if it was given up at once (see _own)
             return claimed
 
     async def _own(self, stream: Stream, *, task_status: trio.TaskStatus[StreamLease]) -> None:
         assert self._redis is not None
         lease: StreamLease | None = None
+        breaks = self._liveness_breaks()
         try:
             async with trio.open_nursery() as holder:
                 lease = await holder.start(
@@ -299,6 +304,10 @@ class ClusterNode:
                 )
                 assert lease is not None
                 held = lease
+                if self._liveness_breaks() != breaks:
+                    # Claimed while the liveness connection was replaced: the others may
+                    # judge this node gone by its old id, so this lease is not kept either.
+                    held.give_up("claimed while this node's liveness connection was replaced")
                 self._owned[stream.id] = held
                 stream.changes.notify()  # the supervisor may start the ingest now
                 task_status.started(held)
@@ -542,6 +551,9 @@ class ClusterNode:
         except RedisUnavailable as exc:
             await _reply(bus, envelope, {"error": "stream_unavailable", "message": str(exc)})
             return
+        except LeaseLost as exc:  # given up as it was claimed: a new offer claims it again
+            await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
+            return
         if envelope.epoch and envelope.epoch != lease.epoch:
             self._counts["stale_dropped"] += 1
             await _reply(
@@ -735,11 +747,10 @@ class RoutedSession:
                 continue
             if error is not None:
                 self._owner_ended = True
-                code = (
-                    ErrorCode.STREAM_NOT_FOUND
-                    if error == "stream_not_found"
-                    else (ErrorCode.STREAM_UNAVAILABLE)
-                )
+                code = {
+                    "stream_not_found": ErrorCode.STREAM_NOT_FOUND,
+                    "relay_failed": ErrorCode.RELAY_FAILED,
+                }.get(str(error), ErrorCode.STREAM_UNAVAILABLE)
                 self._error(code, str(answer.get("message", error)))
                 return
             self.epoch = int(answer.get("epoch", 0))

@@ -70,6 +70,7 @@ class LivenessStatistics:
     breaks: int
     #: times Redis was found restarted (a new run id)
     redis_restarts: int
+    #: checks that failed (Redis down or slow), in all
     failures: int
 
 
@@ -129,6 +130,7 @@ async def hold_liveness(
     """
     liveness = Liveness()
     started = False
+    failing = 0  # consecutive failed checks (logged at the first and every 40th)
     async with _open_liveness_client(url, node_id) as client:
         while True:
             try:
@@ -138,10 +140,11 @@ async def hold_liveness(
                         client, "liveness check", client.info("server")
                     )
                     _changed(liveness, client_id, str(server.get("run_id", "")), on_break)
-                    liveness._counts["failures"] = 0
+                failing = 0
             except RedisUnavailable as exc:
                 liveness._counts["failures"] += 1
-                if liveness._counts["failures"] in (1, 40):
+                failing += 1
+                if failing % 40 == 1:
                     log.info('node "%s": %s (liveness connection)', node_id, exc)
             if not started:
                 task_status.started(liveness)

@@ -44,6 +44,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     NEGOTIATION_TIMEOUT = "negotiation_timeout"
     PEER_FAILED = "peer_failed"
+    #: in a cluster: messages to or from the node serving the stream were lost (retried)
+    RELAY_FAILED = "relay_failed"
     SERVER_SHUTDOWN = "server_shutdown"
     INTERNAL_ERROR = "internal_error"
 

@@ -313,6 +313,12 @@ class _ClusterCollector(Collector):
         for kind, count in routing.message_errors:
             errors.add_metric([kind], count)
         yield errors
+        yield CounterMetricFamily(
+            "mediastream_cluster_takeovers",
+            "Leases of nodes whose process ended (their liveness connection gone from Redis) "
+            "that this node deleted so the streams could be claimed again at once.",
+            value=routing.takeovers,
+        )
         bus = routing.bus
         yield CounterMetricFamily(
             "mediastream_cluster_relay_retries",

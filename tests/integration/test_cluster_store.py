@@ -354,6 +354,7 @@ async def test_metrics_show_each_nodes_cluster_series(
         >= 1
     )
     assert at_a[("mediastream_cluster_relay_retries_total", ())] == 0
+    assert at_a[("mediastream_cluster_takeovers_total", ())] == 0  # nobody died
     # Every node times its Redis commands (lease renewals, routing, the store's sync).
     for samples in (at_a, at_b):
         assert samples[("mediastream_cluster_redis_command_seconds_count", ())] > 0

@@ -3,12 +3,17 @@
 Task tree (started in the server's lifetime nursery with ``nursery.start(node.run, port)``)::
 
     ClusterNode.run                    the Redis pool; ready once the node record is written
-    ├── run_node_registration          ms:node:{id}, rewritten every 2 s
+    ├── hold_liveness                  the named liveness connection, its id checked
+    │                                  every 0.25 s (a new id on the same Redis run: every
+    │                                  lease given up at once)
+    ├── run_node_registration          ms:node:{id}, rewritten every 2 s and at once when
+    │                                  the liveness id changes
     ├── inbox                          open_redis_bus (its receive pump) and the dispatcher,
     │                                  subscribed again after Redis comes back
-    ├── watch nodes                    every 2 s while anything crosses nodes: ends relayed
-    │                                  sessions whose owner's record expired, reaps remote
-    │                                  sockets whose node's record expired
+    ├── watch nodes                    every 0.25 s while anything crosses nodes: ends relayed
+    │                                  sessions whose owner is gone (its liveness connection
+    │                                  dropped by Redis, or its record expired), reaps remote
+    │                                  sockets whose node is gone
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -42,7 +47,7 @@ import logging
 import secrets
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import trio
@@ -57,11 +62,11 @@ from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus, BusStatistics
 from .envelope import Envelope
-from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
+from .errors import ClusterError, LeaseLost, OwnedElsewhere, OwnerGone, RedisUnavailable
 from .leases import (
-    NODE_RENEW_INTERVAL,
     LeaseState,
     NodeRecord,
+    NodeRegistration,
     Owner,
     StreamLease,
     current_owner,
@@ -70,6 +75,7 @@ from .leases import (
     owner_key,
     run_node_registration,
 )
+from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
 from .placement import choose_owner
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
@@ -82,8 +88,14 @@ CLAIM_GRACE: Final = 15.0  # seconds
 REMOTE_OUTBOX: Final = 256
 #: how long a route waits for the inbox when Redis has not answered yet.
 BUS_WAIT: Final = 2.0  # seconds
-#: a bounded wait for telling an owner that a relayed session closed.
-CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
+#: wait for a session message's acknowledgement before sending it again (once).
+ACK_TIMEOUT: Final = 1.0  # seconds
+#: a bounded wait for telling an owner that a relayed session closed (room for one retry).
+CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
+#: how often, while sessions cross nodes, the nodes involved are checked for life.
+WATCH_INTERVAL: Final = 0.25  # seconds
+#: how long a node seen gone is remembered (its record is deleted or expires well before).
+GONE_MEMORY: Final = 60.0  # seconds
 
 _T = TypeVar("_T")
 
@@ -100,6 +112,8 @@ class RoutingStatistics:
     #: Redis commands made on behalf of offers, candidates and closes (not renewals)
     redis_commands: int
     stale_dropped: int
+    #: leases of nodes whose process ended, deleted by this node (liveness.take_over)
+    takeovers: int
     owned_streams: tuple[str, ...]
     relayed_sessions: int
     remote_sockets: int
@@ -140,10 +154,15 @@ class ClusterNode:
             weakref.WeakKeyDictionary()
         )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
+        self._liveness: Liveness | None = None
+        #: this node's record in Redis (set once started)
+        self.registration: NodeRegistration | None = None
+        #: node id -> (its liveness id, Trio's clock when first seen gone, Redis's run id)
+        self._gone_since: dict[str, tuple[int, float, str]] = {}
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
-             "redis_commands", "stale_dropped"),
+             "redis_commands", "stale_dropped", "takeovers"),
             0,
         )  # fmt: skip
         self._messages_out: collections.Counter[str] = collections.Counter()
@@ -173,8 +192,17 @@ class ClusterNode:
                     async with trio.open_nursery() as nursery:
                         self._redis = redis
                         self._nursery = nursery
-                        record = NodeRecord(self.node_id, public_url)
-                        await nursery.start(run_node_registration, redis, record)
+                        liveness: Liveness = await nursery.start(
+                            hold_liveness,
+                            self._config.cluster.redis_url,
+                            self.node_id,
+                            self._liveness_broken,
+                        )
+                        self._liveness = liveness
+                        record = NodeRecord(self.node_id, public_url, liveness=liveness.client_id)
+                        registration = await nursery.start(run_node_registration, redis, record)
+                        self.registration = registration
+                        nursery.start_soon(self._publish_liveness, liveness, registration)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
@@ -225,6 +253,22 @@ class ClusterNode:
             f'node "{self.node_id}" has no inbox: Redis did not answer within {BUS_WAIT:g} s'
         )
 
+    async def _publish_liveness(self, liveness: Liveness, registration: NodeRegistration) -> None:
+        """Keep the record's liveness id current (written at once when it changes)."""
+        while True:
+            if registration.record.liveness != liveness.client_id:
+                registration.update(replace(registration.record, liveness=liveness.client_id))
+            await liveness.wait_changed()
+
+    def _liveness_breaks(self) -> int:
+        return self._liveness.statistics().breaks if self._liveness is not None else 0
+
+    def _liveness_broken(self, reason: str) -> None:
+        """The liveness connection was closed under this live node: the others may take its
+        streams over after ``TAKEOVER_GRACE``, so it gives every one of them up now."""
+        for lease in list(self._owned.values()):
+            lease.give_up(f'node "{self.node_id}": {reason}')
+
     async def _redis_call(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._counts["redis_commands"] += 1
         return await call()
@@ -269,11 +313,13 @@ class ClusterNode:
             assert self._nursery is not None and self._redis is not None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
+            claimed.check()  # LeaseLost if it was given up at once (see _own)
             return claimed
 
     async def _own(self, stream: Stream, *, task_status: trio.TaskStatus[StreamLease]) -> None:
         assert self._redis is not None
         lease: StreamLease | None = None
+        breaks = self._liveness_breaks()
         try:
             async with trio.open_nursery() as holder:
                 lease = await holder.start(
@@ -281,6 +327,10 @@ class ClusterNode:
                 )
                 assert lease is not None
                 held = lease
+                if self._liveness_breaks() != breaks:
+                    # Claimed while the liveness connection was replaced: the others may
+                    # judge this node gone by its old id, so this lease is not kept either.
+                    held.give_up("claimed while this node's liveness connection was replaced")
                 self._owned[stream.id] = held
                 stream.changes.notify()  # the supervisor may start the ingest now
                 task_status.started(held)
@@ -351,8 +401,30 @@ class ClusterNode:
             if owner is None or owner.node_id == self.node_id:
                 break
             nodes = await self._redis_call(lambda: live_nodes(redis))
-            if owner.node_id in {node.node_id for node in nodes}:
-                return owner.node_id, owner.epoch
+            record = next((node for node in nodes if node.node_id == owner.node_id), None)
+            if record is not None:
+                if not await self._gone(record):
+                    return owner.node_id, owner.epoch
+                self._seen_gone(record)
+            gone = self._known_gone(owner.node_id)
+            if gone is not None:
+                # Its process ended (Redis dropped its liveness connection; its record may
+                # already be deleted by a takeover of another of its streams): once it has
+                # been gone for the grace, its lease is deleted and the stream placed again.
+                liveness_id, first_seen = gone
+                await trio.sleep_until(first_seen + TAKEOVER_GRACE)
+                if record is None or await self._gone(record):
+                    takeover = functools.partial(
+                        take_over, redis, stream.id, owner.value, owner.node_id, liveness_id
+                    )
+                    if await self._redis_call(takeover):
+                        self._counts["takeovers"] += 1
+                        log.info(
+                            'stream "%s": took it over from node "%s" (epoch %d), whose '
+                            "process ended",
+                            stream.id, owner.node_id, owner.epoch,
+                        )  # fmt: skip
+                continue
             # The owner's record expired (it died); its lease outlives it by design (an owner
             # frozen past it must stop first). Wait until Redis lets the stream go.
             remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
@@ -371,12 +443,51 @@ class ClusterNode:
             return exc.node_id, exc.epoch
         return self.node_id, lease.epoch
 
+    def _seen_gone(self, record: NodeRecord) -> None:
+        run_id = self._liveness.run_id if self._liveness is not None else ""
+        known = self._gone_since.get(record.node_id)
+        if known is None or known[0] != record.liveness:
+            self._gone_since[record.node_id] = (record.liveness, trio.current_time(), run_id)
+
+    def _known_gone(self, node_id: str) -> tuple[int, float] | None:
+        """(liveness id, first seen) if ``node_id`` was seen gone during this Redis run."""
+        known = self._gone_since.get(node_id)
+        if known is None or self._liveness is None or known[2] != self._liveness.run_id:
+            return None
+        return known[0], known[1]
+
+    async def _gone(self, record: NodeRecord) -> bool:
+        """Has ``record``'s process ended (its liveness connection gone from Redis)?"""
+        if not record.liveness:
+            return False
+        assert self._redis is not None
+        redis = self._redis
+        return bool(await self._redis_call(lambda: gone_nodes(redis, [record])))
+
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
+        """Deliver one message about a session (``ice``, ``close``, ``client``, ``ended``):
+        a request that the receiver acknowledges, sent again with the same ``seq`` if the
+        acknowledgement does not come within ``ACK_TIMEOUT`` (the receiver's bus drops the
+        repeat, or answers it again from its reply cache: each message is handled once).
+        ``PUBLISH`` reaching nobody is tried again once after ``ACK_TIMEOUT`` too: the
+        receiver may be subscribing again after a Redis hiccup.
+
+        Raises:
+            RequestTimeout: never acknowledged; OwnerGone: nobody listened, twice;
+            RedisUnavailable.
+        """
         try:
             bus = await self._wait_bus()
-            self._counts["redis_commands"] += 1
             self._messages_out[kind] += 1
-            await bus.send(node_id, kind, **fields)
+            for attempt in (1, 2):
+                self._counts["redis_commands"] += 1
+                try:
+                    await bus.request(node_id, kind, reply_timeout=ACK_TIMEOUT, **fields)
+                    return
+                except OwnerGone:
+                    if attempt == 2:
+                        raise
+                    await trio.sleep(ACK_TIMEOUT)
         except ClusterError:
             self._message_errors[kind] += 1
             raise
@@ -447,6 +558,9 @@ class ClusterNode:
     def _dispatch(self, envelope: Envelope, bus: Bus, handlers: trio.Nursery) -> None:
         kind = envelope.kind
         self._messages_in[kind] += 1
+        if kind != "offer" and envelope.is_request:
+            # A session message, acknowledged once handled (stale ones too: they arrived).
+            handlers.start_soon(_reply, bus, envelope, {"ok": True})
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
         elif kind in ("ice", "close"):
@@ -514,6 +628,9 @@ class ClusterNode:
         except RedisUnavailable as exc:
             await _reply(bus, envelope, {"error": "stream_unavailable", "message": str(exc)})
             return
+        except LeaseLost as exc:  # given up as it was claimed: a new offer claims it again
+            await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
+            return
         if envelope.epoch and envelope.epoch != lease.epoch:
             self._counts["stale_dropped"] += 1
             await _reply(
@@ -545,25 +662,38 @@ class ClusterNode:
     # --- failures of other nodes ------------------------------------------------------------
 
     async def _watch_nodes(self) -> None:
-        """While sessions cross nodes, notice the nodes that died (their record expired)."""
+        """While sessions cross nodes, notice the nodes that died: their process ended (Redis
+        dropped their liveness connection; checked every ``WATCH_INTERVAL``) or their record
+        expired."""
         assert self._redis is not None
         redis = self._redis
         while True:
             await self._crossing.wait()
-            await trio.sleep(NODE_RENEW_INTERVAL)
+            await trio.sleep(WATCH_INTERVAL)
             if not self._relayed and not self._remote:
                 self._crossing = trio.Event()
                 continue
+            involved = {s.owner for s in self._relayed.values() if s.owner} | {
+                r.node_id for r in self._remote.values()
+            }
             try:
-                live = {node.node_id for node in await live_nodes(redis)}
+                records = await live_nodes(redis)
+                gone = await gone_nodes(redis, records, expected=involved)
             except RedisUnavailable as exc:
                 log.info("%s; node liveness not checked", exc)
                 continue
+            for record in records:
+                if record.node_id in gone:
+                    self._seen_gone(record)
+            now = trio.current_time()
+            for node_id, (_, seen, _) in list(self._gone_since.items()):  # forget old deaths
+                if now - seen > GONE_MEMORY:
+                    del self._gone_since[node_id]
             for session in list(self._relayed.values()):
-                if session.owner and session.owner not in live:
+                if session.owner in gone:
                     session.owner_gone(f'node "{session.owner}" serving this stream stopped')
             for remote in list(self._remote.values()):
-                if remote.node_id not in live:
+                if remote.node_id in gone:
                     remote.close(f'the socket\'s node "{remote.node_id}" stopped')
 
     def statistics(self) -> RoutingStatistics:
@@ -650,9 +780,15 @@ class RoutedSession:
         try:
             with self._cancel_scope:
                 await self._route(label)
-        except ClusterError as exc:
+        except RedisUnavailable as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+        except ClusterError as exc:  # messages between the nodes lost, or the owner changed
+            self._end_reason = str(exc)
+            self._error(
+                ErrorCode.RELAY_FAILED,
+                f"Signaling with the node serving this stream failed: {exc}; send a new offer",
+            )
         except Exception as exc:  # a bug: this stream's session fails, the socket carries on
             log.exception("%s: relayed session failed", label)
             self._end_reason = f"internal error: {type(exc).__name__}"
@@ -707,11 +843,10 @@ class RoutedSession:
                 continue
             if error is not None:
                 self._owner_ended = True
-                code = (
-                    ErrorCode.STREAM_NOT_FOUND
-                    if error == "stream_not_found"
-                    else (ErrorCode.STREAM_UNAVAILABLE)
-                )
+                code = {
+                    "stream_not_found": ErrorCode.STREAM_NOT_FOUND,
+                    "relay_failed": ErrorCode.RELAY_FAILED,
+                }.get(str(error), ErrorCode.STREAM_UNAVAILABLE)
                 self._error(code, str(answer.get("message", error)))
                 return
             self.epoch = int(answer.get("epoch", 0))

@@ -256,6 +256,7 @@ test('getMetrics counts messages, measures latency from pings and reports uptime
   socket.serverSends({ type: 'pong', streamId: null, payload: { id: 999 } }); // not ours: ignored
   assert.deepEqual(manager.getMetrics(), {
     messagesSent: 2, messagesReceived: 3, averageLatency: 30, uptime: 560, streamsActive: 1,
+    shared: false, sockets: 1, tabs: 1, // Node has no SharedWorker: the page's own socket
   });
   manager.disconnect();
   assert.equal(manager.getMetrics().uptime, 0);

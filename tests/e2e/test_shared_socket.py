@@ -125,7 +125,7 @@ async def test_three_tabs_share_one_socket_end_their_sessions_when_closed_and_re
             page.wait_for_function(ALL_VIDEOS_PLAYING, arg="video", timeout=40_000)
             wait_until_decoding_more(page, "video", timeout=30_000)
         assert watch_server.statistics().open_sockets == 1
-        for page, watch in tabs:
+        for _page, watch in tabs:
             assert watch.errors == [], watch.errors
         context.close()
 

@@ -5,12 +5,14 @@ open sockets and sessions (``server.services.statistics()``, the figures of ``/a
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import trio
 from playwright.sync_api import Browser, Page
+from playwright.sync_api import Error as PlaywrightError
 
 from mediastream.server import RunningServer
 
@@ -176,5 +178,33 @@ async def test_shared_false_keeps_a_socket_of_the_page_s_own(start_server: Start
         metrics = page.evaluate(METRICS)
         assert metrics["shared"] is False and metrics["sockets"] == 1, metrics
         assert watch.errors == []
+
+    await in_browser(scenario)
+
+
+async def test_a_crashed_tab_ends_its_sessions_and_the_other_tab_plays_on(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(make_config(_cameras(6)))
+    watch_server = ServerWatch(lambda: server)
+
+    def scenario(browser: Browser) -> None:
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        survivor, watch = _open_tab(context, server.url, ["cam-01", "cam-02", "cam-03"])
+        doomed, _ = _open_tab(context, server.url, ["cam-04", "cam-05", "cam-06"])
+        for page in (survivor, doomed):
+            page.wait_for_function(ALL_VIDEOS_PLAYING, arg="video", timeout=30_000)
+        watch_server.wait(lambda s: s.open_sessions == 6, timeout=10)
+        # The navigation dies with the renderer.
+        with doomed.expect_event("crash", timeout=10_000), contextlib.suppress(PlaywrightError):
+            doomed.goto("chrome://crash", timeout=5_000)
+        # Its lock is released with its renderer: its three sessions end. (Should the worker
+        # have lived in that renderer, the survivor starts another and renegotiates its own.)
+        watch_server.wait(lambda s: s.open_sessions == 3, timeout=5)
+        survivor.wait_for_function(ALL_VIDEOS_PLAYING, arg="video", timeout=30_000)
+        wait_until_decoding_more(survivor, "video")
+        watch_server.wait(lambda s: s.open_sessions == 3 and s.open_sockets == 1, timeout=10)
+        assert watch.errors == [], watch.errors
+        context.close()
 
     await in_browser(scenario)

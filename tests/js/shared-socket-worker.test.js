@@ -233,3 +233,190 @@ test('a message from a tab that never said hello is dropped with a warning', () 
   assert.match(warnings[0], /tab ghost/);
   assert.equal(FakeWebSocket.instances.length, 0);
 });
+
+// --- pages and worker together: WebSocketManager({shared: true}) over a MessageChannel -------
+
+const { serveTab } = require('../../web/static/js/shared-socket-worker.js');
+const { FakeLocks } = require('./fakes.js');
+
+/** One browser: its Web Locks, its shared worker (which can die), and tabs to open. */
+function makeBrowser() {
+  FakeWebSocket.reset();
+  const clock = new FakeClock();
+  const locks = new FakeLocks();
+  const ports = [];
+  let generation = 0;
+  const startWorker = () => {
+    const workerLock = `mediastream-worker-${++generation}`;
+    const router = new SharedSocketRouter({
+      createManager: (options) => new WebSocketManager({ ...options, WebSocket: FakeWebSocket, clock, random: () => 0 }),
+      warn: () => {},
+    });
+    const holding = new Promise((held) => {
+      locks.request(workerLock, () => {
+        held();
+        return new Promise(() => {});
+      });
+    });
+    return { router, workerLock, holding };
+  };
+  const browser = { worker: startWorker(), locks, clock, created: [] };
+  class FakeSharedWorker {
+    constructor(url, options) {
+      browser.created.push({ url, name: options.name });
+      const channel = new MessageChannel();
+      ports.push(channel.port1, channel.port2);
+      this.port = channel.port1;
+      this.onerror = null;
+      const { router, workerLock, holding } = browser.worker;
+      serveTab(router, channel.port2, { locks, workerLock, holding, protocol: WebSocketManager.sharedProtocol });
+    }
+  }
+  browser.tab = (options = {}) => new WebSocketManager({
+    url: URL, logLevel: 'silent', pingInterval: 0, SharedWorker: FakeSharedWorker, locks,
+    workerUrl: 'http://cams.test/static/js/shared-socket-worker.js?v=abc', ...options,
+  });
+  browser.killWorker = () => {
+    const dead = browser.worker;
+    browser.worker = startWorker();
+    locks.kill(dead.workerLock);
+  };
+  browser.close = () => ports.forEach((port) => port.close());
+  return browser;
+}
+
+/** Wait for messages to cross the ports (each hop is a macrotask). */
+async function until(condition, what = 'condition') {
+  for (let i = 0; i < 200; i++) {
+    if (condition()) return;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  assert.fail(`${what} never held`);
+}
+
+async function connectTab(manager) {
+  const connecting = manager.connect();
+  await until(() => FakeWebSocket.instances.some((s) => s.readyState === 0) || manager.connected, 'a socket to open');
+  for (const socket of FakeWebSocket.instances) if (socket.readyState === 0) socket.serverOpens();
+  await connecting;
+}
+
+test('two pages with shared: true signal through one socket, each getting its own answers', async () => {
+  const browser = makeBrowser();
+  try {
+    const one = browser.tab();
+    const two = browser.tab();
+    const answers = { one: [], two: [] };
+    one.registerStream('a', { answer: (sdp) => answers.one.push(sdp) });
+    two.registerStream('b', { answer: (sdp) => answers.two.push(sdp) });
+    await connectTab(one);
+    await connectTab(two);
+    assert.equal(FakeWebSocket.instances.length, 1);
+    assert.ok(one.isConnected() && two.isConnected());
+    assert.deepEqual(browser.created.map((w) => w.url), Array(2).fill('http://cams.test/static/js/shared-socket-worker.js?v=abc'));
+    assert.equal(one.ws, null, 'the socket is the worker\'s');
+
+    const socket = FakeWebSocket.last();
+    one.send('offer', 'a', { sdp: 'v=0' });
+    two.send('offer', 'b', { sdp: 'v=0' });
+    await until(() => socket.sent.filter((m) => m.type === 'offer').length === 2, 'both offers sent');
+    socket.serverSends({ type: 'answer', streamId: 'b', payload: 'answer b' });
+    socket.serverSends({ type: 'answer', streamId: 'a', payload: 'answer a' });
+    await until(() => answers.one.length && answers.two.length, 'both answers routed');
+    assert.deepEqual(answers, { one: ['answer a'], two: ['answer b'] });
+
+    browser.worker.router.publishMetrics();
+    await until(() => one.getMetrics().tabs === 2, 'the worker\'s figures');
+    assert.deepEqual(
+      { ...one.getMetrics(), uptime: 0 },
+      { messagesSent: 2, messagesReceived: 2, averageLatency: null, uptime: 0, streamsActive: 1, shared: true, sockets: 1, tabs: 2 },
+    );
+  } finally {
+    browser.close();
+  }
+});
+
+test('a page that is gone (its lock let go) has its sessions closed; the other page plays on', async () => {
+  const browser = makeBrowser();
+  try {
+    const one = browser.tab();
+    const two = browser.tab();
+    one.registerStream('a', {});
+    await connectTab(one);
+    two.registerStream('b', {});
+    await connectTab(two);
+    const socket = FakeWebSocket.last();
+    const [firstTabLock] = [...browser.locks.holders.keys()].filter((name) => name.startsWith('mediastream-tab-'));
+    browser.locks.kill(firstTabLock);
+    await until(() => socket.sent.some((m) => m.type === 'close'), 'a close');
+    assert.deepEqual(socket.sent.filter((m) => m.type === 'close').map((m) => m.streamId), ['a']);
+    assert.equal(socket.readyState, 1);
+    assert.ok(two.isConnected());
+  } finally {
+    browser.close();
+  }
+});
+
+test('when the worker dies, each page starts another and renegotiates its streams', async () => {
+  const browser = makeBrowser();
+  try {
+    const page = browser.tab();
+    const renegotiated = [];
+    const events = [];
+    page.on('disconnected', (e) => events.push(['disconnected', e.willReconnect]));
+    page.on('reconnected', () => events.push(['reconnected']));
+    page.registerStream('a', { onReconnect: ({ streamId }) => renegotiated.push(streamId) });
+    await connectTab(page);
+    browser.killWorker();
+    await until(() => FakeWebSocket.instances.length === 2, 'a socket from the new worker');
+    FakeWebSocket.last().serverOpens();
+    await until(() => renegotiated.length === 1, 'the renegotiation');
+    assert.deepEqual(renegotiated, ['a']);
+    assert.deepEqual(events, [['disconnected', true], ['reconnected']]);
+    assert.equal(browser.created.length, 2);
+    assert.ok(page.isConnected());
+  } finally {
+    browser.close();
+  }
+});
+
+test('a page whose shared worker cannot start opens its own socket, with the same API', async () => {
+  FakeWebSocket.reset();
+  class BrokenSharedWorker {
+    constructor() {
+      throw new Error('SecurityError: the script is on another origin');
+    }
+  }
+  const page = new WebSocketManager({
+    url: URL, logLevel: 'silent', pingInterval: 0, WebSocket: FakeWebSocket,
+    SharedWorker: BrokenSharedWorker, locks: new FakeLocks(),
+  });
+  page.registerStream('a', {});
+  const connecting = page.connect();
+  await until(() => FakeWebSocket.instances.length === 1, 'its own socket');
+  FakeWebSocket.last().serverOpens();
+  await connecting;
+  assert.equal(page.ws, FakeWebSocket.last());
+  assert.equal(page.getMetrics().shared, false);
+  page.disconnect();
+});
+
+test('shared: false keeps the page on its own socket even where it could share', async () => {
+  FakeWebSocket.reset();
+  let started = 0;
+  class CountingSharedWorker {
+    constructor() {
+      started += 1;
+    }
+  }
+  const page = new WebSocketManager({
+    url: URL, logLevel: 'silent', pingInterval: 0, WebSocket: FakeWebSocket,
+    SharedWorker: CountingSharedWorker, locks: new FakeLocks(), shared: false,
+  });
+  const connecting = page.connect();
+  FakeWebSocket.last().serverOpens();
+  await connecting;
+  assert.equal(started, 0);
+  assert.equal(page.getMetrics().shared, false);
+  page.disconnect();
+});

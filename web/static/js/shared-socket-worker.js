@@ -58,6 +58,7 @@
  * @property {Group} group
  * @property {WebSocketManager} manager
  * @property {Map<string, Tab>} owners the tab that plays each of the lane's streams
+ * @property {number|null} connectedAt when its socket opened (wall clock, ms), while open
  * @property {(() => void)[]} unsubscribe
  */
 /**
@@ -162,7 +163,6 @@
 
     /** Send each tab the figures of its sockets, where they changed. */
     publishMetrics() {
-      const now = Date.now();
       for (const tab of this.#tabs.values()) {
         const group = tab.key === null ? undefined : this.#groups.get(tab.key);
         if (!group) continue;
@@ -173,10 +173,9 @@
           metrics.messagesSent += m.messagesSent;
           metrics.messagesReceived += m.messagesReceived;
           if (metrics.averageLatency === null) metrics.averageLatency = m.averageLatency;
-          if (lane.manager.connected) {
+          if (lane.manager.connected && lane.connectedAt !== null) {
             metrics.sockets += 1;
-            const since = now - m.uptime;
-            if (metrics.connectedAt === null || since < metrics.connectedAt) metrics.connectedAt = since;
+            if (metrics.connectedAt === null || lane.connectedAt < metrics.connectedAt) metrics.connectedAt = lane.connectedAt;
           }
         }
         metrics.tabs = [...this.#tabs.values()].filter((t) => t.key === tab.key).length;
@@ -278,7 +277,7 @@
     #newLane(group, settings) {
       const manager = this.#createManager({ url: group.url, token: group.token ?? undefined, ...settings });
       /** @type {Lane} */
-      const lane = { id: this.#nextLane++, group, manager, owners: new Map(), unsubscribe: [] };
+      const lane = { id: this.#nextLane++, group, manager, owners: new Map(), connectedAt: null, unsubscribe: [] };
       const forward = (/** @type {'connected'|'disconnected'|'reconnecting'|'reconnected'|'error'} */ name) =>
         manager.on(name, (/** @type {any} */ data) => {
           for (const tab of this.#tabsOn(lane)) {
@@ -286,6 +285,8 @@
           }
         });
       lane.unsubscribe.push(
+        manager.on('connected', () => { lane.connectedAt = Date.now(); }),
+        manager.on('disconnected', () => { lane.connectedAt = null; }),
         forward('connected'), forward('disconnected'), forward('reconnecting'), forward('reconnected'), forward('error'),
         manager.on('welcome', () => {
           for (const tab of this.#tabsOn(lane)) this.#welcome(tab, lane);
@@ -407,6 +408,35 @@
   }
 
   /**
+   * Serve one tab on its port: its `hello` first (attach it, wait for its lock, answer
+   * `ready`), then everything it sends, to the router.
+   * @param {SharedSocketRouter} router
+   * @param {MessagePort} port
+   * @param {{locks: LockManager, workerLock: string, holding: Promise<void>, protocol: number}} worker
+   *   the worker's Web Locks, the lock it holds for its lifetime (and when it holds it), its protocol
+   */
+  function serveTab(router, port, worker) {
+    /** @type {string|null} */
+    let tabId = null;
+    port.onmessage = (/** @type {MessageEvent<TabToWorker>} */ received) => {
+      const message = received.data;
+      if (tabId !== null) {
+        router.receive(tabId, message);
+        return;
+      }
+      if (message.op !== 'hello') return;
+      const id = message.tabId;
+      tabId = id;
+      router.attach(id, (reply, transfer) => port.postMessage(reply, transfer || []));
+      worker.holding.then(() => {
+        // Granted when the tab is gone: closed, crashed, discarded or navigated away.
+        worker.locks.request(message.lock, () => router.forget(id)).catch(() => router.forget(id));
+        port.postMessage({ op: 'ready', protocol: worker.protocol, workerLock: worker.workerLock });
+      });
+    };
+  }
+
+  /**
    * The worker itself: one router, the worker's lifetime lock, and a port per tab.
    * @param {any} scope the SharedWorkerGlobalScope (typed loosely: tsconfig has the DOM's lib, not the worker's)
    */
@@ -429,29 +459,11 @@
     });
     scope.setInterval(() => router.publishMetrics(), METRICS_INTERVAL_MS);
     scope.onconnect = (/** @type {MessageEvent} */ event) => {
-      const port = /** @type {MessagePort} */ (event.ports[0]);
-      /** @type {string|null} */
-      let tabId = null;
-      port.onmessage = (/** @type {MessageEvent<TabToWorker>} */ received) => {
-        const message = received.data;
-        if (tabId !== null) {
-          router.receive(tabId, message);
-          return;
-        }
-        if (message.op !== 'hello') return;
-        const id = message.tabId;
-        tabId = id;
-        router.attach(id, (reply, transfer) => port.postMessage(reply, transfer || []));
-        holding.then(() => {
-          // Granted when the tab is gone: closed, crashed, discarded or navigated away.
-          locks.request(message.lock, () => router.forget(id)).catch(() => router.forget(id));
-          port.postMessage({ op: 'ready', protocol: Manager.sharedProtocol, workerLock });
-        });
-      };
+      serveTab(router, /** @type {MessagePort} */ (event.ports[0]), { locks, workerLock, holding, protocol: Manager.sharedProtocol });
     };
   }
 
   const scope = /** @type {any} */ (root);
   if (typeof scope.SharedWorkerGlobalScope === 'function' && root instanceof scope.SharedWorkerGlobalScope) runWorker(scope);
-  if (typeof module === 'object' && module.exports) module.exports = { SharedSocketRouter };
+  if (typeof module === 'object' && module.exports) module.exports = { SharedSocketRouter, serveTab };
 })(globalThis);

@@ -89,6 +89,12 @@
  *   Takes effect at the next connect() after a disconnect.
  * @property {string} [workerUrl] the shared worker's script (default: shared-socket-worker.js
  *   beside this script, with this script's `?v=` version)
+ * @property {SharedSocketPlatform['SharedWorker']} [SharedWorker] implementation (tests inject a fake)
+ * @property {LockManager} [locks] Web Locks (tests inject a fake)
+ */
+/**
+ * @typedef {{SharedWorker: {new (url: string, options: {name: string}): {port: MessagePort, onerror: ((event: ErrorEvent) => void)|null}},
+ *   locks: LockManager}} SharedSocketPlatform
  */
 /**
  * What a tab tells the shared worker (shared-socket-worker.js), one message per postMessage.
@@ -277,9 +283,16 @@
     return typeof HTMLScriptElement !== 'undefined' && script instanceof HTMLScriptElement ? script.src : null;
   })();
 
-  /** Whether this global can share a socket with other tabs: a page with SharedWorker and Web Locks. */
-  function canShareSocket() {
-    return typeof root.SharedWorker === 'function' && !!root.document && !!(root.navigator && root.navigator.locks);
+  /**
+   * What a page needs to share the browser's socket (tests inject fakes): SharedWorker and Web
+   * Locks, or null where the browser lacks either (and inside the worker itself).
+   * @param {ManagerOptions} options
+   * @returns {SharedSocketPlatform|null}
+   */
+  function sharingPlatform(options) {
+    const SharedWorkerImpl = options.SharedWorker || root.SharedWorker;
+    const locks = options.locks || (root.navigator ? root.navigator.locks : undefined);
+    return typeof SharedWorkerImpl === 'function' && locks ? { SharedWorker: SharedWorkerImpl, locks } : null;
   }
 
   /** A short random id (manager instances, tabs, worker locks). */
@@ -298,17 +311,20 @@
     tabId = randomId();
     /** @type {MessagePort|null} */ #port = null;
     #workerUrl;
+    /** @type {SharedSocketPlatform} */ #platform;
     /** @type {(message: WorkerToTab) => void} */ #onMessage;
     /** @type {() => void} */ #onLost;
     /** @type {(() => void)|null} lets go of the tab's lock */ #releaseTabLock = null;
     #closed = false;
 
     /**
+     * @param {SharedSocketPlatform} platform
      * @param {string} workerUrl
      * @param {(message: WorkerToTab) => void} onMessage every message of the worker after `ready`
      * @param {() => void} onLost the worker is gone
      */
-    constructor(workerUrl, onMessage, onLost) {
+    constructor(platform, workerUrl, onMessage, onLost) {
+      this.#platform = platform;
       this.#workerUrl = workerUrl;
       this.#onMessage = onMessage;
       this.#onLost = onLost;
@@ -320,7 +336,7 @@
      * @throws {Error} the worker can't be started, doesn't answer, or speaks another version
      */
     async open() {
-      const locks = root.navigator.locks;
+      const { locks, SharedWorker: SharedWorkerImpl } = this.#platform;
       const lock = `mediastream-tab-${this.tabId}`;
       await new Promise((held, failed) => {
         locks
@@ -330,7 +346,7 @@
           }))
           .catch(failed);
       });
-      const worker = new root.SharedWorker(this.#workerUrl, { name: WORKER_NAME });
+      const worker = new SharedWorkerImpl(this.#workerUrl, { name: WORKER_NAME });
       const port = worker.port;
       this.#port = port;
       /** @type {WorkerToTab} */
@@ -440,6 +456,7 @@
     #nextPing = 1;
     /** @type {Map<number, number>} */ #pendingPings = new Map();
     /** @type {boolean|undefined} configure({shared}); undefined: wherever the browser can */ #sharedOption;
+    /** @type {SharedSocketPlatform|null} SharedWorker and Web Locks, where the browser has them */ #platform;
     /** @type {string|undefined} */ #workerUrl;
     /** @type {SharedSocketLink|null} the link to the shared worker, once it answered */ #link = null;
     #linkFailed = false; // the shared worker could not be used: this page keeps its own socket
@@ -451,6 +468,7 @@
     /** @param {ManagerOptions} [options] */
     constructor(options = {}) {
       this.#WebSocket = options.WebSocket || root.WebSocket;
+      this.#platform = sharingPlatform(options);
       this.#clock = options.clock || {
         setTimeout: (callback, ms) => setTimeout(callback, ms),
         clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
@@ -999,7 +1017,7 @@
 
     #wantsShared() {
       if (this.#sharedOption === false || this.#linkFailed) return false;
-      if (canShareSocket()) return true;
+      if (this.#platform) return true;
       if (this.#sharedOption === true) this.#log('info', 'no SharedWorker or Web Locks here: this page opens its own socket');
       return false;
     }
@@ -1016,16 +1034,20 @@
     async #openShared() {
       let link = this.#link;
       if (!link) {
-        const created = new SharedSocketLink(this.#workerScriptUrl(), (m) => this.#fromWorker(m), () => this.#workerLost(created));
+        const platform = /** @type {SharedSocketPlatform} */ (this.#platform);
+        /** @type {SharedSocketLink|null} */
+        let created = null;
         try {
-          await created.open();
+          const opening = new SharedSocketLink(platform, this.#workerScriptUrl(), (m) => this.#fromWorker(m), () => this.#workerLost(opening));
+          created = opening;
+          await opening.open();
         } catch (error) {
-          created.close();
+          if (created) created.close();
           this.#linkFailed = true;
           this.#log('warn', `instance ${this.instanceId}: no shared socket (${/** @type {Error} */ (error).message}); this page opens its own`);
           return this.#open();
         }
-        this.#link = link = created;
+        this.#link = link = /** @type {SharedSocketLink} */ (created);
       }
       const requestId = this.#nextRequest++;
       /** @type {Promise<void>} */

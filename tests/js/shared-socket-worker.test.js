@@ -420,3 +420,28 @@ test('shared: false keeps the page on its own socket even where it could share',
   assert.equal(page.getMetrics().shared, false);
   page.disconnect();
 });
+
+test('?mediastreamShared=0 on the page keeps it on its own socket without code', async () => {
+  FakeWebSocket.reset();
+  globalThis.location = { protocol: 'http:', host: 'cams.test', origin: 'http://cams.test', search: '?mediastreamShared=0' };
+  try {
+    let started = 0;
+    class CountingSharedWorker {
+      constructor() {
+        started += 1;
+      }
+    }
+    const page = new WebSocketManager({
+      url: URL, logLevel: 'silent', pingInterval: 0, WebSocket: FakeWebSocket,
+      SharedWorker: CountingSharedWorker, locks: new FakeLocks(),
+    });
+    const connecting = page.connect();
+    FakeWebSocket.last().serverOpens();
+    await connecting;
+    assert.equal(started, 0);
+    assert.equal(page.getMetrics().shared, false);
+    page.disconnect();
+  } finally {
+    delete globalThis.location;
+  }
+});

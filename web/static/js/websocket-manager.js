@@ -86,7 +86,8 @@
  * @property {() => number} [random] a source of numbers in [0, 1), for the jitter
  * @property {boolean} [shared] signal through the browser's one socket, held by a shared worker
  *   (default: wherever the browser has SharedWorker and Web Locks); false: this page's own socket.
- *   Takes effect at the next connect() after a disconnect.
+ *   Takes effect at the next connect() after a disconnect. `?mediastreamShared=0` on the page's
+ *   URL (or `localStorage.mediastreamShared = '0'`) sets it without code.
  * @property {string} [workerUrl] the shared worker's script (default: shared-socket-worker.js
  *   beside this script, with this script's `?v=` version)
  * @property {SharedSocketPlatform['SharedWorker']} [SharedWorker] implementation (tests inject a fake)
@@ -268,6 +269,22 @@
 
   /** @type {WebSocketManager|null} */
   let instance = null;
+
+  /**
+   * Whether to share the browser's socket, chosen on the page itself: `?mediastreamShared=0`
+   * (or 1) in its URL, or `localStorage.mediastreamShared = '0'` — to rule the shared worker in
+   * or out while debugging, with no code change. Null when neither says.
+   * @returns {boolean|null}
+   */
+  function storedSharedOption() {
+    try {
+      const fromUrl = root.location && new URLSearchParams(root.location.search).get('mediastreamShared');
+      const value = fromUrl || (root.localStorage && root.localStorage.getItem('mediastreamShared'));
+      return value === '0' || value === 'false' ? false : value === '1' || value === 'true' ? true : null;
+    } catch (_) {
+      return null;
+    }
+  }
 
   /** The tab ↔ worker message format's version: a worker of another version is not used. */
   const SHARED_PROTOCOL = 1;
@@ -476,6 +493,7 @@
       };
       this.#random = options.random || Math.random;
       this.#logLevel = storedLogLevel() || 'warn';
+      this.#sharedOption = storedSharedOption() ?? undefined;
       this.configure(options);
       this.#log('debug', `WebSocketManager instance ${this.instanceId} created`);
     }

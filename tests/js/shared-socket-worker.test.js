@@ -227,6 +227,23 @@ test('pings go to the sockets, and each tab gets its figures when they change', 
   assert.equal(one.ops('metrics').length, 1, 'unchanged figures are not sent again');
 });
 
+test('a socket a tab is still connecting on stays open when another tab leaves it', async () => {
+  const { tab } = makeRouter();
+  const one = tab('one');
+  const two = tab('two');
+  await connect(one, ['a']);
+  const socket = FakeWebSocket.last();
+  socket.serverDrops(1006); // the socket is being reopened when tab two connects, with no streams yet
+  two.say({ op: 'connect', requestId: 7, url: URL, token: null, streams: [], settings: SETTINGS });
+  one.say({ op: 'unregister', streamId: 'a' });
+  await flush();
+  FakeWebSocket.last().serverOpens();
+  await flush();
+  assert.deepEqual(two.ops('connected').map((m) => m.requestId), [7], 'tab two is connected, not left waiting');
+  assert.equal(FakeWebSocket.last().readyState, 1);
+  assert.deepEqual(two.ops('connectFailed'), []);
+});
+
 test('a message from a tab that never said hello is dropped with a warning', () => {
   const { router, warnings } = makeRouter();
   router.receive('ghost', { op: 'register', streamId: 'a' });

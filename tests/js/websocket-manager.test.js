@@ -392,3 +392,11 @@ test('registerStream returns what unregisters that registration only', async () 
   unregisterSecond(); // twice is harmless
   assert.equal(manager.isConnected(), true); // 'keep' is still there
 });
+
+test('disconnect() while the socket is opening ends the pending connect() instead of leaving it hanging', async () => {
+  const { manager } = makeManager();
+  const opening = manager.connect();
+  manager.disconnect();
+  await assert.rejects(opening, (error) => error.code === 'aborted' && /while the socket was opening/.test(error.message));
+  assert.equal(FakeWebSocket.last().closedWith.code, 1000);
+});

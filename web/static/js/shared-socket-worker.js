@@ -49,6 +49,7 @@
  * @property {LaneSettings} settings
  * @property {Map<string, Lane>} streams its streams, and the lane each one is on
  * @property {boolean} toldConnected whether the tab was last told "connected"
+ * @property {number} connecting its connect requests not answered yet (its lanes must stay)
  * @property {string} lastMetrics the figures it was last sent (JSON), so unchanged ones aren't sent again
  */
 /**
@@ -108,7 +109,7 @@
       this.#tabs.set(tabId, {
         id: tabId, post, key: null, url: '', token: null,
         settings: { logLevel: 'warn', pingInterval: 10000, maxQueue: 1000 },
-        streams: new Map(), toldConnected: false, lastMetrics: '',
+        streams: new Map(), toldConnected: false, connecting: 0, lastMetrics: '',
       });
     }
 
@@ -208,14 +209,25 @@
       this.#setGroup(tab, url, token);
       for (const streamId of streams) this.#register(tab, streamId);
       const lanes = this.#lanesOf(tab, true);
-      Promise.all(lanes.map((lane) => lane.manager.connect())).then(
+      tab.connecting += 1;
+      Promise.all(lanes.map((lane) => lane.manager.connect())).finally(() => {
+        tab.connecting -= 1;
+      }).then(
         () => {
           if (!this.#tabs.has(tab.id)) return;
           this.#tell(tab, 'connected', { url, reconnected: false });
           for (const lane of lanes) this.#welcome(tab, lane);
           tab.post({ op: 'connected', requestId });
         },
-        (/** @type {Error} */ error) => tab.post({ op: 'connectFailed', requestId, message: error.message }),
+        (/** @type {Error & {code?: string}} */ error) => {
+          if (error.code === 'aborted' && this.#tabs.has(tab.id) && tab.key === groupKey(url, token)) {
+            // Its socket was closed on purpose meanwhile (another tab's last stream left it):
+            // the tab still wants one.
+            this.#connect(tab, requestId, url, token, [...tab.streams.keys()], settings);
+            return;
+          }
+          tab.post({ op: 'connectFailed', requestId, message: error.message });
+        },
       );
     }
 
@@ -394,7 +406,9 @@
     /** Close the lanes nobody uses any more (and forget empty groups). */
     #dropUnusedLanes() {
       for (const group of [...this.#groups.values()]) {
-        const idleTabs = [...this.#tabs.values()].some((t) => t.key === group.key && t.streams.size === 0 && t.toldConnected);
+        const idleTabs = [...this.#tabs.values()].some(
+          (t) => t.key === group.key && t.streams.size === 0 && (t.toldConnected || t.connecting > 0),
+        );
         group.lanes = group.lanes.filter((lane, index) => {
           if (lane.owners.size > 0 || (index === 0 && idleTabs)) return true;
           for (const unsubscribe of lane.unsubscribe) unsubscribe();

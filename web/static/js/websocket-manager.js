@@ -460,6 +460,7 @@
     /** @type {Clock} */ #clock;
     /** @type {() => number} */ #random;
     /** @type {Promise<void>|null} */ #connecting = null;
+    /** @type {((error: Error) => void)|null} rejects the open in progress */ #abortOpen = null;
     /** @type {Message[]} */ #urgent = [];
     /** @type {Message[]} */ #routine = [];
     #wanted = false; // the page wants a socket (not disconnected on purpose)
@@ -590,6 +591,10 @@
       }
       for (const request of this.#requests.values()) request.reject(new Error('disconnect() called'));
       this.#requests.clear();
+      const abortOpen = this.#abortOpen;
+      this.#abortOpen = null;
+      // An open in progress ends here, not never: its onclose won't run.
+      if (abortOpen) abortOpen(Object.assign(new Error('disconnect() called while the socket was opening'), { code: 'aborted' }));
       this.#attempt = 0;
       if (this.#reconnectTimer !== null) {
         this.#clock.clearTimeout(this.#reconnectTimer);
@@ -800,10 +805,12 @@
           return;
         }
         this.ws = ws;
+        this.#abortOpen = (error) => reject(error);
         ws.binaryType = 'arraybuffer'; // video over the socket (fallback) arrives as binary messages
         let opened = false;
         ws.onopen = () => {
           opened = true;
+          this.#abortOpen = null;
           const wasReconnecting = this.reconnecting;
           this.connected = true;
           this.reconnecting = false;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from playwright.sync_api import Browser
 
-from support.browser import PageWatch, in_browser, wait_until_decoding_more
+from support.browser import PageWatch, in_browser, open_sockets, wait_until_decoding_more
 from support.servers import StartServer, make_config
 
 #: Chromium told to send WebRTC media only through a proxy (there is none). Chromium 156 still
@@ -60,7 +60,7 @@ async def test_four_tiles_play_through_the_fallback_on_one_socket(
             "() => [...window.msTestPage.engines.values()].map((e) => e.transport)"
         )
         assert transports == ["fallback"] * 4
-        assert len(watch.sockets) == 1, [ws.url for ws in watch.sockets]
+        assert open_sockets(server.url)["open"] == 1
         return after  # type: ignore[no-any-return]
 
     playheads = await in_browser(scenario, flags=NO_WEBRTC)
@@ -76,7 +76,6 @@ async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: Sta
 
     def scenario(browser: Browser) -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        watch = PageWatch(page)
         page.goto(f"{server.url}/static/test-multi-stream.html?fallback=always")
         page.click("#connect-all")
         page.wait_for_function(
@@ -97,7 +96,7 @@ async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: Sta
                 (pill) => pill.textContent === 'live')"""
         )
         wait_until_decoding_more(page, ".stream-card video")
-        assert len(watch.sockets) == 1
+        assert open_sockets(server.url)["open"] == 1
 
     await in_browser(scenario)
 

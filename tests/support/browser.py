@@ -79,7 +79,12 @@ async def in_browser(scenario: Callable[..., T], *args: Any, flags: tuple[str, .
 
 
 class PageWatch:
-    """What a page did: its WebSockets, console errors and uncaught exceptions."""
+    """What a page did: its WebSockets, console errors and uncaught exceptions.
+
+    ``sockets`` are the page's own: where the browser shares one signaling socket between tabs
+    (the default in Chromium), it lives in a shared worker and the page has none; count the
+    server's sockets instead (``open_sockets``).
+    """
 
     def __init__(self, page: Page) -> None:
         self.sockets: list[Any] = []
@@ -96,6 +101,11 @@ def get_json(url: str) -> Any:
     """A blocking GET, for browser scenarios (which run in a thread)."""
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
+
+
+def open_sockets(base_url: str) -> dict[str, int]:
+    """The server's WebSockets, ``{"open": n, "opened": n}`` (``/api/stats``; an open server)."""
+    return get_json(f"{base_url}/api/stats")["sockets"]  # type: ignore[no-any-return]
 
 
 ALL_VIDEOS_PLAYING = """(selector) => {

@@ -1,8 +1,8 @@
 // @ts-check
 /**
  * The camera wall: every stream in a grid, all on one shared socket. A tile that scrolls out
- * of view, or a hidden tab, stops its stream (the server frees it); it resumes when visible.
- * Click a tile to enlarge it, click again or press Escape to put it back.
+ * of view (or is on another page of the layout), or a hidden tab, stops its stream (the server
+ * frees it); it resumes when visible. The layout, full screen and tile order are wall.js's.
  */
 (function () {
   'use strict';
@@ -12,6 +12,10 @@
   const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
   const wsStatus = /** @type {HTMLElement} */ (document.getElementById('ws-status'));
   const summary = /** @type {HTMLElement} */ (document.getElementById('summary'));
+  const byId = (/** @type {string} */ id) => /** @type {any} */ (document.getElementById(id));
+  const layout = new MediaStreamWall.Wall(wall, {
+    layout: byId('wall-layout'), previous: byId('wall-previous'), next: byId('wall-next'), page: byId('wall-page'),
+  });
 
   /** @typedef {{id: string, name: string, tile: HTMLElement, engine: WebRTCEngine, visible: boolean, state: string}} Tile */
   /** @type {Map<string, Tile>} */
@@ -99,9 +103,8 @@
       /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
         `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
     });
-    tileElement.addEventListener('click', () => enlarge(tileElement));
     tiles.set(stream.id, tile);
-    wall.append(tileElement);
+    layout.add(stream.id, tileElement);
     observer.observe(tileElement);
     if (stream.running) posterOf(tile);
   }
@@ -112,7 +115,7 @@
     if (!tile) return;
     tile.engine.disconnect();
     observer.unobserve(tile.tile);
-    tile.tile.remove();
+    layout.remove(streamId);
     tiles.delete(streamId);
     updateSummary();
   }
@@ -207,17 +210,6 @@
     }
   });
 
-  /** @param {HTMLElement} tileElement */
-  function enlarge(tileElement) {
-    const already = tileElement.classList.contains('enlarged');
-    for (const other of wall.querySelectorAll('.tile.enlarged')) other.classList.remove('enlarged');
-    if (!already) tileElement.classList.add('enlarged');
-  }
-
-  document.addEventListener('keydown', (event) => {
-    if (event.key === 'Escape') for (const t of wall.querySelectorAll('.tile.enlarged')) t.classList.remove('enlarged');
-  });
-
   /** @type {HTMLSelectElement} */ (document.getElementById('tile-size')).addEventListener('change', (event) => {
     wall.style.setProperty('--tile-min', /** @type {HTMLSelectElement} */ (event.target).value);
   });
@@ -236,5 +228,5 @@
       wall.replaceWith(el('p', { class: 'empty' }, [`Cannot list the streams: ${error.message}`]));
     });
 
-  window.msDashboard = { manager, tiles };
+  window.msDashboard = { manager, tiles, layout };
 })();

@@ -8,7 +8,7 @@ from playwright.sync_api import Browser
 from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import choose_owner
 
-from support.browser import ALL_VIDEOS_PLAYING, PageWatch, get_json, in_browser
+from support.browser import ALL_VIDEOS_PLAYING, PageWatch, get_json, in_browser, open_sockets
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 
@@ -48,7 +48,8 @@ async def test_the_wall_of_a_cluster_plays_tiles_of_both_nodes_and_names_their_o
         page.goto(f"{a.url}/static/dashboard.html")
         page.wait_for_function("document.querySelectorAll('.tile').length === 2")
         page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=30_000)
-        assert len(watch.sockets) == 1  # one socket, to node A, for tiles owned by A and B
+        # One socket, to node A (held by the browser's shared worker), for tiles owned by A and B.
+        assert open_sockets(a.url)["open"] == 1 and open_sockets(b.url)["open"] == 0
         owners = {s["id"]: s["owner"]["node"] for s in get_json(f"{a.url}/api/streams")["streams"]}
         assert owners == {on_a: "node-a", on_b: "node-b"}
 

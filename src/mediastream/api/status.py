@@ -22,7 +22,11 @@ def status_blueprint(services: Services) -> Blueprint:
 
     @status.route("/healthz")
     async def healthz() -> Any:
-        return jsonify({"status": "ok"})
+        response = jsonify({"status": "ok"})
+        if services.cluster is not None and services.cluster.node_id:
+            # Which node answered: behind a load balancer, or one port shared by workers.
+            response.headers["X-MediaStream-Node"] = services.cluster.node_id
+        return response
 
     @status.route("/metrics")
     async def metrics() -> Any:

@@ -34,6 +34,7 @@ Messages between nodes (envelope ``kind``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -60,11 +61,14 @@ from .leases import (
     NODE_RENEW_INTERVAL,
     LeaseState,
     NodeRecord,
+    NodeRegistration,
+    NodeState,
     StreamLease,
     current_owner,
     hold_stream_lease,
     live_nodes,
     owner_key,
+    register_node,
     run_node_registration,
 )
 from .placement import choose_owner
@@ -105,8 +109,10 @@ class RoutingStatistics:
 class ClusterNode:
     """Routing and ownership for one node (a :class:`Router` and an :class:`IngestGate`)."""
 
-    def __init__(self, config: Config, local: LocalRouter) -> None:
+    def __init__(self, config: Config, local: LocalRouter, *, worker: int | None = None) -> None:
         self._config = config
+        #: the index of this node among ``serve --workers N`` (None: a process of its own)
+        self._worker = worker
         #: set by the server once built (the registry is built with this node as its gate)
         self.registry: StreamRegistry | None = None
         self._local = local
@@ -126,6 +132,14 @@ class ClusterNode:
             weakref.WeakKeyDictionary()
         )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
+        #: RemoteSocket.run tasks still running (their outbox may still hold messages)
+        self._remote_running = 0
+        self._remote_changed = trio.Event()
+        self._registration: NodeRegistration | None = None
+        #: set by :meth:`drain`: no new streams, and the owned ones are handed over
+        self.draining = False
+        #: owned streams being handed over: their ingest stops, their lease is released
+        self._handing_over: set[str] = set()
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
@@ -145,7 +159,7 @@ class ClusterNode:
         released and the record deleted at once; a plain cancellation (the server's deadline)
         cancels the pool too, and they expire by themselves.
         """
-        self.node_id, public_url = node_identity(self._config.cluster, port)
+        self.node_id, public_url = node_identity(self._config.cluster, port, self._worker)
         try:
             async with open_redis(self._config.cluster.redis_url) as redis:
                 with self._stop_scope:
@@ -153,7 +167,9 @@ class ClusterNode:
                         self._redis = redis
                         self._nursery = nursery
                         record = NodeRecord(self.node_id, public_url)
-                        await nursery.start(run_node_registration, redis, record)
+                        self._registration = await nursery.start(
+                            run_node_registration, redis, record
+                        )
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
@@ -168,6 +184,105 @@ class ClusterNode:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # --- drain ------------------------------------------------------------------------------
+
+    async def drain(self, limit: float) -> None:
+        """Hand every stream this node owns over to the others, within ``limit`` seconds.
+
+        Called by the server on a shutdown request (SIGTERM), before its sockets close. The
+        node record turns ``draining`` (placement skips it from then on, and this node
+        claims nothing more); then, for each owned stream: its ingest stops, its lease is
+        released (another node may claim it at once), and the viewers whose sockets are on
+        other nodes are told ``peer_failed`` "…send a new offer": their re-offers are placed
+        on a serving node, which claims the stream. This node's own sockets are closed
+        afterwards by the server (1001), and their pages reconnect to another node. What was
+        not done within ``limit`` is left to the stop that follows (leases released, record
+        deleted) and to the other nodes' watchers.
+        """
+        if self._redis is None or self.draining:
+            return
+        self.draining = True
+        owned = sorted(s for s in self._owned if self.owns(s))
+        viewers = sum(remote.watching(owned) for remote in self._remote.values())
+        log.info(
+            'node "%s" draining: handing over %d streams (%d viewers on other nodes\' sockets), '
+            "at most %g s",
+            self.node_id, len(owned), viewers, limit,
+        )  # fmt: skip
+        began = trio.current_time()
+        with trio.move_on_after(limit) as bounded:
+            await self._announce_draining()
+            async with trio.open_nursery() as handovers:
+                for stream_id in owned:
+                    handovers.start_soon(self._hand_over, stream_id)
+            # Until every remote socket's outbox is out: its peer_failed and ended messages.
+            while self._remote_running:
+                await self._remote_changed.wait()
+            new_owners = await self._owners_of(owned)
+        took = trio.current_time() - began
+        if bounded.cancelled_caught:
+            log.warning(
+                'node "%s": drain cut off after %g s; %d streams still owned here, %d remote '
+                "sockets still open (they end with the node)",
+                self.node_id, limit, len(self._owned), len(self._remote),
+            )  # fmt: skip
+            return
+        log.info(
+            'node "%s" drained in %.1f s: %s',
+            self.node_id, took,
+            ", ".join(f"{s} -> {new_owners.get(s) or 'not claimed yet'}" for s in owned)
+            or "it owned no streams",
+        )  # fmt: skip
+
+    async def _announce_draining(self) -> None:
+        """Write the record as ``draining`` now (not at the next renewal): placement on the
+        other nodes must skip this node before any of its streams is released."""
+        assert self._redis is not None
+        if self._registration is None:
+            return
+        record = dataclasses.replace(self._registration.record, state=NodeState.DRAINING)
+        self._registration.update(record)
+        try:
+            await register_node(self._redis, record)
+        except RedisUnavailable as exc:
+            log.warning("%s; the record turns draining at its next renewal", exc)
+
+    async def _hand_over(self, stream_id: str) -> None:
+        lease = self._owned.get(stream_id)
+        assert self.registry is not None
+        stream = self.registry.get(stream_id)
+        if lease is None or stream is None or lease.state is not LeaseState.HELD:
+            return
+        # The ingest stops before the lease is released: never two readers of one camera.
+        self._handing_over.add(stream_id)
+        lease.cancel_users()
+        stream.changes.notify()
+        await stream.changes.wait_until(lambda: not stream.source_running)
+        # ``_own`` releases the lease (compare-and-DEL) and forgets it.
+        await stream.changes.wait_until(lambda: self._owned.get(stream_id) is not lease)
+        self._handing_over.discard(stream_id)
+        # Released before the viewers are told: their re-offers find nobody holding it.
+        reason = f'node "{self.node_id}" is shutting down and handed the stream over'
+        for remote in list(self._remote.values()):
+            remote.end_stream(stream_id, reason)
+
+    async def _owners_of(self, stream_ids: list[str]) -> dict[str, str]:
+        """Who owns each stream now, for the drain's log (best effort)."""
+        assert self._redis is not None
+        redis = self._redis
+        owners: dict[str, str] = {}
+        for stream_id in stream_ids:
+            with contextlib.suppress(ClusterError):
+                owner = await current_owner(redis, stream_id)
+                if owner is not None:
+                    owners[stream_id] = owner.node_id
+        return owners
+
+    def _remote_started(self, on: bool) -> None:
+        self._remote_running += 1 if on else -1
+        self._remote_changed.set()
+        self._remote_changed = trio.Event()
 
     async def _keep_inbox(self, redis: Redis) -> None:
         while True:
@@ -210,7 +325,7 @@ class ClusterNode:
 
     def may_ingest(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        if lease is None:
+        if lease is None or stream_id in self._handing_over:
             return False
         try:
             lease.check()
@@ -229,20 +344,30 @@ class ClusterNode:
 
     def owns(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        return lease is not None and lease.state is LeaseState.HELD
+        return (
+            lease is not None
+            and lease.state is LeaseState.HELD
+            and stream_id not in self._handing_over
+        )
 
     async def claim(self, stream: Stream) -> StreamLease:
         """Own ``stream`` (claim its lease unless held); its ingest may then start.
 
         Raises:
             OwnedElsewhere: another node holds it.
+            ClusterError: this node is draining.
             RedisUnavailable
         """
         lock = self._claims.setdefault(stream.id, trio.Lock())
         async with lock:
             lease = self._owned.get(stream.id)
-            if lease is not None and lease.state is LeaseState.HELD:
+            if lease is not None and self.owns(stream.id):
                 return lease
+            if self.draining:
+                raise ClusterError(
+                    f'node "{self.node_id}" is shutting down and takes no new streams, and no '
+                    "other node serves"
+                )
             assert self._nursery is not None and self._redis is not None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
@@ -270,6 +395,7 @@ class ClusterNode:
                     lambda: (
                         held.state is not LeaseState.HELD
                         or (stream.viewers == 0 and not stream.source_running)
+                        or (stream.id in self._handing_over and not stream.source_running)
                     )
                 )
                 holder.cancel_scope.cancel()
@@ -423,6 +549,11 @@ class ClusterNode:
             await _reply(
                 bus, envelope, {"error": "stream_unavailable", "message": stream.unavailable}
             )
+            return
+        if self.draining:
+            # The socket's node places the stream again; this record already says draining.
+            message = f'node "{self.node_id}" is shutting down'
+            await _reply(bus, envelope, {"error": "draining", "message": message})
             return
         try:
             lease = await self.claim(stream)
@@ -605,7 +736,7 @@ class RoutedSession:
             )  # fmt: skip
             answer = reply.payload if isinstance(reply.payload, dict) else {}
             error = answer.get("error")
-            if error in ("owned_elsewhere", "stale"):
+            if error in ("owned_elsewhere", "stale", "draining"):
                 self._node._relaying(self, False)
                 self.owner = ""
                 continue
@@ -702,6 +833,7 @@ class RemoteSocket:
         self._label = f'node "{node_id}" socket #{socket_id}'
 
     async def run(self) -> None:
+        self._node._remote_started(True)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -710,6 +842,11 @@ class RemoteSocket:
         finally:
             self.closing = True
             self._node._forget_remote(self)
+            self._node._remote_started(False)
+
+    def watching(self, stream_ids: list[str]) -> int:
+        """How many of ``stream_ids`` this socket watches here."""
+        return sum(stream_id in self._sessions for stream_id in stream_ids)
 
     def start_session(self, stream: Stream, offer: Offer, epoch: int, relay: str) -> None:
         old = self._sessions.get(stream.id)

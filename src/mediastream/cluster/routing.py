@@ -228,11 +228,10 @@ class ClusterNode:
                 self.node_id, limit, len(self._owned), len(self._remote),
             )  # fmt: skip
             return
+        handed = [f"{s} -> {new_owners.get(s) or 'released, not claimed again yet'}" for s in owned]
         log.info(
             'node "%s" drained in %.1f s: %s',
-            self.node_id, took,
-            ", ".join(f"{s} -> {new_owners.get(s) or 'not claimed yet'}" for s in owned)
-            or "it owned no streams",
+            self.node_id, took, ", ".join(handed) or "it owned no streams",
         )  # fmt: skip
 
     async def _announce_draining(self) -> None:

@@ -1,0 +1,273 @@
+"""``mediastream serve --workers N`` and drain, with real processes and a real redis-server.
+
+The workers test runs the real command (a parent and its worker processes on one port); the
+drain test runs node A as a ``mediastream serve`` subprocess (it gets a real SIGTERM) and node
+B in this process, with aiortc viewers holding one signaling socket each.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
+from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.redis_client import open_redis
+from mediastream.cluster.routing import ClusterNode
+from mediastream.server import RunningServer
+
+from support.http import get
+from support.redis import RedisServer
+from support.servers import StartServer, make_config
+from support.viewer import open_viewer
+
+PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
+MEDIASTREAM = [sys.executable, "-m", "mediastream"]
+SRC = Path(__file__).parents[2] / "src"
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+
+
+class ProcessLog:
+    """What a process writes to stderr, read as it comes; waits match it from a position on."""
+
+    def __init__(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        self._stderr = process.stderr
+        self.text = ""
+
+    async def wait_for(self, pattern: str, *, after: int = 0, timeout: float = 30) -> re.Match[str]:
+        """The first match of ``pattern`` in the log at or after offset ``after``."""
+        with trio.fail_after(timeout):
+            while (found := re.compile(pattern).search(self.text, after)) is None:
+                chunk = await self._stderr.receive_some()
+                assert chunk, f"the process ended before {pattern!r}:\n{self.text}"
+                self.text += chunk.decode(errors="replace")
+        return found
+
+    async def read_to_end(self, timeout: float = 30) -> str:
+        with trio.fail_after(timeout):
+            while chunk := await self._stderr.receive_some():
+                self.text += chunk.decode(errors="replace")
+        return self.text
+
+
+@asynccontextmanager
+async def running_command(*args: str) -> AsyncIterator[tuple[trio.Process, ProcessLog]]:
+    """``mediastream …`` as a subprocess; SIGKILLed by its PID afterwards if still running."""
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, [*MEDIASTREAM, *args], stderr=subprocess.PIPE, check=False,
+                env=ENV,
+            )
+        )  # fmt: skip
+        try:
+            yield process, ProcessLog(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+def config_file(
+    path: Path, redis: RedisServer, stream_ids: list[str], *, node_id: str = "", port: int = 0
+) -> Path:
+    streams = "".join(
+        f'[[streams]]\nid = "{s}"\nsource = "{PATTERN}"\non_demand = true\n\n' for s in stream_ids
+    )
+    node = f'node_id = "{node_id}"\n' if node_id else ""
+    path.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\ngraceful_timeout = 3\n'
+        f'data_dir = "{path.parent / (node_id or "workers")}"\n\n'
+        f"[media]\non_demand_grace = 1\n\n"
+        f'[cluster]\nredis_url = "{redis.url}"\n{node}drain_timeout = 10\n\n{streams}'
+    )
+    return path
+
+
+async def nodes_answering(url: str, expected: int, attempts: int = 200) -> set[str]:
+    """The node ids that answer ``/healthz`` on ``url`` over fresh connections, until
+    ``expected`` different ones have (or ``attempts`` requests were made)."""
+    seen: set[str] = set()
+    for _ in range(attempts):
+        response = await get(f"{url}/healthz")
+        assert response.status == 200
+        seen.add(response.headers["x-mediastream-node"])
+        if len(seen) == expected:
+            break
+    return seen
+
+
+async def test_two_workers_share_one_port_a_killed_worker_is_restarted_sigterm_ends_all(
+    redis_server: RedisServer, tmp_path: Path, aio_loop: None
+) -> None:
+    config = config_file(tmp_path / "workers.toml", redis_server, ["cam-1", "cam-2"])
+    async with running_command("serve", "--config", str(config), "--workers", "2") as (
+        parent,
+        log,
+    ):
+        port = int((await log.wait_for(r"2 workers on http://127\.0\.0\.1:(\d+)"))[1])
+        url = f"http://127.0.0.1:{port}"
+        pids = {}
+        for index in (0, 1):
+            pids[index] = int((await log.wait_for(rf"worker {index} started \(pid (\d+)\)"))[1])
+            await log.wait_for(rf'cluster node "[^"]+-{port}-w{index}" .* started')
+        names = {f"{socket.gethostname()}-{port}-w{index}" for index in (0, 1)}
+        async with open_redis(redis_server.url) as client:
+            assert {n.node_id for n in await live_nodes(client)} == names
+        # Both workers accept on the one port.
+        assert await nodes_answering(url, 2) == names
+
+        # A stream played through the shared port decodes (one worker owns it).
+        async with open_viewer(f"ws://127.0.0.1:{port}/ws") as viewer:
+            played = await viewer.play("cam-1", trickle=True)
+            await played.wait_frames(5)
+
+        # A worker killed without a word is started again by the parent.
+        mark = len(log.text)
+        os.kill(pids[0], signal.SIGKILL)
+        await log.wait_for(rf"worker 0 \(pid {pids[0]}\) was killed by SIGKILL", after=mark)
+        restarted = int((await log.wait_for(r"worker 0 started \(pid (\d+)\)", after=mark))[1])
+        assert restarted != pids[0]
+        await log.wait_for(r'cluster node "[^"]+-w0" .* started', after=mark)
+        assert await nodes_answering(url, 2) == names
+        async with open_viewer(f"ws://127.0.0.1:{port}/ws") as viewer:
+            await (await viewer.play("cam-2", trickle=True)).wait_frames(5)
+
+        # SIGTERM to the parent: forwarded, every worker drains and stops, the parent last.
+        parent.send_signal(signal.SIGTERM)
+        text = await log.read_to_end()
+        with trio.fail_after(30):
+            await parent.wait()
+    assert parent.returncode == 0, text
+    assert text.count("SIGTERM received, shutting down") == 2, text
+    assert len(re.findall(r'node "[^"]+" drained in', text)) == 2, text
+    assert "all workers stopped (exit status 0)" in text
+    assert "Traceback" not in text
+    for pid in (pids[1], restarted):
+        assert not _running(pid)
+    async with open_redis(redis_server.url) as client:
+        assert await live_nodes(client) == []
+
+
+async def test_workers_without_redis_is_refused_naming_the_option(tmp_path: Path) -> None:
+    config = tmp_path / "alone.toml"
+    config.write_text('[server]\nhost = "127.0.0.1"\nport = 0\n')
+    async with running_command("serve", "--config", str(config), "--workers", "2") as (
+        process,
+        log,
+    ):
+        text = await log.read_to_end()
+        with trio.fail_after(10):
+            await process.wait()
+    assert process.returncode == 2
+    assert "--workers 2 needs [cluster] redis_url" in text
+    assert "Traceback" not in text
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --- drain ---------------------------------------------------------------------------------
+
+NODES = ("node-a", "node-b")
+
+
+def stream_placed_on(node_id: str, skip: int = 0) -> str:
+    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+    found = [
+        s
+        for s in (f"cam-{i}" for i in range(64))
+        if (owner := choose_owner(s, records)) is not None and owner.node_id == node_id
+    ]
+    return found[skip]
+
+
+def cluster_of(server: RunningServer) -> ClusterNode:
+    cluster = server.services.cluster
+    assert cluster is not None
+    return cluster
+
+
+async def test_drain_hands_a_stream_over_and_its_remote_viewer_plays_again_from_one_new_ingest(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    on_a, on_b = stream_placed_on("node-a"), stream_placed_on("node-b")
+    streams = [on_a, on_b]
+    b = await start_server(
+        make_config(
+            [{"id": s, "source": PATTERN, "on_demand": True} for s in streams],
+            cluster={"redis_url": redis_server.url, "node_id": "node-b"},
+        )
+    )
+    await cluster_of(b)._started.wait()
+    config = config_file(tmp_path / "a.toml", redis_server, streams, node_id="node-a")
+    async with (
+        running_command("serve", "--config", str(config)) as (a, log),
+        open_redis(redis_server.url) as client,
+    ):
+        port = int(
+            (await log.wait_for(r"MediaStream serving \d+ streams on http://[\d.]+:(\d+)"))[1]
+        )
+        await log.wait_for(r'cluster node "node-a"')
+        async with (
+            open_viewer(b.ws_url) as viewer,
+            open_viewer(f"ws://127.0.0.1:{port}/ws") as on_a_socket,
+        ):
+            # B's socket watches A's stream (relayed, media from A); A's socket watches B's.
+            first = await viewer.play(on_a, trickle=True)
+            await first.wait_frames(5)
+            assert cluster_of(b).statistics().relayed_sessions == 1
+            assert ingests(b, on_a) == 0
+            await (await on_a_socket.play(on_b, trickle=True)).wait_frames(3)
+            owner = await current_owner(client, on_a)
+            assert owner is not None and owner.node_id == "node-a"
+
+            mark = len(viewer.messages)
+            a.send_signal(signal.SIGTERM)
+            told = await viewer.wait_for(
+                lambda m: m.get("streamId") == on_a and m.get("type") == "error",
+                after=mark,
+                timeout=30,
+            )
+            assert told["code"] == "peer_failed", told
+            assert "handed the stream over" in told["payload"], told
+            assert "send a new offer" in told["payload"], told
+            # Handed over: nobody holds the lease until a viewer comes back, and A's record
+            # says draining, so the re-offer places the stream on B.
+            again = await viewer.play(on_a, trickle=True)
+            await again.wait_frames(5)
+            assert on_a in cluster_of(b).statistics().owned_streams
+            assert ingests(b, on_a) == 1  # exactly one new camera session, on B
+            # A's own socket is closed as going away once the handover is done.
+            code, _ = await on_a_socket.wait_closed(timeout=30)
+            assert code == 1001
+        text = await log.read_to_end()
+        with trio.fail_after(30):
+            await a.wait()
+    assert a.returncode == 0, text
+    assert re.search(r'node "node-a" draining: handing over 1 streams \(1 viewers', text), text
+    assert 'node "node-a" drained in' in text, text
+    assert "Traceback" not in text
+
+
+def ingests(server: RunningServer, stream_id: str) -> int:
+    stream = server.services.registry.get(stream_id)
+    assert stream is not None
+    return stream.statistics().encoders_opened

@@ -56,7 +56,7 @@ from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus
 from .envelope import Envelope
-from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
+from .errors import ClusterError, OwnedElsewhere, OwnerGone, RedisUnavailable, RequestTimeout
 from .leases import (
     NODE_RENEW_INTERVAL,
     LeaseState,
@@ -684,6 +684,13 @@ class RoutedSession:
         try:
             with self._cancel_scope:
                 await self._route(label)
+        except (OwnerGone, RequestTimeout) as exc:
+            # The owner died (or does not answer) and its record has not expired yet. Not
+            # final: the page re-offers after its backoff, and the stream is placed again
+            # once the record (and then the lease) has expired. stream_unavailable would
+            # make the page give the tile up.
+            self._end_reason = str(exc)
+            self._error(ErrorCode.PEER_FAILED, f"{exc}; send a new offer to play it again")
         except ClusterError as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")

@@ -389,7 +389,9 @@ class ClusterNode:
                 # Released when idle: no viewer came within the grace, or all have left and the
                 # source has stopped (the supervisor's own grace).
                 with trio.move_on_after(CLAIM_GRACE):
-                    await stream.changes.wait_until(lambda: stream.viewers > 0)
+                    await stream.changes.wait_until(
+                        lambda: stream.viewers > 0 or stream.id in self._handing_over
+                    )
                 await stream.changes.wait_until(
                     lambda: (
                         held.state is not LeaseState.HELD

@@ -246,10 +246,11 @@ def measure(url: str, pid: int, viewers: dict[str, int], seconds: float) -> dict
 
 def ramp(
     what: str, workers: int, steps: list[int], args: argparse.Namespace, camera_port: int,
-    redis_port: int, tmp: Path,
+    redis_port: int, tmp: Path, baseline: dict[str, float],
 ) -> list[dict[str, Any]]:  # fmt: skip
+    """Step the load up until a step is not held; ``baseline`` keeps the first step's packet
+    rate per viewer for each ``what``, shared by every worker count."""
     results: list[dict[str, Any]] = []
-    baseline: float | None = None
     for step in steps:
         port = free_port()
         nodes = node_ids(workers, port)
@@ -266,8 +267,8 @@ def ramp(
         if what == "cameras":
             result["cameras"] = step
         rate = result["packets_per_s_per_viewer"]
-        baseline = baseline or rate
-        result["held"] = result["loss_percent"] < args.loss and rate >= MIN_RATE_SHARE * baseline
+        expected = baseline.setdefault(what, rate)
+        result["held"] = result["loss_percent"] < args.loss and rate >= MIN_RATE_SHARE * expected
         results.append(result)
         print(
             f"{what}: {workers} worker(s), {step}: loss {result['loss_percent']:.2f} %, "
@@ -306,6 +307,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
     results: list[dict[str, Any]] = []
+    baseline: dict[str, float] = {}
     with (
         rtsp_camera(prime=MOUNT) as camera_port,
         redis_server() as redis_port,
@@ -314,7 +316,9 @@ def main() -> None:
         for what in whats:
             steps = [int(s) for s in getattr(args, what).split(",")]
             for workers in worker_counts:
-                results += ramp(what, workers, steps, args, camera_port, redis_port, Path(tmp))
+                results += ramp(
+                    what, workers, steps, args, camera_port, redis_port, Path(tmp), baseline
+                )
 
     print(f"\nCluster capacity (loss limit {args.loss} %, {args.seconds:.0f} s per step)")
     print_table(

@@ -2,7 +2,7 @@
 
     python benchmarks/cluster_capacity.py [--what viewers,cameras] [--workers 1,2]
         [--viewers 40,80,120,160,200] [--cameras 8,16,24,32,40] [--streams 4]
-        [--seconds 20] [--loss 0.5] [--json out.json]
+        [--seconds 20] [--loss 0.5] [--server-cpus 0,1 --viewer-cpus 2-7] [--json out.json]
 
 A real ``redis-server`` (loopback, no persistence), the GStreamer test camera, and
 ``mediastream serve --workers N`` with ``[cluster] redis_url`` (N = 1 is one cluster node).
@@ -23,8 +23,11 @@ A step fails when the loss reaches the limit, or when its viewers receive less t
 the packet rate per viewer of the first step (a camera not read, a server behind).
 
 Reported per step: loss, packets/s delivered, the server's CPU (the parent and its workers)
-and the viewers' CPU. Everything — camera, Redis, server, load generators — shares this
-machine's cores: where the viewers' own CPU is what runs out, the step says so.
+and the viewers' CPU. Unpinned, everything — camera, Redis, server, load generators — shares
+the machine's cores. The load generator costs ~3× the server per packet (docs/benchmarks.md),
+so on a 2-core machine it runs out long before one worker does: measuring what a second
+worker adds needs cores for the viewers beyond the server's (``--server-cpus 0,1
+--viewer-cpus 2-7`` on an 8-core machine).
 """
 
 from __future__ import annotations
@@ -148,8 +151,9 @@ def process_tree_cpu(pid: int) -> float:
 
 @contextmanager
 def cluster_server(
-    workers: int, streams: list[str], camera_url: str, redis_port: int, port: int, tmp: Path
-) -> Iterator[tuple[str, int]]:
+    workers: int, streams: list[str], camera_url: str, redis_port: int, port: int, tmp: Path,
+    cpus: str | None = None,
+) -> Iterator[tuple[str, int]]:  # fmt: skip
     config = tmp / f"cluster-{workers}.toml"
     config.write_text(
         BENCH_LIMITS
@@ -162,8 +166,9 @@ def cluster_server(
     )
     log_level = os.environ.get("BENCH_LOG_LEVEL", "warning")
     process = subprocess.Popen(
-        [PYTHON, "-m", "mediastream", "serve", "--config", str(config), "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", log_level, "--workers", str(workers)],
+        [*(["taskset", "-c", cpus] if cpus else []), PYTHON, "-m", "mediastream", "serve",
+         "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", log_level, "--workers", str(workers)],
         cwd=ROOT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -189,19 +194,33 @@ def viewer_stats(processes: list[subprocess.Popen[str]]) -> tuple[int, int]:
     received = lost = 0
     for process in processes:
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write("stats\n")
-        process.stdin.flush()
-        line = json.loads(process.stdout.readline())
+        try:
+            process.stdin.write("stats\n")
+            process.stdin.flush()
+            line = json.loads(process.stdout.readline())
+        except (BrokenPipeError, json.JSONDecodeError):
+            raise StepFailed(f"a viewers process ended early (pid {process.pid})") from None
         received += line["packetsReceived"]
         lost += line["packetsLost"]
     return received, lost
 
 
-def measure(url: str, pid: int, viewers: dict[str, int], seconds: float) -> dict[str, Any]:
-    """``viewers``: stream id -> viewer count (one viewers.py process per stream)."""
+class StepFailed(Exception):
+    """A viewers.py process ended early (it prints why: a server error, a connect failure)."""
+
+
+def measure(
+    url: str, pid: int, viewers: dict[str, int], seconds: float, cpus: str | None = None
+) -> dict[str, Any]:
+    """``viewers``: stream id -> viewer count (one viewers.py process per stream).
+
+    Raises:
+        StepFailed
+    """
     processes = [
         subprocess.Popen(
             [
+                *(["taskset", "-c", cpus] if cpus else []),
                 PYTHON,
                 str(ROOT / "benchmarks" / "viewers.py"),
                 url.replace("http", "ws") + "/ws",
@@ -231,7 +250,11 @@ def measure(url: str, pid: int, viewers: dict[str, int], seconds: float) -> dict
             if process.stdin is not None:
                 process.stdin.close()
         for process in processes:
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     received, lost = received_after - received_before, lost_after - lost_before
     return {
         "viewers": sum(viewers.values()),
@@ -262,8 +285,18 @@ def ramp(
             load = dict.fromkeys(streams, 1)
         camera = f"rtsp://127.0.0.1:{camera_port}{MOUNT}"
         _redis_command(redis_port, "FLUSHALL")
-        with cluster_server(workers, streams, camera, redis_port, port, tmp) as (url, pid):
-            result = {"what": what, "workers": workers, **measure(url, pid, load, args.seconds)}
+        server = cluster_server(workers, streams, camera, redis_port, port, tmp, args.server_cpus)
+        try:
+            with server as (url, pid):
+                measured = measure(url, pid, load, args.seconds, args.viewer_cpus)
+        except (StepFailed, SystemExit) as exc:  # join_together exits on a failed join
+            print(f"{what}: {workers} worker(s), {step}: FAILED: {exc}", flush=True)
+            measured = {
+                "viewers": sum(load.values()), "streams": len(load), "loss_percent": 100.0,
+                "packets_per_s": 0.0, "packets_per_s_per_viewer": 0.0,
+                "server_cpu_percent": 0.0, "viewers_cpu_percent": 0.0, "error": str(exc),
+            }  # fmt: skip
+        result = {"what": what, "workers": workers, **measured}
         if what == "cameras":
             result["cameras"] = step
         rate = result["packets_per_s_per_viewer"]
@@ -300,6 +333,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--loss", type=float, default=0.5, help="loss limit, percent")
+    parser.add_argument("--server-cpus", help="pin the server (parent and workers): taskset -c")
+    parser.add_argument("--viewer-cpus", help="pin the load generators: taskset -c")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     whats = args.what.split(",")

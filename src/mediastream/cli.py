@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return _print_token(args, config)
-    setup_logging(config.server.log_level, config.server.log_format)
+    setup_logging(config.server.log_level, config.server.log_format, worker=args.worker)
     if args.config is None and args.worker is None:
         log.info("no --config given: serving the built-in demo streams")
     try:

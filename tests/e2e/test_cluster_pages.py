@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import choose_owner
 
 from support.browser import ALL_VIDEOS_PLAYING, PageWatch, in_browser, wait_until_decoding_more
+from support.commands import running_command
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.tcp_proxy import TcpProxy
@@ -129,3 +132,74 @@ async def test_the_socket_node_killed_the_page_reconnects_through_the_balancer_a
     for stream_id in ON_A:  # each of A's cameras read again once, by B
         stream = b.services.registry.get(stream_id)
         assert stream is not None and stream.statistics().encoders_opened == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_with_two_workers_the_socket_worker_killed_the_page_comes_back_on_the_same_port(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    port = free_port()  # known in advance: the workers' node ids, and so placement, use it
+    workers = [f"{socket.gethostname()}-{port}-w{k}" for k in (0, 1)]
+    records = [NodeRecord(n, f"http://{n}") for n in workers]
+    streams: list[str] = []
+    for k in (0, 1):  # two streams placed on each worker
+        streams += [
+            s
+            for s in (f"cam-{i}" for i in range(64))
+            if (owner := choose_owner(s, records)) is not None and owner.node_id == workers[k]
+        ][:2]
+    config = tmp_path / "workers.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f"[media]\non_demand_grace = 1\n\n"
+        f'[cluster]\nredis_url = "{redis_server.url}"\n\n'
+        + "".join(
+            f'[[streams]]\nid = "{s}"\nsource = "{PATTERN}"\non_demand = true\n\n'
+            for s in sorted(streams)
+        )
+    )
+    token = trio.lowlevel.current_trio_token()
+    async with running_command("serve", "--config", str(config), "--workers", "2") as (
+        parent,
+        log,
+    ):
+        for k in (0, 1):
+            await log.wait_for(rf'cluster node "{workers[k]}" .* started')
+
+        async def kill_the_sockets_worker() -> None:
+            opened = await log.wait_for(r"\[w(\d)\] mediastream\.signaling: .*socket opened")
+            assert log.text.count("socket opened") == 1, log.text  # the page's one socket
+            index = int(opened[1])
+            pid = int(re.findall(rf"worker {index} started \(pid (\d+)\)", log.text)[-1])
+            os.kill(pid, signal.SIGKILL)
+            await log.wait_for(rf"worker {index} \(pid {pid}\) was killed by SIGKILL")
+
+        def scenario(browser: Browser) -> None:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            watch = PageWatch(page)
+            page.goto(f"http://127.0.0.1:{port}/static/dashboard.html")
+            page.wait_for_function("document.querySelectorAll('.tile').length === 4")
+            page.wait_for_function(TILES_LIVE, timeout=30_000)
+            page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
+            trio.from_thread.run(kill_the_sockets_worker, trio_token=token)
+            page.wait_for_function(SOME_TILE_DOWN, timeout=15_000)
+            # The manager reconnects on the same port (to the other worker, or the restarted
+            # one) and every tile plays again; the killed worker's streams once its leases
+            # have expired.
+            page.wait_for_function(TILES_LIVE, timeout=60_000)
+            wait_until_decoding_more(page, ".tile video", timeout=30_000)
+            assert len(watch.sockets) == 2
+            assert watch.sockets[0].is_closed() and not watch.sockets[1].is_closed()
+            assert page.evaluate(PILLS) == ["live"] * 4
+
+        await in_browser(scenario)
+        parent.send_signal(signal.SIGTERM)
+        text = await log.read_to_end()
+        with trio.fail_after(30):
+            await parent.wait()
+    assert parent.returncode == 0, text

@@ -7,15 +7,10 @@ B in this process, with aiortc viewers holding one signaling socket each.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -26,58 +21,13 @@ from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
+from support.commands import running_command
 from support.http import get
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import open_viewer
 
 PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
-MEDIASTREAM = [sys.executable, "-m", "mediastream"]
-SRC = Path(__file__).parents[2] / "src"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-
-
-class ProcessLog:
-    """What a process writes to stderr, read as it comes; waits match it from a position on."""
-
-    def __init__(self, process: trio.Process) -> None:
-        assert process.stderr is not None
-        self._stderr = process.stderr
-        self.text = ""
-
-    async def wait_for(self, pattern: str, *, after: int = 0, timeout: float = 30) -> re.Match[str]:
-        """The first match of ``pattern`` in the log at or after offset ``after``."""
-        with trio.fail_after(timeout):
-            while (found := re.compile(pattern).search(self.text, after)) is None:
-                chunk = await self._stderr.receive_some()
-                assert chunk, f"the process ended before {pattern!r}:\n{self.text}"
-                self.text += chunk.decode(errors="replace")
-        return found
-
-    async def read_to_end(self, timeout: float = 30) -> str:
-        with trio.fail_after(timeout):
-            while chunk := await self._stderr.receive_some():
-                self.text += chunk.decode(errors="replace")
-        return self.text
-
-
-@asynccontextmanager
-async def running_command(*args: str) -> AsyncIterator[tuple[trio.Process, ProcessLog]]:
-    """``mediastream …`` as a subprocess; SIGKILLed by its PID afterwards if still running."""
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, [*MEDIASTREAM, *args], stderr=subprocess.PIPE, check=False,
-                env=ENV,
-            )
-        )  # fmt: skip
-        try:
-            yield process, ProcessLog(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
 
 
 def config_file(

@@ -89,6 +89,10 @@ CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
 _T = TypeVar("_T")
 
 
+class OwnerChanging(ClusterError):
+    """The owner named for a stream refused its offer twice (it is moving): try again."""
+
+
 @dataclass(frozen=True)
 class RoutingStatistics:
     #: offers served by a session of this node on a stream it already owned (no Redis)
@@ -452,17 +456,27 @@ class ClusterNode:
         redis = self._redis
         while True:
             owner = await self._redis_call(lambda: current_owner(redis, stream.id))
-            if owner is None or owner.node_id == self.node_id:
+            if owner is None:
                 break
-            nodes = await self._redis_call(lambda: live_nodes(redis))
-            if owner.node_id in {node.node_id for node in nodes}:
-                return owner.node_id, owner.epoch
-            # The owner's record expired (it died); its lease outlives it by design (an owner
-            # frozen past it must stop first). Wait until Redis lets the stream go.
+            if owner.node_id == self.node_id:
+                claiming = self._claims.get(stream.id)
+                if stream.id in self._owned or (claiming is not None and claiming.locked()):
+                    break  # ours, or being claimed here right now
+                # A lease of this node's previous life: it restarted under the same id (a
+                # worker of --workers restarted by its parent) before the lease expired. It
+                # cannot be adopted (a twin with the same id would look the same): wait.
+                why = "an earlier run of this node"
+            else:
+                nodes = await self._redis_call(lambda: live_nodes(redis))
+                if owner.node_id in {node.node_id for node in nodes}:
+                    return owner.node_id, owner.epoch
+                # The owner's record expired (it died); its lease outlives it by design (an
+                # owner frozen past it must stop first). Wait until Redis lets the stream go.
+                why = f'owner node "{owner.node_id}", gone'
             remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
             log.info(
-                'stream "%s": owner node "%s" is gone; its lease expires in %d ms',
-                stream.id, owner.node_id, remaining,
+                'stream "%s": held by %s; its lease expires in %d ms',
+                stream.id, why, remaining,
             )  # fmt: skip
             await trio.sleep(max(remaining, 50) / 1000)
         nodes = await self._redis_call(lambda: live_nodes(redis))
@@ -586,7 +600,8 @@ class ClusterNode:
             self._crossing.set()
             assert self._nursery is not None
             self._nursery.start_soon(remote.run)
-            await remote.ready.wait()
+        # Also when another offer of the same socket created it a moment ago: it may not run yet.
+        await remote.ready.wait()
         offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
         # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
         # and the relayed session accepts the owner's messages before it knows the epoch.
@@ -686,11 +701,11 @@ class RoutedSession:
         try:
             with self._cancel_scope:
                 await self._route(label)
-        except (OwnerGone, RequestTimeout) as exc:
-            # The owner died (or does not answer) and its record has not expired yet. Not
+        except (OwnerGone, RequestTimeout, OwnerChanging) as exc:
+            # The owner died (or does not answer) and its record has not expired yet, or the
+            # stream is moving (a drain, a restarted node waiting out its old lease). Not
             # final: the page re-offers after its backoff, and the stream is placed again
-            # once the record (and then the lease) has expired. stream_unavailable would
-            # make the page give the tile up.
+            # once it has settled. stream_unavailable would make the page give the tile up.
             self._end_reason = str(exc)
             self._error(ErrorCode.PEER_FAILED, f"{exc}; send a new offer to play it again")
         except ClusterError as exc:
@@ -762,7 +777,7 @@ class RoutedSession:
             log.info('%s: relayed to node "%s" (epoch %d)', label, node_id, self.epoch)
             await self._relay_candidates()
             return
-        raise ClusterError(f'stream "{self.stream.id}" changed owners during its offer; try again')
+        raise OwnerChanging(f'stream "{self.stream.id}" changed owners during its offer; try again')
 
     async def _relay_candidates(self) -> None:
         async with self._candidates_out:

@@ -88,6 +88,8 @@ class _Supervisor:
             )
             self.workers[index] = process
             log.info("worker %d started (pid %d)", index, process.pid)
+            if self.stopping.is_set():  # stop() came while it was being started
+                process.send_signal(signal.SIGTERM)
             await process.wait()
             if self.stopping.is_set():
                 return

@@ -95,14 +95,24 @@ async def test_two_workers_share_one_port_a_killed_worker_is_restarted_sigterm_e
         async with open_viewer(f"ws://127.0.0.1:{port}/ws") as viewer:
             await (await viewer.play("cam-2", trickle=True)).wait_frames(5)
 
+        # SIGTERM to one worker: it drains and exits cleanly, and the parent starts it again.
+        mark = len(log.text)
+        os.kill(restarted, signal.SIGTERM)
+        await log.wait_for(
+            r'\[w0\] mediastream\.cluster\.routing: node "[^"]+" drained in', after=mark
+        )
+        await log.wait_for(rf"worker 0 \(pid {restarted}\) exited with status 0", after=mark)
+        restarted = int((await log.wait_for(r"worker 0 started \(pid (\d+)\)", after=mark))[1])
+        await log.wait_for(r'cluster node "[^"]+-w0" .* started', after=mark)
+
         # SIGTERM to the parent: forwarded, every worker drains and stops, the parent last.
         parent.send_signal(signal.SIGTERM)
         text = await log.read_to_end()
         with trio.fail_after(30):
             await parent.wait()
     assert parent.returncode == 0, text
-    assert text.count("SIGTERM received, shutting down") == 2, text
-    assert len(re.findall(r'node "[^"]+" drained in', text)) == 2, text
+    assert text.count("SIGTERM received, shutting down") == 3, text  # one worker, then both
+    assert len(re.findall(r'node "[^"]+" drained in', text)) == 3, text
     assert "all workers stopped (exit status 0)" in text
     assert "Traceback" not in text
     for pid in (pids[1], restarted):

@@ -231,3 +231,31 @@ def ingests(server: RunningServer, stream_id: str) -> int:
     stream = server.services.registry.get(stream_id)
     assert stream is not None
     return stream.statistics().encoders_opened
+
+
+async def test_a_draining_node_gets_no_new_stream_and_says_so_on_healthz(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    on_a = stream_placed_on("node-a")
+    streams = [{"id": on_a, "source": PATTERN, "on_demand": True}]
+    a, b = [
+        await start_server(
+            make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node})
+        )
+        for node in NODES
+    ]
+    for node in (a, b):
+        await cluster_of(node)._started.wait()
+    assert (await get(f"{a.url}/healthz")).status == 200
+    await cluster_of(a).drain(5)  # what a shutdown request does first; A owns nothing
+    health = await get(f"{a.url}/healthz")
+    assert (health.status, health.json()) == (503, {"status": "draining"})
+    assert health.headers["x-mediastream-node"] == "node-a"
+    async with open_redis(redis_server.url) as client:
+        states = {n.node_id: n.state for n in await live_nodes(client)}
+    assert states == {"node-a": "draining", "node-b": "serving"}
+    # A stream placement would give A, asked for on A's own socket, is placed on B.
+    async with open_viewer(a.ws_url) as viewer:
+        await (await viewer.play(on_a, trickle=True)).wait_frames(5)
+    assert cluster_of(b).statistics().owned_streams == (on_a,)
+    assert ingests(a, on_a) == 0 and ingests(b, on_a) == 1

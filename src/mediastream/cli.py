@@ -8,8 +8,7 @@ Without ``--config`` the server runs three synthetic demo streams. Command-line 
 override the file's ``[server]`` values. SIGINT and SIGTERM shut down gracefully (in a
 cluster, after draining: ``ClusterNode.drain``). ``--workers N`` runs N cluster nodes sharing
 the HTTP port under a supervising parent (``workers.py``); it needs ``[cluster] redis_url``.
-``token``
-prints an access token signed with the configured ``security.jwt_secret``.
+``token`` prints an access token signed with the configured ``security.jwt_secret``.
 """
 
 from __future__ import annotations

@@ -259,3 +259,38 @@ async def test_a_draining_node_gets_no_new_stream_and_says_so_on_healthz(
         await (await viewer.play(on_a, trickle=True)).wait_frames(5)
     assert cluster_of(b).statistics().owned_streams == (on_a,)
     assert ingests(a, on_a) == 0 and ingests(b, on_a) == 1
+
+
+async def test_a_node_restarted_under_its_id_waits_out_its_old_lease_then_plays(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # What a worker restarted by --workers meets: its previous run's lease, under its own id.
+    stream_id = stream_placed_on("node-a")
+    config = config_file(tmp_path / "a.toml", redis_server, [stream_id], node_id="node-a")
+    async with (
+        running_command("serve", "--config", str(config)) as (first_run, log),
+        open_redis(redis_server.url) as client,
+    ):
+        port = int(
+            (await log.wait_for(r"MediaStream serving \d+ streams on http://[\d.]+:(\d+)"))[1]
+        )
+        await log.wait_for(r'cluster node "node-a"')
+        async with open_viewer(f"ws://127.0.0.1:{port}/ws") as viewer:
+            await (await viewer.play(stream_id, trickle=True)).wait_frames(3)
+            first_run.kill()  # SIGKILL: its lease stays in Redis until it expires
+            with trio.fail_after(30):
+                await first_run.wait()
+        old = await current_owner(client, stream_id)
+        assert old is not None and old.node_id == "node-a"
+
+        again = await start_server(
+            make_config(
+                [{"id": stream_id, "source": PATTERN, "on_demand": True}],
+                cluster={"redis_url": redis_server.url, "node_id": "node-a"},
+            )
+        )
+        async with open_viewer(again.ws_url) as viewer:
+            await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+        new = await current_owner(client, stream_id)
+        assert new is not None and new.node_id == "node-a" and new.epoch > old.epoch
+        assert ingests(again, stream_id) == 1

@@ -14,8 +14,10 @@
         │                                  inbox, leases, remote sockets (``cluster/routing.py``)
         └── (waits for a shutdown request)
 
-Shutdown closes every socket (code 1001) and ends every WHEP session, which ends every session
-and closes its peer connection; then Hypercorn stops; then the sources stop, and peer closes
+In a cluster, shutdown first drains the node (``ClusterNode.drain``: its streams handed over
+to the other nodes, at most ``cluster.drain_timeout``). Then shutdown closes every socket
+(code 1001) and ends every WHEP session, which ends every session and closes its peer
+connection; then Hypercorn stops; then the sources stop, and peer closes
 still running get a few seconds more (``SHUTDOWN_CLOSE_TIMEOUT``). The rest of the sequence is
 bounded by ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
 
@@ -62,6 +64,15 @@ HARD_MESSAGE_LIMIT_FACTOR: Final = 4
 SHUTDOWN_MARGIN: Final = 1.0  # seconds beyond graceful_timeout before everything is cancelled
 
 
+@dataclass(frozen=True)
+class Worker:
+    """One of the processes of ``mediastream serve --workers N``."""
+
+    index: int
+    #: the listening HTTP socket, bound once by the parent and inherited by every worker
+    listen_fd: int
+
+
 @dataclass
 class RunningServer:
     """Handed to whoever started :func:`serve` (``await nursery.start(serve, config)``)."""
@@ -91,9 +102,13 @@ async def serve(
     config: Config,
     *,
     static_dir: Path = DEFAULT_STATIC_DIR,
+    worker: Worker | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until :meth:`RunningServer.request_shutdown`, then shut down gracefully.
+
+    ``worker``: this process is one of ``serve --workers N`` (see ``workers.py``): it serves
+    on the listening socket its parent bound, and its node id says which worker it is.
 
     Raises:
         ConfigError: the static folder is missing.
@@ -126,7 +141,12 @@ async def serve(
                 from .cluster.routing import ClusterNode
                 from .cluster.stream_store import LocalCopy, SharedStreamStore
 
-                cluster = ClusterNode(config, local, on_redis_command=metrics.observe_redis_command)
+                cluster = ClusterNode(
+                    config,
+                    local,
+                    on_redis_command=metrics.observe_redis_command,
+                    worker=None if worker is None else worker.index,
+                )
                 copy = await trio.to_thread.run_sync(LocalCopy, Path(config.server.data_dir))
                 shared = SharedStreamStore(
                     config.cluster.redis_url,
@@ -176,7 +196,7 @@ async def serve(
                         functools.partial(
                             hypercorn.trio.serve,
                             app,
-                            _hypercorn_config(config, metrics, changes),
+                            _hypercorn_config(config, metrics, changes, worker),
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
@@ -198,6 +218,8 @@ async def serve(
                         )
                     task_status.started(running)
                     await running._shutdown_requested.wait()
+                    if cluster is not None:
+                        await cluster.drain(config.cluster.drain_timeout)
 
                     log.info("shutting down: closing %d sockets", hub.statistics().open_sockets)
                     lifetime.cancel_scope.deadline = (
@@ -246,7 +268,7 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
 
 
 def _hypercorn_config(
-    config: Config, metrics: Metrics, changes: ChangeSignal
+    config: Config, metrics: Metrics, changes: ChangeSignal, worker: Worker | None = None
 ) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
 
@@ -256,7 +278,12 @@ def _hypercorn_config(
 
     hypercorn_compat.on_connection_failure(hc, connection_failed)
     host = config.server.host
-    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    if worker is not None:
+        hc.bind = [f"fd://{worker.listen_fd}"]
+    else:
+        hc.bind = [
+            f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
+        ]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
     hypercorn_compat.limit_inflation(hc.websocket_max_message_size)

@@ -22,7 +22,18 @@ def status_blueprint(services: Services) -> Blueprint:
 
     @status.route("/healthz")
     async def healthz() -> Any:
-        return jsonify({"status": "ok"})
+        cluster = services.cluster
+        if cluster is not None and cluster.draining:
+            # Shutting down, its streams handed over: a load balancer takes it out. (Never
+            # Redis's state: a Redis outage must not fail every node's health check.)
+            response = jsonify({"status": "draining"})
+            response.status_code = 503
+        else:
+            response = jsonify({"status": "ok"})
+        if cluster is not None and cluster.node_id:
+            # Which node answered: behind a load balancer, or one port shared by workers.
+            response.headers["X-MediaStream-Node"] = cluster.node_id
+        return response
 
     @status.route("/metrics")
     async def metrics() -> Any:

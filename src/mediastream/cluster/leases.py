@@ -393,6 +393,13 @@ class StreamLease:
         else:
             self._scopes.append(scope)
 
+    def cancel_users(self) -> None:
+        """Cancel the registered scopes now, the lease still held: this node is handing the
+        stream over (drain) and its ingest must stop before the lease is released."""
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes.clear()
+
     async def wait_changed(self) -> None:
         """Until the next change of state or epoch (or renewal)."""
         await self._changed.wait()

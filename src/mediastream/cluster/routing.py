@@ -62,17 +62,25 @@ from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
 from .bus import Bus, BusStatistics
 from .envelope import Envelope
-from .errors import ClusterError, LeaseLost, OwnedElsewhere, OwnerGone, RedisUnavailable
+from .errors import (
+    ClusterError,
+    LeaseLost,
+    OwnedElsewhere,
+    OwnerGone,
+    RedisUnavailable,
+)
 from .leases import (
     LeaseState,
     NodeRecord,
     NodeRegistration,
+    NodeState,
     Owner,
     StreamLease,
     current_owner,
     hold_stream_lease,
     live_nodes,
     owner_key,
+    register_node,
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
@@ -98,6 +106,10 @@ WATCH_INTERVAL: Final = 0.25  # seconds
 GONE_MEMORY: Final = 60.0  # seconds
 
 _T = TypeVar("_T")
+
+
+class OwnerChanging(ClusterError):
+    """The owner named for a stream refused its offer twice (it is moving): try again."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +143,17 @@ class ClusterNode:
     """Routing and ownership for one node (a :class:`Router` and an :class:`IngestGate`)."""
 
     def __init__(
-        self, config: Config, local: LocalRouter, *, on_redis_command: CommandObserver | None = None
+        self,
+        config: Config,
+        local: LocalRouter,
+        *,
+        on_redis_command: CommandObserver | None = None,
+        worker: int | None = None,
     ) -> None:
         self._config = config
         self._on_redis_command = on_redis_command
+        #: the index of this node among ``serve --workers N`` (None: a process of its own)
+        self._worker = worker
         #: set by the server once built (the registry is built with this node as its gate)
         self.registry: StreamRegistry | None = None
         self._local = local
@@ -159,6 +178,13 @@ class ClusterNode:
         self.registration: NodeRegistration | None = None
         #: node id -> (its liveness id, Trio's clock when first seen gone, Redis's run id)
         self._gone_since: dict[str, tuple[int, float, str]] = {}
+        #: RemoteSocket.run tasks still running (their outbox may still hold messages)
+        self._remote_running = 0
+        self._remote_changed = trio.Event()
+        #: set by :meth:`drain`: no new streams, and the owned ones are handed over
+        self.draining = False
+        #: owned streams being handed over: their ingest stops, their lease is released
+        self._handing_over: set[str] = set()
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
@@ -183,7 +209,7 @@ class ClusterNode:
         released and the record deleted at once; a plain cancellation (the server's deadline)
         cancels the pool too, and they expire by themselves.
         """
-        self.node_id, public_url = node_identity(self._config.cluster, port)
+        self.node_id, public_url = node_identity(self._config.cluster, port, self._worker)
         try:
             async with open_redis(
                 self._config.cluster.redis_url, on_command=self._on_redis_command
@@ -217,6 +243,104 @@ class ClusterNode:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # --- drain ------------------------------------------------------------------------------
+
+    async def drain(self, limit: float) -> None:
+        """Hand every stream this node owns over to the others, within ``limit`` seconds.
+
+        Called by the server on a shutdown request (SIGTERM), before its sockets close. The
+        node record turns ``draining`` (placement skips it from then on, and this node
+        claims nothing more); then, for each owned stream: its ingest stops, its lease is
+        released (another node may claim it at once), and the viewers whose sockets are on
+        other nodes are told ``peer_failed`` "…send a new offer": their re-offers are placed
+        on a serving node, which claims the stream. This node's own sockets are closed
+        afterwards by the server (1001), and their pages reconnect to another node. What was
+        not done within ``limit`` is left to the stop that follows (leases released, record
+        deleted) and to the other nodes' watchers.
+        """
+        if self._redis is None or self.draining:
+            return
+        self.draining = True
+        owned = sorted(s for s in self._owned if self.owns(s))
+        viewers = sum(remote.watching(owned) for remote in self._remote.values())
+        log.info(
+            'node "%s" draining: handing over %d streams (%d viewers on other nodes\' sockets), '
+            "at most %g s",
+            self.node_id, len(owned), viewers, limit,
+        )  # fmt: skip
+        began = trio.current_time()
+        with trio.move_on_after(limit) as bounded:
+            await self._announce_draining()
+            async with trio.open_nursery() as handovers:
+                for stream_id in owned:
+                    handovers.start_soon(self._hand_over, stream_id)
+            # Until every remote socket's outbox is out: its peer_failed and ended messages.
+            while self._remote_running:
+                await self._remote_changed.wait()
+            new_owners = await self._owners_of(owned)
+        took = trio.current_time() - began
+        if bounded.cancelled_caught:
+            log.warning(
+                'node "%s": drain cut off after %g s; %d streams still owned here, %d remote '
+                "sockets still open (they end with the node)",
+                self.node_id, limit, len(self._owned), len(self._remote),
+            )  # fmt: skip
+            return
+        handed = [f"{s} -> {new_owners.get(s) or 'released, not claimed again yet'}" for s in owned]
+        log.info(
+            'node "%s" drained in %.1f s: %s',
+            self.node_id, took, ", ".join(handed) or "it owned no streams",
+        )  # fmt: skip
+
+    async def _announce_draining(self) -> None:
+        """Write the record as ``draining`` now (not at the next renewal): placement on the
+        other nodes must skip this node before any of its streams is released."""
+        assert self._redis is not None
+        if self.registration is None:
+            return
+        record = dataclasses.replace(self.registration.record, state=NodeState.DRAINING)
+        self.registration.update(record)
+        try:
+            await register_node(self._redis, record)
+        except RedisUnavailable as exc:
+            log.warning("%s; the record turns draining at its next renewal", exc)
+
+    async def _hand_over(self, stream_id: str) -> None:
+        lease = self._owned.get(stream_id)
+        assert self.registry is not None
+        stream = self.registry.get(stream_id)
+        if lease is None or stream is None or lease.state is not LeaseState.HELD:
+            return
+        # The ingest stops before the lease is released: never two readers of one camera.
+        self._handing_over.add(stream_id)
+        lease.cancel_users()
+        stream.changes.notify()
+        await stream.changes.wait_until(lambda: not stream.source_running)
+        # ``_own`` releases the lease (compare-and-DEL) and forgets it.
+        await stream.changes.wait_until(lambda: self._owned.get(stream_id) is not lease)
+        self._handing_over.discard(stream_id)
+        # Released before the viewers are told: their re-offers find nobody holding it.
+        reason = f'node "{self.node_id}" is shutting down and handed the stream over'
+        for remote in list(self._remote.values()):
+            remote.end_stream(stream_id, reason)
+
+    async def _owners_of(self, stream_ids: list[str]) -> dict[str, str]:
+        """Who owns each stream now, for the drain's log (best effort)."""
+        assert self._redis is not None
+        redis = self._redis
+        owners: dict[str, str] = {}
+        for stream_id in stream_ids:
+            with contextlib.suppress(ClusterError):
+                owner = await current_owner(redis, stream_id)
+                if owner is not None:
+                    owners[stream_id] = owner.node_id
+        return owners
+
+    def _remote_started(self, on: bool) -> None:
+        self._remote_running += 1 if on else -1
+        self._remote_changed.set()
+        self._remote_changed = trio.Event()
 
     async def _keep_inbox(self, redis: Redis) -> None:
         while True:
@@ -277,7 +401,7 @@ class ClusterNode:
 
     def may_ingest(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        if lease is None:
+        if lease is None or stream_id in self._handing_over:
             return False
         try:
             lease.check()
@@ -296,20 +420,30 @@ class ClusterNode:
 
     def owns(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        return lease is not None and lease.state is LeaseState.HELD
+        return (
+            lease is not None
+            and lease.state is LeaseState.HELD
+            and stream_id not in self._handing_over
+        )
 
     async def claim(self, stream: Stream) -> StreamLease:
         """Own ``stream`` (claim its lease unless held); its ingest may then start.
 
         Raises:
             OwnedElsewhere: another node holds it.
+            ClusterError: this node is draining.
             RedisUnavailable
         """
         lock = self._claims.setdefault(stream.id, trio.Lock())
         async with lock:
             lease = self._owned.get(stream.id)
-            if lease is not None and lease.state is LeaseState.HELD:
+            if lease is not None and self.owns(stream.id):
                 return lease
+            if self.draining:
+                raise ClusterError(
+                    f'node "{self.node_id}" is shutting down and takes no new streams, and no '
+                    "other node serves"
+                )
             assert self._nursery is not None and self._redis is not None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
@@ -338,11 +472,14 @@ class ClusterNode:
                 # Released when idle: no viewer came within the grace, or all have left and the
                 # source has stopped (the supervisor's own grace).
                 with trio.move_on_after(CLAIM_GRACE):
-                    await stream.changes.wait_until(lambda: stream.viewers > 0)
+                    await stream.changes.wait_until(
+                        lambda: stream.viewers > 0 or stream.id in self._handing_over
+                    )
                 await stream.changes.wait_until(
                     lambda: (
                         held.state is not LeaseState.HELD
                         or (stream.viewers == 0 and not stream.source_running)
+                        or (stream.id in self._handing_over and not stream.source_running)
                     )
                 )
                 holder.cancel_scope.cancel()
@@ -398,39 +535,49 @@ class ClusterNode:
         redis = self._redis
         while True:
             owner = await self._redis_call(lambda: current_owner(redis, stream.id))
-            if owner is None or owner.node_id == self.node_id:
+            if owner is None:
                 break
-            nodes = await self._redis_call(lambda: live_nodes(redis))
-            record = next((node for node in nodes if node.node_id == owner.node_id), None)
-            if record is not None:
-                if not await self._gone(record):
-                    return owner.node_id, owner.epoch
-                self._seen_gone(record)
-            gone = self._known_gone(owner.node_id)
-            if gone is not None:
-                # Its process ended (Redis dropped its liveness connection; its record may
-                # already be deleted by a takeover of another of its streams): once it has
-                # been gone for the grace, its lease is deleted and the stream placed again.
-                liveness_id, first_seen = gone
-                await trio.sleep_until(first_seen + TAKEOVER_GRACE)
-                if record is None or await self._gone(record):
-                    takeover = functools.partial(
-                        take_over, redis, stream.id, owner.value, owner.node_id, liveness_id
-                    )
-                    if await self._redis_call(takeover):
-                        self._counts["takeovers"] += 1
-                        log.info(
-                            'stream "%s": took it over from node "%s" (epoch %d), whose '
-                            "process ended",
-                            stream.id, owner.node_id, owner.epoch,
-                        )  # fmt: skip
-                continue
-            # The owner's record expired (it died); its lease outlives it by design (an owner
-            # frozen past it must stop first). Wait until Redis lets the stream go.
+            if owner.node_id == self.node_id:
+                claiming = self._claims.get(stream.id)
+                if stream.id in self._owned or (claiming is not None and claiming.locked()):
+                    break  # ours, or being claimed here right now
+                # A lease of this node's previous life: it restarted under the same id (a
+                # worker of --workers restarted by its parent) before the lease expired. It
+                # cannot be adopted (a twin with the same id would look the same): wait.
+                why = "an earlier run of this node"
+            else:
+                nodes = await self._redis_call(lambda: live_nodes(redis))
+                record = next((node for node in nodes if node.node_id == owner.node_id), None)
+                if record is not None:
+                    if not await self._gone(record):
+                        return owner.node_id, owner.epoch
+                    self._seen_gone(record)
+                gone = self._known_gone(owner.node_id)
+                if gone is not None:
+                    # Its process ended (Redis dropped its liveness connection; its record may
+                    # already be deleted by a takeover of another of its streams): once it has
+                    # been gone for the grace, its lease is deleted and the stream placed again.
+                    liveness_id, first_seen = gone
+                    await trio.sleep_until(first_seen + TAKEOVER_GRACE)
+                    if record is None or await self._gone(record):
+                        takeover = functools.partial(
+                            take_over, redis, stream.id, owner.value, owner.node_id, liveness_id
+                        )
+                        if await self._redis_call(takeover):
+                            self._counts["takeovers"] += 1
+                            log.info(
+                                'stream "%s": took it over from node "%s" (epoch %d), whose '
+                                "process ended",
+                                stream.id, owner.node_id, owner.epoch,
+                            )  # fmt: skip
+                    continue
+                # The owner's record expired (it died); its lease outlives it by design (an
+                # owner frozen past it must stop first). Wait until Redis lets the stream go.
+                why = f'owner node "{owner.node_id}", gone'
             remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
             log.info(
-                'stream "%s": owner node "%s" is gone; its lease expires in %d ms',
-                stream.id, owner.node_id, remaining,
+                'stream "%s": held by %s; its lease expires in %d ms',
+                stream.id, why, remaining,
             )  # fmt: skip
             await trio.sleep(max(remaining, 50) / 1000)
         nodes = await self._redis_call(lambda: live_nodes(redis))
@@ -615,6 +762,11 @@ class ClusterNode:
                 bus, envelope, {"error": "stream_unavailable", "message": stream.unavailable}
             )
             return
+        if self.draining:
+            # The socket's node places the stream again; this record already says draining.
+            message = f'node "{self.node_id}" is shutting down'
+            await _reply(bus, envelope, {"error": "draining", "message": message})
+            return
         try:
             lease = await self.claim(stream)
         except OwnedElsewhere as exc:
@@ -648,7 +800,8 @@ class ClusterNode:
             self._crossing.set()
             assert self._nursery is not None
             self._nursery.start_soon(remote.run)
-            await remote.ready.wait()
+        # Also when another offer of the same socket created it a moment ago: it may not run yet.
+        await remote.ready.wait()
         offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
         # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
         # and the relayed session accepts the owner's messages before it knows the epoch.
@@ -783,6 +936,13 @@ class RoutedSession:
         except RedisUnavailable as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+        except (OwnerGone, OwnerChanging) as exc:
+            # The owner died and its record has not expired yet, or the stream is moving (a
+            # drain, a restarted node waiting out its old lease). Not final: the page re-offers
+            # after its backoff, and the stream is placed again once it has settled.
+            # stream_unavailable would make the page give the tile up.
+            self._end_reason = str(exc)
+            self._error(ErrorCode.PEER_FAILED, f"{exc}; send a new offer to play it again")
         except ClusterError as exc:  # messages between the nodes lost, or the owner changed
             self._end_reason = str(exc)
             self._error(
@@ -837,7 +997,7 @@ class RoutedSession:
             )  # fmt: skip
             answer = reply.payload if isinstance(reply.payload, dict) else {}
             error = answer.get("error")
-            if error in ("owned_elsewhere", "stale"):
+            if error in ("owned_elsewhere", "stale", "draining"):
                 self._node._relaying(self, False)
                 self.owner = ""
                 continue
@@ -854,7 +1014,7 @@ class RoutedSession:
             log.info('%s: relayed to node "%s" (epoch %d)', label, node_id, self.epoch)
             await self._relay_candidates()
             return
-        raise ClusterError(f'stream "{self.stream.id}" changed owners during its offer; try again')
+        raise OwnerChanging(f'stream "{self.stream.id}" changed owners during its offer; try again')
 
     async def _relay_candidates(self) -> None:
         async with self._candidates_out:
@@ -933,6 +1093,7 @@ class RemoteSocket:
         self._label = f'node "{node_id}" socket #{socket_id}'
 
     async def run(self) -> None:
+        self._node._remote_started(True)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -941,6 +1102,11 @@ class RemoteSocket:
         finally:
             self.closing = True
             self._node._forget_remote(self)
+            self._node._remote_started(False)
+
+    def watching(self, stream_ids: list[str]) -> int:
+        """How many of ``stream_ids`` this socket watches here."""
+        return sum(stream_id in self._sessions for stream_id in stream_ids)
 
     def start_session(self, stream: Stream, offer: Offer, epoch: int, relay: str) -> None:
         old = self._sessions.get(stream.id)

@@ -329,15 +329,16 @@ class Stream:
     def _notify(self) -> None:
         self.changes.notify()
 
+    @property
+    def always_on(self) -> bool:
+        """Read with no viewer: enabled, and not on demand or started through the API."""
+        return self.enabled and (
+            not self.config.on_demand or self._availability is Availability.STARTED
+        )
+
     def _wanted(self) -> bool:
-        return (
-            self.enabled
-            and (
-                not self.config.on_demand
-                or self._viewers + self._probes > 0
-                or self._availability is Availability.STARTED
-            )
-            and (self._gate is None or self._gate.may_ingest(self.id))
+        return (self.always_on or (self.enabled and self._viewers + self._probes > 0)) and (
+            self._gate is None or self._gate.may_ingest(self.id)
         )
 
     async def snapshot(self, *, start_source: bool) -> bytes:

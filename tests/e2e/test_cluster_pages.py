@@ -104,7 +104,10 @@ async def test_the_socket_node_killed_the_page_reconnects_through_the_balancer_a
             def scenario(browser: Browser) -> list[str]:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 watch = PageWatch(page)
-                page.goto(f"http://127.0.0.1:{proxy_port}/static/dashboard.html")
+                # The page's own socket (not the browser's shared one), so the test sees it.
+                page.goto(
+                    f"http://127.0.0.1:{proxy_port}/static/dashboard.html?mediastreamShared=0"
+                )
                 page.wait_for_function("document.querySelectorAll('.tile').length === 4")
                 page.wait_for_function(TILES_LIVE, timeout=30_000)
                 page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
@@ -182,7 +185,7 @@ async def test_with_two_workers_the_socket_worker_killed_the_page_comes_back_on_
         def scenario(browser: Browser) -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             watch = PageWatch(page)
-            page.goto(f"http://127.0.0.1:{port}/static/dashboard.html")
+            page.goto(f"http://127.0.0.1:{port}/static/dashboard.html?mediastreamShared=0")
             page.wait_for_function("document.querySelectorAll('.tile').length === 4")
             page.wait_for_function(TILES_LIVE, timeout=30_000)
             page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)

@@ -14,6 +14,9 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     │                                  sessions whose owner is gone (its liveness connection
     │                                  dropped by Redis, or its record expired), reaps remote
     │                                  sockets whose node is gone
+    ├── place always-on streams        every 2 s: always-on streams nobody reads are
+    │                                  resolved (claimed here if placement says so)
+    ├── measure load                   the process's share of a core, into the record
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -45,6 +48,7 @@ import functools
 import json
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -104,6 +108,12 @@ CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).
 GONE_MEMORY: Final = 60.0  # seconds
+#: how often each node looks for always-on streams that nobody reads, to claim its share.
+PLACEMENT_INTERVAL: Final = 2.0  # seconds
+#: how often the node's load (the share of one core its process uses) is measured; a change
+#: of at least LOAD_STEP is published in its record at once.
+LOAD_INTERVAL: Final = 2.0  # seconds
+LOAD_STEP: Final = 0.05
 
 _T = TypeVar("_T")
 
@@ -231,6 +241,8 @@ class ClusterNode:
                         nursery.start_soon(self._publish_liveness, liveness, registration)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
+                        nursery.start_soon(self._measure_load, registration)
+                        nursery.start_soon(self._place_always_on)
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
                         self._started.set()
                         task_status.started()
@@ -505,6 +517,127 @@ class ClusterNode:
                 )  # fmt: skip
                 session.end(reason)
         stream.changes.notify()
+
+    # --- placement of always-on streams and the node's load ---------------------------------
+
+    async def _place_always_on(self) -> None:
+        """Always-on streams are read with no viewer, so no offer places them: every node
+        looks for those nobody reads and claims the ones placement gives it.
+
+        One round: one ``MGET`` of their owners and the node list, plus one ``CLIENT LIST``
+        when some are owned by other nodes (is the owner's process still there?). A stream
+        with no owner, or whose owner ended, goes through :meth:`resolve` in a task of its
+        own, as a viewer's offer would: it waits out or takes over a dead owner's lease, and
+        claims the stream only if placement chooses this node (the chosen node does the same).
+        """
+        assert self._redis is not None
+        redis = self._redis
+        placing: set[str] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                wanted = [
+                    stream
+                    for stream in (self.registry or ())
+                    if stream.always_on and not self.owns(stream.id) and stream.id not in placing
+                ]
+                if wanted and not self.draining:
+                    try:
+                        unread = await self._unread(redis, wanted)
+                    except RedisUnavailable as exc:
+                        log.info("%s; always-on streams not placed this round", exc)
+                        unread = []
+                    for stream in unread:
+                        placing.add(stream.id)
+                        nursery.start_soon(self._place, stream, placing)
+                if not self.draining:
+                    try:
+                        await self._rebalance(redis, nursery)
+                    except RedisUnavailable as exc:
+                        log.info("%s; always-on streams not rebalanced this round", exc)
+                await trio.sleep(PLACEMENT_INTERVAL)
+
+    async def _rebalance(self, redis: Redis, nursery: trio.Nursery) -> None:
+        """Hand the always-on streams nobody watches to the node placement now prefers.
+
+        Placement is sticky: a stream stays where it was claimed. Nodes of a cluster start one
+        after the other, so the first would keep every always-on camera; an unwatched one
+        moves at no cost to anybody (its ingest stops here before the lease is released, and
+        the preferred node claims it in its next round). Watched streams never move.
+
+        Raises:
+            RedisUnavailable
+        """
+        idle = [
+            stream
+            for stream in (self.registry or ())
+            if stream.always_on and stream.viewers == 0 and self.owns(stream.id)
+        ]
+        if not idle:
+            return
+        nodes = await live_nodes(redis)
+        for stream in idle:
+            chosen = choose_owner(stream.id, nodes)
+            if chosen is not None and chosen.node_id != self.node_id and self.owns(stream.id):
+                log.info(
+                    'always-on stream "%s": nobody watches it; handed to node "%s", where '
+                    "placement puts it",
+                    stream.id, chosen.node_id,
+                )  # fmt: skip
+                nursery.start_soon(self._hand_over, stream.id)  # owns() is False from its start
+
+    async def _unread(self, redis: Redis, streams: list[Stream]) -> list[Stream]:
+        """Those of ``streams`` that no live node owns (or owned by an earlier run of this one).
+
+        Raises:
+            RedisUnavailable
+        """
+        values = await redis_call(
+            redis,
+            "read the owners of always-on streams",
+            redis.mget([owner_key(s.id) for s in streams]),
+        )
+        nodes = {node.node_id: node for node in await live_nodes(redis)}
+        owners: dict[str, str] = {}
+        for stream, value in zip(streams, values, strict=True):
+            try:
+                owners[stream.id] = Owner.parse(value).node_id if value else ""
+            except ClusterError as exc:
+                log.warning('stream "%s": %s; placing it again', stream.id, exc)
+                owners[stream.id] = ""
+        involved = [nodes[n] for n in set(owners.values()) if n in nodes and n != self.node_id]
+        gone = await gone_nodes(redis, involved) if involved else set()
+        for node_id in gone:
+            self._seen_gone(nodes[node_id])
+        return [
+            stream
+            for stream in streams
+            if owners[stream.id] not in nodes
+            or owners[stream.id] in gone
+            or owners[stream.id] == self.node_id
+        ]
+
+    async def _place(self, stream: Stream, placing: set[str]) -> None:
+        try:
+            node_id, _ = await self.resolve(stream)
+            if node_id == self.node_id:
+                log.info('always-on stream "%s": placed on this node', stream.id)
+        except ClusterError as exc:  # Redis, another node won the race, draining
+            log.info('always-on stream "%s" not placed here: %s', stream.id, exc)
+        finally:
+            placing.discard(stream.id)
+
+    async def _measure_load(self, registration: NodeRegistration) -> None:
+        """Publish the node's load: the share of one core its process used (all threads,
+        decoders and readers included) over the last ``LOAD_INTERVAL``, which placement reads
+        to send new streams elsewhere once a node is full."""
+        wall, cpu = time.monotonic(), time.process_time()
+        while True:
+            await trio.sleep(LOAD_INTERVAL)
+            now_wall, now_cpu = time.monotonic(), time.process_time()
+            load = round((now_cpu - cpu) / max(now_wall - wall, 1e-3), 2)
+            wall, cpu = now_wall, now_cpu
+            if abs(load - registration.record.load) >= LOAD_STEP:
+                registration.update(dataclasses.replace(registration.record, load=load))
 
     # --- Router (the socket's node) ---------------------------------------------------------
 

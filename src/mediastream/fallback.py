@@ -1,14 +1,21 @@
 """One stream watched over the signaling socket itself, for a browser WebRTC can't reach.
 
-The stream's H.264 goes to the browser's Media Source Extensions as fragmented MP4
-(``media/fmp4.py``) in binary WebSocket messages tagged with the stream id (the framing is
-:func:`frame_binary`; ``docs/protocol.md`` has it for clients).
+The stream's H.264 (and its Opus or AAC audio, where the browser's Media Source Extensions take
+it) goes to the browser as fragmented MP4 (``media/fmp4.py``) in binary WebSocket messages
+tagged with the stream id (the framing is :func:`frame_binary`; ``docs/protocol.md`` has it
+for clients). G.711 audio has no MSE codec in Chromium: such a stream's fallback is video only
+(logged, and :attr:`FallbackSession.audio_omitted` says why).
+
+A fallback is a session of its own kind: it runs beside the stream's WebRTC session on the same
+socket, so a page can retry WebRTC while the fallback plays and end the fallback (``close``
+with ``payload.fallback``) once WebRTC shows a picture.
 
 Task tree of a fallback session (a cancel scope inside its socket's nursery)::
 
     FallbackSession.run              cancel scope: ``end()``, the socket closing, the stream
-    │                                stopped or deleted, or a new offer for the stream
-    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's)
+    │                                stopped or deleted, a new fallback or a ``close``
+    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's),
+        │    (stream.open_audio())   and one for its audio if it is sent
         └── nursery
             ├── forward the stream's state changes to the client
             └── send: init segment, then one fragment per frame, one at a time
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterator
@@ -34,7 +42,9 @@ import trio
 from . import protocol
 from .errors import ErrorCode, SignalingError
 from .media.fanout import Subscriber, SubscriberStatistics
-from .media.fmp4 import Fmp4Error, Fmp4Remuxer, InitSegment
+from .media.fmp4 import MSE_AUDIO_CODECS, AudioTrack, Fmp4Error, Fmp4Remuxer, InitSegment
+from .media.frames import EncodedFrame
+from .media.source_contract import SourceInfo
 from .protocol import IceCandidate
 from .registry import Stream
 from .session import SessionPhase, serve_reporting_failure
@@ -131,8 +141,10 @@ class FallbackSession:
         post_error: PostError,
         client: str,
         remuxers: Remuxers,
+        audio_codecs: tuple[str, ...] = (),
     ) -> None:
         self.stream = stream
+        self._audio_codecs = audio_codecs
         self._remuxers = remuxers
         self._send_binary = send_binary
         self._post = post
@@ -143,6 +155,11 @@ class FallbackSession:
         self._subscriber: Subscriber | None = None
         self._init_sent: InitSegment | None = None
         self.fragments_sent = 0
+        self.audio_fragments_sent = 0
+        #: the audio track sent (None: video only), once the source's codec is known
+        self.audio: AudioTrack | None = None
+        #: why the stream's audio is not sent, when it has audio but it is not
+        self.audio_omitted: str | None = None
 
     session_id: str | None = None
 
@@ -173,10 +190,11 @@ class FallbackSession:
                 self._end_reason = failure
         finally:
             log.info(
-                "%s: session ended (%s) after %d fragments",
+                "%s: session ended (%s) after %d fragments (%d of them audio)",
                 self._label,
                 self._end_reason,
                 self.fragments_sent,
+                self.audio_fragments_sent,
             )
 
     async def _serve(self) -> None:
@@ -187,27 +205,77 @@ class FallbackSession:
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_states)
-                await self._send_frames(subscriber, remuxer)
+                # Decided once, from what the source carried when it (last) opened.
+                info = self.stream.source_info or await self.stream.wait_source_info()
+                self.audio = self._audio_track(info)
+                with contextlib.ExitStack() as stack:
+                    audio = None
+                    if self.audio is not None:
+                        kind = "source_audio" if self.audio.codec == "aac" else "audio"
+                        audio = stack.enter_context(self.stream.open_audio(kind))
+                    await self._send_frames(subscriber, audio, remuxer)
 
-    async def _send_frames(self, subscriber: Subscriber, remuxer: Fmp4Remuxer) -> None:
+    def _audio_track(self, info: SourceInfo) -> AudioTrack | None:
+        """The audio track to send: the stream's audio if the browser takes its codec; the
+        camera's AAC as it came in preference to the Opus made from it for WebRTC."""
+        codec = info.audio_codec
+        if codec is None:
+            return None
+        if info.source_audio_config:
+            aac = AudioTrack(
+                "aac",
+                info.source_audio_clock_rate,
+                info.source_audio_channels,
+                info.source_audio_config,
+            )
+            if aac.mse_codec in self._audio_codecs:
+                return aac
+        mse_codec = MSE_AUDIO_CODECS.get(codec.lower())
+        if mse_codec is None:
+            self.audio_omitted = (
+                f"{codec} audio has no Media Source Extensions codec in browsers; video only"
+            )
+        elif mse_codec not in self._audio_codecs:
+            self.audio_omitted = (
+                f"the browser did not ask for {mse_codec} audio"
+                if self._audio_codecs
+                else "the browser asked for video only"
+            )
+        else:
+            return AudioTrack(codec.lower(), info.audio_clock_rate)
+        log.info("%s: %s", self._label, self.audio_omitted)
+        return None
+
+    async def _send_frames(
+        self, video: Subscriber, audio: Subscriber | None, remuxer: Fmp4Remuxer
+    ) -> None:
+        """Send the queued frames, video and audio taken in turn, one message at a time."""
         queued = trio.Event()
 
         def wake() -> None:
             queued.set()
 
-        subscriber.set_wakeup(wake)
-        while True:
+        subscribers = [video] if audio is None else [video, audio]
+        for subscriber in subscribers:
+            subscriber.set_wakeup(wake)
+        idle_turns = 0
+        for subscriber in itertools.cycle(subscribers):
             frame = subscriber.get_nowait()
             if frame is None:
-                await queued.wait()
-                queued = trio.Event()
+                idle_turns += 1
+                if idle_turns >= len(subscribers):  # every queue is empty
+                    await queued.wait()
+                    queued = trio.Event()
+                    idle_turns = 0
                 continue
+            idle_turns = 0
             if frame.kind != "video":
+                await self._send_audio(frame, remuxer)
                 continue
             try:
                 if frame.keyframe:
                     info = self.stream.source_info or await self.stream.wait_source_info()
-                    init = remuxer.init_for(frame, info.width, info.height)
+                    init = remuxer.init_for(frame, info.width, info.height, self.audio)
                     if init is not self._init_sent:
                         await self._send_binary(
                             frame_binary(BinaryKind.INIT, self.stream.id, init.data)
@@ -224,6 +292,18 @@ class FallbackSession:
                 ) from None
             await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, fragment))
             self.fragments_sent += 1
+
+    async def _send_audio(self, frame: EncodedFrame, remuxer: Fmp4Remuxer) -> None:
+        if self._init_sent is None or self.audio is None:
+            return  # sound starts with the picture: its track is announced by the init
+        try:
+            fragment = remuxer.fragment(frame, self.audio.clock_rate)
+        except Fmp4Error as exc:
+            log.info("%s: an audio frame was not sent: %s", self._label, exc)
+            return  # a lost audio frame is a 20 ms click, not a reason to end the session
+        await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, fragment))
+        self.fragments_sent += 1
+        self.audio_fragments_sent += 1
 
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None

@@ -13,6 +13,7 @@ import pytest
 
 from mediastream.fallback import BinaryKind, frame_binary, parse_binary
 from mediastream.media.fmp4 import (
+    AudioTrack,
     Fmp4Error,
     Fmp4Remuxer,
     depacketize_h264,
@@ -163,6 +164,71 @@ def test_a_frame_without_a_picture_or_an_sps_is_refused() -> None:
         media_fragment(headers_only, 1, 3600)
     with pytest.raises(Fmp4Error, match="without SPS and PPS"):
         Fmp4Remuxer().init_for(headers_only, WIDTH, HEIGHT)
+
+
+def encoded_audio(codec: str, seconds: float) -> tuple[AudioTrack, list[EncodedFrame]]:
+    """``seconds`` of a 440 Hz tone encoded by FFmpeg (libopus at 48 kHz, or its AAC-LC
+    encoder at 44.1 kHz), as audio frames on their clock (as a source publishes them)."""
+    rate = 48000 if codec == "opus" else 44100
+    encoder: Any = av.CodecContext.create("libopus" if codec == "opus" else "aac", "w")
+    encoder.sample_rate, encoder.layout = rate, "stereo"
+    encoder.format = av.AudioFormat("s16" if codec == "opus" else "fltp")
+    encoder.time_base = Fraction(1, rate)
+    encoder.open()
+    size = 960 if codec == "opus" else 1024
+    frames: list[EncodedFrame] = []
+    first: int | None = None  # the encoder's priming starts before 0; timelines start at 0
+    for index in range(int(seconds * rate / size)):
+        samples = av.AudioFrame(encoder.format.name, "stereo", size)
+        samples.sample_rate, samples.pts = rate, index * size
+        for plane in samples.planes:
+            plane.update(bytes(plane.buffer_size))
+        for packet in encoder.encode(samples):
+            first = int(packet.pts) if first is None else first
+            timestamp = int(packet.pts) - first
+            frames.append(EncodedFrame("audio", timestamp, True, (bytes(packet),), packet.size))
+    track = AudioTrack(codec, rate, 2, bytes(encoder.extradata or b""))
+    return track, frames
+
+
+@pytest.mark.parametrize(("codec", "mse_codec"), [("opus", "opus"), ("aac", "mp4a.40.2")])
+def test_an_audio_track_goes_in_beside_the_video_and_both_decode(
+    tmp_path: Path, codec: str, mse_codec: str
+) -> None:
+    video = encoded_frames(50)  # two seconds
+    track, audio = encoded_audio(codec, 2.0)
+    remuxer = Fmp4Remuxer()
+    init = remuxer.init_for(video[0], WIDTH, HEIGHT, track)
+    assert init.codecs == f"{init.codec},{mse_codec}"
+    assert remuxer.init_for(video[0], WIDTH, HEIGHT) is not init  # the video-only variant
+    assert remuxer.init_for(video[0], WIDTH, HEIGHT, track) is init
+    # Interleaved by time, as the fan-out delivers them.
+    frames = sorted(
+        video + audio,
+        key=lambda f: f.timestamp / (VIDEO_CLOCK_RATE if f.kind == "video" else track.clock_rate),
+    )
+    fragments = [remuxer.fragment(f, track.clock_rate) for f in frames]
+    path = tmp_path / f"av-{codec}.mp4"
+    path.write_bytes(init.data + b"".join(fragments))
+    with av.open(str(path)) as container:
+        assert [s.codec_context.name for s in container.streams] == ["h264", codec]
+        sound = container.streams.audio[0]
+        assert sound.codec_context.sample_rate == (48000 if codec == "opus" else 44100)
+        assert sound.codec_context.channels == 2
+        decoded = list(container.decode(sound))
+    assert len(decoded) >= len(audio) - 2  # AAC's first packet primes the decoder
+    # On the same timeline as the video: the audio's times are its frames' times.
+    assert [f.pts for f in decoded[-3:]] == [f.timestamp for f in audio[-3:]]
+    assert len(decode_file(path)) == 50
+
+
+def test_an_audio_track_that_mse_cannot_take_is_refused_by_name() -> None:
+    with pytest.raises(Fmp4Error, match="'PCMU' can't go into fMP4"):
+        AudioTrack("PCMU", 8000)
+    with pytest.raises(Fmp4Error, match="without its AudioSpecificConfig"):
+        AudioTrack("aac", 44100)
+    with pytest.raises(Fmp4Error, match="empty audio frame"):
+        Fmp4Remuxer().fragment(EncodedFrame("audio", 0, True, (b"",), 0), 48000)
 
 
 def test_binary_framing_round_trips_and_names_what_is_wrong() -> None:

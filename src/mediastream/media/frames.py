@@ -33,15 +33,18 @@ class EncodedFrame:
     """One encoded frame (a whole H.264 access unit, or one audio frame).
 
     Attributes:
-        kind: ``"video"`` or ``"audio"``.
+        kind: ``"video"``, ``"audio"`` (what WebRTC viewers get), or ``"source_audio"``: the
+            camera's own audio where viewers get it transcoded (AAC, whose Opus is the
+            ``"audio"``), kept for the socket fallback, whose Media Source Extensions take AAC.
         timestamp: presentation time on the stream's continuous timeline, in RTP clock units
-            (90 kHz for video); it never goes backwards, even across source restarts.
+            (90 kHz for video; the sample rate for audio); it never goes backwards, even
+            across source restarts.
         keyframe: a frame a decoder can start from (an IDR with its parameter sets).
         payloads: the RTP payloads, in order; the last one carries the marker bit.
         size: bytes of media in the frame.
     """
 
-    kind: Literal["video", "audio"]
+    kind: Literal["video", "audio", "source_audio"]
     timestamp: int
     keyframe: bool
     payloads: tuple[bytes, ...]

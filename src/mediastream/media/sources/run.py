@@ -150,6 +150,14 @@ async def _run_attempt(
                         log.info("%s: opened, %s", label, _describe_info(item))
                         if item.audio_codec and "audio" not in timelines:
                             timelines["audio"] = Timeline(item.audio_clock_rate)
+                        rate = item.source_audio_clock_rate
+                        if (
+                            rate
+                            and timelines.get("source_audio", Timeline(rate)).clock_rate != rate
+                        ):
+                            del timelines["source_audio"]  # the camera's AAC changed its rate
+                        if rate and "source_audio" not in timelines:
+                            timelines["source_audio"] = Timeline(rate)
                         sink.source_opened(item)
                         continue
                     now = trio.current_time()

@@ -3,6 +3,7 @@ and opened again by FFmpeg (PyAV), which decodes every frame at the right size."
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,7 @@ from mediastream.media.frames import (
     EncodedFrame,
     H264AccessUnitNormalizer,
     split_annexb,
+    sps_picture_size,
 )
 from mediastream.webrtc.aiortc_compat import packetize_h264
 
@@ -113,12 +115,19 @@ def test_the_fragment_cache_is_bounded() -> None:
     assert remuxer.fragments_built == 7
 
 
-def test_the_init_segment_changes_only_with_the_parameter_sets_or_size() -> None:
+def test_the_init_segment_changes_only_with_the_parameter_sets() -> None:
     frames = encoded_frames(21, gop=10)
     remuxer = Fmp4Remuxer()
     first = remuxer.init_for(frames[0], WIDTH, HEIGHT)
     assert remuxer.init_for(frames[10], WIDTH, HEIGHT) is first
-    assert remuxer.init_for(frames[20], WIDTH * 2, HEIGHT) is not first
+    # The size is the SPS's: a source's figure that disagrees does not count.
+    assert remuxer.init_for(frames[20], WIDTH * 2, HEIGHT) is first
+    nal_units = [
+        b"\x68\xce\x3c\x80" if n[0] & 0x1F == 8 else n  # another PPS
+        for n in depacketize_h264(frames[20].payloads)
+    ]
+    changed = dataclasses.replace(frames[20], payloads=tuple(packetize_h264(nal_units)))
+    assert remuxer.init_for(changed, WIDTH, HEIGHT) is not first
 
 
 def test_a_fragment_is_a_moof_then_an_mdat_whose_offset_points_at_the_sample() -> None:
@@ -241,3 +250,34 @@ def test_binary_framing_round_trips_and_names_what_is_wrong() -> None:
         parse_binary(b"\x21\x00\x00")
     with pytest.raises(ValueError, match="overruns"):
         parse_binary(b"\x11\x00\x09abc")
+
+
+@pytest.mark.parametrize(
+    ("size", "options"),
+    [
+        ((320, 180), {}),  # 180 rows: cropped from 192
+        ((640, 360), {"profile": "high"}),  # a High profile SPS: chroma format and more first
+        ((1280, 720), {"profile": "main"}),
+        ((176, 144), {"profile": "high", "x264-params": "cqm=jvt"}),  # scaling matrices
+    ],
+)
+def test_the_picture_size_is_read_from_the_sps(
+    size: tuple[int, int], options: dict[str, str]
+) -> None:
+    encoder: Any = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height = size
+    encoder.pix_fmt, encoder.time_base = "yuv420p", Fraction(1, 25)
+    encoder.options = {"preset": "ultrafast", **options}
+    picture = av.VideoFrame(*size, "yuv420p")
+    picture.pts = 0
+    packets = [*encoder.encode(picture), *encoder.encode(None)]
+    [sps] = [n for p in packets for n in split_annexb(bytes(p)) if n[0] & 0x1F == 7]
+    assert sps_picture_size(sps) == size
+    assert sps_picture_size(sps[:3]) is None
+
+
+def test_an_init_segment_takes_its_size_from_the_sps_when_the_source_gave_none() -> None:
+    frames = encoded_frames(1)
+    init = Fmp4Remuxer().init_for(frames[0], 0, 0)  # an RTSP camera's SDP without a size
+    tkhd = init.data.index(b"tkhd")
+    assert struct.unpack_from("!II", init.data, tkhd + 80) == (WIDTH << 16, HEIGHT << 16)

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from .frames import NAL_PPS, NAL_SPS, VIDEO_CLOCK_RATE, EncodedFrame, nal_type
+from .frames import NAL_PPS, NAL_SPS, VIDEO_CLOCK_RATE, EncodedFrame, nal_type, sps_picture_size
 
 FU_A: Final = 28
 STAP_A: Final = 24
@@ -422,6 +422,9 @@ class Fmp4Remuxer:
         sets = parameter_sets(keyframe)
         if sets is None:
             raise Fmp4Error("keyframe without SPS and PPS")
+        # The SPS says what the picture is; a source's own figures may be missing (0x0 from
+        # an RTSP camera whose SDP has no size), and browsers refuse a 0x0 track.
+        width, height = sps_picture_size(sets[0]) or (width, height)
         if self._init_size != (width, height) or any(
             (init.sps, init.pps) != sets for init in self._inits.values()
         ):

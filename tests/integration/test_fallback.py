@@ -200,6 +200,7 @@ async def test_a_fallback_replaces_an_offer_and_an_offer_runs_beside_the_fallbac
         with trio.fail_after(10):
             await server.services.changes.wait_until(lambda: fallback_sessions(server) == [])
         assert server.services.hub.statistics().fallback_returns == 1
+        assert b"mediastream_fallback_returns_total 1.0" in server.services.metrics.exposition()
         await played.wait_frames(5)
         assert server.services.statistics().sessions_per_socket == (1,)
 

@@ -15,7 +15,8 @@
   const engines = new Map();
   // ?relay=1 forces WebRTC through TURN (with none configured it can't connect: the engines
   // fall back to video over the socket); ?fallback=always|never and ?fallbackAfterMs=N choose
-  // when they do, ?webrtcRetryMs=N how soon they try WebRTC again meanwhile.
+  // when they do, ?webrtcRetryMs=N how soon they try WebRTC again meanwhile; ?audio=1 plays
+  // the cameras' sound too.
   const query = new URLSearchParams(window.location.search);
   const fallbackMode = query.get('fallback');
   const fallbackAfterMs = Number(query.get('fallbackAfterMs')) || undefined;
@@ -26,6 +27,7 @@
     fallback: fallbackMode === 'always' || fallbackMode === 'never' ? fallbackMode : 'auto',
     fallbackAfterMs,
     webrtcRetryMs,
+    audio: query.get('audio') === '1',
   };
 
   /** @param {string} text @param {'info'|'warn'|'error'} [level] */

@@ -45,9 +45,8 @@ from .media.fanout import Subscriber, SubscriberStatistics
 from .media.fmp4 import MSE_AUDIO_CODECS, AudioTrack, Fmp4Error, Fmp4Remuxer, InitSegment
 from .media.frames import EncodedFrame
 from .media.source_contract import SourceInfo
-from .protocol import IceCandidate
 from .registry import Stream
-from .session import SessionPhase, serve_reporting_failure
+from .session import serve_reporting_failure
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +126,11 @@ class Remuxers:
 
 
 class FallbackSession:
-    """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it."""
+    """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it.
 
-    #: like a WebRTC session that has connected: a new offer replaces it at once.
-    phase = SessionPhase.CONNECTED
+    The socket keeps it apart from the stream's WebRTC session (``SignalingConnection
+    .fallbacks``): ICE candidates never reach it, and an offer does not end it.
+    """
 
     def __init__(
         self,
@@ -171,13 +171,6 @@ class FallbackSession:
         if not self._cancel_scope.cancel_called:
             self._end_reason = reason
         self._cancel_scope.cancel()
-
-    def add_candidate(self, candidate: IceCandidate) -> None:
-        raise SignalingError(
-            ErrorCode.NO_SESSION,
-            "ICE candidate for a stream playing over the socket (fallback); send an offer first",
-            stream_id=self.stream.id,
-        )
 
     async def run(self) -> None:
         """Serve the session until it ends; never raises except Cancelled."""

@@ -321,7 +321,11 @@ class SignalingConnection:
     def _cut_off(self, code: int, reason: str) -> None:
         if self._close is None:
             self._close = (code, reason)
-            for session in [*self.sessions.values(), *self.fallbacks.values()]:
+            ending: list[Session | FallbackSession] = [
+                *self.sessions.values(),
+                *self.fallbacks.values(),
+            ]
+            for session in ending:
                 session.end(reason)
         self._cancel_scope.cancel()
 

@@ -1150,7 +1150,8 @@
       };
       this.#lastSample = { at, bytes, frames };
       this.#lastStats = stats;
-      if (this.pc === pc) this.#emit('stats', stats);
+      // A background attempt's numbers are not what the page shows yet (the fallback is).
+      if (this.pc === pc && !this.#fallback) this.#emit('stats', stats);
     }
 
     // --- plumbing --------------------------------------------------------------------------

@@ -20,18 +20,20 @@ Task tree of a fallback session (a cancel scope inside its socket's nursery)::
             ├── forward the stream's state changes to the client
             └── send: init segment, then one fragment per frame, one at a time
 
-Back-pressure: the session hands the socket one fragment and waits until it is written
-before it takes the next frame from its queue. A slow socket therefore fills each stream's own
-bounded queue, where the fan-out's policy skips that stream to its next keyframe (counted as
-drops); the socket's shared outbox never holds more than one fragment per stream, so the
-streams stay interleaved and the socket's other messages are never crowded out.
+Back-pressure: the session hands the socket one message and waits until it is written before
+it takes the next frames from its queues; the next message carries every frame that waited
+meanwhile (one fragment each, at most :data:`MAX_BATCH_FRAMES`), so a socket that is slow to
+write gets fewer, larger messages rather than a backlog of round trips. A socket slower than
+the stream fills each stream's own bounded queue, where the fan-out's policy skips that stream
+to its next keyframe (counted as drops); the socket's shared outbox never holds more than one
+message per stream, so the streams stay interleaved and the socket's other messages are never
+crowded out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import itertools
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,6 +53,9 @@ from .session import serve_reporting_failure
 log = logging.getLogger(__name__)
 
 FRAMING_VERSION: Final = 1
+#: frames one binary message may carry (a slow socket's backlog; about a second of video and
+#: sound, a few hundred kilobytes at camera bitrates)
+MAX_BATCH_FRAMES: Final = 64
 
 
 class BinaryKind(enum.IntEnum):
@@ -125,6 +130,18 @@ class Remuxers:
                     del self._by_stream[stream.id]
 
 
+def _take_in_turn(subscribers: list[Subscriber], limit: int) -> list[EncodedFrame]:
+    """The queued frames, one from each subscriber in turn (each queue's order kept), until
+    the queues are empty or ``limit`` is reached (give or take a turn)."""
+    frames: list[EncodedFrame] = []
+    while len(frames) < limit:
+        taken = [frame for s in subscribers if (frame := s.get_nowait()) is not None]
+        if not taken:
+            break
+        frames.extend(taken)
+    return frames
+
+
 class FallbackSession:
     """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it.
 
@@ -156,6 +173,8 @@ class FallbackSession:
         self._init_sent: InitSegment | None = None
         self.fragments_sent = 0
         self.audio_fragments_sent = 0
+        #: binary messages of fragments (a message carries every fragment that waited)
+        self.messages_sent = 0
         #: the audio track sent (None: video only), once the source's codec is known
         self.audio: AudioTrack | None = None
         #: why the stream's audio is not sent, when it has audio but it is not
@@ -242,7 +261,13 @@ class FallbackSession:
     async def _send_frames(
         self, video: Subscriber, audio: Subscriber | None, remuxer: Fmp4Remuxer
     ) -> None:
-        """Send the queued frames, video and audio taken in turn, one message at a time."""
+        """Send the queued frames: whatever waits (video and audio taken in turn, at most
+        :data:`MAX_BATCH_FRAMES`) in one message, then wait for more.
+
+        One message at a time, each awaited until written: while it is, new frames wait in
+        the queues, and the next message takes them all. A socket that is slow to write gets
+        fewer, larger messages instead of a backlog; a fast one, one frame per message.
+        """
         queued = trio.Event()
 
         def wake() -> None:
@@ -251,52 +276,63 @@ class FallbackSession:
         subscribers = [video] if audio is None else [video, audio]
         for subscriber in subscribers:
             subscriber.set_wakeup(wake)
-        idle_turns = 0
-        for subscriber in itertools.cycle(subscribers):
-            frame = subscriber.get_nowait()
-            if frame is None:
-                idle_turns += 1
-                if idle_turns >= len(subscribers):  # every queue is empty
-                    await queued.wait()
-                    queued = trio.Event()
-                    idle_turns = 0
+        while True:
+            frames = _take_in_turn(subscribers, MAX_BATCH_FRAMES)
+            if not frames:
+                await queued.wait()
+                queued = trio.Event()
                 continue
-            idle_turns = 0
-            if frame.kind != "video":
-                await self._send_audio(frame, remuxer)
-                continue
-            try:
-                if frame.keyframe:
-                    info = self.stream.source_info or await self.stream.wait_source_info()
-                    init = remuxer.init_for(frame, info.width, info.height, self.audio)
-                    if init is not self._init_sent:
-                        await self._send_binary(
-                            frame_binary(BinaryKind.INIT, self.stream.id, init.data)
-                        )
-                        self._init_sent = init
-                if self._init_sent is None:
-                    continue  # the queue starts at a keyframe; this cannot be reached
-                fragment = remuxer.fragment(frame)
-            except Fmp4Error as exc:
-                raise SignalingError(
-                    ErrorCode.STREAM_UNAVAILABLE,
-                    f"This stream's video can't be sent over the socket: {exc}",
-                    stream_id=self.stream.id,
-                ) from None
-            await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, fragment))
-            self.fragments_sent += 1
+            batch: list[bytes] = []
+            audio_in_batch = 0
+            for frame in frames:
+                if frame.kind != "video":
+                    fragment = self._audio_fragment(frame, remuxer)
+                    if fragment is not None:
+                        batch.append(fragment)
+                        audio_in_batch += 1
+                    continue
+                try:
+                    if frame.keyframe:
+                        info = self.stream.source_info or await self.stream.wait_source_info()
+                        init = remuxer.init_for(frame, info.width, info.height, self.audio)
+                        if init is not self._init_sent:
+                            # What came before belongs to the old init: send it first.
+                            await self._send_fragments(batch, audio_in_batch)
+                            batch, audio_in_batch = [], 0
+                            await self._send_binary(
+                                frame_binary(BinaryKind.INIT, self.stream.id, init.data)
+                            )
+                            self._init_sent = init
+                    if self._init_sent is None:
+                        continue  # the queue starts at a keyframe; this cannot be reached
+                    batch.append(remuxer.fragment(frame))
+                except Fmp4Error as exc:
+                    raise SignalingError(
+                        ErrorCode.STREAM_UNAVAILABLE,
+                        f"This stream's video can't be sent over the socket: {exc}",
+                        stream_id=self.stream.id,
+                    ) from None
+            await self._send_fragments(batch, audio_in_batch)
 
-    async def _send_audio(self, frame: EncodedFrame, remuxer: Fmp4Remuxer) -> None:
+    async def _send_fragments(self, fragments: list[bytes], audio_fragments: int) -> None:
+        """One binary message of ``fragments`` (moof + mdat pairs, appended as one)."""
+        if not fragments:
+            return
+        # Counted as they are handed over: then every fragment built for this viewer counts.
+        self.fragments_sent += len(fragments)
+        self.audio_fragments_sent += audio_fragments
+        self.messages_sent += 1
+        payload = b"".join(fragments)
+        await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, payload))
+
+    def _audio_fragment(self, frame: EncodedFrame, remuxer: Fmp4Remuxer) -> bytes | None:
         if self._init_sent is None or self.audio is None:
-            return  # sound starts with the picture: its track is announced by the init
+            return None  # sound starts with the picture: its track is announced by the init
         try:
-            fragment = remuxer.fragment(frame, self.audio.clock_rate)
+            return remuxer.fragment(frame, self.audio.clock_rate)
         except Fmp4Error as exc:
             log.info("%s: an audio frame was not sent: %s", self._label, exc)
-            return  # a lost audio frame is a 20 ms click, not a reason to end the session
-        await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, fragment))
-        self.fragments_sent += 1
-        self.audio_fragments_sent += 1
+            return None  # a lost audio frame is a 20 ms click, not a reason to end the session
 
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None

@@ -77,6 +77,19 @@ test('a fragment that starts with a keyframe is told from one that does not', ()
   assert.equal(isKeyFragment(new Uint8Array(16)), false); // no trun at all
 });
 
+test('in a message of several fragments, its first video fragment decides; sound alone is no keyframe', () => {
+  const join = (...names) => {
+    const parts = names.map(fixture);
+    const joined = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const part of parts) { joined.set(part, at); at += part.length; }
+    return joined;
+  };
+  assert.equal(isKeyFragment(join('fallback-audio.m4s', 'fallback-keyframe.m4s')), true);
+  assert.equal(isKeyFragment(join('fallback-audio.m4s', 'fallback-delta.m4s', 'fallback-keyframe.m4s')), false);
+  assert.equal(isKeyFragment(fixture('fallback-audio.m4s')), false); // a sync sample, but sound
+});
+
 // --- the engine's fallback, with a fake MediaSource -------------------------------------------
 
 const { WebRTCEngine } = require('../../web/static/js/webrtc-engine.js');

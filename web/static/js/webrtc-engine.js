@@ -221,27 +221,48 @@
   }
 
   /**
-   * Whether an fMP4 media fragment starts with a sync sample (a keyframe), read from its trun
-   * box (ISO/IEC 14496-12 8.8.8); a fragment without sample flags counts as one.
+   * Whether a fallback message's media starts the video with a sync sample (a keyframe): the
+   * first video (track 1) fragment of the moof + mdat pairs it carries, read from its trun box
+   * (ISO/IEC 14496-12 8.8.8); a trun without sample flags counts as one. A message without
+   * video (sound only) is not.
    * @param {Uint8Array} fragment
    * @returns {boolean}
    */
   function isKeyFragment(fragment) {
-    const at = indexOfBox(fragment, 'trun');
-    if (at < 0) return false;
     const u32 = (/** @type {number} */ i) =>
       (((fragment[i] ?? 0) << 24) | ((fragment[i + 1] ?? 0) << 16) | ((fragment[i + 2] ?? 0) << 8) | (fragment[i + 3] ?? 0)) >>> 0;
-    const flags = u32(at + 4) & 0xffffff;
-    let position = at + 12; // after the type, version/flags and sample_count
-    if (flags & 0x1) position += 4; // data_offset
-    /** @type {number|null} */ let sampleFlags = null;
-    if (flags & 0x4) sampleFlags = u32(position); // first_sample_flags
-    else {
-      if (flags & 0x100) position += 4; // sample_duration
-      if (flags & 0x200) position += 4; // sample_size
-      if (flags & 0x400) sampleFlags = u32(position);
+    const type = (/** @type {number} */ i) => String.fromCharCode(...fragment.subarray(i + 4, i + 8));
+    /** The boxes inside [start, end): their offsets. @param {number} start @param {number} end */
+    const children = (start, end) => {
+      const found = [];
+      for (let at = start; at + 8 <= end;) {
+        const size = u32(at);
+        if (size < 8 || at + size > end) break;
+        found.push(at);
+        at += size;
+      }
+      return found;
+    };
+    for (const moof of children(0, fragment.length).filter((at) => type(at) === 'moof')) {
+      for (const traf of children(moof + 8, moof + u32(moof)).filter((at) => type(at) === 'traf')) {
+        const boxes = children(traf + 8, traf + u32(traf));
+        const tfhd = boxes.find((at) => type(at) === 'tfhd');
+        const trun = boxes.find((at) => type(at) === 'trun');
+        if (tfhd === undefined || trun === undefined || u32(tfhd + 12) !== 1) continue;
+        const flags = u32(trun + 8) & 0xffffff;
+        let position = trun + 16; // after the size, type, version/flags and sample_count
+        if (flags & 0x1) position += 4; // data_offset
+        /** @type {number|null} */ let sampleFlags = null;
+        if (flags & 0x4) sampleFlags = u32(position); // first_sample_flags
+        else {
+          if (flags & 0x100) position += 4; // sample_duration
+          if (flags & 0x200) position += 4; // sample_size
+          if (flags & 0x400) sampleFlags = u32(position);
+        }
+        return sampleFlags === null || (sampleFlags & 0x10000) === 0; // sample_is_non_sync_sample
+      }
     }
-    return sampleFlags === null || (sampleFlags & 0x10000) === 0; // sample_is_non_sync_sample
+    return false;
   }
 
   /**
@@ -630,8 +651,11 @@
 
     /**
      * Change when the engine plays over the socket, and act on it now: 'always' switches to the
-     * fallback, 'never' or 'auto' leave it for WebRTC (a new offer, which ends the server's
-     * fallback; 'auto' falls back again if WebRTC still can't connect).
+     * fallback (and stops trying WebRTC in the background); 'never' or 'auto' go back to
+     * WebRTC: a fallback that plays keeps its picture while WebRTC is tried in the background
+     * (it ends once the new peer connection shows a frame, or the attempts go on with backoff);
+     * one that does not play yet is left for a new offer at once ('auto' falls back again if
+     * WebRTC still can't connect).
      * @param {'auto'|'always'|'never'} mode
      */
     setFallback(mode) {

@@ -1,6 +1,7 @@
 // Video over the socket (fallback): the binary framing, its routing to the stream, and what the
 // engine reads of the server's fMP4 (node --test). The fMP4 fixtures were written by the
-// server's own remuxer (src/mediastream/media/fmp4.py) from libx264 frames.
+// server's own remuxer (src/mediastream/media/fmp4.py) from libx264 frames, and from FFmpeg's
+// Opus and AAC encoders for the audio ones (tests/unit/test_fmp4.py, encoded_audio).
 'use strict';
 
 const test = require('node:test');

@@ -235,7 +235,7 @@ async def test_tiles_go_back_to_webrtc_by_themselves_once_the_turn_server_is_up(
     server = await start_server(config)
     page_url = (
         f"{server.url}/static/test-multi-stream.html"
-        "?relay=1&fallbackAfterMs=3000&webrtcRetryMs=2000"
+        "?relay=1&fallbackAfterMs=6000&webrtcRetryMs=2000"
     )
 
     def scenario(browser: Browser) -> list[dict[str, object]]:
@@ -269,11 +269,15 @@ async def test_tiles_go_back_to_webrtc_by_themselves_once_the_turn_server_is_up(
                     """() => [...window.msTestPage.engines.values()].every((e) =>
                         e.transport === 'webrtc' && e.state === 'live'
                         && e.pc && e.pc.connectionState === 'connected')""",
-                    timeout=90_000,
+                    timeout=120_000,
                 )
             except Exception:
+                engines = page.evaluate(
+                    """() => [...window.msTestPage.engines.values()].map((e) => [e.state,
+                        e.transport, e.getFallbackStats(), e.pc && e.pc.connectionState])"""
+                )
                 raise AssertionError(
-                    f"{page.inner_text('#activity-log')}\nerrors: {watch.errors}"
+                    f"{engines}\n{page.inner_text('#activity-log')}\nerrors: {watch.errors}"
                 ) from None
             page.wait_for_function(
                 """() => [...document.querySelectorAll('.stream-card .pill')].every(

@@ -18,7 +18,8 @@ Task tree of a fallback session (a cancel scope inside its socket's nursery)::
         │    (stream.open_audio())   and one for its audio if it is sent
         └── nursery
             ├── forward the stream's state changes to the client
-            └── send: init segment, then one fragment per frame, one at a time
+            └── send: init segment, then a fragment per frame, one message at a time
+                (the frames that waited meanwhile go together in the next)
 
 Back-pressure: the session hands the socket one message and waits until it is written before
 it takes the next frames from its queues; the next message carries every frame that waited

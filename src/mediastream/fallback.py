@@ -186,6 +186,11 @@ class FallbackSession:
     def subscriber_statistics(self) -> SubscriberStatistics | None:
         return self._subscriber.statistics() if self._subscriber is not None else None
 
+    @property
+    def ending(self) -> bool:
+        """Whether the session was told to end (it may not have finished yet)."""
+        return self._cancel_scope.cancel_called
+
     def end(self, reason: str) -> None:
         """End the session now. Idempotent."""
         if not self._cancel_scope.cancel_called:

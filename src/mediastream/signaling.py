@@ -410,10 +410,11 @@ class SignalingConnection:
             # Closing twice, or a stream that already ended, is fine.
             fallback = self.fallbacks.get(message.stream_id)
             if fallback is not None and message.fallback_only:
+                if not fallback.ending:  # counted once, however often the page says so
+                    self.fallback_returns += 1
+                    if self._context.metrics is not None:
+                        self._context.metrics.fallback_returns.inc()
                 fallback.end("the page is back on WebRTC")
-                self.fallback_returns += 1
-                if self._context.metrics is not None:
-                    self._context.metrics.fallback_returns.inc()
             elif fallback is not None:
                 fallback.end("client closed the stream")
             session = self.sessions.get(message.stream_id)

@@ -151,12 +151,10 @@ async def _run_attempt(
                         if item.audio_codec and "audio" not in timelines:
                             timelines["audio"] = Timeline(item.audio_clock_rate)
                         rate = item.source_audio_clock_rate
-                        if (
-                            rate
-                            and timelines.get("source_audio", Timeline(rate)).clock_rate != rate
-                        ):
-                            del timelines["source_audio"]  # the camera's AAC changed its rate
-                        if rate and "source_audio" not in timelines:
+                        known = timelines.get("source_audio")
+                        if rate and (known is None or known.clock_rate != rate):
+                            # New, or the camera's AAC changed its rate (fallbacks started
+                            # after that get an init segment with the new rate).
                             timelines["source_audio"] = Timeline(rate)
                         sink.source_opened(item)
                         continue

@@ -86,6 +86,12 @@ class Metrics:
             "closing in the background.",
             registry=self.registry,
         )
+        self.fallback_returns = Counter(
+            "mediastream_fallback_returns",
+            "Fallbacks (video over the socket) ended by their page because its WebRTC "
+            "connection, retried in the background, shows a picture again.",
+            registry=self.registry,
+        )
         self.offer_to_answer = Histogram(
             "mediastream_offer_answer_seconds",
             "Time from receiving an offer to sending its answer.",

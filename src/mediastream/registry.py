@@ -220,9 +220,10 @@ class Stream:
         return self._viewers
 
     @contextmanager
-    def open_audio(self) -> Iterator[Subscriber]:
-        """A queue of this stream's audio, for a viewer who also takes audio."""
-        subscriber = self.fanout.subscribe("audio")
+    def open_audio(self, kind: str = "audio") -> Iterator[Subscriber]:
+        """A queue of this stream's audio, for a viewer who also takes audio (``source_audio``:
+        the camera's own AAC, for the socket fallback)."""
+        subscriber = self.fanout.subscribe(kind)
         try:
             yield subscriber
         finally:

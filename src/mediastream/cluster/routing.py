@@ -707,7 +707,13 @@ class ClusterNode:
                 # The owner's record expired (it died); its lease outlives it by design (an
                 # owner frozen past it must stop first). Wait until Redis lets the stream go.
                 why = f'owner node "{owner.node_id}", gone'
-            remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
+            remaining = await self._redis_call(
+                lambda: redis_call(
+                    redis,
+                    f'read the lease expiry of "{stream.id}"',
+                    redis.pttl(owner_key(stream.id)),
+                )
+            )
             log.info(
                 'stream "%s": held by %s; its lease expires in %d ms',
                 stream.id, why, remaining,

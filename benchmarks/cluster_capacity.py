@@ -17,7 +17,12 @@ step below it.
   media sent, by one node (replicas are issue 12), so viewers spread over cores only by
   spreading streams.
 - ``cameras``: always-on cameras ingested, each its own RTSP session to the same mount, with
-  one viewer each (in a cluster a stream is placed on its first viewer).
+  one viewer each.
+- ``ingest``: always-on cameras ingested with **no viewer** (a cluster places always-on
+  streams by itself): the only load generator is the camera. A step is held when every
+  stream is owned and its owner published at least 90 % of the first step's frame rate per
+  camera; the rates are read from each worker's ``/api/streams`` (its own counters), asked on
+  the connection its ``/healthz`` named the worker on.
 
 A step fails when the loss reaches the limit, or when its viewers receive less than 90 % of
 the packet rate per viewer of the first step (a camera not read, a server behind).
@@ -33,6 +38,7 @@ worker adds needs cores for the viewers beyond the server's (``--server-cpus 0,1
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -205,6 +211,71 @@ def viewer_stats(processes: list[subprocess.Popen[str]]) -> tuple[int, int]:
     return received, lost
 
 
+def frames_by_owner(url: str, workers: int) -> dict[str, tuple[str, int]]:
+    """stream id -> (its owner, frames its owner has published), from every worker's own
+    ``/api/streams``: new connections until each worker answered (the parent hands the
+    listening socket to all of them), ``/healthz`` then ``/api/streams`` on one connection."""
+    host, port = url.removeprefix("http://").split(":")
+    answers: dict[str, list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + 30
+    while len(answers) < workers:
+        if time.monotonic() > deadline:
+            raise StepFailed(f"only workers {sorted(answers)} answered")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", "/healthz")
+            health = connection.getresponse()
+            health.read()
+            node = health.headers["X-MediaStream-Node"]
+            connection.request("GET", "/api/streams")
+            answers[node] = json.loads(connection.getresponse().read())["streams"]
+        finally:
+            connection.close()
+    frames: dict[str, tuple[str, int]] = {}
+    for node, streams in answers.items():
+        for stream in streams:
+            owner = (stream.get("owner") or {}).get("node")
+            if owner == node:
+                frames[stream["id"]] = (node, stream["framesPublished"])
+    return frames
+
+
+def measure_ingest(
+    url: str, pid: int, workers: int, streams: list[str], seconds: float
+) -> dict[str, Any]:
+    """Always-on ``streams`` with no viewer: the frame rate each owner publishes."""
+    deadline = time.monotonic() + 60
+    before = frames_by_owner(url, workers)
+    while len(before) < len(streams) or min(f for _, f in before.values()) == 0:
+        if time.monotonic() > deadline:
+            raise StepFailed(f"{len(streams) - len(before)} of {len(streams)} streams never placed")
+        time.sleep(1)
+        before = frames_by_owner(url, workers)
+    time.sleep(SETTLE)
+    before = frames_by_owner(url, workers)
+    server_before = process_tree_cpu(pid)
+    started = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - started
+    server_cpu = 100 * (process_tree_cpu(pid) - server_before) / wall
+    after = frames_by_owner(url, workers)
+    rates = sorted(
+        (after[s][1] - before[s][1]) / wall if s in after and after[s][0] == before[s][0] else 0.0
+        for s in streams
+    )
+    per_node = {
+        n: sum(1 for owner, _ in after.values() if owner == n)
+        for n in node_ids(workers, int(url.rsplit(":", 1)[1]))
+    }
+    return {
+        "viewers": 0, "streams": len(streams), "loss_percent": 0.0,
+        "packets_per_s": sum(rates), "packets_per_s_per_viewer": rates[0],
+        "frames_per_s_slowest": rates[0], "frames_per_s_median": rates[len(rates) // 2],
+        "streams_per_node": per_node,
+        "server_cpu_percent": server_cpu, "viewers_cpu_percent": 0.0,
+    }  # fmt: skip
+
+
 class StepFailed(Exception):
     """A viewers.py process ended early (it prints why: a server error, a connect failure)."""
 
@@ -280,6 +351,9 @@ def ramp(
         if what == "viewers":
             streams = balanced_stream_ids(nodes, args.streams, "cam")
             load = {s: step // len(streams) for s in streams}
+        elif what == "ingest":
+            streams = balanced_stream_ids(nodes, step, "cam")
+            load = {}
         else:
             streams = balanced_stream_ids(nodes, step, "cam")
             load = dict.fromkeys(streams, 1)
@@ -288,7 +362,10 @@ def ramp(
         server = cluster_server(workers, streams, camera, redis_port, port, tmp, args.server_cpus)
         try:
             with server as (url, pid):
-                measured = measure(url, pid, load, args.seconds, args.viewer_cpus)
+                if what == "ingest":
+                    measured = measure_ingest(url, pid, workers, streams, args.seconds)
+                else:
+                    measured = measure(url, pid, load, args.seconds, args.viewer_cpus)
         except (StepFailed, SystemExit) as exc:  # join_together exits on a failed join
             print(f"{what}: {workers} worker(s), {step}: FAILED: {exc}", flush=True)
             measured = {
@@ -297,7 +374,7 @@ def ramp(
                 "server_cpu_percent": 0.0, "viewers_cpu_percent": 0.0, "error": str(exc),
             }  # fmt: skip
         result = {"what": what, "workers": workers, **measured}
-        if what == "cameras":
+        if what in ("cameras", "ingest"):
             result["cameras"] = step
         rate = result["packets_per_s_per_viewer"]
         expected = baseline.setdefault(what, rate)
@@ -330,6 +407,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--viewers", default="40,80,120,160,200")
     parser.add_argument("--cameras", default="8,16,24,32,40")
+    parser.add_argument(
+        "--ingest", default="20,40,60,80,100,120", help="always-on cameras, no viewer"
+    )
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--loss", type=float, default=0.5, help="loss limit, percent")

@@ -51,22 +51,6 @@ NODES = ("node-a", "node-b")
 ENGINE_RETRY = (1.0, 1.2)  # seconds
 
 
-def streams_placed_on(node_id: str, count: int) -> list[str]:
-    from mediastream.cluster.leases import NodeRecord
-    from mediastream.cluster.placement import choose_owner
-
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    found: list[str] = []
-    index = 0
-    while len(found) < count:
-        stream_id = f"cam-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            found.append(stream_id)
-        index += 1
-    return found
-
-
 def node_config(
     node_id: str, workdir: Path, redis_url: str, camera: int, streams: list[str]
 ) -> str:
@@ -179,11 +163,12 @@ async def _run(args: argparse.Namespace, tmp: Path, camera: int) -> dict[str, An
     import trio_asyncio
 
     from mediastream.cluster.leases import LEASE_TTL
+    from mediastream.cluster.placement import stream_ids_placed_on
     from mediastream.cluster.redis_client import open_redis
 
     from support.redis import running_redis
 
-    streams = streams_placed_on("node-b", args.streams)
+    streams = stream_ids_placed_on("node-b", NODES, args.streams)
     samples: list[dict[str, float]] = []
     with running_redis() as redis_server:
         url = redis_server.url

@@ -42,20 +42,6 @@ PATTERN = "pattern:testsrc?size=320x180&fps=25&kbps=300&gop=50"
 NODES = ("node-a", "node-b")
 
 
-def placed_on(node_id: str) -> str:
-    from mediastream.cluster.leases import NodeRecord
-    from mediastream.cluster.placement import choose_owner
-
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    index = 0
-    while True:
-        stream_id = f"cam-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            return stream_id
-        index += 1
-
-
 def node_config(node_id: str, workdir: Path, redis_url: str, streams: list[str]) -> str:
     text = f'{BENCH_LIMITS}[server]\ndata_dir = "{workdir / "data"}"\n\n'
     text += f'[cluster]\nredis_url = "{redis_url}"\nnode_id = "{node_id}"\n\n'
@@ -136,12 +122,13 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import trio
     import trio_asyncio
 
+    from mediastream.cluster.placement import stream_ids_placed_on
     from mediastream.cluster.redis_client import open_redis
 
     from support.redis import running_redis
     from support.viewer import open_viewer
 
-    local, remote = placed_on("node-a"), placed_on("node-b")
+    local, remote = (stream_ids_placed_on(node, NODES, 1)[0] for node in NODES)
     results: dict[str, Any] = {"streams": {"local": local, "remote": remote}, "rows": []}
     with running_redis() as redis_server:
         processes = []

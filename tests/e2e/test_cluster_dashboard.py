@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from playwright.sync_api import Browser
 
-from mediastream.cluster.leases import NodeRecord
-from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.placement import stream_ids_placed_on
 
 from support.browser import ALL_VIDEOS_PLAYING, PageWatch, get_json, in_browser, open_sockets
 from support.redis import RedisServer
@@ -17,14 +16,8 @@ NODES = ("node-a", "node-b")
 
 
 def placed_on(node_id: str) -> str:
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    index = 0
-    while True:
-        stream_id = f"wall-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            return stream_id
-        index += 1
+    """A stream id that placement gives to ``node_id`` when both nodes serve, idle."""
+    return stream_ids_placed_on(node_id, NODES, 1, "wall")[0]
 
 
 async def test_the_wall_of_a_cluster_plays_tiles_of_both_nodes_and_names_their_owners(

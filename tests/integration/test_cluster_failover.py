@@ -26,7 +26,7 @@ import trio.lowlevel
 
 from mediastream.cluster import liveness
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
-from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_client import Redis, open_redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
@@ -44,22 +44,8 @@ MEDIASTREAM = [sys.executable, "-m", "mediastream"]
 SRC = Path(__file__).parents[2] / "src"
 
 
-def streams_placed_on(node_id: str, count: int) -> list[str]:
-    """Stream ids that placement gives to ``node_id`` when both nodes serve, idle."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    found: list[str] = []
-    index = 0
-    while len(found) < count:
-        stream_id = f"cam-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            found.append(stream_id)
-        index += 1
-    return found
-
-
-ON_A = streams_placed_on("node-a", 2)
-ON_B = streams_placed_on("node-b", 2)
+ON_A = stream_ids_placed_on("node-a", NODES, 2)
+ON_B = stream_ids_placed_on("node-b", NODES, 2)
 
 
 @pytest.fixture

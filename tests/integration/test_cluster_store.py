@@ -16,8 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from mediastream.cluster.leases import NodeRecord
-from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_client import Redis
 from mediastream.cluster.routing import ClusterNode
 from mediastream.cluster.stream_store import (
@@ -42,14 +41,7 @@ REACH = 15
 
 def placed_on(node_id: str) -> str:
     """A stream id that placement gives to ``node_id`` when both nodes serve, idle."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    index = 0
-    while True:
-        stream_id = f"api-cam-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            return stream_id
-        index += 1
+    return stream_ids_placed_on(node_id, NODES, 1, "api-cam")[0]
 
 
 async def start_nodes(

@@ -38,15 +38,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
-import coredis
-import coredis.retry
 import trio
 
 from .errors import RedisUnavailable
 from .leases import LEASE_TTL, NodeRecord, node_key, owner_key
-from .redis_client import CONNECT_TIMEOUT, Redis, redis_call
+from .redis_client import Redis, redis_call, redis_from_url
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +99,7 @@ async def _open_liveness_client(url: str, node_id: str) -> AsyncIterator[Redis]:
     # One connection, named, with no read timeout of coredis's own: a slow answer is
     # cancelled by redis_call's deadline, which leaves the connection open (closing it
     # would look like this node dying).
-    # from_url builds the class it is called on; its annotation says the base class.
-    client = cast(
-        Redis,
-        Redis.from_url(
-            url,
-            decode_responses=True,
-            connect_timeout=CONNECT_TIMEOUT,
-            retry_policy=coredis.retry.NoRetryPolicy(),
-            client_name=liveness_name(node_id),
-            max_connections=1,
-        ),
-    )
+    client = redis_from_url(url, client_name=liveness_name(node_id), max_connections=1)
     async with client:
         yield client
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import anyio
 import coredis
@@ -49,20 +49,40 @@ async def open_redis(
 
     Resource handling: the pool's connections close when the block exits.
     """
+    client = redis_from_url(url, stream_timeout=COMMAND_TIMEOUT)
+    client.on_command = on_command
+    async with client:
+        yield client
+
+
+def redis_from_url(url: str, **options: Any) -> Redis:
+    """A client for ``url`` decoding to ``str``, with a bounded connect time and no retries of
+    coredis's own (callers bound and retry at their level); ``options`` add to those."""
     # from_url builds the class it is called on; its annotation says the base class.
-    client = cast(
+    return cast(
         Redis,
         Redis.from_url(
             url,
             decode_responses=True,
             connect_timeout=CONNECT_TIMEOUT,
-            stream_timeout=COMMAND_TIMEOUT,
             retry_policy=coredis.retry.NoRetryPolicy(),
+            **options,
         ),
     )
-    client.on_command = on_command
-    async with client:
-        yield client
+
+
+def subscription(client: Redis, channel: str, *, keepalive: float) -> Any:
+    """A pub/sub block on ``channel``: subscribe messages skipped, no retries of coredis's own,
+    the subscription confirmed within :data:`COMMAND_TIMEOUT`, a ping after ``keepalive``
+    idle seconds. coredis's own resubscription after a lost connection was seen to forget the
+    channel, so callers open a fresh block after any failure instead."""
+    return client.pubsub(
+        channels=[channel],
+        ignore_subscribe_messages=True,
+        retry_policy=coredis.retry.NoRetryPolicy(),
+        subscription_timeout=COMMAND_TIMEOUT,
+        max_idle_seconds=keepalive,
+    )
 
 
 async def redis_call(client: Redis, what: str, command: Awaitable[_T]) -> _T:

@@ -68,7 +68,14 @@ from ..errors import ConfigError
 from ..registry import StreamRegistry
 from ..store import StoredStream, StoreUnavailable, StreamChanged
 from .errors import ClusterError, RedisUnavailable
-from .redis_client import COMMAND_TIMEOUT, CommandObserver, Redis, describe, open_redis, redis_call
+from .redis_client import (
+    CommandObserver,
+    Redis,
+    describe,
+    open_redis,
+    redis_call,
+    subscription,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,13 +375,7 @@ class SharedStreamStore:
         started = False
         while True:
             try:
-                async with redis.pubsub(
-                    channels=[CHANGES_CHANNEL],
-                    ignore_subscribe_messages=True,
-                    retry_policy=coredis.retry.NoRetryPolicy(),
-                    subscription_timeout=COMMAND_TIMEOUT,
-                    max_idle_seconds=KEEPALIVE,
-                ) as pubsub:
+                async with subscription(redis, CHANGES_CHANNEL, keepalive=KEEPALIVE) as pubsub:
                     # Subscribed first, then synced: a change made meanwhile is in both, and
                     # applying a record twice changes nothing.
                     await self._sync(redis)

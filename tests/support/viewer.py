@@ -199,12 +199,12 @@ class Viewer:
             await trio_asyncio.aio_as_trio(pc.close)()
             raise SignalingFailed(reply)
         if not connect:
-            self.streams[stream_id] = played
+            await self._keep(played)
             return played
         await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
             RTCSessionDescription(sdp=reply["payload"], type="answer")
         )
-        self.streams[stream_id] = played
+        await self._keep(played)
         self._nursery.start_soon(self._decode, played, transceiver.receiver.track)
         audio_section = re.search(r"^m=audio [1-9].*?(?=^m=|\Z)", reply["payload"], re.S | re.M)
         sending = audio_section and re.search(r"^a=send(only|recv)", audio_section.group(), re.M)
@@ -269,6 +269,16 @@ class Viewer:
         except ConnectionClosed as exc:
             self.closed_reason = (exc.reason.code, exc.reason.reason)
             self._arrived.set()
+
+    async def _keep(self, played: PlayedStream) -> None:
+        """Keep ``played`` as its stream's peer; the one it replaces (the server ended that
+        session when the new offer came) is closed, not left to the garbage collector with
+        its ICE sockets open."""
+        previous = self.streams.get(played.stream_id)
+        self.streams[played.stream_id] = played
+        if previous is not None and previous.pc is not played.pc:
+            with trio.CancelScope(shield=True):
+                await trio_asyncio.aio_as_trio(previous.pc.close)()
 
     async def close_peers(self) -> None:
         with trio.CancelScope(shield=True):

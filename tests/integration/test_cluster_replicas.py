@@ -11,13 +11,27 @@ arrived (a frame lost in the relay, a resume that did not wait for a keyframe) b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import trio
-from test_cluster_failover import CameraSessions, counting_camera
+from test_cluster_failover import (
+    MEDIASTREAM,
+    SRC,
+    CameraSessions,
+    NodeProcess,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    replay_after_failure,
+)
 
+from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.placement import rank_nodes
 from mediastream.cluster.relay import (
     ERROR,
     FRAME,
@@ -40,6 +54,21 @@ from support.viewer import PlayedStream, open_viewer
 NODES = ("node-a", "node-b", "node-c")
 STREAM = "lobby"
 CAP = 2
+__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+
+
+def stream_ranked(*order: str) -> str:
+    """A stream id whose placement ranks the three nodes in ``order`` (owner first; with the
+    owner full, a replica is the next one)."""
+    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+    index = 0
+    while True:
+        stream_id = f"lobby-{index}"
+        if tuple(r.node_id for r in rank_nodes(stream_id, records)) == order:
+            return stream_id
+        index += 1
+
+
 HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 
 
@@ -186,3 +215,144 @@ async def test_the_relay_refuses_a_client_without_the_secret(
             assert cluster_of(owner).statistics().relay_refused == 2
             assert cluster_of(owner).statistics().relay_connections == 0
             assert sessions.connects == 1
+
+
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
+
+
+@asynccontextmanager
+async def node_c_process(
+    tmp_path: Path, redis: RedisServer, streams: list[dict[str, object]]
+) -> AsyncIterator[NodeProcess]:
+    """Node C as a ``mediastream serve`` process (so that it can be killed), replicas on."""
+    config = tmp_path / "node-c.toml"
+    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / "node-c"}"\n\n'
+    text += "[media]\non_demand_grace = 1\n\n"
+    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "node-c"\n'
+    text += f"max_viewers_per_node = {CAP}\n\n"
+    for stream in streams:
+        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
+        text += "on_demand = true\n\n"
+    config.write_text(text)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
+            )
+        )
+        node = NodeProcess(process)
+        nursery.start_soon(node.drain)
+        try:
+            await node.wait_logged(b'cluster node "node-c"')
+            yield node
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def in_process_nodes(
+    start_server: StartServer, redis: RedisServer, streams: list[dict[str, object]]
+) -> tuple[RunningServer, RunningServer]:
+    a, b = [
+        await start_server(
+            make_config(
+                streams,
+                cluster={"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP},
+            )
+        )
+        for node_id in NODES[:2]
+    ]
+    for node in (a, b):
+        await cluster_of(node)._started.wait()
+    return a, b
+
+
+async def test_a_replica_killed_its_viewers_play_again_from_another_node(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # A owns it; with A full, C is the first replica and B the next.
+    stream_id = stream_ranked("node-a", "node-c", "node-b")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b = await in_process_nodes(start_server, redis_server, streams)
+        async with (
+            node_c_process(tmp_path, redis_server, streams) as c,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            # A serves two itself, C two (replica), B the fifth (C reported itself full).
+            assert (peers(a), peers(b)) == (CAP, 1)
+            assert cluster_of(a).statistics().relay_connections == 2
+            marks = [len(v.messages) for v in viewers]
+
+            c.process.kill()  # SIGKILL: the replica's peers and relay connection just stop
+
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in zip(viewers[2:4], marks[2:4], strict=True):
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            # Played again, on the same sockets, by the surviving replica B.
+            assert (peers(a), peers(b)) == (CAP, 3)
+            for viewer in viewers:
+                assert viewer.closed_reason is None
+                await viewer.streams[stream_id].wait_frames(5, timeout=30)
+            # The others were never told anything: they played on.
+            for index in (0, 1, 4):
+                errors = [
+                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
+                ]
+                assert errors == []
+            assert sessions.connects == 1, sessions.history
+
+
+async def test_the_owner_killed_its_replicas_viewers_play_again_from_one_new_camera_session(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # C owns it; A (the sockets' node) and B replicate it.
+    stream_id = stream_ranked("node-c", "node-a", "node-b")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b = await in_process_nodes(start_server, redis_server, streams)
+        async with (
+            node_c_process(tmp_path, redis_server, streams) as c,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            assert (peers(a), peers(b)) == (CAP, 1)  # and two on C, the owner
+            assert stream_id in cluster_of(a).statistics().replicas
+            assert stream_id in cluster_of(b).statistics().replicas
+            assert sessions.connects == 1
+            marks = [len(v.messages) for v in viewers]
+
+            c.process.kill()
+
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in zip(viewers, marks, strict=True):
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert peers(a) + peers(b) == 5
+            owners = [n for n in (a, b) if cluster_of(n).statistics().owned_streams]
+            assert len(owners) == 1
+            assert peers(owners[0]) >= CAP
+            # Exactly one new camera session, never two at once.
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history

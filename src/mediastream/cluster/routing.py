@@ -551,7 +551,9 @@ class ClusterNode:
         eligible = [
             node.node_id
             for node in rank_nodes(stream.id, nodes)
-            if node.node_id != self.node_id and node.relay_address
+            if node.node_id != self.node_id
+            and node.relay_address
+            and self._known_gone(node.node_id) is None  # killed; its record not expired yet
         ]
         reported = self.relay.replica_viewers(stream.id)
         fed = [n for n in eligible if n in reported and reported[n] < cap]

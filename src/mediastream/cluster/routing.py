@@ -523,12 +523,18 @@ class ClusterNode:
     # --- replicas ---------------------------------------------------------------------------
 
     def _full(self, stream: Stream) -> bool:
-        """Whether this node serves as many of the stream's viewers as it should (the relay's
-        connections to replicas are not viewers)."""
+        """Whether this node serves as many of the stream's viewers as it should: its
+        sessions of the stream, its own sockets' and other nodes', counted from their offer
+        (not from when they start to play: a burst of offers must not all land here)."""
         cap = self._config.cluster.max_viewers_per_node
         if cap <= 0 or self.relay is None:
             return False
-        return stream.viewers - self.relay.connections(stream.id) >= cap
+        local = sum(
+            1
+            for session in self._local_sessions
+            if session.stream is stream and session.phase is not SessionPhase.ENDED
+        )
+        return local + sum(remote.watching([stream.id]) for remote in self._remote.values()) >= cap
 
     async def overflow(self, stream: Stream, prefer: str | None) -> str | None:
         """The owner is full: the node to serve the stream's next viewer as a replica, or
@@ -557,15 +563,19 @@ class ClusterNode:
         ]
         reported = self.relay.replica_viewers(stream.id)
         fed = [n for n in eligible if n in reported and reported[n] < cap]
-        if fed:
-            return fed[0]
         fresh = [n for n in eligible if n not in reported]
-        if prefer in fresh:
-            return prefer
-        if fresh:
-            return fresh[0]
         full = [n for n in eligible if n in reported]
-        return min(full, key=lambda n: reported[n]) if full else None
+        if fed:
+            chosen: str | None = fed[0]
+        elif prefer in fresh:
+            chosen = prefer
+        elif fresh:
+            chosen = fresh[0]
+        else:
+            chosen = min(full, key=lambda n: reported[n]) if full else None
+        if chosen is not None:
+            self.relay.placed(stream.id, chosen)
+        return chosen
 
     async def replicate(self, stream: Stream, owner: str, epoch: int) -> Replica:
         """Be a replica of ``stream`` (owned by ``owner`` in ``epoch``), or stay one.

@@ -17,6 +17,11 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── place always-on streams        every 2 s: always-on streams nobody reads are
     │                                  resolved (claimed here if placement says so)
     ├── measure load                   the process's share of a core, into the record
+    ├── RelayServer.run                only with max_viewers_per_node: feeds replicas the
+    │   └── one task per replica       frames of the streams this node owns (relay.py)
+    ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
+    │                                  supervisor runs its relay source meanwhile; ends
+    │                                  when its last viewer has left (after the grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -35,6 +40,9 @@ Messages between nodes (envelope ``kind``):
 - ``offer`` (request) socket node → owner; reply ``{"epoch"}`` or ``{"error", "message",
   "owner"?}``. ``ice`` and ``close`` socket node → owner (one-way, carry the epoch and the
   offer's relay id; others dropped). ``socket_closed`` (understood, not sent yet).
+- An owner with ``max_viewers_per_node`` sessions of the stream answers an ``offer`` with
+  ``{"error": "full", "replica", "epoch"}``; the socket node then sends the offer to that node
+  with ``"replicaOf": owner`` in its payload (see ``Replica``).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
 """

@@ -319,13 +319,14 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
             assert sessions.connects == 1, sessions.history
 
 
-async def test_the_owner_killed_its_replicas_viewers_play_again_from_one_new_camera_session(
+async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_re_attach(
     start_server: StartServer,
     redis_server: RedisServer,
     tmp_path: Path,
     judge_nodes_on_a_fresh_redis: None,
 ) -> None:
-    # C owns it; A (the sockets' node) and B replicate it.
+    # C owns it; A (the sockets' node) and B replicate it. C killed, A claims it (placement's
+    # next), which ends A's replica (A now reads the camera); B's re-attaches to A.
     stream_id = stream_ranked("node-c", "node-a", "node-b")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
@@ -337,22 +338,29 @@ async def test_the_owner_killed_its_replicas_viewers_play_again_from_one_new_cam
             viewers = []
             for _ in range(5):
                 viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
                 viewers.append(viewer)
             assert (peers(a), peers(b)) == (CAP, 1)  # and two on C, the owner
             assert stream_id in cluster_of(a).statistics().replicas
             assert stream_id in cluster_of(b).statistics().replicas
             assert sessions.connects == 1
             marks = [len(v.messages) for v in viewers]
+            on_b = viewers[4].streams[stream_id]
 
             c.process.kill()
 
             async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers, marks, strict=True):
+                for viewer, mark in zip(viewers[:4], marks[:4], strict=True):
                     nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert cluster_of(a).statistics().owned_streams == (stream_id,)
+            # B's replica followed the stream to its new owner: its viewer was never told to
+            # re-offer, and plays on with the new owner's frames.
+            await on_b.wait_frames(25, timeout=30)
+            assert [m for m in viewers[4].messages[marks[4] :] if m.get("type") == "error"] == []
+            assert stream_id in cluster_of(b).statistics().replicas
+            assert cluster_of(a).statistics().relay_connections >= 1
+            assert frame_num_breaks(on_b.access_units) == 0
             assert peers(a) + peers(b) == 5
-            owners = [n for n in (a, b) if cluster_of(n).statistics().owned_streams]
-            assert len(owners) == 1
-            assert peers(owners[0]) >= CAP
             # Exactly one new camera session, never two at once.
             assert sessions.connects == 2 and sessions.peak == 1, sessions.history

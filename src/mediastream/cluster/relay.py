@@ -31,6 +31,7 @@ a keyframe newer than the last frame it published.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -474,6 +475,25 @@ async def open_relay(
     return connection, reader, info
 
 
+@dataclass
+class _Resumption:
+    """Where the replica's timeline is, so that a reconnection publishes nothing twice and
+    never a P-frame without its keyframe, and a new owner's timeline continues this one."""
+
+    #: kind -> the newest timestamp published (on this replica's timeline)
+    last: dict[str, int] = field(default_factory=dict)
+    #: kind -> what is added to the owner's timestamps (0 until the owner changes)
+    shift: dict[str, int] = field(default_factory=dict)
+    #: the owner changed: its timestamps are of another timeline, rebased at its keyframe
+    rebase: bool = False
+    #: kinds whose shift is still to be set after a rebase (at their first frame)
+    unshifted: set[str] = field(default_factory=set)
+
+
+#: a rebased timeline starts one frame (at 30 fps, 90 kHz) after the last one published.
+REBASE_STEP: Final = 3000
+
+
 async def run_relay_source(
     stream_id: str,
     node_id: str,
@@ -486,21 +506,27 @@ async def run_relay_source(
 ) -> None:
     """A replica's source: the owner's frames, published to this node's fan-out, until cancelled.
 
-    ``locate_owner`` gives the owner's relay address, or raises ClusterError when the
-    replica must end (the owner is gone or another node owns the stream now): that error
-    ends this function. A cut connection is made again (:data:`RECONNECT_DELAYS`) and the
-    stream resumes at the next keyframe newer than the last frame published: the viewers see
-    a jump, never a broken picture.
+    ``locate_owner`` gives the owner's relay address (a new owner's, after one died and
+    another claimed the stream), or raises ClusterError when the replica must end: that
+    error ends this function. A cut connection is made again (:data:`RECONNECT_DELAYS`) and
+    the stream resumes at the next keyframe newer than the last frame published; a new
+    owner's frames are moved onto this replica's timeline from its first keyframe on. The
+    viewers see a jump, never a broken picture nor timestamps going back.
     """
     task_status.started()
     sink.source_state(SourceState.STARTING)
-    last: dict[str, int] = {}  # kind -> the newest timestamp published
+    resumption = _Resumption()
     failures = 0
     opened = False
+    owner_address = ""
     try:
         while True:
             reason = "the connection ended"
             address = await locate_owner()
+            if owner_address and address != owner_address:
+                resumption.rebase = True
+                log.info('"%s": the relay moves to the new owner at %s', stream_id, address)
+            owner_address = address
             try:
                 connection, reader, info = await open_relay(address, key, stream_id, node_id)
             except RelayRefused:
@@ -517,7 +543,7 @@ async def run_relay_source(
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_report_viewers, connection, sink)
                         try:
-                            await _receive(reader, sink, last, stats)
+                            await _receive(reader, sink, resumption, stats)
                         except (RelayError, trio.BrokenResourceError, OSError) as exc:
                             reason = str(exc)
                         nursery.cancel_scope.cancel()
@@ -536,10 +562,11 @@ async def run_relay_source(
 
 
 async def _receive(
-    reader: RecordReader, sink: Stream, last: dict[str, int], stats: ReplicaStatistics
+    reader: RecordReader, sink: Stream, resumption: _Resumption, stats: ReplicaStatistics
 ) -> None:
     # After a reconnection the owner starts again at its cached keyframe: what was published
     # already is not published twice, and no P-frame goes out before a newer keyframe.
+    last, shift = resumption.last, resumption.shift
     resuming = "video" in last
     while True:
         kind, body = await reader.read()
@@ -549,15 +576,31 @@ async def _receive(
             raise RelayError(f"unexpected record type {kind} among frames")
         frame = decode_frame(body)
         stats.frames_received += 1
-        newest = last.get(frame.kind)
         if frame.kind == "video" and resuming:
-            if not frame.keyframe or (newest is not None and frame.timestamp <= newest):
+            if not frame.keyframe:
+                stats.resume_skipped_frames += 1
+                continue
+            if resumption.rebase:
+                # Another owner: its timeline continues this one from its keyframe on.
+                shift["video"] = last["video"] + REBASE_STEP - frame.timestamp
+                resumption.unshifted = {k for k in last if k != "video"}
+                resumption.rebase = False
+            elif frame.timestamp + shift.get("video", 0) <= last["video"]:
                 stats.resume_skipped_frames += 1
                 continue
             resuming = False
-        elif resuming or (newest is not None and frame.timestamp < newest):
-            continue  # audio from before the video resumes, or already published
-        last[frame.kind] = frame.timestamp
+        elif resuming:
+            continue  # audio from before the video resumes
+        if frame.kind in resumption.unshifted:
+            shift[frame.kind] = last[frame.kind] + 1 - frame.timestamp
+            resumption.unshifted.discard(frame.kind)
+        timestamp = frame.timestamp + shift.get(frame.kind, 0)
+        newest = last.get(frame.kind)
+        if newest is not None and timestamp <= newest and frame.kind != "video":
+            continue  # audio already published
+        if timestamp != frame.timestamp:
+            frame = dataclasses.replace(frame, timestamp=timestamp)
+        last[frame.kind] = timestamp
         sink.publish(frame)
 
 

@@ -119,6 +119,10 @@ CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).
 GONE_MEMORY: Final = 60.0  # seconds
+#: how long a replica whose owner died waits for another node to claim the stream (and
+#: re-attaches to it) before it ends and its viewers re-offer; and how often it looks.
+REATTACH_WAIT: Final = 10.0  # seconds
+REATTACH_POLL: Final = 0.5  # seconds
 #: how often each node looks for always-on streams that nobody reads, to claim its share.
 PLACEMENT_INTERVAL: Final = 2.0  # seconds
 #: how often the node's load (the share of one core its process uses) is measured; a change
@@ -594,7 +598,10 @@ class ClusterNode:
         lock = self._replicating.setdefault(stream.id, trio.Lock())
         async with lock:
             existing = self._replicas.get(stream.id)
-            if existing is not None and not existing.ended and existing.owner == owner:
+            if existing is not None and not existing.ended:
+                # The same owner, or a new one that placed a viewer here before this replica
+                # found it: the relay source moves to it at its next connection.
+                existing.owner = owner
                 existing.epochs.add(epoch)
                 return existing
             if existing is not None:
@@ -656,23 +663,43 @@ class ClusterNode:
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
     async def _locate_owner(self, replica: Replica) -> str:
-        """The owner's relay address, while it still owns the stream and lives.
+        """The owner's relay address, while a live node other than this one owns the stream.
+
+        The owner gone (killed): waits up to ``REATTACH_WAIT`` for another node to claim the
+        stream (its direct viewers' re-offers do), and re-attaches to it: the replica's
+        viewers keep their sessions. The owner changing while both live does the same.
 
         Raises:
-            ClusterError: the replica must end (the owner is gone, or no longer owns it).
+            ClusterError: the replica must end (nobody claimed the stream in time, this node
+                owns it now, or Redis is unavailable).
         """
         assert self._redis is not None
         redis = self._redis
         stream_id = replica.stream.id
-        owner = await current_owner(redis, stream_id)
-        if owner is None or owner.node_id != replica.owner:
-            raise ClusterError(f'node "{replica.owner}" no longer owns "{stream_id}"')
-        record = next((n for n in await live_nodes(redis) if n.node_id == owner.node_id), None)
-        if record is None or await self._gone(record):
-            raise OwnerGone(f'node "{replica.owner}" serving "{stream_id}" stopped')
-        if not record.relay_address:
-            raise ClusterError(f'node "{replica.owner}" has no relay')
-        return record.relay_address
+        deadline = trio.current_time() + REATTACH_WAIT
+        while True:
+            owner = await current_owner(redis, stream_id)
+            if owner is not None and owner.node_id == self.node_id:
+                raise ClusterError(f'node "{self.node_id}" owns "{stream_id}" now')
+            if owner is not None:
+                nodes = await live_nodes(redis)
+                record = next((n for n in nodes if n.node_id == owner.node_id), None)
+                if record is not None and record.relay_address and not await self._gone(record):
+                    if owner.node_id != replica.owner:
+                        log.info(
+                            'stream "%s": replica re-attached to its new owner, node "%s" '
+                            '(was "%s")',
+                            stream_id, owner.node_id, replica.owner,
+                        )  # fmt: skip
+                        replica.owner = owner.node_id
+                        replica.epochs.add(owner.epoch)
+                    return record.relay_address
+            if trio.current_time() >= deadline:
+                raise OwnerGone(
+                    f'node "{replica.owner}" serving "{stream_id}" stopped, and no node took '
+                    f"the stream over within {REATTACH_WAIT:g} s"
+                )
+            await trio.sleep(REATTACH_POLL)
 
     # --- ownership --------------------------------------------------------------------------
 

@@ -12,8 +12,12 @@ import trio.testing
 from mediastream.cluster.relay import (
     FRAME,
     MAX_HANDSHAKE_RECORD,
+    REBASE_STEP,
     RecordReader,
     RelayError,
+    ReplicaStatistics,
+    _receive,
+    _Resumption,
     decode_frame,
     encode_frame,
     encode_record,
@@ -21,8 +25,10 @@ from mediastream.cluster.relay import (
     info_to_json,
     relay_key,
 )
+from mediastream.config import MediaConfig, stream_from_dict
 from mediastream.media.frames import EncodedFrame
 from mediastream.media.source_contract import SourceInfo
+from mediastream.registry import Stream
 
 
 def test_a_frame_crosses_unchanged() -> None:
@@ -81,3 +87,51 @@ async def test_records_split_across_reads_are_put_together() -> None:
     await left.aclose()
     with pytest.raises(RelayError, match="closed"):
         await reader.read()
+
+
+def video(timestamp: int, keyframe: bool = False) -> EncodedFrame:
+    return EncodedFrame("video", timestamp, keyframe, (b"\x65" if keyframe else b"\x41",), 1)
+
+
+async def received_by_a_replica(
+    frames: list[EncodedFrame], resumption: _Resumption
+) -> tuple[list[EncodedFrame], ReplicaStatistics]:
+    """What a replica publishes of ``frames`` sent by its owner, after what it published
+    before (``resumption``)."""
+    stream = Stream(stream_from_dict({"id": "cam", "source": "pattern:testsrc"}), MediaConfig())
+    published = stream.fanout.subscribe("video")
+    audio = stream.fanout.subscribe("audio")
+    owner, replica = trio.testing.memory_stream_pair()
+    stats = ReplicaStatistics()
+    await owner.send_all(b"".join(encode_frame(frame) for frame in frames))
+    await owner.aclose()
+    with pytest.raises(RelayError, match="closed"):
+        await _receive(RecordReader(replica, "the owner"), stream, resumption, stats)
+    out = []
+    for subscriber in (published, audio):
+        while (frame := subscriber.get_nowait()) is not None:
+            out.append(frame)
+    return out, stats
+
+
+async def test_a_reconnected_replica_resumes_at_a_keyframe_newer_than_what_it_published() -> None:
+    resumption = _Resumption(last={"video": 1000})
+    sound = EncodedFrame("audio", 50, False, (b"a",), 1)
+    frames = [video(900, True), video(940), sound, video(1040), video(1200, True), video(1240)]
+    out, stats = await received_by_a_replica(frames, resumption)
+    assert [(f.timestamp, f.keyframe) for f in out] == [(1200, True), (1240, False)]
+    assert stats.resume_skipped_frames == 3  # the old keyframe and two P-frames
+    assert resumption.last == {"video": 1240}
+
+
+async def test_a_new_owners_timeline_continues_the_replicas() -> None:
+    resumption = _Resumption(last={"video": 5000, "audio": 700}, rebase=True)
+    sound = EncodedFrame("audio", 10, False, (b"a",), 1)
+    frames = [video(10), video(20, True), sound, video(60)]
+    out, _ = await received_by_a_replica(frames, resumption)
+    assert [(f.kind, f.timestamp) for f in out] == [
+        ("video", 5000 + REBASE_STEP),
+        ("video", 5000 + REBASE_STEP + 40),
+        ("audio", 701),
+    ]
+    assert not resumption.rebase

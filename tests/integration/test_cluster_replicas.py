@@ -364,3 +364,25 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
             assert peers(a) + peers(b) == 5
             # Exactly one new camera session, never two at once.
             assert sessions.connects == 2 and sessions.peak == 1, sessions.history
+
+
+async def test_without_a_viewer_cap_there_is_no_relay_and_the_owner_serves_everyone(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, STREAM)
+        nodes = [
+            await start_server(
+                make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node_id})
+            )
+            for node_id in NODES[:2]
+        ]
+        for node in nodes:
+            await cluster_of(node)._started.wait()
+            assert cluster_of(node).relay is None
+            registration = cluster_of(node).registration
+            assert registration is not None and registration.record.relay_address == ""
+        async with viewers_of(nodes[0].ws_url, CAP + 1):
+            owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]
+            assert len(owners) == 1 and peers(owners[0]) == CAP + 1
+            assert all(cluster_of(n).statistics().replicas == () for n in nodes)

@@ -222,8 +222,8 @@ class RelayServer:
     Args:
         key: the shared secret's key (:func:`relay_key`).
         find_stream: the stream of an id, if this node has it.
-        may_serve: whether this node owns the stream now (only owners relay).
-        guard: cancels a connection's scope when the node stops owning its stream.
+        may_serve: whether this node owns the stream now (only owners relay); the node calls
+            :meth:`disconnect` when it stops owning one (lease lost, handed over).
     """
 
     def __init__(
@@ -232,13 +232,11 @@ class RelayServer:
         node_id: str,
         find_stream: Callable[[str], Stream | None],
         may_serve: Callable[[str], bool],
-        guard: Callable[[str, trio.CancelScope], None],
     ) -> None:
         self._key = key
         self._node_id = node_id
         self._find_stream = find_stream
         self._may_serve = may_serve
-        self._guard = guard
         self.stats = RelayStatistics()
         #: relay connections per stream (they count as the stream's viewers on the owner)
         self._per_stream: dict[str, int] = {}
@@ -338,7 +336,8 @@ class RelayServer:
         self._scopes.setdefault(stream_id, set()).add(scope)
         try:
             with scope:
-                self._guard(stream_id, scope)
+                if not self._may_serve(stream_id):  # lost while the handshake finished
+                    return
                 await self._feed(connection, reader, stream, node, label, scope)
         finally:
             self._scopes[stream_id].discard(scope)

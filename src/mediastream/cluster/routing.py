@@ -335,7 +335,6 @@ class ClusterNode:
             self.node_id,
             lambda stream_id: self.registry.get(stream_id) if self.registry else None,
             self.owns,
-            self.guard_ingest,
         )
         bound = await nursery.start(self.relay.run, host or "0.0.0.0", port)
         return f"[{advertised}]:{bound}" if ":" in advertised else f"{advertised}:{bound}"
@@ -418,6 +417,8 @@ class ClusterNode:
         # The ingest stops before the lease is released: never two readers of one camera.
         self._handing_over.add(stream_id)
         lease.cancel_users()
+        if self.relay is not None:
+            self.relay.disconnect(stream_id)  # the replicas follow it to its next owner
         stream.changes.notify()
         await stream.changes.wait_until(lambda: not stream.source_running)
         # ``_own`` releases the lease (compare-and-DEL) and forgets it.
@@ -786,6 +787,8 @@ class ClusterNode:
 
     async def _end_sessions_on_loss(self, stream: Stream, lease: StreamLease) -> None:
         await lease.lost.wait()
+        if self.relay is not None:
+            self.relay.disconnect(stream.id)  # never a frame relayed without the lease
         self._end_stream_sessions(
             stream, f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
         )

@@ -175,9 +175,21 @@ async def test_viewers_beyond_the_cap_are_served_by_replicas_and_the_camera_is_r
             for played in viewers:
                 await played.wait_frames(30, timeout=30)
             assert sessions.connects == 1, sessions.history
+            for node in replicas:
+                # The owner resent its GOP from the keyframe already published: left out.
+                assert cluster_of(node).statistics().relay_resume_skipped_frames >= 1
             for played in viewers:
                 assert played.access_units
                 assert frame_num_breaks(played.access_units) == 0
+            # The check sees a P-frame lost: one taken out of a viewer's frames breaks it.
+            units = viewers[-1].access_units
+            lost = next(
+                index
+                for index in range(1, len(units) - 1)
+                if not any(nal_type(n) == NAL_IDR for n in split_annexb(units[index]))
+                and not any(nal_type(n) == NAL_IDR for n in split_annexb(units[index + 1]))
+            )
+            assert frame_num_breaks(units[:lost] + units[lost + 1 :]) == 1
 
 
 async def test_the_relay_refuses_a_client_without_the_secret(

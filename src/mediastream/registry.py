@@ -98,7 +98,9 @@ class IngestGate(Protocol):
     Without a gate (one process) every stream may be read. With one, the supervisor starts a
     source only while :meth:`may_ingest` holds, and hands the source's scope to
     :meth:`guard_ingest`, which cancels it the moment the right to read is lost. The gate
-    notifies the stream's ``changes`` when :meth:`may_ingest` turns true.
+    notifies the stream's ``changes`` when :meth:`may_ingest` turns true. On a replica (a
+    node serving a stream owned elsewhere), :meth:`relay_source` gives the source to run
+    instead of the camera: the owner's frames over the relay.
     """
 
     def may_ingest(self, stream_id: str) -> bool: ...

@@ -398,3 +398,57 @@ async def test_without_a_viewer_cap_there_is_no_relay_and_the_owner_serves_every
             owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]
             assert len(owners) == 1 and peers(owners[0]) == CAP + 1
             assert all(cluster_of(n).statistics().replicas == () for n in nodes)
+
+
+async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_owner(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # C owns it; A (the sockets' node) replicates it, then B. C drains: B, placement's next,
+    # claims it (its own replica ends first); A's replica follows the stream to B.
+    stream_id = stream_ranked("node-c", "node-b", "node-a")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b, c = [
+            await start_server(
+                make_config(
+                    streams,
+                    cluster={
+                        "redis_url": redis_server.url,
+                        "node_id": node_id,
+                        "max_viewers_per_node": CAP,
+                    },
+                )
+            )
+            for node_id in NODES
+        ]
+        for node in (a, b, c):
+            await cluster_of(node)._started.wait()
+        async with contextlib.AsyncExitStack() as stack:
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            assert (peers(a), peers(b), peers(c)) == (CAP, 1, CAP)
+            marks = [len(v.messages) for v in viewers]
+
+            c.request_shutdown()  # a drain: the stream handed over, then C stops
+            with trio.fail_after(30):
+                await c.wait_stopped()
+
+            replays = [(viewers[i], marks[i]) for i in (0, 1, 4)]  # C's two, and B's one
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in replays:
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert cluster_of(b).statistics().owned_streams == (stream_id,)
+            for index in (2, 3):  # A's viewers: never told to re-offer, playing on
+                played = viewers[index].streams[stream_id]
+                await played.wait_frames(25, timeout=30)
+                assert [
+                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
+                ] == []
+                assert frame_num_breaks(played.access_units) == 0
+            assert stream_id in cluster_of(a).statistics().replicas
+            assert peers(a) + peers(b) == 5
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history

@@ -157,6 +157,15 @@ class ClusterConfig:
     #: on SIGTERM a node hands its streams over to the others for at most this long, then
     #: closes its sockets and exits (docs/cluster.md, "Drain").
     drain_timeout: float = 10 * SECONDS
+    #: viewers (sessions) a stream's owner serves itself; the next ones are served by
+    #: replicas, other nodes fed with its encoded frames over the relay. 0: no replicas.
+    max_viewers_per_node: int = 0
+    #: the TCP port other nodes pull encoded frames from (replicas); 0: any free port. With
+    #: ``serve --workers N``, worker i listens on relay_port + i.
+    relay_port: int = 0
+    #: the secret the nodes prove to each other on the relay (HMAC challenge); empty: derived
+    #: from redis_url (every node of a cluster has it; set one when the URL has no password).
+    relay_secret: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -493,6 +502,17 @@ def _check_cluster(cluster: ClusterConfig) -> None:
         )
     if cluster.drain_timeout <= 0:
         raise ConfigError("must be greater than 0", key="cluster.drain_timeout")
+    if cluster.max_viewers_per_node < 0:
+        raise ConfigError("must be 0 (no replicas) or more", key="cluster.max_viewers_per_node")
+    if not 0 <= cluster.relay_port <= 65535:
+        raise ConfigError(
+            f"must be a port number 0-65535, got {cluster.relay_port}", key="cluster.relay_port"
+        )
+    if cluster.relay_secret and len(cluster.relay_secret) < 16:
+        raise ConfigError(
+            "must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            key="cluster.relay_secret",
+        )
     if (cluster.node_id or cluster.public_url) and not cluster.redis_url:
         raise ConfigError(
             "node_id and public_url need cluster.redis_url (without it there is no cluster)",

@@ -289,7 +289,8 @@ class _ClusterCollector(Collector):
         offers = CounterMetricFamily(
             "mediastream_cluster_offers",
             "Offers by route: local (a stream this node owned, no Redis), routed (its owner "
-            "looked up), relayed (sent to another node), remote (from another node's socket).",
+            "looked up), relayed (sent to another node), remote (from another node's socket), "
+            "replica (served here as a replica: the owner was full).",
             labels=["route"],
         )
         for route, count in (
@@ -297,6 +298,7 @@ class _ClusterCollector(Collector):
             ("routed", routing.routed_offers),
             ("relayed", routing.relayed_offers),
             ("remote", routing.remote_offers),
+            ("replica", routing.replica_offers),
         ):
             offers.add_metric([route], count)
         yield offers
@@ -324,6 +326,31 @@ class _ClusterCollector(Collector):
             "Leases of nodes whose process ended (their liveness connection gone from Redis) "
             "that this node deleted so the streams could be claimed again at once.",
             value=routing.takeovers,
+        )
+        yield GaugeMetricFamily(
+            "mediastream_cluster_replicas",
+            "Streams this node replicates: served to its viewers from the owner's frames.",
+            value=len(routing.replicas),
+        )
+        yield GaugeMetricFamily(
+            "mediastream_cluster_frame_relay_connections",
+            "Replicas fed by this node's frame relay now (one connection per stream).",
+            value=routing.relay_connections,
+        )
+        yield CounterMetricFamily(
+            "mediastream_cluster_frame_relay_refused",
+            "Connections to the frame relay refused: the secret not proved, not the owner.",
+            value=routing.relay_refused,
+        )
+        yield CounterMetricFamily(
+            "mediastream_cluster_frame_relay_skipped_frames",
+            "Frames slow replicas skipped to the next keyframe (owner side).",
+            value=routing.relay_skipped_frames,
+        )
+        yield CounterMetricFamily(
+            "mediastream_cluster_frame_relay_reconnects",
+            "Times this node's replicas reconnected to an owner's frame relay.",
+            value=routing.relay_reconnects,
         )
         bus = routing.bus
         yield CounterMetricFamily(

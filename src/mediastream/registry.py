@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -98,12 +98,23 @@ class IngestGate(Protocol):
     Without a gate (one process) every stream may be read. With one, the supervisor starts a
     source only while :meth:`may_ingest` holds, and hands the source's scope to
     :meth:`guard_ingest`, which cancels it the moment the right to read is lost. The gate
-    notifies the stream's ``changes`` when :meth:`may_ingest` turns true.
+    notifies the stream's ``changes`` when :meth:`may_ingest` turns true. On a replica (a
+    node serving a stream owned elsewhere), :meth:`relay_source` gives the source to run
+    instead of the camera: the owner's frames over the relay.
     """
 
     def may_ingest(self, stream_id: str) -> bool: ...
 
     def guard_ingest(self, stream_id: str, scope: trio.CancelScope) -> None: ...
+
+    def relay_source(self, stream: Stream) -> SourceRunner | None:
+        """What to run instead of the stream's own source (a replica: the owner's frames over
+        the relay); None: the stream's source."""
+        ...
+
+
+#: a source to run for a stream (started with ``nursery.start``; publishes to the stream).
+SourceRunner = Callable[..., Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +326,12 @@ class Stream:
         self._encoders_opened += info.transcoded + info.audio_transcoded
         self._notify()
 
+    def relay_opened(self, info: SourceInfo) -> None:
+        """A replica's relay from the owner opened: what the owner's source carries (no
+        encoder or camera session of this node's own)."""
+        self._source_info = info
+        self._notify()
+
     def _codec(self) -> str:
         info = self._source_info
         if info is None or not info.transcoded:
@@ -416,13 +433,13 @@ class Stream:
             self._set_source_running(True)
             try:
                 async with trio.open_nursery() as nursery:
+                    runner: SourceRunner = functools.partial(
+                        run_source, self.config, media, self, timelines=self.timelines
+                    )
                     if self._gate is not None:
                         self._gate.guard_ingest(self.id, nursery.cancel_scope)
-                    await nursery.start(
-                        functools.partial(
-                            run_source, self.config, media, self, timelines=self.timelines
-                        )
-                    )
+                        runner = self._gate.relay_source(self) or runner
+                    await nursery.start(runner)
                     await self._wait_until_unwanted(media.on_demand_grace)
                     if self.enabled:
                         log.info(

@@ -61,6 +61,13 @@ def test_workers_differ_by_id_and_share_the_public_url() -> None:
         ('node_id = "edge-1"', "cluster.redis_url", "need cluster.redis_url"),
         ("redis_url = 6379", "cluster.redis_url", "must be a string"),
         ('redis_url = "redis://r"\ndrain_timeout = 0', "cluster.drain_timeout", "greater than 0"),
+        (
+            'redis_url = "redis://r"\nmax_viewers_per_node = -1',
+            "cluster.max_viewers_per_node",
+            "0 (no replicas) or more",
+        ),
+        ('redis_url = "redis://r"\nrelay_port = 70000', "cluster.relay_port", "0-65535"),
+        ('redis_url = "redis://r"\nrelay_secret = "short"', "cluster.relay_secret", "at least 16"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, key: str, reason: str) -> None:

@@ -17,6 +17,11 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── place always-on streams        every 2 s: always-on streams nobody reads are
     │                                  resolved (claimed here if placement says so)
     ├── measure load                   the process's share of a core, into the record
+    ├── RelayServer.run                only with max_viewers_per_node: feeds replicas the
+    │   └── one task per replica       frames of the streams this node owns (relay.py)
+    ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
+    │                                  supervisor runs its relay source meanwhile; ends
+    │                                  when its last viewer has left (after the grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -35,6 +40,9 @@ Messages between nodes (envelope ``kind``):
 - ``offer`` (request) socket node → owner; reply ``{"epoch"}`` or ``{"error", "message",
   "owner"?}``. ``ice`` and ``close`` socket node → owner (one-way, carry the epoch and the
   offer's relay id; others dropped). ``socket_closed`` (understood, not sent yet).
+- An owner with ``max_viewers_per_node`` sessions of the stream answers an ``offer`` with
+  ``{"error": "full", "replica", "epoch"}``; the socket node then sends the offer to that node
+  with ``"replicaOf": owner`` in its payload (see ``Replica``).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
 """
@@ -48,11 +56,13 @@ import functools
 import json
 import logging
 import secrets
+import socket as sockets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import trio
 
@@ -88,9 +98,10 @@ from .leases import (
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
-from .placement import choose_owner
+from .placement import choose_owner, rank_nodes
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
+from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +119,10 @@ CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).
 GONE_MEMORY: Final = 60.0  # seconds
+#: how long a replica whose owner died waits for another node to claim the stream (and
+#: re-attaches to it) before it ends and its viewers re-offer; and how often it looks.
+REATTACH_WAIT: Final = 10.0  # seconds
+REATTACH_POLL: Final = 0.5  # seconds
 #: how often each node looks for always-on streams that nobody reads, to claim its share.
 PLACEMENT_INTERVAL: Final = 2.0  # seconds
 #: how often the node's load (the share of one core its process uses) is measured; a change
@@ -147,6 +162,53 @@ class RoutingStatistics:
     message_errors: tuple[tuple[str, int], ...] = ()
     #: the bus's counters since the node started (summed over its reconnections)
     bus: BusStatistics | None = None
+    #: offers served here as a replica (the owner was full)
+    replica_offers: int = 0
+    #: streams this node replicates now (fed by their owner's relay)
+    replicas: tuple[str, ...] = ()
+    #: the relay (owner side): replicas served now, connections refused, frames slow replicas
+    #: skipped to the next keyframe
+    relay_connections: int = 0
+    relay_refused: int = 0
+    relay_skipped_frames: int = 0
+    #: the relay (replica side): reconnections, and frames left out to resume at a keyframe
+    relay_reconnects: int = 0
+    relay_resume_skipped_frames: int = 0
+
+
+class Replica:
+    """This node serving a stream it does not own, fed by the owner's relay (one per stream).
+
+    Ends when its last viewer has left (after the grace period), or at once when the relay
+    cannot go on (the owner gone, or refusing): its viewers are then told to re-offer.
+    """
+
+    def __init__(self, stream: Stream, owner: str, epoch: int) -> None:
+        self.stream = stream
+        self.owner = owner
+        #: the owner's epochs its sessions were offered in (messages in others are stale)
+        self.epochs = {epoch}
+        self.scope = trio.CancelScope()
+        self.ended = False
+        self.failed = False
+        self.reason = ""
+        self._guarded: list[trio.CancelScope] = []
+
+    def guard(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` (the relay source's) when the replica ends."""
+        if self.ended:
+            scope.cancel()
+        else:
+            self._guarded.append(scope)
+
+    def end(self, reason: str, *, failed: bool = False) -> None:
+        if self.ended:
+            return
+        self.ended, self.failed, self.reason = True, failed, reason
+        self.scope.cancel()
+        for scope in self._guarded:
+            scope.cancel()
+        self.stream.changes.notify()
 
 
 class ClusterNode:
@@ -177,6 +239,13 @@ class ClusterNode:
         self._nursery: trio.Nursery | None = None
         self._owned: dict[str, StreamLease] = {}
         self._claims: dict[str, trio.Lock] = {}
+        #: streams this node replicates (owned elsewhere, fed by the owner's relay)
+        self._replicas: dict[str, Replica] = {}
+        self._replicating: dict[str, trio.Lock] = {}
+        #: serves this node's streams to replicas (None: replicas off, max_viewers_per_node 0)
+        self.relay: RelayServer | None = None
+        self._relay_key = relay_key(config.cluster.relay_secret, config.cluster.redis_url)
+        self._replica_stats = ReplicaStatistics()
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
         #: sessions of this node's sockets on streams it owns, ended if the lease is lost
         self._local_sessions: weakref.WeakKeyDictionary[Session, SocketEnd] = (
@@ -198,7 +267,7 @@ class ClusterNode:
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
-             "redis_commands", "stale_dropped", "takeovers"),
+             "redis_commands", "stale_dropped", "takeovers", "replica_offers"),
             0,
         )  # fmt: skip
         self._messages_out: collections.Counter[str] = collections.Counter()
@@ -235,7 +304,12 @@ class ClusterNode:
                             self._liveness_broken,
                         )
                         self._liveness = liveness
-                        record = NodeRecord(self.node_id, public_url, liveness=liveness.client_id)
+                        relay_address = ""
+                        if self._config.cluster.max_viewers_per_node > 0:
+                            relay_address = await self._start_relay(nursery, public_url)
+                        record = NodeRecord(
+                            self.node_id, public_url, relay_address, liveness=liveness.client_id
+                        )
                         registration = await nursery.start(run_node_registration, redis, record)
                         self.registration = registration
                         nursery.start_soon(self._publish_liveness, liveness, registration)
@@ -248,6 +322,22 @@ class ClusterNode:
                         task_status.started()
         finally:
             self._stopped.set()
+
+    async def _start_relay(self, nursery: trio.Nursery, public_url: str) -> str:
+        """Listen for replicas; the address the others reach the relay at (``host:port``)."""
+        cluster = self._config.cluster
+        host = self._config.server.host
+        wildcard = host in ("", "0.0.0.0", "::")
+        advertised = (urlsplit(public_url).hostname or sockets.gethostname()) if wildcard else host
+        port = cluster.relay_port + (self._worker or 0) if cluster.relay_port else 0
+        self.relay = RelayServer(
+            self._relay_key,
+            self.node_id,
+            lambda stream_id: self.registry.get(stream_id) if self.registry else None,
+            self.owns,
+        )
+        bound = await nursery.start(self.relay.run, host or "0.0.0.0", port)
+        return f"[{advertised}]:{bound}" if ":" in advertised else f"{advertised}:{bound}"
 
     def stop(self) -> None:
         """Leave the cluster: release every lease, delete the record (see :meth:`run`)."""
@@ -327,6 +417,8 @@ class ClusterNode:
         # The ingest stops before the lease is released: never two readers of one camera.
         self._handing_over.add(stream_id)
         lease.cancel_users()
+        if self.relay is not None:
+            self.relay.disconnect(stream_id)  # the replicas follow it to its next owner
         stream.changes.notify()
         await stream.changes.wait_until(lambda: not stream.source_running)
         # ``_own`` releases the lease (compare-and-DEL) and forgets it.
@@ -412,6 +504,9 @@ class ClusterNode:
     # --- IngestGate -------------------------------------------------------------------------
 
     def may_ingest(self, stream_id: str) -> bool:
+        replica = self._replicas.get(stream_id)
+        if replica is not None and not replica.ended:
+            return True
         lease = self._owned.get(stream_id)
         if lease is None or stream_id in self._handing_over:
             return False
@@ -422,11 +517,190 @@ class ClusterNode:
         return True
 
     def guard_ingest(self, stream_id: str, scope: trio.CancelScope) -> None:
+        replica = self._replicas.get(stream_id)
+        if replica is not None and stream_id not in self._owned:
+            replica.guard(scope)
+            return
         lease = self._owned.get(stream_id)
         if lease is None:
             scope.cancel()
         else:
             lease.cancel_on_loss(scope)
+
+    def relay_source(self, stream: Stream) -> Callable[..., Awaitable[None]] | None:
+        replica = self._replicas.get(stream.id)
+        if replica is None or replica.ended or stream.id in self._owned:
+            return None
+        return functools.partial(self._run_replica_source, replica)
+
+    # --- replicas ---------------------------------------------------------------------------
+
+    def _full(self, stream: Stream) -> bool:
+        """Whether this node serves as many of the stream's viewers as it should: its
+        sessions of the stream, its own sockets' and other nodes', counted from their offer
+        (not from when they start to play: a burst of offers must not all land here)."""
+        cap = self._config.cluster.max_viewers_per_node
+        if cap <= 0 or self.relay is None:
+            return False
+        local = sum(
+            1
+            for session in self._local_sessions
+            if session.stream is stream and session.phase is not SessionPhase.ENDED
+        )
+        return local + sum(remote.watching([stream.id]) for remote in self._remote.values()) >= cap
+
+    async def overflow(self, stream: Stream, prefer: str | None) -> str | None:
+        """The owner is full: the node to serve the stream's next viewer as a replica, or
+        None (no other node can: the owner serves it anyway).
+
+        A replica with room that is already fed first (one relay connection more costs the
+        owner); else ``prefer`` (the viewer's socket node: no signaling hop) if it may be
+        one; else the stream's highest-ranked serving node; when all are full, the replica
+        with the fewest viewers.
+        """
+        if self.relay is None or self._redis is None:
+            return None
+        redis = self._redis
+        cap = self._config.cluster.max_viewers_per_node
+        try:
+            nodes = await self._redis_call(lambda: live_nodes(redis))
+        except RedisUnavailable as exc:
+            log.info('stream "%s": %s; served on its owner', stream.id, exc)
+            return None
+        eligible = [
+            node.node_id
+            for node in rank_nodes(stream.id, nodes)
+            if node.node_id != self.node_id
+            and node.relay_address
+            and self._known_gone(node.node_id) is None  # killed; its record not expired yet
+        ]
+        reported = self.relay.replica_viewers(stream.id)
+        fed = [n for n in eligible if n in reported and reported[n] < cap]
+        fresh = [n for n in eligible if n not in reported]
+        full = [n for n in eligible if n in reported]
+        if fed:
+            chosen: str | None = fed[0]
+        elif prefer in fresh:
+            chosen = prefer
+        elif fresh:
+            chosen = fresh[0]
+        else:
+            chosen = min(full, key=lambda n: reported[n]) if full else None
+        if chosen is not None:
+            self.relay.placed(stream.id, chosen)
+        return chosen
+
+    async def replicate(self, stream: Stream, owner: str, epoch: int) -> Replica:
+        """Be a replica of ``stream`` (owned by ``owner`` in ``epoch``), or stay one.
+
+        Raises:
+            ClusterError: this node owns the stream, or is draining.
+        """
+        lock = self._replicating.setdefault(stream.id, trio.Lock())
+        async with lock:
+            existing = self._replicas.get(stream.id)
+            if existing is not None and not existing.ended:
+                # The same owner, or a new one that placed a viewer here before this replica
+                # found it: the relay source moves to it at its next connection.
+                existing.owner = owner
+                existing.epochs.add(epoch)
+                return existing
+            if existing is not None:
+                existing.end(f'the stream is owned by node "{owner}" now', failed=True)
+                await stream.changes.wait_until(
+                    lambda: stream.id not in self._replicas and not stream.source_running
+                )
+            if self.owns(stream.id) or stream.id in self._owned:
+                raise ClusterError(f'node "{self.node_id}" owns "{stream.id}": no replica of it')
+            if self.draining:
+                raise ClusterError(f'node "{self.node_id}" is shutting down')
+            assert self._nursery is not None
+            replica: Replica = await self._nursery.start(self._replicate, stream, owner, epoch)
+            return replica
+
+    async def _replicate(
+        self, stream: Stream, owner: str, epoch: int, *, task_status: trio.TaskStatus[Replica]
+    ) -> None:
+        replica = Replica(stream, owner, epoch)
+        self._replicas[stream.id] = replica
+        log.info('stream "%s": replica of node "%s" (epoch %d)', stream.id, owner, epoch)
+        stream.changes.notify()  # the supervisor starts the relay source
+        task_status.started(replica)
+        try:
+            with replica.scope:
+                with trio.move_on_after(CLAIM_GRACE):
+                    await stream.changes.wait_until(lambda: stream.viewers > 0)
+                while True:
+                    await stream.changes.wait_until(lambda: stream.viewers == 0)
+                    with trio.move_on_after(self._config.media.on_demand_grace) as idle:
+                        await stream.changes.wait_until(lambda: stream.viewers > 0)
+                    if idle.cancelled_caught:
+                        break
+                replica.end("its last viewer left")
+        finally:
+            replica.end("the node stopped")
+            if self._replicas.get(stream.id) is replica:
+                del self._replicas[stream.id]
+            log.info('stream "%s": replica ended (%s)', stream.id, replica.reason)
+            if replica.failed:
+                self._end_stream_sessions(stream, f'node "{self.node_id}": {replica.reason}')
+            stream.changes.notify()
+
+    async def _run_replica_source(
+        self, replica: Replica, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await run_relay_source(
+                replica.stream.id,
+                self.node_id,
+                self._relay_key,
+                functools.partial(self._locate_owner, replica),
+                replica.stream,
+                self._replica_stats,
+                task_status=task_status,
+            )
+        except ClusterError as exc:
+            replica.end(f'the relay from node "{replica.owner}" ended: {exc}', failed=True)
+            await trio.sleep_forever()  # cancelled by the replica's end (the guard)
+
+    async def _locate_owner(self, replica: Replica) -> str:
+        """The owner's relay address, while a live node other than this one owns the stream.
+
+        The owner gone (killed): waits up to ``REATTACH_WAIT`` for another node to claim the
+        stream (its direct viewers' re-offers do), and re-attaches to it: the replica's
+        viewers keep their sessions. The owner changing while both live does the same.
+
+        Raises:
+            ClusterError: the replica must end (nobody claimed the stream in time, this node
+                owns it now, or Redis is unavailable).
+        """
+        assert self._redis is not None
+        redis = self._redis
+        stream_id = replica.stream.id
+        deadline = trio.current_time() + REATTACH_WAIT
+        while True:
+            owner = await current_owner(redis, stream_id)
+            if owner is not None and owner.node_id == self.node_id:
+                raise ClusterError(f'node "{self.node_id}" owns "{stream_id}" now')
+            if owner is not None:
+                nodes = await live_nodes(redis)
+                record = next((n for n in nodes if n.node_id == owner.node_id), None)
+                if record is not None and record.relay_address and not await self._gone(record):
+                    if owner.node_id != replica.owner:
+                        log.info(
+                            'stream "%s": replica re-attached to its new owner, node "%s" '
+                            '(was "%s")',
+                            stream_id, owner.node_id, replica.owner,
+                        )  # fmt: skip
+                        replica.owner = owner.node_id
+                        replica.epochs.add(owner.epoch)
+                    return record.relay_address
+            if trio.current_time() >= deadline:
+                raise OwnerGone(
+                    f'node "{replica.owner}" serving "{stream_id}" stopped, and no node took '
+                    f"the stream over within {REATTACH_WAIT:g} s"
+                )
+            await trio.sleep(REATTACH_POLL)
 
     # --- ownership --------------------------------------------------------------------------
 
@@ -457,6 +731,13 @@ class ClusterNode:
                     "other node serves"
                 )
             assert self._nursery is not None and self._redis is not None
+            replica = self._replicas.get(stream.id)
+            if replica is not None:
+                # A replica's relay source must be gone before this node reads the camera.
+                replica.end("this node claims the stream", failed=True)
+                await stream.changes.wait_until(
+                    lambda: stream.id not in self._replicas and not stream.source_running
+                )
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
             claimed.check()  # LeaseLost if it was given up at once (see _own)
@@ -506,7 +787,14 @@ class ClusterNode:
 
     async def _end_sessions_on_loss(self, stream: Stream, lease: StreamLease) -> None:
         await lease.lost.wait()
-        reason = f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
+        if self.relay is not None:
+            self.relay.disconnect(stream.id)  # never a frame relayed without the lease
+        self._end_stream_sessions(
+            stream, f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
+        )
+
+    def _end_stream_sessions(self, stream: Stream, reason: str) -> None:
+        """Every session of ``stream`` served here ends, its page told to re-offer."""
         for remote in list(self._remote.values()):
             remote.end_stream(stream.id, reason)
         for session, socket in list(self._local_sessions.items()):
@@ -642,7 +930,9 @@ class ClusterNode:
     # --- Router (the socket's node) ---------------------------------------------------------
 
     def open_session(self, stream: Stream, offer: Offer, socket: SocketEnd) -> Session:
-        if self.owns(stream.id):
+        replica = self._replicas.get(stream.id)
+        serving = self.owns(stream.id) or (replica is not None and not replica.ended)
+        if serving and not self._full(stream):
             self._counts["local_offers"] += 1
             return self.open_local(stream, offer, socket)
         self._counts["routed_offers"] += 1
@@ -852,7 +1142,11 @@ class ClusterNode:
         elif kind in ("ice", "close"):
             remote = self._remote.get((envelope.reply_to, envelope.socket))
             lease = self._owned.get(envelope.stream)
-            if remote is None or lease is None or envelope.epoch != lease.epoch:
+            replica = self._replicas.get(envelope.stream)
+            current = (lease is not None and envelope.epoch == lease.epoch) or (
+                replica is not None and envelope.epoch in replica.epochs
+            )
+            if remote is None or not current:
                 self._counts["stale_dropped"] += 1
                 return
             remote.deliver(envelope)
@@ -906,6 +1200,19 @@ class ClusterNode:
             message = f'node "{self.node_id}" is shutting down'
             await _reply(bus, envelope, {"error": "draining", "message": message})
             return
+        offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
+        replica_of = payload.get("replicaOf")
+        if isinstance(replica_of, str) and replica_of:
+            try:
+                await self.replicate(stream, replica_of, envelope.epoch)
+            except ClusterError as exc:
+                await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
+                return
+            self._counts["replica_offers"] += 1
+            remote = await self._remote_socket(envelope)
+            remote.start_session(stream, offer, envelope.epoch, relay)
+            await _reply(bus, envelope, {"epoch": envelope.epoch})
+            return
         try:
             lease = await self.claim(stream)
         except OwnedElsewhere as exc:
@@ -930,7 +1237,22 @@ class ClusterNode:
                 {"error": "stale", "message": f"epoch {envelope.epoch} is not {lease.epoch}"},
             )
             return
+        if self._full(stream):
+            replica = await self.overflow(stream, prefer=envelope.reply_to)
+            if replica is not None:
+                await _reply(
+                    bus, envelope, {"error": "full", "replica": replica, "epoch": lease.epoch}
+                )
+                return
         self._counts["remote_offers"] += 1
+        remote = await self._remote_socket(envelope)
+        # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
+        # and the relayed session accepts the owner's messages before it knows the epoch.
+        remote.start_session(stream, offer, lease.epoch, relay)
+        await _reply(bus, envelope, {"epoch": lease.epoch})
+
+    async def _remote_socket(self, envelope: Envelope) -> RemoteSocket:
+        """The remote socket an offer came from, running (made if new)."""
         key = (envelope.reply_to, envelope.socket)
         remote = self._remote.get(key)
         if remote is None or remote.closing:
@@ -941,11 +1263,7 @@ class ClusterNode:
             self._nursery.start_soon(remote.run)
         # Also when another offer of the same socket created it a moment ago: it may not run yet.
         await remote.ready.wait()
-        offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
-        # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
-        # and the relayed session accepts the owner's messages before it knows the epoch.
-        remote.start_session(stream, offer, lease.epoch, relay)
-        await _reply(bus, envelope, {"epoch": lease.epoch})
+        return remote
 
     def _forget_remote(self, remote: RemoteSocket) -> None:
         if self._remote.get(remote.key) is remote:
@@ -1001,6 +1319,12 @@ class ClusterNode:
             messages_in=tuple(sorted(self._messages_in.items())),
             message_errors=tuple(sorted(self._message_errors.items())),
             bus=bus,
+            replicas=tuple(sorted(s for s, r in self._replicas.items() if not r.ended)),
+            relay_connections=self.relay.stats.connections if self.relay else 0,
+            relay_refused=self.relay.stats.refused if self.relay else 0,
+            relay_skipped_frames=self.relay.stats.skipped_frames if self.relay else 0,
+            relay_reconnects=self._replica_stats.reconnects,
+            relay_resume_skipped_frames=self._replica_stats.resume_skipped_frames,
         )
 
 
@@ -1113,28 +1437,30 @@ class RoutedSession:
     async def _route(self, label: str) -> None:
         for _ in range(2):  # a second try when the owner named another, or an old epoch
             node_id, epoch = await self._node.resolve(self.stream)
+            replica_of = ""
             if node_id == self._node.node_id:
-                self._inner = self._node.open_local(self.stream, self.offer, self.socket)
-                with self._candidates_out:
-                    while True:
-                        try:
-                            self._inner.add_candidate(self._candidates_out.receive_nowait())
-                        except trio.WouldBlock:
-                            break
-                await self._inner.run()
-                return
-            self.owner, self.epoch = node_id, epoch
-            self._node._relaying(self, True)
-            payload = {
-                "sdp": self.offer.sdp,
-                "sessionId": self.offer.session_id,
-                "relay": self.relay_id,
-            }
-            reply = await self._node.request(
-                node_id, "offer", socket=self.socket.socket_id, stream=self.stream.id,
-                epoch=epoch, payload=payload,
-            )  # fmt: skip
-            answer = reply.payload if isinstance(reply.payload, dict) else {}
+                # Owned here (the offer came when it was not yet, or this node is full).
+                replica = None
+                if self._node._full(self.stream):
+                    replica = await self._node.overflow(self.stream, prefer=None)
+                if replica is None:
+                    await self._serve_here()
+                    return
+                node_id, replica_of = replica, self._node.node_id
+            answer = await self._offer(node_id, epoch, replica_of)
+            if answer.get("error") == "full" and not replica_of:
+                # The owner serves as many viewers as it should: a replica serves this one.
+                replica, epoch = answer.get("replica"), int(answer.get("epoch", epoch))
+                if not isinstance(replica, str) or not replica:
+                    raise ClusterError(f'node "{node_id}" is full and named no replica')
+                self._node._relaying(self, False)
+                if replica == self._node.node_id:
+                    await self._node.replicate(self.stream, node_id, epoch)
+                    self._node._counts["replica_offers"] += 1
+                    await self._serve_here()
+                    return
+                replica_of, node_id = node_id, replica
+                answer = await self._offer(node_id, epoch, replica_of)
             error = answer.get("error")
             if error in ("owned_elsewhere", "stale", "draining"):
                 self._node._relaying(self, False)
@@ -1150,10 +1476,39 @@ class RoutedSession:
                 return
             self.epoch = int(answer.get("epoch", 0))
             self._node._counts["relayed_offers"] += 1
-            log.info('%s: relayed to node "%s" (epoch %d)', label, node_id, self.epoch)
+            role = f'replica of node "{replica_of}"' if replica_of else "owner"
+            log.info('%s: relayed to node "%s", %s (epoch %d)', label, node_id, role, self.epoch)
             await self._relay_candidates()
             return
         raise OwnerChanging(f'stream "{self.stream.id}" changed owners during its offer; try again')
+
+    async def _serve_here(self) -> None:
+        """Serve the offer with a session of this node (the owner, or a replica)."""
+        self._inner = self._node.open_local(self.stream, self.offer, self.socket)
+        with self._candidates_out:
+            while True:
+                try:
+                    self._inner.add_candidate(self._candidates_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+        await self._inner.run()
+
+    async def _offer(self, node_id: str, epoch: int, replica_of: str) -> dict[str, Any]:
+        """Send the offer to ``node_id`` (the owner, or a replica of ``replica_of``); its answer."""
+        self.owner, self.epoch = node_id, epoch
+        self._node._relaying(self, True)
+        payload = {
+            "sdp": self.offer.sdp,
+            "sessionId": self.offer.session_id,
+            "relay": self.relay_id,
+        }
+        if replica_of:
+            payload["replicaOf"] = replica_of
+        reply = await self._node.request(
+            node_id, "offer", socket=self.socket.socket_id, stream=self.stream.id,
+            epoch=epoch, payload=payload,
+        )  # fmt: skip
+        return reply.payload if isinstance(reply.payload, dict) else {}
 
     async def _relay_candidates(self) -> None:
         async with self._candidates_out:

@@ -1,0 +1,616 @@
+"""The relay: a stream's owner serves its encoded frames to replicas over TCP.
+
+One TCP connection per (stream, replica). Every message is a record: a 4-byte big-endian
+length, one byte of type, then the body. The owner speaks first::
+
+    owner    CHALLENGE  32 random bytes (a fresh nonce)
+    replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex}
+                        mac = HMAC-SHA256(secret, "replica|" nonce stream "|" node)
+    owner    WELCOME    {"mac": hex}  = HMAC-SHA256(secret, "owner|" replica's nonce stream)
+             (or ERROR  text, and the connection closes)
+    owner    INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
+    owner    FRAME …    the current GOP from its keyframe, then live frames
+    replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
+                        the next viewers with it)
+
+A FRAME body is ``!BBQIH`` (kind, flags: bit 0 keyframe, timestamp, size, payload count),
+then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out
+publishes, never decoded, never RTP.
+
+Security: a connection sends nothing of a stream before the replica has proved the shared
+secret (``cluster.relay_secret``, else derived from ``cluster.redis_url``), and the replica
+checks the owner's proof before it believes a frame. Camera URLs and credentials never cross:
+only frames and the SourceInfo do. Everything read is bounded (record size, handshake time).
+
+Slow replicas: the owner's side is an ordinary fan-out subscriber (bounded queue); a replica
+that falls behind skips to the next keyframe there (counted as the subscriber's drops), so it
+never gets P-frames without their keyframe. A replica that reconnects publishes nothing until
+a keyframe newer than the last frame it published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Literal
+
+import trio
+
+from ..media.frames import EncodedFrame
+from ..media.source_contract import SourceInfo, SourceState
+from ..registry import Stream
+from .errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+MAGIC_CHALLENGE: Final = 0
+HELLO: Final = 1
+WELCOME: Final = 2
+INFO: Final = 3
+FRAME: Final = 4
+ERROR: Final = 5
+VIEWERS: Final = 6
+
+#: the largest record accepted (a 4K keyframe is well below).
+MAX_RECORD: Final = 16 * 1024 * 1024
+#: the largest record accepted before the peer has proved the secret.
+MAX_HANDSHAKE_RECORD: Final = 4096
+HANDSHAKE_TIMEOUT: Final = 5.0  # seconds
+#: a replica that takes no bytes for this long is dropped (it reconnects and resumes).
+SEND_TIMEOUT: Final = 10.0  # seconds
+#: how long the owner waits for a stream's source to open before refusing a replica.
+INFO_TIMEOUT: Final = 20.0  # seconds
+#: connections the relay serves at once (a replica has one per stream).
+MAX_CONNECTIONS: Final = 512
+#: the replica's waits between reconnections (the last one repeats).
+RECONNECT_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
+
+_KINDS: Final[tuple[Literal["video", "audio", "source_audio"], ...]] = (
+    "video",
+    "audio",
+    "source_audio",
+)
+_FRAME_HEADER: Final = struct.Struct("!BBQIH")
+_LENGTH: Final = struct.Struct("!I")
+
+
+class RelayError(ClusterError):
+    """The relay connection failed or broke its protocol (says what, and with whom)."""
+
+
+class RelayRefused(RelayError):
+    """The other side refused the connection (authentication, not the owner, no stream)."""
+
+
+def relay_key(relay_secret: str, redis_url: str) -> bytes:
+    """The key both sides prove: the configured secret, else one derived from the Redis URL
+    (which every node of a cluster has)."""
+    if relay_secret:
+        return relay_secret.encode()
+    return hmac.new(redis_url.encode(), b"mediastream relay key v1", hashlib.sha256).digest()
+
+
+def _mac(key: bytes, *parts: bytes) -> str:
+    return hmac.new(key, b"|".join(parts), hashlib.sha256).hexdigest()
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+def encode_record(kind: int, body: bytes) -> bytes:
+    return _LENGTH.pack(len(body) + 1) + bytes((kind,)) + body
+
+
+def encode_frame(frame: EncodedFrame) -> bytes:
+    parts = [
+        _FRAME_HEADER.pack(
+            _KINDS.index(frame.kind), int(frame.keyframe), frame.timestamp, frame.size,
+            len(frame.payloads),
+        )
+    ]  # fmt: skip
+    for payload in frame.payloads:
+        parts.append(_LENGTH.pack(len(payload)))
+        parts.append(payload)
+    return encode_record(FRAME, b"".join(parts))
+
+
+def decode_frame(body: bytes) -> EncodedFrame:
+    """Raises RelayError naming what is wrong with the record."""
+    try:
+        kind, flags, timestamp, size, count = _FRAME_HEADER.unpack_from(body)
+        offset = _FRAME_HEADER.size
+        payloads = []
+        for _ in range(count):
+            (length,) = _LENGTH.unpack_from(body, offset)
+            offset += _LENGTH.size
+            if offset + length > len(body):
+                raise RelayError("a frame's payload runs past its record")
+            payloads.append(body[offset : offset + length])
+            offset += length
+        if offset != len(body):
+            raise RelayError(f"{len(body) - offset} stray bytes after a frame's payloads")
+        return EncodedFrame(_KINDS[kind], timestamp, bool(flags & 1), tuple(payloads), size)
+    except (struct.error, IndexError) as exc:
+        raise RelayError(f"malformed frame record: {exc}") from None
+
+
+class RecordReader:
+    """Records from a byte stream, each at most ``limit`` bytes."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, peer: str) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+        self._peer = peer
+        self.limit = MAX_HANDSHAKE_RECORD
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            chunk = await self._stream.receive_some(65536)
+            if not chunk:
+                raise RelayError(f"{self._peer} closed the relay connection")
+            self._buffer += chunk
+
+    async def read(self) -> tuple[int, bytes]:
+        """Raises RelayError: the connection closed, or a record is too big or empty."""
+        await self._fill(_LENGTH.size)
+        (length,) = _LENGTH.unpack_from(self._buffer)
+        if not 1 <= length <= self.limit:
+            raise RelayError(f"{self._peer} sent a record of {length} bytes (limit {self.limit})")
+        await self._fill(_LENGTH.size + length)
+        record = bytes(self._buffer[_LENGTH.size : _LENGTH.size + length])
+        del self._buffer[: _LENGTH.size + length]
+        return record[0], record[1:]
+
+    async def read_json(self, expected: int) -> dict[str, Any]:
+        kind, body = await self.read()
+        if kind == ERROR:
+            raise RelayRefused(f"{self._peer}: {body.decode(errors='replace')}")
+        if kind != expected:
+            raise RelayError(f"{self._peer} sent record type {kind}, expected {expected}")
+        try:
+            item = json.loads(body)
+        except ValueError as exc:
+            raise RelayError(f"{self._peer} sent bad JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise RelayError(f"{self._peer} sent JSON that is not an object")
+        return item
+
+
+def info_to_json(info: SourceInfo) -> bytes:
+    item = asdict(info)
+    item["source_audio_config"] = info.source_audio_config.hex()
+    return json.dumps(item).encode()
+
+
+def info_from_json(item: dict[str, Any]) -> SourceInfo:
+    """Raises RelayError when the owner's SourceInfo does not fit this node's."""
+    try:
+        item = dict(item)
+        item["source_audio_config"] = bytes.fromhex(item.get("source_audio_config", ""))
+        return SourceInfo(**item)
+    except (TypeError, ValueError) as exc:
+        raise RelayError(f"the owner's source description does not fit: {exc}") from None
+
+
+# --- the owner's side -----------------------------------------------------------------------
+
+
+@dataclass
+class RelayStatistics:
+    #: connections from replicas served now
+    connections: int = 0
+    #: connections refused: bad or missing secret, no such stream, not the owner, too many
+    refused: int = 0
+    #: frames a slow replica skipped (to the next keyframe), all connections together
+    skipped_frames: int = 0
+    frames_sent: int = 0
+    #: per stream, per replica node: the viewers it reported
+    replica_viewers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class RelayServer:
+    """Serves the streams this node owns to replicas (see the module doc).
+
+    Args:
+        key: the shared secret's key (:func:`relay_key`).
+        find_stream: the stream of an id, if this node has it.
+        may_serve: whether this node owns the stream now (only owners relay); the node calls
+            :meth:`disconnect` when it stops owning one (lease lost, handed over).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        node_id: str,
+        find_stream: Callable[[str], Stream | None],
+        may_serve: Callable[[str], bool],
+    ) -> None:
+        self._key = key
+        self._node_id = node_id
+        self._find_stream = find_stream
+        self._may_serve = may_serve
+        self.stats = RelayStatistics()
+        #: relay connections per stream (they count as the stream's viewers on the owner)
+        self._per_stream: dict[str, int] = {}
+        self._scopes: dict[str, set[trio.CancelScope]] = {}
+        #: per stream, per replica node: viewers sent there since its last report
+        self._placed: dict[str, dict[str, int]] = {}
+
+    def connections(self, stream_id: str) -> int:
+        return self._per_stream.get(stream_id, 0)
+
+    def replica_viewers(self, stream_id: str) -> dict[str, int]:
+        """Each connected replica's viewers: its last report, plus the viewers sent there
+        since (a burst of offers must not all go to one replica before it reports)."""
+        placed = self._placed.get(stream_id, {})
+        reported = self.stats.replica_viewers.get(stream_id, {})
+        return {
+            node: reported.get(node, 0) + placed.get(node, 0)
+            for node in reported.keys() | placed.keys()
+        }
+
+    def placed(self, stream_id: str, node: str) -> None:
+        """A viewer was sent to ``node`` as a replica of ``stream_id``."""
+        per_node = self._placed.setdefault(stream_id, {})
+        per_node[node] = per_node.get(node, 0) + 1
+
+    def disconnect(self, stream_id: str) -> int:
+        """Close every replica's connection for ``stream_id`` (they reconnect and resume at
+        the next keyframe); how many were closed."""
+        scopes = self._scopes.get(stream_id, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
+    async def run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on ``host:port`` until cancelled; started with the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info('relay of node "%s" listening on %s:%d', self._node_id, host, bound)
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+
+    async def _serve(self, connection: trio.SocketStream) -> None:
+        peer = "a relay client"
+        with contextlib.suppress(Exception):
+            peer = "relay client {}:{}".format(*connection.socket.getpeername()[:2])
+        try:
+            async with connection:
+                if self.stats.connections >= MAX_CONNECTIONS:
+                    self.stats.refused += 1
+                    await _send_error(connection, f"too many relay connections ({MAX_CONNECTIONS})")
+                    return
+                await self._serve_checked(connection, peer)
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info('relay of node "%s": %s: %s', self._node_id, peer, exc)
+
+    async def _serve_checked(self, connection: trio.SocketStream, peer: str) -> None:
+        reader = RecordReader(connection, peer)
+        nonce = secrets.token_bytes(32)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            await connection.send_all(encode_record(MAGIC_CHALLENGE, nonce))
+            hello = await reader.read_json(HELLO)
+        if handshake.cancelled_caught:
+            self.stats.refused += 1
+            raise RelayError(f"{peer} did not complete the handshake in {HANDSHAKE_TIMEOUT:g} s")
+        stream_id, node, their_nonce, mac = (
+            hello.get("stream"), hello.get("node"), hello.get("nonce"), hello.get("mac")
+        )  # fmt: skip
+        if not all(isinstance(v, str) for v in (stream_id, node, their_nonce, mac)):
+            self.stats.refused += 1
+            await _send_error(connection, 'HELLO needs strings "stream", "node", "nonce", "mac"')
+            return
+        assert isinstance(stream_id, str) and isinstance(node, str)
+        assert isinstance(their_nonce, str) and isinstance(mac, str)
+        expected = _mac(self._key, b"replica", nonce, stream_id.encode(), node.encode())
+        if not hmac.compare_digest(expected, mac):
+            self.stats.refused += 1
+            log.warning(
+                'relay of node "%s": %s refused: it does not know the cluster\'s relay secret',
+                self._node_id, peer,
+            )  # fmt: skip
+            await _send_error(connection, "authentication failed")
+            return
+        stream = self._find_stream(stream_id)
+        if stream is None or not self._may_serve(stream_id):
+            self.stats.refused += 1
+            await _send_error(connection, f'node "{self._node_id}" does not own "{stream_id}"')
+            return
+        welcome = _mac(self._key, b"owner", their_nonce.encode(), stream_id.encode())
+        await connection.send_all(encode_record(WELCOME, json.dumps({"mac": welcome}).encode()))
+        label = f'replica "{node}" of "{stream_id}"'
+        self.stats.connections += 1
+        self._per_stream[stream_id] = self._per_stream.get(stream_id, 0) + 1
+        scope = trio.CancelScope()
+        self._scopes.setdefault(stream_id, set()).add(scope)
+        try:
+            with scope:
+                if not self._may_serve(stream_id):  # lost while the handshake finished
+                    return
+                await self._feed(connection, reader, stream, node, label, scope)
+        finally:
+            self._scopes[stream_id].discard(scope)
+            if not self._scopes[stream_id]:
+                del self._scopes[stream_id]
+            self.stats.connections -= 1
+            self._per_stream[stream_id] -= 1
+            if not self._per_stream[stream_id]:
+                del self._per_stream[stream_id]
+            for per_stream in (self.stats.replica_viewers, self._placed):
+                per_node = per_stream.get(stream_id, {})
+                per_node.pop(node, None)
+                if not per_node:
+                    per_stream.pop(stream_id, None)
+            log.info('relay of node "%s": %s disconnected', self._node_id, label)
+
+    async def _feed(
+        self,
+        connection: trio.SocketStream,
+        reader: RecordReader,
+        stream: Stream,
+        node: str,
+        label: str,
+        scope: trio.CancelScope,
+    ) -> None:
+        # A counted viewer: the owner keeps its source and its lease while replicas read it.
+        with stream.open_viewer(end=lambda reason: scope.cancel()) as video:
+            info: SourceInfo | None = None
+            with trio.move_on_after(INFO_TIMEOUT):
+                info = stream.source_info or await stream.wait_source_info()
+            if info is None:
+                await _send_error(connection, f'"{stream.id}" has not opened its source')
+                return
+            await connection.send_all(encode_record(INFO, info_to_json(info)))
+            log.info('relay of node "%s": serving %s', self._node_id, label)
+            with contextlib.ExitStack() as extra:
+                subscribers = [video]
+                if info.audio_codec:
+                    subscribers.append(extra.enter_context(stream.open_audio("audio")))
+                if info.source_audio_config:
+                    subscribers.append(extra.enter_context(stream.open_audio("source_audio")))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_reports, reader, stream.id, node, scope)
+                    try:
+                        await self._send_frames(connection, subscribers)
+                    except (RelayError, trio.BrokenResourceError, OSError) as exc:
+                        log.info('relay of node "%s": %s: %s', self._node_id, label, exc)
+                    finally:
+                        self.stats.skipped_frames += sum(s.dropped_frames for s in subscribers)
+                    nursery.cancel_scope.cancel()
+
+    async def _send_frames(self, connection: trio.SocketStream, subscribers: list[Any]) -> None:
+        while True:
+            arrived = trio.Event()
+            for subscriber in subscribers:
+                subscriber.set_wakeup(arrived.set)
+            batch: list[bytes] = []
+            for subscriber in subscribers:
+                while (frame := subscriber.get_nowait()) is not None:
+                    batch.append(encode_frame(frame))
+            if batch:
+                with trio.move_on_after(SEND_TIMEOUT) as sending:
+                    await connection.send_all(b"".join(batch))
+                if sending.cancelled_caught:
+                    raise RelayError(f"the replica took nothing for {SEND_TIMEOUT:g} s")
+                self.stats.frames_sent += len(batch)
+                continue
+            await arrived.wait()
+
+    async def _read_reports(
+        self, reader: RecordReader, stream_id: str, node: str, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while True:
+                report = await reader.read_json(VIEWERS)
+                viewers = report.get("viewers")
+                if isinstance(viewers, int) and not isinstance(viewers, bool):
+                    self.stats.replica_viewers.setdefault(stream_id, {})[node] = viewers
+                    self._placed.get(stream_id, {}).pop(node, None)
+        except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            scope.cancel()  # the replica went away: stop sending to it
+
+
+async def _send_error(connection: trio.SocketStream, message: str) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        with trio.move_on_after(1.0):
+            await connection.send_all(encode_record(ERROR, message.encode()))
+
+
+# --- the replica's side ---------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaStatistics:
+    reconnects: int = 0
+    #: frames not published after a reconnection, until a keyframe newer than the last one
+    resume_skipped_frames: int = 0
+    frames_received: int = 0
+
+
+async def open_relay(
+    address: str, key: bytes, stream_id: str, node_id: str
+) -> tuple[trio.SocketStream, RecordReader, SourceInfo]:
+    """Connect to the owner's relay at ``address`` (``host:port``), prove the secret, check the
+    owner's proof; return the connection, its reader (at the first frame) and the SourceInfo.
+
+    Raises:
+        RelayRefused: the owner refused (or could not prove the secret itself).
+        RelayError, OSError: the connection failed.
+    """
+    host, _, port = address.rpartition(":")
+    peer = f"relay {address}"
+    connection = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    try:
+        reader = RecordReader(connection, peer)
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            kind, nonce = await reader.read()
+            if kind != MAGIC_CHALLENGE or len(nonce) != 32:
+                raise RelayError(f"{peer} is not a MediaStream relay")
+            mine = secrets.token_hex(16)
+            mac = _mac(key, b"replica", nonce, stream_id.encode(), node_id.encode())
+            hello = {"stream": stream_id, "node": node_id, "nonce": mine, "mac": mac}
+            await connection.send_all(encode_record(HELLO, json.dumps(hello).encode()))
+            welcome = await reader.read_json(WELCOME)
+            expected = _mac(key, b"owner", mine.encode(), stream_id.encode())
+            if not hmac.compare_digest(str(welcome.get("mac", "")), expected):
+                raise RelayRefused(f"{peer} could not prove the cluster's relay secret")
+            reader.limit = MAX_RECORD
+            info = info_from_json(await reader.read_json(INFO))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await connection.aclose()
+        raise
+    return connection, reader, info
+
+
+@dataclass
+class _Resumption:
+    """Where the replica's timeline is, so that a reconnection publishes nothing twice and
+    never a P-frame without its keyframe, and a new owner's timeline continues this one."""
+
+    #: kind -> the newest timestamp published (on this replica's timeline)
+    last: dict[str, int] = field(default_factory=dict)
+    #: kind -> what is added to the owner's timestamps (0 until the owner changes)
+    shift: dict[str, int] = field(default_factory=dict)
+    #: the owner changed: its timestamps are of another timeline, rebased at its keyframe
+    rebase: bool = False
+    #: kinds whose shift is still to be set after a rebase (at their first frame)
+    unshifted: set[str] = field(default_factory=set)
+
+
+#: a rebased timeline starts one frame (at 30 fps, 90 kHz) after the last one published.
+REBASE_STEP: Final = 3000
+
+
+async def run_relay_source(
+    stream_id: str,
+    node_id: str,
+    key: bytes,
+    locate_owner: Callable[[], Awaitable[str]],
+    sink: Stream,
+    stats: ReplicaStatistics,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A replica's source: the owner's frames, published to this node's fan-out, until cancelled.
+
+    ``locate_owner`` gives the owner's relay address (a new owner's, after one died and
+    another claimed the stream), or raises ClusterError when the replica must end: that
+    error ends this function. A cut connection is made again (:data:`RECONNECT_DELAYS`) and
+    the stream resumes at the next keyframe newer than the last frame published; a new
+    owner's frames are moved onto this replica's timeline from its first keyframe on. The
+    viewers see a jump, never a broken picture nor timestamps going back.
+    """
+    task_status.started()
+    sink.source_state(SourceState.STARTING)
+    resumption = _Resumption()
+    failures = 0
+    opened = False
+    owner_address = ""
+    try:
+        while True:
+            reason = "the connection ended"
+            address = await locate_owner()
+            if owner_address and address != owner_address:
+                resumption.rebase = True
+                log.info('"%s": the relay moves to the new owner at %s', stream_id, address)
+            owner_address = address
+            try:
+                connection, reader, info = await open_relay(address, key, stream_id, node_id)
+            except RelayRefused:
+                raise  # the owner will not serve this node: the replica ends
+            except (RelayError, OSError) as exc:
+                reason = str(exc)
+            else:
+                async with connection:
+                    if not opened:
+                        sink.relay_opened(info)
+                        opened = True
+                    sink.source_state(SourceState.LIVE, f"relayed from {address}")
+                    failures = 0
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_report_viewers, connection, sink)
+                        try:
+                            await _receive(reader, sink, resumption, stats)
+                        except (RelayError, trio.BrokenResourceError, OSError) as exc:
+                            reason = str(exc)
+                        nursery.cancel_scope.cancel()
+            failures += 1
+            stats.reconnects += 1
+            delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
+            log.warning(
+                '"%s": relay from the owner broke (%s); reconnecting in %.1f s, resuming at '
+                "the next keyframe",
+                stream_id, reason, delay,
+            )  # fmt: skip
+            sink.source_state(SourceState.RECONNECTING, f"relay: {reason}")
+            await trio.sleep(delay)
+    finally:
+        sink.source_state(SourceState.STOPPED)
+
+
+async def _receive(
+    reader: RecordReader, sink: Stream, resumption: _Resumption, stats: ReplicaStatistics
+) -> None:
+    # After a reconnection the owner starts again at its cached keyframe: what was published
+    # already is not published twice, and no P-frame goes out before a newer keyframe.
+    last, shift = resumption.last, resumption.shift
+    resuming = "video" in last
+    while True:
+        kind, body = await reader.read()
+        if kind == ERROR:
+            raise RelayRefused(f"the owner: {body.decode(errors='replace')}")
+        if kind != FRAME:
+            raise RelayError(f"unexpected record type {kind} among frames")
+        frame = decode_frame(body)
+        stats.frames_received += 1
+        if frame.kind == "video" and resuming:
+            if not frame.keyframe:
+                stats.resume_skipped_frames += 1
+                continue
+            if resumption.rebase:
+                # Another owner: its timeline continues this one from its keyframe on.
+                shift["video"] = last["video"] + REBASE_STEP - frame.timestamp
+                resumption.unshifted = {k for k in last if k != "video"}
+                resumption.rebase = False
+            elif frame.timestamp + shift.get("video", 0) <= last["video"]:
+                stats.resume_skipped_frames += 1
+                continue
+            resuming = False
+        elif resuming:
+            continue  # audio from before the video resumes
+        if frame.kind in resumption.unshifted:
+            shift[frame.kind] = last[frame.kind] + 1 - frame.timestamp
+            resumption.unshifted.discard(frame.kind)
+        timestamp = frame.timestamp + shift.get(frame.kind, 0)
+        newest = last.get(frame.kind)
+        if newest is not None and timestamp <= newest and frame.kind != "video":
+            continue  # audio already published
+        if timestamp != frame.timestamp:
+            frame = dataclasses.replace(frame, timestamp=timestamp)
+        last[frame.kind] = timestamp
+        sink.publish(frame)
+
+
+async def _report_viewers(connection: trio.SocketStream, stream: Stream) -> None:
+    reported = -1
+    # A broken connection is the receiver's to notice; this task just stops.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        while True:
+            count = stream.viewers
+            if count != reported:
+                record = encode_record(VIEWERS, json.dumps({"viewers": count}).encode())
+                await connection.send_all(record)
+                reported = count
+            await stream.changes.wait()

@@ -1,0 +1,454 @@
+"""Replicas: three real nodes, one real redis-server, the GStreamer camera, aiortc viewers.
+
+With ``max_viewers_per_node = 2`` a popular camera's viewers spread over the nodes: the owner
+serves two, the next ones are served by replicas fed with the owner's encoded frames over
+the relay. The camera counts its RTSP clients (``rtsp_camera.py --report-sessions``): it is
+read once whatever the number of viewers. The viewers capture the access units they receive,
+and each one's H.264 ``frame_num`` sequence is checked: a P-frame whose predecessor never
+arrived (a frame lost in the relay, a resume that did not wait for a keyframe) breaks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from test_cluster_failover import (
+    MEDIASTREAM,
+    SRC,
+    CameraSessions,
+    NodeProcess,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    replay_after_failure,
+)
+
+from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.placement import rank_nodes
+from mediastream.cluster.relay import (
+    ERROR,
+    FRAME,
+    HELLO,
+    MAGIC_CHALLENGE,
+    RecordReader,
+    RelayRefused,
+    encode_record,
+    open_relay,
+    relay_key,
+)
+from mediastream.cluster.routing import ClusterNode
+from mediastream.media.frames import NAL_IDR, NAL_SLICE, NAL_SPS, _BitReader, nal_type, split_annexb
+from mediastream.server import RunningServer
+
+from support.redis import RedisServer
+from support.servers import StartServer, make_config
+from support.viewer import PlayedStream, open_viewer
+
+NODES = ("node-a", "node-b", "node-c")
+STREAM = "lobby"
+CAP = 2
+__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+
+
+def stream_ranked(*order: str) -> str:
+    """A stream id whose placement ranks the three nodes in ``order`` (owner first; with the
+    owner full, a replica is the next one)."""
+    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+    index = 0
+    while True:
+        stream_id = f"lobby-{index}"
+        if tuple(r.node_id for r in rank_nodes(stream_id, records)) == order:
+            return stream_id
+        index += 1
+
+
+HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+
+
+def cluster_of(server: RunningServer) -> ClusterNode:
+    cluster = server.services.cluster
+    assert cluster is not None
+    return cluster
+
+
+async def start_nodes(
+    start_server: StartServer, redis: RedisServer, sessions: CameraSessions
+) -> list[RunningServer]:
+    streams = [{"id": STREAM, "source": sessions.camera.url("/h264"), "on_demand": True}]
+    nodes = []
+    for node_id in NODES:
+        cluster = {"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP}
+        nodes.append(await start_server(make_config(streams, cluster=cluster)))
+    for node in nodes:
+        await cluster_of(node)._started.wait()
+    return nodes
+
+
+def peers(node: RunningServer) -> int:
+    return node.services.peers.statistics().open_peer_connections
+
+
+def frame_num_breaks(access_units: list[bytes]) -> int:
+    """P-frames whose frame_num does not follow the previous frame's (x264 makes every
+    frame a reference frame, so frame_num goes up by one from each IDR)."""
+    log2_max = None
+    previous = None
+    breaks = 0
+    for unit in access_units:
+        nal_units = split_annexb(unit)
+        for nal in nal_units:
+            if nal_type(nal) == NAL_SPS:
+                reader = _BitReader(nal[4:].replace(b"\x00\x00\x03", b"\x00\x00"))
+                reader.unsigned_exp_golomb()  # seq_parameter_set_id
+                if nal[1] in HIGH_PROFILES:
+                    if reader.unsigned_exp_golomb() == 3:  # chroma_format_idc
+                        reader.bit()  # separate_colour_plane_flag
+                    reader.unsigned_exp_golomb()  # bit_depth_luma_minus8
+                    reader.unsigned_exp_golomb()  # bit_depth_chroma_minus8
+                    reader.bit()  # qpprime_y_zero_transform_bypass_flag
+                    assert not reader.bit(), "scaling matrices are not read here"
+                log2_max = reader.unsigned_exp_golomb() + 4
+        slice_nal = next((n for n in nal_units if nal_type(n) in (NAL_SLICE, NAL_IDR)), None)
+        if slice_nal is None or log2_max is None:
+            continue
+        reader = _BitReader(slice_nal[1:32].replace(b"\x00\x00\x03", b"\x00\x00"))
+        reader.unsigned_exp_golomb()  # first_mb_in_slice
+        reader.unsigned_exp_golomb()  # slice_type
+        reader.unsigned_exp_golomb()  # pic_parameter_set_id
+        frame_num = reader.bits(log2_max)
+        follows = previous is None or frame_num == (previous + 1) % (1 << log2_max)
+        if nal_type(slice_nal) == NAL_SLICE and not follows:
+            breaks += 1
+        previous = frame_num
+    return breaks
+
+
+@asynccontextmanager
+async def viewers_of(url: str, count: int) -> AsyncIterator[list[PlayedStream]]:
+    """``count`` viewers, one socket each, each playing the stream (one after the other, so
+    the owner's count of its viewers and the replicas' reports are current for each offer)."""
+    async with contextlib.AsyncExitStack() as stack:
+        played = []
+        for _ in range(count):
+            viewer = await stack.enter_async_context(open_viewer(url))
+            played.append(await viewer.play(STREAM, trickle=True, capture=True))
+            await played[-1].wait_frames(5, timeout=30)
+        yield played
+
+
+async def test_viewers_beyond_the_cap_are_served_by_replicas_and_the_camera_is_read_once(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    async with counting_camera() as sessions:
+        nodes = await start_nodes(start_server, redis_server, sessions)
+        a = nodes[0]
+        async with viewers_of(a.ws_url, 5) as viewers:
+            for played in viewers:
+                await played.wait_frames(10, timeout=30)
+            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+            serving = [n for n in nodes if peers(n)]
+            assert len(serving) >= 2, [peers(n) for n in nodes]
+            assert sum(peers(n) for n in nodes) == 5
+            owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]
+            assert len(owners) == 1
+            owner = owners[0]
+            assert peers(owner) == CAP
+            replicas = [n for n in nodes if STREAM in cluster_of(n).statistics().replicas]
+            assert replicas and owner not in replicas
+            assert cluster_of(owner).statistics().relay_connections == len(replicas)
+
+            # The relay cut: every replica reconnects and resumes at the next keyframe.
+            before = {id(n): cluster_of(n).statistics().relay_reconnects for n in replicas}
+            assert cluster_of(owner).relay is not None
+            assert cluster_of(owner).relay.disconnect(STREAM) == len(replicas)
+            with trio.fail_after(30):
+                for node in replicas:
+                    while cluster_of(node).statistics().relay_reconnects == before[id(node)]:
+                        await node.services.changes.wait()
+            for played in viewers:
+                await played.wait_frames(30, timeout=30)
+            assert sessions.connects == 1, sessions.history
+            for node in replicas:
+                # The owner resent its GOP from the keyframe already published: left out.
+                assert cluster_of(node).statistics().relay_resume_skipped_frames >= 1
+            for played in viewers:
+                assert played.access_units
+                assert frame_num_breaks(played.access_units) == 0
+            # The check sees a P-frame lost: one taken out of a viewer's frames breaks it.
+            units = viewers[-1].access_units
+            lost = next(
+                index
+                for index in range(1, len(units) - 1)
+                if not any(nal_type(n) == NAL_IDR for n in split_annexb(units[index]))
+                and not any(nal_type(n) == NAL_IDR for n in split_annexb(units[index + 1]))
+            )
+            assert frame_num_breaks(units[:lost] + units[lost + 1 :]) == 1
+
+
+async def test_the_relay_refuses_a_client_without_the_secret(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    async with counting_camera() as sessions:
+        nodes = await start_nodes(start_server, redis_server, sessions)
+        async with open_viewer(nodes[0].ws_url) as viewer:
+            await (await viewer.play(STREAM, trickle=True)).wait_frames(3, timeout=30)
+            owner = next(n for n in nodes if cluster_of(n).statistics().owned_streams)
+            assert owner.services.cluster is not None and owner.services.cluster.registration
+            address = owner.services.cluster.registration.record.relay_address
+            host, _, port = address.rpartition(":")
+
+            # A guessed MAC: refused, and not one frame comes.
+            connection = await trio.open_tcp_stream(host, int(port))
+            async with connection:
+                reader = RecordReader(connection, "owner")
+                kind, nonce = await reader.read()
+                assert kind == MAGIC_CHALLENGE and len(nonce) == 32
+                hello = {"stream": STREAM, "node": "intruder", "nonce": "00", "mac": "00" * 32}
+                await connection.send_all(encode_record(HELLO, json.dumps(hello).encode()))
+                kind, body = await reader.read()
+                assert (kind, body) == (ERROR, b"authentication failed")
+                assert kind != FRAME
+
+            # The right protocol with another secret: refused too.
+            wrong = relay_key("another-cluster-secret", "")
+            try:
+                await open_relay(address, wrong, STREAM, "intruder")
+            except RelayRefused as exc:
+                assert "authentication failed" in str(exc)
+            else:
+                raise AssertionError("a client with another secret was served")
+            assert cluster_of(owner).statistics().relay_refused == 2
+            assert cluster_of(owner).statistics().relay_connections == 0
+            assert sessions.connects == 1
+
+
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
+
+
+@asynccontextmanager
+async def node_c_process(
+    tmp_path: Path, redis: RedisServer, streams: list[dict[str, object]]
+) -> AsyncIterator[NodeProcess]:
+    """Node C as a ``mediastream serve`` process (so that it can be killed), replicas on."""
+    config = tmp_path / "node-c.toml"
+    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / "node-c"}"\n\n'
+    text += "[media]\non_demand_grace = 1\n\n"
+    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "node-c"\n'
+    text += f"max_viewers_per_node = {CAP}\n\n"
+    for stream in streams:
+        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
+        text += "on_demand = true\n\n"
+    config.write_text(text)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
+            )
+        )
+        node = NodeProcess(process)
+        nursery.start_soon(node.drain)
+        try:
+            await node.wait_logged(b'cluster node "node-c"')
+            yield node
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def in_process_nodes(
+    start_server: StartServer, redis: RedisServer, streams: list[dict[str, object]]
+) -> tuple[RunningServer, RunningServer]:
+    a, b = [
+        await start_server(
+            make_config(
+                streams,
+                cluster={"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP},
+            )
+        )
+        for node_id in NODES[:2]
+    ]
+    for node in (a, b):
+        await cluster_of(node)._started.wait()
+    return a, b
+
+
+async def test_a_replica_killed_its_viewers_play_again_from_another_node(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # A owns it; with A full, C is the first replica and B the next.
+    stream_id = stream_ranked("node-a", "node-c", "node-b")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b = await in_process_nodes(start_server, redis_server, streams)
+        async with (
+            node_c_process(tmp_path, redis_server, streams) as c,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            # A serves two itself, C two (replica), B the fifth (C reported itself full).
+            assert (peers(a), peers(b)) == (CAP, 1)
+            assert cluster_of(a).statistics().relay_connections == 2
+            marks = [len(v.messages) for v in viewers]
+
+            c.process.kill()  # SIGKILL: the replica's peers and relay connection just stop
+
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in zip(viewers[2:4], marks[2:4], strict=True):
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            # Played again, on the same sockets, by the surviving replica B.
+            assert (peers(a), peers(b)) == (CAP, 3)
+            for viewer in viewers:
+                assert viewer.closed_reason is None
+                await viewer.streams[stream_id].wait_frames(5, timeout=30)
+            # The others were never told anything: they played on.
+            for index in (0, 1, 4):
+                errors = [
+                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
+                ]
+                assert errors == []
+            assert sessions.connects == 1, sessions.history
+
+
+async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_re_attach(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # C owns it; A (the sockets' node) and B replicate it. C killed, A claims it (placement's
+    # next), which ends A's replica (A now reads the camera); B's re-attaches to A.
+    stream_id = stream_ranked("node-c", "node-a", "node-b")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b = await in_process_nodes(start_server, redis_server, streams)
+        async with (
+            node_c_process(tmp_path, redis_server, streams) as c,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            assert (peers(a), peers(b)) == (CAP, 1)  # and two on C, the owner
+            assert stream_id in cluster_of(a).statistics().replicas
+            assert stream_id in cluster_of(b).statistics().replicas
+            assert sessions.connects == 1
+            marks = [len(v.messages) for v in viewers]
+            on_b = viewers[4].streams[stream_id]
+
+            c.process.kill()
+
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in zip(viewers[:4], marks[:4], strict=True):
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert cluster_of(a).statistics().owned_streams == (stream_id,)
+            # B's replica followed the stream to its new owner: its viewer was never told to
+            # re-offer, and plays on with the new owner's frames.
+            await on_b.wait_frames(25, timeout=30)
+            assert [m for m in viewers[4].messages[marks[4] :] if m.get("type") == "error"] == []
+            assert stream_id in cluster_of(b).statistics().replicas
+            assert cluster_of(a).statistics().relay_connections >= 1
+            assert frame_num_breaks(on_b.access_units) == 0
+            assert peers(a) + peers(b) == 5
+            # Exactly one new camera session, never two at once.
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history
+
+
+async def test_without_a_viewer_cap_there_is_no_relay_and_the_owner_serves_everyone(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, STREAM)
+        nodes = [
+            await start_server(
+                make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node_id})
+            )
+            for node_id in NODES[:2]
+        ]
+        for node in nodes:
+            await cluster_of(node)._started.wait()
+            assert cluster_of(node).relay is None
+            registration = cluster_of(node).registration
+            assert registration is not None and registration.record.relay_address == ""
+        async with viewers_of(nodes[0].ws_url, CAP + 1):
+            owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]
+            assert len(owners) == 1 and peers(owners[0]) == CAP + 1
+            assert all(cluster_of(n).statistics().replicas == () for n in nodes)
+
+
+async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_owner(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # C owns it; A (the sockets' node) replicates it, then B. C drains: B, placement's next,
+    # claims it (its own replica ends first); A's replica follows the stream to B.
+    stream_id = stream_ranked("node-c", "node-b", "node-a")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a, b, c = [
+            await start_server(
+                make_config(
+                    streams,
+                    cluster={
+                        "redis_url": redis_server.url,
+                        "node_id": node_id,
+                        "max_viewers_per_node": CAP,
+                    },
+                )
+            )
+            for node_id in NODES
+        ]
+        for node in (a, b, c):
+            await cluster_of(node)._started.wait()
+        async with contextlib.AsyncExitStack() as stack:
+            viewers = []
+            for _ in range(5):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            assert (peers(a), peers(b), peers(c)) == (CAP, 1, CAP)
+            marks = [len(v.messages) for v in viewers]
+
+            c.request_shutdown()  # a drain: the stream handed over, then C stops
+            with trio.fail_after(30):
+                await c.wait_stopped()
+
+            replays = [(viewers[i], marks[i]) for i in (0, 1, 4)]  # C's two, and B's one
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in replays:
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert cluster_of(b).statistics().owned_streams == (stream_id,)
+            for index in (2, 3):  # A's viewers: never told to re-offer, playing on
+                played = viewers[index].streams[stream_id]
+                await played.wait_frames(25, timeout=30)
+                assert [
+                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
+                ] == []
+                assert frame_num_breaks(played.access_units) == 0
+            assert stream_id in cluster_of(a).statistics().replicas
+            assert peers(a) + peers(b) == 5
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history

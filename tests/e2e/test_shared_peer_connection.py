@@ -129,3 +129,40 @@ async def test_sixteen_tiles_share_one_peer_connection_through_add_and_remove(
         return {"peers": peers, "stats": stats}
 
     await in_browser(scenario)
+
+
+async def test_a_stream_refused_on_a_shared_connection_is_named_while_the_others_play(
+    start_server: StartServer,
+) -> None:
+    streams = _streams(4)
+    server = await start_server(make_config(streams, limits={"max_streams_per_socket": 3}))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page()
+        page.goto(f"{server.url}/static/test-multi-stream.html?peerConnection=shared")
+        page.evaluate(
+            """(ids) => {
+                window.msErrors = [];
+                for (const id of ids) {
+                    window.msTestPage.addCard({id, name: id});
+                    window.msTestPage.engines.get(id).on('error', (e) => window.msErrors.push(e));
+                }
+            }""",
+            ["cam-01", "cam-02", "no-such-camera", "cam-03", "cam-04"],
+        )
+        page.wait_for_function("() => window.msErrors.length >= 2", timeout=30_000)
+        errors = {e["streamId"]: e["code"] for e in page.evaluate("window.msErrors")}
+        assert errors == {"no-such-camera": "stream_not_found", "cam-04": "too_many_streams"}
+        playing = ["cam-01", "cam-02", "cam-03"]
+        _wait_all_decoding(page, playing, {})
+        states = page.evaluate(TILE_FRAMES)
+        assert states["no-such-camera"]["state"] == "error"
+        assert states["cam-04"]["state"] == "error"
+        stats = get_json(f"{server.url}/api/stats")
+        assert stats["peerConnections"]["open"] == 1 and stats["sessions"] == 3, stats
+        # Removing the refused tiles renegotiates; the others play on.
+        page.evaluate("() => ['no-such-camera', 'cam-04'].forEach(window.msTestPage.removeCard)")
+        before = {k: v["frames"] for k, v in page.evaluate(TILE_FRAMES).items()}
+        _wait_all_decoding(page, playing, before)
+
+    await in_browser(scenario)

@@ -997,6 +997,7 @@
         if (recoverable && this.#autoReconnect) {
           this.#scheduleRetry(err.message);
         } else {
+          if (this.#member) this.#closePeer(); // its m-line goes: the shared connection renegotiates
           this.#setState('error', err.message);
           throw error;
         }
@@ -1311,7 +1312,9 @@
       this.#setState('reconnecting', `${reason}; retrying in ${Math.round(delay / 100) / 10} s`);
       this.#retryTimer = this.#timers.setTimeout(() => {
         this.#retryTimer = null;
-        if (!this.#manager.isConnected()) return; // the manager renegotiates on reconnect
+        // The manager renegotiates every registered stream on reconnect; on a shared connection
+        // the stream is not registered itself, so it goes ahead (the offer waits in the queue).
+        if (!this.#manager.isConnected() && !this.#shared) return;
         this.#renegotiate(reason, 0);
       }, delay);
     }

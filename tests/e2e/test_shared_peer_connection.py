@@ -7,6 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from playwright.sync_api import Browser, Page
+from test_shared_socket import ServerWatch, _free_port
+
+from mediastream.server import RunningServer
 
 from support.browser import PageWatch, get_json, in_browser
 from support.servers import StartServer, make_config
@@ -164,5 +167,48 @@ async def test_a_stream_refused_on_a_shared_connection_is_named_while_the_others
         page.evaluate("() => ['no-such-camera', 'cam-04'].forEach(window.msTestPage.removeCard)")
         before = {k: v["frames"] for k, v in page.evaluate(TILE_FRAMES).items()}
         _wait_all_decoding(page, playing, before)
+
+    await in_browser(scenario)
+
+
+async def test_a_shared_connection_comes_back_after_a_server_restart_and_ends_with_its_tab(
+    start_server: StartServer,
+) -> None:
+    port = _free_port()
+    config = make_config(_streams(4), server={"port": port})
+    servers: list[RunningServer] = [await start_server(config)]
+    watch_server = ServerWatch(lambda: servers[-1])
+
+    async def restart() -> None:
+        servers[-1].request_shutdown()
+        await servers[-1].wait_stopped()
+        servers.append(await start_server(config))
+
+    def scenario(browser: Browser) -> None:
+        page = browser.new_page()
+        watch = PageWatch(page)
+        page.add_init_script(COUNT_PEER_CONNECTIONS)
+        page.goto(f"http://127.0.0.1:{port}/static/test-multi-stream.html?peerConnection=shared")
+        ids = [s["id"] for s in _streams(4)]
+        page.evaluate(
+            "(ids) => { for (const id of ids) window.msTestPage.addCard({id, name: id}); }", ids
+        )
+        _wait_all_decoding(page, ids, {})
+        watch_server.wait(lambda s: s.open_sessions == 4 and s.open_peer_connections == 1, 10)
+
+        # The server goes away and comes back on the same port: the page makes a new shared
+        # connection by itself, and every tile decodes on it.
+        watch_server.run(restart)
+        page.wait_for_function("() => !WebSocketManager.getInstance().connected", timeout=10_000)
+        watch_server.wait(lambda s: s.open_sessions == 4 and s.open_peer_connections == 1, 40)
+        before = {k: v["frames"] for k, v in page.evaluate(TILE_FRAMES).items()}
+        _wait_all_decoding(page, ids, {k: 0 for k in before})
+        peers = page.evaluate("window.msPeers")
+        assert peers["made"] - peers["closed"] == 1, peers
+        assert watch.errors == [], watch.errors
+
+        # The tab goes: the shared worker ends its shared connection on the server.
+        page.close()
+        watch_server.wait(lambda s: s.open_sessions == 0 and s.open_peer_connections == 0, 10)
 
     await in_browser(scenario)

@@ -1136,7 +1136,12 @@
       this.#announcedConnected = false;
       this.#mediaStream = null;
       this.#lastSample = null;
+      // The socket may have closed meanwhile: a failed shared connection was the manager's
+      // last registered stream (connect() reuses an open socket).
+      const options = this.#options;
+      await this.#manager.connect({ url: options.serverUrl || options.wsUrl || options.signalingUrl || options.url, token: options.token });
       if (!this.#options.iceServers && this.#manager.whenWelcomed) await this.#manager.whenWelcomed();
+      if (this.#state === 'closed') return; // disconnected meanwhile
       const shared = SharedPeerConnection.of(this.#manager, {
         RTCPeerConnection: this.#options.RTCPeerConnection || root.RTCPeerConnection,
         configuration: {

@@ -322,7 +322,9 @@ class _Member:
                 self.track.stop()
             if self._owner.members.get(self.mid) is self:
                 del self._owner.members[self.mid]
-            log.info("%s: stream removed (%s)", self._label, self._reason)
+            # Ended with its connection: the connection's reason is the stream's.
+            reason = self._reason if self._cancel_scope.cancel_called else self._owner._end_reason
+            log.info("%s: stream removed (%s)", self._label, reason)
 
     def _unavailable(self, reason: str) -> None:
         self._owner._post_error(

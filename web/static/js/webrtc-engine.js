@@ -878,6 +878,8 @@
     #webrtcAttempts = 0;
     /** @type {SharedMember|null} this stream in the page's shared peer connection, if shared */
     #member = null;
+    /** @type {'shared'|'per-stream'} the manager's choice when connect() was called */
+    #peerConnectionMode = 'per-stream';
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -968,6 +970,7 @@
       this.#connectStartedAt = this.#now();
       this.#firstFrameAt = null;
       this.#setState('connecting');
+      this.#peerConnectionMode = this.#manager.peerConnection === 'shared' ? 'shared' : 'per-stream';
       // On a shared peer connection the stream's messages come through the connection's id.
       if (!this.#shared) this.#unregister = this.#manager.registerStream(this.streamId, {
         answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
@@ -1126,9 +1129,9 @@
       if (background) this.#watchForFirstFrame(pc);
     }
 
-    /** Whether this engine's stream goes in the page's shared peer connection. */
+    /** Whether this engine's stream goes in the page's shared peer connection (fixed at connect()). */
     get #shared() {
-      return this.#manager.peerConnection === 'shared';
+      return this.#peerConnectionMode === 'shared';
     }
 
     /** Join the page's shared peer connection; resolves once the answer that added us is applied. */

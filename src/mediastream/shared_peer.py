@@ -135,9 +135,11 @@ class SharedPeerSession:
         self._negotiating = True
 
     def applied(self) -> None:
-        """The page applied the last answer: the streams it added start sending."""
+        """The page applied the last answer: the streams it added start sending, and the page
+        may send its next offer at once (it waits in the channel until this one is done)."""
         if self._applied is not None:
             self._applied.set()
+            self._negotiating = False
 
     def add_candidate(self, candidate: IceCandidate) -> None:
         queue_candidate(self._candidates_in, candidate, self.peer_id)

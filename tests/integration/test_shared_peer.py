@@ -108,3 +108,42 @@ async def test_a_second_offer_before_the_first_is_applied_is_refused(
 
 async def _peer() -> RTCPeerConnection:
     return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def test_the_next_offer_may_follow_applied_at_once(start_server: StartServer) -> None:
+    """A page sends ``applied`` and its next offer back to back: the server takes it."""
+    server = await start_server(make_config(DEMO_STREAMS))
+    async with open_viewer(server.ws_url) as viewer:
+        pc = await trio_asyncio.aio_as_trio(_peer)()
+        try:
+            first = pc.addTransceiver("video", direction="recvonly")
+            offer = await trio_asyncio.aio_as_trio(pc.createOffer)()
+            await trio_asyncio.aio_as_trio(pc.setLocalDescription)(offer)
+            answer = await viewer.request(
+                _offer(pc.localDescription.sdp, {first.mid: "demo-1"}), PEER_ID, ("answer",)
+            )
+            await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
+                RTCSessionDescription(sdp=answer["payload"], type="answer")
+            )
+            second = pc.addTransceiver("video", direction="recvonly")
+            offer = await trio_asyncio.aio_as_trio(pc.createOffer)()
+            await trio_asyncio.aio_as_trio(pc.setLocalDescription)(offer)
+            start = len(viewer.messages)
+            streams = {first.mid: "demo-1", second.mid: "demo-2"}
+            await viewer.send({"type": "applied", "streamId": PEER_ID, "payload": {}})
+            await viewer.send(_offer(pc.localDescription.sdp, streams))
+            reply = await viewer.wait_for(
+                lambda m: m["streamId"] == PEER_ID and m["type"] in ("answer", "error"),
+                after=start,
+            )
+            assert reply["type"] == "answer", reply
+        finally:
+            await trio_asyncio.aio_as_trio(pc.close)()
+
+
+def _offer(sdp: str, streams: dict[str | None, str]) -> dict[str, object]:
+    return {
+        "type": "offer",
+        "streamId": PEER_ID,
+        "payload": {"type": "offer", "sdp": sdp, "streams": streams},
+    }

@@ -19,6 +19,13 @@ from .errors import ErrorCode, SignalingError
 
 STREAM_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 SESSION_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+#: A page's shared peer connection, in the envelope's ``streamId``: ``~`` and then what a
+#: session id may hold, so it can never be a stream's id (those start with a letter or digit).
+PEER_ID_PATTERN: Final = re.compile(r"^~[A-Za-z0-9_.:-]{1,64}$")
+#: m-lines one shared peer connection's offer may map to streams (the stream limit of the
+#: socket bounds the streams; this bounds the message before that is checked).
+MAX_PEER_SECTIONS: Final = 512
+MID_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,32}$")
 MAX_CANDIDATE_CHARS: Final = 1024
 
 
@@ -88,9 +95,30 @@ class Fallback:
     audio_codecs: tuple[str, ...] = ()
 
 
-ClientMessage = Offer | IceCandidate | Close | Ping | Auth | Fallback
+@dataclass(frozen=True, slots=True)
+class PeerOffer:
+    """``offer`` to a page's shared peer connection (``streamId`` is its ``~`` id): the whole
+    connection's SDP, every m-line the page plays mapped to its stream (``payload.streams``,
+    mid → streamId). m-lines that are gone or stopped (port 0) end their streams' sessions;
+    new ones start theirs."""
 
-CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth", "fallback")
+    peer_id: str
+    sdp: str
+    streams: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerApplied:
+    """``applied``: the page has applied the shared connection's last answer, so the streams
+    it added may start sending (a keyframe sent before that is lost in Chromium)."""
+
+    peer_id: str
+
+
+ClientMessage = Offer | IceCandidate | Close | Ping | Auth | Fallback | PeerOffer | PeerApplied
+
+CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth", "fallback", "applied")
+PEER_MESSAGE_TYPES: Final = ("offer", "applied", "ice", "close")
 MAX_TOKEN_CHARS: Final = 8192
 MAX_AUDIO_CODECS: Final = 8  # codec strings a fallback request may list
 MAX_CODEC_CHARS: Final = 40
@@ -119,6 +147,9 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
 
     message_type = raw.get("type")
     payload = raw.get("payload")
+    top = raw.get("streamId")
+    if isinstance(top, str) and top.startswith("~"):
+        return _parse_peer_message(top, message_type, payload, max_sdp_bytes=max_sdp_bytes)
     stream_id = _stream_id_of(raw, payload)
 
     if not isinstance(message_type, str):
@@ -152,7 +183,55 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
         return _parse_ice(stream_id, payload)
     if message_type == "fallback":
         return _parse_fallback(stream_id, payload)
+    if message_type == "applied":
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            '"applied" is for a shared peer connection (a "streamId" starting with "~")',
+            stream_id=stream_id,
+        )
     return _parse_close(stream_id, payload)
+
+
+def _parse_peer_message(
+    peer_id: str, message_type: Any, payload: Any, *, max_sdp_bytes: int
+) -> PeerOffer | PeerApplied | IceCandidate | Close:
+    """A message to a page's shared peer connection; errors name it (``streamId`` ``~…``)."""
+    if not PEER_ID_PATTERN.fullmatch(peer_id):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'A shared peer connection\'s id is "~" and 1-64 letters, digits or "_.:-"; got '
+            f"{_clip(peer_id)!r}",
+        )
+    if message_type not in PEER_MESSAGE_TYPES:
+        raise SignalingError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"Unknown message type {_clip(message_type)!r} for a shared peer connection; "
+            "expected one of " + ", ".join(PEER_MESSAGE_TYPES),
+            stream_id=peer_id,
+        )
+    if message_type == "applied":
+        return PeerApplied(peer_id)
+    if message_type == "close":
+        return Close(peer_id)
+    if message_type == "ice":
+        return _parse_ice(peer_id, payload)
+    offer = _parse_offer(peer_id, payload, max_sdp_bytes=max_sdp_bytes)
+    streams = payload.get("streams")
+    if (
+        not isinstance(streams, dict)
+        or len(streams) > MAX_PEER_SECTIONS
+        or not all(
+            isinstance(mid, str) and MID_PATTERN.fullmatch(mid) and _valid_stream_id(stream)
+            for mid, stream in streams.items()
+        )
+    ):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            "offer payload.streams must map each m-line's mid (1-32 letters, digits, "
+            f'"_.:-") to a stream id, at most {MAX_PEER_SECTIONS} of them',
+            stream_id=peer_id,
+        )
+    return PeerOffer(peer_id, offer.sdp, dict(streams))
 
 
 def _parse_fallback(stream_id: str, payload: Any) -> Fallback:
@@ -329,17 +408,29 @@ def answer(stream_id: str, sdp: str, session_id: str | None = None) -> str:
 
 
 def error(
-    code: ErrorCode, message: str, stream_id: str | None, session_id: str | None = None
+    code: ErrorCode,
+    message: str,
+    stream_id: str | None,
+    session_id: str | None = None,
+    member: str | None = None,
 ) -> str:
-    return encode("error", stream_id, message, code=str(code), sessionId=session_id)
+    """``member``: on a shared peer connection (``stream_id`` its ``~`` id), the stream the
+    error is about (top-level ``stream``); None when it is about the whole connection."""
+    return encode("error", stream_id, message, code=str(code), sessionId=session_id, stream=member)
 
 
 def state(
-    stream_id: str, state_name: str, detail: str | None = None, session_id: str | None = None
+    stream_id: str,
+    state_name: str,
+    detail: str | None = None,
+    session_id: str | None = None,
+    member: str | None = None,
 ) -> str:
     payload: dict[str, Any] = {"state": state_name}
     if detail:
         payload["detail"] = detail
+    if member is not None:
+        payload["stream"] = member
     return encode("state", stream_id, payload, sessionId=session_id)
 
 

@@ -43,9 +43,10 @@ from .fallback import FallbackSession, Remuxers
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
-from .protocol import Auth, Close, Fallback, IceCandidate, Offer, Ping
+from .protocol import Auth, Close, Fallback, IceCandidate, Offer, PeerApplied, PeerOffer, Ping
 from .registry import Stream, StreamRegistry
 from .session import Post, PostError, SessionPhase, StreamSession
+from .shared_peer import SharedPeerSession
 from .webrtc.bridge import PeerConnectionFactory
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class LocalRouter:
         limits: LimitsConfig,
         metrics: Metrics | None,
     ) -> None:
+        #: makes the pages' shared peer connections (served in this process only)
+        self.peers = peers
         self._peers = peers
         self._webrtc = webrtc
         self._limits = limits
@@ -157,6 +160,8 @@ class ConnectionContext:
     metrics: Metrics | None
     #: each stream's fMP4 remuxer for the sockets' fallback viewers
     remuxers: Remuxers
+    #: makes the pages' shared peer connections (None: this server does not offer them)
+    peers: PeerConnectionFactory | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +201,7 @@ class SignalingHub:
             changes=self.changes,
             metrics=metrics,
             remuxers=self.remuxers,
+            peers=peers,
         )
         self._connections: set[SignalingConnection] = set()
         self._per_client: dict[str, int] = {}
@@ -203,7 +209,7 @@ class SignalingHub:
         self._fallback_returns_of_closed = 0
 
     def statistics(self) -> SocketStatistics:
-        per_socket = tuple(len(c.sessions) + len(c.fallbacks) for c in self._connections)
+        per_socket = tuple(c.stream_count for c in self._connections)
         return SocketStatistics(
             open_sockets=len(self._connections),
             sockets_opened=self._opened,
@@ -282,6 +288,8 @@ class SignalingConnection:
         self.sessions: dict[str, Session] = {}
         #: each stream's video over this socket (a ``fallback``'s)
         self.fallbacks: dict[str, FallbackSession] = {}
+        #: the pages' shared peer connections, by their ``~`` id
+        self.shared_peers: dict[str, SharedPeerSession] = {}
         self.fallback_returns = 0
         self._outbox_in, self._outbox_out = trio.open_memory_channel[str | _BinaryMessage](
             OUTBOX_MESSAGES
@@ -321,9 +329,10 @@ class SignalingConnection:
     def _cut_off(self, code: int, reason: str) -> None:
         if self._close is None:
             self._close = (code, reason)
-            ending: list[Session | FallbackSession] = [
+            ending: list[Session | FallbackSession | SharedPeerSession] = [
                 *self.sessions.values(),
                 *self.fallbacks.values(),
+                *self.shared_peers.values(),
             ]
             for session in ending:
                 session.end(reason)
@@ -395,6 +404,16 @@ class SignalingConnection:
         self._count(type(message).__name__.lower())
         if isinstance(message, Offer):
             self._on_offer(message)
+        elif isinstance(message, PeerOffer):
+            self._on_peer_offer(message)
+        elif isinstance(message, PeerApplied):
+            self._shared_peer(message.peer_id).applied()
+        elif isinstance(message, IceCandidate) and message.stream_id.startswith("~"):
+            self._shared_peer(message.stream_id).add_candidate(message)
+        elif isinstance(message, Close) and message.stream_id.startswith("~"):
+            shared = self.shared_peers.get(message.stream_id)
+            if shared is not None:  # closing twice is fine
+                shared.end("client closed the shared peer connection")
         elif isinstance(message, IceCandidate):
             session = self.sessions.get(message.stream_id)
             if session is None:
@@ -454,6 +473,80 @@ class SignalingConnection:
         )
         self._start_session(session)
 
+    @property
+    def stream_count(self) -> int:
+        """Streams watched on this socket: sessions, fallbacks, streams of shared peers."""
+        return (
+            len(self.sessions)
+            + len(self.fallbacks)
+            + sum(p.stream_count for p in self.shared_peers.values())
+        )
+
+    def _shared_peer(self, peer_id: str) -> SharedPeerSession:
+        shared = self.shared_peers.get(peer_id)
+        if shared is None:
+            raise SignalingError(
+                ErrorCode.NO_SESSION,
+                "No shared peer connection with this id on this socket; send an offer first",
+                stream_id=peer_id,
+            )
+        return shared
+
+    def _on_peer_offer(self, offer: PeerOffer) -> None:
+        shared = self.shared_peers.get(offer.peer_id)
+        if shared is None:
+            peers = self._context.peers
+            if peers is None:
+                raise SignalingError(
+                    ErrorCode.INVALID_MESSAGE,
+                    "This server does not offer shared peer connections",
+                    stream_id=offer.peer_id,
+                )
+            shared = SharedPeerSession(
+                offer.peer_id,
+                peers=peers,
+                admit=self._admit_to_shared_peer,
+                post=self.post,
+                post_error=lambda code, message, stream: self._post_peer_error(
+                    offer.peer_id, code, message, stream
+                ),
+                negotiation_timeout=self._context.webrtc.negotiation_timeout,
+                max_pending_candidates=self._limits.max_pending_candidates,
+                client=self.label,
+                metrics=self._context.metrics,
+            )
+            self.shared_peers[offer.peer_id] = shared
+            self._context.changes.notify()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_shared_peer, shared)
+        shared.offer(offer)
+
+    def _admit_to_shared_peer(self, stream_id: str) -> Stream:
+        """A stream a page adds to its shared peer connection, checked as an offer's is."""
+        stream = self._watchable_stream(stream_id)
+        if self.stream_count >= self._limits.max_streams_per_socket:
+            raise SignalingError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"This socket already has {self.stream_count} streams, the limit",
+                stream_id=stream_id,
+            )
+        return stream
+
+    def _post_peer_error(
+        self, peer_id: str, code: ErrorCode, message: str, stream_id: str | None
+    ) -> None:
+        if self._context.metrics is not None:
+            self._context.metrics.errors.labels(code=str(code)).inc()
+        self.post(protocol.error(code, message, peer_id, member=stream_id))
+
+    async def _run_shared_peer(self, shared: SharedPeerSession) -> None:
+        try:
+            await shared.run()
+        finally:
+            if self.shared_peers.get(shared.peer_id) is shared:
+                del self.shared_peers[shared.peer_id]
+            self._context.changes.notify()
+
     def _on_fallback(self, request: Fallback) -> None:
         stream = self._watchable_stream(request.stream_id)
         self._check_stream_limit(request.stream_id)
@@ -479,10 +572,11 @@ class SignalingConnection:
     def _check_stream_limit(self, stream_id: str) -> None:
         """Raises ``too_many_streams`` if ``stream_id`` would be one stream too many here."""
         streams = self.sessions.keys() | self.fallbacks.keys()
-        if stream_id not in streams and len(streams) >= self._limits.max_streams_per_socket:
+        count = len(streams) + sum(p.stream_count for p in self.shared_peers.values())
+        if stream_id not in streams and count >= self._limits.max_streams_per_socket:
             raise SignalingError(
                 ErrorCode.TOO_MANY_STREAMS,
-                f"This socket already has {len(streams)} streams, the limit",
+                f"This socket already has {count} streams, the limit",
                 stream_id=stream_id,
             )
 

@@ -197,3 +197,54 @@ def test_server_messages_have_the_wire_shape() -> None:
         "streamId": "cam",
         "payload": {"state": "live"},
     }
+
+
+# --- a page's shared peer connection (streamId "~…") ------------------------------------------
+
+
+def test_an_offer_to_a_shared_peer_connection_maps_mids_to_streams() -> None:
+    message = parse(
+        {
+            "type": "offer",
+            "streamId": "~abc-pc1",
+            "payload": {"type": "offer", "sdp": SDP, "streams": {"1": "cam-1", "2": "cam-2"}},
+        }
+    )
+    assert message == protocol.PeerOffer("~abc-pc1", SDP, {"1": "cam-1", "2": "cam-2"})
+
+
+def test_applied_ice_and_close_address_a_shared_peer_connection() -> None:
+    assert parse({"type": "applied", "streamId": "~p", "payload": {}}) == protocol.PeerApplied("~p")
+    assert parse({"type": "close", "streamId": "~p"}) == Close("~p")
+    ice = parse({"type": "ice", "streamId": "~p", "payload": {"candidate": "", "sdpMid": "0"}})
+    assert isinstance(ice, IceCandidate) and ice.stream_id == "~p" and ice.candidate is None
+
+
+@pytest.mark.parametrize(
+    ("message", "fragment"),
+    [
+        ({"type": "offer", "streamId": "~p", "payload": {"sdp": SDP}}, "payload.streams"),
+        (
+            {"type": "offer", "streamId": "~p", "payload": {"sdp": SDP, "streams": {"1": "~q"}}},
+            "payload.streams",
+        ),
+        (
+            {"type": "offer", "streamId": "~p", "payload": {"sdp": SDP, "streams": {"a b": "c"}}},
+            "payload.streams",
+        ),
+        ({"type": "fallback", "streamId": "~p"}, "Unknown message type"),
+        ({"type": "offer", "streamId": "~p q", "payload": {"sdp": SDP}}, 'is "~" and'),
+        ({"type": "applied", "streamId": "cam-1"}, "shared peer connection"),
+    ],
+)
+def test_bad_shared_peer_messages_say_what_is_wrong(message: object, fragment: str) -> None:
+    assert fragment in error_of(message).message
+
+
+def test_errors_and_states_of_a_shared_connection_name_their_stream() -> None:
+    error = json.loads(
+        protocol.error(ErrorCode.STREAM_NOT_FOUND, "Stream not found", "~p", None, "cam-9")
+    )
+    assert error["streamId"] == "~p" and error["stream"] == "cam-9"
+    state = json.loads(protocol.state("~p", "live", member="cam-1"))
+    assert state["payload"] == {"state": "live", "stream": "cam-1"}

@@ -19,6 +19,21 @@ What is used, and why:
   transport carries the packets (and whose write buffer tells when the socket is full);
   that transport's ``_buffer`` and socket, to ``sendto`` directly while nothing waits.
 - ``H264Encoder._packetize``: RFC 6184 packetization (single NAL units, STAP-A, FU-A).
+- ``RTCPeerConnection``'s transceiver list (and its remote ICE/DTLS parameters by
+  transceiver), for a page's shared peer connection renegotiated by the browser
+  (:func:`forget_unoffered_transceivers`, :func:`reject_stopped_sections`; see below).
+
+Two aiortc 1.16 behaviours break a connection the browser renegotiates to add and remove
+streams (measured with Chromium; ``docs/architecture.md``, "One peer connection per page"):
+
+- **A stopped (port-0) m-line is answered with a real port and kept in BUNDLE**, and Chromium
+  then rejects every later negotiation of that connection. :func:`reject_stopped_sections`
+  answers such an m-line with port 0, ``a=inactive`` and out of the BUNDLE group.
+- **Transceivers are looked up by m-line index**: when the browser recycles a stopped
+  m-line for a new stream (a new mid at the same index), ``setLocalDescription`` hands the new
+  mid to the dead transceiver too, and the answer is built from the dead one.
+  :func:`forget_unoffered_transceivers` drops, before the offer is applied, every transceiver
+  whose mid the offer no longer has.
 
 And three fixes that belong in the dependencies, applied at run time by :func:`install` (each
 written so that it could go upstream as it is, and each with a test that proves the
@@ -97,6 +112,9 @@ async def missing_internals() -> list[str]:
         missing += [f"RTCRtpSender.{n}" for n in SENDER_ATTRIBUTES if not hasattr(sender, n)]
         dtls = sender.transport
         missing += [f"RTCDtlsTransport.{n}" for n in DTLS_ATTRIBUTES if not hasattr(dtls, n)]
+        for name in ("__transceivers", "__remoteDtls", "__remoteIce"):
+            if not hasattr(pc, f"_RTCPeerConnection{name}"):
+                missing.append(f"RTCPeerConnection.{name}")
         if not hasattr(dtls.transport, "_connection"):
             missing.append("RTCIceTransport._connection")
         elif not isinstance(getattr(dtls.transport._connection, "_nominated", None), dict):
@@ -125,12 +143,21 @@ def packetize_h264(nal_units: Iterable[bytes]) -> list[bytes]:
 def on_sender_started(
     sender: RTCRtpSender, started: Callable[[RTCRtpSendParameters], None]
 ) -> None:
-    """Call ``started`` once aiortc has started ``sender`` (DTLS is up, parameters known)."""
+    """Call ``started`` once aiortc has started ``sender`` (DTLS is up, parameters known).
+
+    Once only: aiortc calls ``send`` again after every renegotiation of the connection (a
+    shared one), and a second start would restart the RTP sequence numbers, which SRTP refuses
+    ("replay check failed").
+    """
     start = sender.send
+    called = False
 
     async def send(parameters: RTCRtpSendParameters) -> None:
+        nonlocal called
         await start(parameters)
-        started(parameters)
+        if not called:
+            called = True
+            started(parameters)
 
     sender.send = send  # type: ignore[method-assign]
 
@@ -140,6 +167,82 @@ class SenderIdentity:
     ssrc: int
     rtx_ssrc: int
     header_extensions: HeaderExtensionsMap
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSection:
+    """One m-line of an offer, as far as a shared peer connection needs it."""
+
+    index: int
+    kind: str
+    mid: str | None
+    #: stopped by the browser: port 0 and not ``a=bundle-only`` (which also has port 0)
+    rejected: bool
+    #: ``a=inactive``: neither side sends (a page's anchor m-line)
+    inactive: bool = False
+
+
+def media_sections(sdp: str) -> list[MediaSection]:
+    """The m-lines of ``sdp`` in order: kind, mid, and whether the browser stopped them."""
+    sections = []
+    for index, text in enumerate(sdp.replace("\r\n", "\n").split("\nm=")[1:]):
+        lines = text.split("\n")
+        fields = lines[0].split()
+        mid = next((line[6:].strip() for line in lines if line.startswith("a=mid:")), None)
+        port_zero = len(fields) > 1 and fields[1] == "0"
+        bundle_only = any(line.strip() == "a=bundle-only" for line in lines)
+        inactive = any(line.strip() == "a=inactive" for line in lines)
+        sections.append(
+            MediaSection(
+                index, fields[0] if fields else "", mid, port_zero and not bundle_only, inactive
+            )
+        )
+    return sections
+
+
+def reject_stopped_sections(answer_sdp: str, offer_sdp: str) -> str:
+    """``answer_sdp`` with every m-line the offer stopped answered as stopped: port 0,
+    ``a=inactive``, and its mid out of the BUNDLE group (aiortc answers it with a real port
+    and keeps it bundled, and Chromium then rejects every later negotiation)."""
+    rejected = {s.index for s in media_sections(offer_sdp) if s.rejected}
+    if not rejected:
+        return answer_sdp
+    head, *sections = answer_sdp.split("\r\nm=")
+    rejected_mids: set[str] = set()
+    for index, section in enumerate(sections):
+        if index not in rejected:
+            continue
+        lines = section.split("\r\n")
+        first = lines[0].split(" ")
+        first[1] = "0"
+        lines[0] = " ".join(first)
+        lines = [
+            "a=inactive"
+            if line in ("a=sendonly", "a=recvonly", "a=sendrecv", "a=inactive")
+            else line
+            for line in lines
+        ]
+        rejected_mids.update(line[6:] for line in lines if line.startswith("a=mid:"))
+        sections[index] = "\r\n".join(lines)
+    head_lines = head.split("\r\n")
+    for position, line in enumerate(head_lines):
+        if line.startswith("a=group:BUNDLE"):
+            kept = [mid for mid in line.split(" ")[1:] if mid not in rejected_mids]
+            head_lines[position] = " ".join(["a=group:BUNDLE", *kept])
+    return "\r\nm=".join(["\r\n".join(head_lines), *sections])
+
+
+def forget_unoffered_transceivers(pc: RTCPeerConnection, offered_mids: set[str]) -> int:
+    """Drop from ``pc`` the transceivers whose mid the next offer no longer has (the browser
+    recycled their m-line); returns how many. Their senders must be stopped already."""
+    internals: Any = pc
+    transceivers = internals._RTCPeerConnection__transceivers
+    gone = [t for t in transceivers if t.mid is not None and t.mid not in offered_mids]
+    for transceiver in gone:
+        transceivers.remove(transceiver)
+        internals._RTCPeerConnection__remoteDtls.pop(transceiver, None)
+        internals._RTCPeerConnection__remoteIce.pop(transceiver, None)
+    return len(gone)
 
 
 class SenderInternals:

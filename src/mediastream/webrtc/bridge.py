@@ -59,7 +59,12 @@ from ..ice import ice_servers as ice_servers_for
 from ..media.fanout import CatchUpPacer, Subscriber
 from ..media.frames import EncodedFrame
 from ..protocol import IceCandidate
-from .aiortc_compat import on_sender_started
+from .aiortc_compat import (
+    forget_unoffered_transceivers,
+    media_sections,
+    on_sender_started,
+    reject_stopped_sections,
+)
 from .rtp_sender import DirectRtpSender
 
 log = logging.getLogger(__name__)
@@ -405,6 +410,92 @@ class PeerConnection:
         await self._pc.setLocalDescription(answer)
         return str(self._pc.localDescription.sdp)
 
+    def shared_track(
+        self, video: Subscriber, *, on_first_frame: Callable[[], None] | None = None
+    ) -> SubscriberTrack:
+        """A held track for one stream of a shared connection: it sends nothing until
+        :meth:`SubscriberTrack.release` (the browser applied the answer that added it)."""
+        return SubscriberTrack(
+            video, "video", self._catchup_rate, on_first_frame=on_first_frame, held=True
+        )
+
+    async def answer_shared(
+        self, offer_sdp: str, additions: list[tuple[str, str, SubscriberTrack | None]]
+    ) -> str:
+        """Answer one offer of a page's shared connection (the first or a renegotiation).
+
+        Args:
+            offer_sdp: the whole connection's offer.
+            additions: the m-lines new in this offer, in offer order: (mid, kind, track), the
+                track None for an m-line the server refused (answered inactive).
+
+        Raises:
+            SignalingError: ``invalid_sdp`` or ``unsupported_codec``, saying what was wrong.
+        """
+        if self._ignore_mdns:
+            offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
+        self._tracks.extend(track for _, _, track in additions if track is not None)
+        try:
+            return str(
+                await trio_asyncio.aio_as_trio(self._answer_shared_to_the_end)(offer_sdp, additions)
+            )
+        except OperationError as exc:
+            raise SignalingError(
+                ErrorCode.UNSUPPORTED_CODEC,
+                f"The offer has no video the server can send (it needs H.264): {exc}",
+            ) from None
+        except _MALFORMED_SDP as exc:
+            raise SignalingError(
+                ErrorCode.INVALID_SDP, f"Invalid SDP offer: {_describe(exc)}"
+            ) from None
+
+    async def _answer_shared_to_the_end(
+        self, offer_sdp: str, additions: list[tuple[str, str, SubscriberTrack | None]]
+    ) -> str:
+        # As _answer_to_the_end: never cut off half-way (and _close waits for it). One offer at
+        # a time (the session negotiates them in turn), so the previous one has ended.
+        self._answering = asyncio.ensure_future(self._answer_shared(offer_sdp, additions))
+        return await asyncio.shield(self._answering)
+
+    async def _answer_shared(
+        self, offer_sdp: str, additions: list[tuple[str, str, SubscriberTrack | None]]
+    ) -> str:
+        sections = media_sections(offer_sdp)
+        offered = {s.mid for s in sections if s.mid is not None}
+        stopped = {s.mid for s in sections if s.rejected}
+        for transceiver in self._pc.getTransceivers():
+            gone = transceiver.mid is not None and transceiver.mid not in offered
+            if (transceiver.mid in stopped or gone) and not transceiver.stopped:
+                await transceiver.stop()
+        forget_unoffered_transceivers(self._pc, offered)
+        expected = []
+        for mid, kind, track in additions:
+            # addTransceiver, not addTrack: addTrack would reuse a dead transceiver.
+            if track is None:
+                transceiver = self._pc.addTransceiver(kind, direction="inactive")
+            else:
+                transceiver = self._pc.addTransceiver(track, direction="sendonly")
+                track.attach(transceiver.sender)
+                capabilities = RTCRtpSender.getCapabilities("video")
+                transceiver.setCodecPreferences(
+                    [
+                        c
+                        for c in capabilities.codecs
+                        if c.mimeType.lower() in ("video/h264", "video/rtx")
+                    ]
+                )
+            expected.append((mid, transceiver))
+        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        for mid, transceiver in expected:
+            if transceiver.mid != mid:
+                raise ValueError(
+                    f"m-line {mid} was paired with transceiver {transceiver.mid} (the offer's new "
+                    "m-lines must be audio or video, in the order listed)"
+                )
+        answer = await self._pc.createAnswer()
+        await self._pc.setLocalDescription(answer)
+        return reject_stopped_sections(str(self._pc.localDescription.sdp), offer_sdp)
+
     async def add_ice_candidate(self, ice: IceCandidate) -> bool:
         """Apply one browser candidate; returns False when it was skipped on purpose.
 
@@ -471,11 +562,15 @@ class SubscriberTrack(MediaStreamTrack):
         catchup_rate: float,
         *,
         on_first_frame: Callable[[], None] | None = None,
+        held: bool = False,
     ) -> None:
         super().__init__()
         self.kind = kind
         self._subscriber = subscriber
         self._on_first_frame = on_first_frame
+        #: sends nothing until released: on a renegotiated connection DTLS is up already, and
+        #: a keyframe sent before the browser applied the answer is lost (~2 s to a picture)
+        self._held = held
         self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectRtpSender | None = None
@@ -490,13 +585,20 @@ class SubscriberTrack(MediaStreamTrack):
 
         on_sender_started(sender, started)
 
+    def release(self) -> None:
+        """Start sending (the held GOP first): the browser has applied the answer."""
+        self._held = False
+        self._wake()
+
     def _wake(self) -> None:
         # Called from Trio (the fan-out) or asyncio, in the same thread.
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     async def recv(self) -> Any:
-        while self._direct is None:
+        while self._direct is None or self._held:
+            if self.readyState != "live":
+                raise MediaStreamError
             await self._wait()
         subscriber = self._subscriber
         loop = asyncio.get_running_loop()

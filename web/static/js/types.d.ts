@@ -18,12 +18,20 @@ type MediaStreamEmitter<Events extends object> = InstanceType<typeof MediaStream
 declare var WebRTCEngine: typeof import('./webrtc-engine.js').WebRTCEngine;
 type WebRTCEngine = InstanceType<typeof WebRTCEngine>;
 
+declare var SharedPeerConnection: typeof import('./webrtc-engine.js').SharedPeerConnection;
+type SharedPeerConnection = InstanceType<typeof SharedPeerConnection>;
+
 declare var MediaStreamWall: typeof import('./pages/wall.js');
 
 interface Window {
   // What the pages expose for the end-to-end tests and the benchmarks (tests/e2e, benchmarks/).
   /** test-multi-stream.html */
-  msTestPage?: { manager: WebSocketManager; engines: Map<string, WebRTCEngine> };
+  msTestPage?: {
+    manager: WebSocketManager;
+    engines: Map<string, WebRTCEngine>;
+    addCard: (stream: { id: string; name: string }) => void;
+    removeCard: (streamId: string) => void;
+  };
   /** dashboard.html */
   msDashboard?: {
     manager: WebSocketManager;

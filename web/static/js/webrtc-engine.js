@@ -65,6 +65,8 @@
  *   registration (the server is told, and the socket closes after the page's last stream)
  * @property {(event: 'disconnected', callback: (info: {willReconnect: boolean}) => void) => (() => void)} on
  *   the engine only follows the socket's loss (it renegotiates through `onReconnect`)
+ * @property {'shared'|'per-stream'} [peerConnection] 'shared': the page's streams share one
+ *   RTCPeerConnection (`SharedPeerConnection`); default 'per-stream'
  */
 /**
  * Timer functions and a millisecond clock (tests inject a fake clock).
@@ -480,6 +482,360 @@
     return error instanceof Error ? error : new Error(String(error));
   }
 
+
+  /**
+   * One negotiation at a time for a page's shared peer connection (glare between tiles added
+   * at once can't happen: the page is the only offerer and offers one after the other).
+   * Requests made while a negotiation runs are coalesced into one more run after it: that
+   * offer carries every transceiver added meanwhile. Pure logic, no WebRTC (unit tested).
+   */
+  class NegotiationQueue {
+    /** @type {() => Promise<void>} */ #run;
+    #running = false;
+    /** @type {{resolve: () => void, reject: (error: unknown) => void}[]} waiting for the next run */
+    #waiting = [];
+    /** runs so far (tests and metrics) */
+    runs = 0;
+
+    /** @param {() => Promise<void>} run one negotiation */
+    constructor(run) {
+      this.#run = run;
+    }
+
+    /** Whether a negotiation is running. */
+    get busy() {
+      return this.#running;
+    }
+
+    /**
+     * Negotiate again: now, or after the one running (requests made meanwhile share one run).
+     * @returns {Promise<void>} settles with the run that started after this request
+     */
+    request() {
+      /** @type {Promise<void>} */
+      const done = new Promise((resolve, reject) => this.#waiting.push({ resolve, reject }));
+      if (!this.#running) this.#loop();
+      return done;
+    }
+
+    async #loop() {
+      this.#running = true;
+      try {
+        while (this.#waiting.length) {
+          const batch = this.#waiting.splice(0);
+          this.runs += 1;
+          try {
+            await this.#run();
+            for (const waiter of batch) waiter.resolve();
+          } catch (error) {
+            for (const waiter of batch) waiter.reject(error);
+          }
+        }
+      } finally {
+        this.#running = false;
+      }
+    }
+  }
+
+  /**
+   * What a stream of a shared peer connection hears from it.
+   * @typedef {object} SharedMemberHandlers
+   * @property {(event: RTCTrackEvent) => void} onTrack its media arrived
+   * @property {(text: string, code: string|undefined) => void} onError the server reported an
+   *   error about this stream, after it was added
+   * @property {(payload: unknown) => void} onState the server's state message for this stream
+   * @property {(pc: RTCPeerConnection) => void} onPeerState the connection's state changed
+   * @property {(reason: string) => void} onFailed the whole connection is gone (failed, or the
+   *   socket reconnected): negotiate again (a new shared connection is made)
+   */
+  /**
+   * One stream in a shared peer connection.
+   * @typedef {object} SharedMember
+   * @property {string} streamId
+   * @property {RTCRtpTransceiver} transceiver its own receiving transceiver
+   * @property {RTCRtpReceiver} receiver
+   * @property {Promise<void>} ready resolves once an answer that added it is applied
+   * @property {() => void} remove stops its transceiver and renegotiates (idempotent)
+   */
+
+  /**
+   * Offer H.264 only (and its retransmissions) on a shared connection's transceiver: the
+   * server sends nothing else, and every codec Chromium offers by default makes each m-line
+   * ~5 KB, 16 of them more than a signaling message may carry (limits.max_message_bytes).
+   * @param {RTCRtpTransceiver} transceiver
+   */
+  function preferH264(transceiver) {
+    const Receiver = root.RTCRtpReceiver;
+    const capabilities = Receiver && Receiver.getCapabilities ? Receiver.getCapabilities('video') : null;
+    if (!capabilities || typeof transceiver.setCodecPreferences !== 'function') return;
+    const h264 = capabilities.codecs.filter((c) => /^video\/(h264|rtx)$/i.test(c.mimeType));
+    // Baseline/constrained baseline with packetization-mode 1 first: what cameras send.
+    const rank = (/** @type {RTCRtpCodec} */ c) => (/^video\/rtx$/i.test(c.mimeType) ? 2 : /packetization-mode=1/.test(c.sdpFmtpLine || '') && /profile-level-id=42/.test(c.sdpFmtpLine || '') ? 0 : 1);
+    const kept = h264.filter((c) => rank(c) !== 1 || !h264.some((o) => rank(o) === 0)).sort((a, b) => rank(a) - rank(b));
+    if (kept.some((c) => /h264/i.test(c.mimeType))) transceiver.setCodecPreferences(kept);
+  }
+
+  let sharedPeerCounter = 0;
+  /** @type {WeakMap<SignalingChannel, SharedPeerConnection>} the page's shared connection, per socket */
+  const sharedPeers = new WeakMap();
+
+  /**
+   * Every stream of the page in one RTCPeerConnection (BUNDLE: one ICE and DTLS handshake),
+   * opt-in with `WebSocketManager.configure({ peerConnection: 'shared' })`. Streams are added
+   * and removed by renegotiation over the page's socket, the page always the offerer
+   * (docs/protocol.md, "One peer connection per page"): a transceiver per stream; removing
+   * one stops its transceiver (Chromium recycles its m-line later). Negotiations run one at a
+   * time (NegotiationQueue); after each answer is applied the page says `applied`, and only
+   * then does the server start sending the streams it added (a keyframe sent earlier is lost).
+   */
+  class SharedPeerConnection {
+    /** @type {string} the connection's id on the wire (the envelope's streamId) */ id;
+    /** @type {RTCPeerConnection} */ pc;
+    /** @type {SignalingChannel} */ #manager;
+    /** @type {Map<string, SharedMember & {handlers: SharedMemberHandlers, settled: boolean, resolve: () => void, reject: (e: Failure) => void}>} */
+    #members = new Map();
+    #queue = new NegotiationQueue(() => this.#negotiate());
+    /** @type {{resolve: (sdp: string) => void, reject: (e: Failure) => void, timer: unknown}|null} */ #pendingAnswer = null;
+    /** @type {() => void} */ #unregister;
+    /** @type {Timers} */ #timers;
+    #answerTimeout;
+    #closed = false;
+
+    /**
+     * The page's shared connection on `manager`'s socket, made on first use.
+     * @param {SignalingChannel} manager
+     * @param {{RTCPeerConnection: {new (c: RTCConfiguration): RTCPeerConnection}, configuration: RTCConfiguration, timers: Timers, answerTimeout: number}} options
+     */
+    static of(manager, options) {
+      let shared = sharedPeers.get(manager);
+      if (!shared || shared.#closed) {
+        shared = new SharedPeerConnection(manager, options);
+        sharedPeers.set(manager, shared);
+      }
+      return shared;
+    }
+
+    /**
+     * The page's shared connection on `manager`'s socket, if one is open (diagnostics, tests).
+     * @param {SignalingChannel} manager
+     * @returns {SharedPeerConnection|null}
+     */
+    static current(manager) {
+      const shared = sharedPeers.get(manager);
+      return shared && !shared.#closed ? shared : null;
+    }
+
+    /**
+     * @param {SignalingChannel} manager
+     * @param {{RTCPeerConnection: {new (c: RTCConfiguration): RTCPeerConnection}, configuration: RTCConfiguration, timers: Timers, answerTimeout: number}} options
+     */
+    constructor(manager, options) {
+      this.#manager = manager;
+      this.#timers = options.timers;
+      this.#answerTimeout = options.answerTimeout;
+      this.id = `~${manager.instanceId || 'p'}-pc${++sharedPeerCounter}`;
+      const pc = new options.RTCPeerConnection({ ...options.configuration, bundlePolicy: 'max-bundle' });
+      this.pc = pc;
+      // The anchor: the first m-line, inactive and never removed. Stopping the first m-line
+      // (the BUNDLE tag) makes Chromium gather a new transport, which aiortc can't follow.
+      preferH264(pc.addTransceiver('video', { direction: 'inactive' }));
+      pc.ontrack = (event) => {
+        for (const member of this.#members.values()) {
+          if (member.transceiver === event.transceiver) member.handlers.onTrack(event);
+        }
+      };
+      pc.onicecandidate = (event) => {
+        const c = event.candidate;
+        if (this.#closed) return;
+        this.#manager.send('ice', this.id, c
+          ? { candidate: c.candidate, sdpMid: c.sdpMid, sdpMLineIndex: c.sdpMLineIndex }
+          : { candidate: '', sdpMid: null, sdpMLineIndex: 0 });
+      };
+      pc.onconnectionstatechange = () => {
+        if (pc.connectionState === 'failed') {
+          this.#fail('the shared peer connection failed');
+          return;
+        }
+        // Only streams whose answer is applied: the others hear it once they are (#negotiate).
+        for (const member of [...this.#members.values()]) if (member.settled) member.handlers.onPeerState(pc);
+      };
+      this.#unregister = manager.registerStream(this.id, {
+        answer: (/** @type {unknown} */ sdp) => this.#onAnswer(String(sdp)),
+        error: (/** @type {unknown} */ text, /** @type {Message & {stream?: string}} */ raw) => this.#onError(String(text), raw),
+        state: (/** @type {unknown} */ payload) => {
+          const stream = typeof payload === 'object' && payload !== null && 'stream' in payload ? payload.stream : null;
+          const member = typeof stream === 'string' ? this.#members.get(stream) : undefined;
+          if (member) member.handlers.onState(payload);
+        },
+        onReconnect: () => this.#fail('signaling socket reconnected'),
+      });
+    }
+
+    /** Streams in the connection now. */
+    get size() {
+      return this.#members.size;
+    }
+
+    /** Negotiations so far. */
+    get negotiations() {
+      return this.#queue.runs;
+    }
+
+    /**
+     * Add a stream: a receiving transceiver of its own, and a renegotiation.
+     * @param {string} streamId
+     * @param {SharedMemberHandlers} handlers
+     * @returns {SharedMember}
+     */
+    add(streamId, handlers) {
+      if (this.#closed) throw new Error('this shared peer connection is closed');
+      this.#members.get(streamId)?.remove(); // one tile per stream and page
+      const transceiver = this.pc.addTransceiver('video', { direction: 'recvonly' });
+      preferH264(transceiver);
+      /** @type {(() => void)|null} */ let resolve = null;
+      /** @type {((e: Failure) => void)|null} */ let reject = null;
+      /** @type {Promise<void>} */
+      const ready = new Promise((res, rej) => { resolve = res; reject = rej; });
+      ready.catch(() => { /* the engine awaits it; unhandled only once it was removed */ });
+      const member = {
+        streamId, transceiver, receiver: transceiver.receiver, handlers, ready, settled: false,
+        resolve: /** @type {() => void} */ (/** @type {unknown} */ (resolve)),
+        reject: /** @type {(e: Failure) => void} */ (/** @type {unknown} */ (reject)),
+        remove: () => this.#remove(member),
+      };
+      this.#members.set(streamId, member);
+      this.#queue.request().then(() => {
+        if (!member.settled && this.#members.get(streamId) === member) {
+          member.settled = true;
+          member.resolve();
+        }
+      }, (/** @type {unknown} */ error) => this.#settleFailed(member, asFailure(error)));
+      return member;
+    }
+
+    /** @param {SharedMember & {settled: boolean, reject: (e: Failure) => void}} member */
+    #remove(member) {
+      if (this.#members.get(member.streamId) !== member) return;
+      this.#members.delete(member.streamId);
+      this.#settleFailed(member, Object.assign(new Error('removed'), { superseded: true }));
+      if (this.#closed) return;
+      try {
+        member.transceiver.stop();
+      } catch (_) {
+        /* the connection closed */
+      }
+      if (this.#members.size === 0) {
+        this.close();
+        return;
+      }
+      this.#queue.request().catch(() => { /* reported by #negotiate */ });
+    }
+
+    /** @param {{settled: boolean, reject: (e: Failure) => void}} member @param {Failure} error */
+    #settleFailed(member, error) {
+      if (member.settled) return;
+      member.settled = true;
+      member.reject(error);
+    }
+
+    /** Close the connection and end it on the server. Idempotent. */
+    close() {
+      if (this.#closed) return;
+      this.#closed = true;
+      this.#rejectAnswer(Object.assign(new Error('the shared peer connection closed'), { superseded: true }));
+      this.pc.ontrack = this.pc.onicecandidate = this.pc.onconnectionstatechange = null;
+      try {
+        this.pc.close();
+      } catch (_) {
+        /* already closed */
+      }
+      this.#unregister(); // a `close` for the connection: the server ends its streams
+      if (sharedPeers.get(this.#manager) === this) sharedPeers.delete(this.#manager);
+    }
+
+    /** The whole connection is lost: every stream negotiates again on a new one. @param {string} reason */
+    #fail(reason) {
+      if (this.#closed) return;
+      const members = [...this.#members.values()];
+      this.#members.clear();
+      this.close();
+      for (const member of members) {
+        if (!member.settled) this.#settleFailed(member, Object.assign(new Error(reason), { recoverable: true }));
+        else member.handlers.onFailed(reason);
+      }
+    }
+
+    async #negotiate() {
+      if (this.#closed || this.#members.size === 0) return;
+      const pc = this.pc;
+      try {
+        const offer = await pc.createOffer();
+        await pc.setLocalDescription(offer);
+        /** @type {Record<string, string>} */
+        const streams = {};
+        for (const member of this.#members.values()) {
+          if (member.transceiver.mid !== null) streams[member.transceiver.mid] = member.streamId;
+        }
+        const answer = this.#waitForAnswer();
+        const sdp = pc.localDescription ? pc.localDescription.sdp : offer.sdp;
+        this.#manager.send('offer', this.id, { type: 'offer', sdp, streams });
+        const answerSdp = await answer;
+        if (this.#closed) return;
+        await pc.setRemoteDescription({ type: 'answer', sdp: answerSdp });
+        this.#manager.send('applied', this.id, {});
+      } catch (rejection) {
+        const error = asFailure(rejection);
+        if (!this.#closed && !error.superseded) this.#fail(`renegotiation failed: ${error.message}`);
+        throw error;
+      }
+    }
+
+    /** @returns {Promise<string>} */
+    #waitForAnswer() {
+      return new Promise((resolve, reject) => {
+        const timer = this.#timers.setTimeout(() => {
+          this.#pendingAnswer = null;
+          reject(Object.assign(new Error(`No answer from the server within ${this.#answerTimeout} ms`), { code: 'answer_timeout' }));
+        }, this.#answerTimeout);
+        this.#pendingAnswer = { resolve, reject, timer };
+      });
+    }
+
+    /** @param {string} sdp */
+    #onAnswer(sdp) {
+      const pending = this.#pendingAnswer;
+      if (!pending) return;
+      this.#pendingAnswer = null;
+      this.#timers.clearTimeout(pending.timer);
+      pending.resolve(sdp);
+    }
+
+    /** @param {Failure} error */
+    #rejectAnswer(error) {
+      const pending = this.#pendingAnswer;
+      if (!pending) return;
+      this.#pendingAnswer = null;
+      this.#timers.clearTimeout(pending.timer);
+      pending.reject(error);
+    }
+
+    /** @param {string} text @param {Message & {stream?: string}} raw */
+    #onError(text, raw) {
+      const code = raw && raw.code;
+      const member = raw && typeof raw.stream === 'string' ? this.#members.get(raw.stream) : undefined;
+      if (member) {
+        const recoverable = !(code && FATAL_CODES.has(code));
+        if (!member.settled) this.#settleFailed(member, Object.assign(new Error(text), { code, recoverable }));
+        else member.handlers.onError(text, code);
+        return;
+      }
+      if (raw && typeof raw.stream === 'string') return; // a stream removed meanwhile
+      if (code === 'invalid_candidate' || code === 'too_many_candidates') return; // one candidate lost
+      this.#rejectAnswer(Object.assign(new Error(text), { code }));
+      this.#fail(text);
+    }
+  }
+
   class WebRTCEngine {
     /** @type {string} */ streamId;
     /** @type {HTMLVideoElement|null} */ videoElement;
@@ -520,6 +876,10 @@
     #firstFrameWatch = null;
     /** background attempts to go back to WebRTC since the fallback started playing */
     #webrtcAttempts = 0;
+    /** @type {SharedMember|null} this stream in the page's shared peer connection, if shared */
+    #member = null;
+    /** @type {'shared'|'per-stream'} the manager's choice when connect() was called */
+    #peerConnectionMode = 'per-stream';
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -610,7 +970,9 @@
       this.#connectStartedAt = this.#now();
       this.#firstFrameAt = null;
       this.#setState('connecting');
-      this.#unregister = this.#manager.registerStream(this.streamId, {
+      this.#peerConnectionMode = this.#manager.peerConnection === 'shared' ? 'shared' : 'per-stream';
+      // On a shared peer connection the stream's messages come through the connection's id.
+      if (!this.#shared) this.#unregister = this.#manager.registerStream(this.streamId, {
         answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
         error: (/** @type {unknown} */ text, /** @type {Message} */ raw) => this.#onServerError(text, raw),
         state: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerState(payload, raw),
@@ -638,6 +1000,7 @@
         if (recoverable && this.#autoReconnect) {
           this.#scheduleRetry(err.message);
         } else {
+          if (this.#member) this.#closePeer(); // its m-line goes: the shared connection renegotiates
           this.#setState('error', err.message);
           throw error;
         }
@@ -706,6 +1069,10 @@
      */
     async #negotiate(background = false) {
       this.#closePeer();
+      if (this.#shared) {
+        await this.#negotiateShared();
+        return;
+      }
       if (!background) {
         if (this.#options.fallback === 'always') {
           this.#startFallback('asked by the page');
@@ -760,6 +1127,54 @@
       await pc.setRemoteDescription({ type: 'answer', sdp });
       this.#startStats();
       if (background) this.#watchForFirstFrame(pc);
+    }
+
+    /** Whether this engine's stream goes in the page's shared peer connection (fixed at connect()). */
+    get #shared() {
+      return this.#peerConnectionMode === 'shared';
+    }
+
+    /** Join the page's shared peer connection; resolves once the answer that added us is applied. */
+    async #negotiateShared() {
+      this.#announcedConnected = false;
+      this.#mediaStream = null;
+      this.#lastSample = null;
+      // The socket may have closed meanwhile: a failed shared connection was the manager's
+      // last registered stream (connect() reuses an open socket).
+      const options = this.#options;
+      await this.#manager.connect({ url: options.serverUrl || options.wsUrl || options.signalingUrl || options.url, token: options.token });
+      if (!this.#options.iceServers && this.#manager.whenWelcomed) await this.#manager.whenWelcomed();
+      if (this.#state === 'closed') return; // disconnected meanwhile
+      const shared = SharedPeerConnection.of(this.#manager, {
+        RTCPeerConnection: this.#options.RTCPeerConnection || root.RTCPeerConnection,
+        configuration: {
+          iceServers: this.#options.iceServers || this.#manager.serverInfo?.iceServers || [],
+          iceTransportPolicy: this.#options.iceTransportPolicy || 'all',
+        },
+        timers: this.#timers,
+        answerTimeout: this.#options.answerTimeout ?? 15000,
+      });
+      const member = shared.add(this.streamId, {
+        onTrack: (event) => { if (this.#member === member) this.#attach(event); },
+        onError: (text, code) => {
+          if (this.#member === member) this.#onServerError(text, { type: 'error', streamId: this.streamId, code });
+        },
+        onState: (payload) => { if (this.#member === member) this.#onServerState(payload, { type: 'state', streamId: this.streamId }); },
+        onPeerState: (pc) => { if (this.#member === member) this.#onPeerState(pc); },
+        onFailed: (reason) => {
+          if (this.#member !== member) return;
+          this.#member = null;
+          this.pc = null;
+          this.#renegotiate(reason, this.#retryDelay());
+        },
+      });
+      this.#member = member;
+      this.pc = shared.pc;
+      await member.ready;
+      if (this.#member !== member) return;
+      this.#startStats();
+      // Joined a connection that is up already: no state change will say so.
+      if (shared.pc.connectionState === 'connected') this.#onPeerState(shared.pc);
     }
 
     /** @returns {Promise<string>} */
@@ -905,7 +1320,9 @@
       this.#setState('reconnecting', `${reason}; retrying in ${Math.round(delay / 100) / 10} s`);
       this.#retryTimer = this.#timers.setTimeout(() => {
         this.#retryTimer = null;
-        if (!this.#manager.isConnected()) return; // the manager renegotiates on reconnect
+        // The manager renegotiates every registered stream on reconnect; on a shared connection
+        // the stream is not registered itself, so it goes ahead (the offer waits in the queue).
+        if (!this.#manager.isConnected() && !this.#shared) return;
         this.#renegotiate(reason, 0);
       }, delay);
     }
@@ -922,6 +1339,7 @@
 
     get #fallbackAllowed() {
       const mode = this.#options.fallback ?? 'auto';
+      if (this.#shared) return false; // not on a shared peer connection (yet)
       return mode !== 'never' && this.#mediaSourceImpl !== null && this.videoElement !== null;
     }
 
@@ -1142,7 +1560,8 @@
     async #collectStats() {
       const pc = this.pc;
       if (!pc) return;
-      const report = await pc.getStats();
+      // On a shared connection only this stream's receiver: the connection has every stream's.
+      const report = await (this.#member ? this.#member.receiver.getStats() : pc.getStats());
       /** @type {RTCInboundRtpStreamStats|null} */ let inbound = null;
       for (const stat of report.values()) {
         // `mediaType`: the name of `kind` in older browsers.
@@ -1193,6 +1612,12 @@
         this.#timers.clearInterval(this.#statsTimer);
         this.#statsTimer = null;
       }
+      const member = this.#member;
+      this.#member = null;
+      if (member) {
+        member.remove(); // the shared connection renegotiates without it (or closes, if last)
+        return;
+      }
       if (!pc) return;
       pc.ontrack = pc.onicecandidate = pc.onconnectionstatechange = null;
       try {
@@ -1231,5 +1656,8 @@
   }
 
   root.WebRTCEngine = WebRTCEngine;
-  if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine, codecOfInit, audioCodecOfInit, isKeyFragment };
+  root.SharedPeerConnection = SharedPeerConnection;
+  if (typeof module === 'object' && module.exports) {
+    module.exports = { WebRTCEngine, SharedPeerConnection, NegotiationQueue, codecOfInit, audioCodecOfInit, isKeyFragment };
+  }
 })(typeof window !== 'undefined' ? window : globalThis);

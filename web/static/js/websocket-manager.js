@@ -92,6 +92,10 @@
  *   beside this script, with this script's `?v=` version)
  * @property {SharedSocketPlatform['SharedWorker']} [SharedWorker] implementation (tests inject a fake)
  * @property {LockManager} [locks] Web Locks (tests inject a fake)
+ * @property {'shared'|'per-stream'} [peerConnection] 'shared': every stream of the page in one
+ *   RTCPeerConnection, streams added and removed by renegotiation (webrtc-engine.js,
+ *   `SharedPeerConnection`); 'per-stream' (the default): one RTCPeerConnection per stream.
+ *   Takes effect for the streams connected after it.
  */
 /**
  * @typedef {{SharedWorker: {new (url: string, options: {name: string}): {port: MessagePort, onerror: ((event: ErrorEvent) => void)|null}},
@@ -474,6 +478,7 @@
     #nextPing = 1;
     /** @type {Map<number, number>} */ #pendingPings = new Map();
     /** @type {boolean|undefined} configure({shared}); undefined: wherever the browser can */ #sharedOption;
+    /** @type {'shared'|'per-stream'} configure({peerConnection}) */ #peerConnection = 'per-stream';
     /** @type {SharedSocketPlatform|null} SharedWorker and Web Locks, where the browser has them */ #platform;
     /** @type {string|undefined} */ #workerUrl;
     /** @type {SharedSocketLink|null} the link to the shared worker, once it answered */ #link = null;
@@ -540,10 +545,25 @@
       if (options.maxQueue !== undefined) this.#maxQueue = options.maxQueue;
       if (options.shared !== undefined) this.#sharedOption = options.shared;
       if (options.workerUrl) this.#workerUrl = options.workerUrl;
+      if (options.peerConnection !== undefined) {
+        if (options.peerConnection !== 'shared' && options.peerConnection !== 'per-stream') {
+          throw new Error(`peerConnection must be 'shared' or 'per-stream', not ${JSON.stringify(options.peerConnection)}`);
+        }
+        this.#peerConnection = options.peerConnection;
+      }
       if (this.#usingShared && this.#link && (options.url || options.token !== undefined)) {
         // A new token (or server) for the streams to come; the worker decides what moves.
         this.#link.post({ op: 'configure', url: this.#baseUrl(), token: this.#token ?? null });
       }
+    }
+
+    /**
+     * Whether the page's streams share one RTCPeerConnection ('shared') or have one each
+     * ('per-stream', the default): `configure({ peerConnection })`.
+     * @returns {'shared'|'per-stream'}
+     */
+    get peerConnection() {
+      return this.#peerConnection;
     }
 
     /** @param {LogLevel} level 'debug' shows the routing; the default 'warn' keeps quiet */

@@ -9,6 +9,10 @@
 
   const { fetchStreams, el, formatBitrate, setPill, api, snapshotUrl } = MediaStreamPages;
   const manager = WebSocketManager.getInstance();
+  // ?peerConnection=shared: every tile in one RTCPeerConnection (docs/protocol.md).
+  if (new URLSearchParams(window.location.search).get('peerConnection') === 'shared') {
+    manager.configure({ peerConnection: 'shared' });
+  }
   const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
   const wsStatus = /** @type {HTMLElement} */ (document.getElementById('ws-status'));
   const summary = /** @type {HTMLElement} */ (document.getElementById('summary'));

@@ -16,8 +16,9 @@
   // ?relay=1 forces WebRTC through TURN (with none configured it can't connect: the engines
   // fall back to video over the socket); ?fallback=always|never and ?fallbackAfterMs=N choose
   // when they do, ?webrtcRetryMs=N how soon they try WebRTC again meanwhile; ?audio=1 plays
-  // the cameras' sound too.
+  // the cameras' sound too; ?peerConnection=shared puts every stream in one RTCPeerConnection.
   const query = new URLSearchParams(window.location.search);
+  if (query.get('peerConnection') === 'shared') manager.configure({ peerConnection: 'shared' });
   const fallbackMode = query.get('fallback');
   const fallbackAfterMs = Number(query.get('fallbackAfterMs')) || undefined;
   const webrtcRetryMs = Number(query.get('webrtcRetryMs')) || undefined;
@@ -126,5 +127,12 @@
   window.addEventListener('pagehide', () => {
     for (const engine of engines.values()) engine.disconnect();
   });
-  window.msTestPage = { manager, engines };
+  /** @param {string} streamId */
+  function removeCard(streamId) {
+    engines.get(streamId)?.disconnect();
+    engines.delete(streamId);
+    cards.querySelector(`[data-stream-id="${CSS.escape(streamId)}"]`)?.remove();
+  }
+
+  window.msTestPage = { manager, engines, addCard, removeCard };
 })();

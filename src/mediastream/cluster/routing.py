@@ -156,6 +156,10 @@ class ClusterNode:
                         await nursery.start(run_node_registration, redis, record)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
+                        # Ready once the inbox listens: another node relaying an offer here
+                        # right after start-up found nobody subscribed ("node is gone").
+                        with trio.move_on_after(BUS_WAIT):
+                            await self._bus_ready.wait()
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
                         self._started.set()
                         task_status.started()

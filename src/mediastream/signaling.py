@@ -43,7 +43,7 @@ from .fallback import FallbackSession, Remuxers
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
-from .protocol import Auth, Close, Fallback, IceCandidate, Offer, Ping
+from .protocol import Auth, Close, Fallback, IceCandidate, Offer, Ping, QualityRequest
 from .registry import Stream, StreamRegistry
 from .session import Post, PostError, SessionPhase, StreamSession
 from .webrtc.bridge import PeerConnectionFactory
@@ -387,6 +387,8 @@ class SignalingConnection:
             session.add_candidate(message)
         elif isinstance(message, Fallback):
             self._on_fallback(message)
+        elif isinstance(message, QualityRequest):
+            self._on_quality(message)
         elif isinstance(message, Close):
             session = self.sessions.get(message.stream_id)
             if session is not None:  # closing twice, or a stream that already ended, is fine
@@ -405,6 +407,25 @@ class SignalingConnection:
             self._context.metrics.messages.labels(
                 type=_WIRE_NAMES.get(message_type, message_type)
             ).inc()
+
+    def _on_quality(self, request: QualityRequest) -> None:
+        session = self.sessions.get(request.stream_id)
+        if session is None:
+            raise SignalingError(
+                ErrorCode.NO_SESSION,
+                "quality for a stream with no session here; send an offer first",
+                stream_id=request.stream_id,
+            )
+        if not isinstance(session, StreamSession):
+            # The fMP4 fallback plays the default quality; sessions relayed to another
+            # cluster node don't switch yet.
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE,
+                "This stream's session can't change quality (it is not a WebRTC session "
+                "served by this node); it plays the default quality",
+                stream_id=request.stream_id,
+            )
+        session.request_quality(request)
 
     def _on_offer(self, offer: Offer) -> None:
         stream = self._watchable_stream(offer.stream_id)

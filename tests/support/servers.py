@@ -36,6 +36,15 @@ class Camera:
         auth = f"{credentials}@" if credentials else ""
         return f"rtsp://{auth}127.0.0.1:{self.port}{mount}"
 
+    def sessions(self, mount: str) -> int:
+        """RTSP sessions playing ``mount`` now (blocking: call it in a thread)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"SESSIONS {mount}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline().split()
+        assert line[:2] == ["SESSIONS", mount], line
+        return int(line[2])
+
 
 class CameraFailed(RuntimeError):
     """The test camera could not start; the message says why and what to install."""

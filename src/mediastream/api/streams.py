@@ -21,7 +21,11 @@ from .services import Services
 #: How long a snapshot of a stopped stream waits for its source's first keyframe (seconds).
 SNAPSHOT_WAIT: Final = 15.0
 #: The API's camelCase spellings of the configuration file's stream keys.
-API_KEYS: Final = {"onDemand": "on_demand", "rtspTransport": "rtsp_transport"}
+API_KEYS: Final = {
+    "onDemand": "on_demand",
+    "rtspTransport": "rtsp_transport",
+    "defaultQuality": "default_quality",
+}
 
 
 def streams_blueprint(services: Services) -> Blueprint:
@@ -94,7 +98,14 @@ def streams_blueprint(services: Services) -> Blueprint:
             stream = stream_or_404(stream_id)  # again: it may be gone by now
             if request.method == "PATCH":
                 # Unmentioned fields keep their values (the source, credentials included).
-                body = {**stream_to_dict(stream.config), **body}
+                # A new source replaces the qualities, new qualities replace the source.
+                current = stream_to_dict(stream.config)
+                if "qualities" in body:
+                    current.pop("source", None)
+                if "source" in body:
+                    current.pop("qualities", None)
+                    current.pop("default_quality", None)
+                body = {**current, **body}
             config = await _parse_definition(body, stream_id)
             definition = stream_to_dict(config)
             await trio.to_thread.run_sync(
@@ -184,4 +195,18 @@ def stream_json(stats: StreamStatistics) -> dict[str, Any]:
         "framesDropped": stats.fanout.dropped_frames,
         "framesSkipped": stats.fanout.skipped_frames,
         "encodersOpened": stats.encoders_opened,
+        "defaultQuality": stats.default_quality,
+        "qualities": [
+            {
+                "name": quality.name,
+                "source": quality.source,
+                "state": str(quality.state),
+                "running": quality.running,
+                "viewers": quality.viewers,
+                "width": quality.width,
+                "height": quality.height,
+                "bitrate": quality.bitrate,
+            }
+            for quality in stats.qualities
+        ],
     }

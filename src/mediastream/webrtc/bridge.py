@@ -59,7 +59,7 @@ from ..ice import ice_servers as ice_servers_for
 from ..media.fanout import CatchUpPacer, Subscriber
 from ..media.frames import EncodedFrame
 from ..protocol import IceCandidate
-from .aiortc_compat import on_sender_started
+from .aiortc_compat import on_bandwidth_estimate, on_sender_started
 from .rtp_sender import DirectRtpSender
 
 log = logging.getLogger(__name__)
@@ -345,9 +345,13 @@ class PeerConnection:
         audio_codec: str | None = None,
         *,
         on_first_frame: Callable[[], None] | None = None,
+        on_bandwidth_estimate: Callable[[int], None] | None = None,
     ) -> str:
         """Apply the browser's offer, send ``video`` as H.264 (and ``audio`` in ``audio_codec``),
         and return the answer SDP.
+
+        ``on_bandwidth_estimate`` is called with each bandwidth estimate (REMB, bits per
+        second) the browser reports for the video.
 
         Raises:
             SignalingError: ``invalid_sdp`` or ``unsupported_codec``, saying what was wrong.
@@ -355,7 +359,13 @@ class PeerConnection:
         if self._ignore_mdns:
             offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
         self._tracks = [
-            SubscriberTrack(video, "video", self._catchup_rate, on_first_frame=on_first_frame)
+            SubscriberTrack(
+                video,
+                "video",
+                self._catchup_rate,
+                on_first_frame=on_first_frame,
+                on_bandwidth_estimate=on_bandwidth_estimate,
+            )
         ]
         if audio is not None and audio_codec is not None:
             self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
@@ -471,11 +481,13 @@ class SubscriberTrack(MediaStreamTrack):
         catchup_rate: float,
         *,
         on_first_frame: Callable[[], None] | None = None,
+        on_bandwidth_estimate: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
         self._subscriber = subscriber
         self._on_first_frame = on_first_frame
+        self._on_bandwidth_estimate = on_bandwidth_estimate
         self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectRtpSender | None = None
@@ -485,10 +497,12 @@ class SubscriberTrack(MediaStreamTrack):
         """Take over ``sender``'s sending once aiortc starts it (DTLS is up)."""
 
         def started(parameters: RTCRtpSendParameters) -> None:
-            self._direct = DirectRtpSender(sender, parameters)
+            self._direct = DirectRtpSender(sender, parameters, self._subscriber.timestamps)
             self._wake()
 
         on_sender_started(sender, started)
+        if self._on_bandwidth_estimate is not None:
+            on_bandwidth_estimate(sender, self._on_bandwidth_estimate)
 
     def _wake(self) -> None:
         # Called from Trio (the fan-out) or asyncio, in the same thread.

@@ -23,6 +23,14 @@
  *   stats         every statsInterval ms: bitrate, packets, frames, fps, ICE state, TTFF…
  *   state         the stream's state changed ({streamId, state, detail, previous})
  *   track         media arrived ({streamId, track, stream})
+ *   quality       the quality playing ({streamId, quality, requested, reason, qualities})
+ *
+ * Quality: a stream may have several qualities (a camera's main and sub streams). By default
+ * (`quality: 'auto'`) the engine reports its video element's rendered size in device pixels
+ * (ResizeObserver × devicePixelRatio, debounced) and whether it is visible
+ * (IntersectionObserver and the page's visibility); the server plays the smallest quality that
+ * covers it, on the same peer connection. `engine.setQuality('main' | 'sub' | 'auto')` pins one
+ * or lets the server choose again; `engine.quality` is the one playing.
  *
  * States: idle → connecting → live; reconnecting / offline while the camera or the network
  * recovers (the engine renegotiates by itself); error when it can't (unknown stream,
@@ -94,6 +102,27 @@
  * @property {string} [wsUrl] older spelling of `serverUrl`
  * @property {string} [signalingUrl] older spelling of `serverUrl`
  * @property {string} [url] older spelling of `serverUrl`
+ * @property {string} [quality] the quality to play: a name, or 'auto' (the default: the
+ *   server chooses from the element's size, its visibility and the network)
+ * @property {number} [tileReportDelayMs] how long the element's size must settle before it is
+ *   reported (default 200)
+ * @property {{new (callback: ResizeObserverCallback): ResizeObserver}} [ResizeObserver]
+ *   implementation (default: the browser's; tests inject a fake)
+ * @property {{new (callback: IntersectionObserverCallback): IntersectionObserver}} [IntersectionObserver]
+ *   implementation (default: the browser's; tests inject a fake)
+ */
+/**
+ * Where the stream is shown, as the server is told (docs/protocol.md, `quality`).
+ * @typedef {{width: number, height: number, visible: boolean}} Tile
+ */
+/**
+ * What `quality` listeners receive: the quality playing and why.
+ * @typedef {object} QualityInfo
+ * @property {string} streamId
+ * @property {string} quality the quality whose frames arrive now
+ * @property {string} requested what the page asked for: a name, or 'auto'
+ * @property {string} reason 'pinned', 'default', 'tile', 'hidden', 'network' or 'switching'
+ * @property {{name: string, width: number, height: number}[]} qualities the stream's, best first
  */
 /**
  * @typedef {object} EngineStats
@@ -128,6 +157,7 @@
  * @property {EngineStats} stats
  * @property {{streamId: string, state: EngineState, previous: EngineState, detail: string|null}} state
  * @property {{streamId: string, track: MediaStreamTrack, stream: MediaStream}} track
+ * @property {QualityInfo} quality the quality playing changed (or was confirmed)
  */
 /**
  * An error of a negotiation: its server code, whether retrying can help, and whether a newer
@@ -152,6 +182,7 @@
   const LIVE_JUMP_TO_S = 0.15; // how far behind the newest frame a jump lands
   const BUFFER_KEPT_S = 10; // played media older than this is removed from the SourceBuffer
   const MAX_QUEUED_SEGMENTS = 60; // segments waiting for the SourceBuffer before a skip
+  const TILE_REPORT_DELAY_MS = 200; // a resize settles (a layout change, a drag) before it's told
   let sessionCounter = 0;
 
   /**
@@ -405,6 +436,11 @@
     /** @type {MediaSourcePlayer|null} the fallback's player, while the stream plays over the socket */
     #fallback = null;
     /** @type {unknown} the timers' id */ #fallbackTimer = null;
+    /** @type {string} the quality asked for: a name, or 'auto' */ #requestedQuality = 'auto';
+    /** @type {QualityInfo|null} what the server last said plays */ #qualityInfo = null;
+    /** @type {Tile|null} the tile last told to the server */ #toldTile = null;
+    /** whether the element is on screen (IntersectionObserver) */ #onScreen = true;
+    /** @type {unknown} the timers' id */ #tileTimer = null;
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -420,6 +456,7 @@
         console.error('[MediaStream]', `${this.streamId}: "${event}" listener failed:`, error);
       });
       this.#backoffDelay = backoffDelay;
+      this.#requestedQuality = options.quality || 'auto';
       this.#timers = options.timers || {
         setTimeout: (callback, ms) => setTimeout(callback, ms),
         clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
@@ -492,6 +529,7 @@
         answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
         error: (/** @type {unknown} */ text, /** @type {Message} */ raw) => this.#onServerError(text, raw),
         state: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerState(payload, raw),
+        quality: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerQuality(payload, raw),
         onMedia: (segment) => this.#fallback?.append(segment),
         onReconnect: () => this.#renegotiate('signaling socket reconnected', 0),
       });
@@ -502,6 +540,7 @@
           }
         }),
       );
+      this.#trackTile();
       const options = this.#options;
       const url = options.serverUrl || options.wsUrl || options.signalingUrl || options.url;
       try {
@@ -605,7 +644,7 @@
       await pc.setLocalDescription(offer);
       const answer = this.#waitForAnswer();
       this.#manager.send('offer', this.streamId, {
-        type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId,
+        type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId, ...this.#qualityFields(),
       });
       if (this.#fallbackAllowed) {
         const wait = this.#options.fallbackAfterMs ?? FALLBACK_AFTER_MS;
@@ -822,6 +861,125 @@
     #clearFallbackTimer() {
       if (this.#fallbackTimer) this.#timers.clearTimeout(this.#fallbackTimer);
       this.#fallbackTimer = null;
+    }
+
+    // --- quality: which of the stream's qualities plays (per tile) ---------------------------
+
+    /** @returns {string|null} the quality playing now, as the server last said (null before) */
+    get quality() {
+      return this.#qualityInfo ? this.#qualityInfo.quality : null;
+    }
+
+    /** @returns {string} the quality asked for: a name, or 'auto' */
+    get requestedQuality() {
+      return this.#requestedQuality;
+    }
+
+    /** @returns {QualityInfo|null} the server's last word on the quality playing */
+    getQuality() {
+      return this.#qualityInfo;
+    }
+
+    /**
+     * Play one quality ('main', 'sub'…, as the stream names them), or let the server choose
+     * from the element's size and visibility and the network ('auto'). Takes effect on the
+     * same peer connection (no new offer); the `quality` event says when it plays.
+     * @param {string} quality
+     */
+    setQuality(quality) {
+      if (typeof quality !== 'string' || !quality) throw new TypeError('setQuality needs a quality name or "auto"');
+      this.#requestedQuality = quality;
+      if (this.pc && this.#sessionId) {
+        this.#manager.send('quality', this.streamId, { ...this.#qualityFields(), sessionId: this.#sessionId });
+      }
+    }
+
+    /** @returns {{quality: string, tile?: Tile}} what an offer or a `quality` message says */
+    #qualityFields() {
+      const tile = this.#measureTile();
+      if (tile) this.#toldTile = tile;
+      return tile ? { quality: this.#requestedQuality, tile } : { quality: this.#requestedQuality };
+    }
+
+    /** @returns {Tile|null} the element's rendered size in device pixels, and its visibility */
+    #measureTile() {
+      const video = this.videoElement;
+      if (!video || typeof video.getBoundingClientRect !== 'function') return null;
+      const rect = video.getBoundingClientRect();
+      const ratio = root.devicePixelRatio || 1;
+      const pageVisible = typeof document === 'undefined' || document.visibilityState !== 'hidden';
+      return {
+        width: Math.round(rect.width * ratio),
+        height: Math.round(rect.height * ratio),
+        visible: this.#onScreen && pageVisible && rect.width > 0 && rect.height > 0,
+      };
+    }
+
+    /** Follow the element's size and visibility while connected; the cleanups stop it. */
+    #trackTile() {
+      const video = this.videoElement;
+      if (!video) return;
+      const report = () => this.#scheduleTileReport();
+      const Resize = this.#options.ResizeObserver || root.ResizeObserver;
+      if (Resize) {
+        const resize = new Resize(report);
+        resize.observe(video);
+        this.#cleanups.push(() => resize.disconnect());
+      }
+      const Intersection = this.#options.IntersectionObserver || root.IntersectionObserver;
+      if (Intersection) {
+        const intersection = new Intersection((entries) => {
+          const last = entries[entries.length - 1];
+          if (last) this.#onScreen = last.isIntersecting;
+          report();
+        });
+        intersection.observe(video);
+        this.#cleanups.push(() => intersection.disconnect());
+      }
+      if (typeof document !== 'undefined' && document.addEventListener) {
+        document.addEventListener('visibilitychange', report);
+        this.#cleanups.push(() => document.removeEventListener('visibilitychange', report));
+      }
+      this.#cleanups.push(() => {
+        if (this.#tileTimer) this.#timers.clearTimeout(this.#tileTimer);
+        this.#tileTimer = null;
+      });
+    }
+
+    #scheduleTileReport() {
+      if (this.#tileTimer) this.#timers.clearTimeout(this.#tileTimer);
+      this.#tileTimer = this.#timers.setTimeout(() => {
+        this.#tileTimer = null;
+        this.#reportTile();
+      }, this.#options.tileReportDelayMs ?? TILE_REPORT_DELAY_MS);
+    }
+
+    /** Tell the server the tile, if it changed and a session is up to hear it. */
+    #reportTile() {
+      const tile = this.#measureTile();
+      const told = this.#toldTile;
+      if (!tile || !this.pc || !this.#sessionId) return;
+      if (told && told.width === tile.width && told.height === tile.height && told.visible === tile.visible) return;
+      this.#toldTile = tile;
+      this.#manager.send('quality', this.streamId, { tile, sessionId: this.#sessionId });
+    }
+
+    /** @param {unknown} payload `{quality, requested, reason, qualities}` @param {Message} raw */
+    #onServerQuality(payload, raw) {
+      if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return;
+      if (typeof payload !== 'object' || payload === null) return;
+      const fields = /** @type {{quality?: unknown, requested?: unknown, reason?: unknown, qualities?: unknown}} */ (payload);
+      if (typeof fields.quality !== 'string') return;
+      /** @type {QualityInfo} */
+      const info = {
+        streamId: this.streamId,
+        quality: fields.quality,
+        requested: typeof fields.requested === 'string' ? fields.requested : this.#requestedQuality,
+        reason: typeof fields.reason === 'string' ? fields.reason : '',
+        qualities: Array.isArray(fields.qualities) ? fields.qualities : [],
+      };
+      this.#qualityInfo = info;
+      this.#emit('quality', info);
     }
 
     // --- media and stats -------------------------------------------------------------------

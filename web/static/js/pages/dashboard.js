@@ -3,6 +3,9 @@
  * The camera wall: every stream in a grid, all on one shared socket. A tile that scrolls out
  * of view, or a hidden tab, stops its stream (the server frees it); it resumes when visible.
  * Click a tile to enlarge it, click again or press Escape to put it back.
+ * Every engine is on quality 'auto': a grid tile gets a camera's sub stream, an enlarged tile
+ * its main stream (the engine reports its size; the server switches on the same connection);
+ * each tile shows the quality it plays.
  */
 (function () {
   'use strict';
@@ -85,6 +88,7 @@
       el('div', { class: 'overlay' }, [
         el('span', { class: 'name' }, [stream.name]),
         el('span', { class: 'pill', dataset: { state: 'idle' } }, ['idle']),
+        el('span', { class: 'quality' }, ['']),
         el('span', { class: 'bitrate' }, ['']),
       ]),
     ]);
@@ -95,6 +99,7 @@
       if (s.state !== 'closed') show(tile, s.state, s.detail);
       updateSummary();
     });
+    engine.on('quality', (q) => showQuality(tileElement, q));
     engine.on('stats', (s) => {
       /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
         `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
@@ -104,6 +109,18 @@
     wall.append(tileElement);
     observer.observe(tileElement);
     if (stream.running) posterOf(tile);
+  }
+
+  /**
+   * The quality a tile plays, shown only when its stream has more than one.
+   * @param {HTMLElement} tileElement @param {import('../webrtc-engine.js').QualityInfo} info
+   */
+  function showQuality(tileElement, info) {
+    const label = /** @type {HTMLElement} */ (tileElement.querySelector('.quality'));
+    const size = info.qualities.find((q) => q.name === info.quality);
+    label.textContent = info.qualities.length > 1 ? info.quality + (size && size.height ? ` ${size.height}p` : '') : '';
+    label.title = `quality ${info.quality} (${info.reason})`;
+    tileElement.dataset.quality = info.quality;
   }
 
   /** @param {string} streamId */

@@ -10,7 +10,7 @@ from typing import Any
 from playwright.sync_api import Browser, Page
 
 from support.browser import ALL_VIDEOS_PLAYING, PageWatch, in_browser, wait_until_decoding_more
-from support.servers import Camera, StartServer, make_config
+from support.servers import Camera, StartServer, make_config, mount_playing
 
 TILES = 16
 MAIN_WIDTH, SUB_WIDTH = 1280, 320
@@ -114,4 +114,5 @@ async def test_a_wall_decodes_sub_everywhere_and_main_in_the_enlarged_tile(
         assert watch.errors == []
         assert len(watch.sockets) == 1
 
-    await in_browser(scenario)
+    async with mount_playing(camera, "/h264-180"):  # sixteen sessions join it at once
+        await in_browser(scenario)

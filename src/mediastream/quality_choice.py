@@ -107,8 +107,14 @@ class NetworkVeto:
     carry (the *ceiling*: qualities at or above it are vetoed).
 
     The ceiling is set when the estimate stays below the bitrate of the quality being played
-    for :data:`DOWN_AFTER`; it is lifted when the estimate stays above it (with headroom) for
-    :data:`UP_AFTER`, or on trial after a retry delay (see :data:`RETRY_FIRST`).
+    for :data:`DOWN_AFTER` without rising; it is lifted when the estimate stays above it (with
+    headroom) for :data:`UP_AFTER`, or on trial after a retry delay (see :data:`RETRY_FIRST`).
+
+    "Without rising" matters: a receiver's estimate can't be much above what it has been
+    receiving, and grows by a few percent a second (REMB's AIMD rate control), so right after
+    a move up it is below the new quality's bitrate for a while although the link is fine (in
+    Chromium a move to main was vetoed within 2 s, then retried 15 s later). A congested link
+    makes the estimate fall (overuse detected); a short one keeps it flat and low.
     """
 
     def __init__(self) -> None:
@@ -136,7 +142,11 @@ class NetworkVeto:
     def update(self, playing_bitrate: int, now: float) -> bool:
         """Set or lift the ceiling given what is played now; returns whether it changed."""
         if self.ceiling is None:
-            if playing_bitrate and self._stayed(now, DOWN_AFTER, lambda e: e < playing_bitrate):
+            if (
+                playing_bitrate
+                and self._stayed(now, DOWN_AFTER, lambda e: e < playing_bitrate)
+                and not self._rose(now, DOWN_AFTER)
+            ):
                 self.ceiling, self._ceiling_since = playing_bitrate, now
                 if self._lifted_at is not None and now - self._lifted_at < 2 * RETRY_FIRST:
                     self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)  # the trial failed
@@ -156,6 +166,14 @@ class NetworkVeto:
         if self.ceiling is not None:
             return max(0.1, self._ceiling_since + self._retry_delay - now)
         return math.inf  # only a new estimate can set a ceiling
+
+    def _rose(self, now: float, seconds: float) -> bool:
+        """Whether the estimate is higher now than when the last ``seconds`` began."""
+        at_start: int | None = None
+        for at, estimate in self._estimates:
+            if at < now - seconds:
+                at_start = estimate
+        return at_start is not None and bool(self._estimates) and self._estimates[-1][1] > at_start
 
     def _stayed(self, now: float, seconds: float, holds: Callable[[int], bool]) -> bool:
         """Whether the estimate held all through the last ``seconds``: the one in force when

@@ -99,6 +99,20 @@ def test_the_veto_is_lifted_on_trial_when_no_estimate_can_show_more() -> None:
     assert veto.ceiling is None
 
 
+def test_an_estimate_still_rising_after_a_move_up_is_no_veto() -> None:
+    # Moved up from MID: the receiver's estimate climbs a few percent a second from what it
+    # received, below MAIN's bitrate for a while, on a link that is fine.
+    veto = NetworkVeto()
+    for step in range(10):
+        veto.add(int(1_500_000 * 1.08**step), step * 0.5)
+    assert not veto.update(MAIN.bitrate, 4.5)
+    assert veto.ceiling is None
+    # Falling (the link is congested): vetoed.
+    for step in range(10, 16):
+        veto.add(1_500_000 - step * 10_000, step * 0.5)
+    assert veto.update(MAIN.bitrate, 7.5)
+
+
 def test_no_estimate_no_veto() -> None:
     veto = NetworkVeto()
     assert not veto.update(MAIN.bitrate, 100)

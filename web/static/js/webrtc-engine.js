@@ -27,7 +27,7 @@
  *
  * Quality: a stream may have several qualities (a camera's main and sub streams). By default
  * (`quality: 'auto'`) the engine reports its video element's rendered size in device pixels
- * (ResizeObserver × devicePixelRatio, debounced) and whether it is visible
+ * (ResizeObserver × devicePixelRatio, throttled) and whether it is visible
  * (IntersectionObserver and the page's visibility); the server plays the smallest quality that
  * covers it, on the same peer connection. `engine.setQuality('main' | 'sub' | 'auto')` pins one
  * or lets the server choose again; `engine.quality` is the one playing.
@@ -104,8 +104,8 @@
  * @property {string} [url] older spelling of `serverUrl`
  * @property {string} [quality] the quality to play: a name, or 'auto' (the default: the
  *   server chooses from the element's size, its visibility and the network)
- * @property {number} [tileReportDelayMs] how long the element's size must settle before it is
- *   reported (default 200)
+ * @property {number} [tileReportDelayMs] a change of the element's size is told at once, then
+ *   at most once per this many ms while it keeps changing (default 200)
  * @property {{new (callback: ResizeObserverCallback): ResizeObserver}} [ResizeObserver]
  *   implementation (default: the browser's; tests inject a fake)
  * @property {{new (callback: IntersectionObserverCallback): IntersectionObserver}} [IntersectionObserver]
@@ -182,7 +182,7 @@
   const LIVE_JUMP_TO_S = 0.15; // how far behind the newest frame a jump lands
   const BUFFER_KEPT_S = 10; // played media older than this is removed from the SourceBuffer
   const MAX_QUEUED_SEGMENTS = 60; // segments waiting for the SourceBuffer before a skip
-  const TILE_REPORT_DELAY_MS = 200; // a resize settles (a layout change, a drag) before it's told
+  const TILE_REPORT_DELAY_MS = 200; // at most one tile report per this, while it keeps changing
   let sessionCounter = 0;
 
   /**
@@ -441,6 +441,7 @@
     /** @type {Tile|null} the tile last told to the server */ #toldTile = null;
     /** whether the element is on screen (IntersectionObserver) */ #onScreen = true;
     /** @type {unknown} the timers' id */ #tileTimer = null;
+    /** whether the tile changed again since its last report (told when the timer ends) */ #tileDirty = false;
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -946,11 +947,20 @@
       });
     }
 
+    /**
+     * Tell a change at once (a tile made full screen wants main now), then at most once per
+     * delay while it keeps changing (a drag, an animation), the last size always told.
+     */
     #scheduleTileReport() {
-      if (this.#tileTimer) this.#timers.clearTimeout(this.#tileTimer);
+      if (this.#tileTimer) {
+        this.#tileDirty = true;
+        return;
+      }
+      this.#reportTile();
+      this.#tileDirty = false;
       this.#tileTimer = this.#timers.setTimeout(() => {
         this.#tileTimer = null;
-        this.#reportTile();
+        if (this.#tileDirty) this.#scheduleTileReport();
       }, this.#options.tileReportDelayMs ?? TILE_REPORT_DELAY_MS);
     }
 

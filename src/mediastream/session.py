@@ -275,7 +275,14 @@ class StreamSession:
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None
         while True:
-            current = (str(self.stream.state), self.stream.detail)
+            # The state of the quality this viewer plays: its picture is that source's.
+            playing = self.stream.quality_of(self._subscriber) if self._subscriber else None
+            feed = self.stream.quality(playing) if playing is not None else None
+            current = (
+                (str(feed.state), feed.detail)
+                if feed is not None
+                else (str(self.stream.state), self.stream.detail)
+            )
             if current != last:
                 last = current
                 self._post(protocol.state(self.stream.id, current[0], current[1], self.session_id))

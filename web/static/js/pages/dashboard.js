@@ -155,7 +155,7 @@
       return el('tr', { dataset: { streamId: s.id } }, [
         el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
         el('td', { class: 'mono' }, [s.source]),
-        el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [String(s.viewers)]),
+        el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [viewersText(s)]),
         el('td', {}, [
           s.enabled
             ? act('stop', () => api(`/api/streams/${s.id}/stop`, { method: 'POST' }))
@@ -167,6 +167,16 @@
         ]),
       ]);
     }));
+  }
+
+  /**
+   * A stream's viewers, per quality when it has several ("16 (main 1, sub 15)").
+   * @param {StreamInfo} stream
+   */
+  function viewersText(stream) {
+    const qualities = stream.qualities || [];
+    if (qualities.length < 2) return String(stream.viewers);
+    return `${stream.viewers} (${qualities.map((q) => `${q.name} ${q.viewers}`).join(', ')})`;
   }
 
   /** @param {() => Promise<unknown>} action @param {string} done */

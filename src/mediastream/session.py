@@ -116,6 +116,8 @@ class StreamSession:
         self._veto = NetworkVeto()
         #: cancelled to make the quality follower look again at once (a request, an estimate)
         self._quality_wait = trio.CancelScope()
+        #: cancelled when the page asks again while a switch waits for its keyframe
+        self._switching = trio.CancelScope()
         self._reply_due = False
         self._look_again = False
 
@@ -149,6 +151,7 @@ class StreamSession:
             self._tile = request.tile
         self._reply_due = self._look_again = True
         self._quality_wait.cancel()
+        self._switching.cancel()  # the choice is made again (the source keeps its grace)
 
     def _check_quality(self, name: str) -> None:
         names = [feed.name for feed in self.stream.qualities]
@@ -305,10 +308,13 @@ class StreamSession:
             self._veto.update(self.stream.quality(playing).bitrate, now)
             choice = self._choose()
             if choice.name != playing:
-                with trio.move_on_after(SWITCH_WAIT):
+                with trio.move_on_after(SWITCH_WAIT) as self._switching:
                     await self.stream.switch_viewer(video, self._audio, choice.name)
                 playing = self.stream.quality_of(video) or playing
-                log.info("%s: playing quality %s (%s)", self._label, playing, choice.reason)
+                if playing == choice.name:
+                    log.info("%s: playing quality %s (%s)", self._label, playing, choice.reason)
+            if self._look_again:
+                continue  # asked again meanwhile: choose again before telling anything
             reason = choice.reason if playing == choice.name else "switching"
             if (playing, self._requested, reason) != announced or self._reply_due:
                 announced, self._reply_due = (playing, self._requested, reason), False
@@ -322,8 +328,6 @@ class StreamSession:
                         session_id=self.session_id,
                     )
                 )
-            if self._look_again:
-                continue  # asked again while switching
             with trio.move_on_after(self._veto.next_check(now)) as self._quality_wait:
                 await self.stream.wait_changed()
 

@@ -224,6 +224,34 @@ async def test_auto_gives_the_smallest_quality_covering_the_tile(
         assert [m["type"] for m in viewer.sent].count("offer") == 1
 
 
+async def test_a_tile_put_back_before_main_could_play_stays_on_sub(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config(two_qualities(camera)))
+    stream = gate(server)
+    async with open_viewer(server.ws_url) as viewer:
+        played = await viewer.play(
+            "gate", quality="auto", tile={"width": 300, "height": 170, "visible": True}
+        )
+        await played.wait_size(SUB)
+        start = len(viewer.messages)
+        big = {"tile": {"width": 1280, "height": 720}}
+        small = {"tile": {"width": 300, "height": 170}}
+        # Enlarged, then put back while main's source is still opening (it takes ~1 s).
+        await viewer.send({"type": "quality", "streamId": "gate", "payload": big})
+        with trio.fail_after(10):
+            await stream.changes.wait_until(lambda: stream.quality("main").running)
+        await viewer.send({"type": "quality", "streamId": "gate", "payload": small})
+        told = await viewer.wait_for(
+            lambda m: m.get("type") == "quality" and m["payload"]["reason"] == "tile",
+            after=start,
+        )
+        assert told["payload"]["quality"] == "sub"
+        await played.wait_frames(25)
+        assert set(played.frame_sizes[-25:]) == {SUB}
+        assert all(m["payload"]["quality"] == "sub" for m in quality_messages(viewer)[1:])
+
+
 async def test_a_bad_quality_request_gets_an_error_and_changes_nothing(
     start_server: StartServer, camera: Camera
 ) -> None:

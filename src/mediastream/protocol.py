@@ -236,6 +236,19 @@ def _parse_offer(stream_id: str, payload: Any, *, max_sdp_bytes: int) -> Offer:
     )
 
 
+def quality_fields(payload: dict[str, Any], stream_id: str) -> tuple[str | None, Tile | None]:
+    """An offer's (or a relayed offer's) ``quality`` and ``tile``, validated.
+
+    Raises:
+        SignalingError: naming the field that is wrong.
+    """
+    return _quality_of(payload, stream_id), _tile_of(payload, stream_id)
+
+
+def tile_json(tile: Tile) -> dict[str, Any]:
+    return {"width": tile.width, "height": tile.height, "visible": tile.visible}
+
+
 def _parse_quality(stream_id: str, payload: Any) -> QualityRequest:
     if not isinstance(payload, dict):
         raise SignalingError(

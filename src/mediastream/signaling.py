@@ -30,7 +30,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 
@@ -93,6 +93,14 @@ class Session(Protocol):
     def end(self, reason: str) -> None: ...
 
     def add_candidate(self, candidate: IceCandidate) -> None: ...
+
+
+@runtime_checkable
+class SwitchesQuality(Protocol):
+    """A session that takes the page's ``quality`` messages (a WebRTC session: a stream's local
+    session, or the cluster's session routed to its owner)."""
+
+    def request_quality(self, request: QualityRequest) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,13 +424,12 @@ class SignalingConnection:
                 "quality for a stream with no session here; send an offer first",
                 stream_id=request.stream_id,
             )
-        if not isinstance(session, StreamSession):
-            # The fMP4 fallback plays the default quality; sessions relayed to another
-            # cluster node don't switch yet.
+        if not isinstance(session, SwitchesQuality):
+            # The fMP4 fallback plays the default quality.
             raise SignalingError(
                 ErrorCode.INVALID_MESSAGE,
-                "This stream's session can't change quality (it is not a WebRTC session "
-                "served by this node); it plays the default quality",
+                "This stream plays over the socket (the fallback), in its default quality, "
+                "which can't be changed",
                 stream_id=request.stream_id,
             )
         session.request_quality(request)

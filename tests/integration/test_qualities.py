@@ -19,6 +19,7 @@ from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
 from support.http import HttpResponse, get, request, scrape
+from support.redis import RedisServer
 from support.servers import Camera, StartServer, make_config
 from support.viewer import Viewer, open_viewer
 
@@ -315,3 +316,48 @@ async def test_a_short_link_falls_to_sub_and_climbs_back(
         assert climbed["payload"]["reason"] == "tile"
         await played.wait_size(MAIN)
         assert [m["type"] for m in viewer.sent].count("offer") == 1
+
+
+async def test_a_stream_relayed_to_its_owner_node_starts_at_the_offers_quality(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    from mediastream.cluster.leases import NodeRecord
+    from mediastream.cluster.placement import choose_owner
+
+    records = [NodeRecord(n, f"http://{n}") for n in ("node-a", "node-b")]
+    stream_id = next(
+        s
+        for s in (f"gate-{n}" for n in range(100))
+        if (owner := choose_owner(s, records)) is not None and owner.node_id == "node-b"
+    )
+    pattern = "pattern:testsrc?fps=10&kbps=100&gop=10&size="
+    streams = [
+        {
+            "id": stream_id,
+            "qualities": [
+                {"name": "main", "source": pattern + "640x360"},
+                {"name": "sub", "source": pattern + "160x90"},
+            ],
+        }
+    ]
+    nodes = []
+    for node_id in ("node-a", "node-b"):
+        config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node_id})
+        nodes.append(await start_server(config))
+    a, b = nodes
+    async with open_viewer(a.ws_url) as viewer:
+        played = await viewer.play(
+            stream_id, trickle=True, quality="auto", tile={"width": 150, "height": 80}
+        )
+        await played.wait_size((160, 90))
+        told = await viewer.wait_for(lambda m: m.get("type") == "quality")  # from node B
+        assert told["payload"]["quality"] == "sub"
+        owner = b.services.registry.get(stream_id)
+        assert owner is not None and owner.quality("sub").viewers == 1
+        assert not owner.quality("main").running
+        refused = await viewer.request(
+            {"type": "quality", "streamId": stream_id, "payload": {"quality": "main"}},
+            stream_id,
+            ("error",),
+        )
+        assert refused["code"] == "invalid_message" and "another cluster node" in refused["payload"]

@@ -48,7 +48,7 @@ import trio
 from .. import protocol
 from ..config import Config
 from ..errors import ErrorCode, SignalingError
-from ..protocol import IceCandidate, Offer
+from ..protocol import IceCandidate, Offer, QualityRequest
 from ..registry import Stream, StreamRegistry
 from ..session import SessionPhase, StreamSession, queue_candidate
 from ..signaling import LocalRouter, Session, SocketEnd
@@ -459,7 +459,18 @@ class ClusterNode:
             assert self._nursery is not None
             self._nursery.start_soon(remote.run)
             await remote.ready.wait()
-        offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
+        try:
+            quality, tile = protocol.quality_fields(payload, stream.id)
+        except SignalingError as exc:
+            await _reply(bus, envelope, {"error": "invalid_offer", "message": exc.message})
+            return
+        offer = Offer(
+            stream.id,
+            sdp,
+            session_id if isinstance(session_id, str) else None,
+            quality=quality,
+            tile=tile,
+        )
         # Started before the reply: a socket that closed meanwhile cannot leave it orphaned,
         # and the relayed session accepts the owner's messages before it knows the epoch.
         remote.start_session(stream, offer, lease.epoch, relay)
@@ -553,6 +564,23 @@ class RoutedSession:
             return
         queue_candidate(self._candidates_in, candidate, self.stream.id)
 
+    def request_quality(self, request: QualityRequest) -> None:
+        """Served here: the local session switches. Relayed: not yet (the offer's quality and
+        tile did reach the owner).
+
+        Raises:
+            SignalingError: ``invalid_message`` for a relayed session, or the local one's.
+        """
+        if isinstance(self._inner, StreamSession):
+            self._inner.request_quality(request)
+            return
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            "This stream is served by another cluster node: its quality follows the offer's "
+            "and the network, and can't be changed over the socket yet",
+            stream_id=self.stream.id,
+        )
+
     async def run(self) -> None:
         label = f"{self.socket.label} {self.stream.id}"
         try:
@@ -602,6 +630,9 @@ class RoutedSession:
                 "sdp": self.offer.sdp,
                 "sessionId": self.offer.session_id,
                 "relay": self.relay_id,
+                # Where the viewer starts (the owner's session chooses its quality from them).
+                "quality": self.offer.quality,
+                "tile": protocol.tile_json(self.offer.tile) if self.offer.tile else None,
             }
             reply = await self._node.request(
                 node_id, "offer", socket=self.socket.socket_id, stream=self.stream.id,

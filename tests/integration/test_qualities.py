@@ -318,7 +318,7 @@ async def test_a_short_link_falls_to_sub_and_climbs_back(
         assert [m["type"] for m in viewer.sent].count("offer") == 1
 
 
-async def test_a_stream_relayed_to_its_owner_node_starts_at_the_offers_quality(
+async def test_a_stream_relayed_to_its_owner_node_starts_at_the_offers_quality_and_switches(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:
     from mediastream.cluster.leases import NodeRecord
@@ -355,9 +355,20 @@ async def test_a_stream_relayed_to_its_owner_node_starts_at_the_offers_quality(
         owner = b.services.registry.get(stream_id)
         assert owner is not None and owner.quality("sub").viewers == 1
         assert not owner.quality("main").running
+        # Pinned through node A: node B's session switches, on the same track.
+        start = len(viewer.messages)
+        await viewer.send(
+            {"type": "quality", "streamId": stream_id, "payload": {"quality": "main"}}
+        )
+        await viewer.wait_for(
+            lambda m: m.get("type") == "quality" and m["payload"]["quality"] == "main",
+            after=start,
+        )
+        await played.wait_size((640, 360))
         refused = await viewer.request(
-            {"type": "quality", "streamId": stream_id, "payload": {"quality": "main"}},
+            {"type": "quality", "streamId": stream_id, "payload": {"quality": "hd"}},
             stream_id,
             ("error",),
         )
-        assert refused["code"] == "invalid_message" and "another cluster node" in refused["payload"]
+        assert refused["code"] == "unknown_quality"  # the owner's answer, relayed
+        assert [m["type"] for m in viewer.sent].count("offer") == 1

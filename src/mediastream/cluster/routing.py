@@ -376,7 +376,7 @@ class ClusterNode:
         kind = envelope.kind
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
-        elif kind in ("ice", "close"):
+        elif kind in ("ice", "close", "quality"):
             remote = self._remote.get((envelope.reply_to, envelope.socket))
             lease = self._owned.get(envelope.stream)
             if remote is None or lease is None or envelope.epoch != lease.epoch:
@@ -542,6 +542,9 @@ class RoutedSession:
         self._owner_ended = False
         limit = node._config.limits.max_pending_candidates
         self._candidates_in, self._candidates_out = trio.open_memory_channel[IceCandidate](limit)
+        #: the page's quality requests not relayed yet, merged into one (the latest fields win)
+        self._quality: QualityRequest | None = None
+        self._quality_asked = trio.Event()
 
     @property
     def phase(self) -> SessionPhase:
@@ -565,21 +568,25 @@ class RoutedSession:
         queue_candidate(self._candidates_in, candidate, self.stream.id)
 
     def request_quality(self, request: QualityRequest) -> None:
-        """Served here: the local session switches. Relayed: not yet (the offer's quality and
-        tile did reach the owner).
+        """Served here: the local session switches. Relayed: sent on to the owner's session
+        (which answers through the relay, errors included).
 
         Raises:
-            SignalingError: ``invalid_message`` for a relayed session, or the local one's.
+            SignalingError: the local session's.
         """
         if isinstance(self._inner, StreamSession):
             self._inner.request_quality(request)
             return
-        raise SignalingError(
-            ErrorCode.INVALID_MESSAGE,
-            "This stream is served by another cluster node: its quality follows the offer's "
-            "and the network, and can't be changed over the socket yet",
-            stream_id=self.stream.id,
-        )
+        earlier = self._quality
+        if earlier is not None:
+            request = QualityRequest(
+                request.stream_id,
+                request.quality if request.quality is not None else earlier.quality,
+                request.tile if request.tile is not None else earlier.tile,
+                request.session_id,
+            )
+        self._quality = request
+        self._quality_asked.set()
 
     async def run(self) -> None:
         label = f"{self.socket.label} {self.stream.id}"
@@ -616,6 +623,9 @@ class RoutedSession:
             node_id, epoch = await self._node.resolve(self.stream)
             if node_id == self._node.node_id:
                 self._inner = self._node.open_local(self.stream, self.offer, self.socket)
+                if self._quality is not None and isinstance(self._inner, StreamSession):
+                    with contextlib.suppress(SignalingError):  # asked for before routing
+                        self._inner.request_quality(self._quality)
                 with self._candidates_out:
                     while True:
                         try:
@@ -661,6 +671,29 @@ class RoutedSession:
         raise ClusterError(f'stream "{self.stream.id}" changed owners during its offer; try again')
 
     async def _relay_candidates(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._relay_quality_requests)
+            await self._relay_trickle()
+
+    async def _relay_quality_requests(self) -> None:
+        while True:
+            await self._quality_asked.wait()
+            self._quality_asked = trio.Event()
+            request, self._quality = self._quality, None
+            if request is None:
+                continue
+            payload = {
+                "quality": request.quality,
+                "tile": protocol.tile_json(request.tile) if request.tile else None,
+                "sessionId": request.session_id,
+                "relay": self.relay_id,
+            }
+            await self._node.send(
+                self.owner, "quality", socket=self.socket.socket_id, stream=self.stream.id,
+                epoch=self.epoch, payload=payload,
+            )  # fmt: skip
+
+    async def _relay_trickle(self) -> None:
         async with self._candidates_out:
             async for candidate in self._candidates_out:
                 payload = {
@@ -779,7 +812,8 @@ class RemoteSocket:
                 self._outbox_in.close()
 
     def deliver(self, envelope: Envelope) -> None:
-        """``ice`` or ``close`` from the socket's node (its epoch already checked)."""
+        """``ice``, ``quality`` or ``close`` from the socket's node (its epoch already
+        checked)."""
         entry = self._sessions.get(envelope.stream)
         payload = envelope.payload if isinstance(envelope.payload, dict) else {}
         if entry is None or payload.get("relay") != entry.relay:
@@ -787,6 +821,20 @@ class RemoteSocket:
             return
         if envelope.kind == "close":
             entry.session.end("client closed the stream")
+            return
+        if envelope.kind == "quality":
+            try:
+                quality, tile = protocol.quality_fields(payload, envelope.stream)
+                entry.session.request_quality(
+                    QualityRequest(
+                        envelope.stream, quality, tile, _str_or_none(payload.get("sessionId"))
+                    )
+                )
+            except SignalingError as exc:
+                message = protocol.error(
+                    exc.code, exc.message, envelope.stream, entry.session.session_id
+                )
+                self._post("client", envelope.stream, entry.epoch, entry.relay, message)
             return
         candidate = IceCandidate(
             envelope.stream,

@@ -1,16 +1,21 @@
-"""The streams, and the supervisor that runs each one's source while it is wanted.
+"""The streams, and the supervisor that runs each one's sources while they are wanted.
 
 Task tree (inside the app's lifetime nursery)::
 
     StreamRegistry.run               nursery
     └── Stream.supervise × N     one cancel scope each: deleting or editing a stream
         │                            cancels exactly its supervisor
-        └── run_source               while wanted; cancelled after the last viewer + grace period
+        └── supervise quality × Q    one per quality (``feeds.py``; one, "main", for a plain
+            │                        ``source``)
+            └── run_source           while wanted; cancelled after its last viewer + grace
 
 Whether a stream may be watched is one explicit state, :class:`Availability`, changed only
-through :meth:`Stream.change_availability` along the transitions drawn there. A stream is
-*wanted* (its source runs) when it is available and always-on, or has viewers, or was started
-through the API (until it has been idle for the grace period). A viewer is counted from the
+through :meth:`Stream.change_availability` along the transitions drawn there. A quality is
+*wanted* (its source runs) when the stream is available and the quality has viewers (or a
+switch or snapshot waiting for its keyframe), or it is the default quality of an always-on
+stream or of one started through the API (until idle for the grace period). Each viewer is
+on one quality at a time and moves between them on the same track
+(:meth:`Stream.switch_viewer`). A viewer is counted from the
 moment its session subscribes (:meth:`Stream.open_viewer`), so a stopped stream starts on its
 first offer, before the answer is even sent. Stopping or deleting a stream ends its viewers'
 sessions by cancelling them (each viewer hands :meth:`Stream.open_viewer` how to end it).

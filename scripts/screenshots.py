@@ -1,8 +1,9 @@
-"""Take the README's screenshots of the three pages while they play.
+"""Take the README's screenshots of the three pages while they play, and of the camera
+wall's layouts (1, 2×2, 3×3, 4×4; dashboard.png is "fit all").
 
     .venv/bin/python scripts/screenshots.py        # writes docs/screenshots/*.png
 
-Starts ``mediastream serve`` with nine synthetic cameras and drives Debian's Chromium.
+Starts ``mediastream serve`` with sixteen synthetic cameras and drives Debian's Chromium.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ CAMERAS = [
     ("hall", "Hall", "cellauto"), ("roof", "Roof", "mandelbrot"),
     ("garage", "Garage", "rgbtestsrc"), ("store", "Store room", "pal75bars"),
     ("office", "Office", "yuvtestsrc"),
+    ("lift", "Lift lobby, ground floor", "pal100bars"), ("car-park", "Car park", "testsrc2"),
+    ("north", "North fence", "life"), ("south", "South fence", "cellauto"),
+    ("server-room", "Server room", "smptebars"), ("canteen", "Canteen", "mandelbrot"),
+    ("stairs", "Stairs, west wing", "testsrc"),
 ]
+# The wall's layouts, and the file each is shot into ("fit all" is dashboard.png).
+LAYOUTS = [("1", "wall-1.png"), ("2", "wall-2x2.png"), ("3", "wall-3x3.png"), ("4", "wall-4x4.png")]
 PLAYING = """(selector) => [...document.querySelectorAll(selector)].length > 0 &&
     [...document.querySelectorAll(selector)].every(
         (v) => v.videoWidth > 0 && v.getVideoPlaybackQuality().totalVideoFrames > 20)"""
@@ -45,7 +52,7 @@ def main() -> None:
         config = Path(tmp) / "screens.toml"
         config.write_text("".join(
             f'[[streams]]\nid = "{i}"\nname = "{n}"\n'
-            f'source = "pattern:{p}?size=640x360&fps=25&kbps=600&gop=50"\n'
+            f'source = "pattern:{p}?size=640x360&fps=15&kbps=400&gop=30"\n'
             for i, n, p in CAMERAS
         ))
         server = subprocess.Popen(
@@ -70,10 +77,15 @@ def shoot(base: str) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 860})
-        page.goto(f"{base}/static/dashboard.html")
-        page.wait_for_function(PLAYING, arg=".tile video", timeout=30_000)
+        page.goto(f"{base}/static/dashboard.html?layout=fit")
+        page.wait_for_function(PLAYING, arg=".tile video", timeout=60_000)
         page.wait_for_timeout(1500)  # let the bitrate figures appear
         page.screenshot(path=str(OUT / "dashboard.png"))
+        for layout, name in LAYOUTS:
+            page.select_option("#wall-layout", layout)
+            page.wait_for_function(PLAYING, arg=".tile:not([hidden]) video", timeout=60_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(OUT / name))
         page.goto(f"{base}/static/test-multi-stream.html")
         page.click("#connect-all")
         page.wait_for_function(PLAYING, arg=".stream-card video", timeout=30_000)

@@ -154,6 +154,9 @@ class ClusterConfig:
     #: where browsers and the other nodes reach this node (``http://10.0.0.5:8107``); empty:
     #: ``http://`` + the host name + the HTTP port.
     public_url: str = ""
+    #: on SIGTERM a node hands its streams over to the others for at most this long, then
+    #: closes its sockets and exits (docs/cluster.md, "Drain").
+    drain_timeout: float = 10 * SECONDS
 
     @property
     def enabled(self) -> bool:
@@ -592,6 +595,8 @@ def _check_cluster(cluster: ClusterConfig) -> None:
             f'"{cluster.public_url}" is not a URL such as http://10.0.0.5:8107 (no path)',
             key="cluster.public_url",
         )
+    if cluster.drain_timeout <= 0:
+        raise ConfigError("must be greater than 0", key="cluster.drain_timeout")
     if (cluster.node_id or cluster.public_url) and not cluster.redis_url:
         raise ConfigError(
             "node_id and public_url need cluster.redis_url (without it there is no cluster)",

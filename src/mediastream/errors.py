@@ -26,6 +26,10 @@ class ErrorCode(enum.StrEnum):
     STREAM_NOT_FOUND = "stream_not_found"
     STREAM_UNAVAILABLE = "stream_unavailable"
     STREAM_EXISTS = "stream_exists"
+    #: (HTTP) another node of the cluster changed the stream meanwhile: read it, try again
+    STREAM_CHANGED = "stream_changed"
+    #: (HTTP) a cluster's change that needs Redis, which cannot be reached
+    CLUSTER_UNAVAILABLE = "cluster_unavailable"
     INVALID_CONFIG = "invalid_config"
     INVALID_SDP = "invalid_sdp"
     UNSUPPORTED_CODEC = "unsupported_codec"
@@ -41,6 +45,8 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     NEGOTIATION_TIMEOUT = "negotiation_timeout"
     PEER_FAILED = "peer_failed"
+    #: in a cluster: messages to or from the node serving the stream were lost (retried)
+    RELAY_FAILED = "relay_failed"
     SERVER_SHUTDOWN = "server_shutdown"
     INTERNAL_ERROR = "internal_error"
 

@@ -1,23 +1,34 @@
 """One stream watched over the signaling socket itself, for a browser WebRTC can't reach.
 
-The stream's H.264 goes to the browser's Media Source Extensions as fragmented MP4
-(``media/fmp4.py``) in binary WebSocket messages tagged with the stream id (the framing is
-:func:`frame_binary`; ``docs/protocol.md`` has it for clients).
+The stream's H.264 (and its Opus or AAC audio, where the browser's Media Source Extensions take
+it) goes to the browser as fragmented MP4 (``media/fmp4.py``) in binary WebSocket messages
+tagged with the stream id (the framing is :func:`frame_binary`; ``docs/protocol.md`` has it
+for clients). G.711 audio has no MSE codec in Chromium: such a stream's fallback is video only
+(logged, and :attr:`FallbackSession.audio_omitted` says why).
+
+A fallback is a session of its own kind: it runs beside the stream's WebRTC session on the same
+socket, so a page can retry WebRTC while the fallback plays and end the fallback (``close``
+with ``payload.fallback``) once WebRTC shows a picture.
 
 Task tree of a fallback session (a cancel scope inside its socket's nursery)::
 
     FallbackSession.run              cancel scope: ``end()``, the socket closing, the stream
-    │                                stopped or deleted, or a new offer for the stream
-    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's)
+    │                                stopped or deleted, a new fallback or a ``close``
+    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's),
+        │    (stream.open_audio())   and one for its audio if it is sent
         └── nursery
             ├── forward the stream's state changes to the client
-            └── send: init segment, then one fragment per frame, one at a time
+            └── send: init segment, then a fragment per frame, one message at a time
+                (the frames that waited meanwhile go together in the next)
 
-Back-pressure: the session hands the socket one fragment and waits until it is written
-before it takes the next frame from its queue. A slow socket therefore fills each stream's own
-bounded queue, where the fan-out's policy skips that stream to its next keyframe (counted as
-drops); the socket's shared outbox never holds more than one fragment per stream, so the
-streams stay interleaved and the socket's other messages are never crowded out.
+Back-pressure: the session hands the socket one message and waits until it is written before
+it takes the next frames from its queues; the next message carries every frame that waited
+meanwhile (one fragment each, at most :data:`MAX_BATCH_FRAMES`), so a socket that is slow to
+write gets fewer, larger messages rather than a backlog of round trips. A socket slower than
+the stream fills each stream's own bounded queue, where the fan-out's policy skips that stream
+to its next keyframe (counted as drops); the socket's shared outbox never holds more than one
+message per stream, so the streams stay interleaved and the socket's other messages are never
+crowded out.
 """
 
 from __future__ import annotations
@@ -34,14 +45,18 @@ import trio
 from . import protocol
 from .errors import ErrorCode, SignalingError
 from .media.fanout import Subscriber, SubscriberStatistics
-from .media.fmp4 import Fmp4Error, Fmp4Remuxer, InitSegment
-from .protocol import IceCandidate
+from .media.fmp4 import MSE_AUDIO_CODECS, AudioTrack, Fmp4Error, Fmp4Remuxer, InitSegment
+from .media.frames import EncodedFrame
+from .media.source_contract import SourceInfo
 from .registry import Stream
-from .session import SessionPhase, serve_reporting_failure
+from .session import serve_reporting_failure
 
 log = logging.getLogger(__name__)
 
 FRAMING_VERSION: Final = 1
+#: frames one binary message may carry (a slow socket's backlog; about a second of video and
+#: sound, a few hundred kilobytes at camera bitrates)
+MAX_BATCH_FRAMES: Final = 64
 
 
 class BinaryKind(enum.IntEnum):
@@ -116,11 +131,24 @@ class Remuxers:
                     del self._by_stream[stream.id]
 
 
-class FallbackSession:
-    """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it."""
+def _take_in_turn(subscribers: list[Subscriber], limit: int) -> list[EncodedFrame]:
+    """The queued frames, one from each subscriber in turn (each queue's order kept), until
+    the queues are empty or ``limit`` is reached (give or take a turn)."""
+    frames: list[EncodedFrame] = []
+    while len(frames) < limit:
+        taken = [frame for s in subscribers if (frame := s.get_nowait()) is not None]
+        if not taken:
+            break
+        frames.extend(taken)
+    return frames
 
-    #: like a WebRTC session that has connected: a new offer replaces it at once.
-    phase = SessionPhase.CONNECTED
+
+class FallbackSession:
+    """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it.
+
+    The socket keeps it apart from the stream's WebRTC session (``SignalingConnection
+    .fallbacks``): ICE candidates never reach it, and an offer does not end it.
+    """
 
     def __init__(
         self,
@@ -131,8 +159,10 @@ class FallbackSession:
         post_error: PostError,
         client: str,
         remuxers: Remuxers,
+        audio_codecs: tuple[str, ...] = (),
     ) -> None:
         self.stream = stream
+        self._audio_codecs = audio_codecs
         self._remuxers = remuxers
         self._send_binary = send_binary
         self._post = post
@@ -143,24 +173,29 @@ class FallbackSession:
         self._subscriber: Subscriber | None = None
         self._init_sent: InitSegment | None = None
         self.fragments_sent = 0
+        self.audio_fragments_sent = 0
+        #: binary messages of fragments (a message carries every fragment that waited)
+        self.messages_sent = 0
+        #: the audio track sent (None: video only), once the source's codec is known
+        self.audio: AudioTrack | None = None
+        #: why the stream's audio is not sent, when it has audio but it is not
+        self.audio_omitted: str | None = None
 
     session_id: str | None = None
 
     def subscriber_statistics(self) -> SubscriberStatistics | None:
         return self._subscriber.statistics() if self._subscriber is not None else None
 
+    @property
+    def ending(self) -> bool:
+        """Whether the session was told to end (it may not have finished yet)."""
+        return self._cancel_scope.cancel_called
+
     def end(self, reason: str) -> None:
         """End the session now. Idempotent."""
         if not self._cancel_scope.cancel_called:
             self._end_reason = reason
         self._cancel_scope.cancel()
-
-    def add_candidate(self, candidate: IceCandidate) -> None:
-        raise SignalingError(
-            ErrorCode.NO_SESSION,
-            "ICE candidate for a stream playing over the socket (fallback); send an offer first",
-            stream_id=self.stream.id,
-        )
 
     async def run(self) -> None:
         """Serve the session until it ends; never raises except Cancelled."""
@@ -173,10 +208,11 @@ class FallbackSession:
                 self._end_reason = failure
         finally:
             log.info(
-                "%s: session ended (%s) after %d fragments",
+                "%s: session ended (%s) after %d fragments (%d of them audio)",
                 self._label,
                 self._end_reason,
                 self.fragments_sent,
+                self.audio_fragments_sent,
             )
 
     async def _serve(self) -> None:
@@ -187,43 +223,122 @@ class FallbackSession:
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_states)
-                await self._send_frames(subscriber, remuxer)
+                # Decided once, from what the source carried when it (last) opened.
+                info = self.stream.source_info or await self.stream.wait_source_info()
+                self.audio = self._audio_track(info)
+                with contextlib.ExitStack() as stack:
+                    audio = None
+                    if self.audio is not None:
+                        kind = "source_audio" if self.audio.codec == "aac" else "audio"
+                        audio = stack.enter_context(self.stream.open_audio(kind))
+                    await self._send_frames(subscriber, audio, remuxer)
 
-    async def _send_frames(self, subscriber: Subscriber, remuxer: Fmp4Remuxer) -> None:
+    def _audio_track(self, info: SourceInfo) -> AudioTrack | None:
+        """The audio track to send: the stream's audio if the browser takes its codec; the
+        camera's AAC as it came in preference to the Opus made from it for WebRTC."""
+        codec = info.audio_codec
+        if codec is None:
+            return None
+        if info.source_audio_config:
+            aac = AudioTrack(
+                "aac",
+                info.source_audio_clock_rate,
+                info.source_audio_channels,
+                info.source_audio_config,
+            )
+            if aac.mse_codec in self._audio_codecs:
+                return aac
+        mse_codec = MSE_AUDIO_CODECS.get(codec.lower())
+        if mse_codec is None:
+            self.audio_omitted = (
+                f"{codec} audio has no Media Source Extensions codec in browsers; video only"
+            )
+        elif mse_codec not in self._audio_codecs:
+            self.audio_omitted = (
+                f"the browser did not ask for {mse_codec} audio"
+                if self._audio_codecs
+                else "the browser asked for video only"
+            )
+        else:
+            return AudioTrack(codec.lower(), info.audio_clock_rate)
+        log.info("%s: %s", self._label, self.audio_omitted)
+        return None
+
+    async def _send_frames(
+        self, video: Subscriber, audio: Subscriber | None, remuxer: Fmp4Remuxer
+    ) -> None:
+        """Send the queued frames: whatever waits (video and audio taken in turn, at most
+        :data:`MAX_BATCH_FRAMES`) in one message, then wait for more.
+
+        One message at a time, each awaited until written: while it is, new frames wait in
+        the queues, and the next message takes them all. A socket that is slow to write gets
+        fewer, larger messages instead of a backlog; a fast one, one frame per message.
+        """
         queued = trio.Event()
 
         def wake() -> None:
             queued.set()
 
-        subscriber.set_wakeup(wake)
+        subscribers = [video] if audio is None else [video, audio]
+        for subscriber in subscribers:
+            subscriber.set_wakeup(wake)
         while True:
-            frame = subscriber.get_nowait()
-            if frame is None:
+            frames = _take_in_turn(subscribers, MAX_BATCH_FRAMES)
+            if not frames:
                 await queued.wait()
                 queued = trio.Event()
                 continue
-            if frame.kind != "video":
-                continue
-            try:
-                if frame.keyframe:
-                    info = self.stream.source_info or await self.stream.wait_source_info()
-                    init = remuxer.init_for(frame, info.width, info.height)
-                    if init is not self._init_sent:
-                        await self._send_binary(
-                            frame_binary(BinaryKind.INIT, self.stream.id, init.data)
-                        )
-                        self._init_sent = init
-                if self._init_sent is None:
-                    continue  # the queue starts at a keyframe; this cannot be reached
-                fragment = remuxer.fragment(frame)
-            except Fmp4Error as exc:
-                raise SignalingError(
-                    ErrorCode.STREAM_UNAVAILABLE,
-                    f"This stream's video can't be sent over the socket: {exc}",
-                    stream_id=self.stream.id,
-                ) from None
-            await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, fragment))
-            self.fragments_sent += 1
+            batch: list[bytes] = []
+            audio_in_batch = 0
+            for frame in frames:
+                if frame.kind != "video":
+                    fragment = self._audio_fragment(frame, remuxer)
+                    if fragment is not None:
+                        batch.append(fragment)
+                        audio_in_batch += 1
+                    continue
+                try:
+                    if frame.keyframe:
+                        info = self.stream.source_info or await self.stream.wait_source_info()
+                        init = remuxer.init_for(frame, info.width, info.height, self.audio)
+                        if init is not self._init_sent:
+                            # What came before belongs to the old init: send it first.
+                            await self._send_fragments(batch, audio_in_batch)
+                            batch, audio_in_batch = [], 0
+                            await self._send_binary(
+                                frame_binary(BinaryKind.INIT, self.stream.id, init.data)
+                            )
+                            self._init_sent = init
+                    if self._init_sent is None:
+                        continue  # the queue starts at a keyframe; this cannot be reached
+                    batch.append(remuxer.fragment(frame))
+                except Fmp4Error as exc:
+                    raise SignalingError(
+                        ErrorCode.STREAM_UNAVAILABLE,
+                        f"This stream's video can't be sent over the socket: {exc}",
+                        stream_id=self.stream.id,
+                    ) from None
+            await self._send_fragments(batch, audio_in_batch)
+
+    async def _send_fragments(self, fragments: list[bytes], audio_fragments: int) -> None:
+        """One binary message of ``fragments`` (moof + mdat pairs, appended as one)."""
+        if not fragments:
+            return
+        # Counted as they are handed over: then every fragment built for this viewer counts.
+        self.fragments_sent += len(fragments)
+        self.audio_fragments_sent += audio_fragments
+        self.messages_sent += 1
+        payload = b"".join(fragments)
+        await self._send_binary(frame_binary(BinaryKind.FRAGMENT, self.stream.id, payload))
+
+    def _audio_fragment(self, frame: EncodedFrame, remuxer: Fmp4Remuxer) -> bytes | None:
+        if self._init_sent is None or self.audio is None:
+            return None  # sound starts with the picture: its track is announced by the init
+        try:
+            return remuxer.fragment(frame, self.audio.clock_rate)
+        except Fmp4Error as exc:
+            log.info("%s: an audio frame was not sent: %s", self._label, exc)
+            return None  # a lost audio frame is a 20 ms click, not a reason to end the session
 
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None

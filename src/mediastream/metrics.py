@@ -10,6 +10,11 @@ Two kinds:
   connections, and per stream its viewers, state, frames and bytes read, RTP packets and bytes
   sent to viewers, frames dropped for slow viewers, source restarts, encoders opened.
 
+In a cluster (``[cluster] redis_url``) each node adds its own ``mediastream_cluster_*`` series:
+the streams it owns, the round trips of its Redis commands (a histogram, timed in
+``cluster/redis_client.py``) and its failures, the offers it routed, and the messages it
+relayed to and from other nodes by kind, with their errors, retries and drops.
+
 Everything lives in one :class:`Metrics` object with its own registry (no module-level state).
 """
 
@@ -29,12 +34,16 @@ from prometheus_client.registry import Collector
 from .media.source_contract import SourceState
 
 if TYPE_CHECKING:
+    from .cluster.routing import RoutingStatistics
+    from .cluster.stream_store import StoreStatistics
     from .registry import StreamStatistics
     from .statistics import ServerStatistics
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SESSIONS_PER_SOCKET_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+#: a Redis command on a LAN takes well under a millisecond; 2 s is the command timeout.
+REDIS_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 class Metrics:
@@ -77,6 +86,12 @@ class Metrics:
             "closing in the background.",
             registry=self.registry,
         )
+        self.fallback_returns = Counter(
+            "mediastream_fallback_returns",
+            "Fallbacks (video over the socket) ended by their page because its WebRTC "
+            "connection, retried in the background, shows a picture again.",
+            registry=self.registry,
+        )
         self.offer_to_answer = Histogram(
             "mediastream_offer_answer_seconds",
             "Time from receiving an offer to sending its answer.",
@@ -89,7 +104,39 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._streams = streams
         self.registry.register(_LevelsCollector(server, streams))
+        # Created on first use: a single process shows no Redis series.
+        self._redis_seconds: Histogram | None = None
+        self._redis_failures: Counter | None = None
+
+    def observe_redis_command(self, seconds: float, failed: bool) -> None:
+        """One Redis command of this node took ``seconds`` (``failed``: it raised
+        ``RedisUnavailable`` after that long)."""
+        if self._redis_seconds is None or self._redis_failures is None:
+            self._redis_seconds = Histogram(
+                "mediastream_cluster_redis_command_seconds",
+                "Round trip of this node's Redis commands that were answered.",
+                buckets=REDIS_BUCKETS,
+                registry=self.registry,
+            )
+            self._redis_failures = Counter(
+                "mediastream_cluster_redis_failures",
+                "Redis commands of this node that failed: refused, dropped, or not answered "
+                "within the command timeout (2 s).",
+                registry=self.registry,
+            )
+        if failed:
+            self._redis_failures.inc()
+        else:
+            self._redis_seconds.observe(seconds)
+
+    def watch_cluster(
+        self, routing: Callable[[], RoutingStatistics], store: Callable[[], StoreStatistics]
+    ) -> None:
+        """Add this cluster node's series, read from ``routing()`` and ``store()`` (the shared
+        stream store) at each scrape."""
+        self.registry.register(_ClusterCollector(routing, store, self._streams))
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -224,3 +271,119 @@ class _LevelsCollector(Collector):
         yield from per_stream.values()
         yield from counters.values()
         yield from per_quality.values()
+
+
+class _ClusterCollector(Collector):
+    def __init__(
+        self,
+        routing: Callable[[], RoutingStatistics],
+        store: Callable[[], StoreStatistics],
+        streams: Callable[[], list[StreamStatistics]],
+    ) -> None:
+        self._routing = routing
+        self._store = store
+        self._streams = streams
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        routing = self._routing()
+        owned = set(routing.owned_streams)
+        yield GaugeMetricFamily(
+            "mediastream_cluster_streams_owned",
+            "Streams this node owns (holds the lease of, and may read the source of).",
+            value=len(owned),
+        )
+        per_stream = GaugeMetricFamily(
+            "mediastream_cluster_stream_owned",
+            "1 while this node owns the stream, 0 while it does not (another node may).",
+            labels=["stream"],
+        )
+        for stream in self._streams():
+            per_stream.add_metric([stream.id], int(stream.id in owned))
+        yield per_stream
+        yield GaugeMetricFamily(
+            "mediastream_cluster_relayed_sessions",
+            "Sessions of this node's sockets relayed to the stream's owner on another node.",
+            value=routing.relayed_sessions,
+        )
+        yield GaugeMetricFamily(
+            "mediastream_cluster_remote_sockets",
+            "Sockets of other nodes whose sessions this node serves (as the streams' owner).",
+            value=routing.remote_sockets,
+        )
+        offers = CounterMetricFamily(
+            "mediastream_cluster_offers",
+            "Offers by route: local (a stream this node owned, no Redis), routed (its owner "
+            "looked up), relayed (sent to another node), remote (from another node's socket).",
+            labels=["route"],
+        )
+        for route, count in (
+            ("local", routing.local_offers),
+            ("routed", routing.routed_offers),
+            ("relayed", routing.relayed_offers),
+            ("remote", routing.remote_offers),
+        ):
+            offers.add_metric([route], count)
+        yield offers
+        messages = CounterMetricFamily(
+            "mediastream_cluster_relay_messages",
+            "Messages relayed between nodes over the bus, by direction (out: sent by this "
+            "node; in: handled by its inbox) and kind (offer, ice, close, client, ended…).",
+            labels=["direction", "kind"],
+        )
+        for direction, counts in (("out", routing.messages_out), ("in", routing.messages_in)):
+            for kind, count in counts:
+                messages.add_metric([direction, kind], count)
+        yield messages
+        errors = CounterMetricFamily(
+            "mediastream_cluster_relay_errors",
+            "Messages this node could not relay, by kind: the node was gone, no reply "
+            "within two tries, or Redis was unavailable.",
+            labels=["kind"],
+        )
+        for kind, count in routing.message_errors:
+            errors.add_metric([kind], count)
+        yield errors
+        yield CounterMetricFamily(
+            "mediastream_cluster_takeovers",
+            "Leases of nodes whose process ended (their liveness connection gone from Redis) "
+            "that this node deleted so the streams could be claimed again at once.",
+            value=routing.takeovers,
+        )
+        bus = routing.bus
+        yield CounterMetricFamily(
+            "mediastream_cluster_relay_retries",
+            "Requests sent a second time for want of a reply.",
+            value=bus.retries if bus else 0,
+        )
+        dropped = CounterMetricFamily(
+            "mediastream_cluster_relay_dropped",
+            "Messages this node received and dropped, by reason: full (its inbox), duplicate, "
+            "invalid (not an envelope), unmatched_reply (came too late), stale (another "
+            "epoch or offer).",
+            labels=["reason"],
+        )
+        for reason, count in (
+            ("full", bus.dropped_full if bus else 0),
+            ("duplicate", bus.dropped_duplicate if bus else 0),
+            ("invalid", bus.dropped_invalid if bus else 0),
+            ("unmatched_reply", bus.dropped_unmatched_reply if bus else 0),
+            ("stale", routing.stale_dropped),
+        ):
+            dropped.add_metric([reason], count)
+        yield dropped
+        store = self._store()
+        changes = CounterMetricFamily(
+            "mediastream_cluster_store_changes",
+            "Stream changes in the shared store seen by this node: written (through its API), "
+            "conflicts (refused with 409: another node had changed the stream), applied (made "
+            "by other nodes), written_back (records Redis had lost, written back by this node).",
+            labels=["result"],
+        )
+        for result, count in (
+            ("written", store.written),
+            ("conflicts", store.conflicts),
+            ("applied", store.applied),
+            ("written_back", store.written_back),
+        ):
+            changes.add_metric([result], count)
+        yield changes

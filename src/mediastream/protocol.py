@@ -74,9 +74,14 @@ class IceCandidate:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """``close``: end this stream's session now (the browser's ``unregisterStream``)."""
+    """``close``: end this stream's sessions now (the browser's ``unregisterStream``).
+
+    With ``fallback_only`` (``payload.fallback: true``) only the stream's fallback ends: the
+    page is back on WebRTC, whose session carries on.
+    """
 
     stream_id: str
+    fallback_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +101,16 @@ class Auth:
 @dataclass(frozen=True, slots=True)
 class Fallback:
     """``fallback``: send this stream over the socket as fragmented MP4 (binary messages), for a
-    browser whose peer connection can't connect; ``close`` or a new ``offer`` ends it."""
+    browser whose peer connection can't connect; ``close`` ends it. It runs beside the stream's
+    WebRTC session, so a page can retry WebRTC while it plays.
+
+    ``audio_codecs``: the RFC 6381 audio codec strings the browser's Media Source Extensions
+    take (``payload.audio``, e.g. ``["opus", "mp4a.40.2"]``); the stream's audio is sent if it
+    is one of them. Empty: video only.
+    """
 
     stream_id: str
+    audio_codecs: tuple[str, ...] = ()
 
 
 ClientMessage = Offer | IceCandidate | Close | Ping | Auth | Fallback | QualityRequest
@@ -108,6 +120,8 @@ MAX_TOKEN_CHARS: Final = 8192
 #: a quality's name as a page may send it (the configuration's rule), or "auto"
 QUALITY_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 MAX_TILE_PIXELS: Final = 32768  # per side: beyond any screen, device pixels included
+MAX_AUDIO_CODECS: Final = 8  # codec strings a fallback request may list
+MAX_CODEC_CHARS: Final = 40
 
 
 def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMessage:
@@ -165,10 +179,39 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
     if message_type == "ice":
         return _parse_ice(stream_id, payload)
     if message_type == "fallback":
-        return Fallback(stream_id)
+        return _parse_fallback(stream_id, payload)
     if message_type == "quality":
         return _parse_quality(stream_id, payload)
-    return Close(stream_id)
+    return _parse_close(stream_id, payload)
+
+
+def _parse_fallback(stream_id: str, payload: Any) -> Fallback:
+    if payload is None:
+        return Fallback(stream_id)
+    audio = payload.get("audio", []) if isinstance(payload, dict) else None
+    if (
+        not isinstance(audio, list)
+        or len(audio) > MAX_AUDIO_CODECS
+        or not all(isinstance(c, str) and 0 < len(c) <= MAX_CODEC_CHARS for c in audio)
+    ):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f"fallback payload.audio must be a list of at most {MAX_AUDIO_CODECS} codec strings "
+            f"(1-{MAX_CODEC_CHARS} characters each)",
+            stream_id=stream_id,
+        )
+    return Fallback(stream_id, tuple(audio))
+
+
+def _parse_close(stream_id: str, payload: Any) -> Close:
+    fallback_only = payload.get("fallback", False) if isinstance(payload, dict) else False
+    if not isinstance(fallback_only, bool):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            "close payload.fallback must be true or false",
+            stream_id=stream_id,
+        )
+    return Close(stream_id, fallback_only)
 
 
 def _stream_id_of(raw: dict[str, Any], payload: Any) -> str | None:

@@ -286,15 +286,17 @@ class Stream:
         return self._viewers
 
     @contextmanager
-    def open_audio(self, quality: str | None = None) -> Iterator[Subscriber]:
+    def open_audio(self, kind: str = "audio", quality: str | None = None) -> Iterator[Subscriber]:
         """A queue of this stream's audio, for a viewer who also takes audio.
 
         Args:
+            kind: "audio" (what WebRTC sends), or "source_audio" (the camera's own AAC, for
+                the socket fallback).
             quality: the quality it starts on (None: the default); it moves with the viewer's
                 video (:meth:`switch_viewer`).
         """
         feed = self.quality(quality)
-        subscriber = feed.fanout.subscribe("audio")
+        subscriber = feed.fanout.subscribe(kind)
         self._placement[subscriber] = feed
         try:
             yield subscriber
@@ -437,12 +439,17 @@ class Stream:
     def _notify(self) -> None:
         self.changes.notify()
 
-    def _always_on(self, feed: QualityFeed) -> bool:
-        """Whether ``feed`` runs without viewers: the default quality of an always-on stream,
-        or of a stream started through the API."""
-        return feed is self.quality() and (
+    @property
+    def always_on(self) -> bool:
+        """Read with no viewer: enabled, and not on demand or started through the API."""
+        return self.enabled and (
             not self.config.on_demand or self._availability is Availability.STARTED
         )
+
+    def _always_on(self, feed: QualityFeed) -> bool:
+        """Whether ``feed`` runs without viewers: the default quality of an always-on stream
+        (:attr:`always_on`)."""
+        return feed is self.quality() and self.always_on
 
     def _wanted(self, feed: QualityFeed) -> bool:
         return (

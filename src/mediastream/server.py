@@ -8,12 +8,16 @@
         ├── hypercorn.trio.serve           HTTP, static files, /ws handlers
         │   └── SignalingHub.serve × N     one per socket (see ``signaling.py``)
         ├── WhepHub.run                    WHEP sessions (see ``whep.py``)
+        ├── SharedStreamStore.run          only with ``[cluster] redis_url``: other nodes'
+        │                                  stream changes (``cluster/stream_store.py``)
         ├── ClusterNode.run                only with ``[cluster] redis_url``: node record,
         │                                  inbox, leases, remote sockets (``cluster/routing.py``)
         └── (waits for a shutdown request)
 
-Shutdown closes every socket (code 1001) and ends every WHEP session, which ends every session
-and closes its peer connection; then Hypercorn stops; then the sources stop, and peer closes
+In a cluster, shutdown first drains the node (``ClusterNode.drain``: its streams handed over
+to the other nodes, at most ``cluster.drain_timeout``). Then shutdown closes every socket
+(code 1001) and ends every WHEP session, which ends every session and closes its peer
+connection; then Hypercorn stops; then the sources stop, and peer closes
 still running get a few seconds more (``SHUTDOWN_CLOSE_TIMEOUT``). The rest of the sequence is
 bounded by ``server.graceful_timeout`` plus a second; whatever is left is cancelled.
 
@@ -27,7 +31,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import hypercorn.config
 import hypercorn.trio
@@ -44,10 +48,13 @@ from .errors import ConfigError
 from .metrics import Metrics
 from .registry import StreamRegistry
 from .signaling import LocalRouter, SignalingHub
-from .store import StreamStore
+from .store import LocalStreamChanges, StreamChanges, StreamStore
 from .webrtc import aiortc_compat
 from .webrtc.bridge import PeerConnectionFactory
 from .whep import WhepHub
+
+if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
+    from .cluster.stream_store import SharedStreamStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,15 @@ log = logging.getLogger(__name__)
 #: Smaller oversize messages get a ``message_too_large`` error and the socket lives on.
 HARD_MESSAGE_LIMIT_FACTOR: Final = 4
 SHUTDOWN_MARGIN: Final = 1.0  # seconds beyond graceful_timeout before everything is cancelled
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One of the processes of ``mediastream serve --workers N``."""
+
+    index: int
+    #: the listening HTTP socket, bound once by the parent and inherited by every worker
+    listen_fd: int
 
 
 @dataclass
@@ -86,9 +102,13 @@ async def serve(
     config: Config,
     *,
     static_dir: Path = DEFAULT_STATIC_DIR,
+    worker: Worker | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until :meth:`RunningServer.request_shutdown`, then shut down gracefully.
+
+    ``worker``: this process is one of ``serve --workers N`` (see ``workers.py``): it serves
+    on the listening socket its parent bound, and its node id says which worker it is.
 
     Raises:
         ConfigError: the static folder is missing.
@@ -114,15 +134,34 @@ async def serve(
             )
             local = LocalRouter(peers, config.webrtc, config.limits, metrics)
             cluster = None
+            shared: SharedStreamStore | None = None
+            stream_changes: StreamChanges = LocalStreamChanges(store)
             if config.cluster.redis_url:
                 # Imported only here: a single process never imports a Redis client.
                 from .cluster.routing import ClusterNode
+                from .cluster.stream_store import LocalCopy, SharedStreamStore
 
-                cluster = ClusterNode(config, local)
+                cluster = ClusterNode(
+                    config,
+                    local,
+                    on_redis_command=metrics.observe_redis_command,
+                    worker=None if worker is None else worker.index,
+                )
+                copy = await trio.to_thread.run_sync(LocalCopy, Path(config.server.data_dir))
+                shared = SharedStreamStore(
+                    config.cluster.redis_url,
+                    config.cluster.node_id,
+                    copy,
+                    on_command=metrics.observe_redis_command,
+                )
+                stream_changes = shared
+                metrics.watch_cluster(cluster.statistics, shared.statistics)
             registry = StreamRegistry(config, changes, gate=cluster)
             registry.apply_stored(await trio.to_thread.run_sync(store.load))
-            if cluster is not None:
-                cluster.registry = registry
+            if cluster is not None and shared is not None:
+                # The cluster's store over the file's (and the single process's changes).
+                registry.apply_stored(await shared.load())
+                cluster.registry = shared.registry = registry
             hub = SignalingHub(config, registry, peers, changes, metrics=metrics, router=cluster)
             whep = WhepHub(
                 limits=config.limits,
@@ -134,7 +173,7 @@ async def serve(
                 metrics=metrics,
             )
             services = Services(
-                store=store,
+                stream_changes=stream_changes,
                 registry=registry,
                 peers=peers,
                 hub=hub,
@@ -157,12 +196,18 @@ async def serve(
                         functools.partial(
                             hypercorn.trio.serve,
                             app,
-                            _hypercorn_config(config, metrics, changes),
+                            _hypercorn_config(config, metrics, changes, worker),
                             shutdown_trigger=hypercorn_stop.wait,
                         )
                     )
-                    if cluster is not None:
-                        await lifetime.start(cluster.run, _bound_port(urls[0]))
+                    if cluster is not None and shared is not None:
+                        from .cluster import node_identity
+
+                        port = _bound_port(urls[0])
+                        shared.node_id = node_identity(config.cluster, port)[0]
+                        # In step with the cluster's streams before the server says it is up.
+                        await lifetime.start(shared.run)
+                        await lifetime.start(cluster.run, port)
                     running = RunningServer(urls=urls, services=services, _stopped=stopped)
                     log.info("MediaStream serving %d streams on %s", len(registry), ", ".join(urls))
                     if not hub.authenticator.enabled:
@@ -173,6 +218,8 @@ async def serve(
                         )
                     task_status.started(running)
                     await running._shutdown_requested.wait()
+                    if cluster is not None:
+                        await cluster.drain(config.cluster.drain_timeout)
 
                     log.info("shutting down: closing %d sockets", hub.statistics().open_sockets)
                     lifetime.cancel_scope.deadline = (
@@ -221,7 +268,7 @@ def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
 
 
 def _hypercorn_config(
-    config: Config, metrics: Metrics, changes: ChangeSignal
+    config: Config, metrics: Metrics, changes: ChangeSignal, worker: Worker | None = None
 ) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
 
@@ -231,7 +278,12 @@ def _hypercorn_config(
 
     hypercorn_compat.on_connection_failure(hc, connection_failed)
     host = config.server.host
-    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+    if worker is not None:
+        hc.bind = [f"fd://{worker.listen_fd}"]
+    else:
+        hc.bind = [
+            f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"
+        ]
     hc.graceful_timeout = config.server.graceful_timeout
     hc.websocket_max_message_size = config.limits.max_message_bytes * HARD_MESSAGE_LIMIT_FACTOR
     hypercorn_compat.limit_inflation(hc.websocket_max_message_size)

@@ -218,7 +218,11 @@ class StreamSession:
         with viewer as subscriber, contextlib.ExitStack() as optional:
             self._subscriber = subscriber
             audio_codec = await self._audio_codec(start)
-            audio = optional.enter_context(self.stream.open_audio(start)) if audio_codec else None
+            audio = (
+                optional.enter_context(self.stream.open_audio(quality=start))
+                if audio_codec
+                else None
+            )
             self._audio = audio
             async with self._peers.open(self._label) as peer:
                 answer_sdp = await peer.answer(

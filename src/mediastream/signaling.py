@@ -173,6 +173,8 @@ class SocketStatistics:
     sockets_opened: int
     open_sessions: int
     sessions_per_socket: tuple[int, ...]
+    #: fallbacks their page ended because its WebRTC connection shows a picture again
+    fallback_returns: int = 0
 
 
 class SignalingHub:
@@ -206,14 +208,17 @@ class SignalingHub:
         self._connections: set[SignalingConnection] = set()
         self._per_client: dict[str, int] = {}
         self._opened = 0
+        self._fallback_returns_of_closed = 0
 
     def statistics(self) -> SocketStatistics:
-        per_socket = tuple(len(c.sessions) for c in self._connections)
+        per_socket = tuple(len(c.sessions) + len(c.fallbacks) for c in self._connections)
         return SocketStatistics(
             open_sockets=len(self._connections),
             sockets_opened=self._opened,
             open_sessions=sum(per_socket),
             sessions_per_socket=per_socket,
+            fallback_returns=self._fallback_returns_of_closed
+            + sum(c.fallback_returns for c in self._connections),
         )
 
     def admit(self, client: str, token: str | None) -> Grant:
@@ -245,6 +250,7 @@ class SignalingHub:
             await connection.run()
         finally:
             self._connections.discard(connection)
+            self._fallback_returns_of_closed += connection.fallback_returns
             self._per_client[client] -= 1
             if not self._per_client[client]:
                 del self._per_client[client]
@@ -257,7 +263,12 @@ class SignalingHub:
 
 
 class SignalingConnection:
-    """One socket: reads, routes and answers messages; owns the socket's sessions."""
+    """One socket: reads, routes and answers messages; owns the socket's sessions.
+
+    Each stream has at most one WebRTC session (``sessions``) and at most one fallback
+    (``fallbacks``) here; the two run side by side while a page retries WebRTC during a
+    fallback.
+    """
 
     def __init__(
         self, context: ConnectionContext, socket: MessageSocket, client: str, grant: Grant
@@ -275,7 +286,11 @@ class SignalingConnection:
         )
         self.connection_id = secrets.token_hex(4)
         self.label = f"{client} #{self.connection_id}"
+        #: each stream's WebRTC session (an offer's)
         self.sessions: dict[str, Session] = {}
+        #: each stream's video over this socket (a ``fallback``'s)
+        self.fallbacks: dict[str, FallbackSession] = {}
+        self.fallback_returns = 0
         self._outbox_in, self._outbox_out = trio.open_memory_channel[str | _BinaryMessage](
             OUTBOX_MESSAGES
         )
@@ -314,7 +329,11 @@ class SignalingConnection:
     def _cut_off(self, code: int, reason: str) -> None:
         if self._close is None:
             self._close = (code, reason)
-            for session in self.sessions.values():
+            ending: list[Session | FallbackSession] = [
+                *self.sessions.values(),
+                *self.fallbacks.values(),
+            ]
+            for session in ending:
                 session.end(reason)
         self._cancel_scope.cancel()
 
@@ -398,8 +417,18 @@ class SignalingConnection:
         elif isinstance(message, QualityRequest):
             self._on_quality(message)
         elif isinstance(message, Close):
+            # Closing twice, or a stream that already ended, is fine.
+            fallback = self.fallbacks.get(message.stream_id)
+            if fallback is not None and message.fallback_only:
+                if not fallback.ending:  # counted once, however often the page says so
+                    self.fallback_returns += 1
+                    if self._context.metrics is not None:
+                        self._context.metrics.fallback_returns.inc()
+                fallback.end("the page is back on WebRTC")
+            elif fallback is not None:
+                fallback.end("client closed the stream")
             session = self.sessions.get(message.stream_id)
-            if session is not None:  # closing twice, or a stream that already ended, is fine
+            if session is not None and not message.fallback_only:
                 session.end("client closed the stream")
         elif isinstance(message, Ping):
             self.post(protocol.pong(message.payload))
@@ -418,6 +447,15 @@ class SignalingConnection:
 
     def _on_quality(self, request: QualityRequest) -> None:
         session = self.sessions.get(request.stream_id)
+        if session is None and request.stream_id in self.fallbacks:
+            # The fMP4 fallback plays the default quality (a WebRTC session beside it, while
+            # the page tries to go back, takes quality messages).
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE,
+                "This stream plays over the socket (the fallback), in its default quality, "
+                "which can't be changed",
+                stream_id=request.stream_id,
+            )
         if session is None:
             raise SignalingError(
                 ErrorCode.NO_SESSION,
@@ -425,11 +463,9 @@ class SignalingConnection:
                 stream_id=request.stream_id,
             )
         if not isinstance(session, SwitchesQuality):
-            # The fMP4 fallback plays the default quality.
             raise SignalingError(
                 ErrorCode.INVALID_MESSAGE,
-                "This stream plays over the socket (the fallback), in its default quality, "
-                "which can't be changed",
+                "This stream's session plays one quality, which can't be changed",
                 stream_id=request.stream_id,
             )
         session.request_quality(request)
@@ -445,12 +481,9 @@ class SignalingConnection:
                     stream_id=offer.stream_id,
                 )
             existing.end("replaced by a new offer")
-        elif len(self.sessions) >= self._limits.max_streams_per_socket:
-            raise SignalingError(
-                ErrorCode.TOO_MANY_STREAMS,
-                f"This socket already has {len(self.sessions)} streams, the limit",
-                stream_id=offer.stream_id,
-            )
+        else:
+            self._check_stream_limit(offer.stream_id)
+        # The stream's fallback, if any, plays on: the page ends it once WebRTC shows a picture.
         session = self._context.router.open_session(
             stream, offer, SocketEnd(self.connection_id, self.label, self.post, self.post_error)
         )
@@ -458,15 +491,14 @@ class SignalingConnection:
 
     def _on_fallback(self, request: Fallback) -> None:
         stream = self._watchable_stream(request.stream_id)
+        self._check_stream_limit(request.stream_id)
+        # The page gave up on the stream's peer connection (or asked for the socket at once).
         existing = self.sessions.get(request.stream_id)
         if existing is not None:
             existing.end("replaced by the fallback over the socket")
-        elif len(self.sessions) >= self._limits.max_streams_per_socket:
-            raise SignalingError(
-                ErrorCode.TOO_MANY_STREAMS,
-                f"This socket already has {len(self.sessions)} streams, the limit",
-                stream_id=request.stream_id,
-            )
+        previous = self.fallbacks.get(request.stream_id)
+        if previous is not None:
+            previous.end("replaced by a new fallback")
         self._start_session(
             FallbackSession(
                 stream,
@@ -475,11 +507,25 @@ class SignalingConnection:
                 post_error=self.post_error,
                 client=self.label,
                 remuxers=self._context.remuxers,
+                audio_codecs=request.audio_codecs,
             )
         )
 
-    def _start_session(self, session: Session) -> None:
-        self.sessions[session.stream.id] = session
+    def _check_stream_limit(self, stream_id: str) -> None:
+        """Raises ``too_many_streams`` if ``stream_id`` would be one stream too many here."""
+        streams = self.sessions.keys() | self.fallbacks.keys()
+        if stream_id not in streams and len(streams) >= self._limits.max_streams_per_socket:
+            raise SignalingError(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"This socket already has {len(streams)} streams, the limit",
+                stream_id=stream_id,
+            )
+
+    def _start_session(self, session: Session | FallbackSession) -> None:
+        if isinstance(session, FallbackSession):
+            self.fallbacks[session.stream.id] = session
+        else:
+            self.sessions[session.stream.id] = session
         self._context.changes.notify()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_session, session)
@@ -523,12 +569,15 @@ class SignalingConnection:
             )
         return stream
 
-    async def _run_session(self, session: Session) -> None:
+    async def _run_session(self, session: Session | FallbackSession) -> None:
         try:
             await session.run()
         finally:
-            if self.sessions.get(session.stream.id) is session:
-                del self.sessions[session.stream.id]
+            held: dict[str, Any] = (
+                self.fallbacks if isinstance(session, FallbackSession) else self.sessions
+            )
+            if held.get(session.stream.id) is session:
+                del held[session.stream.id]
             self._context.changes.notify()
 
     def _welcome_payload(self) -> dict[str, Any]:

@@ -7,11 +7,17 @@ it: streams added or edited (their whole definition), streams deleted (a tombsto
 stopped. At start-up the server applies those records to the file's streams. Remove a stream
 from the database (``DELETE``-then-re-add, or delete the file) to fall back to the file.
 
-Blocking ``sqlite3`` calls: callers run them in a worker thread.
+Blocking ``sqlite3`` calls: callers run them in a worker thread (:class:`LocalStreamChanges`
+does, for the API).
+
+The API records its changes through a :class:`StreamChanges`: :class:`LocalStreamChanges` (this
+file) in a single process; in a cluster, ``cluster.stream_store.SharedStreamStore`` (Redis,
+seen by every node), which may refuse a change (:class:`ChangeRefused`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -19,7 +25,11 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
+
+import trio
+
+from .errors import ErrorCode, MediaStreamError
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -103,3 +113,69 @@ class StreamStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         with closing(sqlite3.connect(self.path, timeout=5)) as db, db:
             yield db
+
+
+class ChangeRefused(MediaStreamError):
+    """A change the store would not record; the API answers ``status`` with ``code``."""
+
+    status = 500
+    code = ErrorCode.INTERNAL_ERROR
+
+
+class StreamChanged(ChangeRefused):
+    """Another node changed the stream since this node last saw it (a cluster only)."""
+
+    status = 409
+    code = ErrorCode.STREAM_CHANGED
+
+
+class StoreUnavailable(ChangeRefused):
+    """The shared store cannot be reached (a cluster whose Redis is down)."""
+
+    status = 503
+    code = ErrorCode.CLUSTER_UNAVAILABLE
+
+
+class StreamChanges(Protocol):
+    """Where the management API records a change before making it in the registry.
+
+    The API holds :attr:`lock` from its check of the registry to its change of it; whatever
+    else changes the registry on the store's behalf (another node's change, in a cluster)
+    holds it too, so a check stays true until the change it guards is made.
+
+    Raises (every method): :class:`ChangeRefused` (a subclass) when it is not recorded.
+    """
+
+    lock: trio.Lock
+
+    async def save(
+        self, stream_id: str, definition: dict[str, Any], *, enabled: bool = True
+    ) -> None: ...
+
+    async def delete(self, stream_id: str) -> None: ...
+
+    async def set_enabled(self, stream_id: str, enabled: bool) -> None: ...
+
+
+class LocalStreamChanges:
+    """:class:`StreamChanges` of a single process: its :class:`StreamStore`, in a thread.
+
+    Never refuses a change (an SQLite error is a bug or a full disk: a 500).
+    """
+
+    def __init__(self, store: StreamStore) -> None:
+        self.store = store
+        self.lock = trio.Lock()
+
+    async def save(
+        self, stream_id: str, definition: dict[str, Any], *, enabled: bool = True
+    ) -> None:
+        await trio.to_thread.run_sync(
+            functools.partial(self.store.save, stream_id, definition, enabled=enabled)
+        )
+
+    async def delete(self, stream_id: str) -> None:
+        await trio.to_thread.run_sync(self.store.delete, stream_id)
+
+    async def set_enabled(self, stream_id: str, enabled: bool) -> None:
+        await trio.to_thread.run_sync(self.store.set_enabled, stream_id, enabled)

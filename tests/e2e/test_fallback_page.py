@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from playwright.sync_api import Browser
 
-from support.browser import PageWatch, in_browser, wait_until_decoding_more
-from support.servers import StartServer, make_config
+from mediastream.fallback import FallbackSession
+
+from support.browser import PageWatch, in_browser, open_sockets, wait_until_decoding_more
+from support.servers import Camera, StartServer, make_config
+from support.turn import free_udp_port, running_turn_server
 
 #: Chromium told to send WebRTC media only through a proxy (there is none). Chromium 156 still
 #: connects over loopback with this flag alone, so the page also asks for relay-only ICE with
@@ -60,7 +63,7 @@ async def test_four_tiles_play_through_the_fallback_on_one_socket(
             "() => [...window.msTestPage.engines.values()].map((e) => e.transport)"
         )
         assert transports == ["fallback"] * 4
-        assert len(watch.sockets) == 1, [ws.url for ws in watch.sockets]
+        assert open_sockets(server.url)["open"] == 1
         return after  # type: ignore[no-any-return]
 
     playheads = await in_browser(scenario, flags=NO_WEBRTC)
@@ -76,7 +79,6 @@ async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: Sta
 
     def scenario(browser: Browser) -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        watch = PageWatch(page)
         page.goto(f"{server.url}/static/test-multi-stream.html?fallback=always")
         page.click("#connect-all")
         page.wait_for_function(
@@ -97,7 +99,7 @@ async def test_tiles_go_back_to_webrtc_when_asked_and_it_works(start_server: Sta
                 (pill) => pill.textContent === 'live')"""
         )
         wait_until_decoding_more(page, ".stream-card video")
-        assert len(watch.sockets) == 1
+        assert open_sockets(server.url)["open"] == 1
 
     await in_browser(scenario)
 
@@ -158,3 +160,158 @@ async def test_a_tile_whose_fragments_are_held_back_does_not_delay_the_others(
 
     playheads = await in_browser(scenario)
     assert all(p["behind"] is not None and p["behind"] < 1.5 for p in playheads), playheads
+
+
+AUDIO_SAMPLE = """() => {
+    const video = document.getElementById('video');
+    const stats = window.msViewer.engine.getFallbackStats();
+    return {pill: document.getElementById('state').textContent, codecs: stats && stats.codecs,
+            audioBytes: video.webkitAudioDecodedByteCount, time: video.currentTime};
+}"""
+
+
+async def test_the_fallback_plays_the_cameras_aac_or_opus_sound_in_chromium(
+    start_server: StartServer, camera: Camera
+) -> None:
+    streams = [
+        {"id": "door-aac", "source": camera.url("/h264-aac")},
+        {"id": "door-opus", "source": camera.url("/h264-opus")},
+    ]
+    server = await start_server(make_config(streams))
+
+    def scenario(browser: Browser) -> dict[str, tuple[dict[str, object], dict[str, object]]]:
+        samples = {}
+        for stream_id in ("door-aac", "door-opus"):
+            page = browser.new_page()
+            watch = PageWatch(page)
+            page.goto(f"{server.url}/static/viewer.html?stream={stream_id}&fallback=always")
+            try:
+                page.wait_for_function(
+                    "() => document.getElementById('state').textContent === 'live (fallback)'",
+                    timeout=30_000,
+                )
+            except Exception:
+                raise AssertionError(
+                    f"{stream_id}: {page.evaluate(AUDIO_SAMPLE)} "
+                    f"{page.inner_text('#detail')!r}, errors: {watch.errors}"
+                ) from None
+            first = page.evaluate(AUDIO_SAMPLE)
+            # Sound is decoded (the element is muted, as autoplay wants, but still decodes).
+            page.wait_for_function(
+                """(first) => {
+                    const video = document.getElementById('video');
+                    return video.webkitAudioDecodedByteCount > first.audioBytes + 10000
+                        && video.currentTime > first.time + 2;
+                }""",
+                arg=first,
+                timeout=20_000,
+            )
+            samples[stream_id] = (first, page.evaluate(AUDIO_SAMPLE))
+            assert watch.errors == []
+            page.close()
+        return samples
+
+    samples = await in_browser(scenario)
+    aac, opus = samples["door-aac"][1], samples["door-opus"][1]
+    # The camera's AAC as it came (mp4a), and its Opus: one SourceBuffer for both tracks.
+    assert str(aac["codecs"]).startswith("avc1.") and str(aac["codecs"]).endswith(",mp4a.40.2")
+    assert str(opus["codecs"]).endswith(",opus"), opus
+    assert server.services.statistics().open_peer_connections == 0
+
+
+async def test_tiles_go_back_to_webrtc_by_themselves_once_the_turn_server_is_up(
+    start_server: StartServer,
+) -> None:
+    """Relay-only ICE through a TURN server that is down when the page starts: the tiles play
+    through the fallback; the TURN server comes up; each tile's background retry connects
+    through it and the tile is live over WebRTC again, its fallback ended on the server."""
+    turn_port = free_udp_port()
+    secret = "turn-secret-for-tests"
+    config = make_config(
+        FOUR_STREAMS[:2],
+        webrtc={"ice_servers": [{"urls": [f"turn:127.0.0.1:{turn_port}"], "secret": secret}]},
+    )
+    server = await start_server(config)
+    page_url = (
+        f"{server.url}/static/test-multi-stream.html"
+        "?relay=1&fallbackAfterMs=6000&webrtcRetryMs=2000"
+    )
+
+    def scenario(browser: Browser) -> list[dict[str, object]]:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        watch = PageWatch(page)
+        page.goto(page_url)
+        page.click("#connect-all")
+        page.wait_for_function(
+            """() => document.querySelectorAll('.stream-card .pill').length === 2
+                && [...document.querySelectorAll('.stream-card .pill')].every(
+                    (pill) => pill.textContent === 'live (fallback)')""",
+            timeout=45_000,
+        )
+        # A second background attempt has begun: the first failed while TURN was down.
+        page.wait_for_function(
+            """() => [...window.msTestPage.engines.values()].every(
+                (e) => e.getFallbackStats() && e.getFallbackStats().webrtcAttempts >= 2)""",
+            timeout=30_000,
+        )
+        # Every pill text the tiles show from now on, to see none but the two live ones.
+        page.evaluate(
+            """() => { window.pillHistory = [];
+                new MutationObserver(() => window.pillHistory.push(
+                    [...document.querySelectorAll('.stream-card .pill')].map((p) => p.textContent)
+                )).observe(document.getElementById('cards'),
+                           {subtree: true, childList: true, characterData: true}); }"""
+        )
+        with running_turn_server(secret, port=turn_port):
+            try:
+                page.wait_for_function(
+                    """() => [...window.msTestPage.engines.values()].every((e) =>
+                        e.transport === 'webrtc' && e.state === 'live'
+                        && e.pc && e.pc.connectionState === 'connected')""",
+                    timeout=120_000,
+                )
+            except Exception:
+                engines = page.evaluate(
+                    """() => [...window.msTestPage.engines.values()].map((e) => [e.state,
+                        e.transport, e.getFallbackStats(), e.pc && e.pc.connectionState])"""
+                )
+                raise AssertionError(
+                    f"{engines}\n{page.inner_text('#activity-log')}\nerrors: {watch.errors}"
+                ) from None
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('.stream-card .pill')].every(
+                    (pill) => pill.textContent === 'live')"""
+            )
+            wait_until_decoding_more(page, ".stream-card video")
+            pairs = page.evaluate(
+                """async () => Promise.all([...window.msTestPage.engines.values()].map(
+                    async (e) => {
+                        const report = await e.pc.getStats();
+                        let pair = null;
+                        report.forEach((s) => {
+                            if (s.type === 'candidate-pair' && s.nominated
+                                && s.state === 'succeeded') pair = s;
+                        });
+                        const video = document.querySelector(
+                            `.stream-card[data-stream-id="${e.streamId}"] video`);
+                        return {local: report.get(pair.localCandidateId).candidateType,
+                                srcObject: video.srcObject !== null,
+                                src: video.getAttribute('src')};
+                    }))"""
+            )
+            history = page.evaluate("() => window.pillHistory")
+        assert open_sockets(server.url)["open"] == 1  # the browser's one (shared) socket
+        # Straight from live (fallback) to live: no black 'connecting' in between.
+        assert all(pill in ("live (fallback)", "live") for pills in history for pill in pills), (
+            history
+        )
+        return pairs  # type: ignore[no-any-return]
+
+    pairs = await in_browser(scenario)
+    assert pairs == [{"local": "relay", "srcObject": True, "src": None}] * 2
+    hub = server.services.hub
+    assert hub.statistics().fallback_returns == 2
+    assert not [
+        s for c in hub._connections for s in c.fallbacks.values() if isinstance(s, FallbackSession)
+    ]
+    assert server.services.statistics().open_peer_connections == 2

@@ -19,8 +19,8 @@ import pytest
 import trio
 import trio_asyncio
 
-from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
-from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.leases import current_owner, live_nodes
+from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_bus import open_redis_bus
 from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.routing import ClusterNode
@@ -43,22 +43,8 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def streams_placed_on(node_id: str, count: int) -> list[str]:
-    """Stream ids that placement gives to ``node_id`` when both nodes serve, idle."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    found: list[str] = []
-    index = 0
-    while len(found) < count:
-        stream_id = f"cam-{index}"
-        owner = choose_owner(stream_id, records)
-        if owner is not None and owner.node_id == node_id:
-            found.append(stream_id)
-        index += 1
-    return found
-
-
-ON_A = streams_placed_on("node-a", 2)
-ON_B = streams_placed_on("node-b", 2)
+ON_A = stream_ids_placed_on("node-a", NODES, 2)
+ON_B = stream_ids_placed_on("node-b", NODES, 2)
 
 
 async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:

@@ -50,11 +50,27 @@ class FallbackClient:
                     await self._arrived.wait()
 
     def fragments(self, stream_id: str) -> int:
-        return sum(1 for k, s, _ in self.binary if s == stream_id and k is BinaryKind.FRAGMENT)
+        return sum(
+            len(split_fragments(p))
+            for k, s, p in self.binary
+            if s == stream_id and k is BinaryKind.FRAGMENT
+        )
 
     def media(self, stream_id: str) -> bytes:
         """Everything the stream received, in order: a playable fragmented MP4."""
         return b"".join(payload for _, s, payload in self.binary if s == stream_id)
+
+
+def split_fragments(payload: bytes) -> list[bytes]:
+    """The moof + mdat pairs of one binary message (a message carries one or more)."""
+    boxes: list[bytes] = []
+    position = 0
+    while position < len(payload):
+        (size,) = struct.unpack_from("!I", payload, position)
+        boxes.append(payload[position : position + size])
+        position += size
+    assert [box[4:8] for box in boxes] == [b"moof", b"mdat"] * (len(boxes) // 2)
+    return [boxes[i] + boxes[i + 1] for i in range(0, len(boxes), 2)]
 
 
 def decode(path: Path) -> list[Any]:
@@ -68,8 +84,7 @@ def fallback_sessions(server: RunningServer) -> list[FallbackSession]:
     return [
         session
         for connection in server.services.hub._connections
-        for session in connection.sessions.values()
-        if isinstance(session, FallbackSession)
+        for session in connection.fallbacks.values()
     ]
 
 
@@ -167,7 +182,7 @@ async def test_a_bad_fallback_request_is_answered_and_nothing_else_is_lost(
         nursery.cancel_scope.cancel()
 
 
-async def test_an_offer_replaces_the_fallback_and_a_fallback_replaces_an_offer(
+async def test_a_fallback_replaces_an_offer_and_an_offer_runs_beside_the_fallback(
     start_server: StartServer,
 ) -> None:
     server = await start_server(make_config(DEMO_STREAMS[:1]))
@@ -182,9 +197,113 @@ async def test_an_offer_replaces_the_fallback_and_a_fallback_replaces_an_offer(
                     and server.services.statistics().open_peer_connections == 0
                 )
             )
+        [fallback] = fallback_sessions(server)
+        # Retrying WebRTC in the background: the new peer connection plays while the
+        # fallback goes on sending.
         played = await viewer.play("demo-1")
         await played.wait_frames(5)
-        assert fallback_sessions(server) == []
+        assert fallback_sessions(server) == [fallback]
+        sent = fallback.fragments_sent
+        await wait_published(
+            next(s for s in server.services.registry if s.id == "demo-1"),
+            lambda: fallback.fragments_sent >= sent + 5,
+        )
+        assert server.services.statistics().sessions_per_socket == (2,)
+        # The page ends the fallback once WebRTC shows a picture: only the fallback ends
+        # (said twice, counted once).
+        for _ in range(2):
+            await viewer.send(
+                json.dumps({"type": "close", "streamId": "demo-1", "payload": {"fallback": True}})
+            )
+        with trio.fail_after(10):
+            await server.services.changes.wait_until(lambda: fallback_sessions(server) == [])
+        assert server.services.hub.statistics().fallback_returns == 1
+        assert b"mediastream_fallback_returns_total 1.0" in server.services.metrics.exposition()
+        await played.wait_frames(5)
+        assert server.services.statistics().sessions_per_socket == (1,)
+
+
+async def test_the_cameras_opus_or_aac_audio_goes_into_the_fmp4_beside_the_video(
+    start_server: StartServer, camera: Camera, tmp_path: Path
+) -> None:
+    server = await start_server(
+        make_config(
+            [
+                {"id": "opus-cam", "source": camera.url("/h264-opus")},
+                {"id": "aac-cam", "source": camera.url("/h264-aac")},
+            ]
+        )
+    )
+    async with (
+        open_websocket_url(server.ws_url) as ws,
+        open_websocket_url(server.ws_url) as ws_opus_only,
+        trio.open_nursery() as nursery,
+    ):
+        client, opus_only = FallbackClient(ws), FallbackClient(ws_opus_only)
+        nursery.start_soon(client.read)
+        nursery.start_soon(opus_only.read)
+        # A browser that takes both: the camera's own codec goes through, never transcoded.
+        # One that takes only Opus: an AAC camera's sound as the Opus made once for WebRTC.
+        for stream_id in ("opus-cam", "aac-cam"):
+            await client.send(
+                {
+                    "type": "fallback",
+                    "streamId": stream_id,
+                    "payload": {"audio": ["opus", "mp4a.40.2"]},
+                }
+            )
+        await opus_only.send(
+            {"type": "fallback", "streamId": "aac-cam", "payload": {"audio": ["opus"]}}
+        )
+        await client.wait_until(
+            lambda: min(client.fragments("opus-cam"), client.fragments("aac-cam")) >= 150
+        )
+        await opus_only.wait_until(lambda: opus_only.fragments("aac-cam") >= 150)
+        sessions = {
+            (s.stream.id, s.audio.codec if s.audio else None) for s in fallback_sessions(server)
+        }
+        assert sessions == {("opus-cam", "opus"), ("aac-cam", "aac"), ("aac-cam", "opus")}
+        received = [
+            (client, "opus-cam", "opus"),
+            (client, "aac-cam", "aac"),
+            (opus_only, "aac-cam", "opus"),
+        ]
+        for receiver, stream_id, codec in received:
+            path = tmp_path / f"{stream_id}-{codec}.mp4"
+            path.write_bytes(receiver.media(stream_id))
+            with av.open(str(path)) as container:
+                assert [s.codec_context.name for s in container.streams] == ["h264", codec]
+                sound = list(container.decode(container.streams.audio[0]))
+                container.seek(0)
+                pictures = list(container.decode(container.streams.video[0]))
+            assert len(sound) >= 40 and len(pictures) >= 30
+            # One timeline: the sound covers the time the pictures cover, give or take the
+            # GOP the pictures started with (audio is not replayed from the cache).
+            picture_end = float(pictures[-1].time)
+            sound_end = float(sound[-1].time)
+            assert abs(picture_end - sound_end) < 0.5, (picture_end, sound_end)
+        nursery.cancel_scope.cancel()
+
+
+async def test_g711_audio_is_left_out_of_the_fallback_and_says_why(
+    start_server: StartServer, camera: Camera, tmp_path: Path
+) -> None:
+    server = await start_server(make_config([{"id": "door", "source": camera.url("/h264-pcmu")}]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send(
+            {"type": "fallback", "streamId": "door", "payload": {"audio": ["opus", "mp4a.40.2"]}}
+        )
+        await client.wait_until(lambda: client.fragments("door") >= 30)
+        [session] = fallback_sessions(server)
+        assert session.audio is None and session.audio_fragments_sent == 0
+        assert session.audio_omitted is not None and "PCMU audio has no" in session.audio_omitted
+        path = tmp_path / "door.mp4"
+        path.write_bytes(client.media("door"))
+        with av.open(str(path)) as container:
+            assert [s.codec_context.name for s in container.streams] == ["h264"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_rtsp_camera_plays_through_the_fallback(
@@ -247,7 +366,12 @@ class StallableSocket:
                     await self._arrived.wait()
 
     def fragments(self, stream_id: str) -> list[bytes]:
-        return [p for k, s, p in self.binary if s == stream_id and k is BinaryKind.FRAGMENT]
+        return [
+            fragment
+            for k, s, p in self.binary
+            if s == stream_id and k is BinaryKind.FRAGMENT
+            for fragment in split_fragments(p)
+        ]
 
 
 def decode_time_and_sync(fragment: bytes) -> tuple[int, bool]:
@@ -293,6 +417,15 @@ async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyfram
         [connection] = hub._connections
         assert connection._outbox_in.statistics().current_buffer_used <= 4
         received = {s: len(socket.fragments(s)) for s in ("gop-1", "gop-2")}
+        # Frames wait for the stalled socket (the queue restarts at each keyframe).
+        stalled = next(s for s in sessions if s.stream.id == "gop-1")
+        await wait_published(
+            stream,
+            lambda: (
+                (stats := stalled.subscriber_statistics()) is not None and stats.queued_frames >= 3
+            ),
+        )
+        messages_before = len(socket.binary)
         socket.resume()
         await socket.wait_until(
             lambda: all(len(socket.fragments(s)) >= received[s] + 20 for s in received)
@@ -310,6 +443,13 @@ async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyfram
             path = tmp_path / f"{stream_id}.mp4"
             path.write_bytes(b"".join(p for _, s, p in socket.binary if s == stream_id))
             assert len(decode(path)) >= len(fragments) - 1
+        # What waited while the socket was stalled went out together, in one message.
+        sizes = [
+            len(split_fragments(p))
+            for k, s, p in socket.binary[messages_before:]
+            if s == "gop-1" and k is BinaryKind.FRAGMENT
+        ]
+        assert max(sizes) >= 3, sizes
         stats = server.services.statistics()
         assert stats.sessions_per_socket == (2,)
         nursery.cancel_scope.cancel()

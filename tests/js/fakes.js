@@ -152,9 +152,52 @@ class FakePeerConnection {
   }
 }
 
+/**
+ * Web Locks (navigator.locks) for one origin: exclusive locks granted in request order, held
+ * until the callback's promise settles. `kill(name)` lets go of a held lock as the browser does
+ * when the holder's document or worker dies.
+ */
+class FakeLocks {
+  constructor() {
+    this.holders = new Map(); // name -> kill()
+    this.queues = new Map(); // name -> [grant()]
+  }
+
+  request(name, callback) {
+    return new Promise((resolve, reject) => {
+      const grant = () => {
+        let kill;
+        const killed = new Promise((r) => { kill = r; });
+        this.holders.set(name, kill);
+        const done = Promise.resolve().then(() => callback({ name, mode: 'exclusive' }));
+        done.then(resolve, reject);
+        Promise.race([done.catch(() => {}), killed]).then(() => this.release(name, kill));
+      };
+      if (this.holders.has(name)) {
+        if (!this.queues.has(name)) this.queues.set(name, []);
+        this.queues.get(name).push(grant);
+      } else {
+        grant();
+      }
+    });
+  }
+
+  release(name, kill) {
+    if (this.holders.get(name) !== kill) return;
+    this.holders.delete(name);
+    const next = this.queues.has(name) ? this.queues.get(name).shift() : undefined;
+    if (next) next();
+  }
+
+  kill(name) {
+    const kill = this.holders.get(name);
+    if (kill) kill();
+  }
+}
+
 /** Let pending promise callbacks run. */
 function flush() {
   return new Promise((resolve) => setImmediate(resolve));
 }
 
-module.exports = { FakeWebSocket, FakeClock, FakePeerConnection, flush };
+module.exports = { FakeWebSocket, FakeClock, FakePeerConnection, FakeLocks, flush };

@@ -1,6 +1,7 @@
 // Video over the socket (fallback): the binary framing, its routing to the stream, and what the
 // engine reads of the server's fMP4 (node --test). The fMP4 fixtures were written by the
-// server's own remuxer (src/mediastream/media/fmp4.py) from libx264 frames.
+// server's own remuxer (src/mediastream/media/fmp4.py) from libx264 frames, and from FFmpeg's
+// Opus and AAC encoders for the audio ones (tests/unit/test_fmp4.py, encoded_audio).
 'use strict';
 
 const test = require('node:test');
@@ -75,6 +76,19 @@ test('a fragment that starts with a keyframe is told from one that does not', ()
   assert.equal(isKeyFragment(fixture('fallback-keyframe.m4s')), true);
   assert.equal(isKeyFragment(fixture('fallback-delta.m4s')), false);
   assert.equal(isKeyFragment(new Uint8Array(16)), false); // no trun at all
+});
+
+test('in a message of several fragments, its first video fragment decides; sound alone is no keyframe', () => {
+  const join = (...names) => {
+    const parts = names.map(fixture);
+    const joined = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const part of parts) { joined.set(part, at); at += part.length; }
+    return joined;
+  };
+  assert.equal(isKeyFragment(join('fallback-audio.m4s', 'fallback-keyframe.m4s')), true);
+  assert.equal(isKeyFragment(join('fallback-audio.m4s', 'fallback-delta.m4s', 'fallback-keyframe.m4s')), false);
+  assert.equal(isKeyFragment(fixture('fallback-audio.m4s')), false); // a sync sample, but sound
 });
 
 // --- the engine's fallback, with a fake MediaSource -------------------------------------------
@@ -240,7 +254,7 @@ test('an overflowing queue skips to the next keyframe fragment', async () => {
   for (let i = 0; i < 61; i++) socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) });
   socket.onmessage({ data: framed(2, 'cam', fixture('fallback-delta.m4s')) }); // mid-GOP: skipped
   socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
-  assert.deepEqual(engine.getFallbackStats(), { appended: 0, skipped: 62 });
+  assert.deepEqual(engine.getFallbackStats(), { appended: 0, skipped: 62, codecs: 'avc1.42c00c', webrtcAttempts: 0 });
   buffer.finish();
   assert.deepEqual([...buffer.appended.at(-1)], [...fixture('fallback-keyframe.m4s')]);
   engine.disconnect();
@@ -321,4 +335,187 @@ test('an answer that never comes falls back, and the abandoned offer does not un
   assert.deepEqual(errors, []);
   assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 1);
   engine.disconnect();
+});
+
+// --- audio in the fallback ---------------------------------------------------------------------
+
+test('the audio codec string comes from the init segment\'s dOps or esds', () => {
+  const { audioCodecOfInit } = require('../../web/static/js/webrtc-engine.js');
+  assert.equal(audioCodecOfInit(fixture('fallback-init-opus.mp4')), 'opus');
+  assert.equal(audioCodecOfInit(fixture('fallback-init-aac.mp4')), 'mp4a.40.2');
+  assert.equal(audioCodecOfInit(fixture('fallback-init.mp4')), null);
+});
+
+/** A fake MediaSource class that takes only the types `accepts` says yes to. */
+function choosyMediaSource(video, accepts) {
+  const MediaSource = fakeMediaSource(video);
+  MediaSource.asked = [];
+  MediaSource.isTypeSupported = (type) => {
+    MediaSource.asked.push(type);
+    return accepts(type);
+  };
+  return MediaSource;
+}
+
+test('with audio, the engine asks for the codecs MSE takes and opens one SourceBuffer for both', async () => {
+  const video = fakeVideo();
+  const MediaSource = choosyMediaSource(video, (type) => !type.includes('mp4a'));
+  const { engine, socket } = await fallbackSetup({ fallback: 'always', audio: true, MediaSource, videoElement: video });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: ['opus'] } });
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init-opus.mp4')) });
+  const [buffer] = MediaSource.last.buffers;
+  assert.equal(buffer.type, 'video/mp4; codecs="avc1.42c00c,opus"');
+  assert.equal(engine.getFallbackStats()?.codecs, 'avc1.42c00c,opus');
+  engine.disconnect();
+});
+
+test('an init whose audio the browser refuses is dropped and video only is asked for', async () => {
+  const video = fakeVideo();
+  const MediaSource = choosyMediaSource(video, (type) => !type.includes('mp4a.40.2"'));
+  // The probe (avc1.42e01e,mp4a.40.2) is refused, so only Opus is asked for; a server that
+  // sends AAC anyway (another codec variant, say) gets a request for video only.
+  const { engine, socket } = await fallbackSetup({ fallback: 'always', audio: true, MediaSource, videoElement: video });
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init-aac.mp4')) });
+  assert.deepEqual(MediaSource.last.buffers, []);
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: [] } });
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) }); // the old session's
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) }); // video only
+  const [buffer] = MediaSource.last.buffers;
+  assert.equal(buffer.type, 'video/mp4; codecs="avc1.42c00c"');
+  assert.equal(engine.state, 'connecting'); // not an error
+  engine.disconnect();
+});
+
+test('without audio: true the fallback asks for video only', async () => {
+  const video = fakeVideo();
+  const MediaSource = choosyMediaSource(video, () => true);
+  const { engine, socket } = await fallbackSetup({ fallback: 'always', MediaSource, videoElement: video });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  engine.disconnect();
+});
+
+// --- going back to WebRTC while the fallback plays --------------------------------------------
+
+/** Play the fallback's first fragment, so the engine is live (fallback). */
+function playFallback(MediaSource, socket) {
+  MediaSource.last.open();
+  socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) });
+  const buffer = MediaSource.last.buffers.at(-1);
+  buffer.finish();
+  socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) });
+  buffer.finish(1000.04);
+}
+
+/** Answer the newest offer, as the server would. */
+async function answerLatestOffer(socket) {
+  await flush();
+  await flush();
+  const offer = socket.sent.filter((m) => m.type === 'offer').at(-1);
+  socket.serverSends({ type: 'answer', streamId: 'cam', payload: 'v=0 answer', sessionId: offer.payload.sessionId });
+  await flush();
+  await flush();
+  return offer;
+}
+
+class FakeMediaStream {
+  constructor() { this.tracks = []; }
+  getTracks() { return this.tracks; }
+  addTrack(track) { this.tracks.push(track); }
+  removeTrack(track) { this.tracks = this.tracks.filter((t) => t !== track); }
+}
+
+test('while the fallback plays, WebRTC is retried with backoff and takes over at its first decoded frame', async () => {
+  globalThis.MediaStream = FakeMediaStream;
+  const { clock, video, MediaSource, engine, socket } = await fallbackSetup({
+    fallbackAfterMs: 3000, webrtcRetryMs: 5000, webrtcRetryMaxMs: 12000,
+  });
+  FakePeerConnection.last().becomes('failed'); // the first peer connection: fall back
+  playFallback(MediaSource, socket);
+  assert.equal(engine.state, 'live');
+  const offers = () => socket.sent.filter((m) => m.type === 'offer');
+  const before = offers().length;
+
+  // Attempt 1 after 5 s: its peer connection fails; the fallback plays on.
+  clock.advance(5000);
+  await answerLatestOffer(socket);
+  assert.equal(offers().length, before + 1);
+  const first = FakePeerConnection.last();
+  first.becomes('failed');
+  assert.ok(first.closed);
+  assert.equal(engine.transport, 'fallback');
+  assert.equal(video.src, 'blob:fake-media-source');
+  assert.equal(engine.getFallbackStats()?.webrtcAttempts, 1);
+
+  // Attempt 2 after 10 s: connects, but no picture within fallbackAfterMs: abandoned.
+  clock.advance(9999);
+  await flush();
+  assert.equal(offers().length, before + 1);
+  clock.advance(1);
+  await answerLatestOffer(socket);
+  assert.equal(offers().length, before + 2);
+  const second = FakePeerConnection.last();
+  second.becomes('connected');
+  assert.equal(engine.state, 'live');
+  assert.equal(engine.transport, 'fallback');
+  clock.advance(3000);
+  assert.ok(second.closed);
+
+  // Attempt 3 after 12 s (the cap, not 20): it decodes a frame and takes over.
+  clock.advance(11999);
+  await flush();
+  assert.equal(offers().length, before + 2);
+  clock.advance(1);
+  const third = await answerLatestOffer(socket);
+  assert.equal(offers().length, before + 3);
+  const pc = FakePeerConnection.last();
+  const track = { kind: 'video' };
+  pc.ontrack({ track });
+  pc.becomes('connected');
+  const states = [];
+  engine.on('state', (s) => states.push([s.state, s.detail]));
+  clock.advance(250); // polled: no frame decoded yet
+  await flush();
+  assert.equal(engine.transport, 'fallback');
+  assert.equal(video.srcObject, null); // the fallback's picture stays meanwhile
+  pc.getStats = async () => new Map([['in', { type: 'inbound-rtp', kind: 'video', framesDecoded: 1 }]]);
+  clock.advance(250);
+  await flush();
+  assert.equal(engine.transport, 'webrtc');
+  assert.deepEqual(video.srcObject.getTracks(), [track]);
+  assert.equal(video.src, '');
+  assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam', payload: { fallback: true } });
+  assert.deepEqual(states, [['live', null]]);
+  assert.equal(engine.sessionId, third.payload.sessionId);
+  assert.equal(engine.pc, pc);
+  clock.advance(120000); // no more attempts
+  await flush();
+  assert.equal(offers().length, before + 3);
+  engine.disconnect();
+  delete globalThis.MediaStream;
+});
+
+test('a background attempt the server refuses leaves the fallback playing and is retried', async () => {
+  const { clock, MediaSource, engine, socket } = await fallbackSetup({ fallback: 'always', webrtcRetryMs: 1000 });
+  playFallback(MediaSource, socket);
+  clock.advance(60000);
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 0); // 'always': never retried
+  engine.setFallback('auto'); // playing: WebRTC is tried in the background at once
+  await flush();
+  await flush();
+  const offer = socket.sent.filter((m) => m.type === 'offer').at(-1);
+  socket.serverSends({
+    type: 'error', streamId: 'cam', payload: 'ICE failed', code: 'peer_failed', sessionId: offer.payload.sessionId,
+  });
+  await flush();
+  assert.equal(engine.transport, 'fallback');
+  assert.equal(engine.state, 'live');
+  assert.equal(engine.pc, null);
+  clock.advance(2000); // the second attempt: after 2 s
+  await flush();
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 2);
+  engine.disconnect();
+  assert.deepEqual(clock.pending(), []);
 });

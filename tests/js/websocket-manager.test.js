@@ -256,6 +256,7 @@ test('getMetrics counts messages, measures latency from pings and reports uptime
   socket.serverSends({ type: 'pong', streamId: null, payload: { id: 999 } }); // not ours: ignored
   assert.deepEqual(manager.getMetrics(), {
     messagesSent: 2, messagesReceived: 3, averageLatency: 30, uptime: 560, streamsActive: 1,
+    shared: false, sockets: 1, tabs: 1, // Node has no SharedWorker: the page's own socket
   });
   manager.disconnect();
   assert.equal(manager.getMetrics().uptime, 0);
@@ -390,4 +391,12 @@ test('registerStream returns what unregisters that registration only', async () 
   assert.deepEqual(socket.sent.at(-1), { type: 'close', streamId: 'cam' });
   unregisterSecond(); // twice is harmless
   assert.equal(manager.isConnected(), true); // 'keep' is still there
+});
+
+test('disconnect() while the socket is opening ends the pending connect() instead of leaving it hanging', async () => {
+  const { manager } = makeManager();
+  const opening = manager.connect();
+  manager.disconnect();
+  await assert.rejects(opening, (error) => error.code === 'aborted' && /while the socket was opening/.test(error.message));
+  assert.equal(FakeWebSocket.last().closedWith.code, 1000);
 });

@@ -4,6 +4,7 @@ Runs under Debian's own ``/usr/bin/python3`` (the GObject bindings live there, n
 
     /usr/bin/python3 tests/support/rtsp_camera.py [--port 0] [--host 127.0.0.1]
         [--protocols any|tcp|udp] [--digest USER:PASSWORD] [--require ELEMENT ...]
+        [--report-sessions]
 
 Prints ``READY <port>`` once it listens, then serves until stdin closes or it is signalled.
 A line ``SESSIONS <mount>`` on stdin is answered on stdout with ``SESSIONS <mount> <n>``: the
@@ -18,6 +19,9 @@ UDP, answering other requests ``461 Unsupported transport``, as many real camera
 ``--digest`` makes every mount require that user and password (HTTP digest authentication;
 anything else is answered ``401 Unauthorized``). ``--require`` adds an element to the
 start-up check (the test of the check itself uses an element that doesn't exist).
+``--report-sessions`` prints ``SESSIONS <n>`` each time the number of connected RTSP clients
+changes (a client connected or its connection closed), so a test can assert that a camera
+never had two readers at once.
 Mount points (all live, shared between clients like a real camera):
 
     /h264        640x360 25 fps, ~800 kbps, keyframe every 2 s
@@ -214,6 +218,11 @@ def main() -> None:
         metavar="ELEMENT",
         help="also check that this element exists at start",
     )
+    parser.add_argument(
+        "--report-sessions",
+        action="store_true",
+        help="print SESSIONS <n> whenever the number of connected clients changes",
+    )
     args = parser.parse_args()
 
     GLib, Gst, GstRtsp, GstRtspServer = import_gstreamer()
@@ -255,6 +264,19 @@ def main() -> None:
         if permissions is not None:
             factory.set_permissions(permissions)
         mounts.add_factory(path, factory)
+    if args.report_sessions:
+        connected = [0]  # clients whose connection is open (GLib's main loop: one thread)
+
+        def on_closed(_client: Any) -> None:
+            connected[0] -= 1
+            print(f"SESSIONS {connected[0]}", flush=True)
+
+        def on_client(_server: Any, client: Any) -> None:
+            connected[0] += 1
+            client.connect("closed", on_closed)
+            print(f"SESSIONS {connected[0]}", flush=True)
+
+        server.connect("client-connected", on_client)
     if server.attach(None) == 0:
         fail(f"cannot listen on {args.host}:{args.port}")
 

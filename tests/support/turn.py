@@ -23,18 +23,22 @@ class TurnServer:
         return f"turn:127.0.0.1:{self.port}"
 
 
-def _free_udp_port() -> int:
+def free_udp_port() -> int:
+    """A UDP port nobody listens on now (for a TURN server started later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
 @contextmanager
-def running_turn_server(secret: str = "turn-secret-for-tests") -> Iterator[TurnServer]:
+def running_turn_server(
+    secret: str = "turn-secret-for-tests", port: int | None = None
+) -> Iterator[TurnServer]:
+    """coturn on loopback (on ``port``, or a free one) until the block ends."""
     binary = shutil.which("turnserver")
     if binary is None:
         raise RuntimeError("coturn's turnserver is missing (scripts/test.sh installs coturn)")
-    port = _free_udp_port()
+    port = port if port is not None else free_udp_port()
     with tempfile.TemporaryDirectory() as home:
         process = subprocess.Popen(
             [

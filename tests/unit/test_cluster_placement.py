@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from mediastream.cluster.leases import NodeRecord, NodeState
-from mediastream.cluster.placement import choose_owner, rank_nodes, rendezvous_weight
+from mediastream.cluster.placement import (
+    choose_owner,
+    rank_nodes,
+    rendezvous_weight,
+    stream_ids_placed_on,
+)
 
 STREAMS = [f"cam-{index}" for index in range(600)]
 
@@ -77,3 +84,15 @@ def test_draining_nodes_get_no_new_streams() -> None:
 def test_no_serving_node_means_no_owner() -> None:
     assert choose_owner("cam-1", []) is None
     assert choose_owner("cam-1", [node("a", state=NodeState.DRAINING)]) is None
+
+
+def test_stream_ids_placed_on_a_node_are_the_ones_placement_gives_it() -> None:
+    ids = stream_ids_placed_on("b", ("a", "b", "c"), 5, "wall")
+    assert len(set(ids)) == 5 and all(i.startswith("wall-") for i in ids)
+    nodes = [node("a"), node("b"), node("c")]
+    for stream_id in ids:
+        chosen = choose_owner(stream_id, nodes)
+        assert chosen is not None and chosen.node_id == "b"
+
+    with pytest.raises(ValueError, match='node "d" is not among'):
+        stream_ids_placed_on("d", ("a", "b"), 1)

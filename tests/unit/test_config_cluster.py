@@ -41,6 +41,15 @@ def test_node_identity_defaults_to_host_name_and_port() -> None:
     assert node_id.endswith("-8111") and public_url.endswith(":8111")
 
 
+def test_workers_differ_by_id_and_share_the_public_url() -> None:
+    cluster = ClusterConfig(redis_url="redis://127.0.0.1:6379")
+    (first, url), (second, same) = (node_identity(cluster, 8111, k) for k in (0, 1))
+    assert first.endswith("-8111-w0") and second.endswith("-8111-w1")
+    assert url == same and url.endswith(":8111")
+    named = ClusterConfig(redis_url="redis://r", node_id="edge-1")
+    assert node_identity(named, 8111, 3)[0] == "edge-1-w3"
+
+
 @pytest.mark.parametrize(
     ("text", "key", "reason"),
     [
@@ -51,6 +60,7 @@ def test_node_identity_defaults_to_host_name_and_port() -> None:
         ('redis_url = "redis://r"\npublic_url = "http://h/ws"', "cluster.public_url", "no path"),
         ('node_id = "edge-1"', "cluster.redis_url", "need cluster.redis_url"),
         ("redis_url = 6379", "cluster.redis_url", "must be a string"),
+        ('redis_url = "redis://r"\ndrain_timeout = 0', "cluster.drain_timeout", "greater than 0"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, key: str, reason: str) -> None:

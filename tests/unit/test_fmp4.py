@@ -3,6 +3,7 @@ and opened again by FFmpeg (PyAV), which decodes every frame at the right size."
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from mediastream.fallback import BinaryKind, frame_binary, parse_binary
 from mediastream.media.fmp4 import (
+    AudioTrack,
     Fmp4Error,
     Fmp4Remuxer,
     depacketize_h264,
@@ -24,6 +26,7 @@ from mediastream.media.frames import (
     EncodedFrame,
     H264AccessUnitNormalizer,
     split_annexb,
+    sps_picture_size,
 )
 from mediastream.webrtc.aiortc_compat import packetize_h264
 
@@ -112,12 +115,19 @@ def test_the_fragment_cache_is_bounded() -> None:
     assert remuxer.fragments_built == 7
 
 
-def test_the_init_segment_changes_only_with_the_parameter_sets_or_size() -> None:
+def test_the_init_segment_changes_only_with_the_parameter_sets() -> None:
     frames = encoded_frames(21, gop=10)
     remuxer = Fmp4Remuxer()
     first = remuxer.init_for(frames[0], WIDTH, HEIGHT)
     assert remuxer.init_for(frames[10], WIDTH, HEIGHT) is first
-    assert remuxer.init_for(frames[20], WIDTH * 2, HEIGHT) is not first
+    # The size is the SPS's: a source's figure that disagrees does not count.
+    assert remuxer.init_for(frames[20], WIDTH * 2, HEIGHT) is first
+    nal_units = [
+        b"\x68\xce\x3c\x80" if n[0] & 0x1F == 8 else n  # another PPS
+        for n in depacketize_h264(frames[20].payloads)
+    ]
+    changed = dataclasses.replace(frames[20], payloads=tuple(packetize_h264(nal_units)))
+    assert remuxer.init_for(changed, WIDTH, HEIGHT) is not first
 
 
 def test_a_fragment_is_a_moof_then_an_mdat_whose_offset_points_at_the_sample() -> None:
@@ -165,6 +175,71 @@ def test_a_frame_without_a_picture_or_an_sps_is_refused() -> None:
         Fmp4Remuxer().init_for(headers_only, WIDTH, HEIGHT)
 
 
+def encoded_audio(codec: str, seconds: float) -> tuple[AudioTrack, list[EncodedFrame]]:
+    """``seconds`` of a 440 Hz tone encoded by FFmpeg (libopus at 48 kHz, or its AAC-LC
+    encoder at 44.1 kHz), as audio frames on their clock (as a source publishes them)."""
+    rate = 48000 if codec == "opus" else 44100
+    encoder: Any = av.CodecContext.create("libopus" if codec == "opus" else "aac", "w")
+    encoder.sample_rate, encoder.layout = rate, "stereo"
+    encoder.format = av.AudioFormat("s16" if codec == "opus" else "fltp")
+    encoder.time_base = Fraction(1, rate)
+    encoder.open()
+    size = 960 if codec == "opus" else 1024
+    frames: list[EncodedFrame] = []
+    first: int | None = None  # the encoder's priming starts before 0; timelines start at 0
+    for index in range(int(seconds * rate / size)):
+        samples = av.AudioFrame(encoder.format.name, "stereo", size)
+        samples.sample_rate, samples.pts = rate, index * size
+        for plane in samples.planes:
+            plane.update(bytes(plane.buffer_size))
+        for packet in encoder.encode(samples):
+            first = int(packet.pts) if first is None else first
+            timestamp = int(packet.pts) - first
+            frames.append(EncodedFrame("audio", timestamp, True, (bytes(packet),), packet.size))
+    track = AudioTrack(codec, rate, 2, bytes(encoder.extradata or b""))
+    return track, frames
+
+
+@pytest.mark.parametrize(("codec", "mse_codec"), [("opus", "opus"), ("aac", "mp4a.40.2")])
+def test_an_audio_track_goes_in_beside_the_video_and_both_decode(
+    tmp_path: Path, codec: str, mse_codec: str
+) -> None:
+    video = encoded_frames(50)  # two seconds
+    track, audio = encoded_audio(codec, 2.0)
+    remuxer = Fmp4Remuxer()
+    init = remuxer.init_for(video[0], WIDTH, HEIGHT, track)
+    assert init.codecs == f"{init.codec},{mse_codec}"
+    assert remuxer.init_for(video[0], WIDTH, HEIGHT) is not init  # the video-only variant
+    assert remuxer.init_for(video[0], WIDTH, HEIGHT, track) is init
+    # Interleaved by time, as the fan-out delivers them.
+    frames = sorted(
+        video + audio,
+        key=lambda f: f.timestamp / (VIDEO_CLOCK_RATE if f.kind == "video" else track.clock_rate),
+    )
+    fragments = [remuxer.fragment(f, track.clock_rate) for f in frames]
+    path = tmp_path / f"av-{codec}.mp4"
+    path.write_bytes(init.data + b"".join(fragments))
+    with av.open(str(path)) as container:
+        assert [s.codec_context.name for s in container.streams] == ["h264", codec]
+        sound = container.streams.audio[0]
+        assert sound.codec_context.sample_rate == (48000 if codec == "opus" else 44100)
+        assert sound.codec_context.channels == 2
+        decoded = list(container.decode(sound))
+    assert len(decoded) >= len(audio) - 2  # AAC's first packet primes the decoder
+    # On the same timeline as the video: the audio's times are its frames' times.
+    assert [f.pts for f in decoded[-3:]] == [f.timestamp for f in audio[-3:]]
+    assert len(decode_file(path)) == 50
+
+
+def test_an_audio_track_that_mse_cannot_take_is_refused_by_name() -> None:
+    with pytest.raises(Fmp4Error, match="'PCMU' can't go into fMP4"):
+        AudioTrack("PCMU", 8000)
+    with pytest.raises(Fmp4Error, match="without its AudioSpecificConfig"):
+        AudioTrack("aac", 44100)
+    with pytest.raises(Fmp4Error, match="empty audio frame"):
+        Fmp4Remuxer().fragment(EncodedFrame("audio", 0, True, (b"",), 0), 48000)
+
+
 def test_binary_framing_round_trips_and_names_what_is_wrong() -> None:
     message = frame_binary(BinaryKind.FRAGMENT, "cam-é", b"\x00\x01payload")
     assert message[0] == 0x12
@@ -175,3 +250,34 @@ def test_binary_framing_round_trips_and_names_what_is_wrong() -> None:
         parse_binary(b"\x21\x00\x00")
     with pytest.raises(ValueError, match="overruns"):
         parse_binary(b"\x11\x00\x09abc")
+
+
+@pytest.mark.parametrize(
+    ("size", "options"),
+    [
+        ((320, 180), {}),  # 180 rows: cropped from 192
+        ((640, 360), {"profile": "high"}),  # a High profile SPS: chroma format and more first
+        ((1280, 720), {"profile": "main"}),
+        ((176, 144), {"profile": "high", "x264-params": "cqm=jvt"}),  # scaling matrices
+    ],
+)
+def test_the_picture_size_is_read_from_the_sps(
+    size: tuple[int, int], options: dict[str, str]
+) -> None:
+    encoder: Any = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height = size
+    encoder.pix_fmt, encoder.time_base = "yuv420p", Fraction(1, 25)
+    encoder.options = {"preset": "ultrafast", **options}
+    picture = av.VideoFrame(*size, "yuv420p")
+    picture.pts = 0
+    packets = [*encoder.encode(picture), *encoder.encode(None)]
+    [sps] = [n for p in packets for n in split_annexb(bytes(p)) if n[0] & 0x1F == 7]
+    assert sps_picture_size(sps) == size
+    assert sps_picture_size(sps[:3]) is None
+
+
+def test_an_init_segment_takes_its_size_from_the_sps_when_the_source_gave_none() -> None:
+    frames = encoded_frames(1)
+    init = Fmp4Remuxer().init_for(frames[0], 0, 0)  # an RTSP camera's SDP without a size
+    tkhd = init.data.index(b"tkhd")
+    assert struct.unpack_from("!II", init.data, tkhd + 80) == (WIDTH << 16, HEIGHT << 16)

@@ -8,7 +8,7 @@ import pytest
 
 from mediastream import protocol
 from mediastream.errors import ErrorCode, SignalingError
-from mediastream.protocol import Close, IceCandidate, Offer, Ping, parse_client_message
+from mediastream.protocol import Close, Fallback, IceCandidate, Offer, Ping, parse_client_message
 
 SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
 
@@ -126,6 +126,19 @@ def test_bad_ice_candidates_are_refused(payload: object, fragment: str) -> None:
 
 def test_close() -> None:
     assert parse({"type": "close", "streamId": "cam"}) == Close("cam")
+    only = {"type": "close", "streamId": "cam", "payload": {"fallback": True}}
+    assert parse(only) == Close("cam", fallback_only=True)
+    error = error_of({"type": "close", "streamId": "cam", "payload": {"fallback": "yes"}})
+    assert "payload.fallback must be true or false" in error.message
+
+
+def test_fallback_names_the_audio_codecs_the_browser_takes() -> None:
+    assert parse({"type": "fallback", "streamId": "cam"}) == Fallback("cam")
+    asked = {"type": "fallback", "streamId": "cam", "payload": {"audio": ["opus", "mp4a.40.2"]}}
+    assert parse(asked) == Fallback("cam", ("opus", "mp4a.40.2"))
+    for bad in ("opus", [1], [""], ["x" * 41], ["opus"] * 9):
+        error = error_of({"type": "fallback", "streamId": "cam", "payload": {"audio": bad}})
+        assert "payload.audio must be a list" in error.message and error.stream_id == "cam"
 
 
 def test_ping_needs_no_stream() -> None:

@@ -11,7 +11,7 @@ from ..metrics import Metrics
 from ..registry import StreamRegistry
 from ..signaling import SignalingHub
 from ..statistics import ServerStatistics, task_names, thread_count
-from ..store import StreamStore
+from ..store import StreamChanges
 from ..webrtc.bridge import PeerConnectionFactory
 from ..whep import WhepHub
 
@@ -27,7 +27,8 @@ class Services:
     peers: PeerConnectionFactory
     hub: SignalingHub
     static_dir: Path
-    store: StreamStore
+    #: where the management API records its changes (a cluster: Redis, seen by every node)
+    stream_changes: StreamChanges
     #: notified on every socket, session, peer connection and source change.
     changes: ChangeSignal
     metrics: Metrics

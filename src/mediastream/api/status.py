@@ -1,5 +1,5 @@
-"""How the server is doing, and what it offers: ``/healthz``, ``/api/stats``, ``/metrics``,
-``/api/openapi.json``."""
+"""How the server is doing, and what it offers: ``/healthz``, ``/api/stats``, ``/api/cluster``,
+``/metrics``, ``/api/openapi.json``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,18 @@ def status_blueprint(services: Services) -> Blueprint:
 
     @status.route("/healthz")
     async def healthz() -> Any:
-        return jsonify({"status": "ok"})
+        cluster = services.cluster
+        if cluster is not None and cluster.draining:
+            # Shutting down, its streams handed over: a load balancer takes it out. (Never
+            # Redis's state: a Redis outage must not fail every node's health check.)
+            response = jsonify({"status": "draining"})
+            response.status_code = 503
+        else:
+            response = jsonify({"status": "ok"})
+        if cluster is not None and cluster.node_id:
+            # Which node answered: behind a load balancer, or one port shared by workers.
+            response.headers["X-MediaStream-Node"] = cluster.node_id
+        return response
 
     @status.route("/metrics")
     async def metrics() -> Any:
@@ -54,6 +65,41 @@ def status_blueprint(services: Services) -> Blueprint:
                 "viewers": s.viewers,
                 "tasks": s.tasks,
                 "threads": s.threads,
+            }
+        )
+
+    @status.route("/api/cluster")
+    async def cluster() -> Any:
+        require_admin(services)
+        node = services.cluster
+        if node is None:
+            return jsonify({"nodeId": None, "nodes": []})
+        from ..cluster.errors import RedisUnavailable  # a cluster node has it imported already
+
+        try:
+            records = await node.nodes()
+        except RedisUnavailable as exc:
+            return json_error(
+                503, ErrorCode.CLUSTER_UNAVAILABLE, f"The cluster's nodes are unknown: {exc}"
+            )
+        owners = await node.owners([s.id for s in services.registry])
+        owned: dict[str, list[str]] = {}
+        for stream_id, owner in owners.items():
+            if owner is not None:
+                owned.setdefault(owner.node_id, []).append(stream_id)
+        return jsonify(
+            {
+                "nodeId": node.node_id,
+                "nodes": [
+                    {
+                        "id": record.node_id,
+                        "publicUrl": record.public_url,
+                        "state": str(record.state),
+                        "load": record.load,
+                        "streams": sorted(owned.get(record.node_id, [])),
+                    }
+                    for record in records
+                ],
             }
         )
 

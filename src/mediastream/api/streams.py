@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Final
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from quart import Blueprint, Response, abort, jsonify, request
@@ -15,8 +16,12 @@ from ..config import StreamConfig, stream_from_dict, stream_to_dict
 from ..errors import ConfigError, ErrorCode
 from ..media.snapshot import SnapshotError
 from ..registry import Stream, StreamStatistics
+from ..store import ChangeRefused
 from .access import caller, json_error, require_admin
 from .services import Services
+
+if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
+    from ..cluster.leases import Owner
 
 #: How long a snapshot of a stopped stream waits for its source's first keyframe (seconds).
 SNAPSHOT_WAIT: Final = 15.0
@@ -29,19 +34,20 @@ API_KEYS: Final = {
 
 
 def streams_blueprint(services: Services) -> Blueprint:
-    """The ``/api/streams`` routes, over ``services.registry`` and ``services.store``."""
+    """The ``/api/streams`` routes, over ``services.registry`` and ``services.stream_changes``."""
     streams = Blueprint("streams", __name__)
 
     @streams.route("/api/streams")
     async def list_streams() -> Any:
         grant = caller(services)
         visible = [s for s in services.registry.statistics() if grant.allows(s.id)]
-        return jsonify({"streams": [stream_json(s) for s in visible]})
+        owners = await stream_owners(services, [s.id for s in visible])
+        return jsonify({"streams": [stream_json(s, owners.get(s.id)) for s in visible]})
 
     @streams.route("/api/streams/<stream_id>")
     async def get_stream(stream_id: str) -> Any:
         stream = stream_or_404(stream_id, caller(services))
-        return jsonify(stream_json(stream.statistics()))
+        return jsonify(await _stream_json(services, stream.statistics()))
 
     def stream_or_404(stream_id: str, grant: Grant | None = None) -> Stream:
         """The stream, or a 404 if there is none (or ``grant`` may not see it: the same answer,
@@ -70,31 +76,36 @@ def streams_blueprint(services: Services) -> Blueprint:
         response.headers["Cache-Control"] = "no-cache"
         return response
 
-    # One change at a time: each checks the registry, saves to the store in a thread, then
+    # One change at a time: each checks the registry, records the change in the store, then
     # changes the registry. Interleaved, two DELETEs of one stream both passed the check and
     # the second raised KeyError (a 500), and two POSTs of one id overwrote each other's
-    # saved definition. The body is read before the lock: a slow client holds up no one.
-    changing = trio.Lock()
+    # saved definition. The lock is the store's: in a cluster, changes made on other nodes
+    # are applied under it too. The body is read before the lock: a slow client holds up no
+    # one.
+    def changing() -> trio.Lock:
+        return services.stream_changes.lock
 
     @streams.route("/api/streams", methods=["POST"])
     async def add_stream() -> Any:
         require_admin(services)
         body = await _request_object()
-        async with changing:
+        async with changing():
             config = await _parse_definition(body, None)
             if services.registry.get(config.id) is not None:
                 message = f'A stream "{config.id}" exists already (PUT /api/streams/{config.id})'
                 return json_error(409, ErrorCode.STREAM_EXISTS, message, field="id")
-            await trio.to_thread.run_sync(services.store.save, config.id, stream_to_dict(config))
+            saved = services.stream_changes.save(config.id, stream_to_dict(config))
+            if refused := await _record(saved):
+                return refused
             stream = services.registry.add(config)
-        return jsonify(stream_json(stream.statistics())), 201
+        return jsonify(await _stream_json(services, stream.statistics())), 201
 
     @streams.route("/api/streams/<stream_id>", methods=["PUT", "PATCH"])
     async def change_stream(stream_id: str) -> Any:
         require_admin(services)
         stream_or_404(stream_id)
         body = await _request_object()
-        async with changing:
+        async with changing():
             stream = stream_or_404(stream_id)  # again: it may be gone by now
             if request.method == "PATCH":
                 # Unmentioned fields keep their values (the source, credentials included).
@@ -108,20 +119,19 @@ def streams_blueprint(services: Services) -> Blueprint:
                 body = {**current, **body}
             config = await _parse_definition(body, stream_id)
             definition = stream_to_dict(config)
-            await trio.to_thread.run_sync(
-                functools.partial(
-                    services.store.save, stream_id, definition, enabled=stream.enabled
-                )
-            )
+            saved = services.stream_changes.save(stream_id, definition, enabled=stream.enabled)
+            if refused := await _record(saved):
+                return refused
             stream = services.registry.replace(config)
-        return jsonify(stream_json(stream.statistics()))
+        return jsonify(await _stream_json(services, stream.statistics()))
 
     @streams.route("/api/streams/<stream_id>", methods=["DELETE"])
     async def delete_stream(stream_id: str) -> Any:
         require_admin(services)
-        async with changing:
+        async with changing():
             stream_or_404(stream_id)
-            await trio.to_thread.run_sync(services.store.delete, stream_id)
+            if refused := await _record(services.stream_changes.delete(stream_id)):
+                return refused
             services.registry.remove(stream_id)
         return "", 204
 
@@ -137,13 +147,35 @@ def streams_blueprint(services: Services) -> Blueprint:
 
     async def set_enabled(stream_id: str, enabled: bool) -> Any:
         require_admin(services)
-        async with changing:
+        async with changing():
             stream_or_404(stream_id)
-            await trio.to_thread.run_sync(services.store.set_enabled, stream_id, enabled)
+            if refused := await _record(services.stream_changes.set_enabled(stream_id, enabled)):
+                return refused
             stream = services.registry.set_enabled(stream_id, enabled)
-        return jsonify(stream_json(stream.statistics()))
+        return jsonify(await _stream_json(services, stream.statistics()))
 
     return streams
+
+
+async def _record(change: Awaitable[None]) -> Any:
+    """Await a store change; None when recorded, else the error response to answer."""
+    try:
+        await change
+    except ChangeRefused as exc:
+        return json_error(exc.status, exc.code, str(exc))
+    return None
+
+
+async def stream_owners(services: Services, stream_ids: list[str]) -> dict[str, Owner | None]:
+    """Which node owns each stream: nothing in a single process (no owners)."""
+    if services.cluster is None:
+        return {}
+    return await services.cluster.owners(stream_ids)
+
+
+async def _stream_json(services: Services, stats: StreamStatistics) -> dict[str, Any]:
+    owners = await stream_owners(services, [stats.id])
+    return stream_json(stats, owners.get(stats.id))
 
 
 async def _request_object() -> dict[str, Any]:
@@ -172,8 +204,9 @@ async def _parse_definition(body: dict[str, Any], stream_id: str | None) -> Stre
         abort(json_error(400, ErrorCode.INVALID_CONFIG, exc.reason, field=exc.key))
 
 
-def stream_json(stats: StreamStatistics) -> dict[str, Any]:
-    """One stream as the API shows it (``Stream`` in ``openapi.json``)."""
+def stream_json(stats: StreamStatistics, owner: Owner | None = None) -> dict[str, Any]:
+    """One stream as the API shows it (``Stream`` in ``openapi.json``); ``owner``: the cluster
+    node reading its source (None in a single process, or while no node owns it)."""
     return {
         "id": stats.id,
         "name": stats.name,
@@ -209,4 +242,5 @@ def stream_json(stats: StreamStatistics) -> dict[str, Any]:
             }
             for quality in stats.qualities
         ],
+        "owner": None if owner is None else {"node": owner.node_id, "epoch": owner.epoch},
     }

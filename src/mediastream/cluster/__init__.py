@@ -25,13 +25,18 @@ import socket
 from ..config import ClusterConfig
 
 
-def node_identity(cluster: ClusterConfig, port: int) -> tuple[str, str]:
+def node_identity(cluster: ClusterConfig, port: int, worker: int | None = None) -> tuple[str, str]:
     """This node's id and public URL: as configured, else from the host name and HTTP port.
 
     The default id is ``{host name}-{port}`` so that several nodes on one machine (one per
-    core, each on its own port) differ.
+    core, each on its own port) differ. A worker of ``serve --workers N`` (``worker`` = its
+    index) adds ``-w{index}`` to the id, configured or not: the workers share the port and
+    the configuration, and must still differ. They share the public URL too: nothing reaches
+    a node by its URL except browsers, and any node routes any stream.
     """
     host = socket.gethostname()
     node_id = cluster.node_id or f"{host}-{port}"
+    if worker is not None:
+        node_id = f"{node_id}-w{worker}"
     public_url = (cluster.public_url or f"http://{host}:{port}").rstrip("/")
     return node_id, public_url

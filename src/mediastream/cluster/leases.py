@@ -86,6 +86,8 @@ class NodeRecord:
     state: NodeState = NodeState.SERVING
     #: share of its capacity in use: 0.0 idle, 1.0 and more full.
     load: float = 0.0
+    #: Redis's id of the node's liveness connection (``cluster/liveness.py``); 0: not known.
+    liveness: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -101,6 +103,8 @@ class NodeRecord:
                 relay_address=_typed(item, "relay_address", str),
                 state=NodeState(_typed(item, "state", str)),
                 load=float(_typed(item, "load", (int, float))),
+                # absent in records of nodes older than the liveness connection
+                liveness=int(_typed(item, "liveness", int)) if "liveness" in item else 0,
             )
         except (ValueError, TypeError) as exc:
             raise ClusterError(f"bad node record {text[:200]!r}: {exc}") from None
@@ -166,12 +170,14 @@ class NodeRegistration:
         self.renewals = 0
         self.failures = 0
         self._renewed = trio.Event()
+        self._updated = trio.Event()
 
     def update(self, record: NodeRecord) -> None:
-        """Publish ``record`` from the next renewal on (state or load changed)."""
+        """Publish ``record`` at once (state, load or liveness id changed)."""
         if record.node_id != self.record.node_id:
             raise ClusterError(f'a node cannot change its id ("{self.record.node_id}")')
         self.record = record
+        self._updated.set()
 
     async def wait_renewed(self) -> None:
         """Until the next successful write of the record (after this call)."""
@@ -218,7 +224,9 @@ async def run_node_registration(
             if not started:
                 task_status.started(registration)
                 started = True
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await registration._updated.wait()
+            registration._updated = trio.Event()
     finally:
         # Suppressed: a record that cannot be deleted expires by itself.
         with (
@@ -373,12 +381,24 @@ class StreamLease:
                 f"(lease {self.state}{': ' + self.loss_reason if self.loss_reason else ''})"
             )
 
+    def give_up(self, reason: str) -> None:
+        """Declare the lease lost now (this node can no longer vouch for it): the registered
+        scopes are cancelled at once. The key is left to expire (or to be taken over)."""
+        self._lose(reason)
+
     def cancel_on_loss(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the lease is lost (at once if it already is)."""
         if self.state is LeaseState.LOST:
             scope.cancel()
         else:
             self._scopes.append(scope)
+
+    def cancel_users(self) -> None:
+        """Cancel the registered scopes now, the lease still held: this node is handing the
+        stream over (drain) and its ingest must stop before the lease is released."""
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes.clear()
 
     async def wait_changed(self) -> None:
         """Until the next change of state or epoch (or renewal)."""

@@ -10,7 +10,7 @@ the least loaded serving node does (a full cluster degrades instead of refusing)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 from .leases import NodeRecord, NodeState
@@ -51,3 +51,27 @@ def choose_owner(stream_id: str, nodes: Iterable[NodeRecord]) -> NodeRecord | No
         return None
     # min() keeps the first of equals, which is the higher-ranked.
     return min(ranked, key=lambda node: node.load)
+
+
+def stream_ids_placed_on(
+    node_id: str, node_ids: Sequence[str], count: int, prefix: str = "cam"
+) -> list[str]:
+    """The first ``count`` ids ``{prefix}-{n}`` that placement gives to ``node_id`` when the
+    nodes ``node_ids`` all serve, idle: for tests, benchmarks and trials that need streams a
+    given node will own.
+
+    Raises:
+        ValueError: ``node_id`` is not one of ``node_ids``.
+    """
+    if node_id not in node_ids:
+        raise ValueError(f'node "{node_id}" is not among {list(node_ids)}')
+    records = [NodeRecord(node, f"http://{node}") for node in node_ids]
+    found: list[str] = []
+    index = 0
+    while len(found) < count:
+        stream_id = f"{prefix}-{index}"
+        index += 1
+        owner = choose_owner(stream_id, records)
+        if owner is not None and owner.node_id == node_id:
+            found.append(stream_id)
+    return found

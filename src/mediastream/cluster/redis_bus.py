@@ -24,7 +24,7 @@ import trio
 
 from .bus import INBOX_SIZE, REQUEST_TIMEOUT, Bus
 from .errors import RedisUnavailable
-from .redis_client import COMMAND_TIMEOUT, Redis, describe, redis_call
+from .redis_client import COMMAND_TIMEOUT, Redis, describe, redis_call, subscription
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,7 @@ async def _receive(
     started = False
     while True:
         try:
-            async with client.pubsub(
-                channels=[channel],
-                ignore_subscribe_messages=True,
-                retry_policy=coredis.retry.NoRetryPolicy(),
-                subscription_timeout=COMMAND_TIMEOUT,
-                max_idle_seconds=INBOX_KEEPALIVE,
-            ) as pubsub:
+            async with subscription(client, channel, keepalive=INBOX_KEEPALIVE) as pubsub:
                 if started:
                     log.info('node "%s" subscribed to its inbox again', bus.node_id)
                 else:

@@ -3,12 +3,20 @@
 Task tree (started in the server's lifetime nursery with ``nursery.start(node.run, port)``)::
 
     ClusterNode.run                    the Redis pool; ready once the node record is written
-    ├── run_node_registration          ms:node:{id}, rewritten every 2 s
+    ├── hold_liveness                  the named liveness connection, its id checked
+    │                                  every 0.25 s (a new id on the same Redis run: every
+    │                                  lease given up at once)
+    ├── run_node_registration          ms:node:{id}, rewritten every 2 s and at once when
+    │                                  the liveness id changes
     ├── inbox                          open_redis_bus (its receive pump) and the dispatcher,
     │                                  subscribed again after Redis comes back
-    ├── watch nodes                    every 2 s while anything crosses nodes: ends relayed
-    │                                  sessions whose owner's record expired, reaps remote
-    │                                  sockets whose node's record expired
+    ├── watch nodes                    every 0.25 s while anything crosses nodes: ends relayed
+    │                                  sessions whose owner is gone (its liveness connection
+    │                                  dropped by Redis, or its record expired), reaps remote
+    │                                  sockets whose node is gone
+    ├── place always-on streams        every 2 s: always-on streams nobody reads are
+    │                                  resolved (claimed here if placement says so)
+    ├── measure load                   the process's share of a core, into the record
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -33,14 +41,17 @@ Messages between nodes (envelope ``kind``):
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import trio
@@ -53,23 +64,33 @@ from ..registry import Stream, StreamRegistry
 from ..session import SessionPhase, StreamSession, queue_candidate
 from ..signaling import LocalRouter, Session, SocketEnd
 from . import node_identity
-from .bus import Bus
+from .bus import Bus, BusStatistics
 from .envelope import Envelope
-from .errors import ClusterError, OwnedElsewhere, RedisUnavailable
+from .errors import (
+    ClusterError,
+    LeaseLost,
+    OwnedElsewhere,
+    OwnerGone,
+    RedisUnavailable,
+)
 from .leases import (
-    NODE_RENEW_INTERVAL,
     LeaseState,
     NodeRecord,
+    NodeRegistration,
+    NodeState,
+    Owner,
     StreamLease,
     current_owner,
     hold_stream_lease,
     live_nodes,
     owner_key,
+    register_node,
     run_node_registration,
 )
+from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
 from .placement import choose_owner
 from .redis_bus import open_redis_bus
-from .redis_client import Redis, open_redis
+from .redis_client import CommandObserver, Redis, open_redis, redis_call
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +100,26 @@ CLAIM_GRACE: Final = 15.0  # seconds
 REMOTE_OUTBOX: Final = 256
 #: how long a route waits for the inbox when Redis has not answered yet.
 BUS_WAIT: Final = 2.0  # seconds
-#: a bounded wait for telling an owner that a relayed session closed.
-CLOSE_NOTICE_TIMEOUT: Final = 1.0  # seconds
+#: wait for a session message's acknowledgement before sending it again (once).
+ACK_TIMEOUT: Final = 1.0  # seconds
+#: a bounded wait for telling an owner that a relayed session closed (room for one retry).
+CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
+#: how often, while sessions cross nodes, the nodes involved are checked for life.
+WATCH_INTERVAL: Final = 0.25  # seconds
+#: how long a node seen gone is remembered (its record is deleted or expires well before).
+GONE_MEMORY: Final = 60.0  # seconds
+#: how often each node looks for always-on streams that nobody reads, to claim its share.
+PLACEMENT_INTERVAL: Final = 2.0  # seconds
+#: how often the node's load (the share of one core its process uses) is measured; a change
+#: of at least LOAD_STEP is published in its record at once.
+LOAD_INTERVAL: Final = 2.0  # seconds
+LOAD_STEP: Final = 0.05
 
 _T = TypeVar("_T")
+
+
+class OwnerChanging(ClusterError):
+    """The owner named for a stream refused its offer twice (it is moving): try again."""
 
 
 @dataclass(frozen=True)
@@ -97,16 +134,36 @@ class RoutingStatistics:
     #: Redis commands made on behalf of offers, candidates and closes (not renewals)
     redis_commands: int
     stale_dropped: int
+    #: leases of nodes whose process ended, deleted by this node (liveness.take_over)
+    takeovers: int
     owned_streams: tuple[str, ...]
     relayed_sessions: int
     remote_sockets: int
+    #: bus messages this node sent (relayed out), by kind; replies are the bus's own
+    messages_out: tuple[tuple[str, int], ...] = ()
+    #: bus messages this node's inbox handed on (relayed in), by kind
+    messages_in: tuple[tuple[str, int], ...] = ()
+    #: sends and requests that failed (owner gone, timed out, Redis), by kind
+    message_errors: tuple[tuple[str, int], ...] = ()
+    #: the bus's counters since the node started (summed over its reconnections)
+    bus: BusStatistics | None = None
 
 
 class ClusterNode:
     """Routing and ownership for one node (a :class:`Router` and an :class:`IngestGate`)."""
 
-    def __init__(self, config: Config, local: LocalRouter) -> None:
+    def __init__(
+        self,
+        config: Config,
+        local: LocalRouter,
+        *,
+        on_redis_command: CommandObserver | None = None,
+        worker: int | None = None,
+    ) -> None:
         self._config = config
+        self._on_redis_command = on_redis_command
+        #: the index of this node among ``serve --workers N`` (None: a process of its own)
+        self._worker = worker
         #: set by the server once built (the registry is built with this node as its gate)
         self.registry: StreamRegistry | None = None
         self._local = local
@@ -126,12 +183,29 @@ class ClusterNode:
             weakref.WeakKeyDictionary()
         )
         self._remote: dict[tuple[str, str], RemoteSocket] = {}
+        self._liveness: Liveness | None = None
+        #: this node's record in Redis (set once started)
+        self.registration: NodeRegistration | None = None
+        #: node id -> (its liveness id, Trio's clock when first seen gone, Redis's run id)
+        self._gone_since: dict[str, tuple[int, float, str]] = {}
+        #: RemoteSocket.run tasks still running (their outbox may still hold messages)
+        self._remote_running = 0
+        self._remote_changed = trio.Event()
+        #: set by :meth:`drain`: no new streams, and the owned ones are handed over
+        self.draining = False
+        #: owned streams being handed over: their ingest stops, their lease is released
+        self._handing_over: set[str] = set()
         self._crossing = trio.Event()  # something crosses nodes: the node watcher has work
         self._counts = dict.fromkeys(
             ("local_offers", "routed_offers", "relayed_offers", "remote_offers",
-             "redis_commands", "stale_dropped"),
+             "redis_commands", "stale_dropped", "takeovers"),
             0,
         )  # fmt: skip
+        self._messages_out: collections.Counter[str] = collections.Counter()
+        self._messages_in: collections.Counter[str] = collections.Counter()
+        self._message_errors: collections.Counter[str] = collections.Counter()
+        #: the counters of the buses closed so far (one per inbox subscription)
+        self._closed_buses: BusStatistics | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -145,17 +219,30 @@ class ClusterNode:
         released and the record deleted at once; a plain cancellation (the server's deadline)
         cancels the pool too, and they expire by themselves.
         """
-        self.node_id, public_url = node_identity(self._config.cluster, port)
+        self.node_id, public_url = node_identity(self._config.cluster, port, self._worker)
         try:
-            async with open_redis(self._config.cluster.redis_url) as redis:
+            async with open_redis(
+                self._config.cluster.redis_url, on_command=self._on_redis_command
+            ) as redis:
                 with self._stop_scope:
                     async with trio.open_nursery() as nursery:
                         self._redis = redis
                         self._nursery = nursery
-                        record = NodeRecord(self.node_id, public_url)
-                        await nursery.start(run_node_registration, redis, record)
+                        liveness: Liveness = await nursery.start(
+                            hold_liveness,
+                            self._config.cluster.redis_url,
+                            self.node_id,
+                            self._liveness_broken,
+                        )
+                        self._liveness = liveness
+                        record = NodeRecord(self.node_id, public_url, liveness=liveness.client_id)
+                        registration = await nursery.start(run_node_registration, redis, record)
+                        self.registration = registration
+                        nursery.start_soon(self._publish_liveness, liveness, registration)
                         nursery.start_soon(self._keep_inbox, redis)
                         nursery.start_soon(self._watch_nodes)
+                        nursery.start_soon(self._measure_load, registration)
+                        nursery.start_soon(self._place_always_on)
                         # Ready once the inbox listens: another node relaying an offer here
                         # right after start-up found nobody subscribed ("node is gone").
                         with trio.move_on_after(BUS_WAIT):
@@ -172,6 +259,104 @@ class ClusterNode:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # --- drain ------------------------------------------------------------------------------
+
+    async def drain(self, limit: float) -> None:
+        """Hand every stream this node owns over to the others, within ``limit`` seconds.
+
+        Called by the server on a shutdown request (SIGTERM), before its sockets close. The
+        node record turns ``draining`` (placement skips it from then on, and this node
+        claims nothing more); then, for each owned stream: its ingest stops, its lease is
+        released (another node may claim it at once), and the viewers whose sockets are on
+        other nodes are told ``peer_failed`` "…send a new offer": their re-offers are placed
+        on a serving node, which claims the stream. This node's own sockets are closed
+        afterwards by the server (1001), and their pages reconnect to another node. What was
+        not done within ``limit`` is left to the stop that follows (leases released, record
+        deleted) and to the other nodes' watchers.
+        """
+        if self._redis is None or self.draining:
+            return
+        self.draining = True
+        owned = sorted(s for s in self._owned if self.owns(s))
+        viewers = sum(remote.watching(owned) for remote in self._remote.values())
+        log.info(
+            'node "%s" draining: handing over %d streams (%d viewers on other nodes\' sockets), '
+            "at most %g s",
+            self.node_id, len(owned), viewers, limit,
+        )  # fmt: skip
+        began = trio.current_time()
+        with trio.move_on_after(limit) as bounded:
+            await self._announce_draining()
+            async with trio.open_nursery() as handovers:
+                for stream_id in owned:
+                    handovers.start_soon(self._hand_over, stream_id)
+            # Until every remote socket's outbox is out: its peer_failed and ended messages.
+            while self._remote_running:
+                await self._remote_changed.wait()
+            new_owners = await self._owners_of(owned)
+        took = trio.current_time() - began
+        if bounded.cancelled_caught:
+            log.warning(
+                'node "%s": drain cut off after %g s; %d streams still owned here, %d remote '
+                "sockets still open (they end with the node)",
+                self.node_id, limit, len(self._owned), len(self._remote),
+            )  # fmt: skip
+            return
+        handed = [f"{s} -> {new_owners.get(s) or 'released, not claimed again yet'}" for s in owned]
+        log.info(
+            'node "%s" drained in %.1f s: %s',
+            self.node_id, took, ", ".join(handed) or "it owned no streams",
+        )  # fmt: skip
+
+    async def _announce_draining(self) -> None:
+        """Write the record as ``draining`` now (not at the next renewal): placement on the
+        other nodes must skip this node before any of its streams is released."""
+        assert self._redis is not None
+        if self.registration is None:
+            return
+        record = dataclasses.replace(self.registration.record, state=NodeState.DRAINING)
+        self.registration.update(record)
+        try:
+            await register_node(self._redis, record)
+        except RedisUnavailable as exc:
+            log.warning("%s; the record turns draining at its next renewal", exc)
+
+    async def _hand_over(self, stream_id: str) -> None:
+        lease = self._owned.get(stream_id)
+        assert self.registry is not None
+        stream = self.registry.get(stream_id)
+        if lease is None or stream is None or lease.state is not LeaseState.HELD:
+            return
+        # The ingest stops before the lease is released: never two readers of one camera.
+        self._handing_over.add(stream_id)
+        lease.cancel_users()
+        stream.changes.notify()
+        await stream.changes.wait_until(lambda: not stream.source_running)
+        # ``_own`` releases the lease (compare-and-DEL) and forgets it.
+        await stream.changes.wait_until(lambda: self._owned.get(stream_id) is not lease)
+        self._handing_over.discard(stream_id)
+        # Released before the viewers are told: their re-offers find nobody holding it.
+        reason = f'node "{self.node_id}" is shutting down and handed the stream over'
+        for remote in list(self._remote.values()):
+            remote.end_stream(stream_id, reason)
+
+    async def _owners_of(self, stream_ids: list[str]) -> dict[str, str]:
+        """Who owns each stream now, for the drain's log (best effort)."""
+        assert self._redis is not None
+        redis = self._redis
+        owners: dict[str, str] = {}
+        for stream_id in stream_ids:
+            with contextlib.suppress(ClusterError):
+                owner = await current_owner(redis, stream_id)
+                if owner is not None:
+                    owners[stream_id] = owner.node_id
+        return owners
+
+    def _remote_started(self, on: bool) -> None:
+        self._remote_running += 1 if on else -1
+        self._remote_changed.set()
+        self._remote_changed = trio.Event()
 
     async def _keep_inbox(self, redis: Redis) -> None:
         while True:
@@ -193,6 +378,8 @@ class ClusterNode:
             except RedisUnavailable as exc:
                 log.warning("%s; trying again in 1 s", exc)
             finally:
+                if self._bus is not None:
+                    self._closed_buses = _sum_bus(self._closed_buses, self._bus.statistics())
                 self._bus = None
                 self._bus_ready = trio.Event()
             await trio.sleep(1.0)
@@ -206,6 +393,22 @@ class ClusterNode:
             f'node "{self.node_id}" has no inbox: Redis did not answer within {BUS_WAIT:g} s'
         )
 
+    async def _publish_liveness(self, liveness: Liveness, registration: NodeRegistration) -> None:
+        """Keep the record's liveness id current (written at once when it changes)."""
+        while True:
+            if registration.record.liveness != liveness.client_id:
+                registration.update(replace(registration.record, liveness=liveness.client_id))
+            await liveness.wait_changed()
+
+    def _liveness_breaks(self) -> int:
+        return self._liveness.statistics().breaks if self._liveness is not None else 0
+
+    def _liveness_broken(self, reason: str) -> None:
+        """The liveness connection was closed under this live node: the others may take its
+        streams over after ``TAKEOVER_GRACE``, so it gives every one of them up now."""
+        for lease in list(self._owned.values()):
+            lease.give_up(f'node "{self.node_id}": {reason}')
+
     async def _redis_call(self, call: Callable[[], Awaitable[_T]]) -> _T:
         self._counts["redis_commands"] += 1
         return await call()
@@ -214,7 +417,7 @@ class ClusterNode:
 
     def may_ingest(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        if lease is None:
+        if lease is None or stream_id in self._handing_over:
             return False
         try:
             lease.check()
@@ -233,28 +436,40 @@ class ClusterNode:
 
     def owns(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
-        return lease is not None and lease.state is LeaseState.HELD
+        return (
+            lease is not None
+            and lease.state is LeaseState.HELD
+            and stream_id not in self._handing_over
+        )
 
     async def claim(self, stream: Stream) -> StreamLease:
         """Own ``stream`` (claim its lease unless held); its ingest may then start.
 
         Raises:
             OwnedElsewhere: another node holds it.
+            ClusterError: this node is draining.
             RedisUnavailable
         """
         lock = self._claims.setdefault(stream.id, trio.Lock())
         async with lock:
             lease = self._owned.get(stream.id)
-            if lease is not None and lease.state is LeaseState.HELD:
+            if lease is not None and self.owns(stream.id):
                 return lease
+            if self.draining:
+                raise ClusterError(
+                    f'node "{self.node_id}" is shutting down and takes no new streams, and no '
+                    "other node serves"
+                )
             assert self._nursery is not None and self._redis is not None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
+            claimed.check()  # LeaseLost if it was given up at once (see _own)
             return claimed
 
     async def _own(self, stream: Stream, *, task_status: trio.TaskStatus[StreamLease]) -> None:
         assert self._redis is not None
         lease: StreamLease | None = None
+        breaks = self._liveness_breaks()
         try:
             async with trio.open_nursery() as holder:
                 lease = await holder.start(
@@ -262,6 +477,10 @@ class ClusterNode:
                 )
                 assert lease is not None
                 held = lease
+                if self._liveness_breaks() != breaks:
+                    # Claimed while the liveness connection was replaced: the others may
+                    # judge this node gone by its old id, so this lease is not kept either.
+                    held.give_up("claimed while this node's liveness connection was replaced")
                 self._owned[stream.id] = held
                 stream.changes.notify()  # the supervisor may start the ingest now
                 task_status.started(held)
@@ -269,11 +488,14 @@ class ClusterNode:
                 # Released when idle: no viewer came within the grace, or all have left and the
                 # source has stopped (the supervisor's own grace).
                 with trio.move_on_after(CLAIM_GRACE):
-                    await stream.changes.wait_until(lambda: stream.viewers > 0)
+                    await stream.changes.wait_until(
+                        lambda: stream.viewers > 0 or stream.id in self._handing_over
+                    )
                 await stream.changes.wait_until(
                     lambda: (
                         held.state is not LeaseState.HELD
                         or (stream.viewers == 0 and not stream.source_running)
+                        or (stream.id in self._handing_over and not stream.source_running)
                     )
                 )
                 holder.cancel_scope.cancel()
@@ -299,6 +521,127 @@ class ClusterNode:
                 )  # fmt: skip
                 session.end(reason)
         stream.changes.notify()
+
+    # --- placement of always-on streams and the node's load ---------------------------------
+
+    async def _place_always_on(self) -> None:
+        """Always-on streams are read with no viewer, so no offer places them: every node
+        looks for those nobody reads and claims the ones placement gives it.
+
+        One round: one ``MGET`` of their owners and the node list, plus one ``CLIENT LIST``
+        when some are owned by other nodes (is the owner's process still there?). A stream
+        with no owner, or whose owner ended, goes through :meth:`resolve` in a task of its
+        own, as a viewer's offer would: it waits out or takes over a dead owner's lease, and
+        claims the stream only if placement chooses this node (the chosen node does the same).
+        """
+        assert self._redis is not None
+        redis = self._redis
+        placing: set[str] = set()
+        async with trio.open_nursery() as nursery:
+            while True:
+                wanted = [
+                    stream
+                    for stream in (self.registry or ())
+                    if stream.always_on and not self.owns(stream.id) and stream.id not in placing
+                ]
+                if wanted and not self.draining:
+                    try:
+                        unread = await self._unread(redis, wanted)
+                    except RedisUnavailable as exc:
+                        log.info("%s; always-on streams not placed this round", exc)
+                        unread = []
+                    for stream in unread:
+                        placing.add(stream.id)
+                        nursery.start_soon(self._place, stream, placing)
+                if not self.draining:
+                    try:
+                        await self._rebalance(redis, nursery)
+                    except RedisUnavailable as exc:
+                        log.info("%s; always-on streams not rebalanced this round", exc)
+                await trio.sleep(PLACEMENT_INTERVAL)
+
+    async def _rebalance(self, redis: Redis, nursery: trio.Nursery) -> None:
+        """Hand the always-on streams nobody watches to the node placement now prefers.
+
+        Placement is sticky: a stream stays where it was claimed. Nodes of a cluster start one
+        after the other, so the first would keep every always-on camera; an unwatched one
+        moves at no cost to anybody (its ingest stops here before the lease is released, and
+        the preferred node claims it in its next round). Watched streams never move.
+
+        Raises:
+            RedisUnavailable
+        """
+        idle = [
+            stream
+            for stream in (self.registry or ())
+            if stream.always_on and stream.viewers == 0 and self.owns(stream.id)
+        ]
+        if not idle:
+            return
+        nodes = await live_nodes(redis)
+        for stream in idle:
+            chosen = choose_owner(stream.id, nodes)
+            if chosen is not None and chosen.node_id != self.node_id and self.owns(stream.id):
+                log.info(
+                    'always-on stream "%s": nobody watches it; handed to node "%s", where '
+                    "placement puts it",
+                    stream.id, chosen.node_id,
+                )  # fmt: skip
+                nursery.start_soon(self._hand_over, stream.id)  # owns() is False from its start
+
+    async def _unread(self, redis: Redis, streams: list[Stream]) -> list[Stream]:
+        """Those of ``streams`` that no live node owns (or owned by an earlier run of this one).
+
+        Raises:
+            RedisUnavailable
+        """
+        values = await redis_call(
+            redis,
+            "read the owners of always-on streams",
+            redis.mget([owner_key(s.id) for s in streams]),
+        )
+        nodes = {node.node_id: node for node in await live_nodes(redis)}
+        owners: dict[str, str] = {}
+        for stream, value in zip(streams, values, strict=True):
+            try:
+                owners[stream.id] = Owner.parse(value).node_id if value else ""
+            except ClusterError as exc:
+                log.warning('stream "%s": %s; placing it again', stream.id, exc)
+                owners[stream.id] = ""
+        involved = [nodes[n] for n in set(owners.values()) if n in nodes and n != self.node_id]
+        gone = await gone_nodes(redis, involved) if involved else set()
+        for node_id in gone:
+            self._seen_gone(nodes[node_id])
+        return [
+            stream
+            for stream in streams
+            if owners[stream.id] not in nodes
+            or owners[stream.id] in gone
+            or owners[stream.id] == self.node_id
+        ]
+
+    async def _place(self, stream: Stream, placing: set[str]) -> None:
+        try:
+            node_id, _ = await self.resolve(stream)
+            if node_id == self.node_id:
+                log.info('always-on stream "%s": placed on this node', stream.id)
+        except ClusterError as exc:  # Redis, another node won the race, draining
+            log.info('always-on stream "%s" not placed here: %s', stream.id, exc)
+        finally:
+            placing.discard(stream.id)
+
+    async def _measure_load(self, registration: NodeRegistration) -> None:
+        """Publish the node's load: the share of one core its process used (all threads,
+        decoders and readers included) over the last ``LOAD_INTERVAL``, which placement reads
+        to send new streams elsewhere once a node is full."""
+        wall, cpu = time.monotonic(), time.process_time()
+        while True:
+            await trio.sleep(LOAD_INTERVAL)
+            now_wall, now_cpu = time.monotonic(), time.process_time()
+            load = round((now_cpu - cpu) / max(now_wall - wall, 1e-3), 2)
+            wall, cpu = now_wall, now_cpu
+            if abs(load - registration.record.load) >= LOAD_STEP:
+                registration.update(dataclasses.replace(registration.record, load=load))
 
     # --- Router (the socket's node) ---------------------------------------------------------
 
@@ -329,17 +672,55 @@ class ClusterNode:
         redis = self._redis
         while True:
             owner = await self._redis_call(lambda: current_owner(redis, stream.id))
-            if owner is None or owner.node_id == self.node_id:
+            if owner is None:
                 break
-            nodes = await self._redis_call(lambda: live_nodes(redis))
-            if owner.node_id in {node.node_id for node in nodes}:
-                return owner.node_id, owner.epoch
-            # The owner's record expired (it died); its lease outlives it by design (an owner
-            # frozen past it must stop first). Wait until Redis lets the stream go.
-            remaining = await self._redis_call(lambda: redis.pttl(owner_key(stream.id)))
+            if owner.node_id == self.node_id:
+                claiming = self._claims.get(stream.id)
+                if stream.id in self._owned or (claiming is not None and claiming.locked()):
+                    break  # ours, or being claimed here right now
+                # A lease of this node's previous life: it restarted under the same id (a
+                # worker of --workers restarted by its parent) before the lease expired. It
+                # cannot be adopted (a twin with the same id would look the same): wait.
+                why = "an earlier run of this node"
+            else:
+                nodes = await self._redis_call(lambda: live_nodes(redis))
+                record = next((node for node in nodes if node.node_id == owner.node_id), None)
+                if record is not None:
+                    if not await self._gone(record):
+                        return owner.node_id, owner.epoch
+                    self._seen_gone(record)
+                gone = self._known_gone(owner.node_id)
+                if gone is not None:
+                    # Its process ended (Redis dropped its liveness connection; its record may
+                    # already be deleted by a takeover of another of its streams): once it has
+                    # been gone for the grace, its lease is deleted and the stream placed again.
+                    liveness_id, first_seen = gone
+                    await trio.sleep_until(first_seen + TAKEOVER_GRACE)
+                    if record is None or await self._gone(record):
+                        takeover = functools.partial(
+                            take_over, redis, stream.id, owner.value, owner.node_id, liveness_id
+                        )
+                        if await self._redis_call(takeover):
+                            self._counts["takeovers"] += 1
+                            log.info(
+                                'stream "%s": took it over from node "%s" (epoch %d), whose '
+                                "process ended",
+                                stream.id, owner.node_id, owner.epoch,
+                            )  # fmt: skip
+                    continue
+                # The owner's record expired (it died); its lease outlives it by design (an
+                # owner frozen past it must stop first). Wait until Redis lets the stream go.
+                why = f'owner node "{owner.node_id}", gone'
+            remaining = await self._redis_call(
+                lambda: redis_call(
+                    redis,
+                    f'read the lease expiry of "{stream.id}"',
+                    redis.pttl(owner_key(stream.id)),
+                )
+            )
             log.info(
-                'stream "%s": owner node "%s" is gone; its lease expires in %d ms',
-                stream.id, owner.node_id, remaining,
+                'stream "%s": held by %s; its lease expires in %d ms',
+                stream.id, why, remaining,
             )  # fmt: skip
             await trio.sleep(max(remaining, 50) / 1000)
         nodes = await self._redis_call(lambda: live_nodes(redis))
@@ -352,15 +733,107 @@ class ClusterNode:
             return exc.node_id, exc.epoch
         return self.node_id, lease.epoch
 
+    def _seen_gone(self, record: NodeRecord) -> None:
+        run_id = self._liveness.run_id if self._liveness is not None else ""
+        known = self._gone_since.get(record.node_id)
+        if known is None or known[0] != record.liveness:
+            self._gone_since[record.node_id] = (record.liveness, trio.current_time(), run_id)
+
+    def _known_gone(self, node_id: str) -> tuple[int, float] | None:
+        """(liveness id, first seen) if ``node_id`` was seen gone during this Redis run."""
+        known = self._gone_since.get(node_id)
+        if known is None or self._liveness is None or known[2] != self._liveness.run_id:
+            return None
+        return known[0], known[1]
+
+    async def _gone(self, record: NodeRecord) -> bool:
+        """Has ``record``'s process ended (its liveness connection gone from Redis)?"""
+        if not record.liveness:
+            return False
+        assert self._redis is not None
+        redis = self._redis
+        return bool(await self._redis_call(lambda: gone_nodes(redis, [record])))
+
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
-        bus = await self._wait_bus()
-        self._counts["redis_commands"] += 1
-        await bus.send(node_id, kind, **fields)
+        """Deliver one message about a session (``ice``, ``quality``, ``close``, ``client``,
+        ``ended``): a request that the receiver acknowledges, sent again with the same ``seq``
+        if the acknowledgement does not come within ``ACK_TIMEOUT`` (the receiver's bus drops
+        the repeat, or answers it again from its reply cache: each message is handled once).
+        ``PUBLISH`` reaching nobody is tried again once after ``ACK_TIMEOUT`` too: the
+        receiver may be subscribing again after a Redis hiccup.
+
+        Raises:
+            RequestTimeout: never acknowledged; OwnerGone: nobody listened, twice;
+            RedisUnavailable.
+        """
+        try:
+            bus = await self._wait_bus()
+            self._messages_out[kind] += 1
+            for attempt in (1, 2):
+                self._counts["redis_commands"] += 1
+                try:
+                    await bus.request(node_id, kind, reply_timeout=ACK_TIMEOUT, **fields)
+                    return
+                except OwnerGone:
+                    if attempt == 2:
+                        raise
+                    await trio.sleep(ACK_TIMEOUT)
+        except ClusterError:
+            self._message_errors[kind] += 1
+            raise
 
     async def request(self, node_id: str, kind: str, **fields: Any) -> Envelope:
-        bus = await self._wait_bus()
-        self._counts["redis_commands"] += 1
-        return await bus.request(node_id, kind, **fields)
+        try:
+            bus = await self._wait_bus()
+            self._counts["redis_commands"] += 1
+            self._messages_out[kind] += 1
+            return await bus.request(node_id, kind, **fields)
+        except ClusterError:
+            self._message_errors[kind] += 1
+            raise
+
+    # --- the cluster view (the API) ---------------------------------------------------------
+
+    async def owners(self, stream_ids: list[str]) -> dict[str, Owner | None]:
+        """Which node owns each stream (None: nobody), in one ``MGET``.
+
+        The streams this node holds are known without Redis; with Redis unreachable, they
+        are all that is known (the others are None) rather than an error: listing streams
+        does not depend on Redis.
+        """
+        owners: dict[str, Owner | None] = {
+            stream_id: Owner(self.node_id, self._owned[stream_id].epoch)
+            if self.owns(stream_id)
+            else None
+            for stream_id in stream_ids
+        }
+        unknown = [stream_id for stream_id, owner in owners.items() if owner is None]
+        redis = self._redis
+        if redis is None or not unknown:
+            return owners
+        try:
+            values = await redis_call(
+                redis, "read the owners of streams", redis.mget([owner_key(s) for s in unknown])
+            )
+        except RedisUnavailable as exc:
+            log.info("%s; only this node's own streams are known", exc)
+            return owners
+        for stream_id, value in zip(unknown, values, strict=True):
+            if value is not None:
+                with contextlib.suppress(ClusterError):
+                    owners[stream_id] = Owner.parse(value)
+        return owners
+
+    async def nodes(self) -> list[NodeRecord]:
+        """The live nodes of the cluster, sorted by id.
+
+        Raises:
+            RedisUnavailable
+        """
+        redis = self._redis
+        if redis is None:
+            raise RedisUnavailable(f'node "{self.node_id}" is not connected to Redis')
+        return await live_nodes(redis)
 
     def _relaying(self, session: RoutedSession, on: bool) -> None:
         key = (session.socket.socket_id, session.stream.id)
@@ -374,6 +847,10 @@ class ClusterNode:
 
     def _dispatch(self, envelope: Envelope, bus: Bus, handlers: trio.Nursery) -> None:
         kind = envelope.kind
+        self._messages_in[kind] += 1
+        if kind != "offer" and envelope.is_request:
+            # A session message, acknowledged once handled (stale ones too: they arrived).
+            handlers.start_soon(_reply, bus, envelope, {"ok": True})
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
         elif kind in ("ice", "close", "quality"):
@@ -428,6 +905,11 @@ class ClusterNode:
                 bus, envelope, {"error": "stream_unavailable", "message": stream.unavailable}
             )
             return
+        if self.draining:
+            # The socket's node places the stream again; this record already says draining.
+            message = f'node "{self.node_id}" is shutting down'
+            await _reply(bus, envelope, {"error": "draining", "message": message})
+            return
         try:
             lease = await self.claim(stream)
         except OwnedElsewhere as exc:
@@ -440,6 +922,9 @@ class ClusterNode:
             return
         except RedisUnavailable as exc:
             await _reply(bus, envelope, {"error": "stream_unavailable", "message": str(exc)})
+            return
+        except LeaseLost as exc:  # given up as it was claimed: a new offer claims it again
+            await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
             return
         if envelope.epoch and envelope.epoch != lease.epoch:
             self._counts["stale_dropped"] += 1
@@ -458,7 +943,8 @@ class ClusterNode:
             self._crossing.set()
             assert self._nursery is not None
             self._nursery.start_soon(remote.run)
-            await remote.ready.wait()
+        # Also when another offer of the same socket created it a moment ago: it may not run yet.
+        await remote.ready.wait()
         try:
             quality, tile = protocol.quality_fields(payload, stream.id)
         except SignalingError as exc:
@@ -483,34 +969,66 @@ class ClusterNode:
     # --- failures of other nodes ------------------------------------------------------------
 
     async def _watch_nodes(self) -> None:
-        """While sessions cross nodes, notice the nodes that died (their record expired)."""
+        """While sessions cross nodes, notice the nodes that died: their process ended (Redis
+        dropped their liveness connection; checked every ``WATCH_INTERVAL``) or their record
+        expired."""
         assert self._redis is not None
         redis = self._redis
         while True:
             await self._crossing.wait()
-            await trio.sleep(NODE_RENEW_INTERVAL)
+            await trio.sleep(WATCH_INTERVAL)
             if not self._relayed and not self._remote:
                 self._crossing = trio.Event()
                 continue
+            involved = {s.owner for s in self._relayed.values() if s.owner} | {
+                r.node_id for r in self._remote.values()
+            }
             try:
-                live = {node.node_id for node in await live_nodes(redis)}
+                records = await live_nodes(redis)
+                gone = await gone_nodes(redis, records, expected=involved)
             except RedisUnavailable as exc:
                 log.info("%s; node liveness not checked", exc)
                 continue
+            for record in records:
+                if record.node_id in gone:
+                    self._seen_gone(record)
+            now = trio.current_time()
+            for node_id, (_, seen, _) in list(self._gone_since.items()):  # forget old deaths
+                if now - seen > GONE_MEMORY:
+                    del self._gone_since[node_id]
             for session in list(self._relayed.values()):
-                if session.owner and session.owner not in live:
+                if session.owner in gone:
                     session.owner_gone(f'node "{session.owner}" serving this stream stopped')
             for remote in list(self._remote.values()):
-                if remote.node_id not in live:
+                if remote.node_id in gone:
                     remote.close(f'the socket\'s node "{remote.node_id}" stopped')
 
     def statistics(self) -> RoutingStatistics:
+        bus = self._closed_buses
+        if self._bus is not None:
+            bus = _sum_bus(bus, self._bus.statistics())
         return RoutingStatistics(
             **self._counts,
             owned_streams=tuple(sorted(s for s in self._owned if self.owns(s))),
             relayed_sessions=len(self._relayed),
             remote_sockets=len(self._remote),
+            messages_out=tuple(sorted(self._messages_out.items())),
+            messages_in=tuple(sorted(self._messages_in.items())),
+            message_errors=tuple(sorted(self._message_errors.items())),
+            bus=bus,
         )
+
+
+def _sum_bus(total: BusStatistics | None, more: BusStatistics) -> BusStatistics:
+    """Counters of two buses added (the inbox queue: the newer one's)."""
+    if total is None:
+        return more
+    added = {
+        field.name: getattr(total, field.name) + getattr(more, field.name)
+        for field in dataclasses.fields(BusStatistics)
+    }
+    added["inbox_queued"] = more.inbox_queued
+    return BusStatistics(**added)
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -593,9 +1111,22 @@ class RoutedSession:
         try:
             with self._cancel_scope:
                 await self._route(label)
-        except ClusterError as exc:
+        except RedisUnavailable as exc:
             self._end_reason = str(exc)
             self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+        except (OwnerGone, OwnerChanging) as exc:
+            # The owner died and its record has not expired yet, or the stream is moving (a
+            # drain, a restarted node waiting out its old lease). Not final: the page re-offers
+            # after its backoff, and the stream is placed again once it has settled.
+            # stream_unavailable would make the page give the tile up.
+            self._end_reason = str(exc)
+            self._error(ErrorCode.PEER_FAILED, f"{exc}; send a new offer to play it again")
+        except ClusterError as exc:  # messages between the nodes lost, or the owner changed
+            self._end_reason = str(exc)
+            self._error(
+                ErrorCode.RELAY_FAILED,
+                f"Signaling with the node serving this stream failed: {exc}; send a new offer",
+            )
         except Exception as exc:  # a bug: this stream's session fails, the socket carries on
             log.exception("%s: relayed session failed", label)
             self._end_reason = f"internal error: {type(exc).__name__}"
@@ -650,17 +1181,16 @@ class RoutedSession:
             )  # fmt: skip
             answer = reply.payload if isinstance(reply.payload, dict) else {}
             error = answer.get("error")
-            if error in ("owned_elsewhere", "stale"):
+            if error in ("owned_elsewhere", "stale", "draining"):
                 self._node._relaying(self, False)
                 self.owner = ""
                 continue
             if error is not None:
                 self._owner_ended = True
-                code = (
-                    ErrorCode.STREAM_NOT_FOUND
-                    if error == "stream_not_found"
-                    else (ErrorCode.STREAM_UNAVAILABLE)
-                )
+                code = {
+                    "stream_not_found": ErrorCode.STREAM_NOT_FOUND,
+                    "relay_failed": ErrorCode.RELAY_FAILED,
+                }.get(str(error), ErrorCode.STREAM_UNAVAILABLE)
                 self._error(code, str(answer.get("message", error)))
                 return
             self.epoch = int(answer.get("epoch", 0))
@@ -668,7 +1198,7 @@ class RoutedSession:
             log.info('%s: relayed to node "%s" (epoch %d)', label, node_id, self.epoch)
             await self._relay_candidates()
             return
-        raise ClusterError(f'stream "{self.stream.id}" changed owners during its offer; try again')
+        raise OwnerChanging(f'stream "{self.stream.id}" changed owners during its offer; try again')
 
     async def _relay_candidates(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -770,6 +1300,7 @@ class RemoteSocket:
         self._label = f'node "{node_id}" socket #{socket_id}'
 
     async def run(self) -> None:
+        self._node._remote_started(True)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -778,6 +1309,11 @@ class RemoteSocket:
         finally:
             self.closing = True
             self._node._forget_remote(self)
+            self._node._remote_started(False)
+
+    def watching(self, stream_ids: list[str]) -> int:
+        """How many of ``stream_ids`` this socket watches here."""
+        return sum(stream_id in self._sessions for stream_id in stream_ids)
 
     def start_session(self, stream: Stream, offer: Offer, epoch: int, relay: str) -> None:
         old = self._sessions.get(stream.id)

@@ -374,8 +374,12 @@ class FanOut:
         self._gop_cache_frames = gop_cache_frames
         self._gop: list[EncodedFrame] = []
         self._gop_overflowed = False
-        #: subscribers by the kind of frames they take ("video", "audio").
-        self._subscribers: dict[str, set[Subscriber]] = {"video": set(), "audio": set()}
+        #: subscribers by the kind of frames they take ("video", "audio", "source_audio").
+        self._subscribers: dict[str, set[Subscriber]] = {
+            "video": set(),
+            "audio": set(),
+            "source_audio": set(),
+        }
         self._published_frames = 0
         self._published_bytes = 0
         self._dropped = 0
@@ -420,8 +424,9 @@ class FanOut:
 
     def publish(self, frame: EncodedFrame) -> None:
         """Give ``frame`` to every subscriber and remember it for late joiners."""
-        self._published_frames += 1
-        self._published_bytes += frame.size
+        if frame.kind != "source_audio":  # a second copy of the sound, not counted twice
+            self._published_frames += 1
+            self._published_bytes += frame.size
         if frame.kind == "video":
             self._remember(frame)  # audio is not replayed: a burst of old sound helps nobody
         for subscriber in list(self._subscribers[frame.kind]):

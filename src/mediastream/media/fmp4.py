@@ -10,7 +10,17 @@ dozen fixed boxes, and a frame's fragment is a pure function of the frame, so on
 :class:`Fmp4Remuxer` per stream builds each fragment once and every fallback viewer of the
 stream sends the same bytes.
 
-Video only: audio is not carried by the fallback (G.711 has no MSE codec in Chromium).
+Audio, where the browser takes it, is a second track (track 2) in the same init segment, its
+frames in fragments of their own, on the stream's timeline like the video (the source places
+both tracks on one clock; each ``tfdt`` is in its track's timescale):
+
+- Opus as "Encapsulation of Opus in ISO Base Media File Format" (``Opus`` sample entry with a
+  ``dOps`` box), codec string ``opus``;
+- AAC as ISO/IEC 14496-14 (``mp4a`` sample entry with an ``esds`` box carrying the
+  AudioSpecificConfig), codec string ``mp4a.40.<object type>``.
+
+G.711 (PCMU/PCMA) has no codec string Media Source Extensions take in Chromium: such a stream's
+fallback is video only.
 """
 
 from __future__ import annotations
@@ -21,15 +31,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from .frames import NAL_PPS, NAL_SPS, VIDEO_CLOCK_RATE, EncodedFrame, nal_type
+from .frames import NAL_PPS, NAL_SPS, VIDEO_CLOCK_RATE, EncodedFrame, nal_type, sps_picture_size
 
 FU_A: Final = 28
 STAP_A: Final = 24
 #: fragments kept for reuse by the stream's other fallback viewers (a few GOPs of frames).
 FRAGMENT_CACHE_FRAMES: Final = 256
 DEFAULT_FRAME_TICKS: Final = VIDEO_CLOCK_RATE // 25  # duration assumed before two frames are seen
-MAX_FRAME_TICKS: Final = VIDEO_CLOCK_RATE  # a longer gap (a source restart) counts as this
 TRACK_ID: Final = 1
+AUDIO_TRACK_ID: Final = 2
 #: sample_flags (ISO/IEC 14496-12 8.8.3.1): a sync sample; and a non-sync one that depends on
 #: others.
 SYNC_SAMPLE_FLAGS: Final = 0x02000000
@@ -37,7 +47,47 @@ NON_SYNC_SAMPLE_FLAGS: Final = 0x01010000
 
 
 class Fmp4Error(ValueError):
-    """A frame could not be remuxed (not H.264 as RFC 6184 packetizes it)."""
+    """A frame could not be remuxed (not H.264 as RFC 6184 packetizes it, or empty audio)."""
+
+
+#: Audio codecs (as sources publish them, see ``SourceInfo.audio_codec``) that have an MSE
+#: codec string, mapped to it; anything else (G.711) stays out of the fallback.
+MSE_AUDIO_CODECS: Final = {"opus": "opus", "aac": "mp4a.40.2"}
+
+
+@dataclass(frozen=True, slots=True)
+class AudioTrack:
+    """The audio track of an init segment.
+
+    Attributes:
+        codec: ``"opus"`` or ``"aac"`` (the keys of :data:`MSE_AUDIO_CODECS`).
+        clock_rate: the track's timescale, the clock of its frames' timestamps (48000 for Opus).
+        channels: output channels (Opus: 1 or 2).
+        config: AAC's AudioSpecificConfig (ISO/IEC 14496-3 1.6.2.1); empty for Opus.
+    """
+
+    codec: str
+    clock_rate: int
+    channels: int = 2
+    config: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.codec not in MSE_AUDIO_CODECS:
+            raise Fmp4Error(
+                f"audio codec {self.codec!r} can't go into fMP4 for Media Source Extensions; "
+                f"expected one of {', '.join(MSE_AUDIO_CODECS)}"
+            )
+        if self.codec == "aac" and len(self.config) < 2:
+            raise Fmp4Error("AAC track without its AudioSpecificConfig")
+        if self.clock_rate <= 0 or not 1 <= self.channels <= (2 if self.codec == "opus" else 8):
+            raise Fmp4Error(f"{self.codec}: bad rate {self.clock_rate} or channels {self.channels}")
+
+    @property
+    def mse_codec(self) -> str:
+        """The RFC 6381 codec string (``opus``, ``mp4a.40.2``…)."""
+        if self.codec == "aac":
+            return f"mp4a.40.{self.config[0] >> 3}"  # the audio object type's 5 bits
+        return MSE_AUDIO_CODECS[self.codec]
 
 
 def depacketize_h264(payloads: Iterable[bytes]) -> list[bytes]:
@@ -109,20 +159,106 @@ _MATRIX: Final = struct.pack("!9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x400000
 
 @dataclass(frozen=True, slots=True)
 class InitSegment:
-    """A track's init segment and the parameter sets it was made from."""
+    """An init segment and what it was made from: the video's parameter sets, and its audio
+    track if it has one."""
 
     data: bytes
     sps: bytes
     pps: bytes
+    audio: AudioTrack | None = None
 
     @property
     def codec(self) -> str:
         """The RFC 6381 codec string for ``MediaSource.isTypeSupported`` (``avc1.PPCCLL``)."""
         return "avc1." + self.sps[1:4].hex()
 
+    @property
+    def codecs(self) -> str:
+        """Every track's codec string, as a ``codecs=`` parameter lists them."""
+        return self.codec if self.audio is None else f"{self.codec},{self.audio.mse_codec}"
 
-def init_segment(sps: bytes, pps: bytes, width: int, height: int) -> InitSegment:
-    """``ftyp`` + ``moov`` for one H.264 track at the 90 kHz RTP clock, for fragments to follow."""
+
+def _audio_sample_entry(audio: AudioTrack) -> bytes:
+    """``Opus`` + ``dOps``, or ``mp4a`` + ``esds``: an AudioSampleEntry (ISO/IEC 14496-12)."""
+    # 48000 for Opus whatever it was encoded from; the rate fits 16.16 fixed point below 65536.
+    rate = 48000 if audio.codec == "opus" else audio.clock_rate
+    fields = (
+        bytes(6)
+        + struct.pack("!H", 1)  # data_reference_index
+        + bytes(8)
+        + struct.pack("!HHHH", audio.channels, 16, 0, 0)  # channelcount, samplesize
+        + struct.pack("!I", (rate & 0xFFFF) << 16)
+    )
+    if audio.codec == "opus":
+        # OpusSpecificBox: big endian, unlike Ogg's OpusHead. Pre-skip 0: a live stream joined
+        # mid-way has no encoder delay to hide.
+        dops = _box(b"dOps", struct.pack("!BBHIhB", 0, audio.channels, 0, audio.clock_rate, 0, 0))
+        return _box(b"Opus", fields, dops)
+    return _box(b"mp4a", fields, _full_box(b"esds", 0, 0, _es_descriptor(audio.config)))
+
+
+def _descriptor(tag: int, body: bytes) -> bytes:
+    """An MPEG-4 descriptor (ISO/IEC 14496-1 8.3.3): tag, size in 7-bit groups, body."""
+    size = len(body)
+    encoded = [size & 0x7F]
+    size >>= 7
+    while size:
+        encoded.insert(0, 0x80 | (size & 0x7F))
+        size >>= 7
+    return bytes([tag, *encoded]) + body
+
+
+def _es_descriptor(audio_specific_config: bytes) -> bytes:
+    decoder_config = _descriptor(
+        0x04,  # DecoderConfigDescriptor
+        bytes([0x40, 0x15])  # objectTypeIndication: MPEG-4 audio; streamType 5 (audio) << 2 | 1
+        + bytes(3)  # bufferSizeDB
+        + struct.pack("!II", 0, 0)  # maxBitrate, avgBitrate: unknown
+        + _descriptor(0x05, audio_specific_config),  # DecoderSpecificInfo
+    )
+    sl_config = _descriptor(0x06, b"\x02")  # SLConfigDescriptor: predefined 2 (MP4 files)
+    return _descriptor(0x03, struct.pack("!HB", AUDIO_TRACK_ID, 0) + decoder_config + sl_config)
+
+
+def _audio_trak(audio: AudioTrack) -> bytes:
+    stbl = _box(
+        b"stbl",
+        _full_box(b"stsd", 0, 0, struct.pack("!I", 1), _audio_sample_entry(audio)),
+        _full_box(b"stts", 0, 0, struct.pack("!I", 0)),
+        _full_box(b"stsc", 0, 0, struct.pack("!I", 0)),
+        _full_box(b"stsz", 0, 0, struct.pack("!II", 0, 0)),
+        _full_box(b"stco", 0, 0, struct.pack("!I", 0)),
+    )
+    minf = _box(
+        b"minf",
+        _full_box(b"smhd", 0, 0, bytes(4)),
+        _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack("!I", 1), _full_box(b"url ", 0, 1))),
+        stbl,
+    )
+    mdia = _box(
+        b"mdia",
+        _full_box(b"mdhd", 0, 0, struct.pack("!IIIIHH", 0, 0, audio.clock_rate, 0, 0x55C4, 0)),
+        _full_box(b"hdlr", 0, 0, bytes(4), b"soun", bytes(12), b"MediaStream\x00"),
+        minf,
+    )
+    tkhd = _full_box(
+        b"tkhd",
+        0,
+        0x3,  # enabled, in movie
+        struct.pack("!IIIII", 0, 0, AUDIO_TRACK_ID, 0, 0),
+        bytes(8),
+        struct.pack("!hhhH", 0, 1, 0x0100, 0),  # layer, alternate group, volume 1.0
+        _MATRIX,
+        struct.pack("!II", 0, 0),
+    )
+    return _box(b"trak", tkhd, mdia)
+
+
+def init_segment(
+    sps: bytes, pps: bytes, width: int, height: int, audio: AudioTrack | None = None
+) -> InitSegment:
+    """``ftyp`` + ``moov`` for one H.264 track at the 90 kHz RTP clock (and ``audio`` as track
+    2, at its own clock), for fragments to follow."""
     if len(sps) < 4:
         raise Fmp4Error("SPS shorter than its profile and level")
     avcc = _box(
@@ -186,12 +322,16 @@ def init_segment(sps: bytes, pps: bytes, width: int, height: int) -> InitSegment
         bytes(10),
         _MATRIX,
         bytes(24),
-        struct.pack("!I", TRACK_ID + 1),
+        struct.pack("!I", (AUDIO_TRACK_ID if audio else TRACK_ID) + 1),  # next_track_ID
     )
     trex = _full_box(b"trex", 0, 0, struct.pack("!IIIII", TRACK_ID, 1, 0, 0, 0))
-    moov = _box(b"moov", mvhd, _box(b"trak", tkhd, mdia), _box(b"mvex", trex))
+    traks = [_box(b"trak", tkhd, mdia)]
+    if audio is not None:
+        traks.append(_audio_trak(audio))
+        trex += _full_box(b"trex", 0, 0, struct.pack("!IIIII", AUDIO_TRACK_ID, 1, 0, 0, 0))
+    moov = _box(b"moov", mvhd, *traks, _box(b"mvex", trex))
     ftyp = _box(b"ftyp", b"isom", struct.pack("!I", 0x200), b"isom", b"iso6", b"avc1", b"mp41")
-    return InitSegment(ftyp + moov, sps, pps)
+    return InitSegment(ftyp + moov, sps, pps, audio)
 
 
 def media_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
@@ -207,7 +347,25 @@ def media_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
         raise Fmp4Error("access unit without a picture")
     sample = b"".join(struct.pack("!I", len(nal)) + nal for nal in nal_units)
     flags = SYNC_SAMPLE_FLAGS if frame.keyframe else NON_SYNC_SAMPLE_FLAGS
+    return _fragment(TRACK_ID, frame.timestamp, sample, sequence, duration, flags)
 
+
+def audio_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
+    """``moof`` + ``mdat`` carrying one audio frame (an Opus packet, a raw AAC access unit) on
+    track 2; ``frame.timestamp`` and ``duration`` are in the track's clock.
+
+    Raises:
+        Fmp4Error: the frame is empty.
+    """
+    sample = b"".join(frame.payloads)
+    if not sample:
+        raise Fmp4Error("empty audio frame")
+    return _fragment(AUDIO_TRACK_ID, frame.timestamp, sample, sequence, duration, SYNC_SAMPLE_FLAGS)
+
+
+def _fragment(
+    track_id: int, decode_time: int, sample: bytes, sequence: int, duration: int, flags: int
+) -> bytes:
     def moof(data_offset: int) -> bytes:
         trun = _full_box(
             b"trun",
@@ -218,8 +376,8 @@ def media_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
         )
         traf = _box(
             b"traf",
-            _full_box(b"tfhd", 0, 0x020000, struct.pack("!I", TRACK_ID)),  # default-base-is-moof
-            _full_box(b"tfdt", 1, 0, struct.pack("!Q", frame.timestamp)),
+            _full_box(b"tfhd", 0, 0x020000, struct.pack("!I", track_id)),  # default-base-is-moof
+            _full_box(b"tfdt", 1, 0, struct.pack("!Q", decode_time)),
             trun,
         )
         return _box(b"moof", _full_box(b"mfhd", 0, 0, struct.pack("!I", sequence)), traf)
@@ -232,7 +390,9 @@ class Fmp4Remuxer:
     """One stream's fMP4: each frame's fragment built once, whatever the number of viewers.
 
     Viewers ask for fragments of the same shared frames in publish order; the fragment of a
-    frame is kept (bounded, oldest first out) for the other viewers.
+    frame is kept (bounded, oldest first out) for the other viewers. Video and audio frames
+    share the fragments' sequence numbers; each track keeps its own last timestamp, from which
+    a frame's duration is inferred.
     """
 
     def __init__(self, max_cached: int = FRAGMENT_CACHE_FRAMES) -> None:
@@ -241,15 +401,20 @@ class Fmp4Remuxer:
         self._fragments: collections.OrderedDict[int, tuple[EncodedFrame, bytes]] = (
             collections.OrderedDict()
         )
-        self._init: InitSegment | None = None
+        #: the current init segment with and without audio (viewers may take either)
+        self._inits: dict[AudioTrack | None, InitSegment] = {}
         self._init_size: tuple[int, int] | None = None
         self._sequence = 0
-        self._last_timestamp: int | None = None
-        self._last_duration = DEFAULT_FRAME_TICKS
+        #: per track: the last timestamp seen, and the last duration inferred
+        self._last_timestamp: dict[str, int] = {}
+        self._last_duration: dict[str, int] = {"video": DEFAULT_FRAME_TICKS}
         self.fragments_built = 0
 
-    def init_for(self, keyframe: EncodedFrame, width: int, height: int) -> InitSegment:
-        """The init segment matching ``keyframe``'s parameter sets (rebuilt when they change).
+    def init_for(
+        self, keyframe: EncodedFrame, width: int, height: int, audio: AudioTrack | None = None
+    ) -> InitSegment:
+        """The init segment matching ``keyframe``'s parameter sets (rebuilt when they change),
+        with ``audio`` as its second track if given.
 
         Raises:
             Fmp4Error: the keyframe carries no SPS and PPS.
@@ -257,30 +422,43 @@ class Fmp4Remuxer:
         sets = parameter_sets(keyframe)
         if sets is None:
             raise Fmp4Error("keyframe without SPS and PPS")
-        current = self._init
-        if (
-            current is None
-            or (current.sps, current.pps) != sets
-            or self._init_size != (width, height)
+        # The SPS says what the picture is; a source's own figures may be missing (0x0 from
+        # an RTSP camera whose SDP has no size), and browsers refuse a 0x0 track.
+        width, height = sps_picture_size(sets[0]) or (width, height)
+        if self._init_size != (width, height) or any(
+            (init.sps, init.pps) != sets for init in self._inits.values()
         ):
-            self._init = current = init_segment(*sets, width, height)
+            self._inits.clear()
             self._init_size = (width, height)
+        current = self._inits.get(audio)
+        if current is None:
+            self._inits[audio] = current = init_segment(*sets, width, height, audio)
         return current
 
-    def fragment(self, frame: EncodedFrame) -> bytes:
-        """The media fragment of ``frame`` (built at the first viewer's request).
+    def fragment(self, frame: EncodedFrame, audio_clock_rate: int = 0) -> bytes:
+        """The media fragment of ``frame`` (built at the first viewer's request); an audio
+        frame needs its track's clock rate (for the duration of a first frame).
 
         Raises:
-            Fmp4Error: the frame is not RFC 6184 H.264.
+            Fmp4Error: the frame is not RFC 6184 H.264, or an empty audio frame.
         """
         cached = self._fragments.get(id(frame))
         if cached is not None and cached[0] is frame:
             return cached[1]
-        if self._last_timestamp is not None and frame.timestamp > self._last_timestamp:
-            self._last_duration = min(frame.timestamp - self._last_timestamp, MAX_FRAME_TICKS)
-        self._last_timestamp = frame.timestamp
+        kind = frame.kind
+        default = DEFAULT_FRAME_TICKS if kind == "video" else audio_clock_rate // 50  # 20 ms
+        maximum = VIDEO_CLOCK_RATE if kind == "video" else audio_clock_rate
+        last = self._last_timestamp.get(kind)
+        if last is not None and frame.timestamp > last:
+            # A longer gap (a source restart) counts as one second at most.
+            self._last_duration[kind] = min(frame.timestamp - last, maximum)
+        self._last_timestamp[kind] = frame.timestamp
+        duration = self._last_duration.get(kind, default)
         self._sequence += 1
-        data = media_fragment(frame, self._sequence, self._last_duration)
+        if kind == "video":
+            data = media_fragment(frame, self._sequence, duration)
+        else:
+            data = audio_fragment(frame, self._sequence, duration)
         self.fragments_built += 1
         self._fragments[id(frame)] = (frame, data)
         while len(self._fragments) > self._max_cached:

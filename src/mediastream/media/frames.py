@@ -33,15 +33,18 @@ class EncodedFrame:
     """One encoded frame (a whole H.264 access unit, or one audio frame).
 
     Attributes:
-        kind: ``"video"`` or ``"audio"``.
+        kind: ``"video"``, ``"audio"`` (what WebRTC viewers get), or ``"source_audio"``: the
+            camera's own audio where viewers get it transcoded (AAC, whose Opus is the
+            ``"audio"``), kept for the socket fallback, whose Media Source Extensions take AAC.
         timestamp: presentation time on the stream's continuous timeline, in RTP clock units
-            (90 kHz for video); it never goes backwards, even across source restarts.
+            (90 kHz for video; the sample rate for audio); it never goes backwards, even
+            across source restarts.
         keyframe: a frame a decoder can start from (an IDR with its parameter sets).
         payloads: the RTP payloads, in order; the last one carries the marker bit.
         size: bytes of media in the frame.
     """
 
-    kind: Literal["video", "audio"]
+    kind: Literal["video", "audio", "source_audio"]
     timestamp: int
     keyframe: bool
     payloads: tuple[bytes, ...]
@@ -94,6 +97,76 @@ def sps_forbids_b_slices(sps: bytes) -> bool:
     return len(sps) > 1 and sps[1] == PROFILE_IDC_BASELINE
 
 
+#: profile_idc values whose SPS carries chroma format and bit depths (H.264 7.3.2.1.1)
+_HIGH_PROFILES: Final = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+def sps_picture_size(sps: bytes) -> tuple[int, int] | None:
+    """The picture's (width, height) in pixels, read from a sequence parameter set NAL unit
+    (H.264 7.3.2.1.1 and 7.4.2.1.1, frame cropping applied); None if it can't be read.
+
+    Containers need the size, and a camera's SDP often doesn't give it to FFmpeg.
+    """
+    if len(sps) < 4 or nal_type(sps) != NAL_SPS:
+        return None
+    reader = _BitReader(sps[1:].replace(b"\x00\x00\x03", b"\x00\x00"))
+    try:
+        profile_idc = reader.bits(8)
+        reader.bits(16)  # constraint flags, level_idc
+        reader.unsigned_exp_golomb()  # seq_parameter_set_id
+        chroma_format_idc = 1
+        if profile_idc in _HIGH_PROFILES:
+            chroma_format_idc = reader.unsigned_exp_golomb()
+            if chroma_format_idc == 3:
+                reader.bit()  # separate_colour_plane_flag
+            reader.unsigned_exp_golomb()  # bit_depth_luma_minus8
+            reader.unsigned_exp_golomb()  # bit_depth_chroma_minus8
+            reader.bit()  # qpprime_y_zero_transform_bypass_flag
+            if reader.bit():  # seq_scaling_matrix_present_flag
+                for index in range(8 if chroma_format_idc != 3 else 12):
+                    if reader.bit():  # seq_scaling_list_present_flag
+                        _skip_scaling_list(reader, 16 if index < 6 else 64)
+        reader.unsigned_exp_golomb()  # log2_max_frame_num_minus4
+        pic_order_cnt_type = reader.unsigned_exp_golomb()
+        if pic_order_cnt_type == 0:
+            reader.unsigned_exp_golomb()  # log2_max_pic_order_cnt_lsb_minus4
+        elif pic_order_cnt_type == 1:
+            reader.bit()  # delta_pic_order_always_zero_flag
+            reader.signed_exp_golomb()  # offset_for_non_ref_pic
+            reader.signed_exp_golomb()  # offset_for_top_to_bottom_field
+            for _ in range(reader.unsigned_exp_golomb()):
+                reader.signed_exp_golomb()  # offset_for_ref_frame
+        reader.unsigned_exp_golomb()  # max_num_ref_frames
+        reader.bit()  # gaps_in_frame_num_value_allowed_flag
+        width_in_mbs = reader.unsigned_exp_golomb() + 1
+        height_in_map_units = reader.unsigned_exp_golomb() + 1
+        frame_mbs_only = reader.bit()
+        if not frame_mbs_only:
+            reader.bit()  # mb_adaptive_frame_field_flag
+        reader.bit()  # direct_8x8_inference_flag
+        crop = [0, 0, 0, 0]
+        if reader.bit():  # frame_cropping_flag
+            crop = [reader.unsigned_exp_golomb() for _ in range(4)]
+    except IndexError:
+        return None
+    # Crop units (Table 6-1): in chroma samples, doubled vertically for field-coded pictures.
+    sub_width, sub_height = {1: (2, 2), 2: (2, 1)}.get(chroma_format_idc, (1, 1))
+    height_factor = 2 - frame_mbs_only
+    width = width_in_mbs * 16 - sub_width * (crop[0] + crop[1])
+    height = height_factor * height_in_map_units * 16 - sub_height * height_factor * (
+        crop[2] + crop[3]
+    )
+    return (width, height) if width > 0 and height > 0 else None
+
+
+def _skip_scaling_list(reader: _BitReader, size: int) -> None:
+    last, next_scale = 8, 8
+    for _ in range(size):
+        if next_scale:
+            next_scale = (last + reader.signed_exp_golomb() + 256) % 256
+        last = next_scale or last
+
+
 class _BitReader:
     def __init__(self, data: bytes) -> None:
         self._data = data
@@ -104,6 +177,16 @@ class _BitReader:
         value = (byte >> (7 - self._position % 8)) & 1
         self._position += 1
         return value
+
+    def bits(self, count: int) -> int:
+        value = 0
+        for _ in range(count):
+            value = (value << 1) | self.bit()
+        return value
+
+    def signed_exp_golomb(self) -> int:
+        code = self.unsigned_exp_golomb()
+        return (code + 1) // 2 if code % 2 else -(code // 2)
 
     def unsigned_exp_golomb(self) -> int:
         zeros = 0

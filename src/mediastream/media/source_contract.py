@@ -51,6 +51,11 @@ class SourceInfo:
     #: the source's own audio codec, e.g. "aac" (transcoded to Opus) or "pcm_mulaw".
     audio_source_codec: str | None = None
     audio_transcoded: bool = False
+    #: the camera's own AAC, also published untranscoded (frames of kind "source_audio") for
+    #: the socket fallback: its AudioSpecificConfig, sample rate and channels. Empty otherwise.
+    source_audio_config: bytes = b""
+    source_audio_clock_rate: int = 0
+    source_audio_channels: int = 0
     #: the RTSP transport the camera is read over ("tcp" or "udp"); None for other sources.
     rtsp_transport: str | None = None
 

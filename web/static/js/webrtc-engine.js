@@ -41,7 +41,18 @@
  * docs/protocol.md) and plays the fMP4 it sends through Media Source Extensions on the same
  * video element, keeping the playhead near the live edge. `engine.transport` then says
  * 'fallback' (pages show "live (fallback)"); `reconnect()` tries WebRTC again. The option
- * `fallback: 'always'` skips WebRTC, `'never'` keeps retrying WebRTC only.
+ * `fallback: 'always'` skips WebRTC, `'never'` keeps retrying WebRTC only. With `audio: true`
+ * the fallback carries the camera's Opus or AAC too, where `MediaSource.isTypeSupported` takes
+ * it (G.711 never: video only).
+ *
+ * Going back: while the fallback plays, the engine retries WebRTC in the background (a fresh
+ * offer for the same stream on the same socket, after `webrtcRetryMs`, doubling up to
+ * `webrtcRetryMaxMs`). The fallback keeps the video element until the new peer connection has
+ * decoded a frame; then the element switches to it, the server is told to end the fallback
+ * (`close` with `payload.fallback`), and the state goes from live (fallback) to live. The
+ * fallback plays the stream's default quality; a background attempt's offer carries the
+ * requested quality and the tile like any other, and its `quality` event is held until it
+ * takes over.
  */
 /** @typedef {import('./websocket-manager.js').Message} Message */
 /** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
@@ -99,6 +110,9 @@
  *   the engine falls back (default 10000)
  * @property {{new (): MediaSource, isTypeSupported?: (type: string) => boolean}} [MediaSource]
  *   implementation (default: the browser's; tests inject a fake)
+ * @property {number} [webrtcRetryMs] while on the fallback, ms before the first background
+ *   attempt to go back to WebRTC (default 5000; doubles after each failed attempt; 0: never)
+ * @property {number} [webrtcRetryMaxMs] the longest wait between two such attempts (default 60000)
  * @property {string} [wsUrl] older spelling of `serverUrl`
  * @property {string} [signalingUrl] older spelling of `serverUrl`
  * @property {string} [url] older spelling of `serverUrl`
@@ -183,6 +197,16 @@
   const BUFFER_KEPT_S = 10; // played media older than this is removed from the SourceBuffer
   const MAX_QUEUED_SEGMENTS = 60; // segments waiting for the SourceBuffer before a skip
   const TILE_REPORT_DELAY_MS = 200; // at most one tile report per this, while it keeps changing
+  const WEBRTC_RETRY_MS = 5000;
+  const WEBRTC_RETRY_MAX_MS = 60000;
+  /** How often a background attempt's peer connection is asked whether it decoded a frame. */
+  const FIRST_FRAME_POLL_MS = 250;
+  /**
+   * Audio codecs the server may put in the fallback's fMP4 (docs/protocol.md), each with a
+   * type to ask `MediaSource.isTypeSupported` about (beside a common H.264 profile).
+   */
+  const FALLBACK_AUDIO_CODECS = ['opus', 'mp4a.40.2'];
+  const PROBE_VIDEO_CODEC = 'avc1.42e01e';
   let sessionCounter = 0;
 
   /**
@@ -199,27 +223,80 @@
   }
 
   /**
-   * Whether an fMP4 media fragment starts with a sync sample (a keyframe), read from its trun
-   * box (ISO/IEC 14496-12 8.8.8); a fragment without sample flags counts as one.
+   * The RFC 6381 codec string of an fMP4 init segment's audio track (`opus` from its dOps box,
+   * `mp4a.40.N` from its esds), or null if it has none.
+   * @param {Uint8Array} init
+   * @returns {string|null}
+   */
+  function audioCodecOfInit(init) {
+    if (indexOfBox(init, 'dOps') >= 0) return 'opus';
+    const esds = indexOfBox(init, 'esds');
+    if (esds < 0) return null;
+    // ES_Descriptor (tag 3) > DecoderConfigDescriptor (tag 4) > DecoderSpecificInfo (tag 5),
+    // whose first 5 bits are the audio object type (ISO/IEC 14496-1 and -3).
+    let at = esds + 8; // after the type and the full box's version and flags
+    /** @param {number} tag @returns {boolean} */
+    const enter = (tag) => {
+      if (init[at] !== tag) return false;
+      at += 1;
+      while ((init[at++] ?? 0) & 0x80) { /* the size, in 7-bit groups */ }
+      return at < init.length;
+    };
+    if (!enter(3)) return 'mp4a.40.2';
+    const flags = init[at + 2] ?? 0;
+    at += 3; // ES_ID, flags
+    if (flags & 0x80) at += 2; // dependsOn_ES_ID
+    if (flags & 0x40) at += 1 + (init[at] ?? 0); // URL
+    if (flags & 0x20) at += 2; // OCR_ES_Id
+    if (!enter(4)) return 'mp4a.40.2';
+    at += 13; // object type, stream type, buffer size, bitrates
+    if (!enter(5)) return 'mp4a.40.2';
+    return `mp4a.40.${(init[at] ?? 0x10) >> 3}`;
+  }
+
+  /**
+   * Whether a fallback message's media starts the video with a sync sample (a keyframe): the
+   * first video (track 1) fragment of the moof + mdat pairs it carries, read from its trun box
+   * (ISO/IEC 14496-12 8.8.8); a trun without sample flags counts as one. A message without
+   * video (sound only) is not.
    * @param {Uint8Array} fragment
    * @returns {boolean}
    */
   function isKeyFragment(fragment) {
-    const at = indexOfBox(fragment, 'trun');
-    if (at < 0) return false;
     const u32 = (/** @type {number} */ i) =>
       (((fragment[i] ?? 0) << 24) | ((fragment[i + 1] ?? 0) << 16) | ((fragment[i + 2] ?? 0) << 8) | (fragment[i + 3] ?? 0)) >>> 0;
-    const flags = u32(at + 4) & 0xffffff;
-    let position = at + 12; // after the type, version/flags and sample_count
-    if (flags & 0x1) position += 4; // data_offset
-    /** @type {number|null} */ let sampleFlags = null;
-    if (flags & 0x4) sampleFlags = u32(position); // first_sample_flags
-    else {
-      if (flags & 0x100) position += 4; // sample_duration
-      if (flags & 0x200) position += 4; // sample_size
-      if (flags & 0x400) sampleFlags = u32(position);
+    const type = (/** @type {number} */ i) => String.fromCharCode(...fragment.subarray(i + 4, i + 8));
+    /** The boxes inside [start, end): their offsets. @param {number} start @param {number} end */
+    const children = (start, end) => {
+      const found = [];
+      for (let at = start; at + 8 <= end;) {
+        const size = u32(at);
+        if (size < 8 || at + size > end) break;
+        found.push(at);
+        at += size;
+      }
+      return found;
+    };
+    for (const moof of children(0, fragment.length).filter((at) => type(at) === 'moof')) {
+      for (const traf of children(moof + 8, moof + u32(moof)).filter((at) => type(at) === 'traf')) {
+        const boxes = children(traf + 8, traf + u32(traf));
+        const tfhd = boxes.find((at) => type(at) === 'tfhd');
+        const trun = boxes.find((at) => type(at) === 'trun');
+        if (tfhd === undefined || trun === undefined || u32(tfhd + 12) !== 1) continue;
+        const flags = u32(trun + 8) & 0xffffff;
+        let position = trun + 16; // after the size, type, version/flags and sample_count
+        if (flags & 0x1) position += 4; // data_offset
+        /** @type {number|null} */ let sampleFlags = null;
+        if (flags & 0x4) sampleFlags = u32(position); // first_sample_flags
+        else {
+          if (flags & 0x100) position += 4; // sample_duration
+          if (flags & 0x200) position += 4; // sample_size
+          if (flags & 0x400) sampleFlags = u32(position);
+        }
+        return sampleFlags === null || (sampleFlags & 0x10000) === 0; // sample_is_non_sync_sample
+      }
     }
-    return sampleFlags === null || (sampleFlags & 0x10000) === 0; // sample_is_non_sync_sample
+    return false;
   }
 
   /**
@@ -244,6 +321,8 @@
     skipped = 0;
     /** segments appended */
     appended = 0;
+    /** @type {string|null} the codecs of the SourceBuffer (`avc1.…,opus`), once opened */
+    codecs = null;
     /** @type {HTMLVideoElement} */ #video;
     /** @type {MediaSource} */ #mediaSource;
     /** @type {string} */ #url;
@@ -254,17 +333,25 @@
     #announced = false;
     /** @type {() => void} */ #onPlaying;
     /** @type {(message: string) => void} */ #onError;
+    /** @type {() => void} */ #onAudioRefused;
+    /** @type {((type: string) => boolean)|null} */ #isTypeSupported;
+    /** the browser refused the init's audio: wait for a video-only init */
+    #audioRefused = false;
 
     /**
      * @param {HTMLVideoElement} video
-     * @param {{new (): MediaSource}} MediaSourceImpl
+     * @param {{new (): MediaSource, isTypeSupported?: (type: string) => boolean}} MediaSourceImpl
      * @param {() => void} onPlaying called once, when the first fragment is buffered
      * @param {(message: string) => void} onError the browser refused the media
+     * @param {() => void} onAudioRefused the browser takes the init's video but not its audio
+     *   (the engine asks the server for video only; a video-only init follows)
      */
-    constructor(video, MediaSourceImpl, onPlaying, onError) {
+    constructor(video, MediaSourceImpl, onPlaying, onError, onAudioRefused) {
       this.#video = video;
       this.#onPlaying = onPlaying;
       this.#onError = onError;
+      this.#onAudioRefused = onAudioRefused;
+      this.#isTypeSupported = MediaSourceImpl.isTypeSupported ? (type) => /** @type {(type: string) => boolean} */ (MediaSourceImpl.isTypeSupported)(type) : null;
       this.#mediaSource = new MediaSourceImpl();
       this.#url = URL.createObjectURL(this.#mediaSource);
       this.#mediaSource.addEventListener('sourceopen', () => this.#pump(), { once: true });
@@ -296,7 +383,12 @@
       this.#pump();
     }
 
-    close() {
+    /**
+     * Stop, and free the MediaSource.
+     * @param {{handedOver?: boolean}} [options] `handedOver`: the video element already plays
+     *   something else (a peer connection's stream): leave it alone, so its picture stays
+     */
+    close({ handedOver = false } = {}) {
       if (this.#closed) return;
       this.#closed = true;
       this.#queue = [];
@@ -307,7 +399,7 @@
       }
       if (this.#video.src === this.#url) {
         this.#video.removeAttribute('src');
-        this.#video.load();
+        if (!handedOver) this.#video.load(); // srcObject, when set, took over by itself
       }
       URL.revokeObjectURL(this.#url);
     }
@@ -324,7 +416,12 @@
       try {
         if (!buffer) {
           if (segment.kind !== 'init') return; // the session always starts with its init
-          this.#buffer = this.#open(segment.data);
+          const opened = this.#open(segment.data);
+          if (!opened) {
+            this.#pump(); // an init with audio the browser refused: wait for a video-only one
+            return;
+          }
+          this.#buffer = opened;
         }
         /** @type {SourceBuffer} */ (this.#buffer).appendBuffer(/** @type {Uint8Array<ArrayBuffer>} */ (segment.data));
         if (segment.kind === 'fragment') this.appended += 1;
@@ -333,11 +430,25 @@
       }
     }
 
-    /** @param {Uint8Array} init @returns {SourceBuffer} */
+    /**
+     * The SourceBuffer for the init's tracks; null when the browser refuses its audio (the
+     * engine then asks for video only).
+     * @param {Uint8Array} init @returns {SourceBuffer|null}
+     */
     #open(init) {
       const codec = codecOfInit(init);
       if (!codec) throw new Error('init segment without an H.264 track');
-      const buffer = this.#mediaSource.addSourceBuffer(`video/mp4; codecs="${codec}"`);
+      const audio = audioCodecOfInit(init);
+      if (audio && this.#audioRefused) return null; // still the old session's
+      const codecs = audio ? `${codec},${audio}` : codec;
+      const supported = this.#isTypeSupported;
+      if (audio && supported && !supported(`video/mp4; codecs="${codecs}"`) && supported(`video/mp4; codecs="${codec}"`)) {
+        this.#audioRefused = true;
+        this.#onAudioRefused();
+        return null;
+      }
+      const buffer = this.#mediaSource.addSourceBuffer(`video/mp4; codecs="${codecs}"`);
+      this.codecs = codecs;
       buffer.mode = 'segments';
       buffer.addEventListener('updateend', () => this.#updated());
       buffer.addEventListener('error', () => this.#fail('the browser could not decode the video'));
@@ -413,6 +524,7 @@
     /** @type {Timers} */ #timers;
     /** @type {EngineOptions} */ #options;
     /** @type {EngineState} */ #state = 'idle';
+    /** @type {string|null} the detail of the last state event */ #stateDetail = null;
     /** @type {InstanceType<typeof import('./websocket-manager.js').MediaStreamEmitter<EngineEvents>>} */ #events;
     /** @type {(attempt: number) => number} the shared retry schedule (ms before retry n) */ #backoffDelay;
     /** @type {string|null} */ #sessionId = null;
@@ -442,6 +554,13 @@
     /** whether the element is on screen (IntersectionObserver) */ #onScreen = true;
     /** @type {unknown} the timers' id */ #tileTimer = null;
     /** whether the tile changed again since its last report (told when the timer ends) */ #tileDirty = false;
+    /** @type {QualityInfo|null} a background attempt's quality, told once it takes over */ #heldQuality = null;
+    /** @type {unknown} the timers' id: the next background attempt to go back to WebRTC */
+    #webrtcRetryTimer = null;
+    /** @type {unknown} the timers' id: polls a background attempt for its first decoded frame */
+    #firstFrameWatch = null;
+    /** background attempts to go back to WebRTC since the fallback started playing */
+    #webrtcAttempts = 0;
 
     /** @param {EngineOptions} options */
     constructor(options) {
@@ -485,9 +604,16 @@
       return this.#fallback ? 'fallback' : 'webrtc';
     }
 
-    /** @returns {{appended: number, skipped: number}|null} the fallback's segments, while it plays */
+    /**
+     * The fallback, while the stream plays over the socket: segments appended and skipped, the
+     * SourceBuffer's codecs (`avc1.…,opus` with audio), and the background attempts to go back
+     * to WebRTC so far.
+     * @returns {{appended: number, skipped: number, codecs: string|null, webrtcAttempts: number}|null}
+     */
     getFallbackStats() {
-      return this.#fallback ? { appended: this.#fallback.appended, skipped: this.#fallback.skipped } : null;
+      const player = this.#fallback;
+      if (!player) return null;
+      return { appended: player.appended, skipped: player.skipped, codecs: player.codecs, webrtcAttempts: this.#webrtcAttempts };
     }
 
     /** @returns {EngineStats|null} the latest stats */
@@ -569,16 +695,25 @@
 
     /**
      * Change when the engine plays over the socket, and act on it now: 'always' switches to the
-     * fallback, 'never' or 'auto' leave it for WebRTC (a new offer, which ends the server's
-     * fallback; 'auto' falls back again if WebRTC still can't connect).
+     * fallback (and stops trying WebRTC in the background); 'never' or 'auto' go back to
+     * WebRTC: a fallback that plays keeps its picture while WebRTC is tried in the background
+     * (it ends once the new peer connection shows a frame, or the attempts go on with backoff);
+     * one that does not play yet is left for a new offer at once ('auto' falls back again if
+     * WebRTC still can't connect).
      * @param {'auto'|'always'|'never'} mode
      */
     setFallback(mode) {
       const previous = this.#options.fallback ?? 'auto';
       this.#options = { ...this.#options, fallback: mode };
       if (this.#state === 'idle' || this.#state === 'closed') return;
+      const playing = this.#fallback && this.#fallback.appended > 0;
       if (mode === 'always' && !this.#fallback) this.#renegotiate('fallback asked by the page', 0);
-      else if (mode !== 'always' && (this.#fallback || previous === 'always')) this.#renegotiate('WebRTC asked by the page', 0);
+      else if (mode === 'always' && this.pc) this.#abandonWebRTCAttempt('the page asked for the fallback');
+      else if (mode !== 'always' && playing) {
+        // The picture stays until the new peer connection has one of its own.
+        this.#webrtcAttempts = 0;
+        if (!this.pc) this.#tryWebRTCInBackground();
+      } else if (mode !== 'always' && (this.#fallback || previous === 'always')) this.#renegotiate('WebRTC asked by the page', 0);
     }
 
     /**
@@ -607,15 +742,23 @@
 
     // --- negotiation ---------------------------------------------------------------------
 
-    async #negotiate() {
+    /**
+     * A new peer connection and offer. In the background (`background`, while the fallback
+     * plays), the fallback keeps the video element and the state until the new connection has
+     * decoded a frame (see #promoteWebRTCAttempt).
+     * @param {boolean} [background]
+     */
+    async #negotiate(background = false) {
       this.#closePeer();
-      if (this.#options.fallback === 'always') {
-        this.#startFallback('asked by the page');
-        return;
+      if (!background) {
+        if (this.#options.fallback === 'always') {
+          this.#startFallback('asked by the page');
+          return;
+        }
+        this.#stopFallback(); // trying WebRTC (again) in the foreground: the picture goes
+        this.#announcedConnected = false;
       }
-      this.#stopFallback(); // trying WebRTC (again): the offer ends the server's fallback
       this.#mediaStream = null;
-      this.#announcedConnected = false;
       this.#lastSample = null;
       if (!this.#options.iceServers && this.#manager.whenWelcomed) {
         await this.#manager.whenWelcomed(); // the server's ICE servers (and TURN credentials)
@@ -647,19 +790,20 @@
       this.#manager.send('offer', this.streamId, {
         type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId, ...this.#qualityFields(),
       });
-      if (this.#fallbackAllowed) {
+      if (this.#fallbackAllowed || background) {
         const wait = this.#options.fallbackAfterMs ?? FALLBACK_AFTER_MS;
         this.#fallbackTimer = this.#timers.setTimeout(() => {
           this.#fallbackTimer = null;
-          if (this.pc === pc && pc.connectionState !== 'connected') {
-            this.#startFallback(`WebRTC did not connect within ${wait / 1000} s`);
-          }
+          if (this.pc !== pc) return;
+          if (background) this.#abandonWebRTCAttempt(`no picture over WebRTC within ${wait / 1000} s`);
+          else if (pc.connectionState !== 'connected') this.#startFallback(`WebRTC did not connect within ${wait / 1000} s`);
         }, wait);
       }
       const sdp = await answer;
       if (this.pc !== pc) return; // replaced or closed meanwhile
       await pc.setRemoteDescription({ type: 'answer', sdp });
       this.#startStats();
+      if (background) this.#watchForFirstFrame(pc);
     }
 
     /** @returns {Promise<string>} */
@@ -699,6 +843,12 @@
       if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return;
       const code = raw && raw.code;
       if (code === 'negotiation_in_progress') return; // our earlier offer is still being answered
+      if (this.#fallback && this.pc && raw && raw.sessionId) {
+        // The background attempt's session failed; the fallback plays on.
+        if (this.#pendingAnswer) this.#rejectPendingAnswer(new Error(String(text)));
+        this.#abandonWebRTCAttempt(String(text));
+        return;
+      }
       const recoverable = !(code && FATAL_CODES.has(code));
       const error = Object.assign(new Error(String(text)), { code, recoverable });
       const pending = this.#pendingAnswer;
@@ -729,6 +879,7 @@
       const serverState = 'state' in fields && typeof fields.state === 'string' ? fields.state : '';
       this.#serverState = serverState;
       const detail = 'detail' in fields && typeof fields.detail === 'string' ? fields.detail : '';
+      if (this.#fallback && raw && raw.sessionId) return; // a background attempt's: the fallback reports
       if (serverState === 'reconnecting') this.#setState('reconnecting', detail || 'camera reconnecting');
       else if (serverState === 'offline') this.#setState('offline', detail || 'camera offline');
       else if (serverState === 'live' && this.pc && this.pc.connectionState === 'connected') this.#setState('live');
@@ -739,6 +890,11 @@
     #onPeerState(pc) {
       if (this.pc !== pc) return;
       const state = pc.connectionState;
+      if (this.#fallback) {
+        // A background attempt: it only takes over once it shows a frame.
+        if (state === 'failed' || state === 'closed') this.#abandonWebRTCAttempt('the peer connection failed to connect');
+        return;
+      }
       if (state === 'connected') {
         this.#retries = 0;
         if (this.#disconnectedTimer) {
@@ -813,7 +969,7 @@
       return mode !== 'never' && this.#mediaSourceImpl !== null && this.videoElement !== null;
     }
 
-    /** @returns {{new (): MediaSource}|null} */
+    /** @returns {{new (): MediaSource, isTypeSupported?: (type: string) => boolean}|null} */
     get #mediaSourceImpl() {
       return this.#options.MediaSource || root.MediaSource || null;
     }
@@ -839,24 +995,144 @@
             this.#announcedConnected = true;
             this.#emit('connected', { streamId: this.streamId });
           }
+          this.#webrtcAttempts = 0;
+          this.#scheduleWebRTCAttempt();
         },
         (message) => {
           if (this.#fallback !== player) return;
           this.#fallback = null;
+          this.#closePeer(); // a background attempt, if one runs, goes with it
           this.#emit('error', { streamId: this.streamId, message, code: 'fallback_failed', recoverable: false });
           this.#setState('error', message);
+        },
+        () => {
+          if (this.#fallback !== player) return;
+          this.#manager.send('fallback', this.streamId, { audio: [] });
         },
       );
       this.#fallback = player;
       this.#announcedConnected = false;
       this.#setState('connecting', `video over the socket: ${reason}`);
-      this.#manager.send('fallback', this.streamId);
+      const audio = this.#fallbackAudioCodecs(MediaSourceImpl);
+      if (audio.length) this.#manager.send('fallback', this.streamId, { audio });
+      else this.#manager.send('fallback', this.streamId);
+    }
+
+    /**
+     * The audio codecs to ask the server for: none unless the page wants audio, else those the
+     * browser's Media Source Extensions take beside H.264.
+     * @param {{isTypeSupported?: (type: string) => boolean}} MediaSourceImpl
+     * @returns {string[]}
+     */
+    #fallbackAudioCodecs(MediaSourceImpl) {
+      if (!this.#options.audio || !MediaSourceImpl.isTypeSupported) return [];
+      const supported = /** @type {(type: string) => boolean} */ (MediaSourceImpl.isTypeSupported);
+      return FALLBACK_AUDIO_CODECS.filter((codec) => supported(`video/mp4; codecs="${PROBE_VIDEO_CODEC},${codec}"`));
     }
 
     #stopFallback() {
       const player = this.#fallback;
       this.#fallback = null;
+      if (this.#webrtcRetryTimer) this.#timers.clearTimeout(this.#webrtcRetryTimer);
+      this.#webrtcRetryTimer = null;
       if (player) player.close();
+    }
+
+    // --- going back to WebRTC while the fallback plays -----------------------------------------
+
+    /** The next background attempt, after the backoff (none with fallback 'always'). */
+    #scheduleWebRTCAttempt() {
+      const first = this.#options.webrtcRetryMs ?? WEBRTC_RETRY_MS;
+      if (!first || this.#options.fallback === 'always' || !this.#fallback || this.#state === 'closed') return;
+      const cap = Math.max(first, this.#options.webrtcRetryMaxMs ?? WEBRTC_RETRY_MAX_MS);
+      const delay = Math.min(first * 2 ** Math.min(this.#webrtcAttempts, 30), cap);
+      if (this.#webrtcRetryTimer) this.#timers.clearTimeout(this.#webrtcRetryTimer);
+      this.#webrtcRetryTimer = this.#timers.setTimeout(() => {
+        this.#webrtcRetryTimer = null;
+        this.#tryWebRTCInBackground();
+      }, delay);
+    }
+
+    #tryWebRTCInBackground() {
+      if (!this.#fallback || this.#state === 'closed' || this.pc) return;
+      if (!this.#manager.isConnected()) {
+        this.#scheduleWebRTCAttempt(); // the manager renegotiates everything on reconnect
+        return;
+      }
+      this.#webrtcAttempts += 1;
+      this.#negotiate(true).catch((/** @type {unknown} */ rejection) => {
+        const error = asFailure(rejection);
+        if (this.#state === 'closed' || error.superseded) return;
+        this.#abandonWebRTCAttempt(error.message);
+      });
+    }
+
+    /** @param {RTCPeerConnection} pc a background attempt whose answer is applied */
+    #watchForFirstFrame(pc) {
+      if (this.#firstFrameWatch) this.#timers.clearInterval(this.#firstFrameWatch);
+      this.#firstFrameWatch = this.#timers.setInterval(() => {
+        if (this.pc !== pc || !this.#fallback) return;
+        pc.getStats().then((report) => {
+          for (const stat of report.values()) {
+            if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video' && stat.framesDecoded > 0) {
+              this.#promoteWebRTCAttempt(pc);
+              return;
+            }
+          }
+        }).catch(() => { /* closed between two polls */ });
+      }, FIRST_FRAME_POLL_MS);
+    }
+
+    /**
+     * The background attempt decoded a frame: the video element switches to it (the fallback's
+     * picture stayed until now), the server ends the fallback, the state is live again.
+     * @param {RTCPeerConnection} pc
+     */
+    #promoteWebRTCAttempt(pc) {
+      const player = this.#fallback;
+      const stream = this.#mediaStream;
+      if (this.pc !== pc || !player || !stream) return;
+      this.#stopFirstFrameWatch();
+      this.#clearFallbackTimer();
+      this.#fallback = null;
+      const video = this.videoElement;
+      if (video) {
+        video.srcObject = stream; // before the MediaSource goes: no empty frame between
+        const played = video.play();
+        if (played && played.catch) played.catch(() => { /* autoplay refused: the page shows controls */ });
+      }
+      player.close({ handedOver: true });
+      this.#manager.send('close', this.streamId, { fallback: true });
+      this.#webrtcAttempts = 0;
+      this.#retries = 0;
+      if (this.#serverState !== 'reconnecting' && this.#serverState !== 'offline') this.#setState('live');
+      const held = this.#heldQuality;
+      this.#heldQuality = null;
+      if (held) {
+        this.#qualityInfo = held;
+        this.#emit('quality', held);
+      }
+    }
+
+    /**
+     * A background attempt failed (or the page no longer wants it): the fallback plays on and
+     * the next attempt waits longer.
+     * @param {string} reason
+     */
+    #abandonWebRTCAttempt(reason) {
+      if (!this.#fallback) return;
+      this.#clearFallbackTimer();
+      this.#rejectPendingAnswer(new Error(`background attempt to go back to WebRTC abandoned: ${reason}`));
+      this.#closePeer();
+      this.#mediaStream = null;
+      this.#sessionId = null;
+      this.#heldQuality = null;
+      this.#scheduleWebRTCAttempt();
+    }
+
+    #stopFirstFrameWatch() {
+      if (this.#firstFrameWatch) this.#timers.clearInterval(this.#firstFrameWatch);
+      this.#firstFrameWatch = null;
     }
 
     #clearFallbackTimer() {
@@ -988,6 +1264,11 @@
         reason: typeof fields.reason === 'string' ? fields.reason : '',
         qualities: Array.isArray(fields.qualities) ? fields.qualities : [],
       };
+      if (this.#fallback) {
+        // A background attempt's: the fallback (the default quality) plays until it takes over.
+        this.#heldQuality = info;
+        return;
+      }
       this.#qualityInfo = info;
       this.#emit('quality', info);
     }
@@ -1003,7 +1284,9 @@
       for (const old of stream.getTracks().filter((t) => t.kind === event.track.kind)) stream.removeTrack(old);
       stream.addTrack(event.track);
       const video = this.videoElement;
-      if (video) {
+      if (this.#fallback) {
+        // A background attempt: the fallback keeps the element until this stream has a frame.
+      } else if (video) {
         if (video.srcObject !== stream) {
           video.muted = true; // autoplay needs it; the page may unmute
           video.autoplay = true;
@@ -1075,7 +1358,8 @@
       };
       this.#lastSample = { at, bytes, frames };
       this.#lastStats = stats;
-      if (this.pc === pc) this.#emit('stats', stats);
+      // A background attempt's numbers are not what the page shows yet (the fallback is).
+      if (this.pc === pc && !this.#fallback) this.#emit('stats', stats);
     }
 
     // --- plumbing --------------------------------------------------------------------------
@@ -1088,6 +1372,7 @@
     #closePeer() {
       const pc = this.pc;
       this.pc = null;
+      this.#stopFirstFrameWatch();
       if (this.#statsTimer) {
         this.#timers.clearInterval(this.#statsTimer);
         this.#statsTimer = null;
@@ -1102,8 +1387,9 @@
     }
 
     #clearTimers() {
-      for (const timer of [this.#retryTimer, this.#disconnectedTimer, this.#fallbackTimer]) if (timer) this.#timers.clearTimeout(timer);
-      this.#retryTimer = this.#disconnectedTimer = this.#fallbackTimer = null;
+      for (const timer of [this.#retryTimer, this.#disconnectedTimer, this.#fallbackTimer, this.#webrtcRetryTimer]) if (timer) this.#timers.clearTimeout(timer);
+      this.#retryTimer = this.#disconnectedTimer = this.#fallbackTimer = this.#webrtcRetryTimer = null;
+      this.#stopFirstFrameWatch();
       if (this.#statsTimer) this.#timers.clearInterval(this.#statsTimer);
       this.#statsTimer = null;
     }
@@ -1111,8 +1397,10 @@
     /** @param {EngineState} state @param {string} [detail] */
     #setState(state, detail) {
       const previous = this.#state;
-      if (previous === state && !detail) return;
+      // live (fallback) → live is a change a page shows, though the state stays 'live'
+      if (previous === state && !detail && !this.#stateDetail) return;
       this.#state = state;
+      this.#stateDetail = detail || null;
       this.#emit('state', { streamId: this.streamId, state, previous, detail: detail || null });
     }
 
@@ -1127,5 +1415,5 @@
   }
 
   root.WebRTCEngine = WebRTCEngine;
-  if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine, codecOfInit, isKeyFragment };
+  if (typeof module === 'object' && module.exports) module.exports = { WebRTCEngine, codecOfInit, audioCodecOfInit, isKeyFragment };
 })(typeof window !== 'undefined' ? window : globalThis);

@@ -10,6 +10,12 @@
  * streamId, then by type. Messages for a stream nobody registered are logged, never thrown.
  * The protocol is documented in docs/protocol.md.
  *
+ * One socket per browser: where the browser has SharedWorker and Web Locks (and unless
+ * `configure({ shared: false })`), the socket lives in a shared worker
+ * (shared-socket-worker.js, beside this script) and every tab of the origin signals through it;
+ * the peer connections stay in each tab. The page's API is the same either way; `getMetrics()`
+ * says which it is (`shared`). docs/architecture.md, "The browser's one socket", has the design.
+ *
  * No build step, no dependencies: a plain script that defines `WebSocketManager` on the page
  * (and exports it under Node for the unit tests). It also defines what webrtc-engine.js builds
  * on, so that pages still load exactly these two scripts: `MediaStreamEmitter`, the one event
@@ -78,6 +84,61 @@
  * @property {{new (url: string): WebSocket}} [WebSocket] WebSocket implementation (tests inject a fake)
  * @property {Clock} [clock]
  * @property {() => number} [random] a source of numbers in [0, 1), for the jitter
+ * @property {boolean} [shared] signal through the browser's one socket, held by a shared worker
+ *   (default: wherever the browser has SharedWorker and Web Locks); false: this page's own socket.
+ *   Takes effect at the next connect() after a disconnect. `?mediastreamShared=0` on the page's
+ *   URL (or `localStorage.mediastreamShared = '0'`) sets it without code.
+ * @property {string} [workerUrl] the shared worker's script (default: shared-socket-worker.js
+ *   beside this script, with this script's `?v=` version)
+ * @property {SharedSocketPlatform['SharedWorker']} [SharedWorker] implementation (tests inject a fake)
+ * @property {LockManager} [locks] Web Locks (tests inject a fake)
+ */
+/**
+ * @typedef {{SharedWorker: {new (url: string, options: {name: string}): {port: MessagePort, onerror: ((event: ErrorEvent) => void)|null}},
+ *   locks: LockManager}} SharedSocketPlatform
+ */
+/**
+ * What a tab tells the shared worker (shared-socket-worker.js), one message per postMessage.
+ * `hello` comes first: the tab holds the Web Lock `lock` for its lifetime, and the worker ends
+ * the tab's sessions when it gets that lock (the tab is gone: closed, crashed or discarded).
+ * @typedef {{op: 'hello', tabId: string, lock: string, protocol: number}
+ *   | {op: 'connect', requestId: number, url: string, token: string|null, streams: string[],
+ *      settings: LaneSettings}
+ *   | {op: 'configure', url: string, token: string|null}
+ *   | {op: 'register', streamId: string}
+ *   | {op: 'unregister', streamId: string}
+ *   | {op: 'send', messages: Message[]}
+ *   | {op: 'disconnect'}} TabToWorker
+ */
+/**
+ * What the shared worker tells a tab. `event` carries the socket's page-wide events (and the
+ * tab's `connected`/`reconnecting` as the worker sees them); `message`/`media` are the tab's
+ * streams' messages; `reconnect` asks a stream to negotiate again.
+ * @typedef {{op: 'ready', protocol: number, workerLock: string}
+ *   | {op: 'connected', requestId: number}
+ *   | {op: 'connectFailed', requestId: number, message: string}
+ *   | {op: 'event', name: 'connected'|'disconnected'|'reconnecting'|'reconnected'|'error', data: any,
+ *      connected: boolean, reconnecting: boolean}
+ *   | {op: 'welcome', serverInfo: ServerInfo}
+ *   | {op: 'message', message: Message}
+ *   | {op: 'media', segment: MediaSegment}
+ *   | {op: 'reconnect', streamId: string}
+ *   | {op: 'metrics', metrics: SharedSocketMetrics}} WorkerToTab
+ */
+/**
+ * The settings of a socket the worker opens for a tab (its first tab's; later tabs share it).
+ * @typedef {{logLevel: LogLevel, pingInterval: number, maxQueue: number}} LaneSettings
+ */
+/**
+ * The browser's sockets as the shared worker counts them, for one tab's `getMetrics()`.
+ * @typedef {{messagesSent: number, messagesReceived: number, averageLatency: number|null,
+ *   connectedAt: number|null, sockets: number, tabs: number}} SharedSocketMetrics
+ */
+/**
+ * What `getMetrics()` returns: the write-up's five figures, then whether the socket is the
+ * browser's shared one, how many sockets carry this page's streams, and how many tabs share them.
+ * @typedef {{messagesSent: number, messagesReceived: number, averageLatency: number|null,
+ *   uptime: number, streamsActive: number, shared: boolean, sockets: number, tabs: number}} ManagerMetrics
  */
 
 (function (root) {
@@ -210,6 +271,151 @@
   let instance = null;
 
   /**
+   * Whether to share the browser's socket, chosen on the page itself: `?mediastreamShared=0`
+   * (or 1) in its URL, or `localStorage.mediastreamShared = '0'` — to rule the shared worker in
+   * or out while debugging, with no code change. Null when neither says.
+   * @returns {boolean|null}
+   */
+  function storedSharedOption() {
+    try {
+      const fromUrl = root.location && new URLSearchParams(root.location.search).get('mediastreamShared');
+      const value = fromUrl || (root.localStorage && root.localStorage.getItem('mediastreamShared'));
+      return value === '0' || value === 'false' ? false : value === '1' || value === 'true' ? true : null;
+    } catch (_) {
+      return null;
+    }
+  }
+
+  /** The tab ↔ worker message format's version: a worker of another version is not used. */
+  const SHARED_PROTOCOL = 1;
+  /** A SharedWorker is found by script URL and name: the protocol version keeps versions apart. */
+  const WORKER_NAME = `mediastream-signaling-v${SHARED_PROTOCOL}`;
+  const WORKER_READY_TIMEOUT_MS = 5000;
+  /**
+   * This script's own URL, `?v=` version included (the server versions every /static URL a
+   * page names), read while the script runs: the worker script is beside it, same version.
+   */
+  const OWN_SCRIPT_URL = (() => {
+    const script = root.document ? root.document.currentScript : null;
+    return typeof HTMLScriptElement !== 'undefined' && script instanceof HTMLScriptElement ? script.src : null;
+  })();
+
+  /**
+   * What a page needs to share the browser's socket (tests inject fakes): SharedWorker and Web
+   * Locks, or null where the browser lacks either (and inside the worker itself).
+   * @param {ManagerOptions} options
+   * @returns {SharedSocketPlatform|null}
+   */
+  function sharingPlatform(options) {
+    const SharedWorkerImpl = options.SharedWorker || root.SharedWorker;
+    const locks = options.locks || (root.navigator ? root.navigator.locks : undefined);
+    return typeof SharedWorkerImpl === 'function' && locks ? { SharedWorker: SharedWorkerImpl, locks } : null;
+  }
+
+  /** A short random id (manager instances, tabs, worker locks). */
+  function randomId() {
+    return Math.random().toString(36).slice(2, 10);
+  }
+
+  /**
+   * A tab's link to the shared worker that holds the browser's socket. The tab holds a Web Lock
+   * for its lifetime and names it in its `hello`: the worker waits for that lock, and gets it
+   * when the tab is gone (closed, crashed, discarded, navigated away) — a worker can't see a
+   * port close. The other way round, the worker holds its own lock for its lifetime, and the tab
+   * waits for it to learn that the worker died.
+   */
+  class SharedSocketLink {
+    tabId = randomId();
+    /** @type {MessagePort|null} */ #port = null;
+    #workerUrl;
+    /** @type {SharedSocketPlatform} */ #platform;
+    /** @type {(message: WorkerToTab) => void} */ #onMessage;
+    /** @type {() => void} */ #onLost;
+    /** @type {(() => void)|null} lets go of the tab's lock */ #releaseTabLock = null;
+    #closed = false;
+
+    /**
+     * @param {SharedSocketPlatform} platform
+     * @param {string} workerUrl
+     * @param {(message: WorkerToTab) => void} onMessage every message of the worker after `ready`
+     * @param {() => void} onLost the worker is gone
+     */
+    constructor(platform, workerUrl, onMessage, onLost) {
+      this.#platform = platform;
+      this.#workerUrl = workerUrl;
+      this.#onMessage = onMessage;
+      this.#onLost = onLost;
+    }
+
+    /**
+     * Take the tab's lock, start the worker (or join the running one) and wait for its `ready`.
+     * @returns {Promise<void>}
+     * @throws {Error} the worker can't be started, doesn't answer, or speaks another version
+     */
+    async open() {
+      const { locks, SharedWorker: SharedWorkerImpl } = this.#platform;
+      const lock = `mediastream-tab-${this.tabId}`;
+      await new Promise((held, failed) => {
+        locks
+          .request(lock, () => new Promise((release) => {
+            this.#releaseTabLock = () => release(undefined);
+            held(undefined);
+          }))
+          .catch(failed);
+      });
+      const worker = new SharedWorkerImpl(this.#workerUrl, { name: WORKER_NAME });
+      const port = worker.port;
+      this.#port = port;
+      /** @type {WorkerToTab} */
+      const ready = await new Promise((resolve, reject) => {
+        const timer = setTimeout(
+          () => reject(new Error(`the shared worker ${this.#workerUrl} did not answer within ${WORKER_READY_TIMEOUT_MS} ms`)),
+          WORKER_READY_TIMEOUT_MS,
+        );
+        worker.onerror = () => {
+          clearTimeout(timer);
+          reject(new Error(`the shared worker ${this.#workerUrl} failed to start`));
+        };
+        let answered = false;
+        port.onmessage = (event) => {
+          if (answered) {
+            this.#onMessage(event.data);
+            return;
+          }
+          answered = true;
+          clearTimeout(timer);
+          resolve(event.data);
+        };
+        this.post({ op: 'hello', tabId: this.tabId, lock, protocol: SHARED_PROTOCOL });
+      });
+      if (ready.op !== 'ready' || ready.protocol !== SHARED_PROTOCOL) {
+        throw new Error(`the shared worker speaks protocol ${'protocol' in ready ? ready.protocol : '?'}; this page ${SHARED_PROTOCOL}`);
+      }
+      locks
+        .request(ready.workerLock, () => {
+          if (!this.#closed) this.#onLost();
+        })
+        .catch(() => { /* the page is going away */ });
+    }
+
+    /** @param {TabToWorker} message */
+    post(message) {
+      if (this.#port && !this.#closed) this.#port.postMessage(message);
+    }
+
+    /** Leave the worker: the tab's lock goes (the worker ends what is left of the tab's sessions). */
+    close() {
+      if (this.#closed) return;
+      this.#closed = true;
+      if (this.#releaseTabLock) this.#releaseTabLock();
+      if (this.#port) {
+        this.#port.onmessage = null;
+        this.#port.close();
+      }
+    }
+  }
+
+  /**
    * A log level chosen on the page itself: `?mediastreamLog=debug` in its URL, or
    * `localStorage.mediastreamLog = 'debug'` — so debugging needs no code change.
    * @returns {LogLevel|null}
@@ -254,6 +460,7 @@
     /** @type {Clock} */ #clock;
     /** @type {() => number} */ #random;
     /** @type {Promise<void>|null} */ #connecting = null;
+    /** @type {((error: Error) => void)|null} rejects the open in progress */ #abortOpen = null;
     /** @type {Message[]} */ #urgent = [];
     /** @type {Message[]} */ #routine = [];
     #wanted = false; // the page wants a socket (not disconnected on purpose)
@@ -266,10 +473,20 @@
     /** @type {number[]} */ #latencies = [];
     #nextPing = 1;
     /** @type {Map<number, number>} */ #pendingPings = new Map();
+    /** @type {boolean|undefined} configure({shared}); undefined: wherever the browser can */ #sharedOption;
+    /** @type {SharedSocketPlatform|null} SharedWorker and Web Locks, where the browser has them */ #platform;
+    /** @type {string|undefined} */ #workerUrl;
+    /** @type {SharedSocketLink|null} the link to the shared worker, once it answered */ #link = null;
+    #linkFailed = false; // the shared worker could not be used: this page keeps its own socket
+    #usingShared = false; // the current connection goes through the shared worker
+    #nextRequest = 1;
+    /** @type {Map<number, {resolve: () => void, reject: (error: Error) => void}>} */ #requests = new Map();
+    /** @type {SharedSocketMetrics|null} the worker's latest figures */ #sharedMetrics = null;
 
     /** @param {ManagerOptions} [options] */
     constructor(options = {}) {
       this.#WebSocket = options.WebSocket || root.WebSocket;
+      this.#platform = sharingPlatform(options);
       this.#clock = options.clock || {
         setTimeout: (callback, ms) => setTimeout(callback, ms),
         clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
@@ -277,6 +494,7 @@
       };
       this.#random = options.random || Math.random;
       this.#logLevel = storedLogLevel() || 'warn';
+      this.#sharedOption = storedSharedOption() ?? undefined;
       this.configure(options);
       this.#log('debug', `WebSocketManager instance ${this.instanceId} created`);
     }
@@ -310,6 +528,9 @@
     /** Read one binary message of the fallback (see `parseMediaMessage`). */
     static parseMediaMessage = parseMediaMessage;
 
+    /** The version of the messages between a tab and the shared worker (shared-socket-worker.js). */
+    static sharedProtocol = SHARED_PROTOCOL;
+
     /** @param {ManagerOptions} options */
     configure(options) {
       if (options.url) this.#url = options.url;
@@ -317,6 +538,12 @@
       if (options.logLevel) this.setLogLevel(options.logLevel);
       if (options.pingInterval !== undefined) this.#pingInterval = options.pingInterval;
       if (options.maxQueue !== undefined) this.#maxQueue = options.maxQueue;
+      if (options.shared !== undefined) this.#sharedOption = options.shared;
+      if (options.workerUrl) this.#workerUrl = options.workerUrl;
+      if (this.#usingShared && this.#link && (options.url || options.token !== undefined)) {
+        // A new token (or server) for the streams to come; the worker decides what moves.
+        this.#link.post({ op: 'configure', url: this.#baseUrl(), token: this.#token ?? null });
+      }
     }
 
     /** @param {LogLevel} level 'debug' shows the routing; the default 'warn' keeps quiet */
@@ -346,7 +573,7 @@
         this.#log('debug', `instance ${this.instanceId}: reusing the socket being opened`);
         return this.#connecting;
       }
-      this.#connecting = this.#open().finally(() => {
+      this.#connecting = (this.#wantsShared() ? this.#openShared() : this.#open()).finally(() => {
         this.#connecting = null;
       });
       return this.#connecting;
@@ -356,6 +583,18 @@
     disconnect() {
       this.#wanted = false;
       this.reconnecting = false;
+      if (this.#usingShared) {
+        this.#usingShared = false;
+        if (this.#link) this.#link.post({ op: 'disconnect' }); // the worker ends this page's sessions
+        this.welcomed = false;
+        this.#sharedMetrics = null;
+      }
+      for (const request of this.#requests.values()) request.reject(new Error('disconnect() called'));
+      this.#requests.clear();
+      const abortOpen = this.#abortOpen;
+      this.#abortOpen = null;
+      // An open in progress ends here, not never: its onclose won't run.
+      if (abortOpen) abortOpen(Object.assign(new Error('disconnect() called while the socket was opening'), { code: 'aborted' }));
       this.#attempt = 0;
       if (this.#reconnectTimer !== null) {
         this.#clock.clearTimeout(this.#reconnectTimer);
@@ -437,6 +676,7 @@
      */
     registerStream(streamId, handlers) {
       this.streamHandlers.set(streamId, handlers);
+      if (this.#usingShared && this.#link) this.#link.post({ op: 'register', streamId });
       this.#log(
         'debug',
         `instance ${this.instanceId}: stream ${streamId} registered; streams managed: ${this.streamHandlers.size}`,
@@ -454,7 +694,8 @@
      */
     unregisterStream(streamId) {
       if (!this.streamHandlers.delete(streamId)) return;
-      if (this.connected) this.send('close', streamId);
+      if (this.#usingShared && this.#link) this.#link.post({ op: 'unregister', streamId }); // the worker sends the close
+      else if (this.connected) this.send('close', streamId);
       this.#log(
         'debug',
         `instance ${this.instanceId}: stream ${streamId} unregistered; streams managed: ${this.streamHandlers.size}`,
@@ -498,8 +739,26 @@
       this.#events.emit(event, data);
     }
 
-    /** @returns {{messagesSent: number, messagesReceived: number, averageLatency: number|null, uptime: number, streamsActive: number}} */
+    /**
+     * The socket's figures. On the browser's shared socket the message counts, latency and
+     * uptime are the shared socket's (every tab's traffic), `streamsActive` is this page's.
+     * @returns {ManagerMetrics}
+     */
     getMetrics() {
+      if (this.#usingShared) {
+        const shared = this.#sharedMetrics;
+        return {
+          messagesSent: shared ? shared.messagesSent : 0,
+          messagesReceived: shared ? shared.messagesReceived : 0,
+          averageLatency: shared ? shared.averageLatency : null,
+          // The worker's clock is the wall clock: so is this one.
+          uptime: this.connected && shared && shared.connectedAt !== null ? Math.max(0, Date.now() - shared.connectedAt) : 0,
+          streamsActive: this.streamHandlers.size,
+          shared: true,
+          sockets: shared ? shared.sockets : 0,
+          tabs: shared ? shared.tabs : 1,
+        };
+      }
       const latencies = this.#latencies;
       return {
         messagesSent: this.#messagesSent,
@@ -509,11 +768,18 @@
           : null,
         uptime: this.connected ? this.#clock.now() - this.#connectedAt : 0,
         streamsActive: this.streamHandlers.size,
+        shared: false,
+        sockets: this.connected ? 1 : 0,
+        tabs: 1,
       };
     }
 
     /** Measure the round trip once now (also done every pingInterval while connected). */
     ping() {
+      if (this.#usingShared) {
+        this.send('ping', null, {}); // the worker measures it, on every socket of this page
+        return;
+      }
       const id = this.#nextPing++;
       this.#pendingPings.set(id, this.#clock.now());
       if (this.#pendingPings.size > 10) {
@@ -539,10 +805,12 @@
           return;
         }
         this.ws = ws;
+        this.#abortOpen = (error) => reject(error);
         ws.binaryType = 'arraybuffer'; // video over the socket (fallback) arrives as binary messages
         let opened = false;
         ws.onopen = () => {
           opened = true;
+          this.#abortOpen = null;
           const wasReconnecting = this.reconnecting;
           this.connected = true;
           this.reconnecting = false;
@@ -584,13 +852,16 @@
       });
     }
 
+    /** The signaling URL without the token. */
+    #baseUrl() {
+      if (this.#url) return this.#url;
+      const location = root.location;
+      if (!location) throw new Error('WebSocketManager needs a url outside a browser page');
+      return `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
+    }
+
     #socketUrl() {
-      let url = this.#url;
-      if (!url) {
-        const location = root.location;
-        if (!location) throw new Error('WebSocketManager needs a url outside a browser page');
-        url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}/ws`;
-      }
+      let url = this.#baseUrl();
       if (this.#token) {
         url += `${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(this.#token)}`;
       }
@@ -618,15 +889,7 @@
 
     #renegotiateAll() {
       this.emit('reconnected', { streams: this.streamHandlers.size });
-      for (const [streamId, handlers] of this.streamHandlers) {
-        const renegotiate = handlers.onReconnect || handlers.reconnect;
-        if (!renegotiate) continue;
-        try {
-          renegotiate({ streamId });
-        } catch (error) {
-          this.#log('error', `stream ${streamId}: renegotiation failed to start:`, error);
-        }
-      }
+      for (const streamId of [...this.streamHandlers.keys()]) this.#renegotiate(streamId);
     }
 
     /** @param {Message} message */
@@ -643,6 +906,13 @@
 
     /** @returns {number} messages sent */
     #flush() {
+      if (this.#usingShared && this.#link) {
+        // The worker's socket queues them (urgent first) while it is not open.
+        const messages = [...this.#urgent.splice(0), ...this.#routine.splice(0)];
+        if (messages.length) this.#link.post({ op: 'send', messages });
+        for (const message of messages) this.#log('debug', `→ ${message.type} ${message.streamId ?? ''} (shared socket)`);
+        return this.connected ? messages.length : 0;
+      }
       const ws = this.ws;
       if (!ws || ws.readyState !== OPEN) return 0;
       let sent = 0;
@@ -681,9 +951,14 @@
         this.#receiveGlobal(message);
         return;
       }
-      const handlers = this.streamHandlers.get(message.streamId);
+      this.#routeToStream(message.streamId, message);
+    }
+
+    /** @param {string} streamId @param {Message} message one stream's message */
+    #routeToStream(streamId, message) {
+      const handlers = this.streamHandlers.get(streamId);
       if (!handlers) {
-        this.#log('debug', `no stream "${message.streamId}" registered for a "${message.type}" message`);
+        this.#log('debug', `no stream "${streamId}" registered for a "${message.type}" message`);
         this.emit('unknownStream', message);
         return;
       }
@@ -710,6 +985,11 @@
         this.#log('warn', `ignoring a binary message: ${/** @type {Error} */ (error).message}`);
         return;
       }
+      this.#routeMedia(segment);
+    }
+
+    /** @param {MediaSegment} segment */
+    #routeMedia(segment) {
       const handler = this.streamHandlers.get(segment.streamId)?.onMedia;
       if (!handler) {
         this.#log('debug', `no stream "${segment.streamId}" takes video over the socket`);
@@ -744,6 +1024,137 @@
         this.#log('warn', `server error: ${payload} (${message.code})`);
         this.emit('error', { message: String(payload), code: message.code });
       }
+    }
+
+    /** @param {string} streamId */
+    #renegotiate(streamId) {
+      const handlers = this.streamHandlers.get(streamId);
+      const renegotiate = handlers && (handlers.onReconnect || handlers.reconnect);
+      if (!renegotiate) return;
+      try {
+        renegotiate({ streamId });
+      } catch (error) {
+        this.#log('error', `stream ${streamId}: renegotiation failed to start:`, error);
+      }
+    }
+
+    // --- the browser's shared socket (shared-socket-worker.js) ------------------------------
+
+    #wantsShared() {
+      if (this.#sharedOption === false || this.#linkFailed) return false;
+      if (this.#platform) return true;
+      if (this.#sharedOption === true) this.#log('info', 'no SharedWorker or Web Locks here: this page opens its own socket');
+      return false;
+    }
+
+    #workerScriptUrl() {
+      if (this.#workerUrl) return this.#workerUrl;
+      const own = OWN_SCRIPT_URL || `${root.location.origin}/static/js/websocket-manager.js`;
+      const url = new URL('shared-socket-worker.js', own);
+      url.search = new URL(own).search; // the same release's worker: `?v=` of this script
+      return url.href;
+    }
+
+    /** @returns {Promise<void>} */
+    async #openShared() {
+      let link = this.#link;
+      if (!link) {
+        const platform = /** @type {SharedSocketPlatform} */ (this.#platform);
+        /** @type {SharedSocketLink|null} */
+        let created = null;
+        try {
+          const opening = new SharedSocketLink(platform, this.#workerScriptUrl(), (m) => this.#fromWorker(m), () => this.#workerLost(opening));
+          created = opening;
+          await opening.open();
+        } catch (error) {
+          if (created) created.close();
+          this.#linkFailed = true;
+          this.#log('warn', `instance ${this.instanceId}: no shared socket (${/** @type {Error} */ (error).message}); this page opens its own`);
+          return this.#open();
+        }
+        this.#link = link = /** @type {SharedSocketLink} */ (created);
+      }
+      const requestId = this.#nextRequest++;
+      /** @type {Promise<void>} */
+      const done = new Promise((resolve, reject) => this.#requests.set(requestId, { resolve, reject }));
+      link.post({
+        op: 'connect', requestId, url: this.#baseUrl(), token: this.#token ?? null,
+        streams: [...this.streamHandlers.keys()],
+        settings: { logLevel: this.#logLevel, pingInterval: this.#pingInterval, maxQueue: this.#maxQueue },
+      });
+      this.#usingShared = true;
+      this.#flush();
+      this.#log('debug', `instance ${this.instanceId}: signaling through the shared worker as tab ${link.tabId}`);
+      return done;
+    }
+
+    /** @param {WorkerToTab} message */
+    #fromWorker(message) {
+      if (message.op === 'connected' || message.op === 'connectFailed') {
+        const request = this.#requests.get(message.requestId);
+        this.#requests.delete(message.requestId);
+        if (request && message.op === 'connected') request.resolve();
+        else if (request && message.op === 'connectFailed') request.reject(new Error(message.message));
+        return;
+      }
+      if (!this.#usingShared) return; // disconnected meanwhile
+      switch (message.op) {
+        case 'event':
+          this.connected = message.connected;
+          this.reconnecting = message.reconnecting;
+          if (message.name === 'disconnected') this.welcomed = false;
+          this.#log(message.name === 'disconnected' ? 'warn' : 'debug', `instance ${this.instanceId}: shared socket ${message.name}`);
+          this.emit(message.name, message.data);
+          break;
+        case 'welcome': {
+          const first = !this.welcomed;
+          this.serverInfo = message.serverInfo;
+          this.welcomed = true;
+          for (const waiter of this.#welcomeWaiters.splice(0)) waiter();
+          if (first) this.emit('welcome', this.serverInfo);
+          break;
+        }
+        case 'message':
+          this.#messagesReceived += 1;
+          this.emit('message', message.message);
+          if (typeof message.message.streamId === 'string') this.#routeToStream(message.message.streamId, message.message);
+          break;
+        case 'media':
+          this.#routeMedia(message.segment);
+          break;
+        case 'reconnect':
+          this.#renegotiate(message.streamId);
+          break;
+        case 'metrics':
+          this.#sharedMetrics = message.metrics;
+          break;
+      }
+    }
+
+    /**
+     * The shared worker died (its lock came free): open a new one and renegotiate every stream,
+     * as after a reconnect.
+     * @param {SharedSocketLink} link
+     */
+    #workerLost(link) {
+      if (this.#link !== link) return;
+      this.#link = null;
+      link.close();
+      for (const request of this.#requests.values()) request.reject(new Error('the shared worker ended'));
+      this.#requests.clear();
+      if (!this.#usingShared) return;
+      this.#usingShared = false;
+      const wasConnected = this.connected;
+      this.connected = false;
+      this.welcomed = false;
+      const willReconnect = this.#wanted && this.streamHandlers.size > 0;
+      this.#log('warn', `instance ${this.instanceId}: the shared worker ended${willReconnect ? '; starting another' : ''}`);
+      if (wasConnected) this.emit('disconnected', { code: 1006, reason: 'the shared worker ended', willReconnect });
+      if (!willReconnect) return;
+      this.reconnecting = true;
+      this.connect()
+        .then(() => this.#renegotiateAll())
+        .catch((error) => this.#log('warn', `instance ${this.instanceId}: reconnecting to a new worker failed:`, error));
     }
 
     #startPings() {

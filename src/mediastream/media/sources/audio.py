@@ -1,5 +1,8 @@
 """Audio: G.711 and Opus passed through, anything else (AAC…) encoded to Opus once per source.
 
+AAC is also published as it came (frames of kind ``source_audio``), for the socket fallback:
+browsers' Media Source Extensions take AAC, so it goes there without being transcoded.
+
 Runs in the reader thread (PyAV), no Trio here.
 """
 
@@ -47,6 +50,9 @@ class AudioPassthrough:
     """G.711 and Opus go to browsers untouched (G.711 cut into 20 ms packets)."""
 
     transcoded = False
+    source_config = b""
+    source_clock_rate = 0
+    source_channels = 0
 
     def __init__(self, stream: av.audio.stream.AudioStream) -> None:
         self.source_codec = stream.codec_context.name
@@ -93,8 +99,28 @@ class AudioTranscoder:
         encoder.open()
         self._encoder: Any = encoder
         self._samples = 0
+        # Raw AAC with its AudioSpecificConfig out of band (RTSP's mpeg4-generic, MP4 files)
+        # goes to the fallback as is; ADTS (MPEG-TS) carries no extradata and is left out.
+        extradata = stream.codec_context.extradata
+        if self.source_codec == "aac" and extradata and stream.codec_context.sample_rate:
+            self.source_config = bytes(extradata)
+            self.source_clock_rate = int(stream.codec_context.sample_rate)
+            self.source_channels = int(stream.codec_context.channels or 2)
+        else:
+            self.source_config, self.source_clock_rate, self.source_channels = b"", 0, 0
+        self._source_time_base = stream.time_base or Fraction(1, self.source_clock_rate or 1)
 
     def convert(self, packet: av.Packet[Any]) -> Iterator[EncodedFrame]:
+        if self.source_config and packet.pts is not None and packet.size:
+            ticks = scale_timestamp(packet.pts, self._source_time_base, self.source_clock_rate)
+            data = bytes(packet)
+            yield EncodedFrame(
+                kind="source_audio",
+                timestamp=ticks,
+                keyframe=True,
+                payloads=(data,),
+                size=len(data),
+            )
         for decoded in cast("list[av.AudioFrame]", packet.decode()):
             for frame in self._resampler.resample(decoded):
                 frame.pts = self._samples

@@ -68,6 +68,9 @@ def read_source(
                 audio_clock_rate=audio_converter.clock_rate,
                 audio_source_codec=audio_converter.source_codec,
                 audio_transcoded=audio_converter.transcoded,
+                source_audio_config=audio_converter.source_config,
+                source_audio_clock_rate=audio_converter.source_clock_rate,
+                source_audio_channels=audio_converter.source_channels,
             )
         deliver(info)
         streams = [video] if audio_converter is None else [video, audio]

@@ -153,6 +153,12 @@ async def _run_attempt(
                         log.info("%s: opened, %s", label, _describe_info(item))
                         if item.audio_codec and "audio" not in timelines:
                             timelines["audio"] = Timeline(item.audio_clock_rate)
+                        rate = item.source_audio_clock_rate
+                        known = timelines.get("source_audio")
+                        if rate and (known is None or known.clock_rate != rate):
+                            # New, or the camera's AAC changed its rate (fallbacks started
+                            # after that get an init segment with the new rate).
+                            timelines["source_audio"] = Timeline(rate)
                         sink.source_opened(item)
                         continue
                     now = trio.current_time()

@@ -1,11 +1,11 @@
 // @ts-check
 /**
  * The camera wall: every stream in a grid, all on one shared socket. A tile that scrolls out
- * of view, or a hidden tab, stops its stream (the server frees it); it resumes when visible.
- * Click a tile to enlarge it, click again or press Escape to put it back.
- * Every engine is on quality 'auto': a grid tile gets a camera's sub stream, an enlarged tile
- * its main stream (the engine reports its size; the server switches on the same connection);
- * each tile shows the quality it plays.
+ * of view (or is on another page of the layout), or a hidden tab, stops its stream (the server
+ * frees it); it resumes when visible. The layout, full screen and tile order are wall.js's.
+ * Every engine is on quality 'auto': a grid tile gets a camera's sub stream, an enlarged or
+ * full-screen tile its main stream (the engine reports its size; the server switches on the
+ * same connection); each tile shows the quality it plays.
  */
 (function () {
   'use strict';
@@ -15,6 +15,10 @@
   const wall = /** @type {HTMLElement} */ (document.getElementById('wall'));
   const wsStatus = /** @type {HTMLElement} */ (document.getElementById('ws-status'));
   const summary = /** @type {HTMLElement} */ (document.getElementById('summary'));
+  const byId = (/** @type {string} */ id) => /** @type {any} */ (document.getElementById(id));
+  const layout = new MediaStreamWall.Wall(wall, {
+    layout: byId('wall-layout'), previous: byId('wall-previous'), next: byId('wall-next'), page: byId('wall-page'),
+  });
 
   /** @typedef {{id: string, name: string, tile: HTMLElement, engine: WebRTCEngine, visible: boolean, state: string}} Tile */
   /** @type {Map<string, Tile>} */
@@ -104,9 +108,8 @@
       /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
         `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
     });
-    tileElement.addEventListener('click', () => enlarge(tileElement));
     tiles.set(stream.id, tile);
-    wall.append(tileElement);
+    layout.add(stream.id, tileElement);
     observer.observe(tileElement);
     if (stream.running) posterOf(tile);
   }
@@ -129,7 +132,7 @@
     if (!tile) return;
     tile.engine.disconnect();
     observer.unobserve(tile.tile);
-    tile.tile.remove();
+    layout.remove(streamId);
     tiles.delete(streamId);
     updateSummary();
   }
@@ -156,6 +159,7 @@
         el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
         el('td', { class: 'mono' }, [s.source]),
         el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [viewersText(s)]),
+        el('td', { class: 'mono owner' }, [s.owner ? s.owner.node : '—']),
         el('td', {}, [
           s.enabled
             ? act('stop', () => api(`/api/streams/${s.id}/stop`, { method: 'POST' }))
@@ -179,6 +183,26 @@
     return `${stream.viewers} (${qualities.map((q) => `${q.name} ${q.viewers}`).join(', ')})`;
   }
 
+  /**
+   * A cluster's nodes, as GET /api/cluster answers (`nodes` is empty in a single process).
+   * @typedef {{id: string, publicUrl: string, state: string, load: number, streams: string[]}} ClusterNodeInfo
+   */
+  const nodeTable = /** @type {HTMLTableElement} */ (document.getElementById('node-table'));
+
+  /** Show the cluster's nodes; the table stays hidden in a single process. */
+  async function refreshNodes() {
+    const view = /** @type {{nodeId: string|null, nodes: ClusterNodeInfo[]}} */ (await api('/api/cluster'));
+    nodeTable.hidden = view.nodes.length === 0;
+    /** @type {HTMLElement} */ (nodeTable.tBodies[0]).replaceChildren(...view.nodes.map((n) =>
+      el('tr', { dataset: { nodeId: n.id } }, [
+        el('td', { class: 'mono' }, [n.id === view.nodeId ? `${n.id} (this node)` : n.id]),
+        el('td', { class: 'mono' }, [n.publicUrl]),
+        el('td', {}, [n.state]),
+        el('td', {}, [`${Math.round(n.load * 100)} %`]),
+        el('td', { class: 'mono' }, [n.streams.join(', ') || '—']),
+      ])));
+  }
+
   /** @param {() => Promise<unknown>} action @param {string} done */
   async function run(action, done) {
     try {
@@ -188,6 +212,7 @@
       say(/** @type {Error} */ (error).message, true);
     }
     await refreshManagement().catch(() => {});
+    await refreshNodes().catch(() => {});
   }
 
   form.addEventListener('submit', (event) => {
@@ -206,18 +231,10 @@
 
   /** @type {HTMLButtonElement} */ (document.getElementById('manage-toggle')).addEventListener('click', () => {
     manage.hidden = !manage.hidden;
-    if (!manage.hidden) refreshManagement().catch((/** @type {Error} */ e) => say(e.message, true));
-  });
-
-  /** @param {HTMLElement} tileElement */
-  function enlarge(tileElement) {
-    const already = tileElement.classList.contains('enlarged');
-    for (const other of wall.querySelectorAll('.tile.enlarged')) other.classList.remove('enlarged');
-    if (!already) tileElement.classList.add('enlarged');
-  }
-
-  document.addEventListener('keydown', (event) => {
-    if (event.key === 'Escape') for (const t of wall.querySelectorAll('.tile.enlarged')) t.classList.remove('enlarged');
+    if (!manage.hidden) {
+      refreshManagement().catch((/** @type {Error} */ e) => say(e.message, true));
+      refreshNodes().catch((/** @type {Error} */ e) => say(`cluster: ${e.message}`, true));
+    }
   });
 
   /** @type {HTMLSelectElement} */ (document.getElementById('tile-size')).addEventListener('change', (event) => {
@@ -238,5 +255,5 @@
       wall.replaceWith(el('p', { class: 'empty' }, [`Cannot list the streams: ${error.message}`]));
     });
 
-  window.msDashboard = { manager, tiles };
+  window.msDashboard = { manager, tiles, layout };
 })();

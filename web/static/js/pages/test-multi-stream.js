@@ -15,15 +15,19 @@
   const engines = new Map();
   // ?relay=1 forces WebRTC through TURN (with none configured it can't connect: the engines
   // fall back to video over the socket); ?fallback=always|never and ?fallbackAfterMs=N choose
-  // when they do.
+  // when they do, ?webrtcRetryMs=N how soon they try WebRTC again meanwhile; ?audio=1 plays
+  // the cameras' sound too.
   const query = new URLSearchParams(window.location.search);
   const fallbackMode = query.get('fallback');
   const fallbackAfterMs = Number(query.get('fallbackAfterMs')) || undefined;
+  const webrtcRetryMs = Number(query.get('webrtcRetryMs')) || undefined;
   /** @type {Partial<import('../webrtc-engine.js').EngineOptions>} */
   const engineOptions = {
     iceTransportPolicy: query.get('relay') === '1' ? 'relay' : 'all',
     fallback: fallbackMode === 'always' || fallbackMode === 'never' ? fallbackMode : 'auto',
     fallbackAfterMs,
+    webrtcRetryMs,
+    audio: query.get('audio') === '1',
   };
 
   /** @param {string} text @param {'info'|'warn'|'error'} [level] */

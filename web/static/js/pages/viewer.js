@@ -22,10 +22,17 @@
     const url = new URL(window.location.href);
     url.searchParams.set('stream', streamId);
     history.replaceState(null, '', url);
-    // ?relay=1 forces the media through the TURN server (to check a TURN set-up).
-    const relay = new URLSearchParams(window.location.search).get('relay') === '1';
+    // ?relay=1 forces the media through the TURN server (to check a TURN set-up);
+    // ?fallback=always|never, ?fallbackAfterMs=N and ?webrtcRetryMs=N choose when the video
+    // comes over the socket instead, and how soon WebRTC is tried again meanwhile.
+    const query = new URLSearchParams(window.location.search);
+    const fallback = query.get('fallback');
     const next = new WebRTCEngine({
-      streamId, videoElement: video, audio: true, iceTransportPolicy: relay ? 'relay' : 'all',
+      streamId, videoElement: video, audio: true,
+      iceTransportPolicy: query.get('relay') === '1' ? 'relay' : 'all',
+      fallback: fallback === 'always' || fallback === 'never' ? fallback : 'auto',
+      fallbackAfterMs: Number(query.get('fallbackAfterMs')) || undefined,
+      webrtcRetryMs: Number(query.get('webrtcRetryMs')) || undefined,
       quality: qualitySelect.value,
     });
     next.on('quality', (q) => showQuality(q));

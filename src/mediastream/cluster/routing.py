@@ -1201,9 +1201,18 @@ class RoutedSession:
         raise OwnerChanging(f'stream "{self.stream.id}" changed owners during its offer; try again')
 
     async def _relay_candidates(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._relay_quality_requests)
-            await self._relay_trickle()
+        """Relay the page's ICE candidates and quality requests to the owner until the session
+        ends. Either one's failure is raised as itself, not in a group, so :meth:`run` reports
+        a lost relay message as ``relay_failed``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._relay_quality_requests)
+                await self._relay_trickle()
+        except BaseExceptionGroup as group:
+            only = group.exceptions[0] if len(group.exceptions) == 1 else None
+            if only is None or isinstance(only, trio.Cancelled):
+                raise
+            raise only from None
 
     async def _relay_quality_requests(self) -> None:
         while True:

@@ -279,6 +279,33 @@ async def test_a_bad_quality_request_gets_an_error_and_changes_nothing(
         assert played.sizes == {SUB}
 
 
+async def test_a_fallback_plays_the_default_quality_and_webrtc_beside_it_switches(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
+    stream = gate(server)
+    async with open_viewer(server.ws_url) as viewer:
+        await viewer.send({"type": "fallback", "streamId": "gate"})
+        with trio.fail_after(15):
+            await stream.changes.wait_until(lambda: stream.quality("sub").viewers == 1)
+        refused = await viewer.request(
+            {"type": "quality", "streamId": "gate", "payload": {"quality": "main"}},
+            "gate",
+            ("error",),
+        )
+        assert refused["code"] == "invalid_message"
+        assert "fallback" in refused["payload"] and "default quality" in refused["payload"]
+
+        # The page tries WebRTC again beside its fallback: that session takes quality messages.
+        played = await viewer.play("gate")
+        await played.wait_size(SUB)
+        await ask_quality(viewer, {"quality": "main"}, "main")
+        await played.wait_size(MAIN)
+        [connection] = server.services.hub._connections
+        assert list(connection.fallbacks) == ["gate"]  # the fallback plays on meanwhile
+        assert stream.quality("main").viewers == 1 and stream.quality("sub").viewers == 1
+
+
 async def test_a_short_link_falls_to_sub_and_climbs_back(
     start_server: StartServer, camera: Camera
 ) -> None:

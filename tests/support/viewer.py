@@ -127,6 +127,8 @@ class Viewer:
         self.sent: list[Message] = []
         self.binary_messages = 0
         self.streams: dict[str, PlayedStream] = {}
+        #: every peer connection made, those of streams played again too (closed at the end)
+        self._peers: list[RTCPeerConnection] = []
         self.closed_reason: tuple[int, str | None] | None = None
         self._nursery = nursery
         self._arrived = trio.Event()
@@ -191,6 +193,7 @@ class Viewer:
         comes.
         """
         pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
+        self._peers.append(pc)
         transceiver = pc.addTransceiver("video", direction="recvonly")
         audio_transceiver = pc.addTransceiver("audio", direction="recvonly") if audio else None
         played = PlayedStream(stream_id, pc)
@@ -313,8 +316,8 @@ class Viewer:
 
     async def close_peers(self) -> None:
         with trio.CancelScope(shield=True):
-            for played in self.streams.values():
-                await trio_asyncio.aio_as_trio(played.pc.close)()
+            for pc in self._peers:
+                await trio_asyncio.aio_as_trio(pc.close)()
 
 
 def _unwrap(timestamp: int, earlier: list[int]) -> int:

@@ -189,13 +189,39 @@ class SourceSpec:
         return dict(self.options)
 
 
+#: The name of a stream's only quality when it lists none (a plain ``source``).
+IMPLICIT_QUALITY: Final = "main"
+#: What a viewer may ask for besides a quality's name: let the server choose.
+AUTO_QUALITY: Final = "auto"
+QUALITY_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+#: qualities one stream may list (cameras offer two or three streams)
+MAX_QUALITIES: Final = 8
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """One ``qualities`` entry of a stream: one of the camera's streams (``main``, ``sub``),
+    read only while some viewer watches it. Its resolution and bitrate are learnt from the
+    stream itself when it is read."""
+
+    name: str
+    source: SourceSpec
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """One ``[[streams]]`` entry."""
 
     id: str
+    #: with ``qualities``: the default quality's source (set from it; not written in the file).
     source: SourceSpec
     name: str = ""
+    #: several sources of one camera, **best first** (``main`` before ``sub``); each viewer
+    #: gets the one that fits its tile and its network and moves between them on the same
+    #: RTP stream. Empty: ``source`` is the stream's only quality, named "main".
+    qualities: tuple[QualityConfig, ...] = ()
+    #: the quality a viewer starts on when its page asks for none; empty: the first listed.
+    default_quality: str = ""
     #: how to ask an RTSP camera for its media: ``"auto"`` tries TCP (passes NAT and firewalls)
     #: and, if the camera refuses it (461 Unsupported transport), UDP, then keeps to what
     #: worked; ``"tcp"`` or ``"udp"`` ask for that one only.
@@ -210,6 +236,15 @@ class StreamConfig:
     @property
     def display_name(self) -> str:
         return self.name or self.id
+
+    @property
+    def quality_list(self) -> tuple[QualityConfig, ...]:
+        """The stream's qualities, best first: the listed ones, or its ``source`` alone."""
+        return self.qualities or (QualityConfig(IMPLICIT_QUALITY, self.source),)
+
+    @property
+    def default_quality_name(self) -> str:
+        return self.default_quality or self.quality_list[0].name
 
 
 @dataclass(frozen=True)
@@ -292,13 +327,36 @@ def stream_from_dict(item: Any, *, key: str = "", base_dir: Path | None = None) 
     """
     if not isinstance(item, dict):
         raise ConfigError("must be a table (an object)", key=key or None)
-    if "source" not in item:
-        raise ConfigError("missing required key", key=_join(key, "source"))
-    source_text = item["source"]
-    if not isinstance(source_text, str):
-        raise ConfigError("must be a string", key=_join(key, "source"))
-    source = parse_source(source_text, key=_join(key, "source"), base_dir=base_dir)
-    stream = _build(StreamConfig, {**item, "source": source}, key)
+    if "qualities" in item:
+        if "source" in item:
+            raise ConfigError(
+                "set source (one quality) or qualities (several), not both",
+                key=_join(key, "qualities"),
+            )
+        qualities = _qualities_from(item["qualities"], _join(key, "qualities"), base_dir)
+        default = item.get("default_quality", "")
+        names = [quality.name for quality in qualities]
+        if not isinstance(default, str) or (default and default not in names):
+            raise ConfigError(
+                f"must be one of the qualities ({', '.join(names)}), got {default!r}",
+                key=_join(key, "default_quality"),
+            )
+        chosen = next(q for q in qualities if q.name == (default or names[0]))
+        fields: dict[str, Any] = {**item, "source": chosen.source, "qualities": qualities}
+    else:
+        if "source" not in item:
+            raise ConfigError("missing required key (or give qualities)", key=_join(key, "source"))
+        if item.get("default_quality", "") not in ("", IMPLICIT_QUALITY):
+            raise ConfigError(
+                f'needs qualities (a stream with one source has one quality, "{IMPLICIT_QUALITY}")',
+                key=_join(key, "default_quality"),
+            )
+        source_text = item["source"]
+        if not isinstance(source_text, str):
+            raise ConfigError("must be a string", key=_join(key, "source"))
+        source = parse_source(source_text, key=_join(key, "source"), base_dir=base_dir)
+        fields = {**item, "source": source}
+    stream = _build(StreamConfig, fields, key)
     if not STREAM_ID_PATTERN.fullmatch(stream.id):
         raise ConfigError(
             f'"{stream.id}" is not a valid id (1-64 letters, digits, "_.-", starting with '
@@ -308,16 +366,62 @@ def stream_from_dict(item: Any, *, key: str = "", base_dir: Path | None = None) 
     return stream
 
 
+def _qualities_from(items: Any, key: str, base_dir: Path | None) -> list[QualityConfig]:
+    """The ``qualities`` array: tables of ``name`` and ``source``, names unique.
+
+    Raises:
+        ConfigError: naming the entry and its key (``streams[0].qualities[1].source``).
+    """
+    if not isinstance(items, list) or not items:
+        raise ConfigError(
+            'must be a non-empty array of tables ({name = "main", source = "rtsp://…"})', key=key
+        )
+    if len(items) > MAX_QUALITIES:
+        raise ConfigError(f"at most {MAX_QUALITIES} qualities, got {len(items)}", key=key)
+    qualities: list[QualityConfig] = []
+    for index, entry in enumerate(items):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError("must be a table with name and source", key=where)
+        for name in entry:
+            if name not in ("name", "source"):
+                raise ConfigError("unknown key (known keys: name, source)", key=f"{where}.{name}")
+        for required in ("name", "source"):
+            if not isinstance(entry.get(required), str):
+                raise ConfigError("missing required string", key=f"{where}.{required}")
+        name = entry["name"]
+        if not QUALITY_NAME_PATTERN.fullmatch(name) or name == AUTO_QUALITY:
+            raise ConfigError(
+                f'"{name}" is not a valid quality name (1-32 letters, digits, "_-", not '
+                f'"{AUTO_QUALITY}")',
+                key=f"{where}.name",
+            )
+        if any(quality.name == name for quality in qualities):
+            raise ConfigError(f'duplicate quality name "{name}"', key=f"{where}.name")
+        source = parse_source(entry["source"], key=f"{where}.source", base_dir=base_dir)
+        qualities.append(QualityConfig(name, source))
+    return qualities
+
+
 def stream_to_dict(stream: StreamConfig) -> dict[str, Any]:
     """The inverse of :func:`stream_from_dict` (with the source as written, credentials too)."""
-    return {
-        "id": stream.id,
-        "name": stream.name,
-        "source": stream.source.text or stream.source.location,
-        "rtsp_transport": stream.rtsp_transport,
-        "on_demand": stream.on_demand,
-        "audio": stream.audio,
-    }
+    definition: dict[str, Any] = {"id": stream.id, "name": stream.name}
+    if stream.qualities:
+        definition["qualities"] = [
+            {"name": quality.name, "source": _source_text(quality.source)}
+            for quality in stream.qualities
+        ]
+        definition["default_quality"] = stream.default_quality
+    else:
+        definition["source"] = _source_text(stream.source)
+    definition.update(
+        rtsp_transport=stream.rtsp_transport, on_demand=stream.on_demand, audio=stream.audio
+    )
+    return definition
+
+
+def _source_text(source: SourceSpec) -> str:
+    return source.text or source.location
 
 
 def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> SourceSpec:
@@ -547,8 +651,8 @@ def _build(cls: type[_T], data: Any, key: str) -> _T:
 def _convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if hint is SourceSpec and isinstance(value, SourceSpec):
-        return value
+    if hint in (SourceSpec, QualityConfig) and isinstance(value, hint):
+        return value  # parsed already, by stream_from_dict
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -35,6 +35,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_CODEC = "unsupported_codec"
     NEGOTIATION_IN_PROGRESS = "negotiation_in_progress"
     NO_SESSION = "no_session"
+    UNKNOWN_QUALITY = "unknown_quality"
     INVALID_CANDIDATE = "invalid_candidate"
     TOO_MANY_CANDIDATES = "too_many_candidates"
     TOO_MANY_STREAMS = "too_many_streams"

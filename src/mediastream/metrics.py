@@ -245,8 +245,32 @@ class _LevelsCollector(Collector):
             counters["dropped"].add_metric(labels, stream.fanout.dropped_frames)
             counters["restarts"].add_metric(labels, stream.source_restarts)
             counters["encoders"].add_metric(labels, stream.encoders_opened)
+        per_quality = {
+            "viewers": GaugeMetricFamily(
+                "mediastream_quality_viewers",
+                "Viewers whose video comes from each quality of each stream now.",
+                labels=["stream", "quality"],
+            ),
+            "running": GaugeMetricFamily(
+                "mediastream_quality_source_running",
+                "1 while the quality's source runs.",
+                labels=["stream", "quality"],
+            ),
+            "bitrate": GaugeMetricFamily(
+                "mediastream_quality_bitrate_bps",
+                "The quality's bitrate, measured from the stream (0 before it was read).",
+                labels=["stream", "quality"],
+            ),
+        }
+        for stream in streams:
+            for quality in stream.qualities:
+                labels = [stream.id, quality.name]
+                per_quality["viewers"].add_metric(labels, quality.viewers)
+                per_quality["running"].add_metric(labels, int(quality.running))
+                per_quality["bitrate"].add_metric(labels, quality.bitrate)
         yield from per_stream.values()
         yield from counters.values()
+        yield from per_quality.values()
 
 
 class _ClusterCollector(Collector):

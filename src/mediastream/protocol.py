@@ -30,16 +30,41 @@ MAX_CANDIDATE_CHARS: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
+class Tile:
+    """Where a stream is shown: its element's rendered size in device pixels, and whether it
+    can be seen at all (on screen, page visible)."""
+
+    width: int
+    height: int
+    visible: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class QualityRequest:
+    """``quality``: which of the stream's qualities this viewer wants (a name, or ``"auto"``:
+    the server chooses from the tile and the network), and/or its tile now. What is left out
+    stays as it was."""
+
+    stream_id: str
+    quality: str | None = None
+    tile: Tile | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Offer:
     """``offer``: the browser's SDP offer for one stream.
 
     ``session_id`` is optional and chosen by the client; the server echoes it in every message
     about this session so a client can tell a late message of an old session from the new one.
+    ``quality`` and ``tile`` (optional, as in ``quality``) say where the viewer starts.
     """
 
     stream_id: str
     sdp: str
     session_id: str | None = None
+    quality: str | None = None
+    tile: Tile | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +140,25 @@ class PeerApplied:
     peer_id: str
 
 
-ClientMessage = Offer | IceCandidate | Close | Ping | Auth | Fallback | PeerOffer | PeerApplied
+ClientMessage = (
+    Offer | IceCandidate | Close | Ping | Auth | Fallback | QualityRequest | PeerOffer | PeerApplied
+)
 
-CLIENT_MESSAGE_TYPES: Final = ("offer", "ice", "close", "ping", "auth", "fallback", "applied")
+CLIENT_MESSAGE_TYPES: Final = (
+    "offer",
+    "ice",
+    "close",
+    "ping",
+    "auth",
+    "fallback",
+    "quality",
+    "applied",
+)
 PEER_MESSAGE_TYPES: Final = ("offer", "applied", "ice", "close")
 MAX_TOKEN_CHARS: Final = 8192
+#: a quality's name as a page may send it (the configuration's rule), or "auto"
+QUALITY_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+MAX_TILE_PIXELS: Final = 32768  # per side: beyond any screen, device pixels included
 MAX_AUDIO_CODECS: Final = 8  # codec strings a fallback request may list
 MAX_CODEC_CHARS: Final = 40
 
@@ -189,6 +228,8 @@ def parse_client_message(text: str | bytes, *, max_sdp_bytes: int) -> ClientMess
             '"applied" is for a shared peer connection (a "streamId" starting with "~")',
             stream_id=stream_id,
         )
+    if message_type == "quality":
+        return _parse_quality(stream_id, payload)
     return _parse_close(stream_id, payload)
 
 
@@ -319,7 +360,91 @@ def _parse_offer(stream_id: str, payload: Any, *, max_sdp_bytes: int) -> Offer:
             f'offer payload.type must be "offer", got {_clip(sdp_type)!r}',
             stream_id=stream_id,
         )
-    return Offer(stream_id=stream_id, sdp=sdp, session_id=_session_id_of(payload, stream_id))
+    return Offer(
+        stream_id=stream_id,
+        sdp=sdp,
+        session_id=_session_id_of(payload, stream_id),
+        quality=_quality_of(payload, stream_id),
+        tile=_tile_of(payload, stream_id),
+    )
+
+
+def quality_fields(payload: dict[str, Any], stream_id: str) -> tuple[str | None, Tile | None]:
+    """An offer's (or a relayed offer's) ``quality`` and ``tile``, validated.
+
+    Raises:
+        SignalingError: naming the field that is wrong.
+    """
+    return _quality_of(payload, stream_id), _tile_of(payload, stream_id)
+
+
+def tile_json(tile: Tile) -> dict[str, Any]:
+    return {"width": tile.width, "height": tile.height, "visible": tile.visible}
+
+
+def _parse_quality(stream_id: str, payload: Any) -> QualityRequest:
+    if not isinstance(payload, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'quality payload must be an object with "quality" and/or "tile"',
+            stream_id=stream_id,
+        )
+    quality, tile = _quality_of(payload, stream_id), _tile_of(payload, stream_id)
+    if quality is None and tile is None:
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'quality payload needs "quality" (a name or "auto") or "tile" (or both)',
+            stream_id=stream_id,
+        )
+    return QualityRequest(stream_id, quality, tile, _session_id_of(payload, stream_id))
+
+
+def _quality_of(payload: dict[str, Any], stream_id: str) -> str | None:
+    quality = payload.get("quality")
+    if quality is not None and not (
+        isinstance(quality, str) and QUALITY_PATTERN.fullmatch(quality)
+    ):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            f'payload.quality must be a quality\'s name or "auto", got {_clip(quality)!r}',
+            stream_id=stream_id,
+        )
+    return quality
+
+
+def _tile_of(payload: dict[str, Any], stream_id: str) -> Tile | None:
+    tile = payload.get("tile")
+    if tile is None:
+        return None
+    if not isinstance(tile, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'payload.tile must be an object {"width", "height", "visible"}',
+            stream_id=stream_id,
+        )
+    sides = []
+    for side in ("width", "height"):
+        value = tile.get(side)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= MAX_TILE_PIXELS
+        ):
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE,
+                f"payload.tile.{side} must be a number of device pixels from 0 to "
+                f"{MAX_TILE_PIXELS}, got {_clip(value)!r}",
+                stream_id=stream_id,
+            )
+        sides.append(round(value))
+    visible = tile.get("visible", True)
+    if not isinstance(visible, bool):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            "payload.tile.visible must be true or false",
+            stream_id=stream_id,
+        )
+    return Tile(sides[0], sides[1], visible)
 
 
 def _session_id_of(payload: dict[str, Any], stream_id: str) -> str | None:
@@ -432,6 +557,20 @@ def state(
     if member is not None:
         payload["stream"] = member
     return encode("state", stream_id, payload, sessionId=session_id)
+
+
+def quality(
+    stream_id: str,
+    playing: str,
+    *,
+    requested: str,
+    reason: str,
+    qualities: list[dict[str, Any]],
+    session_id: str | None = None,
+) -> str:
+    """Which quality the viewer is playing now (after the answer, and on every change)."""
+    payload = {"quality": playing, "requested": requested, "reason": reason, "qualities": qualities}
+    return encode("quality", stream_id, payload, sessionId=session_id)
 
 
 def pong(payload: Any) -> str:

@@ -1,16 +1,21 @@
-"""The streams, and the supervisor that runs each one's source while it is wanted.
+"""The streams, and the supervisor that runs each one's sources while they are wanted.
 
 Task tree (inside the app's lifetime nursery)::
 
     StreamRegistry.run               nursery
     └── Stream.supervise × N     one cancel scope each: deleting or editing a stream
         │                            cancels exactly its supervisor
-        └── run_source               while wanted; cancelled after the last viewer + grace period
+        └── supervise quality × Q    one per quality (``feeds.py``; one, "main", for a plain
+            │                        ``source``)
+            └── run_source           while wanted; cancelled after its last viewer + grace
 
 Whether a stream may be watched is one explicit state, :class:`Availability`, changed only
-through :meth:`Stream.change_availability` along the transitions drawn there. A stream is
-*wanted* (its source runs) when it is available and always-on, or has viewers, or was started
-through the API (until it has been idle for the grace period). A viewer is counted from the
+through :meth:`Stream.change_availability` along the transitions drawn there. A quality is
+*wanted* (its source runs) when the stream is available and the quality has viewers (or a
+switch or snapshot waiting for its keyframe), or it is the default quality of an always-on
+stream or of one started through the API (until idle for the grace period). Each viewer is
+on one quality at a time and moves between them on the same track
+(:meth:`Stream.switch_viewer`). A viewer is counted from the
 moment its session subscribes (:meth:`Stream.open_viewer`), so a stopped stream starts on its
 first offer, before the answer is even sent. Stopping or deleting a stream ends its viewers'
 sessions by cancelling them (each viewer hands :meth:`Stream.open_viewer` how to end it).
@@ -22,6 +27,7 @@ its timeline, only the source behind it changes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import logging
@@ -33,8 +39,9 @@ from typing import Final, Protocol
 import trio
 
 from .changes import ChangeSignal
-from .config import Config, MediaConfig, StreamConfig, stream_from_dict
+from .config import IMPLICIT_QUALITY, Config, MediaConfig, StreamConfig, stream_from_dict
 from .errors import ConfigError
+from .feeds import QualityFeed, QualityStatistics
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
 from .media.snapshot import jpeg_from_keyframe
@@ -121,7 +128,7 @@ SourceRunner = Callable[..., Awaitable[None]]
 class StreamStatistics:
     id: str
     name: str
-    source: str  # credentials removed
+    source: str  # credentials removed (the default quality's)
     state: SourceState
     detail: str | None
     last_error: str | None
@@ -141,13 +148,30 @@ class StreamStatistics:
     encoders_opened: int
     #: times the source was reopened after failing or ending (camera reconnects).
     source_restarts: int
+    #: the default quality's fan-out
     fanout: FanOutStatistics
+    default_quality: str = IMPLICIT_QUALITY
+    #: every quality, best first (one, "main", for a stream with a plain source)
+    qualities: tuple[QualityStatistics, ...] = ()
+
+
+#: Source states from the most to the least alive: a stream shows its most alive quality's.
+_STATE_RANK: Final = {
+    SourceState.LIVE: 0,
+    SourceState.STARTING: 1,
+    SourceState.RECONNECTING: 2,
+    SourceState.OFFLINE: 3,
+    SourceState.STOPPED: 4,
+}
 
 
 class Stream:
-    """One configured stream: its fan-out, its source's state and its viewers.
+    """One configured stream: its qualities (each a source and a fan-out), its viewers.
 
-    It is the sink its source publishes to, and what sessions subscribe to.
+    Each quality's :class:`~mediastream.feeds.QualityFeed` is the sink its source publishes
+    to; sessions take a viewer on one quality (:meth:`open_viewer`) and move it between them
+    (:meth:`switch_viewer`). Properties that speak of "the source" (``fanout``,
+    ``source_info``) are the default quality's.
     """
 
     def __init__(
@@ -161,32 +185,69 @@ class Stream:
         gate: IngestGate | None = None,
     ) -> None:
         self.config = config
+        self._media = media
         self._gate = gate
         self.origin = origin
         self._availability = Availability.AVAILABLE if enabled else Availability.STOPPED
         self._viewer_endings: dict[int, EndViewer] = {}
-        #: kept across source restarts and edits, so viewers' timestamps never jump back.
-        self.timelines = Timelines()
-        self.fanout = FanOut(
-            config.id,
-            queue_frames=media.viewer_queue_frames,
-            gop_cache_frames=media.gop_cache_frames,
-        )
-        self._state = SourceState.STOPPED
-        self._detail: str | None = None
-        self._last_error: str | None = None
-        self._viewers = 0
-        self._source_running = False
-        self._source_info: SourceInfo | None = None
-        self._encoders_opened = 0
-        self._source_restarts = 0
-        self._probes = 0  # snapshot requests keeping the source up, not counted as viewers
-        self._snapshot: tuple[EncodedFrame, bytes] | None = None
         self.changes = ChangeSignal(parent=changes)
+        self._feeds: dict[str, QualityFeed] = {}
+        #: the feed each open viewer's subscriber (video or audio) takes its frames from
+        self._placement: dict[Subscriber, QualityFeed] = {}
+        self._viewers = 0
+        self._snapshot: tuple[EncodedFrame, bytes] | None = None
+        self._set_feeds(config)
+
+    def reconfigure(self, config: StreamConfig) -> None:
+        """Take an edited definition (the registry then restarts the supervisor)."""
+        self.config = config
+        self._set_feeds(config)
+        self._notify()
+
+    def _set_feeds(self, config: StreamConfig) -> None:
+        """One feed per quality of ``config``; feeds of names kept stay (fan-out, timeline and
+        viewers), viewers of a quality that is gone move to the default one."""
+        several = len(config.quality_list) > 1
+        feeds: dict[str, QualityFeed] = {}
+        for quality in config.quality_list:
+            feed = self._feeds.get(quality.name)
+            if feed is None:
+                label = f"{config.id}/{quality.name}" if several else config.id
+                feed = QualityFeed(label, quality, self._media, self.changes)
+            feed.quality = quality
+            feeds[quality.name] = feed
+        gone = [feed for name, feed in self._feeds.items() if name not in feeds]
+        self._feeds = feeds
+        default = feeds[config.default_quality_name]
+        for subscriber, feed in list(self._placement.items()):
+            if feed in gone:
+                self._move(subscriber, default)
 
     @property
     def id(self) -> str:
         return self.config.id
+
+    @property
+    def qualities(self) -> list[QualityFeed]:
+        """The stream's qualities, best first."""
+        return list(self._feeds.values())
+
+    def quality(self, name: str | None = None) -> QualityFeed:
+        """The quality named ``name`` (None: the default one).
+
+        Raises:
+            KeyError: the stream has no such quality.
+        """
+        return self._feeds[name or self.config.default_quality_name]
+
+    @property
+    def fanout(self) -> FanOut:
+        """The default quality's fan-out."""
+        return self.quality().fanout
+
+    @property
+    def timelines(self) -> Timelines:
+        return self.quality().timelines
 
     @property
     def availability(self) -> Availability:
@@ -218,47 +279,71 @@ class Stream:
                 end(_UNAVAILABLE_BECAUSE[to])
         self._notify()
 
+    def _leading_feed(self) -> QualityFeed:
+        """The quality whose state the stream shows: the most alive (the default on a tie)."""
+        default = self.quality()
+        return min(self._feeds.values(), key=lambda f: (_STATE_RANK[f.state], f is not default))
+
     @property
     def state(self) -> SourceState:
-        return self._state
+        return self._leading_feed().state
 
     @property
     def detail(self) -> str | None:
-        return self._detail
+        return self._leading_feed().detail
 
     @property
     def viewers(self) -> int:
         return self._viewers
 
     @contextmanager
-    def open_audio(self, kind: str = "audio") -> Iterator[Subscriber]:
-        """A queue of this stream's audio, for a viewer who also takes audio (``source_audio``:
-        the camera's own AAC, for the socket fallback)."""
-        subscriber = self.fanout.subscribe(kind)
+    def open_audio(self, kind: str = "audio", quality: str | None = None) -> Iterator[Subscriber]:
+        """A queue of this stream's audio, for a viewer who also takes audio.
+
+        Args:
+            kind: "audio" (what WebRTC sends), or "source_audio" (the camera's own AAC, for
+                the socket fallback).
+            quality: the quality it starts on (None: the default); it moves with the viewer's
+                video (:meth:`switch_viewer`).
+        """
+        feed = self.quality(quality)
+        subscriber = feed.fanout.subscribe(kind)
+        self._placement[subscriber] = feed
         try:
             yield subscriber
         finally:
-            self.fanout.unsubscribe(subscriber)
+            placed = self._placement.pop(subscriber, None)
+            if placed is not None:
+                placed.fanout.unsubscribe(subscriber)
 
     @property
     def source_info(self) -> SourceInfo | None:
-        """What the source was found to carry when it last opened (None: never opened yet)."""
-        return self._source_info
+        """What the default quality's source carried when it last opened (None: never)."""
+        return self.quality().source_info
 
-    async def wait_source_info(self) -> SourceInfo:
-        """Wait until the source has opened at least once."""
-        while self._source_info is None:
+    async def wait_source_info(self, quality: str | None = None) -> SourceInfo:
+        """Wait until the quality's source has opened at least once."""
+        while (info := self.quality(quality).source_info) is None:
             await self.wait_changed()
-        return self._source_info
+        return info
 
     @contextmanager
-    def open_viewer(self, end: EndViewer | None = None) -> Iterator[Subscriber]:
+    def open_viewer(
+        self, end: EndViewer | None = None, quality: str | None = None
+    ) -> Iterator[Subscriber]:
         """Count a viewer and give it a queue of this stream's video for as long as it stays.
 
         Args:
             end: called (with the reason) if the stream is stopped or deleted meanwhile.
+            quality: the quality it starts on (None: the default one).
+
+        Raises:
+            KeyError: no such quality.
         """
-        subscriber = self.fanout.subscribe("video")
+        feed = self.quality(quality)
+        subscriber = feed.fanout.subscribe("video")
+        self._placement[subscriber] = feed
+        feed.viewers += 1
         if end is not None:
             self._viewer_endings[id(subscriber)] = end
         self._viewers += 1
@@ -267,73 +352,105 @@ class Stream:
             yield subscriber
         finally:
             self._viewer_endings.pop(id(subscriber), None)
-            self.fanout.unsubscribe(subscriber)
+            placed = self._placement.pop(subscriber, None)
+            if placed is not None:
+                placed.fanout.unsubscribe(subscriber)
+                placed.viewers -= 1
             self._viewers -= 1
             self._notify()
 
+    def quality_of(self, subscriber: Subscriber) -> str | None:
+        """The quality a viewer's subscriber takes its frames from now (None: not open)."""
+        feed = self._placement.get(subscriber)
+        return feed.name if feed is not None else None
+
+    async def switch_viewer(self, video: Subscriber, audio: Subscriber | None, to: str) -> None:
+        """Move a viewer (its video, and its audio if any) to quality ``to``, on the same track.
+
+        Make before break: the viewer keeps the quality it is on until ``to`` has a keyframe
+        (its source is started for it if it is not running), then it moves in one synchronous
+        step and starts with that keyframe and the frames since (see :meth:`FanOut.adopt`).
+
+        Raises:
+            KeyError: no such quality.
+
+        Cancellation: the viewer stays where it was; bound the wait at the call site.
+        """
+        target = self.quality(to)
+        if self._placement.get(video) is target:
+            return
+        await target.wait_keyframe()
+        if video not in self._placement or self._feeds.get(to) is not target:
+            return  # the viewer left, or the stream was edited, meanwhile
+        self._move(video, target)
+        if audio is not None and audio in self._placement:
+            self._move(audio, target)
+        self._notify()
+
+    def _move(self, subscriber: Subscriber, target: QualityFeed) -> None:
+        current = self._placement[subscriber]
+        if current is target:
+            return
+        if subscriber.kind == "video":
+            current.viewers -= 1
+            target.viewers += 1
+        target.fanout.adopt(subscriber)
+        self._placement[subscriber] = target
+        current.changes.notify()
+        target.changes.notify()
+
     async def wait_changed(self) -> None:
-        """Wait until the state, the viewer count or whether the source runs changes."""
+        """Wait until the state, the viewer count or whether a source runs changes."""
         await self.changes.wait()
 
     @property
     def source_running(self) -> bool:
-        return self._source_running
-
-    def _set_source_running(self, running: bool) -> None:
-        self._source_running = running
-        self._notify()
+        """Whether any of its qualities' sources runs."""
+        return any(feed.running for feed in self._feeds.values())
 
     def statistics(self) -> StreamStatistics:
+        leading = self._leading_feed()
+        default = self.quality()
+        feeds = self._feeds.values()
         return StreamStatistics(
             id=self.id,
             name=self.config.display_name,
             source=describe_source(self.config.source),
-            state=self._state,
-            detail=self._detail,
-            last_error=self._last_error,
+            state=leading.state,
+            detail=leading.detail,
+            last_error=leading.last_error or default.last_error,
             on_demand=self.config.on_demand,
             enabled=self.enabled,
             origin=self.origin,
             audio=self.config.audio,
             rtsp_transport=self.config.rtsp_transport,
-            rtsp_transport_in_use=info.rtsp_transport if (info := self._source_info) else None,
+            rtsp_transport_in_use=info.rtsp_transport if (info := default.source_info) else None,
             viewers=self._viewers,
             codec=self._codec(),
-            source_running=self._source_running,
-            encoders_opened=self._encoders_opened,
-            source_restarts=self._source_restarts,
-            fanout=self.fanout.statistics(),
+            source_running=self.source_running,
+            encoders_opened=sum(feed.encoders_opened for feed in feeds),
+            source_restarts=sum(feed.source_restarts for feed in feeds),
+            fanout=default.fanout.statistics(),
+            default_quality=default.name,
+            qualities=tuple(feed.statistics() for feed in feeds),
         )
 
-    # SourceSink
+    # What a replica's relay (cluster/relay.py) publishes to: the default quality's feed,
+    # the one whose frames the owner relays.
     def publish(self, frame: EncodedFrame) -> None:
-        self.fanout.publish(frame)
+        self.quality().publish(frame)
 
     def source_state(self, state: SourceState, detail: str | None = None) -> None:
-        if state in (SourceState.RECONNECTING, SourceState.OFFLINE) and detail:
-            self._last_error = detail
-        if (state, detail) != (self._state, self._detail):
-            self._state, self._detail = state, detail
-            log.info("%s: %s%s", self.id, state, f" ({detail})" if detail else "")
-            self._notify()
-
-    def source_restarted(self) -> None:
-        self._source_restarts += 1
-        self.fanout.reset()
-
-    def source_opened(self, info: SourceInfo) -> None:
-        self._source_info = info
-        self._encoders_opened += info.transcoded + info.audio_transcoded
-        self._notify()
+        self.quality().source_state(state, detail)
 
     def relay_opened(self, info: SourceInfo) -> None:
         """A replica's relay from the owner opened: what the owner's source carries (no
         encoder or camera session of this node's own)."""
-        self._source_info = info
+        self.quality().source_info = info
         self._notify()
 
     def _codec(self) -> str:
-        info = self._source_info
+        info = self.source_info
         if info is None or not info.transcoded:
             video = "h264"
         else:
@@ -354,13 +471,21 @@ class Stream:
             not self.config.on_demand or self._availability is Availability.STARTED
         )
 
-    def _wanted(self) -> bool:
-        return (self.always_on or (self.enabled and self._viewers + self._probes > 0)) and (
-            self._gate is None or self._gate.may_ingest(self.id)
+    def _always_on(self, feed: QualityFeed) -> bool:
+        """Whether ``feed`` runs without viewers: the default quality of an always-on stream
+        (:attr:`always_on`)."""
+        return feed is self.quality() and self.always_on
+
+    def _wanted(self, feed: QualityFeed) -> bool:
+        return (
+            self.enabled
+            and self._feeds.get(feed.name) is feed
+            and (self._always_on(feed) or feed.users > 0)
+            and (self._gate is None or self._gate.may_ingest(self.id))
         )
 
     async def snapshot(self, *, start_source: bool) -> bytes:
-        """A JPEG of the current keyframe.
+        """A JPEG of the default quality's current keyframe.
 
         Args:
             start_source: when nothing is cached, start the source (if on-demand and stopped)
@@ -372,11 +497,12 @@ class Stream:
 
         Cancellation: bound the wait for a keyframe at the call site (``trio.move_on_after``).
         """
-        keyframe = self.fanout.cached_keyframe
+        feed = self.quality()
+        keyframe = feed.fanout.cached_keyframe
         if keyframe is None:
             if not start_source or not self.enabled:
                 raise LookupError("no picture cached")
-            keyframe = await self._wait_keyframe()
+            keyframe = await feed.wait_keyframe()
         cached = self._snapshot
         if cached is not None and cached[0] is keyframe:
             return cached[1]
@@ -384,37 +510,23 @@ class Stream:
         self._snapshot = (keyframe, jpeg)
         return jpeg
 
-    async def _wait_keyframe(self) -> EncodedFrame:
-        arrived = trio.Event()
-        probe = self.fanout.subscribe("video")
-        probe.set_wakeup(arrived.set)
-        self._probes += 1
-        self._notify()
-        try:
-            while True:
-                while (frame := probe.get_nowait()) is not None:
-                    if frame.keyframe:
-                        return frame
-                await arrived.wait()
-                arrived = trio.Event()
-                probe.set_wakeup(arrived.set)
-        finally:
-            self.fanout.unsubscribe(probe)
-            self._probes -= 1
-            self._notify()
+    async def _wait_until_unwanted(self, feed: QualityFeed, grace: float) -> None:
+        """Return when ``feed``'s source should stop: disabled, gone from the stream, or idle
+        for ``grace`` seconds."""
 
-    async def _wait_until_unwanted(self, grace: float) -> None:
-        """Return when the source should stop: disabled, or idle for ``grace`` seconds."""
+        def kept() -> bool:
+            return self.enabled and self._feeds.get(feed.name) is feed
+
         while True:
-            while self.enabled and (not self.config.on_demand or self._viewers + self._probes > 0):
+            while kept() and (self._always_on(feed) or feed.users > 0):
                 await self.wait_changed()
-            if not self.enabled:
+            if not kept():
                 return
             with trio.move_on_after(grace):
-                while self.enabled and self._viewers + self._probes == 0:
+                while kept() and feed.users == 0 and not self._always_on(feed):
                     await self.wait_changed()
                 continue  # a viewer came back (or the stream was disabled) within the grace
-            if self._availability is Availability.STARTED:
+            if self._availability is Availability.STARTED and feed is self.quality():
                 self.change_availability(Availability.AVAILABLE)
             return
 
@@ -424,34 +536,48 @@ class Stream:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run this stream's source whenever it is wanted, until cancelled."""
-        task_status.started()
+        """Run each quality's source whenever it is wanted, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for feed in self._feeds.values():
+                nursery.start_soon(
+                    self._supervise_feed, feed, media, name=f"supervise {feed.label}"
+                )
+            task_status.started()
+
+    async def _supervise_feed(self, feed: QualityFeed, media: MediaConfig) -> None:
+        source_config = dataclasses.replace(self.config, source=feed.quality.source)
         while True:
-            await self.changes.wait_until(self._wanted)
-            if self.config.on_demand and self.viewers:
-                log.info("%s: first viewer, starting the source", self.id)
-            self._set_source_running(True)
+            await self.changes.wait_until(functools.partial(self._wanted, feed))
+            if feed.viewers:
+                log.info("%s: first viewer, starting the source", feed.label)
+            feed.set_running(True)
             try:
                 async with trio.open_nursery() as nursery:
                     runner: SourceRunner = functools.partial(
-                        run_source, self.config, media, self, timelines=self.timelines
+                        run_source, source_config, media, feed, timelines=feed.timelines
                     )
                     if self._gate is not None:
                         self._gate.guard_ingest(self.id, nursery.cancel_scope)
-                        runner = self._gate.relay_source(self) or runner
+                        relay = self._gate.relay_source(self)
+                        if relay is not None:
+                            # A replica: the owner relays its default quality's frames, and
+                            # no other quality is read here (never the camera).
+                            runner = relay if feed is self.quality() else _not_relayed(feed)
                     await nursery.start(runner)
-                    await self._wait_until_unwanted(media.on_demand_grace)
-                    if self.enabled:
+                    await self._wait_until_unwanted(feed, media.on_demand_grace)
+                    if self.enabled and self._feeds.get(feed.name) is feed:
                         log.info(
                             "%s: no viewers for %.0f s, stopping the source",
-                            self.id,
+                            feed.label,
                             media.on_demand_grace,
                         )
                     nursery.cancel_scope.cancel()
             finally:
                 # Only now is the source (and its reader thread) really gone.
-                self._set_source_running(False)
-            self.fanout.reset()
+                feed.set_running(False)
+            feed.fanout.reset()
+            if self._feeds.get(feed.name) is not feed:
+                return  # the quality was removed by an edit
 
 
 class StreamRegistry:
@@ -522,7 +648,7 @@ class StreamRegistry:
     def replace(self, config: StreamConfig, *, origin: str = "api") -> Stream:
         """Change a stream's definition; its viewers stay, its source restarts."""
         stream = self._streams[config.id]
-        stream.config = config
+        stream.reconfigure(config)
         stream.origin = origin
         self._restart(stream)
         log.info("%s: definition changed, source restarted", stream.id)
@@ -585,3 +711,14 @@ class StreamRegistry:
     def _notify(self) -> None:
         if self._changes is not None:
             self._changes.notify()
+
+
+def _not_relayed(feed: QualityFeed) -> SourceRunner:
+    """A replica's other qualities: stated, never read (the camera is the owner's)."""
+
+    async def idle(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        feed.source_state(SourceState.OFFLINE, "replicas carry the default quality only")
+        task_status.started()
+        await trio.sleep_forever()
+
+    return idle

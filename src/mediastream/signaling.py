@@ -30,7 +30,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 
@@ -43,7 +43,17 @@ from .fallback import FallbackSession, Remuxers
 from .ice import ice_servers
 from .limits import TokenBucket
 from .metrics import Metrics
-from .protocol import Auth, Close, Fallback, IceCandidate, Offer, PeerApplied, PeerOffer, Ping
+from .protocol import (
+    Auth,
+    Close,
+    Fallback,
+    IceCandidate,
+    Offer,
+    PeerApplied,
+    PeerOffer,
+    Ping,
+    QualityRequest,
+)
 from .registry import Stream, StreamRegistry
 from .session import Post, PostError, SessionPhase, StreamSession
 from .shared_peer import SharedPeerSession
@@ -94,6 +104,14 @@ class Session(Protocol):
     def end(self, reason: str) -> None: ...
 
     def add_candidate(self, candidate: IceCandidate) -> None: ...
+
+
+@runtime_checkable
+class SwitchesQuality(Protocol):
+    """A session that takes the page's ``quality`` messages (a WebRTC session: a stream's local
+    session, or the cluster's session routed to its owner)."""
+
+    def request_quality(self, request: QualityRequest) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,6 +443,8 @@ class SignalingConnection:
             session.add_candidate(message)
         elif isinstance(message, Fallback):
             self._on_fallback(message)
+        elif isinstance(message, QualityRequest):
+            self._on_quality(message)
         elif isinstance(message, Close):
             # Closing twice, or a stream that already ended, is fine.
             fallback = self.fallbacks.get(message.stream_id)
@@ -453,6 +473,31 @@ class SignalingConnection:
             self._context.metrics.messages.labels(
                 type=_WIRE_NAMES.get(message_type, message_type)
             ).inc()
+
+    def _on_quality(self, request: QualityRequest) -> None:
+        session = self.sessions.get(request.stream_id)
+        if session is None and request.stream_id in self.fallbacks:
+            # The fMP4 fallback plays the default quality (a WebRTC session beside it, while
+            # the page tries to go back, takes quality messages).
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE,
+                "This stream plays over the socket (the fallback), in its default quality, "
+                "which can't be changed",
+                stream_id=request.stream_id,
+            )
+        if session is None:
+            raise SignalingError(
+                ErrorCode.NO_SESSION,
+                "quality for a stream with no session here; send an offer first",
+                stream_id=request.stream_id,
+            )
+        if not isinstance(session, SwitchesQuality):
+            raise SignalingError(
+                ErrorCode.INVALID_MESSAGE,
+                "This stream's session plays one quality, which can't be changed",
+                stream_id=request.stream_id,
+            )
+        session.request_quality(request)
 
     def _on_offer(self, offer: Offer) -> None:
         stream = self._watchable_stream(offer.stream_id)

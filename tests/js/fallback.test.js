@@ -519,3 +519,40 @@ test('a background attempt the server refuses leaves the fallback playing and is
   engine.disconnect();
   assert.deepEqual(clock.pending(), []);
 });
+
+test('a background attempt offers the page\'s quality; its quality event waits until it takes over', async () => {
+  globalThis.MediaStream = FakeMediaStream;
+  const { clock, MediaSource, engine, socket } = await fallbackSetup({
+    fallbackAfterMs: 3000, webrtcRetryMs: 1000, quality: 'sub',
+  });
+  FakePeerConnection.last().becomes('failed'); // the first peer connection: fall back
+  playFallback(MediaSource, socket);
+  const told = [];
+  engine.on('quality', (q) => told.push(q.quality));
+
+  clock.advance(1000); // the background attempt
+  const offer = await answerLatestOffer(socket);
+  assert.equal(offer.payload.quality, 'sub');
+  const sessionId = offer.payload.sessionId;
+  engine.setQuality('main'); // goes to the attempt's session, the only one that can switch
+  assert.deepEqual(socket.sent.at(-1), { type: 'quality', streamId: 'cam', payload: { quality: 'main', sessionId } });
+  socket.serverSends({
+    type: 'quality', streamId: 'cam', sessionId,
+    payload: { quality: 'main', requested: 'main', reason: 'pinned', qualities: [{ name: 'main', width: 1280, height: 720 }, { name: 'sub', width: 320, height: 180 }] },
+  });
+  await flush();
+  assert.deepEqual(told, []); // the fallback (the default quality) is what shows meanwhile
+  assert.equal(engine.quality, null);
+
+  const pc = FakePeerConnection.last();
+  pc.ontrack({ track: { kind: 'video' } });
+  pc.becomes('connected');
+  pc.getStats = async () => new Map([['in', { type: 'inbound-rtp', kind: 'video', framesDecoded: 1 }]]);
+  clock.advance(250);
+  await flush();
+  assert.equal(engine.transport, 'webrtc');
+  assert.deepEqual(told, ['main']);
+  assert.equal(engine.quality, 'main');
+  engine.disconnect();
+  delete globalThis.MediaStream;
+});

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import trio
 from playwright.sync_api import Page, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
 from trio_asyncio._loop import _faked_policy
 
 CHROMIUM = "/usr/bin/chromium"
@@ -106,6 +107,22 @@ def get_json(url: str) -> Any:
 def open_sockets(base_url: str) -> dict[str, int]:
     """The server's WebSockets, ``{"open": n, "opened": n}`` (``/api/stats``; an open server)."""
     return get_json(f"{base_url}/api/stats")["sockets"]  # type: ignore[no-any-return]
+
+
+def messages_received(base_url: str, message_type: str) -> int:
+    """Signaling messages of one type the server received (``/metrics``): what the browser
+    sent, wherever its socket lives (a page's, or the shared worker's that Playwright can't
+    see)."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "mediastream_signaling_messages_total"
+                and sample.labels.get("type") == message_type
+            ):
+                return int(sample.value)
+    return 0
 
 
 ALL_VIDEOS_PLAYING = """(selector) => {

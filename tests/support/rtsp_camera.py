@@ -7,6 +7,8 @@ Runs under Debian's own ``/usr/bin/python3`` (the GObject bindings live there, n
         [--report-sessions]
 
 Prints ``READY <port>`` once it listens, then serves until stdin closes or it is signalled.
+A line ``SESSIONS <mount>`` on stdin is answered on stdout with ``SESSIONS <mount> <n>``: the
+RTSP sessions now playing that mount (a client that tore its session down is not counted).
 If it can't serve (the GObject bindings or a GStreamer element its mounts use is missing, the
 port is taken) it prints one ``FAILED <why, and which Debian package to install>`` line and
 exits with status 1, at once: a missing element would otherwise only show as a 5XX answer to
@@ -27,6 +29,8 @@ Mount points (all live, shared between clients like a real camera):
     /h264-gop4   the same with a keyframe every 4 s
     /h264-busy   640x360 25 fps, moving bars using the full ~800 kbps (~100 RTP packets/s)
     /h264-hd     1920x1080 25 fps, moving bars, ~4 Mbps, keyframe every 2 s
+    /h264-720    1280x720 25 fps, ~1.5 Mbps, keyframe every 2 s (a camera's main stream)
+    /h264-180    320x180 25 fps, ~250 kbps, keyframe every 2 s (its sub stream)
     /h264-bframes  640x360 25 fps H.264 main profile with B-frames
     /h265        640x360 25 fps H.265
     /mjpeg       640x360 25 fps Motion JPEG
@@ -65,6 +69,8 @@ MOUNTS = {
     "/h264-gop4": f"( {video(640, 360, 800, 100)} )",
     "/h264-busy": f"( {video(640, 360, 800, 50, BUSY)} )",
     "/h264-hd": f"( {video(1920, 1080, 4000, 50, BUSY)} )",
+    "/h264-720": f"( {video(1280, 720, 1500, 50)} )",
+    "/h264-180": f"( {video(320, 180, 250, 50)} )",
     "/h264-bframes": (
         "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=640,height=360,"
         "framerate=25/1 ! timeoverlay ! x264enc speed-preset=superfast bframes=2 b-adapt=false "
@@ -278,8 +284,19 @@ def main() -> None:
     GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, loop.quit)
     GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGINT, loop.quit)
 
+    def count_sessions(mount: str) -> bool:
+        playing = 0
+        for session in server.get_session_pool().filter(None, None):
+            media, _ = session.get_media(mount)
+            playing += media is not None
+        print(f"SESSIONS {mount} {playing}", flush=True)
+        return False  # once
+
     def quit_when_stdin_closes() -> None:
-        sys.stdin.read()
+        for line in sys.stdin:
+            command, _, mount = line.strip().partition(" ")
+            if command == "SESSIONS":
+                GLib.idle_add(count_sessions, mount)
         GLib.idle_add(loop.quit)
 
     threading.Thread(target=quit_when_stdin_closes, daemon=True).start()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,15 @@ class Camera:
     def url(self, mount: str = "/h264", credentials: str = "") -> str:
         auth = f"{credentials}@" if credentials else ""
         return f"rtsp://{auth}127.0.0.1:{self.port}{mount}"
+
+    def sessions(self, mount: str) -> int:
+        """RTSP sessions playing ``mount`` now (blocking: call it in a thread)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"SESSIONS {mount}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline().split()
+        assert line[:2] == ["SESSIONS", mount], line
+        return int(line[2])
 
 
 class CameraFailed(RuntimeError):
@@ -71,6 +82,35 @@ def start_camera(port: int = 0, *options: str) -> Camera:
         why = line.removeprefix("FAILED ") or f"it exited with status {process.returncode}"
         raise CameraFailed(f"the RTSP test camera did not start: {why}")
     return Camera(port=int(line.split()[1]), process=process)
+
+
+@contextlib.asynccontextmanager
+async def mount_playing(camera: Camera, mount: str) -> AsyncIterator[None]:
+    """Keep ``mount`` playing through one client of our own while the block runs.
+
+    Many sessions opening a shared mount that is not playing yet can stall or crash
+    GStreamer's RTSP server (benchmarks/common.py's ``rtsp_camera`` primes for the same
+    reason); once it plays, they join it safely.
+    """
+    playing, stop = threading.Event(), threading.Event()
+
+    def keep_playing() -> None:
+        url = camera.url(mount)
+        with av.open(url, options={"rtsp_transport": "tcp", "timeout": "5000000"}) as container:
+            for _ in container.demux(video=0):  # read, or the shared pipeline would back up
+                playing.set()
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=keep_playing, name=f"playing {mount}", daemon=True)
+    thread.start()
+    try:
+        if not await trio.to_thread.run_sync(playing.wait, 20):
+            raise CameraFailed(f"the test camera did not play {mount}")
+        yield
+    finally:
+        stop.set()
+        await trio.to_thread.run_sync(thread.join, 10)
 
 
 def stop_camera(camera: Camera) -> None:

@@ -5,7 +5,9 @@
         await played.wait_frames(5)
 
 Frames are really decoded (aiortc's H.264 decoder); ``capture=True`` also records the
-depacketized access units, to compare them with what the source sent.
+depacketized access units, to compare them with what the source sent. A played stream's
+``forced_estimate`` makes its receiver report that bandwidth estimate (REMB) instead of its
+own: the seam for a viewer whose link is short, in the client, the server untouched.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class PlayedStream:
     #: the audio codec the answer chose ("PCMU", "opus"…), None without audio.
     audio_codec: str | None = None
     ended: bool = False
+    #: set: the REMB the receiver sends says this many bits per second, whatever it measured
+    forced_estimate: int | None = None
+    #: the (width, height) of each decoded frame, in order
+    frame_sizes: list[tuple[int, int]] = field(default_factory=list)
+    #: each decoded frame's RTP timestamp (unwrapped), in order
+    frame_timestamps: list[int] = field(default_factory=list)
     _changed: trio.Event = field(default_factory=trio.Event)
 
     def _notify(self) -> None:
@@ -88,6 +96,23 @@ class PlayedStream:
             while self.audio_frames < target:
                 await self._changed.wait()
 
+    async def wait_size(
+        self, size: tuple[int, int], *, frames: int = 5, timeout: float = 15
+    ) -> int:
+        """Wait until ``frames`` frames in a row decode at ``size``; returns the index of the
+        first of them."""
+        with trio.fail_after(timeout):
+            while True:
+                recent = self.frame_sizes[-frames:]
+                if len(recent) == frames and set(recent) == {size}:
+                    index = len(self.frame_sizes) - 1
+                    while index > 0 and self.frame_sizes[index - 1] == size:
+                        index -= 1
+                    return index
+                if self.ended:
+                    raise AssertionError(f"{self.stream_id}: track ended")
+                await self._changed.wait()
+
     async def wait_ended(self, *, timeout: float = 15) -> None:
         with trio.fail_after(timeout):
             while not self.ended:
@@ -98,13 +123,19 @@ class Viewer:
     def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         self.ws = ws
         self.messages: list[Message] = []
+        #: every message this viewer sent, in order
+        self.sent: list[Message] = []
         self.binary_messages = 0
         self.streams: dict[str, PlayedStream] = {}
+        #: every peer connection made, those of streams played again too (closed at the end)
+        self._peers: list[RTCPeerConnection] = []
         self.closed_reason: tuple[int, str | None] | None = None
         self._nursery = nursery
         self._arrived = trio.Event()
 
     async def send(self, message: Message | str) -> None:
+        if isinstance(message, dict):
+            self.sent.append(message)
         await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
 
     async def wait_for(
@@ -151,6 +182,8 @@ class Viewer:
         mdns_only: bool = False,
         audio: bool = False,
         connect: bool = True,
+        quality: str | None = None,
+        tile: Message | None = None,
     ) -> PlayedStream:
         """Negotiate ``stream_id`` and start decoding it; raises SignalingFailed on ``error``.
 
@@ -160,9 +193,14 @@ class Viewer:
         comes.
         """
         pc = await trio_asyncio.aio_as_trio(_new_peer_connection)()
+        self._peers.append(pc)
         transceiver = pc.addTransceiver("video", direction="recvonly")
         audio_transceiver = pc.addTransceiver("audio", direction="recvonly") if audio else None
         played = PlayedStream(stream_id, pc)
+        receiver: Any = transceiver.receiver
+        receiver._RTCRtpReceiver__remote_bitrate_estimator = _ForcedEstimate(
+            receiver._RTCRtpReceiver__remote_bitrate_estimator, played
+        )
         if capture:
             transceiver.receiver._RTCRtpReceiver__decoder_queue = _RecordingQueue(
                 played.access_units
@@ -178,6 +216,10 @@ class Viewer:
         payload: Message = {"sdp": sdp, "type": "offer", "streamId": stream_id}
         if session_id:
             payload["sessionId"] = session_id
+        if quality is not None:
+            payload["quality"] = quality
+        if tile is not None:
+            payload["tile"] = tile
         message: Message = {"type": "offer", "payload": payload}
         if not legacy:
             message["streamId"] = stream_id
@@ -241,6 +283,8 @@ class Viewer:
                 frame = await trio_asyncio.aio_as_trio(track.recv)()
                 played.frames += 1
                 played.sizes.add((frame.width, frame.height))
+                played.frame_sizes.append((frame.width, frame.height))
+                played.frame_timestamps.append(_unwrap(frame.pts, played.frame_timestamps))
                 played._notify()
         except MediaStreamError:
             played.ended = True
@@ -282,8 +326,35 @@ class Viewer:
 
     async def close_peers(self) -> None:
         with trio.CancelScope(shield=True):
-            for played in self.streams.values():
-                await trio_asyncio.aio_as_trio(played.pc.close)()
+            for pc in self._peers:
+                await trio_asyncio.aio_as_trio(pc.close)()
+
+
+def _unwrap(timestamp: int, earlier: list[int]) -> int:
+    """A 32-bit RTP timestamp made continuous with the ones before it."""
+    if not earlier:
+        return timestamp
+    last = earlier[-1]
+    delta = (timestamp - last) & 0xFFFFFFFF
+    return last + (delta - (1 << 32) if delta >= 1 << 31 else delta)
+
+
+class _ForcedEstimate:
+    """Stands in for a receiver's bandwidth estimator: what it reports (REMB) is the played
+    stream's ``forced_estimate`` when that is set, the estimator's own otherwise."""
+
+    def __init__(self, estimator: Any, played: PlayedStream) -> None:
+        self._estimator = estimator
+        self._played = played
+
+    def add(
+        self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
+    ) -> tuple[int, list[int]] | None:
+        estimate = self._estimator.add(arrival_time_ms, abs_send_time, payload_size, ssrc)
+        forced = self._played.forced_estimate
+        if estimate is None or forced is None:
+            return estimate
+        return forced, estimate[1]
 
 
 def _as_mdns(candidate: str) -> str:

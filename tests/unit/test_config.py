@@ -16,6 +16,7 @@ from mediastream.config import (
     load_config,
     parse_source,
     stream_from_dict,
+    stream_to_dict,
 )
 from mediastream.errors import ConfigError
 
@@ -44,7 +45,7 @@ def test_example_file_loads_and_its_settings_are_the_defaults() -> None:
     assert config.server.data_dir == str(EXAMPLE.parent / "data")
     server = dataclasses.replace(config.server, data_dir=defaults.server.data_dir)
     assert dataclasses.replace(config, server=server, streams=()) == defaults
-    assert [s.id for s in config.streams] == ["front-door", "test-card"]
+    assert [s.id for s in config.streams] == ["front-door", "test-card", "gate"]
     assert config.streams[0].source.kind == "rtsp"
     assert config.streams[1].on_demand is False
 
@@ -201,3 +202,71 @@ def test_the_configuration_reference_shows_the_example_file_as_it_is() -> None:
     reference = (EXAMPLE.parent / "configuration.md").read_text()
     embedded = reference.split("```toml\n", 1)[1].rsplit("```", 1)[0]
     assert embedded == EXAMPLE.read_text()
+
+
+def test_a_stream_may_list_qualities_best_first_with_a_default() -> None:
+    stream = stream_from_dict(
+        {
+            "id": "gate",
+            "qualities": [
+                {"name": "main", "source": "rtsp://u:p@cam/101"},
+                {"name": "sub", "source": "rtsp://u:p@cam/102"},
+            ],
+            "default_quality": "sub",
+        }
+    )
+    assert [q.name for q in stream.quality_list] == ["main", "sub"]
+    assert stream.default_quality_name == "sub"
+    assert stream.source.location == "rtsp://u:p@cam/102"  # the default quality's
+    assert stream_from_dict(stream_to_dict(stream)) == stream
+
+
+def test_a_plain_source_is_one_implicit_quality_named_main() -> None:
+    stream = stream_from_dict({"id": "a", "source": "rtsp://cam/1"})
+    assert [(q.name, q.source) for q in stream.quality_list] == [("main", stream.source)]
+    assert stream.default_quality_name == "main"
+    assert "qualities" not in stream_to_dict(stream)
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "fragment"),
+    [
+        (
+            {"source": "rtsp://h/1", "qualities": [{"name": "m", "source": "rtsp://h/1"}]},
+            "s.qualities",
+            "not both",
+        ),
+        ({"qualities": []}, "s.qualities", "non-empty array"),
+        ({"qualities": ["rtsp://h/1"]}, "s.qualities[0]", "table"),
+        ({"qualities": [{"name": "m"}]}, "s.qualities[0].source", "missing"),
+        ({"qualities": [{"source": "rtsp://h/1"}]}, "s.qualities[0].name", "missing"),
+        (
+            {"qualities": [{"name": "m", "source": "rtsp://h/1", "size": "hd"}]},
+            "s.qualities[0].size",
+            "unknown key",
+        ),
+        ({"qualities": [{"name": "auto", "source": "rtsp://h/1"}]}, "s.qualities[0].name", "auto"),
+        ({"qualities": [{"name": "a b", "source": "rtsp://h/1"}]}, "s.qualities[0].name", "valid"),
+        (
+            {"qualities": [{"name": "m", "source": "rtsp://h/1"}, {"name": "m", "source": "x"}]},
+            "s.qualities[1].name",
+            "duplicate",
+        ),
+        ({"qualities": [{"name": "m", "source": "http://h/1"}]}, "s.qualities[0].source", "scheme"),
+        (
+            {"qualities": [{"name": "m", "source": "rtsp://h/1"}], "default_quality": "hd"},
+            "s.default_quality",
+            "one of the qualities (m)",
+        ),
+        (
+            {"source": "rtsp://h/1", "default_quality": "sub"},
+            "s.default_quality",
+            "needs qualities",
+        ),
+    ],
+)
+def test_bad_qualities_name_the_key(item: dict[str, object], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        stream_from_dict({"id": "a", **item}, key="s")
+    assert caught.value.key == key
+    assert fragment in str(caught.value)

@@ -232,3 +232,57 @@ def test_a_transport_that_fails_is_dropped_and_frames_queue_again() -> None:
     transport.gone = False
     assert viewer.offer(frame(2)) is Delivery.QUEUED  # no transport until the drainer says so
     assert transport.sent == [] and drain(viewer) == [1, 2]
+
+
+def test_a_subscriber_moved_to_another_fanout_starts_at_its_cached_keyframe() -> None:
+    main = FanOut("cam/main", queue_frames=100, gop_cache_frames=100)
+    sub = FanOut("cam/sub", queue_frames=100, gop_cache_frames=100)
+    sub.publish(frame(0, True))
+    viewer = sub.subscribe()
+    woken = []
+    viewer.set_wakeup(lambda: woken.append(1))
+    sub.publish(frame(1))
+    assert drain(viewer) == [0, 1]
+    sub.publish(frame(2))  # left in its queue: the old quality's backlog is dropped
+    for ts, key in [(100, False), (101, True), (102, False)]:
+        main.publish(frame(ts, key))
+    main.adopt(viewer)
+    assert woken  # its drainer is told to send the new GOP
+    assert drain(viewer) == [101, 102]  # keyframe first: never a P-frame without it
+    sub.publish(frame(3))
+    main.publish(frame(103))
+    assert drain(viewer) == [103]
+    assert (sub.subscriber_count, main.subscriber_count) == (0, 1)
+
+
+def test_a_subscriber_moved_to_a_fanout_with_no_keyframe_waits_for_one() -> None:
+    main = FanOut("cam/main", queue_frames=100, gop_cache_frames=100)
+    sub = FanOut("cam/sub", queue_frames=100, gop_cache_frames=100)
+    sub.publish(frame(0, True))
+    viewer = sub.subscribe()
+    drain(viewer)
+    main.adopt(viewer)
+    main.publish(frame(50))
+    assert drain(viewer) == []
+    main.publish(frame(51, True))
+    assert drain(viewer) == [51]
+
+
+def test_timestamps_stay_continuous_across_a_move() -> None:
+    from mediastream.media.fanout import ContinuousTimestamps
+
+    now = [10.0]
+    timestamps = ContinuousTimestamps(clock=lambda: now[0])
+    placed = [timestamps.place(ts) for ts in (0, 3600, 7200)]
+    assert placed == [0, 3600, 7200]
+    now[0] += 0.5  # the switch comes 0.5 s after the last frame sent
+    # The new quality's cached GOP: keyframe at 900_000, newest frame at 903_600.
+    timestamps.rebase(903_600)
+    gop = [timestamps.place(ts) for ts in (900_000, 901_800, 903_600)]
+    assert gop == [48_600, 50_400, 52_200]  # the newest lands 0.5 s on, the GOP before it
+    now[0] += 0.04
+    assert timestamps.place(907_200) == 52_200 + 3600  # live: real time again
+    # A GOP longer than the pause: what would fall before the last frame sent is squeezed.
+    now[0] += 0.04
+    timestamps.rebase(2_000_000)
+    assert [timestamps.place(ts) for ts in (1_000_000, 2_000_000)] == [55_801, 55_800 + 3600]

@@ -248,3 +248,51 @@ def test_errors_and_states_of_a_shared_connection_name_their_stream() -> None:
     assert error["streamId"] == "~p" and error["stream"] == "cam-9"
     state = json.loads(protocol.state("~p", "live", member="cam-1"))
     assert state["payload"] == {"state": "live", "stream": "cam-1"}
+
+
+def test_quality_pins_a_name_or_auto_and_reports_a_tile() -> None:
+    message = parse(
+        {
+            "type": "quality",
+            "streamId": "gate",
+            "payload": {"quality": "auto", "tile": {"width": 639.6, "height": 360}},
+        }
+    )
+    assert message == protocol.QualityRequest("gate", "auto", protocol.Tile(640, 360, True))
+    hidden = parse(
+        {
+            "type": "quality",
+            "streamId": "gate",
+            "payload": {"tile": {"width": 0, "height": 0, "visible": False}},
+        }
+    )
+    assert hidden == protocol.QualityRequest("gate", None, protocol.Tile(0, 0, False))
+
+
+def test_an_offer_may_say_where_the_viewer_starts() -> None:
+    payload = {"sdp": SDP, "quality": "sub", "tile": {"width": 320, "height": 180}}
+    message = parse({"type": "offer", "streamId": "gate", "payload": payload})
+    assert isinstance(message, Offer)
+    assert (message.quality, message.tile) == ("sub", protocol.Tile(320, 180, True))
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (None, "must be an object"),
+        ({}, 'needs "quality"'),
+        ({"quality": ""}, "payload.quality"),
+        ({"quality": 3}, "payload.quality"),
+        ({"quality": "x" * 40}, "payload.quality"),
+        ({"tile": [1, 2]}, "payload.tile must be an object"),
+        ({"tile": {"width": -1, "height": 1}}, "payload.tile.width"),
+        ({"tile": {"width": 1, "height": 10**6}}, "payload.tile.height"),
+        ({"tile": {"width": True, "height": 1}}, "payload.tile.width"),
+        ({"tile": {"width": 1, "height": 1, "visible": "yes"}}, "payload.tile.visible"),
+    ],
+)
+def test_bad_quality_messages_say_what_is_wrong(payload: object, fragment: str) -> None:
+    error = error_of({"type": "quality", "streamId": "gate", "payload": payload})
+    assert error.code is ErrorCode.INVALID_MESSAGE
+    assert error.stream_id == "gate"
+    assert fragment in error.message

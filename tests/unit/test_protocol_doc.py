@@ -17,7 +17,7 @@ BLOCKS = re.findall(r"```json (client|server)\n(.*?)\n```", DOC, re.S)
 def test_the_document_has_examples_of_every_message_type() -> None:
     types = {(side, json.loads(text)["type"]) for side, text in BLOCKS}
     assert {t for side, t in types if side == "client"} == set(CLIENT_MESSAGE_TYPES)
-    server_types = {"welcome", "answer", "state", "error", "pong", "auth"}
+    server_types = {"welcome", "answer", "state", "error", "pong", "auth", "quality"}
     assert {t for side, t in types if side == "server"} == server_types
 
 

@@ -26,7 +26,11 @@ if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis c
 #: How long a snapshot of a stopped stream waits for its source's first keyframe (seconds).
 SNAPSHOT_WAIT: Final = 15.0
 #: The API's camelCase spellings of the configuration file's stream keys.
-API_KEYS: Final = {"onDemand": "on_demand", "rtspTransport": "rtsp_transport"}
+API_KEYS: Final = {
+    "onDemand": "on_demand",
+    "rtspTransport": "rtsp_transport",
+    "defaultQuality": "default_quality",
+}
 
 
 def streams_blueprint(services: Services) -> Blueprint:
@@ -105,7 +109,14 @@ def streams_blueprint(services: Services) -> Blueprint:
             stream = stream_or_404(stream_id)  # again: it may be gone by now
             if request.method == "PATCH":
                 # Unmentioned fields keep their values (the source, credentials included).
-                body = {**stream_to_dict(stream.config), **body}
+                # A new source replaces the qualities, new qualities replace the source.
+                current = stream_to_dict(stream.config)
+                if "qualities" in body:
+                    current.pop("source", None)
+                if "source" in body:
+                    current.pop("qualities", None)
+                    current.pop("default_quality", None)
+                body = {**current, **body}
             config = await _parse_definition(body, stream_id)
             definition = stream_to_dict(config)
             saved = services.stream_changes.save(stream_id, definition, enabled=stream.enabled)
@@ -217,5 +228,19 @@ def stream_json(stats: StreamStatistics, owner: Owner | None = None) -> dict[str
         "framesDropped": stats.fanout.dropped_frames,
         "framesSkipped": stats.fanout.skipped_frames,
         "encodersOpened": stats.encoders_opened,
+        "defaultQuality": stats.default_quality,
+        "qualities": [
+            {
+                "name": quality.name,
+                "source": quality.source,
+                "state": str(quality.state),
+                "running": quality.running,
+                "viewers": quality.viewers,
+                "width": quality.width,
+                "height": quality.height,
+                "bitrate": quality.bitrate,
+            }
+            for quality in stats.qualities
+        ],
         "owner": None if owner is None else {"node": owner.node_id, "epoch": owner.epoch},
     }

@@ -69,7 +69,7 @@ import trio
 from .. import protocol
 from ..config import Config
 from ..errors import ErrorCode, SignalingError
-from ..protocol import IceCandidate, Offer
+from ..protocol import IceCandidate, Offer, QualityRequest
 from ..registry import Stream, StreamRegistry
 from ..session import SessionPhase, StreamSession, queue_candidate
 from ..signaling import LocalRouter, Session, SocketEnd
@@ -317,6 +317,10 @@ class ClusterNode:
                         nursery.start_soon(self._watch_nodes)
                         nursery.start_soon(self._measure_load, registration)
                         nursery.start_soon(self._place_always_on)
+                        # Ready once the inbox listens: another node relaying an offer here
+                        # right after start-up found nobody subscribed ("node is gone").
+                        with trio.move_on_after(BUS_WAIT):
+                            await self._bus_ready.wait()
                         log.info('cluster node "%s" (%s) started', self.node_id, public_url)
                         self._started.set()
                         task_status.started()
@@ -1041,10 +1045,10 @@ class ClusterNode:
         return bool(await self._redis_call(lambda: gone_nodes(redis, [record])))
 
     async def send(self, node_id: str, kind: str, **fields: Any) -> None:
-        """Deliver one message about a session (``ice``, ``close``, ``client``, ``ended``):
-        a request that the receiver acknowledges, sent again with the same ``seq`` if the
-        acknowledgement does not come within ``ACK_TIMEOUT`` (the receiver's bus drops the
-        repeat, or answers it again from its reply cache: each message is handled once).
+        """Deliver one message about a session (``ice``, ``quality``, ``close``, ``client``,
+        ``ended``): a request that the receiver acknowledges, sent again with the same ``seq``
+        if the acknowledgement does not come within ``ACK_TIMEOUT`` (the receiver's bus drops
+        the repeat, or answers it again from its reply cache: each message is handled once).
         ``PUBLISH`` reaching nobody is tried again once after ``ACK_TIMEOUT`` too: the
         receiver may be subscribing again after a Redis hiccup.
 
@@ -1139,7 +1143,7 @@ class ClusterNode:
             handlers.start_soon(_reply, bus, envelope, {"ok": True})
         if kind == "offer":
             handlers.start_soon(self._serve_remote_offer, envelope, bus)
-        elif kind in ("ice", "close"):
+        elif kind in ("ice", "close", "quality"):
             remote = self._remote.get((envelope.reply_to, envelope.socket))
             lease = self._owned.get(envelope.stream)
             replica = self._replicas.get(envelope.stream)
@@ -1200,7 +1204,18 @@ class ClusterNode:
             message = f'node "{self.node_id}" is shutting down'
             await _reply(bus, envelope, {"error": "draining", "message": message})
             return
-        offer = Offer(stream.id, sdp, session_id if isinstance(session_id, str) else None)
+        try:
+            quality, tile = protocol.quality_fields(payload, stream.id)
+        except SignalingError as exc:
+            await _reply(bus, envelope, {"error": "invalid_offer", "message": exc.message})
+            return
+        offer = Offer(
+            stream.id,
+            sdp,
+            session_id if isinstance(session_id, str) else None,
+            quality=quality,
+            tile=tile,
+        )
         replica_of = payload.get("replicaOf")
         if isinstance(replica_of, str) and replica_of:
             try:
@@ -1369,6 +1384,9 @@ class RoutedSession:
         self._owner_ended = False
         limit = node._config.limits.max_pending_candidates
         self._candidates_in, self._candidates_out = trio.open_memory_channel[IceCandidate](limit)
+        #: the page's quality requests not relayed yet, merged into one (the latest fields win)
+        self._quality: QualityRequest | None = None
+        self._quality_asked = trio.Event()
 
     @property
     def phase(self) -> SessionPhase:
@@ -1390,6 +1408,27 @@ class RoutedSession:
             self._inner.add_candidate(candidate)
             return
         queue_candidate(self._candidates_in, candidate, self.stream.id)
+
+    def request_quality(self, request: QualityRequest) -> None:
+        """Served here: the local session switches. Relayed: sent on to the owner's session
+        (which answers through the relay, errors included).
+
+        Raises:
+            SignalingError: the local session's.
+        """
+        if isinstance(self._inner, StreamSession):
+            self._inner.request_quality(request)
+            return
+        earlier = self._quality
+        if earlier is not None:
+            request = QualityRequest(
+                request.stream_id,
+                request.quality if request.quality is not None else earlier.quality,
+                request.tile if request.tile is not None else earlier.tile,
+                request.session_id,
+            )
+        self._quality = request
+        self._quality_asked.set()
 
     async def run(self) -> None:
         label = f"{self.socket.label} {self.stream.id}"
@@ -1485,6 +1524,9 @@ class RoutedSession:
     async def _serve_here(self) -> None:
         """Serve the offer with a session of this node (the owner, or a replica)."""
         self._inner = self._node.open_local(self.stream, self.offer, self.socket)
+        if self._quality is not None and isinstance(self._inner, StreamSession):
+            with contextlib.suppress(SignalingError):  # asked for before routing
+                self._inner.request_quality(self._quality)
         with self._candidates_out:
             while True:
                 try:
@@ -1501,6 +1543,9 @@ class RoutedSession:
             "sdp": self.offer.sdp,
             "sessionId": self.offer.session_id,
             "relay": self.relay_id,
+            # Where the viewer starts (the serving session chooses its quality from them).
+            "quality": self.offer.quality,
+            "tile": protocol.tile_json(self.offer.tile) if self.offer.tile else None,
         }
         if replica_of:
             payload["replicaOf"] = replica_of
@@ -1511,6 +1556,38 @@ class RoutedSession:
         return reply.payload if isinstance(reply.payload, dict) else {}
 
     async def _relay_candidates(self) -> None:
+        """Relay the page's ICE candidates and quality requests to the owner until the session
+        ends. Either one's failure is raised as itself, not in a group, so :meth:`run` reports
+        a lost relay message as ``relay_failed``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._relay_quality_requests)
+                await self._relay_trickle()
+        except BaseExceptionGroup as group:
+            only = group.exceptions[0] if len(group.exceptions) == 1 else None
+            if only is None or isinstance(only, trio.Cancelled):
+                raise
+            raise only from None
+
+    async def _relay_quality_requests(self) -> None:
+        while True:
+            await self._quality_asked.wait()
+            self._quality_asked = trio.Event()
+            request, self._quality = self._quality, None
+            if request is None:
+                continue
+            payload = {
+                "quality": request.quality,
+                "tile": protocol.tile_json(request.tile) if request.tile else None,
+                "sessionId": request.session_id,
+                "relay": self.relay_id,
+            }
+            await self._node.send(
+                self.owner, "quality", socket=self.socket.socket_id, stream=self.stream.id,
+                epoch=self.epoch, payload=payload,
+            )  # fmt: skip
+
+    async def _relay_trickle(self) -> None:
         async with self._candidates_out:
             async for candidate in self._candidates_out:
                 payload = {
@@ -1635,7 +1712,8 @@ class RemoteSocket:
                 self._outbox_in.close()
 
     def deliver(self, envelope: Envelope) -> None:
-        """``ice`` or ``close`` from the socket's node (its epoch already checked)."""
+        """``ice``, ``quality`` or ``close`` from the socket's node (its epoch already
+        checked)."""
         entry = self._sessions.get(envelope.stream)
         payload = envelope.payload if isinstance(envelope.payload, dict) else {}
         if entry is None or payload.get("relay") != entry.relay:
@@ -1643,6 +1721,20 @@ class RemoteSocket:
             return
         if envelope.kind == "close":
             entry.session.end("client closed the stream")
+            return
+        if envelope.kind == "quality":
+            try:
+                quality, tile = protocol.quality_fields(payload, envelope.stream)
+                entry.session.request_quality(
+                    QualityRequest(
+                        envelope.stream, quality, tile, _str_or_none(payload.get("sessionId"))
+                    )
+                )
+            except SignalingError as exc:
+                message = protocol.error(
+                    exc.code, exc.message, envelope.stream, entry.session.session_id
+                )
+                self._post("client", envelope.stream, entry.epoch, entry.relay, message)
             return
         candidate = IceCandidate(
             envelope.stream,

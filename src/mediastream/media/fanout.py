@@ -18,6 +18,10 @@ Policies (from what CCTV viewers run into with other servers):
   kept; a new subscriber's queue starts with them, original timestamps and all, so the
   browser paints the keyframe at once and fast-forwards to the live edge. Snapshot and
   registration happen in one synchronous step, so no frame can fall in between.
+- **Moving between qualities.** A viewer moved to another fan-out of its stream (another
+  quality, :meth:`FanOut.adopt`) keeps its transport, its drainer and its RTP stream: its queue
+  restarts with the new fan-out's cached GOP (keyframe first, never a P-frame without its
+  keyframe), and its :class:`ContinuousTimestamps` carry its RTP timestamps on smoothly.
 - **A slow viewer never stalls the others.** When a queue is full, that viewer's queue is
   emptied and it skips to the next keyframe: H.264 can't lose single frames without
   corrupting the picture until the next keyframe anyway. Drops are counted, and logged at a
@@ -72,6 +76,65 @@ class Transport(Protocol):
         ...
 
 
+class ContinuousTimestamps:
+    """One viewer's timestamps of one track, continuous across moves between qualities.
+
+    Each quality has a timeline of its own; a viewer keeps one RTP stream, whose timestamps
+    must keep increasing at the pace of real time. After :meth:`rebase`, the new timeline is
+    shifted so that its ``anchor`` (the newest frame of it already published, where the viewer
+    joins it) lands where the last frame sent left off plus the wall time since. The frames
+    of the new quality's cached GOP before the anchor keep their spacing, or go 1 tick apart
+    where they would fall before the last frame sent: they arrive late for their timestamps,
+    so the decoder shows them at once and is at the live edge with the anchor.
+
+    Args:
+        clock: seconds, monotonic (injected by tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        #: the track's RTP clock rate (Hz); its sender sets it from the negotiated codec
+        self.clock_rate = 90_000
+        self._clock = clock
+        self._offset = 0
+        self._last: int | None = None
+        self._last_wall = 0.0
+        self._rebasing = False
+        self._anchor: int | None = None
+        self._rebased_at = 0.0
+
+    def rebase(self, anchor: int | None) -> None:
+        """Frames placed from now on come from another timeline.
+
+        Args:
+            anchor: the new timeline's timestamp that continues the old one (the newest frame
+                the viewer is handed at once); None: the next frame placed.
+        """
+        if self._last is None:
+            return  # nothing placed yet: the new timeline starts as it is
+        self._rebasing = True
+        self._anchor = anchor
+        self._rebased_at = self._clock()
+
+    def place(self, timestamp: int) -> int:
+        """The viewer's timestamp for a frame of the current timeline (never one placed
+        before, never going back)."""
+        now = self._clock()
+        if self._rebasing:
+            assert self._last is not None
+            self._rebasing = False
+            anchor, at = (
+                (self._anchor, self._rebased_at) if self._anchor is not None else (timestamp, now)
+            )
+            gap = max(1, round((at - self._last_wall) * self.clock_rate))
+            self._offset = self._last + gap - anchor
+        placed = timestamp + self._offset
+        if self._last is not None and placed <= self._last:
+            placed = self._last + 1
+        self._last = placed
+        self._last_wall = now
+        return placed
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriberStatistics:
     queued_frames: int
@@ -106,9 +169,18 @@ class Subscriber:
     """
 
     def __init__(
-        self, label: str, max_frames: int, *, keyframe_gated: bool, fanout: FanOut | None = None
+        self,
+        label: str,
+        max_frames: int,
+        *,
+        keyframe_gated: bool,
+        fanout: FanOut | None = None,
+        kind: str = "video",
     ) -> None:
         self.label = label
+        self.kind = kind
+        #: this viewer's timestamps of this track, across moves between fan-outs
+        self.timestamps = ContinuousTimestamps()
         self._fanout = fanout
         self._max_frames = max_frames
         self._keyframe_gated = keyframe_gated
@@ -204,6 +276,16 @@ class Subscriber:
         if frames and (frames[0].keyframe or not self._keyframe_gated):
             self._frames.extend(frames[-self._max_frames :])
             self._waiting_for_keyframe = False
+
+    def _move_to(self, fanout: FanOut, frames: list[EncodedFrame]) -> None:
+        """Feed from ``fanout`` from now on, starting with its cached ``frames``."""
+        self._fanout = fanout
+        self._frames.clear()  # the old quality's backlog: no use to the new one's decoder
+        self._waiting_for_keyframe = self._keyframe_gated
+        self._start_with(frames)
+        self.timestamps.rebase(self._frames[-1].timestamp if self._frames else None)
+        if self._frames and self._wakeup is not None:
+            self._wakeup()  # the drainer sends the new GOP (the direct path waits for it)
 
     def _count_delivered(self, frame: EncodedFrame) -> None:
         self._started = True
@@ -314,10 +396,25 @@ class FanOut:
             self._queue_frames,
             keyframe_gated=kind == "video",
             fanout=self,
+            kind=kind,
         )
         subscriber._start_with([frame for frame in self._gop if frame.kind == kind])
         self._subscribers[kind].add(subscriber)
         return subscriber
+
+    def adopt(self, subscriber: Subscriber) -> None:
+        """Move ``subscriber`` here from the fan-out it was on (another quality of its stream).
+
+        Its queue restarts with this fan-out's cached GOP from its keyframe (or, with none
+        cached, it waits for the next keyframe); its transport, drainer and counters stay, and
+        its timestamps go on from where they were (:class:`ContinuousTimestamps`). Synchronous:
+        no frame of either fan-out can fall in between.
+        """
+        old = subscriber._fanout
+        if old is not None and old is not self:
+            old._subscribers[subscriber.kind].discard(subscriber)
+        subscriber._move_to(self, [frame for frame in self._gop if frame.kind == subscriber.kind])
+        self._subscribers[subscriber.kind].add(subscriber)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Stop feeding ``subscriber``; idempotent."""

@@ -13,7 +13,9 @@ What is used, and why:
 - ``RTCRtpSender``: its SSRCs and negotiated header extensions (to build the RTP header once
   per viewer), the counters its RTCP sender reports read (updated by our sends), its RTX
   payload type and sequence number, and its ``_retransmit`` hook (NACKs are answered from our
-  packet history); its public ``send()`` is wrapped to learn when DTLS is up.
+  packet history); its public ``send()`` is wrapped to learn when DTLS is up, and its
+  ``_handle_rtcp_packet`` to read the viewer's bandwidth estimates (REMB), which aiortc only
+  hands to an encoder (passthrough has none).
 - ``RTCDtlsTransport``: its state, its outgoing SRTP context and ``_send_rtp``.
 - ``aioice.Connection._nominated``: the selected candidate pair, whose asyncio datagram
   transport carries the packets (and whose write buffer tells when the socket is full);
@@ -71,7 +73,7 @@ from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
-from aiortc.rtp import HeaderExtensionsMap
+from aiortc.rtp import RTCP_PSFB_APP, HeaderExtensionsMap, RtcpPsfbPacket, unpack_remb_fci
 from trio_asyncio._base import BaseTrioEventLoop
 from trio_asyncio._handles import AsyncHandle
 
@@ -87,6 +89,7 @@ SENDER_ATTRIBUTES: Final = (
     "_RTCRtpSender__octet_count",
     "_RTCRtpSender__rtx_payload_type",
     "_RTCRtpSender__rtx_sequence_number",
+    "_handle_rtcp_packet",
 )
 #: Private attributes of an ``RTCDtlsTransport``.
 DTLS_ATTRIBUTES: Final = ("_state", "_tx_srtp", "_send_rtp", "transport")
@@ -160,6 +163,26 @@ def on_sender_started(
             started(parameters)
 
     sender.send = send  # type: ignore[method-assign]
+
+
+def on_bandwidth_estimate(sender: RTCRtpSender, estimated: Callable[[int], None]) -> None:
+    """Call ``estimated`` with each bandwidth estimate (REMB, bits per second) the viewer
+    reports for ``sender``'s stream, before aiortc handles the packet as usual."""
+    internals: Any = sender
+    handle = internals._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet: Any) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                pass  # another application-layer feedback, not REMB
+            else:
+                if internals._ssrc in ssrcs:
+                    estimated(bitrate)
+        await handle(packet)
+
+    internals._handle_rtcp_packet = handle_rtcp_packet
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ from ..protocol import IceCandidate
 from .aiortc_compat import (
     forget_unoffered_transceivers,
     media_sections,
+    on_bandwidth_estimate,
     on_sender_started,
     reject_stopped_sections,
 )
@@ -350,9 +351,13 @@ class PeerConnection:
         audio_codec: str | None = None,
         *,
         on_first_frame: Callable[[], None] | None = None,
+        on_bandwidth_estimate: Callable[[int], None] | None = None,
     ) -> str:
         """Apply the browser's offer, send ``video`` as H.264 (and ``audio`` in ``audio_codec``),
         and return the answer SDP.
+
+        ``on_bandwidth_estimate`` is called with each bandwidth estimate (REMB, bits per
+        second) the browser reports for the video.
 
         Raises:
             SignalingError: ``invalid_sdp`` or ``unsupported_codec``, saying what was wrong.
@@ -360,7 +365,13 @@ class PeerConnection:
         if self._ignore_mdns:
             offer_sdp = _MDNS_CANDIDATE.sub("", offer_sdp).replace("\r\n\r\n", "\r\n")
         self._tracks = [
-            SubscriberTrack(video, "video", self._catchup_rate, on_first_frame=on_first_frame)
+            SubscriberTrack(
+                video,
+                "video",
+                self._catchup_rate,
+                on_first_frame=on_first_frame,
+                on_bandwidth_estimate=on_bandwidth_estimate,
+            )
         ]
         if audio is not None and audio_codec is not None:
             self._tracks.append(SubscriberTrack(audio, "audio", self._catchup_rate))
@@ -563,6 +574,7 @@ class SubscriberTrack(MediaStreamTrack):
         *,
         on_first_frame: Callable[[], None] | None = None,
         held: bool = False,
+        on_bandwidth_estimate: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -571,6 +583,7 @@ class SubscriberTrack(MediaStreamTrack):
         #: sends nothing until released: on a renegotiated connection DTLS is up already, and
         #: a keyframe sent before the browser applied the answer is lost (~2 s to a picture)
         self._held = held
+        self._on_bandwidth_estimate = on_bandwidth_estimate
         self._pacer = CatchUpPacer(catchup_rate)
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectRtpSender | None = None
@@ -580,10 +593,12 @@ class SubscriberTrack(MediaStreamTrack):
         """Take over ``sender``'s sending once aiortc starts it (DTLS is up)."""
 
         def started(parameters: RTCRtpSendParameters) -> None:
-            self._direct = DirectRtpSender(sender, parameters)
+            self._direct = DirectRtpSender(sender, parameters, self._subscriber.timestamps)
             self._wake()
 
         on_sender_started(sender, started)
+        if self._on_bandwidth_estimate is not None:
+            on_bandwidth_estimate(sender, self._on_bandwidth_estimate)
 
     def release(self) -> None:
         """Start sending (the held GOP first): the browser has applied the answer."""

@@ -18,6 +18,7 @@ from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtp import RtpPacket, wrap_rtx
 from aiortc.utils import random16, random32
 
+from ..media.fanout import ContinuousTimestamps
 from ..media.frames import EncodedFrame
 from .aiortc_compat import SenderInternals, SrtpSocket
 
@@ -29,17 +30,28 @@ class DirectRtpSender:
     """Sends one viewer's frames of one track as RTP (a :class:`~mediastream.media.fanout.
     Transport` for its subscriber).
 
+    Args:
+        timestamps: the viewer's timestamps of this track (its subscriber's), which stay
+            continuous when the viewer moves to another quality; a fresh one when omitted.
+
     Raises:
         AiortcChanged: aiortc's sender no longer has the state this relies on.
     """
 
-    def __init__(self, sender: RTCRtpSender, parameters: RTCRtpSendParameters) -> None:
+    def __init__(
+        self,
+        sender: RTCRtpSender,
+        parameters: RTCRtpSendParameters,
+        timestamps: ContinuousTimestamps | None = None,
+    ) -> None:
         self._internals = SenderInternals(sender)
         self._dtls = sender.transport
         payload_type = parameters.codecs[0].payloadType
         if payload_type is None:
             raise RuntimeError("aiortc started a sender without a payload type")
         self._payload_type: int = payload_type
+        self._timestamps = timestamps or ContinuousTimestamps()
+        self._timestamps.clock_rate = parameters.codecs[0].clockRate
         self._mid = parameters.muxId
         identity = self._internals.identity
         self._ssrc = identity.ssrc
@@ -81,7 +93,7 @@ class DirectRtpSender:
         # Checked per frame: ICE may nominate another pair, DTLS may close (then this raises
         # ConnectionError).
         socket = self._last_socket = SrtpSocket.of(self._dtls, self._last_socket)
-        timestamp = (self._timestamp_origin + frame.timestamp) & 0xFFFFFFFF
+        timestamp = (self._timestamp_origin + self._timestamps.place(frame.timestamp)) & 0xFFFFFFFF
         ntp_now = _ntp_time()
         header = self._header
         header[4:8] = timestamp.to_bytes(4, "big")

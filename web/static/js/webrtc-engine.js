@@ -23,6 +23,14 @@
  *   stats         every statsInterval ms: bitrate, packets, frames, fps, ICE state, TTFF…
  *   state         the stream's state changed ({streamId, state, detail, previous})
  *   track         media arrived ({streamId, track, stream})
+ *   quality       the quality playing ({streamId, quality, requested, reason, qualities})
+ *
+ * Quality: a stream may have several qualities (a camera's main and sub streams). By default
+ * (`quality: 'auto'`) the engine reports its video element's rendered size in device pixels
+ * (ResizeObserver × devicePixelRatio, throttled) and whether it is visible
+ * (IntersectionObserver and the page's visibility); the server plays the smallest quality that
+ * covers it, on the same peer connection. `engine.setQuality('main' | 'sub' | 'auto')` pins one
+ * or lets the server choose again; `engine.quality` is the one playing.
  *
  * States: idle → connecting → live; reconnecting / offline while the camera or the network
  * recovers (the engine renegotiates by itself); error when it can't (unknown stream,
@@ -41,7 +49,10 @@
  * offer for the same stream on the same socket, after `webrtcRetryMs`, doubling up to
  * `webrtcRetryMaxMs`). The fallback keeps the video element until the new peer connection has
  * decoded a frame; then the element switches to it, the server is told to end the fallback
- * (`close` with `payload.fallback`), and the state goes from live (fallback) to live.
+ * (`close` with `payload.fallback`), and the state goes from live (fallback) to live. The
+ * fallback plays the stream's default quality; a background attempt's offer carries the
+ * requested quality and the tile like any other, and its `quality` event is held until it
+ * takes over.
  */
 /** @typedef {import('./websocket-manager.js').Message} Message */
 /** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
@@ -107,6 +118,27 @@
  * @property {string} [wsUrl] older spelling of `serverUrl`
  * @property {string} [signalingUrl] older spelling of `serverUrl`
  * @property {string} [url] older spelling of `serverUrl`
+ * @property {string} [quality] the quality to play: a name, or 'auto' (the default: the
+ *   server chooses from the element's size, its visibility and the network)
+ * @property {number} [tileReportDelayMs] a change of the element's size is told at once, then
+ *   at most once per this many ms while it keeps changing (default 200)
+ * @property {{new (callback: ResizeObserverCallback): ResizeObserver}} [ResizeObserver]
+ *   implementation (default: the browser's; tests inject a fake)
+ * @property {{new (callback: IntersectionObserverCallback): IntersectionObserver}} [IntersectionObserver]
+ *   implementation (default: the browser's; tests inject a fake)
+ */
+/**
+ * Where the stream is shown, as the server is told (docs/protocol.md, `quality`).
+ * @typedef {{width: number, height: number, visible: boolean}} Tile
+ */
+/**
+ * What `quality` listeners receive: the quality playing and why.
+ * @typedef {object} QualityInfo
+ * @property {string} streamId
+ * @property {string} quality the quality whose frames arrive now
+ * @property {string} requested what the page asked for: a name, or 'auto'
+ * @property {string} reason 'pinned', 'default', 'tile', 'hidden', 'network' or 'switching'
+ * @property {{name: string, width: number, height: number}[]} qualities the stream's, best first
  */
 /**
  * @typedef {object} EngineStats
@@ -141,6 +173,7 @@
  * @property {EngineStats} stats
  * @property {{streamId: string, state: EngineState, previous: EngineState, detail: string|null}} state
  * @property {{streamId: string, track: MediaStreamTrack, stream: MediaStream}} track
+ * @property {QualityInfo} quality the quality playing changed (or was confirmed)
  */
 /**
  * An error of a negotiation: its server code, whether retrying can help, and whether a newer
@@ -165,6 +198,7 @@
   const LIVE_JUMP_TO_S = 0.15; // how far behind the newest frame a jump lands
   const BUFFER_KEPT_S = 10; // played media older than this is removed from the SourceBuffer
   const MAX_QUEUED_SEGMENTS = 60; // segments waiting for the SourceBuffer before a skip
+  const TILE_REPORT_DELAY_MS = 200; // at most one tile report per this, while it keeps changing
   const WEBRTC_RETRY_MS = 5000;
   const WEBRTC_RETRY_MAX_MS = 60000;
   /** How often a background attempt's peer connection is asked whether it decoded a frame. */
@@ -870,6 +904,13 @@
     /** @type {MediaSourcePlayer|null} the fallback's player, while the stream plays over the socket */
     #fallback = null;
     /** @type {unknown} the timers' id */ #fallbackTimer = null;
+    /** @type {string} the quality asked for: a name, or 'auto' */ #requestedQuality = 'auto';
+    /** @type {QualityInfo|null} what the server last said plays */ #qualityInfo = null;
+    /** @type {Tile|null} the tile last told to the server */ #toldTile = null;
+    /** whether the element is on screen (IntersectionObserver) */ #onScreen = true;
+    /** @type {unknown} the timers' id */ #tileTimer = null;
+    /** whether the tile changed again since its last report (told when the timer ends) */ #tileDirty = false;
+    /** @type {QualityInfo|null} a background attempt's quality, told once it takes over */ #heldQuality = null;
     /** @type {unknown} the timers' id: the next background attempt to go back to WebRTC */
     #webrtcRetryTimer = null;
     /** @type {unknown} the timers' id: polls a background attempt for its first decoded frame */
@@ -895,6 +936,7 @@
         console.error('[MediaStream]', `${this.streamId}: "${event}" listener failed:`, error);
       });
       this.#backoffDelay = backoffDelay;
+      this.#requestedQuality = options.quality || 'auto';
       this.#timers = options.timers || {
         setTimeout: (callback, ms) => setTimeout(callback, ms),
         clearTimeout: (id) => clearTimeout(/** @type {number|undefined} */ (id)),
@@ -976,6 +1018,7 @@
         answer: (/** @type {unknown} */ sdp, /** @type {Message} */ raw) => this.#onAnswer(sdp, raw),
         error: (/** @type {unknown} */ text, /** @type {Message} */ raw) => this.#onServerError(text, raw),
         state: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerState(payload, raw),
+        quality: (/** @type {unknown} */ payload, /** @type {Message} */ raw) => this.#onServerQuality(payload, raw),
         onMedia: (segment) => this.#fallback?.append(segment),
         onReconnect: () => this.#renegotiate('signaling socket reconnected', 0),
       });
@@ -986,6 +1029,7 @@
           }
         }),
       );
+      this.#trackTile();
       const options = this.#options;
       const url = options.serverUrl || options.wsUrl || options.signalingUrl || options.url;
       try {
@@ -1111,7 +1155,7 @@
       await pc.setLocalDescription(offer);
       const answer = this.#waitForAnswer();
       this.#manager.send('offer', this.streamId, {
-        type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId,
+        type: 'offer', sdp: offer.sdp, streamId: this.streamId, sessionId, ...this.#qualityFields(),
       });
       if (this.#fallbackAllowed || background) {
         const wait = this.#options.fallbackAfterMs ?? FALLBACK_AFTER_MS;
@@ -1480,6 +1524,12 @@
       this.#webrtcAttempts = 0;
       this.#retries = 0;
       if (this.#serverState !== 'reconnecting' && this.#serverState !== 'offline') this.#setState('live');
+      const held = this.#heldQuality;
+      this.#heldQuality = null;
+      if (held) {
+        this.#qualityInfo = held;
+        this.#emit('quality', held);
+      }
     }
 
     /**
@@ -1494,6 +1544,7 @@
       this.#closePeer();
       this.#mediaStream = null;
       this.#sessionId = null;
+      this.#heldQuality = null;
       this.#scheduleWebRTCAttempt();
     }
 
@@ -1505,6 +1556,139 @@
     #clearFallbackTimer() {
       if (this.#fallbackTimer) this.#timers.clearTimeout(this.#fallbackTimer);
       this.#fallbackTimer = null;
+    }
+
+    // --- quality: which of the stream's qualities plays (per tile) ---------------------------
+
+    /** @returns {string|null} the quality playing now, as the server last said (null before) */
+    get quality() {
+      return this.#qualityInfo ? this.#qualityInfo.quality : null;
+    }
+
+    /** @returns {string} the quality asked for: a name, or 'auto' */
+    get requestedQuality() {
+      return this.#requestedQuality;
+    }
+
+    /** @returns {QualityInfo|null} the server's last word on the quality playing */
+    getQuality() {
+      return this.#qualityInfo;
+    }
+
+    /**
+     * Play one quality ('main', 'sub'…, as the stream names them), or let the server choose
+     * from the element's size and visibility and the network ('auto'). Takes effect on the
+     * same peer connection (no new offer); the `quality` event says when it plays.
+     * @param {string} quality
+     */
+    setQuality(quality) {
+      if (typeof quality !== 'string' || !quality) throw new TypeError('setQuality needs a quality name or "auto"');
+      this.#requestedQuality = quality;
+      if (this.pc && this.#sessionId) {
+        this.#manager.send('quality', this.streamId, { ...this.#qualityFields(), sessionId: this.#sessionId });
+      }
+    }
+
+    /** @returns {{quality: string, tile?: Tile}} what an offer or a `quality` message says */
+    #qualityFields() {
+      const tile = this.#measureTile();
+      if (tile) this.#toldTile = tile;
+      return tile ? { quality: this.#requestedQuality, tile } : { quality: this.#requestedQuality };
+    }
+
+    /** @returns {Tile|null} the element's rendered size in device pixels, and its visibility */
+    #measureTile() {
+      const video = this.videoElement;
+      if (!video || typeof video.getBoundingClientRect !== 'function') return null;
+      const rect = video.getBoundingClientRect();
+      const ratio = root.devicePixelRatio || 1;
+      const pageVisible = typeof document === 'undefined' || document.visibilityState !== 'hidden';
+      return {
+        width: Math.round(rect.width * ratio),
+        height: Math.round(rect.height * ratio),
+        visible: this.#onScreen && pageVisible && rect.width > 0 && rect.height > 0,
+      };
+    }
+
+    /** Follow the element's size and visibility while connected; the cleanups stop it. */
+    #trackTile() {
+      const video = this.videoElement;
+      if (!video) return;
+      const report = () => this.#scheduleTileReport();
+      const Resize = this.#options.ResizeObserver || root.ResizeObserver;
+      if (Resize) {
+        const resize = new Resize(report);
+        resize.observe(video);
+        this.#cleanups.push(() => resize.disconnect());
+      }
+      const Intersection = this.#options.IntersectionObserver || root.IntersectionObserver;
+      if (Intersection) {
+        const intersection = new Intersection((entries) => {
+          const last = entries[entries.length - 1];
+          if (last) this.#onScreen = last.isIntersecting;
+          report();
+        });
+        intersection.observe(video);
+        this.#cleanups.push(() => intersection.disconnect());
+      }
+      if (typeof document !== 'undefined' && document.addEventListener) {
+        document.addEventListener('visibilitychange', report);
+        this.#cleanups.push(() => document.removeEventListener('visibilitychange', report));
+      }
+      this.#cleanups.push(() => {
+        if (this.#tileTimer) this.#timers.clearTimeout(this.#tileTimer);
+        this.#tileTimer = null;
+      });
+    }
+
+    /**
+     * Tell a change at once (a tile made full screen wants main now), then at most once per
+     * delay while it keeps changing (a drag, an animation), the last size always told.
+     */
+    #scheduleTileReport() {
+      if (this.#tileTimer) {
+        this.#tileDirty = true;
+        return;
+      }
+      this.#reportTile();
+      this.#tileDirty = false;
+      this.#tileTimer = this.#timers.setTimeout(() => {
+        this.#tileTimer = null;
+        if (this.#tileDirty) this.#scheduleTileReport();
+      }, this.#options.tileReportDelayMs ?? TILE_REPORT_DELAY_MS);
+    }
+
+    /** Tell the server the tile, if it changed and a session is up to hear it. */
+    #reportTile() {
+      const tile = this.#measureTile();
+      const told = this.#toldTile;
+      if (!tile || !this.pc || !this.#sessionId) return;
+      if (told && told.width === tile.width && told.height === tile.height && told.visible === tile.visible) return;
+      this.#toldTile = tile;
+      this.#manager.send('quality', this.streamId, { tile, sessionId: this.#sessionId });
+    }
+
+    /** @param {unknown} payload `{quality, requested, reason, qualities}` @param {Message} raw */
+    #onServerQuality(payload, raw) {
+      if (raw && raw.sessionId && raw.sessionId !== this.#sessionId) return;
+      if (typeof payload !== 'object' || payload === null) return;
+      const fields = /** @type {{quality?: unknown, requested?: unknown, reason?: unknown, qualities?: unknown}} */ (payload);
+      if (typeof fields.quality !== 'string') return;
+      /** @type {QualityInfo} */
+      const info = {
+        streamId: this.streamId,
+        quality: fields.quality,
+        requested: typeof fields.requested === 'string' ? fields.requested : this.#requestedQuality,
+        reason: typeof fields.reason === 'string' ? fields.reason : '',
+        qualities: Array.isArray(fields.qualities) ? fields.qualities : [],
+      };
+      if (this.#fallback) {
+        // A background attempt's: the fallback (the default quality) plays until it takes over.
+        this.#heldQuality = info;
+        return;
+      }
+      this.#qualityInfo = info;
+      this.#emit('quality', info);
     }
 
     // --- media and stats -------------------------------------------------------------------

@@ -14,6 +14,8 @@
  * @property {string} source with credentials removed
  * @property {boolean} enabled false once stopped through the API
  * @property {boolean} running whether its source runs now
+ * @property {{name: string, viewers: number, running: boolean, width: number, height: number}[]} [qualities]
+ *   best first (one, "main", for a stream with a plain source)
  * @property {{node: string, epoch: number}|null} [owner] in a cluster, the node reading its
  *   source (null: none now, or a single process)
  */

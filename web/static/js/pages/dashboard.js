@@ -3,6 +3,9 @@
  * The camera wall: every stream in a grid, all on one shared socket. A tile that scrolls out
  * of view (or is on another page of the layout), or a hidden tab, stops its stream (the server
  * frees it); it resumes when visible. The layout, full screen and tile order are wall.js's.
+ * Every engine is on quality 'auto': a grid tile gets a camera's sub stream, an enlarged or
+ * full-screen tile its main stream (the engine reports its size; the server switches on the
+ * same connection); each tile shows the quality it plays.
  */
 (function () {
   'use strict';
@@ -93,6 +96,7 @@
       el('div', { class: 'overlay' }, [
         el('span', { class: 'name' }, [stream.name]),
         el('span', { class: 'pill', dataset: { state: 'idle' } }, ['idle']),
+        el('span', { class: 'quality' }, ['']),
         el('span', { class: 'bitrate' }, ['']),
       ]),
     ]);
@@ -103,6 +107,7 @@
       if (s.state !== 'closed') show(tile, s.state, s.detail);
       updateSummary();
     });
+    engine.on('quality', (q) => showQuality(tileElement, q));
     engine.on('stats', (s) => {
       /** @type {HTMLElement} */ (tileElement.querySelector('.bitrate')).textContent =
         `${formatBitrate(s.bitrateKbps)} · ${s.fps} fps`;
@@ -111,6 +116,18 @@
     layout.add(stream.id, tileElement);
     observer.observe(tileElement);
     if (stream.running) posterOf(tile);
+  }
+
+  /**
+   * The quality a tile plays, shown only when its stream has more than one.
+   * @param {HTMLElement} tileElement @param {import('../webrtc-engine.js').QualityInfo} info
+   */
+  function showQuality(tileElement, info) {
+    const label = /** @type {HTMLElement} */ (tileElement.querySelector('.quality'));
+    const size = info.qualities.find((q) => q.name === info.quality);
+    label.textContent = info.qualities.length > 1 ? info.quality + (size && size.height ? ` ${size.height}p` : '') : '';
+    label.title = `quality ${info.quality} (${info.reason})`;
+    tileElement.dataset.quality = info.quality;
   }
 
   /** @param {string} streamId */
@@ -145,7 +162,7 @@
       return el('tr', { dataset: { streamId: s.id } }, [
         el('td', { class: 'mono' }, [s.id]), el('td', {}, [s.name]),
         el('td', { class: 'mono' }, [s.source]),
-        el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [String(s.viewers)]),
+        el('td', {}, [s.enabled ? s.state : 'stopped by an operator']), el('td', {}, [viewersText(s)]),
         el('td', { class: 'mono owner' }, [s.owner ? s.owner.node : '—']),
         el('td', {}, [
           s.enabled
@@ -158,6 +175,16 @@
         ]),
       ]);
     }));
+  }
+
+  /**
+   * A stream's viewers, per quality when it has several ("16 (main 1, sub 15)").
+   * @param {StreamInfo} stream
+   */
+  function viewersText(stream) {
+    const qualities = stream.qualities || [];
+    if (qualities.length < 2) return String(stream.viewers);
+    return `${stream.viewers} (${qualities.map((q) => `${q.name} ${q.viewers}`).join(', ')})`;
   }
 
   /**

@@ -9,6 +9,8 @@
   const statePill = /** @type {HTMLElement} */ (document.getElementById('state'));
   const statsLine = /** @type {HTMLElement} */ (document.getElementById('stats'));
   const detail = /** @type {HTMLElement} */ (document.getElementById('detail'));
+  const qualitySelect = /** @type {HTMLSelectElement} */ (document.getElementById('quality-select'));
+  const qualityLabel = /** @type {HTMLElement} */ (document.getElementById('quality'));
   /** @type {WebRTCEngine|null} */
   let engine = null;
 
@@ -31,7 +33,9 @@
       fallback: fallback === 'always' || fallback === 'never' ? fallback : 'auto',
       fallbackAfterMs: Number(query.get('fallbackAfterMs')) || undefined,
       webrtcRetryMs: Number(query.get('webrtcRetryMs')) || undefined,
+      quality: qualitySelect.value,
     });
+    next.on('quality', (q) => showQuality(q));
     engine = next;
     next.on('state', (s) => {
       setPill(statePill, s.state, s.state === 'live' && next.transport === 'fallback' ? 'live (fallback)' : undefined);
@@ -48,7 +52,26 @@
     next.connect().catch(() => { /* shown through the state and error events */ });
   }
 
-  select.addEventListener('change', () => play(select.value));
+  /**
+   * The qualities the stream has (in the selector) and the one playing.
+   * @param {import('../webrtc-engine.js').QualityInfo} info
+   */
+  function showQuality(info) {
+    const names = ['auto', ...info.qualities.map((q) => q.name)];
+    if ([...qualitySelect.options].map((o) => o.value).join() !== names.join()) {
+      qualitySelect.replaceChildren(...names.map((name) => el('option', { value: name }, [name])));
+      qualitySelect.value = info.requested;
+    }
+    const size = info.qualities.find((q) => q.name === info.quality);
+    qualityLabel.textContent = `playing ${info.quality}${size && size.height ? ` (${size.width}x${size.height})` : ''}, ${info.reason}`;
+  }
+
+  select.addEventListener('change', () => {
+    qualitySelect.replaceChildren(el('option', { value: 'auto' }, ['auto']));
+    qualityLabel.textContent = '';
+    play(select.value);
+  });
+  qualitySelect.addEventListener('change', () => engine && engine.setQuality(qualitySelect.value));
   window.msViewer = { get engine() { return engine; } };
   window.addEventListener('pagehide', () => engine && engine.disconnect());
 

@@ -2,6 +2,7 @@
 
     python benchmarks/wall.py [--tiles 16] [--seconds 60] [--mount /h264-busy] [--json out.json]
     python benchmarks/wall.py --qualities /h264-720,/h264-180 [--quality auto|main] [--switches 10]
+    python benchmarks/wall.py --peer-connection shared      # the page's one peer connection
 
 Sixteen streams (all restreaming the GStreamer test camera, so the server ingests sixteen RTSP
 sessions and decodes nothing) on ``dashboard.html`` in headless Chromium (Debian's). Every
@@ -128,6 +129,12 @@ def main() -> None:
     parser.add_argument("--qualities", help="MAIN,SUB mounts: every stream has both")
     parser.add_argument("--quality", choices=("auto", "main"), default="auto")
     parser.add_argument("--switches", type=int, default=10)
+    parser.add_argument(
+        "--peer-connection",
+        choices=("own", "shared"),
+        default="own",
+        help="a peer connection per tile (default) or the page's one (?peerConnection=shared)",
+    )
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -158,7 +165,8 @@ def main() -> None:
         with mediastream_server(config, Path(tmp)) as (url, pid), sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1920, "height": 1200})
-            page.goto(f"{url}/static/dashboard.html?layout=scroll")
+            shared = "&peerConnection=shared" if args.peer_connection == "shared" else ""
+            page.goto(f"{url}/static/dashboard.html?layout=scroll{shared}")
             page.wait_for_function(
                 ALL_LIVE,
                 arg=args.tiles,
@@ -209,6 +217,7 @@ def main() -> None:
         "browser_cpu_percent": browser_cpu,
         "received_kbps": received_kbps,
         "quality": args.quality if args.qualities else None,
+        "peer_connection": args.peer_connection,
         **switches,
     }
     print(f"\nCamera wall: {args.tiles} tiles in one Chromium tab, {args.seconds} s")

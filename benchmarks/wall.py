@@ -51,8 +51,9 @@ from common import _keep_playing as keep_playing
 
 RECEIVED_BYTES = """async () => {
     let total = 0;
-    for (const tile of window.msDashboard.tiles.values()) {
-        const pc = tile.engine.pc;
+    // Each connection once: with peerConnection=shared every tile's engine has the same one.
+    const pcs = new Set([...window.msDashboard.tiles.values()].map((t) => t.engine.pc));
+    for (const pc of pcs) {
         if (!pc) continue;
         for (const stat of (await pc.getStats()).values()) {
             if (stat.type === 'inbound-rtp' && stat.kind === 'video') total += stat.bytesReceived;

@@ -98,7 +98,7 @@ from .leases import (
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
-from .placement import choose_owner, rank_nodes
+from .placement import FULL, choose_owner, rank_nodes
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
 from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
@@ -868,11 +868,20 @@ class ClusterNode:
             return
         nodes = await live_nodes(redis)
         for stream in idle:
-            chosen = choose_owner(stream.id, nodes)
-            if chosen is not None and chosen.node_id != self.node_id and self.owns(stream.id):
+            # The stream's first node in the rendezvous ranking, not load-aware placement: a
+            # ranking does not change with load, so a stream moves at most once and never
+            # back (two nodes handing each other streams as their loads cross would flap).
+            ranked = rank_nodes(stream.id, nodes)
+            chosen = ranked[0] if ranked else None
+            if (
+                chosen is not None
+                and chosen.node_id != self.node_id
+                and chosen.load < FULL
+                and self.owns(stream.id)
+            ):
                 log.info(
-                    'always-on stream "%s": nobody watches it; handed to node "%s", where '
-                    "placement puts it",
+                    'always-on stream "%s": nobody watches it; handed to node "%s", first in '
+                    "its placement ranking",
                     stream.id, chosen.node_id,
                 )  # fmt: skip
                 nursery.start_soon(self._hand_over, stream.id)  # owns() is False from its start

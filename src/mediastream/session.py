@@ -347,32 +347,17 @@ class StreamSession:
 
     async def _watch_peer(self, peer: PeerConnection) -> SignalingError:
         """Wait until the peer fails or never connects in time; return why."""
-        with trio.move_on_after(self._negotiation_timeout) as deadline:
-            while peer.connection_state != "connected":
-                if peer.connection_state in FINAL_STATES:
-                    return SignalingError(
-                        ErrorCode.PEER_FAILED,
-                        f"The peer connection {peer.connection_state} before connecting",
-                        stream_id=self.stream.id,
-                    )
-                await peer.wait_state_change()
-        if deadline.cancelled_caught:
-            return SignalingError(
-                ErrorCode.NEGOTIATION_TIMEOUT,
-                f"The peer connection did not connect within {self._negotiation_timeout:.0f} s "
-                f"(ICE state: {peer.connection_state})",
-                stream_id=self.stream.id,
-            )
-        self.phase = SessionPhase.CONNECTED
-        log.info("%s: peer connected", self._label)
-        while peer.connection_state not in FINAL_STATES:
-            await peer.wait_state_change()
-        return SignalingError(
-            ErrorCode.PEER_FAILED,
-            "The peer connection failed (ICE or DTLS lost)"
-            if peer.connection_state == "failed"
-            else "The browser closed the peer connection",
+
+        def connected() -> None:
+            self.phase = SessionPhase.CONNECTED
+            log.info("%s: peer connected", self._label)
+
+        return await watch_peer(
+            peer,
+            what="peer connection",
             stream_id=self.stream.id,
+            connect_within=self._negotiation_timeout,
+            connected=connected,
         )
 
     def _first_frame(self) -> None:
@@ -429,3 +414,43 @@ def queue_candidate(
         ) from None
     except (trio.ClosedResourceError, trio.BrokenResourceError):
         pass  # the session is ending; the candidate has nowhere to go
+
+
+async def watch_peer(
+    peer: PeerConnection,
+    *,
+    what: str,
+    stream_id: str,
+    connect_within: float,
+    connected: Callable[[], None],
+) -> SignalingError:
+    """Wait until ``peer`` fails, or does not connect within ``connect_within`` seconds (the
+    negotiation timeout: an error for the page, not a cancellation); return why,
+    as the error for the page. ``what`` names the connection in it ("peer connection");
+    ``connected`` is called once it connects."""
+    with trio.move_on_after(connect_within) as deadline:
+        while peer.connection_state != "connected":
+            if peer.connection_state in FINAL_STATES:
+                return SignalingError(
+                    ErrorCode.PEER_FAILED,
+                    f"The {what} {peer.connection_state} before connecting",
+                    stream_id=stream_id,
+                )
+            await peer.wait_state_change()
+    if deadline.cancelled_caught:
+        return SignalingError(
+            ErrorCode.NEGOTIATION_TIMEOUT,
+            f"The {what} did not connect within {connect_within:.0f} s "
+            f"(ICE state: {peer.connection_state})",
+            stream_id=stream_id,
+        )
+    connected()
+    while peer.connection_state not in FINAL_STATES:
+        await peer.wait_state_change()
+    return SignalingError(
+        ErrorCode.PEER_FAILED,
+        f"The {what} failed (ICE or DTLS lost)"
+        if peer.connection_state == "failed"
+        else f"The browser closed the {what}",
+        stream_id=stream_id,
+    )

@@ -38,9 +38,9 @@ from .media.fanout import Subscriber
 from .metrics import Metrics
 from .protocol import IceCandidate, PeerOffer
 from .registry import Stream
-from .session import Post, queue_candidate, serve_reporting_failure
+from .session import Post, queue_candidate, serve_reporting_failure, watch_peer
 from .webrtc.aiortc_compat import media_sections
-from .webrtc.bridge import FINAL_STATES, PeerConnection, PeerConnectionFactory, SubscriberTrack
+from .webrtc.bridge import PeerConnection, PeerConnectionFactory, SubscriberTrack
 
 log = logging.getLogger(__name__)
 
@@ -260,31 +260,12 @@ class SharedPeerSession:
 
     async def _watch_peer(self, peer: PeerConnection) -> SignalingError:
         """Wait until the peer fails or never connects in time; return why."""
-        with trio.move_on_after(self._negotiation_timeout) as deadline:
-            while peer.connection_state != "connected":
-                if peer.connection_state in FINAL_STATES:
-                    return SignalingError(
-                        ErrorCode.PEER_FAILED,
-                        f"The shared peer connection {peer.connection_state} before connecting",
-                        stream_id=self.peer_id,
-                    )
-                await peer.wait_state_change()
-        if deadline.cancelled_caught:
-            return SignalingError(
-                ErrorCode.NEGOTIATION_TIMEOUT,
-                "The shared peer connection did not connect within "
-                f"{self._negotiation_timeout:.0f} s (ICE state: {peer.connection_state})",
-                stream_id=self.peer_id,
-            )
-        log.info("%s: peer connected", self._label)
-        while peer.connection_state not in FINAL_STATES:
-            await peer.wait_state_change()
-        return SignalingError(
-            ErrorCode.PEER_FAILED,
-            "The shared peer connection failed (ICE or DTLS lost)"
-            if peer.connection_state == "failed"
-            else "The browser closed the shared peer connection",
+        return await watch_peer(
+            peer,
+            what="shared peer connection",
             stream_id=self.peer_id,
+            connect_within=self._negotiation_timeout,
+            connected=lambda: log.info("%s: peer connected", self._label),
         )
 
 

@@ -220,19 +220,29 @@ def _es_descriptor(audio_specific_config: bytes) -> bytes:
     return _descriptor(0x03, struct.pack("!HB", AUDIO_TRACK_ID, 0) + decoder_config + sl_config)
 
 
+#: a fragmented track's sample tables are empty (the samples are in the fragments), and its
+#: data is in this file: the same boxes for the video and the audio track.
+_EMPTY_SAMPLE_TABLES: Final = (
+    _full_box(b"stts", 0, 0, struct.pack("!I", 0)),
+    _full_box(b"stsc", 0, 0, struct.pack("!I", 0)),
+    _full_box(b"stsz", 0, 0, struct.pack("!II", 0, 0)),
+    _full_box(b"stco", 0, 0, struct.pack("!I", 0)),
+)
+_DATA_INFORMATION: Final = _box(
+    b"dinf", _full_box(b"dref", 0, 0, struct.pack("!I", 1), _full_box(b"url ", 0, 1))
+)
+
+
 def _audio_trak(audio: AudioTrack) -> bytes:
     stbl = _box(
         b"stbl",
         _full_box(b"stsd", 0, 0, struct.pack("!I", 1), _audio_sample_entry(audio)),
-        _full_box(b"stts", 0, 0, struct.pack("!I", 0)),
-        _full_box(b"stsc", 0, 0, struct.pack("!I", 0)),
-        _full_box(b"stsz", 0, 0, struct.pack("!II", 0, 0)),
-        _full_box(b"stco", 0, 0, struct.pack("!I", 0)),
+        *_EMPTY_SAMPLE_TABLES,
     )
     minf = _box(
         b"minf",
         _full_box(b"smhd", 0, 0, bytes(4)),
-        _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack("!I", 1), _full_box(b"url ", 0, 1))),
+        _DATA_INFORMATION,
         stbl,
     )
     mdia = _box(
@@ -286,15 +296,12 @@ def init_segment(
     stbl = _box(
         b"stbl",
         _full_box(b"stsd", 0, 0, struct.pack("!I", 1), avc1),
-        _full_box(b"stts", 0, 0, struct.pack("!I", 0)),
-        _full_box(b"stsc", 0, 0, struct.pack("!I", 0)),
-        _full_box(b"stsz", 0, 0, struct.pack("!II", 0, 0)),
-        _full_box(b"stco", 0, 0, struct.pack("!I", 0)),
+        *_EMPTY_SAMPLE_TABLES,
     )
     minf = _box(
         b"minf",
         _full_box(b"vmhd", 0, 1, bytes(8)),
-        _box(b"dinf", _full_box(b"dref", 0, 0, struct.pack("!I", 1), _full_box(b"url ", 0, 1))),
+        _DATA_INFORMATION,
         stbl,
     )
     mdia = _box(

@@ -11,6 +11,7 @@ Durations are in seconds, sizes in bytes, unless the key's name says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -160,6 +161,13 @@ class ClusterConfig:
     #: viewers (sessions) a stream's owner serves itself; the next ones are served by
     #: replicas, other nodes fed with its encoded frames over the relay. 0: no replicas.
     max_viewers_per_node: int = 0
+    #: a node whose load (the share of one core its process uses, as published in its node
+    #: record) is at least this counts as full for new viewers of the streams it serves, and
+    #: is not chosen as a new replica. 0: off. Either limit set turns replicas on.
+    max_load_per_node: float = 0.0
+    #: relay connections a node feeds per stream before a new replica is fed by a replica
+    #: instead (replicas chain). 0: no limit (every replica fed by the owner).
+    max_relays_per_node: int = 4
     #: the TCP port other nodes pull encoded frames from (replicas); 0: any free port. With
     #: ``serve --workers N``, worker i listens on relay_port + i.
     relay_port: int = 0
@@ -608,6 +616,13 @@ def _check_cluster(cluster: ClusterConfig) -> None:
         raise ConfigError("must be greater than 0", key="cluster.drain_timeout")
     if cluster.max_viewers_per_node < 0:
         raise ConfigError("must be 0 (no replicas) or more", key="cluster.max_viewers_per_node")
+    if not 0 <= cluster.max_load_per_node <= 64 or math.isnan(cluster.max_load_per_node):
+        raise ConfigError(
+            "must be 0 (off) or a share of one core such as 0.8 (at most 64)",
+            key="cluster.max_load_per_node",
+        )
+    if cluster.max_relays_per_node < 0:
+        raise ConfigError("must be 0 (no limit) or more", key="cluster.max_relays_per_node")
     if not 0 <= cluster.relay_port <= 65535:
         raise ConfigError(
             f"must be a port number 0-65535, got {cluster.relay_port}", key="cluster.relay_port"

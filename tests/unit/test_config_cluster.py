@@ -67,6 +67,21 @@ def test_workers_differ_by_id_and_share_the_public_url() -> None:
             "0 (no replicas) or more",
         ),
         ('redis_url = "redis://r"\nrelay_port = 70000', "cluster.relay_port", "0-65535"),
+        (
+            'redis_url = "redis://r"\nmax_load_per_node = -0.5',
+            "cluster.max_load_per_node",
+            "share of one core",
+        ),
+        (
+            'redis_url = "redis://r"\nmax_load_per_node = nan',
+            "cluster.max_load_per_node",
+            "share of one core",
+        ),
+        (
+            'redis_url = "redis://r"\nmax_relays_per_node = -1',
+            "cluster.max_relays_per_node",
+            "0 (no limit) or more",
+        ),
         ('redis_url = "redis://r"\nrelay_secret = "short"', "cluster.relay_secret", "at least 16"),
     ],
 )

@@ -87,6 +87,10 @@ def status_blueprint(services: Services) -> Blueprint:
         for stream_id, owner in owners.items():
             if owner is not None:
                 owned.setdefault(owner.node_id, []).append(stream_id)
+        replicated: dict[str, list[str]] = {}
+        for stream_id, entries in (await node.replicas([s.id for s in services.registry])).items():
+            for entry in entries:
+                replicated.setdefault(entry.node, []).append(stream_id)
         return jsonify(
             {
                 "nodeId": node.node_id,
@@ -97,6 +101,7 @@ def status_blueprint(services: Services) -> Blueprint:
                         "state": str(record.state),
                         "load": record.load,
                         "streams": sorted(owned.get(record.node_id, [])),
+                        "replicates": sorted(replicated.get(record.node_id, [])),
                     }
                     for record in records
                 ],

@@ -22,6 +22,7 @@ from .services import Services
 
 if TYPE_CHECKING:  # a single process never imports the cluster (and its Redis client)
     from ..cluster.leases import Owner
+    from ..cluster.replica_registry import ReplicaEntry
 
 #: How long a snapshot of a stopped stream waits for its source's first keyframe (seconds).
 SNAPSHOT_WAIT: Final = 15.0
@@ -41,8 +42,12 @@ def streams_blueprint(services: Services) -> Blueprint:
     async def list_streams() -> Any:
         grant = caller(services)
         visible = [s for s in services.registry.statistics() if grant.allows(s.id)]
-        owners = await stream_owners(services, [s.id for s in visible])
-        return jsonify({"streams": [stream_json(s, owners.get(s.id)) for s in visible]})
+        ids = [s.id for s in visible]
+        owners = await stream_owners(services, ids)
+        replicas = await stream_replicas(services, ids)
+        return jsonify(
+            {"streams": [stream_json(s, owners.get(s.id), replicas.get(s.id)) for s in visible]}
+        )
 
     @streams.route("/api/streams/<stream_id>")
     async def get_stream(stream_id: str) -> Any:
@@ -173,9 +178,19 @@ async def stream_owners(services: Services, stream_ids: list[str]) -> dict[str, 
     return await services.cluster.owners(stream_ids)
 
 
+async def stream_replicas(
+    services: Services, stream_ids: list[str]
+) -> dict[str, list[ReplicaEntry]]:
+    """Which nodes replicate each stream: nothing in a single process (no replicas)."""
+    if services.cluster is None:
+        return {}
+    return await services.cluster.replicas(stream_ids)
+
+
 async def _stream_json(services: Services, stats: StreamStatistics) -> dict[str, Any]:
     owners = await stream_owners(services, [stats.id])
-    return stream_json(stats, owners.get(stats.id))
+    replicas = await stream_replicas(services, [stats.id])
+    return stream_json(stats, owners.get(stats.id), replicas.get(stats.id))
 
 
 async def _request_object() -> dict[str, Any]:
@@ -204,9 +219,14 @@ async def _parse_definition(body: dict[str, Any], stream_id: str | None) -> Stre
         abort(json_error(400, ErrorCode.INVALID_CONFIG, exc.reason, field=exc.key))
 
 
-def stream_json(stats: StreamStatistics, owner: Owner | None = None) -> dict[str, Any]:
+def stream_json(
+    stats: StreamStatistics,
+    owner: Owner | None = None,
+    replicas: list[ReplicaEntry] | None = None,
+) -> dict[str, Any]:
     """One stream as the API shows it (``Stream`` in ``openapi.json``); ``owner``: the cluster
-    node reading its source (None in a single process, or while no node owns it)."""
+    node reading its source (None in a single process, or while no node owns it);
+    ``replicas``: the nodes serving it from the owner's frames (``ms:replicas:{stream}``)."""
     return {
         "id": stats.id,
         "name": stats.name,
@@ -243,4 +263,8 @@ def stream_json(stats: StreamStatistics, owner: Owner | None = None) -> dict[str
             for quality in stats.qualities
         ],
         "owner": None if owner is None else {"node": owner.node_id, "epoch": owner.epoch},
+        "replicas": [
+            {"node": r.node, "upstream": r.upstream, "depth": r.depth, "viewers": r.viewers}
+            for r in replicas or ()
+        ],
     }

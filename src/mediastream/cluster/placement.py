@@ -4,13 +4,16 @@ Rendezvous (highest-random-weight) hashing ranks the nodes by a hash of ``(node,
 every node computes the same ranking without talking to the others, and when a node joins
 or leaves only the streams it wins or held move (a modulo hash would move almost all). The
 first node in the ranking that is serving and not full gets the stream; when all are full,
-the least loaded serving node does (a full cluster degrades instead of refusing). Pure logic.
+the least loaded serving node does (a full cluster degrades instead of refusing). A stream
+whose owner is full is served by replicas as well: :func:`choose_replica` picks the node for
+its next viewer and what feeds it. Pure logic.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from .leases import NodeRecord, NodeState
@@ -75,3 +78,84 @@ def stream_ids_placed_on(
         if owner is not None and owner.node_id == node_id:
             found.append(stream_id)
     return found
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the owner knows of one replica of a stream when it places a viewer: its registry
+    entry (or relay connection), plus the viewers and replicas sent there not yet reported."""
+
+    node: str
+    upstream: str
+    depth: int
+    viewers: int
+    relays: int
+
+
+@dataclass(frozen=True)
+class ReplicaChoice:
+    """Where the next viewer goes: ``node``, a replica fed by ``upstream`` at ``depth``."""
+
+    node: str
+    upstream: str
+    depth: int
+    #: True: ``node`` is not a replica yet (it starts one, fed by ``upstream``)
+    fresh: bool
+
+
+def choose_replica(
+    stream_id: str,
+    nodes: Iterable[NodeRecord],
+    owner: str,
+    owner_relays: int,
+    replicas: Iterable[ReplicaView],
+    *,
+    max_viewers: int,
+    max_relays: int,
+    max_load: float,
+    prefer: str | None = None,
+    excluded: Iterable[str] = (),
+) -> ReplicaChoice | None:
+    """The node to serve a stream's next viewer when its owner is full; None when no other
+    node can (the owner serves it anyway).
+
+    A replica with room (fewer than ``max_viewers`` viewers, load under ``max_load``) first,
+    in the stream's ranking (one more relay connection costs the owner); else a fresh node
+    under ``max_load``: ``prefer`` (the viewer's socket node: no signaling hop) if it may be
+    one, else the highest-ranked. A fresh replica is fed by the owner while the owner feeds
+    fewer than ``max_relays`` relay connections, else by the replica with relay room and the
+    smallest depth (then the fewest relays): replicas chain. When every replica is full and
+    no node is fresh, the replica with the fewest viewers (the limits are soft: a full
+    cluster degrades, it does not refuse). ``max_viewers``, ``max_relays``, ``max_load`` of
+    0: no such limit. ``excluded``: nodes seen dead whose records have not expired yet.
+    """
+    skip = set(excluded) | {owner}
+    ranked = [n for n in rank_nodes(stream_id, nodes) if n.node_id not in skip and n.relay_address]
+    loads = {n.node_id: n.load for n in ranked}
+    known = {r.node: r for r in replicas if r.node in loads}
+
+    def loaded(node_id: str) -> bool:
+        return max_load > 0 and loads[node_id] >= max_load
+
+    def has_room(replica: ReplicaView) -> bool:
+        return (max_viewers <= 0 or replica.viewers < max_viewers) and not loaded(replica.node)
+
+    for node in ranked:
+        replica = known.get(node.node_id)
+        if replica is not None and has_room(replica):
+            return ReplicaChoice(replica.node, replica.upstream, replica.depth, fresh=False)
+    fresh = [n.node_id for n in ranked if n.node_id not in known and not loaded(n.node_id)]
+    if fresh:
+        chosen = prefer if prefer in fresh else fresh[0]
+        assert chosen is not None
+        if max_relays <= 0 or owner_relays < max_relays:
+            return ReplicaChoice(chosen, owner, 1, fresh=True)
+        feeders = [r for r in known.values() if r.relays < max_relays]
+        if not feeders:  # every feeder full: the owner (soft, as the viewer cap)
+            return ReplicaChoice(chosen, owner, 1, fresh=True)
+        upstream = min(feeders, key=lambda r: (r.depth, r.relays, r.node))
+        return ReplicaChoice(chosen, upstream.node, upstream.depth + 1, fresh=True)
+    if not known:
+        return None
+    least = min(known.values(), key=lambda r: (r.viewers, r.depth, r.node))
+    return ReplicaChoice(least.node, least.upstream, least.depth, fresh=False)

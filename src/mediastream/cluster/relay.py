@@ -1,17 +1,20 @@
-"""The relay: a stream's owner serves its encoded frames to replicas over TCP.
+"""The relay: a stream's owner, or one of its replicas, serves its encoded frames to
+replicas over TCP.
 
-One TCP connection per (stream, replica). Every message is a record: a 4-byte big-endian
-length, one byte of type, then the body. The owner speaks first::
+One TCP connection per (stream, replica). The *upstream* is the node serving the frames:
+the stream's owner, or a replica of it (replicas chain: a replica fans the owner's frames
+out to its viewers and to the replicas below it alike). Every message is a record: a 4-byte
+big-endian length, one byte of type, then the body. The upstream speaks first::
 
-    owner    CHALLENGE  32 random bytes (a fresh nonce)
+    upstream CHALLENGE  32 random bytes (a fresh nonce)
     replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex}
                         mac = HMAC-SHA256(secret, "replica|" nonce stream "|" node)
-    owner    WELCOME    {"mac": hex}  = HMAC-SHA256(secret, "owner|" replica's nonce stream)
+    upstream WELCOME    {"mac": hex}  = HMAC-SHA256(secret, "owner|" replica's nonce stream)
              (or ERROR  text, and the connection closes)
-    owner    INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
-    owner    FRAME …    the current GOP from its keyframe, then live frames
-    replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
-                        the next viewers with it)
+    upstream INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
+    upstream FRAME …    the current GOP from its keyframe, then live frames
+    replica  VIEWERS    {"viewers": n} whenever its viewer count changes (informative; the
+                        owner places viewers from the replicas' entries in Redis)
 
 A FRAME body is ``!BBQIH`` (kind, flags: bit 0 keyframe, timestamp, size, payload count),
 then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out
@@ -19,10 +22,10 @@ publishes, never decoded, never RTP.
 
 Security: a connection sends nothing of a stream before the replica has proved the shared
 secret (``cluster.relay_secret``, else derived from ``cluster.redis_url``), and the replica
-checks the owner's proof before it believes a frame. Camera URLs and credentials never cross:
+checks the upstream's proof before it believes a frame. Camera URLs and credentials never cross:
 only frames and the SourceInfo do. Everything read is bounded (record size, handshake time).
 
-Slow replicas: the owner's side is an ordinary fan-out subscriber (bounded queue); a replica
+Slow replicas: the upstream's side is an ordinary fan-out subscriber (bounded queue); a replica
 that falls behind skips to the next keyframe there (counted as the subscriber's drops), so it
 never gets P-frames without their keyframe. A replica that reconnects publishes nothing until
 a keyframe newer than the last frame it published.
@@ -87,7 +90,7 @@ class RelayError(ClusterError):
 
 
 class RelayRefused(RelayError):
-    """The other side refused the connection (authentication, not the owner, no stream)."""
+    """The other side refused the connection (authentication, not serving it, no stream)."""
 
 
 def relay_key(relay_secret: str, redis_url: str) -> bytes:
@@ -207,7 +210,7 @@ def info_from_json(item: dict[str, Any]) -> SourceInfo:
 class RelayStatistics:
     #: connections from replicas served now
     connections: int = 0
-    #: connections refused: bad or missing secret, no such stream, not the owner, too many
+    #: connections refused: bad or missing secret, no such stream, not serving it, too many
     refused: int = 0
     #: frames a slow replica skipped (to the next keyframe), all connections together
     skipped_frames: int = 0
@@ -217,13 +220,14 @@ class RelayStatistics:
 
 
 class RelayServer:
-    """Serves the streams this node owns to replicas (see the module doc).
+    """Serves the streams this node owns or replicates to replicas (see the module doc).
 
     Args:
         key: the shared secret's key (:func:`relay_key`).
         find_stream: the stream of an id, if this node has it.
-        may_serve: whether this node owns the stream now (only owners relay); the node calls
-            :meth:`disconnect` when it stops owning one (lease lost, handed over).
+        may_serve: whether this node owns the stream now, or is a live replica of it; the
+            node calls :meth:`disconnect` when that ends (lease lost, handed over, replica
+            ended).
     """
 
     def __init__(
@@ -238,29 +242,16 @@ class RelayServer:
         self._find_stream = find_stream
         self._may_serve = may_serve
         self.stats = RelayStatistics()
-        #: relay connections per stream (they count as the stream's viewers on the owner)
+        #: relay connections per stream (they count as the stream's viewers here)
         self._per_stream: dict[str, int] = {}
         self._scopes: dict[str, set[trio.CancelScope]] = {}
-        #: per stream, per replica node: viewers sent there since its last report
-        self._placed: dict[str, dict[str, int]] = {}
 
     def connections(self, stream_id: str) -> int:
         return self._per_stream.get(stream_id, 0)
 
     def replica_viewers(self, stream_id: str) -> dict[str, int]:
-        """Each connected replica's viewers: its last report, plus the viewers sent there
-        since (a burst of offers must not all go to one replica before it reports)."""
-        placed = self._placed.get(stream_id, {})
-        reported = self.stats.replica_viewers.get(stream_id, {})
-        return {
-            node: reported.get(node, 0) + placed.get(node, 0)
-            for node in reported.keys() | placed.keys()
-        }
-
-    def placed(self, stream_id: str, node: str) -> None:
-        """A viewer was sent to ``node`` as a replica of ``stream_id``."""
-        per_node = self._placed.setdefault(stream_id, {})
-        per_node[node] = per_node.get(node, 0) + 1
+        """Each connected replica's viewers, as it last reported them."""
+        return dict(self.stats.replica_viewers.get(stream_id, {}))
 
     def disconnect(self, stream_id: str) -> int:
         """Close every replica's connection for ``stream_id`` (they reconnect and resume at
@@ -325,7 +316,7 @@ class RelayServer:
         stream = self._find_stream(stream_id)
         if stream is None or not self._may_serve(stream_id):
             self.stats.refused += 1
-            await _send_error(connection, f'node "{self._node_id}" does not own "{stream_id}"')
+            await _send_error(connection, f'node "{self._node_id}" does not serve "{stream_id}"')
             return
         welcome = _mac(self._key, b"owner", their_nonce.encode(), stream_id.encode())
         await connection.send_all(encode_record(WELCOME, json.dumps({"mac": welcome}).encode()))
@@ -347,11 +338,10 @@ class RelayServer:
             self._per_stream[stream_id] -= 1
             if not self._per_stream[stream_id]:
                 del self._per_stream[stream_id]
-            for per_stream in (self.stats.replica_viewers, self._placed):
-                per_node = per_stream.get(stream_id, {})
-                per_node.pop(node, None)
-                if not per_node:
-                    per_stream.pop(stream_id, None)
+            per_node = self.stats.replica_viewers.get(stream_id, {})
+            per_node.pop(node, None)
+            if not per_node:
+                self.stats.replica_viewers.pop(stream_id, None)
             log.info('relay of node "%s": %s disconnected', self._node_id, label)
 
     async def _feed(
@@ -363,7 +353,8 @@ class RelayServer:
         label: str,
         scope: trio.CancelScope,
     ) -> None:
-        # A counted viewer: the owner keeps its source and its lease while replicas read it.
+        # A counted viewer: the owner keeps its source and its lease while replicas read it, a
+        # replica its relay source (a replica below it is fed from its fan-out).
         with stream.open_viewer(end=lambda reason: scope.cancel()) as video:
             info: SourceInfo | None = None
             with trio.move_on_after(INFO_TIMEOUT):
@@ -416,7 +407,6 @@ class RelayServer:
                 viewers = report.get("viewers")
                 if isinstance(viewers, int) and not isinstance(viewers, bool):
                     self.stats.replica_viewers.setdefault(stream_id, {})[node] = viewers
-                    self._placed.get(stream_id, {}).pop(node, None)
         except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             scope.cancel()  # the replica went away: stop sending to it
 
@@ -441,11 +431,11 @@ class ReplicaStatistics:
 async def open_relay(
     address: str, key: bytes, stream_id: str, node_id: str
 ) -> tuple[trio.SocketStream, RecordReader, SourceInfo]:
-    """Connect to the owner's relay at ``address`` (``host:port``), prove the secret, check the
-    owner's proof; return the connection, its reader (at the first frame) and the SourceInfo.
+    """Connect to the upstream's relay at ``address`` (``host:port``), prove the secret, check
+    its proof; return the connection, its reader (at the first frame) and the SourceInfo.
 
     Raises:
-        RelayRefused: the owner refused (or could not prove the secret itself).
+        RelayRefused: the upstream refused (or could not prove the secret itself).
         RelayError, OSError: the connection failed.
     """
     host, _, port = address.rpartition(":")
@@ -477,13 +467,13 @@ async def open_relay(
 @dataclass
 class _Resumption:
     """Where the replica's timeline is, so that a reconnection publishes nothing twice and
-    never a P-frame without its keyframe, and a new owner's timeline continues this one."""
+    never a P-frame without its keyframe, and a new upstream's timeline continues this one."""
 
     #: kind -> the newest timestamp published (on this replica's timeline)
     last: dict[str, int] = field(default_factory=dict)
     #: kind -> what is added to the owner's timestamps (0 until the owner changes)
     shift: dict[str, int] = field(default_factory=dict)
-    #: the owner changed: its timestamps are of another timeline, rebased at its keyframe
+    #: the upstream changed: its timestamps are of another timeline, rebased at its keyframe
     rebase: bool = False
     #: kinds whose shift is still to be set after a rebase (at their first frame)
     unshifted: set[str] = field(default_factory=set)
@@ -497,39 +487,47 @@ async def run_relay_source(
     stream_id: str,
     node_id: str,
     key: bytes,
-    locate_owner: Callable[[], Awaitable[str]],
+    locate_upstream: Callable[[], Awaitable[tuple[str, str]]],
     sink: Stream,
     stats: ReplicaStatistics,
     *,
+    refused: Callable[[RelayRefused], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A replica's source: the owner's frames, published to this node's fan-out, until cancelled.
+    """A replica's source: the upstream's frames, published to this node's fan-out, until
+    cancelled.
 
-    ``locate_owner`` gives the owner's relay address (a new owner's, after one died and
-    another claimed the stream), or raises ClusterError when the replica must end: that
-    error ends this function. A cut connection is made again (:data:`RECONNECT_DELAYS`) and
-    the stream resumes at the next keyframe newer than the last frame published; a new
-    owner's frames are moved onto this replica's timeline from its first keyframe on. The
-    viewers see a jump, never a broken picture nor timestamps going back.
+    ``locate_upstream`` gives the upstream's relay address and a name of its timeline (the
+    owner and its epoch, a replica: another name is another timeline), e.g. a new owner's
+    after one died and another claimed the stream; or raises ClusterError when the replica
+    must end: that error ends this function. A refusal is raised too, unless ``refused``
+    takes it (it raises to end, or returns: the next ``locate_upstream`` names another
+    node). A cut connection is made again (:data:`RECONNECT_DELAYS`) and the stream resumes
+    at the next keyframe newer than the last frame published; another timeline's frames are
+    moved onto this replica's from their first keyframe on. The viewers see a jump, never a
+    broken picture nor timestamps going back.
     """
     task_status.started()
     sink.source_state(SourceState.STARTING)
     resumption = _Resumption()
     failures = 0
     opened = False
-    owner_address = ""
+    timeline = ""
     try:
         while True:
             reason = "the connection ended"
-            address = await locate_owner()
-            if owner_address and address != owner_address:
+            address, source = await locate_upstream()
+            if timeline and source != timeline:
                 resumption.rebase = True
-                log.info('"%s": the relay moves to the new owner at %s', stream_id, address)
-            owner_address = address
+                log.info('"%s": the relay moves to %s at %s', stream_id, source, address)
+            timeline = source
             try:
                 connection, reader, info = await open_relay(address, key, stream_id, node_id)
-            except RelayRefused:
-                raise  # the owner will not serve this node: the replica ends
+            except RelayRefused as exc:
+                if refused is None:
+                    raise  # the upstream will not serve this node: the replica ends
+                refused(exc)
+                reason = str(exc)
             except (RelayError, OSError) as exc:
                 reason = str(exc)
             else:
@@ -550,7 +548,7 @@ async def run_relay_source(
             stats.reconnects += 1
             delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
             log.warning(
-                '"%s": relay from the owner broke (%s); reconnecting in %.1f s, resuming at '
+                '"%s": relay from the upstream broke (%s); reconnecting in %.1f s, resuming at '
                 "the next keyframe",
                 stream_id, reason, delay,
             )  # fmt: skip
@@ -563,14 +561,14 @@ async def run_relay_source(
 async def _receive(
     reader: RecordReader, sink: Stream, resumption: _Resumption, stats: ReplicaStatistics
 ) -> None:
-    # After a reconnection the owner starts again at its cached keyframe: what was published
+    # After a reconnection the upstream starts again at its cached keyframe: what was published
     # already is not published twice, and no P-frame goes out before a newer keyframe.
     last, shift = resumption.last, resumption.shift
     resuming = "video" in last
     while True:
         kind, body = await reader.read()
         if kind == ERROR:
-            raise RelayRefused(f"the owner: {body.decode(errors='replace')}")
+            raise RelayRefused(f"the upstream: {body.decode(errors='replace')}")
         if kind != FRAME:
             raise RelayError(f"unexpected record type {kind} among frames")
         frame = decode_frame(body)
@@ -580,7 +578,7 @@ async def _receive(
                 stats.resume_skipped_frames += 1
                 continue
             if resumption.rebase:
-                # Another owner: its timeline continues this one from its keyframe on.
+                # Another upstream: its timeline continues this one from its keyframe on.
                 shift["video"] = last["video"] + REBASE_STEP - frame.timestamp
                 resumption.unshifted = {k for k in last if k != "video"}
                 resumption.rebase = False

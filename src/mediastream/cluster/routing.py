@@ -17,11 +17,14 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── place always-on streams        every 2 s: always-on streams nobody reads are
     │                                  resolved (claimed here if placement says so)
     ├── measure load                   the process's share of a core, into the record
-    ├── RelayServer.run                only with max_viewers_per_node: feeds replicas the
-    │   └── one task per replica       frames of the streams this node owns (relay.py)
+    ├── RelayServer.run                only with max_viewers_per_node or max_load_per_node:
+    │   └── one task per replica       feeds replicas the frames of the streams this node
+    │                                  owns or replicates (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
-    │                                  supervisor runs its relay source meanwhile; ends
-    │                                  when its last viewer has left (after the grace)
+    │   └── run_replica_registration   supervisor runs its relay source meanwhile (from its
+    │                                  upstream: the owner or another replica); its entry in
+    │                                  ms:replicas:{stream} kept; ends when its last viewer
+    │                                  has left (after the grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -40,9 +43,11 @@ Messages between nodes (envelope ``kind``):
 - ``offer`` (request) socket node → owner; reply ``{"epoch"}`` or ``{"error", "message",
   "owner"?}``. ``ice`` and ``close`` socket node → owner (one-way, carry the epoch and the
   offer's relay id; others dropped). ``socket_closed`` (understood, not sent yet).
-- An owner with ``max_viewers_per_node`` sessions of the stream answers an ``offer`` with
-  ``{"error": "full", "replica", "epoch"}``; the socket node then sends the offer to that node
-  with ``"replicaOf": owner`` in its payload (see ``Replica``).
+- An owner with ``max_viewers_per_node`` sessions of the stream (or a load of
+  ``max_load_per_node``) answers an ``offer`` with ``{"error": "full", "replica", "upstream",
+  "depth", "epoch"}``; the socket node then sends the offer to that node with ``"replicaOf":
+  owner, "upstream", "depth"`` in its payload (see ``Replica``): the replica's frames come
+  from ``upstream``'s relay, the owner's or another replica's (chained).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
 """
@@ -98,10 +103,16 @@ from .leases import (
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
-from .placement import FULL, choose_owner, rank_nodes
+from .placement import FULL, ReplicaChoice, ReplicaView, choose_owner, choose_replica, rank_nodes
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
-from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .relay import RelayRefused, RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .replica_registry import (
+    ReplicaEntry,
+    ReplicaRegistration,
+    read_replicas,
+    run_replica_registration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +140,9 @@ PLACEMENT_INTERVAL: Final = 2.0  # seconds
 #: of at least LOAD_STEP is published in its record at once.
 LOAD_INTERVAL: Final = 2.0  # seconds
 LOAD_STEP: Final = 0.05
+#: viewers (and replicas) the owner sent to a replica are counted there until its entry in
+#: Redis shows them, or for this long at most (an offer that never arrived).
+PLACED_MEMORY: Final = 10.0  # seconds
 
 _T = TypeVar("_T")
 
@@ -176,16 +190,44 @@ class RoutingStatistics:
     relay_resume_skipped_frames: int = 0
 
 
+@dataclass
+class _Placed:
+    """Viewers the owner sent to a replica node that its entry in Redis does not show yet."""
+
+    upstream: str
+    depth: int
+    #: the entry's ``offers`` when last compared (what arrived since is no longer pending)
+    offers: int
+    #: the node has an entry (else: sent there as a fresh replica, not registered yet)
+    registered: bool
+    viewers: int = 0
+    #: Trio's clock at the last viewer sent there
+    since: float = 0.0
+
+
 class Replica:
-    """This node serving a stream it does not own, fed by the owner's relay (one per stream).
+    """This node serving a stream it does not own, fed by its upstream's relay: the owner's,
+    or another replica's (one per stream).
 
     Ends when its last viewer has left (after the grace period), or at once when the relay
-    cannot go on (the owner gone, or refusing): its viewers are then told to re-offer.
+    cannot go on (the owner gone, or refusing): its viewers are then told to re-offer. An
+    upstream replica that ends or dies is left for the owner (never for a node deeper than
+    this one: no cycles), and the viewers keep their sessions.
     """
 
-    def __init__(self, stream: Stream, owner: str, epoch: int) -> None:
+    def __init__(
+        self, stream: Stream, owner: str, epoch: int, upstream: str = "", depth: int = 1
+    ) -> None:
         self.stream = stream
         self.owner = owner
+        #: the node whose relay feeds this one: the owner (depth 1) or a replica of it
+        self.upstream = upstream or owner
+        self.depth = depth if self.upstream != owner else 1
+        #: offers accepted for the stream (the owner tells by it which of the viewers it
+        #: sent here arrived)
+        self.offers = 0
+        #: its entry in ms:replicas:{stream} (None until written once)
+        self.registration: ReplicaRegistration | None = None
         #: the owner's epochs its sessions were offered in (messages in others are stale)
         self.epochs = {epoch}
         self.scope = trio.CancelScope()
@@ -193,6 +235,19 @@ class Replica:
         self.failed = False
         self.reason = ""
         self._guarded: list[trio.CancelScope] = []
+
+    def chained(self) -> bool:
+        return self.upstream != self.owner
+
+    def attach_to_owner(self) -> None:
+        """Be fed by the owner from now on (the upstream replica died, ended or refused)."""
+        self.upstream, self.depth = self.owner, 1
+        self.changed()
+
+    def changed(self) -> None:
+        """What its entry in Redis says changed (viewers, upstream): written soon."""
+        if self.registration is not None:
+            self.registration.changed()
 
     def guard(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` (the relay source's) when the replica ends."""
@@ -242,8 +297,12 @@ class ClusterNode:
         #: streams this node replicates (owned elsewhere, fed by the owner's relay)
         self._replicas: dict[str, Replica] = {}
         self._replicating: dict[str, trio.Lock] = {}
-        #: serves this node's streams to replicas (None: replicas off, max_viewers_per_node 0)
+        #: serves this node's streams to replicas (None: replicas off, neither
+        #: max_viewers_per_node nor max_load_per_node set)
         self.relay: RelayServer | None = None
+        #: per stream this node owns, per replica node: viewers and replicas sent there that
+        #: its entry in Redis does not show yet (a burst of offers must not all go to one)
+        self._placed: dict[str, dict[str, _Placed]] = {}
         self._relay_key = relay_key(config.cluster.relay_secret, config.cluster.redis_url)
         self._replica_stats = ReplicaStatistics()
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
@@ -305,7 +364,7 @@ class ClusterNode:
                         )
                         self._liveness = liveness
                         relay_address = ""
-                        if self._config.cluster.max_viewers_per_node > 0:
+                        if self.replicas_on:
                             relay_address = await self._start_relay(nursery, public_url)
                         record = NodeRecord(
                             self.node_id, public_url, relay_address, liveness=liveness.client_id
@@ -338,10 +397,16 @@ class ClusterNode:
             self._relay_key,
             self.node_id,
             lambda stream_id: self.registry.get(stream_id) if self.registry else None,
-            self.owns,
+            self.serves,
         )
         bound = await nursery.start(self.relay.run, host or "0.0.0.0", port)
         return f"[{advertised}]:{bound}" if ":" in advertised else f"{advertised}:{bound}"
+
+    @property
+    def replicas_on(self) -> bool:
+        """Viewers beyond a limit go to replicas: a viewer cap or a load limit is set."""
+        cluster = self._config.cluster
+        return cluster.max_viewers_per_node > 0 or cluster.max_load_per_node > 0
 
     def stop(self) -> None:
         """Leave the cluster: release every lease, delete the record (see :meth:`run`)."""
@@ -539,63 +604,107 @@ class ClusterNode:
 
     # --- replicas ---------------------------------------------------------------------------
 
-    def _full(self, stream: Stream) -> bool:
-        """Whether this node serves as many of the stream's viewers as it should: its
-        sessions of the stream, its own sockets' and other nodes', counted from their offer
-        (not from when they start to play: a burst of offers must not all land here)."""
-        cap = self._config.cluster.max_viewers_per_node
-        if cap <= 0 or self.relay is None:
-            return False
+    def _sessions_of(self, stream: Stream) -> int:
+        """This node's sessions of ``stream``, its own sockets' and other nodes', counted from
+        their offer (not from when they start to play: a burst of offers must not all land
+        here)."""
         local = sum(
             1
             for session in self._local_sessions
             if session.stream is stream and session.phase is not SessionPhase.ENDED
         )
-        return local + sum(remote.watching([stream.id]) for remote in self._remote.values()) >= cap
+        return local + sum(remote.watching([stream.id]) for remote in self._remote.values())
 
-    async def overflow(self, stream: Stream, prefer: str | None) -> str | None:
-        """The owner is full: the node to serve the stream's next viewer as a replica, or
-        None (no other node can: the owner serves it anyway).
+    def _full(self, stream: Stream) -> bool:
+        """Whether this node serves as many of the stream's viewers as it should: as many
+        sessions as ``max_viewers_per_node``, or a published load of ``max_load_per_node``."""
+        if self.relay is None:
+            return False
+        cluster = self._config.cluster
+        load = self.registration.record.load if self.registration is not None else 0.0
+        if cluster.max_load_per_node > 0 and load >= cluster.max_load_per_node:
+            return True
+        cap = cluster.max_viewers_per_node
+        return cap > 0 and self._sessions_of(stream) >= cap
 
-        A replica with room that is already fed first (one relay connection more costs the
-        owner); else ``prefer`` (the viewer's socket node: no signaling hop) if it may be
-        one; else the stream's highest-ranked serving node; when all are full, the replica
-        with the fewest viewers.
+    async def overflow(self, stream: Stream, prefer: str | None) -> ReplicaChoice | None:
+        """The owner is full: the node to serve the stream's next viewer as a replica and what
+        feeds it, or None (no other node can: the owner serves it anyway).
+
+        Reads the stream's replicas from Redis (the whole tree, not only those this node's
+        relay feeds) and the node records; :func:`choose_replica` decides. The viewers and
+        replicas sent somewhere are counted there until its entry shows them.
         """
         if self.relay is None or self._redis is None:
             return None
         redis = self._redis
-        cap = self._config.cluster.max_viewers_per_node
+        cluster = self._config.cluster
         try:
             nodes = await self._redis_call(lambda: live_nodes(redis))
+            entries = (await self._redis_call(lambda: read_replicas(redis, [stream.id])))[stream.id]
         except RedisUnavailable as exc:
             log.info('stream "%s": %s; served on its owner', stream.id, exc)
             return None
-        eligible = [
-            node.node_id
-            for node in rank_nodes(stream.id, nodes)
-            if node.node_id != self.node_id
-            and node.relay_address
-            and self._known_gone(node.node_id) is None  # killed; its record not expired yet
-        ]
-        reported = self.relay.replica_viewers(stream.id)
-        fed = [n for n in eligible if n in reported and reported[n] < cap]
-        fresh = [n for n in eligible if n not in reported]
-        full = [n for n in eligible if n in reported]
-        if fed:
-            chosen: str | None = fed[0]
-        elif prefer in fresh:
-            chosen = prefer
-        elif fresh:
-            chosen = fresh[0]
-        else:
-            chosen = min(full, key=lambda n: reported[n]) if full else None
-        if chosen is not None:
-            self.relay.placed(stream.id, chosen)
-        return chosen
+        by_node = {entry.node: entry for entry in entries if entry.node != self.node_id}
+        placed = self._placed.setdefault(stream.id, {})
+        now = trio.current_time()
+        for node, sent in list(placed.items()):
+            entry = by_node.get(node)
+            if entry is not None:
+                sent.viewers -= max(0, entry.offers - sent.offers)
+                sent.offers = entry.offers
+                sent.registered = True
+            if sent.viewers <= 0 or now - sent.since > PLACED_MEMORY:
+                del placed[node]
+        views = {
+            entry.node: ReplicaView(
+                entry.node, entry.upstream, entry.depth, entry.viewers, entry.relays
+            )
+            for entry in by_node.values()
+        }
+        for node, viewers in self.relay.replica_viewers(stream.id).items():
+            if node not in views:  # connected, its entry not written yet
+                views[node] = ReplicaView(node, self.node_id, 1, viewers, 0)
+        owner_relays = self.relay.connections(stream.id)
+        for node, sent in placed.items():
+            view = views.get(node)
+            if view is None:
+                view = ReplicaView(node, sent.upstream, sent.depth, 0, 0)
+            views[node] = replace(view, viewers=view.viewers + sent.viewers)
+            if not sent.registered and node not in self.relay.replica_viewers(stream.id):
+                # Sent there as a fresh replica, not connected yet: its upstream will feed it.
+                if sent.upstream == self.node_id:
+                    owner_relays += 1
+                elif sent.upstream in views:
+                    feeder = views[sent.upstream]
+                    views[sent.upstream] = replace(feeder, relays=feeder.relays + 1)
+        choice = choose_replica(
+            stream.id,
+            nodes,
+            self.node_id,
+            owner_relays,
+            views.values(),
+            max_viewers=cluster.max_viewers_per_node,
+            max_relays=cluster.max_relays_per_node,
+            max_load=cluster.max_load_per_node,
+            prefer=prefer,
+            excluded=[n.node_id for n in nodes if self._known_gone(n.node_id) is not None],
+        )
+        if choice is not None:
+            entry = by_node.get(choice.node)
+            if choice.node not in placed:
+                placed[choice.node] = _Placed(
+                    choice.upstream, choice.depth, entry.offers if entry else 0, entry is not None
+                )
+            placed[choice.node].viewers += 1
+            placed[choice.node].since = now
+        return choice
 
-    async def replicate(self, stream: Stream, owner: str, epoch: int) -> Replica:
-        """Be a replica of ``stream`` (owned by ``owner`` in ``epoch``), or stay one.
+    async def replicate(
+        self, stream: Stream, owner: str, epoch: int, upstream: str = "", depth: int = 1
+    ) -> Replica:
+        """Be a replica of ``stream`` (owned by ``owner`` in ``epoch``, fed by ``upstream``'s
+        relay at ``depth``), or stay one (with the upstream it has).
 
         Raises:
             ClusterError: this node owns the stream, or is draining.
@@ -606,6 +715,8 @@ class ClusterNode:
             if existing is not None and not existing.ended:
                 # The same owner, or a new one that placed a viewer here before this replica
                 # found it: the relay source moves to it at its next connection.
+                if not existing.chained():
+                    existing.upstream = owner
                 existing.owner = owner
                 existing.epochs.add(epoch)
                 return existing
@@ -618,37 +729,87 @@ class ClusterNode:
                 raise ClusterError(f'node "{self.node_id}" owns "{stream.id}": no replica of it')
             if self.draining:
                 raise ClusterError(f'node "{self.node_id}" is shutting down')
+            if upstream == self.node_id:
+                raise ClusterError(f'node "{self.node_id}" cannot feed its own replica')
             assert self._nursery is not None
-            replica: Replica = await self._nursery.start(self._replicate, stream, owner, epoch)
+            replica: Replica = await self._nursery.start(
+                self._replicate, Replica(stream, owner, epoch, upstream, depth)
+            )
             return replica
 
-    async def _replicate(
-        self, stream: Stream, owner: str, epoch: int, *, task_status: trio.TaskStatus[Replica]
-    ) -> None:
-        replica = Replica(stream, owner, epoch)
+    async def _replicate(self, replica: Replica, *, task_status: trio.TaskStatus[Replica]) -> None:
+        stream = replica.stream
         self._replicas[stream.id] = replica
-        log.info('stream "%s": replica of node "%s" (epoch %d)', stream.id, owner, epoch)
+        fed_by = (
+            f'replica node "{replica.upstream}" (depth {replica.depth})'
+            if replica.chained()
+            else "the owner"
+        )
+        log.info(
+            'stream "%s": replica of node "%s" (epoch %d), fed by %s',
+            stream.id, replica.owner, min(replica.epochs), fed_by,
+        )  # fmt: skip
         stream.changes.notify()  # the supervisor starts the relay source
-        task_status.started(replica)
         try:
             with replica.scope:
-                with trio.move_on_after(CLAIM_GRACE):
-                    await stream.changes.wait_until(lambda: stream.viewers > 0)
-                while True:
-                    await stream.changes.wait_until(lambda: stream.viewers == 0)
-                    with trio.move_on_after(self._config.media.on_demand_grace) as idle:
+                async with trio.open_nursery() as tasks:
+                    assert self._redis is not None
+                    replica.registration = await tasks.start(
+                        run_replica_registration,
+                        self._redis,
+                        stream.id,
+                        functools.partial(self._replica_entry, replica),
+                    )
+                    tasks.start_soon(self._follow_replica_changes, replica)
+                    task_status.started(replica)
+                    with trio.move_on_after(CLAIM_GRACE):
                         await stream.changes.wait_until(lambda: stream.viewers > 0)
-                    if idle.cancelled_caught:
-                        break
+                    while True:
+                        await stream.changes.wait_until(lambda: stream.viewers == 0)
+                        with trio.move_on_after(self._config.media.on_demand_grace) as idle:
+                            await stream.changes.wait_until(lambda: stream.viewers > 0)
+                        if idle.cancelled_caught:
+                            break
+                    tasks.cancel_scope.cancel()
                 replica.end("its last viewer left")
         finally:
             replica.end("the node stopped")
             if self._replicas.get(stream.id) is replica:
                 del self._replicas[stream.id]
+            if self.relay is not None and not self.owns(stream.id):
+                # The replicas fed from here re-attach to the owner.
+                self.relay.disconnect(stream.id)
             log.info('stream "%s": replica ended (%s)', stream.id, replica.reason)
             if replica.failed:
                 self._end_stream_sessions(stream, f'node "{self.node_id}": {replica.reason}')
             stream.changes.notify()
+
+    def _replica_entry(self, replica: Replica) -> ReplicaEntry:
+        """What ``ms:replicas:{stream}`` says of this node's replica of the stream now."""
+        stream = replica.stream
+        return ReplicaEntry(
+            node=self.node_id,
+            upstream=replica.upstream,
+            depth=replica.depth,
+            viewers=self._sessions_of(stream),
+            relays=self.relay.connections(stream.id) if self.relay is not None else 0,
+            relay_address=self.registration.record.relay_address if self.registration else "",
+            offers=replica.offers,
+        )
+
+    async def _follow_replica_changes(self, replica: Replica) -> None:
+        """Viewers and relay connections come and go as the stream's viewers: each change is
+        written (the registration debounces, and writes only what differs)."""
+        while True:
+            await replica.stream.changes.wait()
+            replica.changed()
+
+    def _replica_offered(self, stream: Stream) -> None:
+        """A session of ``stream`` was offered here, as a replica of it."""
+        replica = self._replicas.get(stream.id)
+        if replica is not None and not replica.ended and stream.id not in self._owned:
+            replica.offers += 1
+            replica.changed()
 
     async def _run_replica_source(
         self, replica: Replica, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -658,21 +819,39 @@ class ClusterNode:
                 replica.stream.id,
                 self.node_id,
                 self._relay_key,
-                functools.partial(self._locate_owner, replica),
+                functools.partial(self._locate_upstream, replica),
                 replica.stream,
                 self._replica_stats,
+                refused=functools.partial(self._upstream_refused, replica),
                 task_status=task_status,
             )
         except ClusterError as exc:
-            replica.end(f'the relay from node "{replica.owner}" ended: {exc}', failed=True)
+            replica.end(f'the relay from node "{replica.upstream}" ended: {exc}', failed=True)
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
-    async def _locate_owner(self, replica: Replica) -> str:
-        """The owner's relay address, while a live node other than this one owns the stream.
+    def _upstream_refused(self, replica: Replica, refusal: RelayRefused) -> None:
+        """The upstream refused the relay: a replica that ended (or now owns the stream and
+        answers as the owner from the next connection on) is left for the owner; the owner's
+        refusal ends this replica."""
+        if not replica.chained():
+            raise refusal
+        log.info(
+            'stream "%s": replica node "%s" refused the relay (%s); re-attaching to the owner, '
+            'node "%s"',
+            replica.stream.id, replica.upstream, refusal, replica.owner,
+        )  # fmt: skip
+        replica.attach_to_owner()
 
-        The owner gone (killed): waits up to ``REATTACH_WAIT`` for another node to claim the
-        stream (its direct viewers' re-offers do), and re-attaches to it: the replica's
-        viewers keep their sessions. The owner changing while both live does the same.
+    async def _locate_upstream(self, replica: Replica) -> tuple[str, str]:
+        """The upstream's relay address and its timeline's name.
+
+        A chained replica's upstream replica while it lives (and is not the owner: that one
+        is the owner's timeline); once it is gone, the owner: a replica re-attaches only to
+        the owner, never to a node deeper than itself, so replicas never feed each other in
+        a circle. The owner gone (killed): waits up to ``REATTACH_WAIT`` for another node to
+        claim the stream (its direct viewers' re-offers do), and re-attaches to it: the
+        replica's viewers keep their sessions. The owner changing while both live does the
+        same.
 
         Raises:
             ClusterError: the replica must end (nobody claimed the stream in time, this node
@@ -681,6 +860,18 @@ class ClusterNode:
         assert self._redis is not None
         redis = self._redis
         stream_id = replica.stream.id
+        if replica.chained():
+            owner = await current_owner(redis, stream_id)
+            nodes = await live_nodes(redis)
+            record = next((n for n in nodes if n.node_id == replica.upstream), None)
+            alive = record is not None and record.relay_address and not await self._gone(record)
+            if alive and record is not None and (owner is None or owner.node_id != record.node_id):
+                return record.relay_address, f'replica node "{record.node_id}"'
+            log.info(
+                'stream "%s": upstream replica node "%s" is %s; re-attaching to the owner',
+                stream_id, replica.upstream, "the owner now" if alive else "gone",
+            )  # fmt: skip
+            replica.attach_to_owner()
         deadline = trio.current_time() + REATTACH_WAIT
         while True:
             owner = await current_owner(redis, stream_id)
@@ -698,7 +889,9 @@ class ClusterNode:
                         )  # fmt: skip
                         replica.owner = owner.node_id
                         replica.epochs.add(owner.epoch)
-                    return record.relay_address
+                    if replica.upstream != owner.node_id:
+                        replica.attach_to_owner()
+                    return record.relay_address, f'owner node "{owner.node_id}" ({owner.epoch})'
             if trio.current_time() >= deadline:
                 raise OwnerGone(
                     f'node "{replica.owner}" serving "{stream_id}" stopped, and no node took '
@@ -707,6 +900,14 @@ class ClusterNode:
             await trio.sleep(REATTACH_POLL)
 
     # --- ownership --------------------------------------------------------------------------
+
+    def serves(self, stream_id: str) -> bool:
+        """Whether this node may feed the stream to replicas: it owns it, or is a live
+        replica of it (replicas chain)."""
+        replica = self._replicas.get(stream_id)
+        return self.owns(stream_id) or (
+            replica is not None and not replica.ended and stream_id not in self._owned
+        )
 
     def owns(self, stream_id: str) -> bool:
         lease = self._owned.get(stream_id)
@@ -955,6 +1156,7 @@ class ClusterNode:
         """A session served here, on a stream this node owns."""
         session = self._local.open_session(stream, offer, socket)
         self._local_sessions[session] = socket
+        self._replica_offered(stream)
         return session
 
     async def resolve(self, stream: Stream) -> tuple[str, int]:
@@ -1123,6 +1325,18 @@ class ClusterNode:
                     owners[stream_id] = Owner.parse(value)
         return owners
 
+    async def replicas(self, stream_ids: list[str]) -> dict[str, list[ReplicaEntry]]:
+        """The live replicas of each stream (from ``ms:replicas:{stream}``), in one script
+        call; with Redis unreachable, nothing (listing streams does not depend on Redis)."""
+        redis = self._redis
+        if redis is None or not stream_ids:
+            return {}
+        try:
+            return await read_replicas(redis, stream_ids)
+        except RedisUnavailable as exc:
+            log.info("%s; the streams' replicas are not known", exc)
+            return {}
+
     async def nodes(self) -> list[NodeRecord]:
         """The live nodes of the cluster, sorted by id.
 
@@ -1227,14 +1441,23 @@ class ClusterNode:
         )
         replica_of = payload.get("replicaOf")
         if isinstance(replica_of, str) and replica_of:
+            upstream = payload.get("upstream")
+            depth = payload.get("depth")
             try:
-                await self.replicate(stream, replica_of, envelope.epoch)
+                await self.replicate(
+                    stream,
+                    replica_of,
+                    envelope.epoch,
+                    upstream if isinstance(upstream, str) else "",
+                    depth if isinstance(depth, int) and depth > 0 else 1,
+                )
             except ClusterError as exc:
                 await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
                 return
             self._counts["replica_offers"] += 1
             remote = await self._remote_socket(envelope)
             remote.start_session(stream, offer, envelope.epoch, relay)
+            self._replica_offered(stream)
             await _reply(bus, envelope, {"epoch": envelope.epoch})
             return
         try:
@@ -1262,11 +1485,14 @@ class ClusterNode:
             )
             return
         if self._full(stream):
-            replica = await self.overflow(stream, prefer=envelope.reply_to)
-            if replica is not None:
+            choice = await self.overflow(stream, prefer=envelope.reply_to)
+            if choice is not None:
                 await _reply(
-                    bus, envelope, {"error": "full", "replica": replica, "epoch": lease.epoch}
-                )
+                    bus,
+                    envelope,
+                    {"error": "full", "replica": choice.node, "upstream": choice.upstream,
+                     "depth": choice.depth, "epoch": lease.epoch},
+                )  # fmt: skip
                 return
         self._counts["remote_offers"] += 1
         remote = await self._remote_socket(envelope)
@@ -1485,30 +1711,35 @@ class RoutedSession:
     async def _route(self, label: str) -> None:
         for _ in range(2):  # a second try when the owner named another, or an old epoch
             node_id, epoch = await self._node.resolve(self.stream)
-            replica_of = ""
+            replica_of, upstream, depth = "", "", 1
             if node_id == self._node.node_id:
                 # Owned here (the offer came when it was not yet, or this node is full).
-                replica = None
+                choice = None
                 if self._node._full(self.stream):
-                    replica = await self._node.overflow(self.stream, prefer=None)
-                if replica is None:
+                    choice = await self._node.overflow(self.stream, prefer=None)
+                if choice is None:
                     await self._serve_here()
                     return
-                node_id, replica_of = replica, self._node.node_id
-            answer = await self._offer(node_id, epoch, replica_of)
+                node_id, replica_of = choice.node, self._node.node_id
+                upstream, depth = choice.upstream, choice.depth
+            answer = await self._offer(node_id, epoch, replica_of, upstream, depth)
             if answer.get("error") == "full" and not replica_of:
-                # The owner serves as many viewers as it should: a replica serves this one.
+                # The owner serves as many viewers as it should: a replica serves this one,
+                # fed by the owner or by another replica (the owner chose both).
                 replica, epoch = answer.get("replica"), int(answer.get("epoch", epoch))
+                upstream, depth = answer.get("upstream") or node_id, answer.get("depth", 1)
                 if not isinstance(replica, str) or not replica:
                     raise ClusterError(f'node "{node_id}" is full and named no replica')
+                if not isinstance(upstream, str) or not isinstance(depth, int):
+                    raise ClusterError(f'node "{node_id}" named a replica\'s upstream badly')
                 self._node._relaying(self, False)
                 if replica == self._node.node_id:
-                    await self._node.replicate(self.stream, node_id, epoch)
+                    await self._node.replicate(self.stream, node_id, epoch, upstream, depth)
                     self._node._counts["replica_offers"] += 1
                     await self._serve_here()
                     return
                 replica_of, node_id = node_id, replica
-                answer = await self._offer(node_id, epoch, replica_of)
+                answer = await self._offer(node_id, epoch, replica_of, upstream, depth)
             error = answer.get("error")
             if error in ("owned_elsewhere", "stale", "draining"):
                 self._node._relaying(self, False)
@@ -1544,11 +1775,14 @@ class RoutedSession:
                     break
         await self._inner.run()
 
-    async def _offer(self, node_id: str, epoch: int, replica_of: str) -> dict[str, Any]:
-        """Send the offer to ``node_id`` (the owner, or a replica of ``replica_of``); its answer."""
+    async def _offer(
+        self, node_id: str, epoch: int, replica_of: str, upstream: str = "", depth: int = 1
+    ) -> dict[str, Any]:
+        """Send the offer to ``node_id`` (the owner, or a replica of ``replica_of`` fed by
+        ``upstream`` at ``depth``); its answer."""
         self.owner, self.epoch = node_id, epoch
         self._node._relaying(self, True)
-        payload = {
+        payload: dict[str, Any] = {
             "sdp": self.offer.sdp,
             "sessionId": self.offer.session_id,
             "relay": self.relay_id,
@@ -1558,6 +1792,8 @@ class RoutedSession:
         }
         if replica_of:
             payload["replicaOf"] = replica_of
+            payload["upstream"] = upstream or replica_of
+            payload["depth"] = depth
         reply = await self._node.request(
             node_id, "offer", socket=self.socket.socket_id, stream=self.stream.id,
             epoch=epoch, payload=payload,

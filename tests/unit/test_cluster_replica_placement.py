@@ -96,9 +96,7 @@ def test_a_node_at_the_load_limit_is_neither_a_fresh_replica_nor_one_with_room()
 def test_dead_nodes_and_nodes_without_a_relay_are_never_chosen() -> None:
     assert choose([], excluded=("b",)) == ReplicaChoice("c", "a", 1, fresh=True)
     nodes = [record("a"), NodeRecord("b", "http://b"), record("c")]
-    chosen = choose_replica(
-        STREAM, nodes, "a", 0, [], max_viewers=1, max_relays=1, max_load=0.0
-    )
+    chosen = choose_replica(STREAM, nodes, "a", 0, [], max_viewers=1, max_relays=1, max_load=0.0)
     assert chosen == ReplicaChoice("c", "a", 1, fresh=True)
     # A replica whose node record is gone (expired) is not a candidate either.
     gone = ReplicaView("e", "a", 1, viewers=0, relays=0)

@@ -11,7 +11,8 @@ replica that ends deletes its field at once (:data:`_DELETE`).
 
 A replica keeps its entry with :func:`run_replica_registration`: written when it starts,
 every :data:`REPLICA_RENEW_INTERVAL`, and :data:`REPLICA_DEBOUNCE` after what it reports
-changed (its viewers, its downstream relay connections, its upstream).
+changed (its viewers, its downstream relay connections, its upstream), at once after a quiet
+spell.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 #: an entry lives this long without renewal (a killed replica's entry is gone after it).
 REPLICA_TTL: Final = 5.0  # seconds
 REPLICA_RENEW_INTERVAL: Final = 2.0  # seconds
-#: a change is written this long after it happened (several offers in a burst: one write).
-REPLICA_DEBOUNCE: Final = 0.2  # seconds
+#: writes that follow changes are at least this far apart (a change after a quiet spell is
+#: written at once; the rest of a burst of offers together, this long after the last write).
+REPLICA_DEBOUNCE: Final = 0.1  # seconds
 
 
 def replicas_key(stream_id: str) -> str:
@@ -236,11 +238,12 @@ async def run_replica_registration(
             if not started:
                 task_status.started(registration)
                 started = True
+            wrote_at = trio.current_time()
             with trio.move_on_after(interval):
                 while True:
                     await registration._changed.wait()
-                    registration._changed = trio.Event()
-                    await trio.sleep(debounce)  # the rest of a burst of changes
+                    # At once after a quiet spell; the rest of a burst of changes together.
+                    await trio.sleep_until(wrote_at + debounce)
                     registration._changed = trio.Event()
                     if entry() != written:
                         break

@@ -663,14 +663,14 @@ class ClusterNode:
             for entry in by_node.values()
         }
         for node, viewers in self.relay.replica_viewers(stream.id).items():
-            if node not in views:  # connected, its entry not written yet
-                views[node] = ReplicaView(node, self.node_id, 1, viewers, 0)
+            # Fed from here: its report up the relay connection is current to the frame (its
+            # own sockets' viewers too, which this node did not send there).
+            view = views.get(node, ReplicaView(node, self.node_id, 1, viewers, 0))
+            views[node] = replace(view, viewers=max(view.viewers, viewers))
         owner_relays = self.relay.connections(stream.id)
         for node, sent in placed.items():
-            view = views.get(node)
-            if view is None:
-                view = ReplicaView(node, sent.upstream, sent.depth, 0, 0)
-            views[node] = replace(view, viewers=view.viewers + sent.viewers)
+            placed_view = views.get(node, ReplicaView(node, sent.upstream, sent.depth, 0, 0))
+            views[node] = replace(placed_view, viewers=placed_view.viewers + sent.viewers)
             if not sent.registered and node not in self.relay.replica_viewers(stream.id):
                 # Sent there as a fresh replica, not connected yet: its upstream will feed it.
                 if sent.upstream == self.node_id:

@@ -1,0 +1,296 @@
+"""Replicas registered in Redis, chained, and placed by load: three real nodes, one real
+redis-server, the GStreamer camera counting its RTSP sessions, aiortc viewers.
+
+With ``max_viewers_per_node = 1`` and ``max_relays_per_node = 1`` the owner A serves one
+viewer and feeds one replica B; the third viewer goes to C, fed by B (depth 2). Each replica
+keeps its entry in ``ms:replicas:{stream}`` (upstream, depth, viewers), which the owner reads
+to place the next viewer. B is a ``mediastream serve`` process so that it can be killed: its
+viewer re-offers and plays, C re-attaches to the owner and its viewer plays on, on the same
+peer connection, with no P-frame before a keyframe; B's entry expires by itself, and C's is
+deleted when C's replica ends. With ``max_load_per_node`` the owner counts as full by load,
+and a loaded node is not chosen as a replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import os
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from test_cluster_failover import (
+    MEDIASTREAM,
+    SRC,
+    CameraSessions,
+    NodeProcess,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    replay_after_failure,
+)
+from test_cluster_replicas import cluster_of, frame_num_breaks, peers, stream_ranked
+
+from mediastream.cluster.leases import live_nodes
+from mediastream.cluster.redis_client import open_redis
+from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
+from mediastream.server import RunningServer
+
+from support.http import get
+from support.redis import RedisServer
+from support.servers import StartServer, make_config
+from support.viewer import open_viewer
+
+__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+
+CHAIN = {"max_viewers_per_node": 1, "max_relays_per_node": 1}
+
+
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, Any]]:
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
+
+
+async def start_node(
+    start_server: StartServer,
+    redis: RedisServer,
+    node_id: str,
+    streams: list[dict[str, Any]],
+    **cluster: Any,
+) -> RunningServer:
+    node = await start_server(
+        make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id, **cluster})
+    )
+    await cluster_of(node)._started.wait()
+    return node
+
+
+@asynccontextmanager
+async def node_process(
+    tmp_path: Path,
+    redis: RedisServer,
+    node_id: str,
+    streams: list[dict[str, Any]],
+    **cluster: Any,
+) -> AsyncIterator[NodeProcess]:
+    """A node as a ``mediastream serve`` process (so that it can be killed)."""
+    config = tmp_path / f"{node_id}.toml"
+    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / node_id}"\n\n'
+    text += "[media]\non_demand_grace = 1\n\n"
+    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n'
+    text += "".join(f"{key} = {value}\n" for key, value in cluster.items()) + "\n"
+    for stream in streams:
+        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
+        text += "on_demand = true\n\n"
+    config.write_text(text)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            functools.partial(
+                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
+            )
+        )
+        node = NodeProcess(process)
+        nursery.start_soon(node.drain)
+        try:
+            await node.wait_logged(f'cluster node "{node_id}"'.encode())
+            yield node
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def entries_of(node: RunningServer, stream_id: str) -> dict[str, ReplicaEntry]:
+    """The stream's live registry entries, by node (read through ``node``'s Redis pool)."""
+    return {e.node: e for e in (await cluster_of(node).replicas([stream_id])).get(stream_id, [])}
+
+
+async def wait_entries(
+    node: RunningServer, stream_id: str, expected: dict[str, tuple[str, int, int]]
+) -> None:
+    """Until the registry says exactly ``{node: (upstream, depth, viewers)}`` (entries are
+    written a moment after what they say changes: polled, under a deadline)."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    with trio.move_on_after(30):
+        while True:
+            entries = await entries_of(node, stream_id)
+            seen = {n: (e.upstream, e.depth, e.viewers) for n, e in entries.items()}
+            if seen == expected:
+                return
+            await trio.sleep(0.1)
+    raise AssertionError(f"registry of {stream_id!r}: {seen}, expected {expected}")
+
+
+async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Until ``condition()`` (Redis or a node's state, read every 0.1 s), under a deadline."""
+    with trio.move_on_after(30):
+        while True:
+            if await condition():
+                return
+            await trio.sleep(0.1)
+    raise AssertionError(f"not within 30 s: {what}")
+
+
+def errors_since(viewer: Any, mark: int) -> list[dict[str, Any]]:
+    return [m for m in viewer.messages[mark:] if m.get("type") == "error"]
+
+
+async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_bypassed(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # A owns it; with A full, B is the first replica, C the next (fed by B: A feeds one).
+    stream_id = stream_ranked("node-a", "node-b", "node-c")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a = await start_node(start_server, redis_server, "node-a", streams, **CHAIN)
+        c = await start_node(start_server, redis_server, "node-c", streams, **CHAIN)
+        async with (
+            node_process(tmp_path, redis_server, "node-b", streams, **CHAIN) as b,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(3):
+                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            # (b) One viewer each; C fed by B, B by A; the camera read once.
+            assert (peers(a), peers(c)) == (1, 1)
+            await wait_entries(
+                a, stream_id, {"node-b": ("node-a", 1, 1), "node-c": ("node-b", 2, 1)}
+            )
+            assert cluster_of(a).statistics().owned_streams == (stream_id,)
+            assert cluster_of(a).statistics().relay_connections == 1  # B only
+            assert cluster_of(c)._replicas[stream_id].upstream == "node-b"
+            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+            for viewer in viewers:
+                played = viewer.streams[stream_id]
+                await played.wait_frames(15, timeout=30)
+                assert frame_num_breaks(played.access_units) == 0
+
+            # The API shows the tree (any node reads the same registry).
+            listed = (await get(c.url + f"/api/streams/{stream_id}")).json()
+            assert listed["owner"]["node"] == "node-a"
+            assert [
+                (r["node"], r["upstream"], r["depth"], r["viewers"]) for r in listed["replicas"]
+            ] == [
+                ("node-b", "node-a", 1, 1),
+                ("node-c", "node-b", 2, 1),
+            ]
+            view = (await get(a.url + "/api/cluster")).json()
+            assert {n["id"]: n["replicates"] for n in view["nodes"]} == {
+                "node-a": [],
+                "node-b": [stream_id],
+                "node-c": [stream_id],
+            }
+
+            # (c) B killed: its viewer re-offers and plays; C re-attaches to the owner and its
+            # viewer plays on, never told anything.
+            marks = [len(v.messages) for v in viewers]
+            on_c = viewers[2].streams[stream_id]
+            pc, frames_before, timestamps_before = on_c.pc, on_c.frames, len(on_c.frame_timestamps)
+            b.process.kill()
+
+            await replay_after_failure(viewers[1], stream_id, marks[1])
+            replica_c = cluster_of(c)._replicas[stream_id]
+
+            async def c_fed_by_the_owner() -> bool:
+                return replica_c.upstream == "node-a"
+
+            await poll(c_fed_by_the_owner, "C re-attached to the owner")
+            await on_c.wait_frames(frames_before + 30, timeout=30)
+            assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
+            assert errors_since(viewers[2], marks[2]) == []
+            assert errors_since(viewers[0], marks[0]) == []
+            assert frame_num_breaks(on_c.access_units) == 0
+            timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
+            assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+            assert cluster_of(a).statistics().relay_connections == 1  # C now
+            assert sessions.connects == 1, sessions.history
+
+            # (a) B's entry expired by itself (nobody deleted it); C's says what C is now.
+            async def b_expired() -> bool:
+                return "node-b" not in await entries_of(a, stream_id)
+
+            await poll(b_expired, "B's entry expired")
+            entries = await entries_of(a, stream_id)
+            assert (entries["node-c"].upstream, entries["node-c"].depth) == ("node-a", 1)
+            assert peers(a) + peers(c) == 3
+
+            # (a) The replica ends once its viewers left (after the grace): its entry is
+            # deleted at once, not left to expire.
+            for viewer in viewers[1:]:
+                await viewer.stop(stream_id)
+            with trio.fail_after(30):
+                while stream_id in cluster_of(c).statistics().replicas:
+                    await c.services.changes.wait()
+            async with open_redis(redis_server.url) as redis:
+                assert not await redis.hexists(replicas_key(stream_id), "node-c")
+            assert await entries_of(a, stream_id) == {}
+
+
+async def test_a_loaded_owner_counts_as_full_and_a_loaded_node_is_not_made_a_replica(
+    start_server: StartServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # (d) No viewer cap: the load limit alone turns replicas on. A and B run in this process
+    # (one load: this process's CPU, kept high by a hashing thread); C is a process of its
+    # own, idle. Placement ranks A, B, C: the second viewer goes to C, not to B.
+    stream_id = stream_ranked("node-a", "node-b", "node-c")
+    limit = {"max_load_per_node": 0.3}
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        a = await start_node(start_server, redis_server, "node-a", streams, **limit)
+        b = await start_node(start_server, redis_server, "node-b", streams, **limit)
+        async with (
+            node_process(tmp_path, redis_server, "node-c", streams, **limit),
+            open_viewer(a.ws_url) as first,
+            open_viewer(a.ws_url) as second,
+        ):
+            await (await first.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+            assert cluster_of(a).statistics().owned_streams == (stream_id,)
+            assert cluster_of(a).relay is not None  # replicas on without max_viewers_per_node
+
+            stop = threading.Event()
+
+            def burn() -> None:  # hashing releases the GIL: CPU used, the event loop free
+                block = bytes(1 << 20)
+                while not stop.is_set():
+                    hashlib.sha256(block).digest()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, burn))
+                try:
+                    with trio.fail_after(30):  # each node publishes its load every 2 s
+                        while True:
+                            loads = {n.node_id: n.load for n in await cluster_of(a).nodes()}
+                            if loads["node-a"] >= 0.3 and loads["node-b"] >= 0.3 > loads["node-c"]:
+                                break
+                            await trio.sleep(0.2)
+                    await (await second.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
+                    assert (peers(a), peers(b)) == (1, 0)  # C serves the second viewer
+                    entries = await entries_of(a, stream_id)
+                    assert list(entries) == ["node-c"] and entries["node-c"].upstream == "node-a"
+                    assert cluster_of(a).statistics().relay_connections == 1
+                finally:
+                    stop.set()
+            assert sessions.connects == 1, sessions.history
+            async with open_redis(redis_server.url) as redis:
+                assert {n.node_id for n in await live_nodes(redis)} == {
+                    "node-a",
+                    "node-b",
+                    "node-c",
+                }

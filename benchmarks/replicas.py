@@ -1,6 +1,7 @@
 """Replicas: one camera, three nodes, ``max_viewers_per_node = 20``, 60 viewers.
 
     python benchmarks/replicas.py [--viewers 60] [--cap 20] [--seconds 20] [--json out.json]
+    python benchmarks/replicas.py --max-relays 1 --chain-only [--seconds 20]
 
 A real ``redis-server`` (loopback), the GStreamer test camera counting its RTSP sessions
 (``--report-sessions``) and three ``mediastream serve`` nodes, each its own process and
@@ -16,6 +17,12 @@ node's CPU and open peer connections. In ``spread``, two decoding viewers in thi
 one joined first (served by the owner), one joined last (served by a replica) — record when
 each access unit arrives; the same frame (identical bytes: the relay forwards the owner's
 payloads) is matched at both, and the replica's extra latency is the difference (p50, p95).
+
+``--max-relays N`` adds a ``chain`` run: ``max_viewers_per_node = 1``,
+``max_relays_per_node = N``, and only three decoding viewers joining one after the other: the
+owner serves the first, a replica fed by the owner the second, and (N = 1) a replica fed by
+that replica (depth 2) the third. Each later viewer's extra latency against the owner's is
+reported per depth (read from ``/api/streams``' replicas). ``--chain-only`` runs just that.
 
 Everything shares this machine's cores (camera, Redis, three nodes, the load generator):
 run it on a quiet machine.
@@ -97,7 +104,9 @@ class CountingCamera:
 
 
 @contextlib.contextmanager
-def cluster(camera: CountingCamera, redis_port: int, cap: int, tmp: Path) -> Iterator[list[Any]]:
+def cluster(
+    camera: CountingCamera, redis_port: int, cap: int, tmp: Path, max_relays: int = 0
+) -> Iterator[list[Any]]:
     """Three nodes; yields ``[(node id, ws url, http url, process)]``."""
     _redis_command(redis_port, "FLUSHALL")
     nodes = []
@@ -109,7 +118,8 @@ def cluster(camera: CountingCamera, redis_port: int, cap: int, tmp: Path) -> Ite
                 BENCH_LIMITS
                 + f'\n[server]\ndata_dir = "{tmp / node_id}"\n\n'
                 + f'[cluster]\nredis_url = "redis://127.0.0.1:{redis_port}/0"\n'
-                + f'node_id = "{node_id}"\nmax_viewers_per_node = {cap}\n\n'
+                + f'node_id = "{node_id}"\nmax_viewers_per_node = {cap}\n'
+                + f"max_relays_per_node = {max_relays}\n\n"
                 + f'[[streams]]\nid = "{STREAM}"\n'
                 + f'source = "rtsp://127.0.0.1:{camera.port}/h264-busy"\non_demand = true\n'
             )
@@ -157,13 +167,13 @@ def viewer_stats(process: subprocess.Popen[str]) -> tuple[int, int]:
 
 
 class LatencyProbe:
-    """Two decoding viewers in a thread of their own (Trio + aiortc): the first joins now (the
-    owner serves it), the second when :meth:`join_second` is called; arrival times of each
-    access unit, by its bytes."""
+    """Decoding viewers in a thread of their own (Trio + aiortc): the first joins now (the
+    owner serves it), the others (``count`` in all) one after the other when
+    :meth:`join_second` is called; arrival times of each access unit, by its bytes."""
 
-    def __init__(self, ws_url: str) -> None:
+    def __init__(self, ws_url: str, count: int = 2) -> None:
         self.ws_url = ws_url
-        self.arrivals: list[dict[int, float]] = [{}, {}]
+        self.arrivals: list[dict[int, float]] = [{} for _ in range(count)]
         self.first_playing = threading.Event()
         self.second_playing = threading.Event()
         self._join_second = threading.Event()
@@ -214,18 +224,21 @@ class LatencyProbe:
             await played.wait_frames(5, timeout=60)
             self.first_playing.set()
             await trio.to_thread.run_sync(self._join_second.wait)
-            async with viewer_module.open_viewer(self.ws_url) as second:
-                played_second = await second.play(STREAM, trickle=True, capture=True)
-                sinks[id(played_second.access_units)] = 1
-                await played_second.wait_frames(5, timeout=60)
+            async with contextlib.AsyncExitStack() as stack:
+                for index in range(1, len(arrivals)):
+                    later = await stack.enter_async_context(viewer_module.open_viewer(self.ws_url))
+                    played_later = await later.play(STREAM, trickle=True, capture=True)
+                    sinks[id(played_later.access_units)] = index
+                    await played_later.wait_frames(5, timeout=60)
                 self.live_since = time.perf_counter() + CATCH_UP
                 self.second_playing.set()
                 await trio.to_thread.run_sync(self._stop.wait)
 
-    def extra_latency_ms(self) -> list[float]:
-        """Per frame both viewers received live (not the cached GOP the second one started
-        with): its arrival at the replica's viewer less its arrival at the owner's."""
-        owner, replica = self.arrivals
+    def extra_latency_ms(self, index: int = 1) -> list[float]:
+        """Per frame both viewers received live (not the cached GOP a later one started
+        with): its arrival at viewer ``index`` (on a replica) less its arrival at the
+        owner's."""
+        owner, replica = self.arrivals[0], self.arrivals[index]
         return [
             1000 * (replica[h] - owner[h])
             for h in replica.keys() & owner.keys()
@@ -295,6 +308,56 @@ def run(
     return result
 
 
+def replica_depths(http_url: str) -> dict[str, int]:
+    """node -> depth of the stream's replicas, as ``/api/streams`` lists them (0: the owner)."""
+    with urllib.request.urlopen(f"{http_url}/api/streams/{STREAM}", timeout=5) as response:
+        item = json.loads(response.read())
+    depths = {r["node"]: r["depth"] for r in item["replicas"]}
+    if item["owner"]:
+        depths[item["owner"]["node"]] = 0
+    return depths
+
+
+def run_chain(
+    args: argparse.Namespace, camera: CountingCamera, redis_port: int, tmp: Path
+) -> dict[str, Any]:
+    """Three decoding viewers, one per node of a chain: the extra latency of each depth."""
+    camera.reset()
+    with cluster(camera, redis_port, 1, tmp, max_relays=args.max_relays) as nodes:
+        probe = LatencyProbe(nodes[0][1], count=3)
+        try:
+            probe.first_playing.wait(timeout=90)
+            probe.join_second()
+            probe.second_playing.wait(timeout=180)
+            time.sleep(args.seconds)
+            depths = replica_depths(nodes[0][2])
+            peers = {node[0]: open_peers(node[2]) for node in nodes}
+        finally:
+            probe.stop()
+    # Viewer i joined i-th: the owner served the first, then each node with room in turn.
+    serving = sorted((depth, node) for node, depth in depths.items() if peers.get(node))
+    result: dict[str, Any] = {
+        "run": f"chain (max_relays_per_node = {args.max_relays})",
+        "camera_connects": camera.connects,
+        "camera_peak_sessions": camera.peak,
+        "depths": {node: depth for depth, node in serving},
+        "peers_per_node": list(peers.values()),
+        "load_average": os.getloadavg()[0],
+        "extra_latency_ms_by_depth": {},
+    }
+    if probe.error is not None:
+        result["latency_error"] = repr(probe.error)
+    for index in range(1, 3):
+        extra = sorted(probe.extra_latency_ms(index))
+        if extra and index < len(serving):
+            result["extra_latency_ms_by_depth"][serving[index][0]] = {
+                "frames": len(extra),
+                "p50": statistics.median(extra),
+                "p95": extra[int(0.95 * (len(extra) - 1))],
+            }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -303,17 +366,42 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--max-relays", type=int, default=0,
+        help="also run a chain (max_viewers_per_node 1, max_relays_per_node N)",
+    )  # fmt: skip
+    parser.add_argument("--chain-only", action="store_true", help="run only the chain")
     args = parser.parse_args()
     camera = CountingCamera()
     results = []
+    chained = None
     try:
         with redis_server() as redis_port, tempfile.TemporaryDirectory() as tmp:
-            for label, cap in (("spread", args.cap), ("owner only", 0)):
+            runs = () if args.chain_only else (("spread", args.cap), ("owner only", 0))
+            for label, cap in runs:
                 result = run(label, cap, args, camera, redis_port, Path(tmp))
                 print(json.dumps(result), flush=True)
                 results.append(result)
+            if args.max_relays > 0:
+                chained = run_chain(args, camera, redis_port, Path(tmp))
+                print(json.dumps(chained), flush=True)
     finally:
         camera.close()
+    if chained is not None:
+        print_table(
+            ["depth", "node", "camera sessions", "extra latency vs the owner's viewer p50/p95 ms"],
+            [
+                [depth, node,
+                 f"{chained['camera_connects']} (peak {chained['camera_peak_sessions']})",
+                 "{p50:.1f}/{p95:.1f}".format(**chained["extra_latency_ms_by_depth"][depth])
+                 if depth in chained["extra_latency_ms_by_depth"] else "-"]
+                for node, depth in chained["depths"].items()
+            ],
+        )  # fmt: skip
+        if args.json:
+            args.json.write_text(json.dumps([*results, chained], indent=2))
+        if not results:
+            return
     print_table(
         ["run", "viewers", "camera sessions", "loss %", "CPU % per node", "peers per node",
          "replica extra latency p50/p95 ms"],
@@ -326,7 +414,7 @@ def main() -> None:
             for r in results
         ],
     )  # fmt: skip
-    if args.json:
+    if args.json and chained is None:
         args.json.write_text(json.dumps(results, indent=2))
 
 

@@ -300,6 +300,14 @@ class _ClusterCollector(Collector):
         for stream in self._streams():
             per_stream.add_metric([stream.id], int(stream.id in owned))
         yield per_stream
+        replicated = GaugeMetricFamily(
+            "mediastream_cluster_stream_replicated",
+            "1 while this node serves the stream as a replica (from the owner's frames), else 0.",
+            labels=["stream"],
+        )
+        for stream in self._streams():
+            replicated.add_metric([stream.id], int(stream.id in routing.replicas))
+        yield replicated
         yield GaugeMetricFamily(
             "mediastream_cluster_relayed_sessions",
             "Sessions of this node's sockets relayed to the stream's owner on another node.",

@@ -42,7 +42,7 @@ from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
 from mediastream.server import RunningServer
 
-from support.http import get
+from support.http import get, scrape
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import open_viewer
@@ -197,6 +197,11 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
                 "node-b": [stream_id],
                 "node-c": [stream_id],
             }
+
+            for node, replicates in ((a, 0), (c, 1)):
+                series = await scrape(node.url + "/metrics")
+                key = ("mediastream_cluster_stream_replicated", (("stream", stream_id),))
+                assert series[key] == replicates
 
             # (c) B killed: its viewer re-offers and plays; C re-attaches to the owner and its
             # viewer plays on, never told anything.

@@ -12,7 +12,9 @@ Redis client nor opens a connection.
 - :mod:`.routing`: the node itself (``ClusterNode``): started by ``server.serve``, it is the
   signaling Router (local or relayed sessions) and the registry's IngestGate (only the
   owner reads a camera; a replica runs the owner's frames instead).
-- :mod:`.relay`: replicas' frame relay (authenticated TCP, one connection per stream).
+- :mod:`.relay`: replicas' frame relay (authenticated TCP, one connection per stream, from
+  the owner or from a replica: replicas chain).
+- :mod:`.replica_registry`: which nodes replicate a stream (``ms:replicas:{stream}``).
 
 Task tree: the app's lifetime nursery holds ``ClusterNode.run``, under which run the node
 registration task, the bus (its receive pump) and one ``hold_stream_lease`` task per stream

@@ -199,7 +199,7 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
             }
 
             for node, replicates in ((a, 0), (c, 1)):
-                series = await scrape(node.url + "/metrics")
+                series = await scrape(node.url)
                 key = ("mediastream_cluster_stream_replicated", (("stream", stream_id),))
                 assert series[key] == replicates
 

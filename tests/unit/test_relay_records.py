@@ -135,3 +135,16 @@ async def test_a_new_owners_timeline_continues_the_replicas() -> None:
         ("audio", 701),
     ]
     assert not resumption.rebase
+
+
+async def test_a_second_keyframe_behind_what_was_published_is_another_timeline_continued() -> None:
+    # The upstream resent its cached keyframe (passed over), then a keyframe still behind: its
+    # timeline went back (it is another source now). Rebased there, never stuck skipping.
+    resumption = _Resumption(last={"video": 9000})
+    frames = [video(8000, True), video(8040), video(100, True), video(140)]
+    out, stats = await received_by_a_replica(frames, resumption)
+    assert [(f.timestamp, f.keyframe) for f in out] == [
+        (9000 + REBASE_STEP, True),
+        (9000 + REBASE_STEP + 40, False),
+    ]
+    assert stats.resume_skipped_frames == 2

@@ -565,6 +565,9 @@ async def _receive(
     # already is not published twice, and no P-frame goes out before a newer keyframe.
     last, shift = resumption.last, resumption.shift
     resuming = "video" in last
+    #: keyframes passed over as already published (one at most on the same timeline: the
+    #: cached one resent; a second means the upstream's timeline went back)
+    passed_keyframes = 0
     while True:
         kind, body = await reader.read()
         if kind == ERROR:
@@ -577,12 +580,16 @@ async def _receive(
             if not frame.keyframe:
                 stats.resume_skipped_frames += 1
                 continue
-            if resumption.rebase:
-                # Another upstream: its timeline continues this one from its keyframe on.
+            behind = frame.timestamp + shift.get("video", 0) <= last["video"]
+            if resumption.rebase or (behind and passed_keyframes):
+                # Another upstream, or the same node on another timeline (a replica that
+                # claimed the stream between the look-up and the connection): its timeline
+                # continues this one from its keyframe on.
                 shift["video"] = last["video"] + REBASE_STEP - frame.timestamp
                 resumption.unshifted = {k for k in last if k != "video"}
                 resumption.rebase = False
-            elif frame.timestamp + shift.get("video", 0) <= last["video"]:
+            elif behind:
+                passed_keyframes += 1
                 stats.resume_skipped_frames += 1
                 continue
             resuming = False

@@ -299,3 +299,54 @@ async def test_a_loaded_owner_counts_as_full_and_a_loaded_node_is_not_made_a_rep
                     "node-b",
                     "node-c",
                 }
+
+
+async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_below_follows(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # A (a process) owns it; the sockets are on B, the first replica (fed by A); C the second
+    # (fed by B). A killed: B, placement's next, claims the stream (its replica ends first,
+    # its viewer re-offers); C's upstream is the owner now: C re-attaches to it, and its
+    # viewer plays on, never told anything.
+    stream_id = stream_ranked("node-a", "node-b", "node-c")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        b = await start_node(start_server, redis_server, "node-b", streams, **CHAIN)
+        c = await start_node(start_server, redis_server, "node-c", streams, **CHAIN)
+        async with (
+            node_process(tmp_path, redis_server, "node-a", streams, **CHAIN) as a,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            viewers = []
+            for _ in range(3):
+                viewer = await stack.enter_async_context(open_viewer(b.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            await wait_entries(
+                b, stream_id, {"node-b": ("node-a", 1, 1), "node-c": ("node-b", 2, 1)}
+            )
+            assert (peers(b), peers(c)) == (1, 1)
+            marks = [len(v.messages) for v in viewers]
+            on_c = viewers[2].streams[stream_id]
+            pc, frames_before, timestamps_before = on_c.pc, on_c.frames, len(on_c.frame_timestamps)
+
+            a.process.kill()
+
+            async with trio.open_nursery() as nursery:
+                for viewer, mark in zip(viewers[:2], marks[:2], strict=True):
+                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            assert cluster_of(b).statistics().owned_streams == (stream_id,)
+            await wait_entries(b, stream_id, {"node-c": ("node-b", 1, 2)})
+            await on_c.wait_frames(frames_before + 30, timeout=30)
+            assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
+            assert errors_since(viewers[2], marks[2]) == []
+            assert frame_num_breaks(on_c.access_units) == 0
+            timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
+            assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+            assert peers(b) + peers(c) == 3
+            # Exactly one new camera session, never two at once.
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history

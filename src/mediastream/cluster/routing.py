@@ -718,6 +718,9 @@ class ClusterNode:
                 if not existing.chained():
                     existing.upstream = owner
                 existing.owner = owner
+                if existing.upstream == owner and existing.depth != 1:
+                    existing.depth = 1  # its upstream replica has become the owner
+                    existing.changed()
                 existing.epochs.add(epoch)
                 return existing
             if existing is not None:
@@ -865,11 +868,17 @@ class ClusterNode:
             nodes = await live_nodes(redis)
             record = next((n for n in nodes if n.node_id == replica.upstream), None)
             alive = record is not None and record.relay_address and not await self._gone(record)
-            if alive and record is not None and (owner is None or owner.node_id != record.node_id):
+            if (
+                alive
+                and record is not None
+                and owner is not None
+                and owner.node_id != record.node_id
+            ):
                 return record.relay_address, f'replica node "{record.node_id}"'
+            state = "gone" if not alive else "between owners" if owner is None else "the owner now"
             log.info(
                 'stream "%s": upstream replica node "%s" is %s; re-attaching to the owner',
-                stream_id, replica.upstream, "the owner now" if alive else "gone",
+                stream_id, replica.upstream, state,
             )  # fmt: skip
             replica.attach_to_owner()
         deadline = trio.current_time() + REATTACH_WAIT

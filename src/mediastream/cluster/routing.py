@@ -756,6 +756,9 @@ class ClusterNode:
         try:
             with replica.scope:
                 async with trio.open_nursery() as tasks:
+                    # Started before its entry is written: the offer is answered without
+                    # waiting for Redis (the owner counts the viewers it sent here meanwhile).
+                    task_status.started(replica)
                     assert self._redis is not None
                     replica.registration = await tasks.start(
                         run_replica_registration,
@@ -764,7 +767,6 @@ class ClusterNode:
                         functools.partial(self._replica_entry, replica),
                     )
                     tasks.start_soon(self._follow_replica_changes, replica)
-                    task_status.started(replica)
                     with trio.move_on_after(CLAIM_GRACE):
                         await stream.changes.wait_until(lambda: stream.viewers > 0)
                     while True:

@@ -13,8 +13,8 @@ big-endian length, one byte of type, then the body. The upstream speaks first::
              (or ERROR  text, and the connection closes)
     upstream INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
     upstream FRAME …    the current GOP from its keyframe, then live frames
-    replica  VIEWERS    {"viewers": n} whenever its viewer count changes (informative; the
-                        owner places viewers from the replicas' entries in Redis)
+    replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
+                        the next viewers with it; replicas further down: from Redis)
 
 A FRAME body is ``!BBQIH`` (kind, flags: bit 0 keyframe, timestamp, size, payload count),
 then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out
@@ -245,13 +245,31 @@ class RelayServer:
         #: relay connections per stream (they count as the stream's viewers here)
         self._per_stream: dict[str, int] = {}
         self._scopes: dict[str, set[trio.CancelScope]] = {}
+        #: per stream, per replica node: viewers sent there since its last report
+        self._placed: dict[str, dict[str, int]] = {}
 
     def connections(self, stream_id: str) -> int:
         return self._per_stream.get(stream_id, 0)
 
     def replica_viewers(self, stream_id: str) -> dict[str, int]:
-        """Each connected replica's viewers, as it last reported them."""
-        return dict(self.stats.replica_viewers.get(stream_id, {}))
+        """Each connected replica's viewers: its last report, plus the viewers sent there
+        since (a burst of offers must not all go to one replica before it reports)."""
+        placed = self._placed.get(stream_id, {})
+        reported = self.stats.replica_viewers.get(stream_id, {})
+        return {
+            node: reported.get(node, 0) + placed.get(node, 0)
+            for node in reported.keys() | placed.keys()
+        }
+
+    def placed(self, stream_id: str, node: str) -> None:
+        """A viewer was sent to ``node`` as a replica of ``stream_id`` fed from here."""
+        per_node = self._placed.setdefault(stream_id, {})
+        per_node[node] = per_node.get(node, 0) + 1
+
+    def unconnected(self, stream_id: str) -> int:
+        """Replicas sent viewers as fed from here that have not connected yet."""
+        reported = self.stats.replica_viewers.get(stream_id, {})
+        return sum(node not in reported for node in self._placed.get(stream_id, {}))
 
     def disconnect(self, stream_id: str) -> int:
         """Close every replica's connection for ``stream_id`` (they reconnect and resume at
@@ -338,10 +356,11 @@ class RelayServer:
             self._per_stream[stream_id] -= 1
             if not self._per_stream[stream_id]:
                 del self._per_stream[stream_id]
-            per_node = self.stats.replica_viewers.get(stream_id, {})
-            per_node.pop(node, None)
-            if not per_node:
-                self.stats.replica_viewers.pop(stream_id, None)
+            for per_stream in (self.stats.replica_viewers, self._placed):
+                per_node = per_stream.get(stream_id, {})
+                per_node.pop(node, None)
+                if not per_node:
+                    per_stream.pop(stream_id, None)
             log.info('relay of node "%s": %s disconnected', self._node_id, label)
 
     async def _feed(
@@ -407,6 +426,7 @@ class RelayServer:
                 viewers = report.get("viewers")
                 if isinstance(viewers, int) and not isinstance(viewers, bool):
                     self.stats.replica_viewers.setdefault(stream_id, {})[node] = viewers
+                    self._placed.get(stream_id, {}).pop(node, None)
         except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             scope.cancel()  # the replica went away: stop sending to it
 

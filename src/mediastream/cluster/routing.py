@@ -646,6 +646,22 @@ class ClusterNode:
             log.info('stream "%s": %s; served on its owner', stream.id, exc)
             return None
         by_node = {entry.node: entry for entry in entries if entry.node != self.node_id}
+        live = {n.node_id for n in nodes if self._known_gone(n.node_id) is None}
+        # Fed from here: the report up each relay connection is current to the frame (its own
+        # sockets' viewers too), plus the viewers sent there since (relay.py).
+        direct = self.relay.replica_viewers(stream.id)
+        views = {
+            entry.node: ReplicaView(
+                entry.node, entry.upstream, entry.depth, entry.viewers, entry.relays
+            )
+            for entry in by_node.values()
+        }
+        for node, viewers in direct.items():
+            entry = by_node.get(node)
+            views[node] = ReplicaView(node, self.node_id, 1, viewers, entry.relays if entry else 0)
+        # Its relay connections, and the replicas sent viewers as fed from here not connected yet.
+        owner_relays = self.relay.connections(stream.id) + self.relay.unconnected(stream.id)
+        # Fed by replicas: the viewers sent there count until its entry shows them arrived.
         placed = self._placed.setdefault(stream.id, {})
         now = trio.current_time()
         for node, sent in list(placed.items()):
@@ -654,30 +670,15 @@ class ClusterNode:
                 sent.viewers -= max(0, entry.offers - sent.offers)
                 sent.offers = entry.offers
                 sent.registered = True
-            if sent.viewers <= 0 or now - sent.since > PLACED_MEMORY:
+            if sent.viewers <= 0 or now - sent.since > PLACED_MEMORY or node in direct:
                 del placed[node]
-        views = {
-            entry.node: ReplicaView(
-                entry.node, entry.upstream, entry.depth, entry.viewers, entry.relays
-            )
-            for entry in by_node.values()
-        }
-        for node, viewers in self.relay.replica_viewers(stream.id).items():
-            # Fed from here: its report up the relay connection is current to the frame (its
-            # own sockets' viewers too, which this node did not send there).
-            view = views.get(node, ReplicaView(node, self.node_id, 1, viewers, 0))
-            views[node] = replace(view, viewers=max(view.viewers, viewers))
-        owner_relays = self.relay.connections(stream.id)
-        for node, sent in placed.items():
+                continue
             placed_view = views.get(node, ReplicaView(node, sent.upstream, sent.depth, 0, 0))
             views[node] = replace(placed_view, viewers=placed_view.viewers + sent.viewers)
-            if not sent.registered and node not in self.relay.replica_viewers(stream.id):
-                # Sent there as a fresh replica, not connected yet: its upstream will feed it.
-                if sent.upstream == self.node_id:
-                    owner_relays += 1
-                elif sent.upstream in views:
-                    feeder = views[sent.upstream]
-                    views[sent.upstream] = replace(feeder, relays=feeder.relays + 1)
+            if not sent.registered and sent.upstream in views:
+                # A fresh replica not registered yet: its upstream will feed it.
+                feeder = views[sent.upstream]
+                views[sent.upstream] = replace(feeder, relays=feeder.relays + 1)
         choice = choose_replica(
             stream.id,
             nodes,
@@ -688,9 +689,11 @@ class ClusterNode:
             max_relays=cluster.max_relays_per_node,
             max_load=cluster.max_load_per_node,
             prefer=prefer,
-            excluded=[n.node_id for n in nodes if self._known_gone(n.node_id) is not None],
+            excluded=[n.node_id for n in nodes if n.node_id not in live],
         )
-        if choice is not None:
+        if choice is not None and choice.upstream == self.node_id:
+            self.relay.placed(stream.id, choice.node)
+        elif choice is not None:
             entry = by_node.get(choice.node)
             if choice.node not in placed:
                 placed[choice.node] = _Placed(

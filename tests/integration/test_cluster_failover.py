@@ -355,7 +355,7 @@ async def test_with_redis_down_owned_streams_play_remote_offers_fail_clearly_and
         # One it does not own cannot be placed: a clear error on the same socket.
         with pytest.raises(SignalingFailed) as failed:
             await viewer.play(remote_stream, trickle=True)
-        assert failed.value.code == "stream_unavailable"
+        assert failed.value.code == "cluster_unavailable"
         assert f"Redis at 127.0.0.1:{redis_server.port}" in failed.value.message["payload"]
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
 

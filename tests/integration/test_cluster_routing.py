@@ -254,7 +254,7 @@ async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearl
     async with open_viewer(node.ws_url) as viewer:
         with pytest.raises(SignalingFailed) as failed:
             await viewer.play("cam", trickle=True)
-        assert failed.value.message["code"] == "stream_unavailable"
+        assert failed.value.message["code"] == "cluster_unavailable"
         assert "Redis at 127.0.0.1" in failed.value.message["payload"]
         # The socket lives on: it still answers.
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))

@@ -1248,7 +1248,7 @@ class ClusterNode:
             )  # fmt: skip
             return
         except RedisUnavailable as exc:
-            await _reply(bus, envelope, {"error": "stream_unavailable", "message": str(exc)})
+            await _reply(bus, envelope, {"error": "cluster_unavailable", "message": str(exc)})
             return
         except LeaseLost as exc:  # given up as it was claimed: a new offer claims it again
             await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
@@ -1445,8 +1445,13 @@ class RoutedSession:
             with self._cancel_scope:
                 await self._route(label)
         except RedisUnavailable as exc:
+            # Not final either: Redis slow or restarting for a moment must not make a wall's
+            # tiles give up for good (the page re-offers after its backoff).
             self._end_reason = str(exc)
-            self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+            self._error(
+                ErrorCode.CLUSTER_UNAVAILABLE,
+                f"Unavailable: {exc}; send a new offer to play it again",
+            )
         except (OwnerGone, OwnerChanging) as exc:
             # The owner died and its record has not expired yet, or the stream is moving (a
             # drain, a restarted node waiting out its old lease). Not final: the page re-offers
@@ -1519,6 +1524,7 @@ class RoutedSession:
                 code = {
                     "stream_not_found": ErrorCode.STREAM_NOT_FOUND,
                     "relay_failed": ErrorCode.RELAY_FAILED,
+                    "cluster_unavailable": ErrorCode.CLUSTER_UNAVAILABLE,
                 }.get(str(error), ErrorCode.STREAM_UNAVAILABLE)
                 self._error(code, str(answer.get("message", error)))
                 return

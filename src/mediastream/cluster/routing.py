@@ -531,11 +531,11 @@ class ClusterNode:
         else:
             lease.cancel_on_loss(scope)
 
-    def relay_source(self, stream: Stream) -> Callable[..., Awaitable[None]] | None:
+    def relay_source(self, stream: Stream, quality: str) -> Callable[..., Awaitable[None]] | None:
         replica = self._replicas.get(stream.id)
         if replica is None or replica.ended or stream.id in self._owned:
             return None
-        return functools.partial(self._run_replica_source, replica)
+        return functools.partial(self._run_replica_source, replica, quality)
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -651,8 +651,13 @@ class ClusterNode:
             stream.changes.notify()
 
     async def _run_replica_source(
-        self, replica: Replica, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        replica: Replica,
+        quality: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """One quality's relay connection (each quality has its own, while it has viewers)."""
         try:
             await run_relay_source(
                 replica.stream.id,
@@ -661,10 +666,14 @@ class ClusterNode:
                 functools.partial(self._locate_owner, replica),
                 replica.stream,
                 self._replica_stats,
+                quality=quality,
                 task_status=task_status,
             )
         except ClusterError as exc:
-            replica.end(f'the relay from node "{replica.owner}" ended: {exc}', failed=True)
+            replica.end(
+                f'the relay of quality "{quality}" from node "{replica.owner}" ended: {exc}',
+                failed=True,
+            )
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
     async def _locate_owner(self, replica: Replica) -> str:

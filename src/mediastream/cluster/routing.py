@@ -20,7 +20,8 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── RelayServer.run                only with max_viewers_per_node: feeds replicas the
     │   └── one task per replica       frames of the streams this node owns (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
-    │                                  supervisor runs its relay source meanwhile; ends
+    │                                  supervisor runs a relay source per quality
+    │                                  watched there (relay.py) meanwhile; ends
     │                                  when its last viewer has left (after the grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss

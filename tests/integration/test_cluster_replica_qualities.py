@@ -306,3 +306,35 @@ async def test_a_quality_the_owner_cannot_open_leaves_the_replica_s_other_viewer
             assert cluster_of(b).statistics().replicas == (stream_id,)
             assert [m for m in second.messages[mark:] if m.get("type") == "error"] == []
             assert sessions.connects == 1, sessions.history
+
+
+async def test_auto_on_a_replica_follows_the_tile(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    stream_id = stream_owned_by_a()
+    async with counting_camera() as sessions:
+        streams = two_qualities(sessions, stream_id)
+        a, b = await start_nodes(start_server, redis_server, streams, *NODES)
+        replica = stream_of(b, stream_id)
+        async with open_viewer(a.ws_url) as first, open_viewer(b.ws_url) as second:
+            await (await first.play(stream_id, trickle=True)).wait_size(MAIN)
+            # A grid tile on B's own socket: B serves it as a replica, on sub.
+            tile = {"width": 300, "height": 170, "visible": True}
+            played = await second.play(stream_id, trickle=True, quality="auto", tile=tile)
+            await played.wait_size(SUB)
+            assert cluster_of(b).statistics().replicas == (stream_id,)
+            assert not replica.quality("main").running
+
+            start = len(second.messages)
+            big = {"tile": {"width": 1280, "height": 720}}
+            await second.send({"type": "quality", "streamId": stream_id, "payload": big})
+            told = await second.wait_for(
+                lambda m: m.get("type") == "quality" and m["payload"]["quality"] == "main",
+                after=start,
+                timeout=30,
+            )
+            assert told["payload"]["reason"] == "tile"
+            await played.wait_size(MAIN)
+            assert replica.quality("main").running
+            assert [m["type"] for m in second.sent].count("offer") == 1
+            assert sessions.connects == 2, sessions.history

@@ -193,21 +193,23 @@ class Replica:
         self.ended = False
         self.failed = False
         self.reason = ""
-        self._guarded: list[trio.CancelScope] = []
+        #: the relay sources' scopes, one per quality started: weak, so the scopes of the
+        #: sources that ended (a quality idle past the grace) do not pile up
+        self._guarded: weakref.WeakSet[trio.CancelScope] = weakref.WeakSet()
 
     def guard(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` (the relay source's) when the replica ends."""
         if self.ended:
             scope.cancel()
         else:
-            self._guarded.append(scope)
+            self._guarded.add(scope)
 
     def end(self, reason: str, *, failed: bool = False) -> None:
         if self.ended:
             return
         self.ended, self.failed, self.reason = True, failed, reason
         self.scope.cancel()
-        for scope in self._guarded:
+        for scope in list(self._guarded):
             scope.cancel()
         self.stream.changes.notify()
 

@@ -142,6 +142,7 @@ async def test_a_replica_relays_each_quality_on_demand_and_switches_on_the_same_
             assert told["payload"]["reason"] == "pinned"
             switched_at = await played.wait_size(MAIN)
             assert set(played.frame_sizes[switched_at:]) == {MAIN}
+            assert (await rtp_of(played))[0] == 1  # sub's packets and main's: one SSRC
             assert replica.quality("main").viewers == 1 and replica.quality("sub").viewers == 0
             sizes = {q["name"]: (q["width"], q["height"]) for q in told["payload"]["qualities"]}
             assert sizes == {"main": MAIN, "sub": SUB}

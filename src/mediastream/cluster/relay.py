@@ -1,21 +1,28 @@
 """The relay: a stream's owner serves its encoded frames to replicas over TCP.
 
-One TCP connection per (stream, replica). Every message is a record: a 4-byte big-endian
-length, one byte of type, then the body. The owner speaks first::
+One TCP connection per (stream, quality, replica): a replica's connection for a quality runs
+while that quality has viewers there. Every message is a record: a 4-byte big-endian length,
+one byte of type, then the body. The owner speaks first::
 
     owner    CHALLENGE  32 random bytes (a fresh nonce)
-    replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex}
+    replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex, "quality"?}
                         mac = HMAC-SHA256(secret, "replica|" nonce stream "|" node)
-    owner    WELCOME    {"mac": hex}  = HMAC-SHA256(secret, "owner|" replica's nonce stream)
+                        quality: absent for the stream's default quality (as an older
+                        replica asks for it)
+    owner    WELCOME    {"mac": hex, "quality"}  mac = HMAC-SHA256(secret, "owner|" replica's
+                        nonce stream); quality: the one it serves
              (or ERROR  text, and the connection closes)
-    owner    INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
+    owner    INFO       that quality's SourceInfo as JSON (what the viewers' tracks are built
+                        from)
     owner    FRAME …    the current GOP from its keyframe, then live frames
     replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
                         the next viewers with it)
 
 A FRAME body is ``!BBQIH`` (kind, flags: bit 0 keyframe, timestamp, size, payload count),
-then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out
-publishes, never decoded, never RTP.
+then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out of
+that quality publishes, never decoded, never RTP. The owner's side is a viewer of that quality,
+so its source runs on the owner, on demand, whichever replicas ask for it: one camera session
+per quality in the whole cluster.
 
 Security: a connection sends nothing of a stream before the replica has proved the shared
 secret (``cluster.relay_secret``, else derived from ``cluster.redis_url``), and the replica
@@ -25,7 +32,8 @@ only frames and the SourceInfo do. Everything read is bounded (record size, hand
 Slow replicas: the owner's side is an ordinary fan-out subscriber (bounded queue); a replica
 that falls behind skips to the next keyframe there (counted as the subscriber's drops), so it
 never gets P-frames without their keyframe. A replica that reconnects publishes nothing until
-a keyframe newer than the last frame it published.
+a keyframe newer than the last frame it published (each quality's connection keeps its own
+place: :class:`_Resumption`).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from typing import Any, Final, Literal
 
 import trio
 
+from ..feeds import QualityFeed
+from ..media.fanout import Subscriber
 from ..media.frames import EncodedFrame
 from ..media.source_contract import SourceInfo, SourceState
 from ..registry import Stream
@@ -240,6 +250,9 @@ class RelayServer:
         self.stats = RelayStatistics()
         #: relay connections per stream (they count as the stream's viewers on the owner)
         self._per_stream: dict[str, int] = {}
+        #: relay connections per (stream, replica node): one per quality it relays; its
+        #: report is forgotten with the last one
+        self._per_replica: dict[tuple[str, str], int] = {}
         self._scopes: dict[str, set[trio.CancelScope]] = {}
         #: per stream, per replica node: viewers sent there since its last report
         self._placed: dict[str, dict[str, int]] = {}
@@ -327,18 +340,35 @@ class RelayServer:
             self.stats.refused += 1
             await _send_error(connection, f'node "{self._node_id}" does not own "{stream_id}"')
             return
+        quality = hello.get("quality")  # absent: the default one (an older replica)
+        names = [feed.name for feed in stream.qualities]
+        if quality is None:
+            quality = stream.quality().name
+        elif quality not in names:
+            self.stats.refused += 1
+            await _send_error(
+                connection,
+                f'"{stream_id}" on node "{self._node_id}" has no quality {json.dumps(quality)} '
+                f"(it has {', '.join(names)})",
+            )
+            return
+        assert isinstance(quality, str)
         welcome = _mac(self._key, b"owner", their_nonce.encode(), stream_id.encode())
-        await connection.send_all(encode_record(WELCOME, json.dumps({"mac": welcome}).encode()))
-        label = f'replica "{node}" of "{stream_id}"'
+        await connection.send_all(
+            encode_record(WELCOME, json.dumps({"mac": welcome, "quality": quality}).encode())
+        )
+        label = f'replica "{node}" of "{stream_id}" quality "{quality}"'
         self.stats.connections += 1
         self._per_stream[stream_id] = self._per_stream.get(stream_id, 0) + 1
+        replica_key = (stream_id, node)
+        self._per_replica[replica_key] = self._per_replica.get(replica_key, 0) + 1
         scope = trio.CancelScope()
         self._scopes.setdefault(stream_id, set()).add(scope)
         try:
             with scope:
                 if not self._may_serve(stream_id):  # lost while the handshake finished
                     return
-                await self._feed(connection, reader, stream, node, label, scope)
+                await self._feed(connection, reader, stream, quality, node, label, scope)
         finally:
             self._scopes[stream_id].discard(scope)
             if not self._scopes[stream_id]:
@@ -347,11 +377,14 @@ class RelayServer:
             self._per_stream[stream_id] -= 1
             if not self._per_stream[stream_id]:
                 del self._per_stream[stream_id]
-            for per_stream in (self.stats.replica_viewers, self._placed):
-                per_node = per_stream.get(stream_id, {})
-                per_node.pop(node, None)
-                if not per_node:
-                    per_stream.pop(stream_id, None)
+            self._per_replica[replica_key] -= 1
+            if not self._per_replica[replica_key]:  # the replica's last quality here
+                del self._per_replica[replica_key]
+                for per_stream in (self.stats.replica_viewers, self._placed):
+                    per_node = per_stream.get(stream_id, {})
+                    per_node.pop(node, None)
+                    if not per_node:
+                        per_stream.pop(stream_id, None)
             log.info('relay of node "%s": %s disconnected', self._node_id, label)
 
     async def _feed(
@@ -359,28 +392,37 @@ class RelayServer:
         connection: trio.SocketStream,
         reader: RecordReader,
         stream: Stream,
+        quality: str,
         node: str,
         label: str,
         scope: trio.CancelScope,
     ) -> None:
-        # A counted viewer: the owner keeps its source and its lease while replicas read it.
-        with stream.open_viewer(end=lambda reason: scope.cancel()) as video:
+        # A counted viewer of that quality: the owner keeps its source (started for it if it
+        # was not running) and its lease while replicas read it.
+        with stream.open_viewer(end=lambda reason: scope.cancel(), quality=quality) as video:
             info: SourceInfo | None = None
             with trio.move_on_after(INFO_TIMEOUT):
-                info = stream.source_info or await stream.wait_source_info()
+                info = stream.quality(quality).source_info or await stream.wait_source_info(quality)
             if info is None:
-                await _send_error(connection, f'"{stream.id}" has not opened its source')
+                await _send_error(
+                    connection,
+                    f'"{stream.id}" on node "{self._node_id}" has not opened the source of '
+                    f'quality "{quality}" within {INFO_TIMEOUT:g} s',
+                )
                 return
             await connection.send_all(encode_record(INFO, info_to_json(info)))
             log.info('relay of node "%s": serving %s', self._node_id, label)
             with contextlib.ExitStack() as extra:
                 subscribers = [video]
                 if info.audio_codec:
-                    subscribers.append(extra.enter_context(stream.open_audio("audio")))
+                    subscribers.append(extra.enter_context(stream.open_audio("audio", quality)))
                 if info.source_audio_config:
-                    subscribers.append(extra.enter_context(stream.open_audio("source_audio")))
+                    subscribers.append(
+                        extra.enter_context(stream.open_audio("source_audio", quality))
+                    )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_reports, reader, stream.id, node, scope)
+                    nursery.start_soon(self._end_if_moved, stream, video, quality, label, scope)
                     try:
                         await self._send_frames(connection, subscribers)
                     except (RelayError, trio.BrokenResourceError, OSError) as exc:
@@ -406,6 +448,15 @@ class RelayServer:
                 self.stats.frames_sent += len(batch)
                 continue
             await arrived.wait()
+
+    async def _end_if_moved(
+        self, stream: Stream, video: Subscriber, quality: str, label: str, scope: trio.CancelScope
+    ) -> None:
+        # An edit that removes the quality moves its viewers to the default one: this
+        # connection must carry its own quality only (the replica asks again, and learns).
+        await stream.changes.wait_until(lambda: stream.quality_of(video) != quality)
+        log.info('relay of node "%s": %s: the stream no longer has it', self._node_id, label)
+        scope.cancel()
 
     async def _read_reports(
         self, reader: RecordReader, stream_id: str, node: str, scope: trio.CancelScope
@@ -439,34 +490,60 @@ class ReplicaStatistics:
 
 
 async def open_relay(
-    address: str, key: bytes, stream_id: str, node_id: str
+    address: str, key: bytes, stream_id: str, node_id: str, quality: str | None = None
 ) -> tuple[trio.SocketStream, RecordReader, SourceInfo]:
     """Connect to the owner's relay at ``address`` (``host:port``), prove the secret, check the
     owner's proof; return the connection, its reader (at the first frame) and the SourceInfo.
 
+    Args:
+        quality: the quality to relay; None: the stream's default one (not named in the
+            HELLO, so that an owner of an older version serves it too).
+
     Raises:
-        RelayRefused: the owner refused (or could not prove the secret itself).
-        RelayError, OSError: the connection failed.
+        RelayRefused: the owner refused (the secret, not the owner, no such quality), could
+            not prove the secret itself, or does not serve the quality asked for.
+        RelayError, OSError: the connection failed, or the owner's source of the quality did
+            not open in time (both worth trying again).
     """
     host, _, port = address.rpartition(":")
-    peer = f"relay {address}"
+    peer = f"relay {address}" + (f' (quality "{quality}")' if quality is not None else "")
     connection = await trio.open_tcp_stream(host.strip("[]"), int(port))
     try:
         reader = RecordReader(connection, peer)
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
             kind, nonce = await reader.read()
             if kind != MAGIC_CHALLENGE or len(nonce) != 32:
                 raise RelayError(f"{peer} is not a MediaStream relay")
             mine = secrets.token_hex(16)
             mac = _mac(key, b"replica", nonce, stream_id.encode(), node_id.encode())
             hello = {"stream": stream_id, "node": node_id, "nonce": mine, "mac": mac}
+            if quality is not None:
+                hello["quality"] = quality
             await connection.send_all(encode_record(HELLO, json.dumps(hello).encode()))
             welcome = await reader.read_json(WELCOME)
             expected = _mac(key, b"owner", mine.encode(), stream_id.encode())
             if not hmac.compare_digest(str(welcome.get("mac", "")), expected):
                 raise RelayRefused(f"{peer} could not prove the cluster's relay secret")
-            reader.limit = MAX_RECORD
-            info = info_from_json(await reader.read_json(INFO))
+            if quality is not None and welcome.get("quality") != quality:
+                # An owner of an older version ignores the name and serves its default.
+                raise RelayRefused(
+                    f'{peer} does not relay quality "{quality}" of "{stream_id}" (it serves '
+                    f"{json.dumps(welcome.get('quality', 'the default quality only'))})"
+                )
+        if handshake.cancelled_caught:
+            raise RelayError(f"{peer} did not complete the handshake in {HANDSHAKE_TIMEOUT:g} s")
+        reader.limit = MAX_RECORD
+        # The owner may have to open the quality's source first (it waits INFO_TIMEOUT).
+        with trio.move_on_after(INFO_TIMEOUT + HANDSHAKE_TIMEOUT) as waiting:
+            try:
+                item = await reader.read_json(INFO)
+            except RelayRefused as exc:
+                # Accepted, but its source did not open: a failure to retry like a cut
+                # connection, not a refusal (this quality's viewers wait, the others play on).
+                raise RelayError(str(exc)) from None
+        if waiting.cancelled_caught:
+            raise RelayError(f'{peer} did not describe "{stream_id}" within {INFO_TIMEOUT:g} s')
+        info = info_from_json(item)
     except BaseException:
         with trio.CancelScope(shield=True):
             await connection.aclose()
@@ -501,9 +578,14 @@ async def run_relay_source(
     sink: Stream,
     stats: ReplicaStatistics,
     *,
+    quality: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A replica's source: the owner's frames, published to this node's fan-out, until cancelled.
+    """A replica's source of one quality (None: the default one): the owner's frames of that
+    quality, published to this node's fan-out of it, until cancelled. Every quality's
+    connection is one call of this, each with its own resumption state. ``sink`` is this
+    node's stream: the quality's feed takes the frames and the SourceInfo, and the stream's
+    viewer count is reported up each connection.
 
     ``locate_owner`` gives the owner's relay address (a new owner's, after one died and
     another claimed the stream), or raises ClusterError when the replica must end: that
@@ -512,8 +594,12 @@ async def run_relay_source(
     owner's frames are moved onto this replica's timeline from its first keyframe on. The
     viewers see a jump, never a broken picture nor timestamps going back.
     """
+    feed = sink.quality(quality)
+    # The default quality is not named: an owner of an older version serves it too.
+    asked = None if feed is sink.quality() else feed.name
+    what = f'"{stream_id}" quality "{feed.name}"'
     task_status.started()
-    sink.source_state(SourceState.STARTING)
+    feed.source_state(SourceState.STARTING)
     resumption = _Resumption()
     failures = 0
     opened = False
@@ -524,10 +610,10 @@ async def run_relay_source(
             address = await locate_owner()
             if owner_address and address != owner_address:
                 resumption.rebase = True
-                log.info('"%s": the relay moves to the new owner at %s', stream_id, address)
+                log.info("%s: the relay moves to the new owner at %s", what, address)
             owner_address = address
             try:
-                connection, reader, info = await open_relay(address, key, stream_id, node_id)
+                connection, reader, info = await open_relay(address, key, stream_id, node_id, asked)
             except RelayRefused:
                 raise  # the owner will not serve this node: the replica ends
             except (RelayError, OSError) as exc:
@@ -535,14 +621,14 @@ async def run_relay_source(
             else:
                 async with connection:
                     if not opened:
-                        sink.relay_opened(info)
+                        feed.relay_opened(info)
                         opened = True
-                    sink.source_state(SourceState.LIVE, f"relayed from {address}")
+                    feed.source_state(SourceState.LIVE, f"relayed from {address}")
                     failures = 0
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_report_viewers, connection, sink)
                         try:
-                            await _receive(reader, sink, resumption, stats)
+                            await _receive(reader, feed, resumption, stats)
                         except (RelayError, trio.BrokenResourceError, OSError) as exc:
                             reason = str(exc)
                         nursery.cancel_scope.cancel()
@@ -550,18 +636,18 @@ async def run_relay_source(
             stats.reconnects += 1
             delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
             log.warning(
-                '"%s": relay from the owner broke (%s); reconnecting in %.1f s, resuming at '
-                "the next keyframe",
-                stream_id, reason, delay,
+                "%s: relay from the owner at %s broke (%s); reconnecting in %.1f s, resuming "
+                "at the next keyframe",
+                what, address, reason, delay,
             )  # fmt: skip
-            sink.source_state(SourceState.RECONNECTING, f"relay: {reason}")
+            feed.source_state(SourceState.RECONNECTING, f"relay: {reason}")
             await trio.sleep(delay)
     finally:
-        sink.source_state(SourceState.STOPPED)
+        feed.source_state(SourceState.STOPPED)
 
 
 async def _receive(
-    reader: RecordReader, sink: Stream, resumption: _Resumption, stats: ReplicaStatistics
+    reader: RecordReader, sink: QualityFeed, resumption: _Resumption, stats: ReplicaStatistics
 ) -> None:
     # After a reconnection the owner starts again at its cached keyframe: what was published
     # already is not published twice, and no P-frame goes out before a newer keyframe.

@@ -20,7 +20,8 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── RelayServer.run                only with max_viewers_per_node: feeds replicas the
     │   └── one task per replica       frames of the streams this node owns (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
-    │                                  supervisor runs its relay source meanwhile; ends
+    │                                  supervisor runs a relay source per quality
+    │                                  watched there (relay.py) meanwhile; ends
     │                                  when its last viewer has left (after the grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
@@ -192,21 +193,23 @@ class Replica:
         self.ended = False
         self.failed = False
         self.reason = ""
-        self._guarded: list[trio.CancelScope] = []
+        #: the relay sources' scopes, one per quality started: weak, so the scopes of the
+        #: sources that ended (a quality idle past the grace) do not pile up
+        self._guarded: weakref.WeakSet[trio.CancelScope] = weakref.WeakSet()
 
     def guard(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` (the relay source's) when the replica ends."""
         if self.ended:
             scope.cancel()
         else:
-            self._guarded.append(scope)
+            self._guarded.add(scope)
 
     def end(self, reason: str, *, failed: bool = False) -> None:
         if self.ended:
             return
         self.ended, self.failed, self.reason = True, failed, reason
         self.scope.cancel()
-        for scope in self._guarded:
+        for scope in list(self._guarded):
             scope.cancel()
         self.stream.changes.notify()
 
@@ -531,11 +534,11 @@ class ClusterNode:
         else:
             lease.cancel_on_loss(scope)
 
-    def relay_source(self, stream: Stream) -> Callable[..., Awaitable[None]] | None:
+    def relay_source(self, stream: Stream, quality: str) -> Callable[..., Awaitable[None]] | None:
         replica = self._replicas.get(stream.id)
         if replica is None or replica.ended or stream.id in self._owned:
             return None
-        return functools.partial(self._run_replica_source, replica)
+        return functools.partial(self._run_replica_source, replica, quality)
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -651,8 +654,13 @@ class ClusterNode:
             stream.changes.notify()
 
     async def _run_replica_source(
-        self, replica: Replica, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        replica: Replica,
+        quality: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """One quality's relay connection (each quality has its own, while it has viewers)."""
         try:
             await run_relay_source(
                 replica.stream.id,
@@ -661,10 +669,14 @@ class ClusterNode:
                 functools.partial(self._locate_owner, replica),
                 replica.stream,
                 self._replica_stats,
+                quality=quality,
                 task_status=task_status,
             )
         except ClusterError as exc:
-            replica.end(f'the relay from node "{replica.owner}" ended: {exc}', failed=True)
+            replica.end(
+                f'the relay of quality "{quality}" from node "{replica.owner}" ended: {exc}',
+                failed=True,
+            )
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
     async def _locate_owner(self, replica: Replica) -> str:

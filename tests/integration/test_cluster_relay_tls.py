@@ -28,6 +28,7 @@ from test_cluster_replicas import (
 )
 
 from mediastream.cluster.relay import (
+    HANDSHAKE_TIMEOUT,
     HELLO,
     RelayRefused,
     encode_record,
@@ -98,7 +99,7 @@ async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
 
 async def read_to_the_end(stream: trio.abc.ReceiveStream) -> bytes:
     received = b""
-    with trio.fail_after(10):  # the owner refuses within its handshake timeout (5 s)
+    with trio.fail_after(HANDSHAKE_TIMEOUT + 10):  # the owner refuses within its timeout
         while chunk := await stream.receive_some(65536):
             received += chunk
     return received
@@ -182,6 +183,12 @@ async def test_clients_without_the_cluster_s_certificate_get_nothing_of_the_stre
                 assert await read_to_the_end(connection) == STARTTLS_RECORD
             assert relay.stats.refused == 3
             assert "does not speak TLS" in caplog.text
+
+            # A client that starts no handshake at all: refused once the handshake time is up.
+            async with await trio.open_tcp_stream(host, int(port)) as connection:
+                assert await read_to_the_end(connection) == STARTTLS_RECORD
+            assert relay.stats.refused == 4
+            assert f"did not finish TLS in {HANDSHAKE_TIMEOUT:g} s" in caplog.text
 
             assert relay.stats.connections == 0 and relay.stats.frames_sent == 0
             assert sessions.connects == 1

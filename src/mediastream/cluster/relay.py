@@ -202,7 +202,8 @@ def info_from_json(item: dict[str, Any]) -> SourceInfo:
 class RelayStatistics:
     #: connections from replicas served now
     connections: int = 0
-    #: connections refused: bad or missing secret, no such stream, not the owner, too many
+    #: connections refused: TLS failed, bad or missing secret, no such stream, not the owner,
+    #: too many
     refused: int = 0
     #: frames a slow replica skipped (to the next keyframe), all connections together
     skipped_frames: int = 0

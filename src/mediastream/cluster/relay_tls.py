@@ -42,6 +42,9 @@ STARTTLS_RECORD: Final = struct.pack("!IB", 1, STARTTLS)
 TLS_KEYS: Final = "cluster.relay_tls_cert, relay_tls_key and relay_tls_ca"
 #: the likely cause of a replica failing the handshake, for the owner's log.
 _NO_TLS_HINT: Final = "(a node without cluster.relay_tls_*?)"
+#: a peer closing mid-handshake: no TLS at all, or it refused the other side's certificate
+#: (the alert saying so is not always sent before the connection closes).
+_CLOSED_HINT: Final = "(a node without cluster.relay_tls_*, or of another CA?)"
 
 _PEM_CERTIFICATE: Final = "-----BEGIN CERTIFICATE-----"
 _HANDSHAKE_ROUNDS: Final = 8  # an in-memory TLS 1.2/1.3 handshake needs 2 or 3
@@ -260,7 +263,7 @@ def _client_failure(exc: trio.BrokenResourceError) -> str:
     if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return f"did not present a client certificate {_NO_TLS_HINT}"
     if isinstance(cause, ssl.SSLEOFError) or cause is None:
-        return f"closed the connection before the TLS handshake {_NO_TLS_HINT}"
+        return f"closed the connection during the TLS handshake {_CLOSED_HINT}"
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
         return f"does not speak TLS {_NO_TLS_HINT}"
     if reason == "UNSUPPORTED_PROTOCOL":

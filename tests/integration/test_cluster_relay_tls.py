@@ -5,7 +5,8 @@ CA) into the test's folder.
 With ``cluster.relay_tls_*`` set, a replica is fed through TLS and its viewers decode; a
 client without a certificate, or with one another CA signed, is refused before a byte of a
 stream (the owner counts it as ``relay_refused`` and logs why); a node without TLS and a
-node with it cannot relay to each other, and the error says so.
+node with it cannot relay to each other, and the error says so; a relay that never answers
+is a broken connection the replica retries, with or without TLS.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from test_cluster_replicas import (
     viewers_of,
 )
 
+from mediastream.cluster import relay as relay_module
 from mediastream.cluster.relay import (
     HANDSHAKE_TIMEOUT,
     HELLO,
+    RelayError,
     RelayRefused,
     encode_record,
     open_relay,
@@ -238,3 +241,31 @@ async def test_a_node_with_tls_takes_no_frames_from_a_relay_without_it(
             connection, _, info = await open_relay(address, key, STREAM, "node-b")
             async with connection:
                 assert info.codec == "h264"
+
+
+@pytest.mark.parametrize("with_tls", [False, True])
+async def test_a_relay_that_never_answers_is_a_relay_error_the_replica_retries(
+    certificates: dict[str, NodeCertificate], monkeypatch: pytest.MonkeyPatch, with_tls: bool
+) -> None:
+    # Not TooSlowError, which run_relay_source does not catch: the replica would crash
+    # instead of reconnecting. The bound shortened: no handshake is meant to succeed here.
+    monkeypatch.setattr(relay_module, "HANDSHAKE_TIMEOUT", 0.2)
+    tls = load_relay_tls(ClusterConfig(**certificates["node-b"].cluster_keys()))
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener, trio.open_nursery() as nursery:
+        connections: list[trio.SocketStream] = []
+
+        async def accept_and_say_nothing() -> None:
+            connections.append(await listener.accept())
+
+        nursery.start_soon(accept_and_say_nothing)
+        address = f"127.0.0.1:{listener.socket.getsockname()[1]}"
+        try:
+            with pytest.raises(RelayError) as caught:
+                await open_relay(
+                    address, b"k" * 32, STREAM, "node-b", tls=tls if with_tls else None
+                )
+            assert f"relay {address} did not complete the handshake in 0.2 s" in str(caught.value)
+        finally:
+            for connection in connections:
+                await connection.aclose()

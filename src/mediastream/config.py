@@ -166,6 +166,13 @@ class ClusterConfig:
     #: the secret the nodes prove to each other on the relay (HMAC challenge); empty: derived
     #: from redis_url (every node of a cluster has it; set one when the URL has no password).
     relay_secret: str = ""
+    #: mutual TLS on the relay (all three or none; PEM files): this node's certificate, signed
+    #: by the CA in relay_tls_ca, and its unencrypted key. Only nodes holding a certificate
+    #: of that CA relay to each other, and the frames are encrypted; the secret is still
+    #: proved inside TLS. Empty: the relay is plain TCP.
+    relay_tls_cert: str = ""
+    relay_tls_key: str = ""
+    relay_tls_ca: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -509,7 +516,13 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
             config.security.jwt_public_key_file, "security.jwt_public_key_file"
         ),
     )
-    return dataclasses.replace(config, server=server, security=security)
+    cluster = dataclasses.replace(
+        config.cluster,
+        relay_tls_cert=resolve(config.cluster.relay_tls_cert, "cluster.relay_tls_cert"),
+        relay_tls_key=resolve(config.cluster.relay_tls_key, "cluster.relay_tls_key"),
+        relay_tls_ca=resolve(config.cluster.relay_tls_ca, "cluster.relay_tls_ca"),
+    )
+    return dataclasses.replace(config, server=server, security=security, cluster=cluster)
 
 
 def _check_ranges(config: Config) -> None:
@@ -622,6 +635,11 @@ def _check_cluster(cluster: ClusterConfig) -> None:
             "node_id and public_url need cluster.redis_url (without it there is no cluster)",
             key="cluster.redis_url",
         )
+    if cluster.relay_tls_cert or cluster.relay_tls_key or cluster.relay_tls_ca:
+        # Imported only then: reading the files and checking them is the TLS module's.
+        from .cluster.relay_tls import load_relay_tls
+
+        load_relay_tls(cluster)  # at start, not at the first replica
 
 
 # --- a small typed loader: dataclass fields drive validation ---------------------------------

@@ -28,6 +28,8 @@ Security: a connection sends nothing of a stream before the replica has proved t
 secret (``cluster.relay_secret``, else derived from ``cluster.redis_url``), and the replica
 checks the owner's proof before it believes a frame. Camera URLs and credentials never cross:
 only frames and the SourceInfo do. Everything read is bounded (record size, handshake time).
+With ``cluster.relay_tls_*`` all of the above runs inside mutual TLS (:mod:`.relay_tls`: the
+owner sends STARTTLS in clear, then the TLS handshake, bounded by the handshake time too).
 
 Slow replicas: the owner's side is an ordinary fan-out subscriber (bounded queue); a replica
 that falls behind skips to the next keyframe there (counted as the subscriber's drops), so it
@@ -57,7 +59,8 @@ from ..media.fanout import Subscriber
 from ..media.frames import EncodedFrame
 from ..media.source_contract import SourceInfo, SourceState
 from ..registry import Stream
-from .errors import ClusterError
+from .errors import RelayError, RelayRefused
+from .relay_tls import STARTTLS, TLS_KEYS, RelayTLS, accept_tls, connect_tls
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +93,6 @@ _KINDS: Final[tuple[Literal["video", "audio", "source_audio"], ...]] = (
 )
 _FRAME_HEADER: Final = struct.Struct("!BBQIH")
 _LENGTH: Final = struct.Struct("!I")
-
-
-class RelayError(ClusterError):
-    """The relay connection failed or broke its protocol (says what, and with whom)."""
-
-
-class RelayRefused(RelayError):
-    """The other side refused the connection (authentication, not the owner, no stream)."""
 
 
 def relay_key(relay_secret: str, redis_url: str) -> bytes:
@@ -217,7 +212,8 @@ def info_from_json(item: dict[str, Any]) -> SourceInfo:
 class RelayStatistics:
     #: connections from replicas served now
     connections: int = 0
-    #: connections refused: bad or missing secret, no such stream, not the owner, too many
+    #: connections refused: TLS failed, bad or missing secret, no such stream, not the owner,
+    #: too many
     refused: int = 0
     #: frames a slow replica skipped (to the next keyframe), all connections together
     skipped_frames: int = 0
@@ -234,6 +230,7 @@ class RelayServer:
         find_stream: the stream of an id, if this node has it.
         may_serve: whether this node owns the stream now (only owners relay); the node calls
             :meth:`disconnect` when it stops owning one (lease lost, handed over).
+        tls: mutual TLS around every connection (None: plain TCP).
     """
 
     def __init__(
@@ -242,8 +239,11 @@ class RelayServer:
         node_id: str,
         find_stream: Callable[[str], Stream | None],
         may_serve: Callable[[str], bool],
+        *,
+        tls: RelayTLS | None = None,
     ) -> None:
         self._key = key
+        self._tls = tls
         self._node_id = node_id
         self._find_stream = find_stream
         self._may_serve = may_serve
@@ -300,15 +300,25 @@ class RelayServer:
             peer = "relay client {}:{}".format(*connection.socket.getpeername()[:2])
         try:
             async with connection:
+                stream: trio.abc.Stream = connection
+                if self._tls is not None:
+                    try:
+                        with trio.fail_after(HANDSHAKE_TIMEOUT):
+                            stream = await accept_tls(connection, self._tls)
+                    except (RelayRefused, trio.TooSlowError) as exc:
+                        self.stats.refused += 1
+                        why = str(exc) or f"did not finish TLS in {HANDSHAKE_TIMEOUT:g} s"
+                        log.warning('relay of node "%s": %s refused: %s', self._node_id, peer, why)
+                        return
                 if self.stats.connections >= MAX_CONNECTIONS:
                     self.stats.refused += 1
-                    await _send_error(connection, f"too many relay connections ({MAX_CONNECTIONS})")
+                    await _send_error(stream, f"too many relay connections ({MAX_CONNECTIONS})")
                     return
-                await self._serve_checked(connection, peer)
+                await self._serve_checked(stream, peer)
         except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info('relay of node "%s": %s: %s', self._node_id, peer, exc)
 
-    async def _serve_checked(self, connection: trio.SocketStream, peer: str) -> None:
+    async def _serve_checked(self, connection: trio.abc.Stream, peer: str) -> None:
         reader = RecordReader(connection, peer)
         nonce = secrets.token_bytes(32)
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
@@ -389,7 +399,7 @@ class RelayServer:
 
     async def _feed(
         self,
-        connection: trio.SocketStream,
+        connection: trio.abc.Stream,
         reader: RecordReader,
         stream: Stream,
         quality: str,
@@ -431,7 +441,7 @@ class RelayServer:
                         self.stats.skipped_frames += sum(s.dropped_frames for s in subscribers)
                     nursery.cancel_scope.cancel()
 
-    async def _send_frames(self, connection: trio.SocketStream, subscribers: list[Any]) -> None:
+    async def _send_frames(self, connection: trio.abc.Stream, subscribers: list[Any]) -> None:
         while True:
             arrived = trio.Event()
             for subscriber in subscribers:
@@ -472,7 +482,7 @@ class RelayServer:
             scope.cancel()  # the replica went away: stop sending to it
 
 
-async def _send_error(connection: trio.SocketStream, message: str) -> None:
+async def _send_error(connection: trio.abc.Stream, message: str) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         with trio.move_on_after(1.0):
             await connection.send_all(encode_record(ERROR, message.encode()))
@@ -490,10 +500,17 @@ class ReplicaStatistics:
 
 
 async def open_relay(
-    address: str, key: bytes, stream_id: str, node_id: str, quality: str | None = None
-) -> tuple[trio.SocketStream, RecordReader, SourceInfo]:
+    address: str,
+    key: bytes,
+    stream_id: str,
+    node_id: str,
+    quality: str | None = None,
+    *,
+    tls: RelayTLS | None = None,
+) -> tuple[trio.abc.Stream, RecordReader, SourceInfo]:
     """Connect to the owner's relay at ``address`` (``host:port``), prove the secret, check the
     owner's proof; return the connection, its reader (at the first frame) and the SourceInfo.
+    With ``tls``, all of it inside mutual TLS (and a relay without TLS is refused).
 
     Args:
         quality: the quality to relay; None: the stream's default one (not named in the
@@ -501,17 +518,23 @@ async def open_relay(
 
     Raises:
         RelayRefused: the owner refused (the secret, not the owner, no such quality), could
-            not prove the secret itself, or does not serve the quality asked for.
+            not prove the secret itself, does not serve the quality asked for, or one side
+            has TLS and the other not.
         RelayError, OSError: the connection failed, or the owner's source of the quality did
             not open in time (both worth trying again).
     """
     host, _, port = address.rpartition(":")
     peer = f"relay {address}" + (f' (quality "{quality}")' if quality is not None else "")
-    connection = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    socket_stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    connection: trio.abc.Stream = socket_stream
     try:
-        reader = RecordReader(connection, peer)
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            if tls is not None:
+                connection = await connect_tls(socket_stream, tls, peer)
+            reader = RecordReader(connection, peer)
             kind, nonce = await reader.read()
+            if kind == STARTTLS:
+                raise RelayRefused(f"{peer} expects TLS, and this node has none ({TLS_KEYS})")
             if kind != MAGIC_CHALLENGE or len(nonce) != 32:
                 raise RelayError(f"{peer} is not a MediaStream relay")
             mine = secrets.token_hex(16)
@@ -544,9 +567,13 @@ async def open_relay(
         if waiting.cancelled_caught:
             raise RelayError(f'{peer} did not describe "{stream_id}" within {INFO_TIMEOUT:g} s')
         info = info_from_json(item)
-    except BaseException:
+    except BaseException as exc:
         with trio.CancelScope(shield=True):
             await connection.aclose()
+        # It ends the attempt as a broken connection does (the replica tries again).
+        if isinstance(exc, trio.BrokenResourceError):
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise RelayError(f"{peer}: the connection broke during the handshake{cause}") from None
         raise
     return connection, reader, info
 
@@ -579,6 +606,7 @@ async def run_relay_source(
     stats: ReplicaStatistics,
     *,
     quality: str | None = None,
+    tls: RelayTLS | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A replica's source of one quality (None: the default one): the owner's frames of that
@@ -613,7 +641,9 @@ async def run_relay_source(
                 log.info("%s: the relay moves to the new owner at %s", what, address)
             owner_address = address
             try:
-                connection, reader, info = await open_relay(address, key, stream_id, node_id, asked)
+                connection, reader, info = await open_relay(
+                    address, key, stream_id, node_id, asked, tls=tls
+                )
             except RelayRefused:
                 raise  # the owner will not serve this node: the replica ends
             except (RelayError, OSError) as exc:
@@ -689,7 +719,7 @@ async def _receive(
         sink.publish(frame)
 
 
-async def _report_viewers(connection: trio.SocketStream, stream: Stream) -> None:
+async def _report_viewers(connection: trio.abc.Stream, stream: Stream) -> None:
     reported = -1
     # A broken connection is the receiver's to notice; this task just stops.
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -103,6 +103,7 @@ from .placement import FULL, choose_owner, rank_nodes
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
 from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .relay_tls import load_relay_tls
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ class ClusterNode:
         #: serves this node's streams to replicas (None: replicas off, max_viewers_per_node 0)
         self.relay: RelayServer | None = None
         self._relay_key = relay_key(config.cluster.relay_secret, config.cluster.redis_url)
+        #: mutual TLS on the relay, both sides (None: plain TCP); the files were checked at load
+        self._relay_tls = load_relay_tls(config.cluster)
         self._replica_stats = ReplicaStatistics()
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
         #: sessions of this node's sockets on streams it owns, ended if the lease is lost
@@ -342,6 +345,7 @@ class ClusterNode:
             self.node_id,
             lambda stream_id: self.registry.get(stream_id) if self.registry else None,
             self.owns,
+            tls=self._relay_tls,
         )
         bound = await nursery.start(self.relay.run, host or "0.0.0.0", port)
         return f"[{advertised}]:{bound}" if ":" in advertised else f"{advertised}:{bound}"
@@ -670,6 +674,7 @@ class ClusterNode:
                 replica.stream,
                 self._replica_stats,
                 quality=quality,
+                tls=self._relay_tls,
                 task_status=task_status,
             )
         except ClusterError as exc:

@@ -4,6 +4,7 @@ one socket, decoded here by FFmpeg from what arrived. Real server, real socket, 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -14,10 +15,27 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from mediastream.fallback import BinaryKind, FallbackSession, parse_binary
+from mediastream.media.fmp4 import end_time
 from mediastream.server import RunningServer
 
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
 from support.viewer import open_viewer
+
+MAIN = (1280, 720)
+SUB = (320, 180)
+
+
+def two_qualities(camera: Camera) -> list[dict[str, object]]:
+    """One stream, main 1280x720 and sub 320x180 from the camera (main the default)."""
+    return [
+        {
+            "id": "gate",
+            "qualities": [
+                {"name": "main", "source": camera.url("/h264-720")},
+                {"name": "sub", "source": camera.url("/h264-180")},
+            ],
+        }
+    ]
 
 
 class FallbackClient:
@@ -452,4 +470,144 @@ async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyfram
         assert max(sizes) >= 3, sizes
         stats = server.services.statistics()
         assert stats.sessions_per_socket == (2,)
+        nursery.cancel_scope.cancel()
+
+
+def init_size(init: bytes) -> tuple[int, int]:
+    """The width and height of an init segment's avc1 sample entry."""
+    avc1 = init.index(b"avc1", init.index(b"moov"))  # ftyp lists "avc1" as a brand too
+    # after the type: reserved (6), data_reference_index (2), pre_defined and reserved (16)
+    width, height = struct.unpack_from("!HH", init, avc1 + 4 + 24)
+    return width, height
+
+
+def video_fragments(
+    binary: list[tuple[BinaryKind, str, bytes]], stream_id: str
+) -> list[tuple[int, bytes]]:
+    """Every video fragment (track 1) of the stream, each with the number of the init segment
+    it follows (1 for the first)."""
+    found: list[tuple[int, bytes]] = []
+    inits = 0
+    for kind, stream, payload in binary:
+        if stream != stream_id:
+            continue
+        if kind is BinaryKind.INIT:
+            inits += 1
+            continue
+        for fragment in split_fragments(payload):
+            (track,) = struct.unpack_from("!I", fragment, fragment.index(b"tfhd") + 8)
+            if track == 1:
+                found.append((inits, fragment))
+    return found
+
+
+async def test_a_fallback_starts_on_the_quality_asked_and_switches_at_a_keyframe_on_its_timeline(
+    start_server: StartServer, camera: Camera, tmp_path: Path
+) -> None:
+    server = await start_server(make_config(two_qualities(camera)))
+    stream = server.services.registry.get("gate")
+    assert stream is not None
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "gate", "payload": {"quality": "sub"}})
+        await client.wait_until(lambda: client.fragments("gate") >= 10)
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB]
+        # main (the default) was never read for it
+        assert await trio.to_thread.run_sync(camera.sessions, "/h264-720") == 0
+        assert [
+            (m["payload"]["quality"], m["payload"]["requested"], m["payload"]["reason"])
+            for m in client.messages
+            if m["type"] == "quality"
+        ] == [("sub", "sub", "pinned")]
+
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"quality": "main"}})
+
+        def switched() -> bool:
+            return any(
+                m["type"] == "quality" and m["payload"]["quality"] == "main"
+                for m in client.messages
+            ) and any(after == 2 for after, _ in video_fragments(client.binary, "gate"))
+
+        await client.wait_until(switched)
+        await client.wait_until(
+            lambda: sum(after == 2 for after, _ in video_fragments(client.binary, "gate")) >= 30
+        )
+        answer = next(
+            m
+            for m in client.messages
+            if m["type"] == "quality" and m["payload"]["quality"] == "main"
+        )
+        assert answer["payload"]["requested"] == "main" and "sessionId" not in answer
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB, MAIN]
+        fragments = video_fragments(client.binary, "gate")
+        timing = [decode_time_and_sync(fragment) for _, fragment in fragments]
+        first_main = next(i for i, (after, _) in enumerate(fragments) if after == 2)
+        assert timing[first_main][1], "the new quality starts with a P-frame"
+        assert timing[0][1], "the fallback starts with a P-frame"
+        # Decode times go on where the last sub frame ended: never back, no gap.
+        decode_times = [time for time, _ in timing]
+        assert all(b > a for a, b in itertools.pairwise(decode_times))
+        assert decode_times[first_main] == end_time(fragments[first_main - 1][1])
+        # Each part decodes at its size from its init segment.
+        for number, (init, size) in enumerate(zip(inits, (SUB, MAIN), strict=True), start=1):
+            path = tmp_path / f"part-{number}.mp4"
+            path.write_bytes(
+                init + b"".join(fragment for after, fragment in fragments if after == number)
+            )
+            pictures = decode(path)
+            assert pictures and {(p.width, p.height) for p in pictures} == {size}
+        [session] = fallback_sessions(server)
+        assert (session.quality_sent, session.switches) == ("main", 1)
+        subscriber = session._subscriber
+        assert subscriber is not None and stream.quality_of(subscriber) == "main"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_quality_for_a_fallback_is_refused_and_every_stream_plays_on(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config([*two_qualities(camera), *DEMO_STREAMS[:1]]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "gate", "payload": {"quality": "sub"}})
+        await client.send({"type": "fallback", "streamId": "demo-1"})
+        await client.wait_until(
+            lambda: min(client.fragments("gate"), client.fragments("demo-1")) >= 5
+        )
+        bad = [
+            {"type": "quality", "streamId": "gate", "payload": {"quality": "ultra"}},
+            {"type": "quality", "streamId": "gate", "payload": {"quality": "no spaces"}},
+            {"type": "quality", "streamId": "gate", "payload": {"tile": {"width": "wide"}}},
+            {"type": "fallback", "streamId": "gate", "payload": {"quality": "ultra"}},
+            {"type": "fallback", "streamId": "gate", "payload": {"tile": [1, 2]}},
+        ]
+        for message in bad:
+            await client.send(message)
+        await client.wait_until(
+            lambda: sum(m["type"] == "error" for m in client.messages) >= len(bad)
+        )
+        errors = [m for m in client.messages if m["type"] == "error"]
+        assert [(e["streamId"], e["code"]) for e in errors] == [
+            ("gate", "unknown_quality"),
+            ("gate", "invalid_message"),
+            ("gate", "invalid_message"),
+            ("gate", "unknown_quality"),
+            ("gate", "invalid_message"),
+        ]
+        assert 'no quality "ultra"; it has main, sub' in errors[0]["payload"]
+        assert "payload.tile" in errors[2]["payload"]
+        # Nothing was lost: the same fallbacks play on, the gate still on sub.
+        [gate_session] = [s for s in fallback_sessions(server) if s.stream.id == "gate"]
+        before = {s: client.fragments(s) for s in ("gate", "demo-1")}
+        await client.wait_until(
+            lambda: all(client.fragments(s) >= n + 25 for s, n in before.items())
+        )
+        assert [s for s in fallback_sessions(server) if s.stream.id == "gate"] == [gate_session]
+        assert (gate_session.quality_sent, gate_session.switches) == ("sub", 0)
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB]
         nursery.cancel_scope.cancel()

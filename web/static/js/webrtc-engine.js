@@ -50,9 +50,11 @@
  * `webrtcRetryMaxMs`). The fallback keeps the video element until the new peer connection has
  * decoded a frame; then the element switches to it, the server is told to end the fallback
  * (`close` with `payload.fallback`), and the state goes from live (fallback) to live. The
- * fallback plays the stream's default quality; a background attempt's offer carries the
- * requested quality and the tile like any other, and its `quality` event is held until it
- * takes over.
+ * fallback plays the quality asked for like a peer connection: its `fallback` message carries
+ * the requested quality and the tile, and `setQuality` and the tile's reports go to it as
+ * `quality` messages (a new init segment follows, in the same video element). A background
+ * attempt's offer carries them too, the same `quality` messages reach both, and the attempt's
+ * `quality` event is held until it takes over.
  */
 /** @typedef {import('./websocket-manager.js').Message} Message */
 /** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
@@ -1425,15 +1427,15 @@
         },
         () => {
           if (this.#fallback !== player) return;
-          this.#manager.send('fallback', this.streamId, { audio: [] });
+          this.#manager.send('fallback', this.streamId, { audio: [], ...this.#qualityFields() });
         },
       );
       this.#fallback = player;
       this.#announcedConnected = false;
       this.#setState('connecting', `video over the socket: ${reason}`);
+      // The quality asked for and the tile, as an offer says them: a wall's tile starts on sub.
       const audio = this.#fallbackAudioCodecs(MediaSourceImpl);
-      if (audio.length) this.#manager.send('fallback', this.streamId, { audio });
-      else this.#manager.send('fallback', this.streamId);
+      this.#manager.send('fallback', this.streamId, audio.length ? { audio, ...this.#qualityFields() } : this.#qualityFields());
     }
 
     /**
@@ -1578,15 +1580,31 @@
     /**
      * Play one quality ('main', 'sub'…, as the stream names them), or let the server choose
      * from the element's size and visibility and the network ('auto'). Takes effect on the
-     * same peer connection (no new offer); the `quality` event says when it plays.
+     * same peer connection (no new offer), or on the fallback over the socket (a new init
+     * segment in the same video element); the `quality` event says when it plays.
      * @param {string} quality
      */
     setQuality(quality) {
       if (typeof quality !== 'string' || !quality) throw new TypeError('setQuality needs a quality name or "auto"');
       this.#requestedQuality = quality;
-      if (this.pc && this.#sessionId) {
-        this.#manager.send('quality', this.streamId, { ...this.#qualityFields(), sessionId: this.#sessionId });
-      }
+      if (this.#hasQualitySession) this.#manager.send('quality', this.streamId, this.#withSessionId(this.#qualityFields()));
+    }
+
+    /**
+     * Whether a session on the server takes `quality` messages: a WebRTC session (answered
+     * or being answered), or the fallback (which follows them too while WebRTC is retried
+     * beside it: one message, the server hands it to both).
+     */
+    get #hasQualitySession() {
+      return Boolean((this.pc && this.#sessionId) || this.#fallback);
+    }
+
+    /**
+     * @template {object} T
+     * @param {T} fields @returns {T & {sessionId?: string}} with the WebRTC session's id, if one runs
+     */
+    #withSessionId(fields) {
+      return this.pc && this.#sessionId ? { ...fields, sessionId: this.#sessionId } : fields;
     }
 
     /** @returns {{quality: string, tile?: Tile}} what an offer or a `quality` message says */
@@ -1662,10 +1680,10 @@
     #reportTile() {
       const tile = this.#measureTile();
       const told = this.#toldTile;
-      if (!tile || !this.pc || !this.#sessionId) return;
+      if (!tile || !this.#hasQualitySession) return;
       if (told && told.width === tile.width && told.height === tile.height && told.visible === tile.visible) return;
       this.#toldTile = tile;
-      this.#manager.send('quality', this.streamId, { tile, sessionId: this.#sessionId });
+      this.#manager.send('quality', this.streamId, this.#withSessionId({ tile }));
     }
 
     /** @param {unknown} payload `{quality, requested, reason, qualities}` @param {Message} raw */
@@ -1682,8 +1700,8 @@
         reason: typeof fields.reason === 'string' ? fields.reason : '',
         qualities: Array.isArray(fields.qualities) ? fields.qualities : [],
       };
-      if (this.#fallback) {
-        // A background attempt's: the fallback (the default quality) plays until it takes over.
+      if (this.#fallback && raw && raw.sessionId) {
+        // A background attempt's: the fallback's picture shows until it takes over.
         this.#heldQuality = info;
         return;
       }

@@ -7,6 +7,7 @@ import collections
 import itertools
 import json
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -482,10 +483,10 @@ def init_size(init: bytes) -> tuple[int, int]:
 
 
 def video_fragments(
-    binary: list[tuple[BinaryKind, str, bytes]], stream_id: str
+    binary: list[tuple[BinaryKind, str, bytes]], stream_id: str, track: int = 1
 ) -> list[tuple[int, bytes]]:
-    """Every video fragment (track 1) of the stream, each with the number of the init segment
-    it follows (1 for the first)."""
+    """Every video fragment (track 1; or audio, track 2) of the stream, in order, each with the
+    number of the init segment it follows (1 for the first)."""
     found: list[tuple[int, bytes]] = []
     inits = 0
     for kind, stream, payload in binary:
@@ -495,8 +496,8 @@ def video_fragments(
             inits += 1
             continue
         for fragment in split_fragments(payload):
-            (track,) = struct.unpack_from("!I", fragment, fragment.index(b"tfhd") + 8)
-            if track == 1:
+            (in_track,) = struct.unpack_from("!I", fragment, fragment.index(b"tfhd") + 8)
+            if in_track == track:
                 found.append((inits, fragment))
     return found
 
@@ -610,4 +611,79 @@ async def test_a_bad_quality_for_a_fallback_is_refused_and_every_stream_plays_on
         assert (gate_session.quality_sent, gate_session.switches) == ("sub", 0)
         inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
         assert [init_size(init) for init in inits] == [SUB]
+        nursery.cancel_scope.cancel()
+
+
+def clip_with_sound(path: Path, size: str) -> None:
+    """Six seconds of a test picture of ``size`` and a 440 Hz tone (AAC), a keyframe a second."""
+    subprocess.run(
+        [
+            "ffmpeg", "-loglevel", "error", "-y",
+            "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25",
+            "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+            "-t", "6", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+            "-g", "25", "-bf", "0", "-pix_fmt", "yuv420p", "-c:a", "aac", "-ac", "2",
+            "-shortest", str(path),
+        ],
+        check=True,
+    )  # fmt: skip
+
+
+async def test_sound_stays_with_the_picture_across_a_switch_and_never_goes_back(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    for size in ("640x360", "320x180"):
+        clip_with_sound(tmp_path / f"{size}.mp4", size)
+    qualities = [
+        {"name": "main", "source": f"file:{tmp_path / '640x360.mp4'}"},
+        {"name": "sub", "source": f"file:{tmp_path / '320x180.mp4'}"},
+    ]
+    server = await start_server(make_config([{"id": "clip", "qualities": qualities}]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send(
+            {
+                "type": "fallback",
+                "streamId": "clip",
+                "payload": {"quality": "sub", "audio": ["mp4a.40.2"]},
+            }
+        )
+
+        def counted(track: int, after: int) -> int:
+            return sum(n == after for n, _ in video_fragments(client.binary, "clip", track))
+
+        await client.wait_until(lambda: counted(1, 1) >= 30 and counted(2, 1) >= 30)
+        await client.send({"type": "quality", "streamId": "clip", "payload": {"quality": "main"}})
+        await client.wait_until(lambda: counted(1, 2) >= 50 and counted(2, 2) >= 50)
+
+        inits = [p for k, s, p in client.binary if s == "clip" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [(320, 180), (640, 360)]
+        video = video_fragments(client.binary, "clip", 1)
+        sound = video_fragments(client.binary, "clip", 2)
+        for fragments in (video, sound):
+            times = [decode_time_and_sync(fragment)[0] for _, fragment in fragments]
+            assert all(b > a for a, b in itertools.pairwise(times))  # never back
+        # After the new init, the picture comes first, from a keyframe.
+        second_init = [
+            i for i, (k, s, _) in enumerate(client.binary) if s == "clip" and k is BinaryKind.INIT
+        ][1]
+        first_after = split_fragments(client.binary[second_init + 1][2])[0]
+        assert first_after in [f for _, f in video] and decode_time_and_sync(first_after)[1]
+        # In step: where the picture and the sound received so far end, give or take a
+        # GOP's replay and a message in flight.
+        picture_end = end_time(video[-1][1]) / 90_000
+        sound_end = end_time(sound[-1][1]) / 48_000
+        assert abs(picture_end - sound_end) < 1.0, (picture_end, sound_end)
+        # What came after the switch decodes: picture at main's size, and sound.
+        path = tmp_path / "after.mp4"
+        path.write_bytes(
+            inits[1] + b"".join(p for k, s, p in client.binary[second_init + 1 :] if s == "clip")
+        )
+        with av.open(str(path)) as container:
+            assert [s.codec_context.name for s in container.streams] == ["h264", "aac"]
+            heard = list(container.decode(container.streams.audio[0]))
+            container.seek(0)
+            pictures = list(container.decode(container.streams.video[0]))
+        assert len(heard) >= 40 and {(p.width, p.height) for p in pictures} == {(640, 360)}
         nursery.cancel_scope.cancel()

@@ -42,7 +42,6 @@ from typing import Final
 
 import trio
 
-from . import protocol
 from .errors import ErrorCode, SignalingError
 from .feeds import QualityFeed
 from .media.fanout import Subscriber, SubscriberStatistics
@@ -61,7 +60,7 @@ from .media.source_contract import SourceInfo
 from .protocol import Fallback, QualityRequest
 from .quality_follower import QualityFollower
 from .registry import Stream
-from .session import serve_reporting_failure
+from .session import forward_states, serve_reporting_failure
 
 log = logging.getLogger(__name__)
 
@@ -474,13 +473,8 @@ class FallbackSession:
         return self._timeline.place_audio(fragment, self.audio.clock_rate)
 
     async def _forward_states(self) -> None:
-        last: tuple[str, str | None] | None = None
-        while True:
-            current = (str(self.stream.state), self.stream.detail)
-            if current != last:
-                last = current
-                self._post(protocol.state(self.stream.id, current[0], current[1]))
-            await self.stream.wait_changed()
+        # The state of the quality it plays, as a WebRTC session's.
+        await forward_states(self.stream, self._subscriber, self._post)
 
     def _stream_unavailable(self, reason: str) -> None:
         self._post_error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")

@@ -237,20 +237,7 @@ class StreamSession:
         self.end(reason)
 
     async def _forward_states(self) -> None:
-        last: tuple[str, str | None] | None = None
-        while True:
-            # The state of the quality this viewer plays: its picture is that source's.
-            playing = self.stream.quality_of(self._subscriber) if self._subscriber else None
-            feed = self.stream.quality(playing) if playing is not None else None
-            current = (
-                (str(feed.state), feed.detail)
-                if feed is not None
-                else (str(self.stream.state), self.stream.detail)
-            )
-            if current != last:
-                last = current
-                self._post(protocol.state(self.stream.id, current[0], current[1], self.session_id))
-            await self.stream.wait_changed()
+        await forward_states(self.stream, self._subscriber, self._post, self.session_id)
 
     async def _watch_peer(self, peer: PeerConnection) -> SignalingError:
         """Wait until the peer fails or never connects in time; return why."""
@@ -273,6 +260,26 @@ class StreamSession:
 
     def _post_error(self, code: ErrorCode, message: str) -> None:
         self._post_error_to(code, message, self.stream.id, self.session_id)
+
+
+async def forward_states(
+    stream: Stream, viewer: Subscriber | None, post: Post, session_id: str | None = None
+) -> None:
+    """Tell the client the state of the quality ``viewer`` plays (its picture is that source's;
+    the stream's leading state while it plays none), now and on every change."""
+    last: tuple[str, str | None] | None = None
+    while True:
+        playing = stream.quality_of(viewer) if viewer is not None else None
+        feed = stream.quality(playing) if playing is not None else None
+        current = (
+            (str(feed.state), feed.detail)
+            if feed is not None
+            else (str(stream.state), stream.detail)
+        )
+        if current != last:
+            last = current
+            post(protocol.state(stream.id, current[0], current[1], session_id))
+        await stream.wait_changed()
 
 
 async def serve_reporting_failure(

@@ -687,3 +687,39 @@ async def test_sound_stays_with_the_picture_across_a_switch_and_never_goes_back(
             pictures = list(container.decode(container.streams.video[0]))
         assert len(heard) >= 40 and {(p.width, p.height) for p in pictures} == {(640, 360)}
         nursery.cancel_scope.cancel()
+
+
+async def test_an_auto_fallback_follows_its_tile_size_and_visibility(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config(two_qualities(camera)))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+
+        def inits() -> list[tuple[int, int]]:
+            return [init_size(p) for k, s, p in client.binary if k is BinaryKind.INIT]
+
+        def said(quality: str, reason: str) -> bool:
+            return any(
+                m["type"] == "quality"
+                and (m["payload"]["quality"], m["payload"]["reason"]) == (quality, reason)
+                for m in client.messages
+            )
+
+        # A wall's tile, 300x170 device pixels: sub covers it.
+        tile = {"width": 300, "height": 170, "visible": True}
+        await client.send(
+            {"type": "fallback", "streamId": "gate", "payload": {"quality": "auto", "tile": tile}}
+        )
+        await client.wait_until(lambda: said("sub", "tile") and client.fragments("gate") >= 5)
+        assert inits() == [SUB]
+        # Made full screen: only main covers it.
+        tile = {"width": 1280, "height": 720, "visible": True}
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"tile": tile}})
+        await client.wait_until(lambda: said("main", "tile") and inits() == [SUB, MAIN])
+        # Scrolled out of sight: the smallest.
+        tile = {**tile, "visible": False}
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"tile": tile}})
+        await client.wait_until(lambda: said("sub", "hidden") and inits() == [SUB, MAIN, SUB])
+        nursery.cancel_scope.cancel()

@@ -14,12 +14,15 @@ Task tree of a fallback session (a cancel scope inside its socket's nursery)::
 
     FallbackSession.run              cancel scope: ``end()``, the socket closing, the stream
     │                                stopped or deleted, a new fallback or a ``close``
-    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's),
-        │    (stream.open_audio())   and one for its audio if it is sent
+    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's), on
+        │    (stream.open_audio())   the quality asked for; one for its audio if it is sent
         └── nursery
-            ├── forward the stream's state changes to the client
+            ├── forward the state of the quality played to the client
+            ├── follow the quality (``quality_follower.py``): the page's ``quality`` messages
+            │   move the viewer to another quality (at its cached keyframe)
             └── send: init segment, then a fragment per frame, one message at a time
-                (the frames that waited meanwhile go together in the next)
+                (the frames that waited meanwhile go together in the next); after a move,
+                the new quality's init segment, then its frames on the viewer's timeline
 
 Back-pressure: the session hands the socket one message and waits until it is written before
 it takes the next frames from its queues; the next message carries every frame that waited

@@ -7,8 +7,9 @@ A viewer that can't reach WebRTC gets the stream's video as an *init segment* (`
 
 The boxes are written here by hand (ISO/IEC 14496-12 and 14496-15): an H.264 track needs a
 dozen fixed boxes, and a frame's fragment is a pure function of the frame, so one
-:class:`Fmp4Remuxer` per stream builds each fragment once and every fallback viewer of the
-stream sends the same bytes.
+:class:`Fmp4Remuxer` per stream quality builds each fragment once and every fallback viewer
+of it sends the same bytes (a viewer moved from another quality sends a copy whose decode time
+is shifted onto its own timeline: :func:`shift_decode_time`).
 
 Audio, where the browser takes it, is a second track (track 2) in the same init segment, its
 frames in fragments of their own, on the stream's timeline like the video (the source places

@@ -606,3 +606,18 @@ test('the fallback asks for the page\'s quality and tile, and follows setQuality
   clock.advance(1000);
   delete globalThis.devicePixelRatio;
 });
+
+test('a fallback refused for a quality the stream does not have ends in error, with no retry', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallback: 'always', quality: 'ultra' });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { quality: 'ultra' } });
+  const errors = [];
+  engine.on('error', (e) => errors.push([e.code, e.recoverable]));
+  socket.serverSends({ type: 'error', streamId: 'cam', payload: 'Stream "cam" has no quality "ultra"; it has main (or "auto")', code: 'unknown_quality' });
+  assert.deepEqual(errors, [['unknown_quality', false]]);
+  assert.equal(engine.state, 'error');
+  assert.equal(engine.transport, 'webrtc'); // the fallback's player is gone
+  clock.advance(120000);
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'fallback' || m.type === 'offer').length, 1);
+  engine.disconnect();
+});

@@ -188,7 +188,7 @@
 
   /** Server error codes after which retrying can't help. */
   const FATAL_CODES = new Set([
-    'stream_not_found', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
+    'stream_not_found', 'unknown_quality', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
     'invalid_message', 'forbidden', 'unauthorized', 'token_expired', 'too_many_streams',
   ]);
   const DISCONNECTED_GRACE_MS = 4000; // 'disconnected' often heals by itself; 'failed' does not
@@ -1266,6 +1266,7 @@
         this.#abandonWebRTCAttempt(String(text));
         return;
       }
+      if (code === 'unknown_quality' && this.#onUnknownQuality(String(text))) return;
       const recoverable = !(code && FATAL_CODES.has(code));
       const error = Object.assign(new Error(String(text)), { code, recoverable });
       const pending = this.#pendingAnswer;
@@ -1287,6 +1288,28 @@
         this.#closePeer();
         this.#setState('error', String(text));
       }
+    }
+
+    /**
+     * The server has no quality of the name asked for. A `quality` message's refusal leaves
+     * whatever plays as it was (the engine goes back to asking what the server still plays);
+     * an offer's or a fallback's would fail again with the same name: no retry.
+     * @param {string} text
+     * @returns {boolean} whether it was handled here (else: an offer's, handled as a fatal error)
+     */
+    #onUnknownQuality(text) {
+      if (this.#pendingAnswer) {
+        this.#requestedQuality = 'auto'; // connect() (or the page, after reconnect()) starts over on auto
+        return false;
+      }
+      const fallbackRefused = this.#fallback && this.#fallback.appended === 0;
+      this.#requestedQuality = this.#qualityInfo ? this.#qualityInfo.requested : 'auto';
+      this.#emit('error', { streamId: this.streamId, message: text, code: 'unknown_quality', recoverable: false });
+      if (fallbackRefused) {
+        this.#stopFallback();
+        this.#setState('error', text);
+      }
+      return true;
     }
 
     /** @param {unknown} payload `{state, detail}` (docs/protocol.md) @param {Message} raw */
@@ -1581,11 +1604,17 @@
      * Play one quality ('main', 'sub'…, as the stream names them), or let the server choose
      * from the element's size and visibility and the network ('auto'). Takes effect on the
      * same peer connection (no new offer), or on the fallback over the socket (a new init
-     * segment in the same video element); the `quality` event says when it plays.
+     * segment in the same video element); the `quality` event says when it plays. A name the
+     * server refuses (`unknown_quality`) is an `error` event; what plays goes on.
      * @param {string} quality
+     * @throws {RangeError} a name the stream doesn't have, once the server has listed its qualities
      */
     setQuality(quality) {
       if (typeof quality !== 'string' || !quality) throw new TypeError('setQuality needs a quality name or "auto"');
+      const names = this.#qualityInfo ? this.#qualityInfo.qualities.map((q) => q.name) : [];
+      if (quality !== 'auto' && names.length && !names.includes(quality)) {
+        throw new RangeError(`setQuality: stream "${this.streamId}" has no quality "${quality}"; it has ${names.join(', ')} (or "auto")`);
+      }
       this.#requestedQuality = quality;
       if (this.#hasQualitySession) this.#manager.send('quality', this.streamId, this.#withSessionId(this.#qualityFields()));
     }

@@ -327,8 +327,10 @@ class FallbackSession:
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_states)
-                # Decided once, from what the source carried when it (last) opened; every
-                # quality of a stream has the same audio codec (configuration.md).
+                # Decided once, from what the first quality's source carried when it (last)
+                # opened: a camera's streams carry the same sound, so the init segments of
+                # its other qualities announce the same audio track (a quality whose audio
+                # codec differs would be sent under this one's: not supported, as for WebRTC).
                 info = self.stream.quality(start).source_info
                 if info is None:
                     info = await self.stream.wait_source_info(start)

@@ -257,6 +257,8 @@ class FallbackSession:
             label=self._label,
         )
         self._timeline = _ViewerTimeline()
+        #: after a move: the new quality's frames start at a keyframe, never a P-frame
+        self._keyframe_due = False
         self.fragments_sent = 0
         self.audio_fragments_sent = 0
         #: binary messages of fragments (a message carries every fragment that waited)
@@ -412,6 +414,7 @@ class FallbackSession:
                     if self.quality_sent is not None:
                         self.switches += 1
                         self._timeline.rebase()
+                        self._keyframe_due = True
                         log.info("%s: now sending quality %s", self._label, playing)
                     self.quality_sent = playing
                 assert remuxer is not None
@@ -432,6 +435,9 @@ class FallbackSession:
                         batch.append(fragment)
                         audio_in_batch += 1
                     continue
+                if self._keyframe_due and not frame.keyframe:
+                    continue  # the move starts the queue at a keyframe: never reached
+                self._keyframe_due = False
                 if frame.keyframe:
                     # The size is the SPS's; the source's figures only where it has none.
                     info = feed.source_info

@@ -279,7 +279,7 @@ async def test_a_bad_quality_request_gets_an_error_and_changes_nothing(
         assert played.sizes == {SUB}
 
 
-async def test_a_fallback_plays_the_default_quality_and_webrtc_beside_it_switches(
+async def test_a_fallback_and_the_webrtc_session_beside_it_both_follow_quality_messages(
     start_server: StartServer, camera: Camera
 ) -> None:
     server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
@@ -288,22 +288,26 @@ async def test_a_fallback_plays_the_default_quality_and_webrtc_beside_it_switche
         await viewer.send({"type": "fallback", "streamId": "gate"})
         with trio.fail_after(15):
             await stream.changes.wait_until(lambda: stream.quality("sub").viewers == 1)
-        refused = await viewer.request(
-            {"type": "quality", "streamId": "gate", "payload": {"quality": "main"}},
-            "gate",
-            ("error",),
-        )
-        assert refused["code"] == "invalid_message"
-        assert "fallback" in refused["payload"] and "default quality" in refused["payload"]
-
-        # The page tries WebRTC again beside its fallback: that session takes quality messages.
-        played = await viewer.play("gate")
+        # The page tries WebRTC again beside its fallback (still on sub, the default).
+        played = await viewer.play("gate", session_id="p-1")
         await played.wait_size(SUB)
-        await ask_quality(viewer, {"quality": "main"}, "main")
+        start = len(viewer.messages)
+        await viewer.send({"type": "quality", "streamId": "gate", "payload": {"quality": "main"}})
+
+        def answers() -> list[str | None]:
+            return [
+                m.get("sessionId")
+                for m in viewer.messages[start:]
+                if m.get("type") == "quality" and m["payload"]["quality"] == "main"
+            ]
+
+        await viewer.wait_for(lambda _: None in answers() and "p-1" in answers(), after=start)
         await played.wait_size(MAIN)
+        with trio.fail_after(15):
+            await stream.changes.wait_until(lambda: stream.quality("main").viewers == 2)
         [connection] = server.services.hub._connections
         assert list(connection.fallbacks) == ["gate"]  # the fallback plays on meanwhile
-        assert stream.quality("main").viewers == 1 and stream.quality("sub").viewers == 1
+        assert stream.quality("sub").viewers == 0
 
 
 async def test_a_short_link_falls_to_sub_and_climbs_back(

@@ -11,24 +11,12 @@ arrived (a frame lost in the relay, a resume that did not wait for a keyframe) b
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
-import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
-from test_cluster_failover import (
-    MEDIASTREAM,
-    SRC,
-    CameraSessions,
-    NodeProcess,
-    counting_camera,
-    judge_nodes_on_a_fresh_redis,
-    replay_after_failure,
-)
 
 from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import rank_nodes
@@ -47,6 +35,15 @@ from mediastream.cluster.routing import ClusterNode
 from mediastream.media.frames import NAL_IDR, NAL_SLICE, NAL_SPS, _BitReader, nal_type, split_annexb
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    CameraSessions,
+    NodeProcess,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    open_node_process,
+    replay_after_failure,
+)
+from support.commands import MEDIASTREAM, SRC
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import PlayedStream, open_viewer
@@ -54,7 +51,9 @@ from support.viewer import PlayedStream, open_viewer
 NODES = ("node-a", "node-b", "node-c")
 STREAM = "lobby"
 CAP = 2
-__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+# A fixture (pytest finds it here), and names other tests imported from this module before
+# they moved to support.cluster and support.commands: import them from there.
+__all__ = ["MEDIASTREAM", "SRC", "judge_nodes_on_a_fresh_redis"]
 
 
 def stream_ranked(*order: str) -> str:
@@ -233,41 +232,18 @@ def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, ob
     return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
 
 
-@asynccontextmanager
-async def node_c_process(
+def node_c_process(
     tmp_path: Path, redis: RedisServer, streams: list[dict[str, object]]
-) -> AsyncIterator[NodeProcess]:
+) -> AbstractAsyncContextManager[NodeProcess]:
     """Node C as a ``mediastream serve`` process (so that it can be killed), replicas on."""
-    config = tmp_path / "node-c.toml"
-    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / "node-c"}"\n\n'
-    text += "[media]\non_demand_grace = 1\n\n"
-    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "node-c"\n'
-    text += f"max_viewers_per_node = {CAP}\n\n"
-    for stream in streams:
-        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
-        text += "on_demand = true\n\n"
-    config.write_text(text)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
-            )
-        )
-        node = NodeProcess(process)
-        nursery.start_soon(node.drain)
-        try:
-            await node.wait_logged(b'cluster node "node-c"')
-            yield node
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+    return open_node_process(
+        tmp_path,
+        "node-c",
+        redis.url,
+        streams,
+        ready=b'cluster node "node-c"',
+        max_viewers_per_node=CAP,
+    )
 
 
 async def in_process_nodes(

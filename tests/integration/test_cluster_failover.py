@@ -26,28 +26,31 @@ from mediastream.cluster.redis_client import Redis, open_redis
 from mediastream.server import RunningServer
 
 from support.cluster import (
+    PATTERN,
     CameraSessions,
     NodeProcess,
     cluster_of,
     counting_camera,
     judge_nodes_on_a_fresh_redis,
     open_node_process,
+    pattern_streams,
     replay_after_failure,
+    start_cluster,
+    start_node,
     wait_registered,
 )
 from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
-from support.servers import Camera, StartServer, make_config
+from support.servers import Camera, StartServer
 from support.tcp_proxy import TcpProxy
 from support.viewer import SignalingFailed, open_viewer
 
 NODES = ("node-a", "node-b")
 MOUNTS = ("/h264", "/h264-gop1")
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 # A fixture (pytest finds it here), and names other tests imported from this module before
 # they moved to support.cluster and support.commands: import them from there.
-__all__ = ["MEDIASTREAM", "SRC", "CameraSessions", "judge_nodes_on_a_fresh_redis"]
+__all__ = ["MEDIASTREAM", "PATTERN", "SRC", "CameraSessions", "judge_nodes_on_a_fresh_redis"]
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)
@@ -76,8 +79,7 @@ async def test_the_owner_killed_every_tile_plays_again_on_its_socket_from_one_ne
 ) -> None:
     async with counting_camera() as camera:
         streams = camera_streams(camera.camera, ON_B)
-        config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-a"})
-        a = await start_server(config)
+        a = await start_node(start_server, redis_server.url, "node-a", streams)
         async with node_process(tmp_path, "node-b", redis_server, streams) as b:
             await wait_registered(a, b)
             async with open_viewer(a.ws_url) as first, open_viewer(a.ws_url) as second:
@@ -119,8 +121,7 @@ async def test_an_owner_frozen_past_its_lease_stops_reading_and_never_opens_the_
     async with counting_camera() as camera:
         stream_id = ON_B[0]
         streams = camera_streams(camera.camera, [stream_id])
-        config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-a"})
-        a = await start_server(config)
+        a = await start_node(start_server, redis_server.url, "node-a", streams)
         async with node_process(tmp_path, "node-b", redis_server, streams) as b:
             await wait_registered(a, b)
             async with open_viewer(a.ws_url) as viewer:
@@ -154,14 +155,7 @@ async def test_an_owner_frozen_past_its_lease_stops_reading_and_never_opens_the_
 async def start_pattern_nodes(
     start_server: StartServer, redis: RedisServer
 ) -> tuple[RunningServer, RunningServer]:
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    a, b = [
-        await start_server(
-            make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
-        )
-        for node_id in NODES
-    ]
-    await wait_registered(a, b)
+    a, b = await start_cluster(start_server, redis.url, NODES, pattern_streams(ON_A + ON_B))
     return a, b
 
 
@@ -273,14 +267,10 @@ async def start_owner_behind_a_proxy(
 ) -> tuple[RunningServer, RunningServer]:
     """Node A with the page's socket, node B (the owner of ``ON_B``) reaching Redis through
     ``proxy``, which can lose the pub/sub messages on their way to B."""
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    a = await start_server(
-        make_config(streams, cluster={"redis_url": redis.url, "node_id": "node-a"})
-    )
+    streams = pattern_streams(ON_A + ON_B)
+    a = await start_node(start_server, redis.url, "node-a", streams)
     proxied = f"redis://127.0.0.1:{proxy.port}/0"
-    b = await start_server(
-        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-b"})
-    )
+    b = await start_node(start_server, proxied, "node-b", streams)
     await wait_registered(a, b)
     return a, b
 
@@ -374,14 +364,10 @@ async def test_a_lost_answer_from_the_owner_is_sent_again_and_the_tile_plays(
 ) -> None:
     proxy = TcpProxy(redis_server.port)
     await nursery.start(proxy.serve)
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    streams = pattern_streams(ON_A + ON_B)
     proxied = f"redis://127.0.0.1:{proxy.port}/0"  # A, the socket's node, behind the proxy
-    a = await start_server(
-        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-a"})
-    )
-    b = await start_server(
-        make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-b"})
-    )
+    a = await start_node(start_server, proxied, "node-a", streams)
+    b = await start_node(start_server, redis_server.url, "node-b", streams)
     await wait_registered(a, b)
     proxy.drop_messages(1, containing=b'\\"type\\":\\"answer\\"')  # B's answer, for A's socket
     async with open_viewer(a.ws_url) as viewer:

@@ -31,21 +31,22 @@ from mediastream.cluster.relay import (
     open_relay,
     relay_key,
 )
-from mediastream.cluster.routing import ClusterNode
 from mediastream.media.frames import NAL_IDR, NAL_SLICE, NAL_SPS, _BitReader, nal_type, split_annexb
 from mediastream.server import RunningServer
 
 from support.cluster import (
     CameraSessions,
     NodeProcess,
+    cluster_of,
     counting_camera,
     judge_nodes_on_a_fresh_redis,
     open_node_process,
     replay_after_failure,
+    start_cluster,
 )
 from support.commands import MEDIASTREAM, SRC
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import PlayedStream, open_viewer
 
 NODES = ("node-a", "node-b", "node-c")
@@ -71,23 +72,16 @@ def stream_ranked(*order: str) -> str:
 HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 
 
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
 
 
 async def start_nodes(
     start_server: StartServer, redis: RedisServer, sessions: CameraSessions
 ) -> list[RunningServer]:
-    streams = [{"id": STREAM, "source": sessions.camera.url("/h264"), "on_demand": True}]
-    nodes = []
-    for node_id in NODES:
-        cluster = {"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP}
-        nodes.append(await start_server(make_config(streams, cluster=cluster)))
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
+    """The three nodes, ``CAP`` viewers each, serving ``STREAM`` from the counting camera."""
+    streams = camera_stream(sessions, STREAM)
+    return await start_cluster(start_server, redis.url, NODES, streams, max_viewers_per_node=CAP)
 
 
 def peers(node: RunningServer) -> int:
@@ -228,10 +222,6 @@ async def test_the_relay_refuses_a_client_without_the_secret(
             assert sessions.connects == 1
 
 
-def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
-    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
-
-
 def node_c_process(
     tmp_path: Path, redis: RedisServer, streams: list[dict[str, object]]
 ) -> AbstractAsyncContextManager[NodeProcess]:
@@ -249,17 +239,10 @@ def node_c_process(
 async def in_process_nodes(
     start_server: StartServer, redis: RedisServer, streams: list[dict[str, object]]
 ) -> tuple[RunningServer, RunningServer]:
-    a, b = [
-        await start_server(
-            make_config(
-                streams,
-                cluster={"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP},
-            )
-        )
-        for node_id in NODES[:2]
-    ]
-    for node in (a, b):
-        await cluster_of(node)._started.wait()
+    """Nodes A and B, ``CAP`` viewers each (C is a process: :func:`node_c_process`)."""
+    a, b = await start_cluster(
+        start_server, redis.url, NODES[:2], streams, max_viewers_per_node=CAP
+    )
     return a, b
 
 
@@ -359,14 +342,8 @@ async def test_without_a_viewer_cap_there_is_no_relay_and_the_owner_serves_every
 ) -> None:
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, STREAM)
-        nodes = [
-            await start_server(
-                make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node_id})
-            )
-            for node_id in NODES[:2]
-        ]
+        nodes = await start_cluster(start_server, redis_server.url, NODES[:2], streams)
         for node in nodes:
-            await cluster_of(node)._started.wait()
             assert cluster_of(node).relay is None
             registration = cluster_of(node).registration
             assert registration is not None and registration.record.relay_address == ""
@@ -384,21 +361,9 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
     stream_id = stream_ranked("node-c", "node-b", "node-a")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a, b, c = [
-            await start_server(
-                make_config(
-                    streams,
-                    cluster={
-                        "redis_url": redis_server.url,
-                        "node_id": node_id,
-                        "max_viewers_per_node": CAP,
-                    },
-                )
-            )
-            for node_id in NODES
-        ]
-        for node in (a, b, c):
-            await cluster_of(node)._started.wait()
+        a, b, c = await start_cluster(
+            start_server, redis_server.url, NODES, streams, max_viewers_per_node=CAP
+        )
         async with contextlib.AsyncExitStack() as stack:
             viewers = []
             for _ in range(5):

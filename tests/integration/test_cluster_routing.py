@@ -19,20 +19,25 @@ from mediastream.cluster.leases import current_owner, live_nodes
 from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_bus import open_redis_bus
 from mediastream.cluster.redis_client import open_redis
-from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
-from support.cluster import open_node_process
+from support.cluster import (
+    PATTERN,
+    cluster_of,
+    open_node_process,
+    pattern_streams,
+    start_cluster,
+    start_node,
+)
 from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import SignalingFailed, open_viewer
 
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 NODES = ("node-a", "node-b")
-# Names other tests imported from this module before they moved to support.commands.
-__all__ = ["MEDIASTREAM", "SRC"]
+# Names other tests imported from this module before they moved to support.
+__all__ = ["MEDIASTREAM", "PATTERN", "SRC"]
 
 
 def free_port() -> int:
@@ -46,21 +51,8 @@ ON_B = stream_ids_placed_on("node-b", NODES, 2)
 
 
 async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    nodes = []
-    for node_id in NODES:
-        config = make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
-        nodes.append(await start_server(config))
-    # Both records are in Redis once each node's registration has written it.
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
-
-
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
+    """Nodes A and B, each serving every stream of ``ON_A`` and ``ON_B``, both in Redis."""
+    return await start_cluster(start_server, redis.url, NODES, pattern_streams(ON_A + ON_B))
 
 
 def ingests(nodes: list[RunningServer], stream_id: str) -> int:
@@ -153,9 +145,8 @@ async def test_concurrent_opens_through_both_nodes_read_the_stream_once(
 async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_ingest(
     start_server: StartServer, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-a"})
-    a = await start_server(config)
+    streams = pattern_streams(ON_A + ON_B)
+    a = await start_node(start_server, redis_server.url, "node-a", streams)
     stream_id = ON_B[0]
     async with (
         open_node_process(tmp_path, "node-b", redis_server.url, streams) as b,
@@ -204,11 +195,7 @@ async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearl
     start_server: StartServer,
 ) -> None:
     nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    config = make_config(
-        [{"id": "cam", "source": PATTERN, "on_demand": True}],
-        cluster={"redis_url": nowhere, "node_id": "node-a"},
-    )
-    node = await start_server(config)
+    node = await start_node(start_server, nowhere, "node-a", pattern_streams(["cam"]))
     health = await get(f"{node.url}/healthz")
     assert (health.status, health.json()) == (200, {"status": "ok"})
     async with open_viewer(node.ws_url) as viewer:

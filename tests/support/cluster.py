@@ -1,7 +1,7 @@
 """Cluster nodes for tests: in-process nodes on one Redis, a node as a ``mediastream serve``
 subprocess (to be killed or frozen), and a camera that counts its RTSP sessions.
 
-    nodes = await start_nodes(start_server, redis_server.url, NODES, pattern_streams(ids))
+    nodes = await start_cluster(start_server, redis_server.url, NODES, pattern_streams(ids))
     async with open_node_process(tmp_path, "node-b", redis_server.url, streams) as b:
         await wait_registered(nodes[0], b)
         b.process.kill()
@@ -63,15 +63,15 @@ async def start_node(
     return await start_server(make_config(streams, cluster=section))
 
 
-async def start_nodes(
+async def start_cluster(
     start_server: StartServer,
     redis_url: str,
     node_ids: Iterable[str],
     streams: list[dict[str, Any]],
     **cluster: Any,
 ) -> list[RunningServer]:
-    """:func:`start_node` for each id in turn, all with the same ``streams`` and ``cluster``
-    keys; returns once every node's record is in Redis."""
+    """In-process nodes: :func:`start_node` for each id in turn, all with the same
+    ``streams`` and ``cluster`` keys; returns once every node's record is in Redis."""
     nodes = [
         await start_node(start_server, redis_url, node_id, streams, **cluster)
         for node_id in node_ids

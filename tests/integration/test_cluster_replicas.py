@@ -10,7 +10,6 @@ arrived (a frame lost in the relay, a resume that did not wait for a keyframe) b
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -47,7 +46,7 @@ from support.cluster import (
 from support.commands import MEDIASTREAM, SRC
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import PlayedStream, open_viewer
+from support.viewer import PlayedStream, open_playing_viewers, open_viewer
 
 NODES = ("node-a", "node-b", "node-c")
 STREAM = "lobby"
@@ -127,13 +126,8 @@ def frame_num_breaks(access_units: list[bytes]) -> int:
 async def viewers_of(url: str, count: int) -> AsyncIterator[list[PlayedStream]]:
     """``count`` viewers, one socket each, each playing the stream (one after the other, so
     the owner's count of its viewers and the replicas' reports are current for each offer)."""
-    async with contextlib.AsyncExitStack() as stack:
-        played = []
-        for _ in range(count):
-            viewer = await stack.enter_async_context(open_viewer(url))
-            played.append(await viewer.play(STREAM, trickle=True, capture=True))
-            await played[-1].wait_frames(5, timeout=30)
-        yield played
+    async with open_playing_viewers(url, STREAM, count, capture=True) as viewers:
+        yield [viewer.streams[STREAM] for viewer in viewers]
 
 
 async def test_viewers_beyond_the_cap_are_served_by_replicas_and_the_camera_is_read_once(
@@ -259,13 +253,8 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
         a, b = await in_process_nodes(start_server, redis_server, streams)
         async with (
             node_c_process(tmp_path, redis_server, streams) as c,
-            contextlib.AsyncExitStack() as stack,
+            open_playing_viewers(a.ws_url, stream_id, 5) as viewers,
         ):
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
-                viewers.append(viewer)
             # A serves two itself, C two (replica), B the fifth (C reported itself full).
             assert (peers(a), peers(b)) == (CAP, 1)
             assert cluster_of(a).statistics().relay_connections == 2
@@ -304,14 +293,8 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
         a, b = await in_process_nodes(start_server, redis_server, streams)
         async with (
             node_c_process(tmp_path, redis_server, streams) as c,
-            contextlib.AsyncExitStack() as stack,
+            open_playing_viewers(a.ws_url, stream_id, 5, capture=True) as viewers,
         ):
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
             assert (peers(a), peers(b)) == (CAP, 1)  # and two on C, the owner
             assert stream_id in cluster_of(a).statistics().replicas
             assert stream_id in cluster_of(b).statistics().replicas
@@ -364,13 +347,7 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
         a, b, c = await start_cluster(
             start_server, redis_server.url, NODES, streams, max_viewers_per_node=CAP
         )
-        async with contextlib.AsyncExitStack() as stack:
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
+        async with open_playing_viewers(a.ws_url, stream_id, 5, capture=True) as viewers:
             assert (peers(a), peers(b), peers(c)) == (CAP, 1, CAP)
             marks = [len(v.messages) for v in viewers]
 

@@ -8,7 +8,6 @@ nodes), so the streams are picked by computing the same placement here.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -32,18 +31,12 @@ from support.cluster import (
 from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
-from support.servers import StartServer
+from support.servers import StartServer, free_port
 from support.viewer import SignalingFailed, open_viewer
 
 NODES = ("node-a", "node-b")
 # Names other tests imported from this module before they moved to support.
 __all__ = ["MEDIASTREAM", "PATTERN", "SRC"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)

@@ -37,6 +37,7 @@ from support.cluster import (
     replay_after_failure,
     start_cluster,
     start_node,
+    wait_peer_failed,
     wait_registered,
 )
 from support.commands import MEDIASTREAM, SRC
@@ -246,10 +247,8 @@ async def test_a_live_node_whose_liveness_connection_is_closed_gives_its_streams
         with trio.fail_after(10):
             await lease.lost.wait()
         assert "liveness connection to Redis was closed" in lease.loss_reason
-        told = await viewer.wait_for(
-            lambda m: m.get("streamId") == stream_id and m.get("type") == "error", after=mark
-        )
-        assert told["code"] == "peer_failed" and "lost the stream" in told["payload"]
+        told = await wait_peer_failed(viewer, stream_id, mark, timeout=10)
+        assert "lost the stream" in told["payload"]
         with trio.fail_after(10):  # the new id is written at once, not at the next renewal
             while cluster.registration.record.liveness in (0, old_id):
                 await cluster.registration.wait_renewed()

@@ -27,6 +27,7 @@ from support.cluster import (
     pattern_streams,
     start_cluster,
     start_node,
+    wait_peer_failed,
 )
 from support.commands import MEDIASTREAM, SRC
 from support.http import get
@@ -152,12 +153,7 @@ async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_in
 
         mark = len(viewer.messages)
         b.process.kill()  # SIGKILL: no goodbye, its lease and record just stop renewing
-        told = await viewer.wait_for(
-            lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
-            after=mark,
-            timeout=30,
-        )
-        assert told["code"] == "peer_failed", told
+        told = await wait_peer_failed(viewer, stream_id, mark)
         assert "send a new offer" in told["payload"]
 
         again = await viewer.play(stream_id, trickle=True)
@@ -215,12 +211,7 @@ async def test_an_owner_that_cannot_renew_stops_its_ingest_and_tells_its_viewers
         mark = len(viewer.messages)
         redis_server.freeze()  # SIGSTOP: renewals get no answer until the lease's deadline
         try:
-            told = await viewer.wait_for(
-                lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
-                after=mark,
-                timeout=30,
-            )
-            assert told["code"] == "peer_failed", told
+            told = await wait_peer_failed(viewer, stream_id, mark)
             assert "lost the stream" in told["payload"]
             with trio.fail_after(15):
                 await stream.changes.wait_until(lambda: not stream.source_running)

@@ -26,6 +26,7 @@ from support.cluster import (
     pattern_streams,
     start_cluster,
     start_node,
+    wait_peer_failed,
     wait_registered,
 )
 from support.commands import running_command
@@ -195,12 +196,7 @@ async def test_drain_hands_a_stream_over_and_its_remote_viewer_plays_again_from_
 
             mark = len(viewer.messages)
             a.send_signal(signal.SIGTERM)
-            told = await viewer.wait_for(
-                lambda m: m.get("streamId") == on_a and m.get("type") == "error",
-                after=mark,
-                timeout=30,
-            )
-            assert told["code"] == "peer_failed", told
+            told = await wait_peer_failed(viewer, on_a, mark)
             assert "handed the stream over" in told["payload"], told
             assert "send a new offer" in told["payload"], told
             # Handed over: nobody holds the lease until a viewer comes back, and A's record

@@ -225,15 +225,25 @@ async def counting_camera() -> AsyncIterator[CameraSessions]:
         stop_camera(camera)
 
 
-async def replay_after_failure(viewer: Viewer, stream_id: str, mark: int) -> None:
-    """What the page's engine does: told ``peer_failed``, send a new offer on the same socket
-    (again if that offer fails while the stream is taken over); then wait for frames."""
+async def wait_peer_failed(
+    viewer: Viewer, stream_id: str, mark: int, timeout: float = 30
+) -> dict[str, Any]:
+    """The ``error`` the viewer's socket gets for ``stream_id`` from message ``mark`` on,
+    checked to be ``peer_failed`` (what a page's engine answers with a new offer); returned,
+    for its text to be checked."""
     told = await viewer.wait_for(
         lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
         after=mark,
-        timeout=30,
+        timeout=timeout,
     )
     assert told["code"] == "peer_failed", told
+    return told
+
+
+async def replay_after_failure(viewer: Viewer, stream_id: str, mark: int) -> None:
+    """What the page's engine does: told ``peer_failed``, send a new offer on the same socket
+    (again if that offer fails while the stream is taken over); then wait for frames."""
+    told = await wait_peer_failed(viewer, stream_id, mark)
     assert "send a new offer" in told["payload"]
     played = await viewer.play(stream_id, trickle=True)
     await played.wait_frames(3, timeout=30)

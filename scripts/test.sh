@@ -16,9 +16,10 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 #   redis-server                 a real Redis for the cluster tests (leases, the bus)
 #   nodejs                       the JavaScript unit tests (node --test)
 #   python3-venv                 the virtual environment
+#   openssl                      the relay TLS tests make a CA and node certificates
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    python3-venv chromium ffmpeg coturn redis-server \
+    python3-venv chromium ffmpeg coturn redis-server openssl \
     python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp gstreamer1.0-tools \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
     gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-x

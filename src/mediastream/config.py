@@ -165,8 +165,9 @@ class ClusterConfig:
     #: record) is at least this counts as full for new viewers of the streams it serves, and
     #: is not chosen as a new replica. 0: off. Either limit set turns replicas on.
     max_load_per_node: float = 0.0
-    #: relay connections a node feeds per stream before a new replica is fed by a replica
-    #: instead (replicas chain). 0: no limit (every replica fed by the owner).
+    #: replicas a node feeds per stream (each by one relay connection per quality its viewers
+    #: watch) before a new replica is fed by a replica instead (replicas chain). 0: no limit
+    #: (every replica fed by the owner).
     max_relays_per_node: int = 4
     #: the TCP port other nodes pull encoded frames from (replicas); 0: any free port. With
     #: ``serve --workers N``, worker i listens on relay_port + i.
@@ -174,6 +175,13 @@ class ClusterConfig:
     #: the secret the nodes prove to each other on the relay (HMAC challenge); empty: derived
     #: from redis_url (every node of a cluster has it; set one when the URL has no password).
     relay_secret: str = ""
+    #: mutual TLS on the relay (all three or none; PEM files): this node's certificate, signed
+    #: by the CA in relay_tls_ca, and its unencrypted key. Only nodes holding a certificate
+    #: of that CA relay to each other, and the frames are encrypted; the secret is still
+    #: proved inside TLS. Empty: the relay is plain TCP.
+    relay_tls_cert: str = ""
+    relay_tls_key: str = ""
+    relay_tls_ca: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -517,7 +525,13 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
             config.security.jwt_public_key_file, "security.jwt_public_key_file"
         ),
     )
-    return dataclasses.replace(config, server=server, security=security)
+    cluster = dataclasses.replace(
+        config.cluster,
+        relay_tls_cert=resolve(config.cluster.relay_tls_cert, "cluster.relay_tls_cert"),
+        relay_tls_key=resolve(config.cluster.relay_tls_key, "cluster.relay_tls_key"),
+        relay_tls_ca=resolve(config.cluster.relay_tls_ca, "cluster.relay_tls_ca"),
+    )
+    return dataclasses.replace(config, server=server, security=security, cluster=cluster)
 
 
 def _check_ranges(config: Config) -> None:
@@ -637,6 +651,11 @@ def _check_cluster(cluster: ClusterConfig) -> None:
             "node_id and public_url need cluster.redis_url (without it there is no cluster)",
             key="cluster.redis_url",
         )
+    if cluster.relay_tls_cert or cluster.relay_tls_key or cluster.relay_tls_ca:
+        # Imported only then: reading the files and checking them is the TLS module's.
+        from .cluster.relay_tls import load_relay_tls
+
+        load_relay_tls(cluster)  # at start, not at the first replica
 
 
 # --- a small typed loader: dataclass fields drive validation ---------------------------------

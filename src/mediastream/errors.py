@@ -28,7 +28,8 @@ class ErrorCode(enum.StrEnum):
     STREAM_EXISTS = "stream_exists"
     #: (HTTP) another node of the cluster changed the stream meanwhile: read it, try again
     STREAM_CHANGED = "stream_changed"
-    #: (HTTP) a cluster's change that needs Redis, which cannot be reached
+    #: in a cluster: Redis cannot be reached (HTTP: a change that needs it; a socket: an offer
+    #: for a stream this node does not own, which the page sends again after its backoff)
     CLUSTER_UNAVAILABLE = "cluster_unavailable"
     INVALID_CONFIG = "invalid_config"
     INVALID_SDP = "invalid_sdp"

@@ -14,12 +14,15 @@ Task tree of a fallback session (a cancel scope inside its socket's nursery)::
 
     FallbackSession.run              cancel scope: ``end()``, the socket closing, the stream
     │                                stopped or deleted, a new fallback or a ``close``
-    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's),
-        │    (stream.open_audio())   and one for its audio if it is sent
+    └── with stream.open_viewer()    counted viewer, bounded frame queue (the fan-out's), on
+        │    (stream.open_audio())   the quality asked for; one for its audio if it is sent
         └── nursery
-            ├── forward the stream's state changes to the client
+            ├── forward the state of the quality played to the client
+            ├── follow the quality (``quality_follower.py``): the page's ``quality`` messages
+            │   move the viewer to another quality (at its cached keyframe)
             └── send: init segment, then a fragment per frame, one message at a time
-                (the frames that waited meanwhile go together in the next)
+                (the frames that waited meanwhile go together in the next); after a move,
+                the new quality's init segment, then its frames on the viewer's timeline
 
 Back-pressure: the session hands the socket one message and waits until it is written before
 it takes the next frames from its queues; the next message carries every frame that waited
@@ -42,14 +45,25 @@ from typing import Final
 
 import trio
 
-from . import protocol
 from .errors import ErrorCode, SignalingError
+from .feeds import QualityFeed
 from .media.fanout import Subscriber, SubscriberStatistics
-from .media.fmp4 import MSE_AUDIO_CODECS, AudioTrack, Fmp4Error, Fmp4Remuxer, InitSegment
-from .media.frames import EncodedFrame
+from .media.fmp4 import (
+    MSE_AUDIO_CODECS,
+    AudioTrack,
+    Fmp4Error,
+    Fmp4Remuxer,
+    InitSegment,
+    decode_time,
+    end_time,
+    shift_decode_time,
+)
+from .media.frames import VIDEO_CLOCK_RATE, EncodedFrame
 from .media.source_contract import SourceInfo
+from .protocol import Fallback, QualityRequest
+from .quality_follower import QualityFollower
 from .registry import Stream
-from .session import serve_reporting_failure
+from .session import forward_states, serve_reporting_failure
 
 log = logging.getLogger(__name__)
 
@@ -97,38 +111,42 @@ PostError = Callable[[ErrorCode, str, str | None, str | None], None]
 
 
 class Remuxers:
-    """Each stream's one fMP4 remuxer, shared by its fallback viewers on every socket.
+    """Each stream quality's one fMP4 remuxer, shared by its fallback viewers on every socket.
 
-    A remuxer lives while a fallback viewer of its stream does (its fragment cache is then
-    freed); a stream replaced through the API gets a new one.
+    A remuxer lives while a fallback viewer of its stream's quality does (its fragment cache is
+    then freed); a stream replaced through the API gets new ones. One per quality, as each
+    quality is a stream of frames of its own (its own parameter sets, timeline and frame
+    durations).
     """
 
     def __init__(self) -> None:
-        #: stream id → (the stream object, its remuxer, fallback viewers using it)
-        self._by_stream: dict[str, tuple[Stream, Fmp4Remuxer, int]] = {}
+        #: (stream id, quality) → (the stream object, its remuxer, fallback viewers using it)
+        self._by_feed: dict[tuple[str, str], tuple[Stream, Fmp4Remuxer, int]] = {}
 
-    def get(self, stream: Stream) -> Fmp4Remuxer | None:
-        """The remuxer ``stream``'s fallback viewers are using now, if any."""
-        entry = self._by_stream.get(stream.id)
+    def get(self, stream: Stream, quality: str | None = None) -> Fmp4Remuxer | None:
+        """The remuxer the fallback viewers of ``stream``'s ``quality`` (None: the default)
+        are using now, if any."""
+        entry = self._by_feed.get((stream.id, quality or stream.quality().name))
         return entry[1] if entry is not None and entry[0] is stream else None
 
     @contextlib.contextmanager
-    def open(self, stream: Stream) -> Iterator[Fmp4Remuxer]:
-        """Use ``stream``'s remuxer (made on first use) for as long as the block runs."""
-        entry = self._by_stream.get(stream.id)
+    def open(self, stream: Stream, quality: str) -> Iterator[Fmp4Remuxer]:
+        """Use the remuxer of ``stream``'s ``quality`` (made on first use) while the block runs."""
+        key = (stream.id, quality)
+        entry = self._by_feed.get(key)
         if entry is None or entry[0] is not stream:
             entry = (stream, Fmp4Remuxer(), 0)
         remuxer = entry[1]
-        self._by_stream[stream.id] = (stream, remuxer, entry[2] + 1)
+        self._by_feed[key] = (stream, remuxer, entry[2] + 1)
         try:
             yield remuxer
         finally:
-            current = self._by_stream.get(stream.id)
+            current = self._by_feed.get(key)
             if current is not None and current[1] is remuxer:  # not replaced meanwhile
                 if current[2] > 1:
-                    self._by_stream[stream.id] = (stream, remuxer, current[2] - 1)
+                    self._by_feed[key] = (stream, remuxer, current[2] - 1)
                 else:
-                    del self._by_stream[stream.id]
+                    del self._by_feed[key]
 
 
 def _take_in_turn(subscribers: list[Subscriber], limit: int) -> list[EncodedFrame]:
@@ -143,11 +161,69 @@ def _take_in_turn(subscribers: list[Subscriber], limit: int) -> list[EncodedFram
     return frames
 
 
+class _ViewerTimeline:
+    """One fallback viewer's decode times, continuous across its moves between qualities.
+
+    Each quality has its own timeline; the fragments a quality's remuxer builds carry that
+    timeline's times and are shared by its viewers. A viewer that moved is sent them shifted
+    (a copy, :func:`shift_decode_time`): the new quality's first frame, its cached keyframe,
+    starts where the last frame sent ended, and the frames after it keep their spacing. So
+    the decode times of a SourceBuffer never go back and leave no gap: Media Source
+    Extensions stall at a gap, and treat a jump back as a new segment.
+
+    The keyframe is as old as the new quality's cached GOP, so the picture now trails live by
+    that much (the page's player jumps to the live edge when it is more than a second
+    behind, as for a viewer who just joined). The audio is shifted by the same wall time, so
+    sound stays with the picture; where that would go back, it continues from where it was.
+    """
+
+    def __init__(self) -> None:
+        self._video_shift = 0  # 90 kHz ticks
+        self._audio_shift: int | None = 0  # the audio clock's ticks; None: due at the next
+        self._video_end: int | None = None
+        self._audio_end: int | None = None
+        self._rebasing = False
+
+    def rebase(self) -> None:
+        """The next video fragment (a keyframe) is the first of another quality's timeline."""
+        if self._video_end is not None:
+            self._rebasing = True
+            self._audio_shift = None
+
+    def place_video(self, fragment: bytes) -> bytes:
+        if self._rebasing:
+            assert self._video_end is not None
+            self._rebasing = False
+            self._video_shift = self._video_end - decode_time(fragment)
+        placed = shift_decode_time(fragment, self._video_shift)
+        self._video_end = end_time(placed)
+        return placed
+
+    def place_audio(self, fragment: bytes, clock_rate: int) -> bytes | None:
+        """``fragment`` on the viewer's timeline; None: dropped (it came before the picture
+        of the quality it belongs to)."""
+        if self._audio_shift is None:
+            if self._rebasing:
+                # Sound of the new quality before its picture: the shift is not known yet,
+                # and a lost 20 ms is better than a jump.
+                return None
+            shift = self._video_shift * clock_rate // VIDEO_CLOCK_RATE
+            if self._audio_end is not None:
+                shift = max(shift, self._audio_end - decode_time(fragment))
+            self._audio_shift = shift
+        placed = shift_decode_time(fragment, self._audio_shift)
+        self._audio_end = end_time(placed)
+        return placed
+
+
 class FallbackSession:
     """One stream's fMP4 over the socket (the ``fallback`` message); ``close`` ends it.
 
     The socket keeps it apart from the stream's WebRTC session (``SignalingConnection
-    .fallbacks``): ICE candidates never reach it, and an offer does not end it.
+    .fallbacks``): ICE candidates never reach it, and an offer does not end it. It starts on
+    the quality ``request`` asks for (pinned, or ``auto`` from its tile) and follows the page's
+    ``quality`` messages like a WebRTC session, without a network veto (see
+    :meth:`request_quality`).
     """
 
     def __init__(
@@ -160,6 +236,7 @@ class FallbackSession:
         client: str,
         remuxers: Remuxers,
         audio_codecs: tuple[str, ...] = (),
+        request: Fallback | None = None,
     ) -> None:
         self.stream = stream
         self._audio_codecs = audio_codecs
@@ -172,6 +249,16 @@ class FallbackSession:
         self._end_reason = "socket closed"
         self._subscriber: Subscriber | None = None
         self._init_sent: InitSegment | None = None
+        self._quality = QualityFollower(
+            stream,
+            requested=request.quality if request is not None else None,
+            tile=request.tile if request is not None else None,
+            post=post,
+            label=self._label,
+        )
+        self._timeline = _ViewerTimeline()
+        #: after a move: the new quality's frames start at a keyframe, never a P-frame
+        self._keyframe_due = False
         self.fragments_sent = 0
         self.audio_fragments_sent = 0
         #: binary messages of fragments (a message carries every fragment that waited)
@@ -180,6 +267,10 @@ class FallbackSession:
         self.audio: AudioTrack | None = None
         #: why the stream's audio is not sent, when it has audio but it is not
         self.audio_omitted: str | None = None
+        #: the quality whose frames were sent last (None before the first)
+        self.quality_sent: str | None = None
+        #: moves from one quality to another, each starting with an init segment and a keyframe
+        self.switches = 0
 
     session_id: str | None = None
 
@@ -197,6 +288,21 @@ class FallbackSession:
             self._end_reason = reason
         self._cancel_scope.cancel()
 
+    def request_quality(self, request: QualityRequest) -> None:
+        """The page pins a quality, asks for ``auto`` and/or reports its tile: the fallback
+        moves to the quality chosen (starting at its cached keyframe, after a new init
+        segment) and answers with a ``quality`` message. Taken whatever ``sessionId`` the
+        request names: the fallback has none, and it follows the page's wish even while a
+        WebRTC session beside it is asked the same.
+
+        No network veto: the socket is TCP, whose back-pressure already skips a slow
+        viewer to the next keyframe (see the module's docstring).
+
+        Raises:
+            SignalingError: ``unknown_quality``, naming the stream's qualities (nothing changes).
+        """
+        self._quality.request(request)
+
     async def run(self) -> None:
         """Serve the session until it ends; never raises except Cancelled."""
         log.info("%s: session started", self._label)
@@ -208,30 +314,36 @@ class FallbackSession:
                 self._end_reason = failure
         finally:
             log.info(
-                "%s: session ended (%s) after %d fragments (%d of them audio)",
+                "%s: session ended (%s) after %d fragments (%d of them audio, %d switches)",
                 self._label,
                 self._end_reason,
                 self.fragments_sent,
                 self.audio_fragments_sent,
+                self.switches,
             )
 
     async def _serve(self) -> None:
-        with (
-            self.stream.open_viewer(end=self._stream_unavailable) as subscriber,
-            self._remuxers.open(self.stream) as remuxer,
-        ):
+        self._quality.check()
+        start = self._quality.choose().name
+        with self.stream.open_viewer(end=self._stream_unavailable, quality=start) as subscriber:
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_states)
-                # Decided once, from what the source carried when it (last) opened.
-                info = self.stream.source_info or await self.stream.wait_source_info()
+                # Decided once, from what the first quality's source carried when it (last)
+                # opened: a camera's streams carry the same sound, so the init segments of
+                # its other qualities announce the same audio track (a quality whose audio
+                # codec differs would be sent under this one's: not supported, as for WebRTC).
+                info = self.stream.quality(start).source_info
+                if info is None:
+                    info = await self.stream.wait_source_info(start)
                 self.audio = self._audio_track(info)
                 with contextlib.ExitStack() as stack:
                     audio = None
                     if self.audio is not None:
                         kind = "source_audio" if self.audio.codec == "aac" else "audio"
-                        audio = stack.enter_context(self.stream.open_audio(kind))
-                    await self._send_frames(subscriber, audio, remuxer)
+                        audio = stack.enter_context(self.stream.open_audio(kind, start))
+                    nursery.start_soon(self._quality.follow, subscriber, audio)
+                    await self._send_frames(subscriber, audio)
 
     def _audio_track(self, info: SourceInfo) -> AudioTrack | None:
         """The audio track to send: the stream's audio if the browser takes its codec; the
@@ -264,15 +376,18 @@ class FallbackSession:
         log.info("%s: %s", self._label, self.audio_omitted)
         return None
 
-    async def _send_frames(
-        self, video: Subscriber, audio: Subscriber | None, remuxer: Fmp4Remuxer
-    ) -> None:
+    async def _send_frames(self, video: Subscriber, audio: Subscriber | None) -> None:
         """Send the queued frames: whatever waits (video and audio taken in turn, at most
         :data:`MAX_BATCH_FRAMES`) in one message, then wait for more.
 
         One message at a time, each awaited until written: while it is, new frames wait in
         the queues, and the next message takes them all. A socket that is slow to write gets
         fewer, larger messages instead of a backlog; a fast one, one frame per message.
+
+        The frames taken at once are all of one quality: a move to another quality
+        (:meth:`Stream.switch_viewer`) is synchronous and restarts the queues with the new
+        quality's cached GOP from its keyframe. The first frames of a quality go out through
+        that quality's remuxer, after its init segment, on the viewer's one timeline.
         """
         queued = trio.Event()
 
@@ -282,43 +397,70 @@ class FallbackSession:
         subscribers = [video] if audio is None else [video, audio]
         for subscriber in subscribers:
             subscriber.set_wakeup(wake)
-        while True:
-            frames = _take_in_turn(subscribers, MAX_BATCH_FRAMES)
-            if not frames:
-                await queued.wait()
-                queued = trio.Event()
-                continue
-            batch: list[bytes] = []
-            audio_in_batch = 0
-            for frame in frames:
+        with contextlib.ExitStack() as holding:
+            remuxer: Fmp4Remuxer | None = None
+            while True:
+                # Read with the frames, in the same synchronous step: they are its frames.
+                playing = self.stream.quality_of(video)
+                frames = _take_in_turn(subscribers, MAX_BATCH_FRAMES)
+                if not frames or playing is None:
+                    await queued.wait()
+                    queued = trio.Event()
+                    continue
+                if playing != self.quality_sent:
+                    # Done with the quality left: its remuxer (and its cached fragments) goes.
+                    holding.close()
+                    remuxer = holding.enter_context(self._remuxers.open(self.stream, playing))
+                    if self.quality_sent is not None:
+                        self.switches += 1
+                        self._timeline.rebase()
+                        self._keyframe_due = True
+                        log.info("%s: now sending quality %s", self._label, playing)
+                    self.quality_sent = playing
+                assert remuxer is not None
+                await self._send_batch(frames, self.stream.quality(playing), remuxer)
+
+    async def _send_batch(
+        self, frames: list[EncodedFrame], feed: QualityFeed, remuxer: Fmp4Remuxer
+    ) -> None:
+        """``frames`` (all of ``feed``) as fragments in one message, after an init segment
+        where a keyframe brings new parameter sets (or a new quality)."""
+        batch: list[bytes] = []
+        audio_in_batch = 0
+        for frame in frames:
+            try:
                 if frame.kind != "video":
                     fragment = self._audio_fragment(frame, remuxer)
                     if fragment is not None:
                         batch.append(fragment)
                         audio_in_batch += 1
                     continue
-                try:
-                    if frame.keyframe:
-                        info = self.stream.source_info or await self.stream.wait_source_info()
-                        init = remuxer.init_for(frame, info.width, info.height, self.audio)
-                        if init is not self._init_sent:
-                            # What came before belongs to the old init: send it first.
-                            await self._send_fragments(batch, audio_in_batch)
-                            batch, audio_in_batch = [], 0
-                            await self._send_binary(
-                                frame_binary(BinaryKind.INIT, self.stream.id, init.data)
-                            )
-                            self._init_sent = init
-                    if self._init_sent is None:
-                        continue  # the queue starts at a keyframe; this cannot be reached
-                    batch.append(remuxer.fragment(frame))
-                except Fmp4Error as exc:
-                    raise SignalingError(
-                        ErrorCode.STREAM_UNAVAILABLE,
-                        f"This stream's video can't be sent over the socket: {exc}",
-                        stream_id=self.stream.id,
-                    ) from None
-            await self._send_fragments(batch, audio_in_batch)
+                if self._keyframe_due and not frame.keyframe:
+                    continue  # the move starts the queue at a keyframe: never reached
+                self._keyframe_due = False
+                if frame.keyframe:
+                    # The size is the SPS's; the source's figures only where it has none.
+                    info = feed.source_info
+                    width, height = (info.width, info.height) if info is not None else (0, 0)
+                    init = remuxer.init_for(frame, width, height, self.audio)
+                    if init is not self._init_sent:
+                        # What came before belongs to the old init: send it first.
+                        await self._send_fragments(batch, audio_in_batch)
+                        batch, audio_in_batch = [], 0
+                        await self._send_binary(
+                            frame_binary(BinaryKind.INIT, self.stream.id, init.data)
+                        )
+                        self._init_sent = init
+                if self._init_sent is None:
+                    continue  # the queue starts at a keyframe; this cannot be reached
+                batch.append(self._timeline.place_video(remuxer.fragment(frame)))
+            except Fmp4Error as exc:
+                raise SignalingError(
+                    ErrorCode.STREAM_UNAVAILABLE,
+                    f"This stream's video can't be sent over the socket: {exc}",
+                    stream_id=self.stream.id,
+                ) from None
+        await self._send_fragments(batch, audio_in_batch)
 
     async def _send_fragments(self, fragments: list[bytes], audio_fragments: int) -> None:
         """One binary message of ``fragments`` (moof + mdat pairs, appended as one)."""
@@ -335,19 +477,15 @@ class FallbackSession:
         if self._init_sent is None or self.audio is None:
             return None  # sound starts with the picture: its track is announced by the init
         try:
-            return remuxer.fragment(frame, self.audio.clock_rate)
+            fragment = remuxer.fragment(frame, self.audio.clock_rate)
         except Fmp4Error as exc:
             log.info("%s: an audio frame was not sent: %s", self._label, exc)
             return None  # a lost audio frame is a 20 ms click, not a reason to end the session
+        return self._timeline.place_audio(fragment, self.audio.clock_rate)
 
     async def _forward_states(self) -> None:
-        last: tuple[str, str | None] | None = None
-        while True:
-            current = (str(self.stream.state), self.stream.detail)
-            if current != last:
-                last = current
-                self._post(protocol.state(self.stream.id, current[0], current[1]))
-            await self.stream.wait_changed()
+        # The state of the quality it plays, as a WebRTC session's.
+        await forward_states(self.stream, self._subscriber, self._post)
 
     def _stream_unavailable(self, reason: str) -> None:
         self._post_error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")

@@ -162,6 +162,12 @@ class QualityFeed:
         self.encoders_opened += info.transcoded + info.audio_transcoded
         self.changes.notify()
 
+    def relay_opened(self, info: SourceInfo) -> None:
+        """A replica's relay of this quality opened: what the owner's source of it carries
+        (no encoder or camera session of this node's own)."""
+        self.source_info = info
+        self.changes.notify()
+
     def _measure(self, frame: EncodedFrame) -> None:
         """The bitrate over windows of at least :data:`BITRATE_WINDOW`, closed at keyframes."""
         now = time.monotonic()

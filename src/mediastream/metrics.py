@@ -371,7 +371,7 @@ class _ClusterCollector(Collector):
         )
         yield CounterMetricFamily(
             "mediastream_cluster_frame_relay_refused",
-            "Connections to the frame relay refused: the secret not proved, not the owner.",
+            "Connections to the frame relay refused: TLS failed, secret not proved, not the owner.",
             value=routing.relay_refused,
         )
         yield CounterMetricFamily(

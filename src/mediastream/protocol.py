@@ -114,10 +114,15 @@ class Fallback:
     ``audio_codecs``: the RFC 6381 audio codec strings the browser's Media Source Extensions
     take (``payload.audio``, e.g. ``["opus", "mp4a.40.2"]``); the stream's audio is sent if it
     is one of them. Empty: video only.
+
+    ``quality`` and ``tile`` (optional, as in an offer) say which quality it starts on; later
+    ``quality`` messages move it.
     """
 
     stream_id: str
     audio_codecs: tuple[str, ...] = ()
+    quality: str | None = None
+    tile: Tile | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +283,13 @@ def _parse_peer_message(
 def _parse_fallback(stream_id: str, payload: Any) -> Fallback:
     if payload is None:
         return Fallback(stream_id)
-    audio = payload.get("audio", []) if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        raise SignalingError(
+            ErrorCode.INVALID_MESSAGE,
+            'fallback payload must be an object with optional "audio", "quality" and "tile"',
+            stream_id=stream_id,
+        )
+    audio = payload.get("audio", [])
     if (
         not isinstance(audio, list)
         or len(audio) > MAX_AUDIO_CODECS
@@ -290,7 +301,12 @@ def _parse_fallback(stream_id: str, payload: Any) -> Fallback:
             f"(1-{MAX_CODEC_CHARS} characters each)",
             stream_id=stream_id,
         )
-    return Fallback(stream_id, tuple(audio))
+    return Fallback(
+        stream_id,
+        tuple(audio),
+        quality=_quality_of(payload, stream_id),
+        tile=_tile_of(payload, stream_id),
+    )
 
 
 def _parse_close(stream_id: str, payload: Any) -> Close:

@@ -106,17 +106,17 @@ class IngestGate(Protocol):
     source only while :meth:`may_ingest` holds, and hands the source's scope to
     :meth:`guard_ingest`, which cancels it the moment the right to read is lost. The gate
     notifies the stream's ``changes`` when :meth:`may_ingest` turns true. On a replica (a
-    node serving a stream owned elsewhere), :meth:`relay_source` gives the source to run
-    instead of the camera: the owner's frames over the relay.
+    node serving a stream owned elsewhere), :meth:`relay_source` gives each quality's source
+    to run instead of the camera: the owner's frames of that quality over the relay.
     """
 
     def may_ingest(self, stream_id: str) -> bool: ...
 
     def guard_ingest(self, stream_id: str, scope: trio.CancelScope) -> None: ...
 
-    def relay_source(self, stream: Stream) -> SourceRunner | None:
-        """What to run instead of the stream's own source (a replica: the owner's frames over
-        the relay); None: the stream's source."""
+    def relay_source(self, stream: Stream, quality: str) -> SourceRunner | None:
+        """What to run instead of the source of the stream's ``quality`` (a replica: the
+        owner's frames of that quality over the relay); None: the quality's own source."""
         ...
 
 
@@ -435,20 +435,6 @@ class Stream:
             qualities=tuple(feed.statistics() for feed in feeds),
         )
 
-    # What a replica's relay (cluster/relay.py) publishes to: the default quality's feed,
-    # the one whose frames the owner relays.
-    def publish(self, frame: EncodedFrame) -> None:
-        self.quality().publish(frame)
-
-    def source_state(self, state: SourceState, detail: str | None = None) -> None:
-        self.quality().source_state(state, detail)
-
-    def relay_opened(self, info: SourceInfo) -> None:
-        """A replica's relay from the owner opened: what the owner's source carries (no
-        encoder or camera session of this node's own)."""
-        self.quality().source_info = info
-        self._notify()
-
     def _codec(self) -> str:
         info = self.source_info
         if info is None or not info.transcoded:
@@ -558,11 +544,11 @@ class Stream:
                     )
                     if self._gate is not None:
                         self._gate.guard_ingest(self.id, nursery.cancel_scope)
-                        relay = self._gate.relay_source(self)
+                        relay = self._gate.relay_source(self, feed.name)
                         if relay is not None:
-                            # A replica: the owner relays its default quality's frames, and
-                            # no other quality is read here (never the camera).
-                            runner = relay if feed is self.quality() else _not_relayed(feed)
+                            # A replica: the owner relays this quality's frames (its camera
+                            # session is the owner's, never this node's).
+                            runner = relay
                     await nursery.start(runner)
                     await self._wait_until_unwanted(feed, media.on_demand_grace)
                     if self.enabled and self._feeds.get(feed.name) is feed:
@@ -711,14 +697,3 @@ class StreamRegistry:
     def _notify(self) -> None:
         if self._changes is not None:
             self._changes.notify()
-
-
-def _not_relayed(feed: QualityFeed) -> SourceRunner:
-    """A replica's other qualities: stated, never read (the camera is the owner's)."""
-
-    async def idle(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        feed.source_state(SourceState.OFFLINE, "replicas carry the default quality only")
-        task_status.started()
-        await trio.sleep_forever()
-
-    return idle

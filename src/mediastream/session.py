@@ -28,12 +28,12 @@ from typing import Final
 import trio
 
 from . import protocol
-from .config import AUTO_QUALITY
 from .errors import ErrorCode, SignalingError
 from .media.fanout import Subscriber, SubscriberStatistics
 from .metrics import Metrics
 from .protocol import IceCandidate, Offer, QualityRequest
-from .quality_choice import Choice, NetworkVeto, QualityOption, choose_quality
+from .quality_choice import NetworkVeto
+from .quality_follower import QualityFollower
 from .registry import Stream
 from .webrtc.bridge import (
     FINAL_STATES,
@@ -58,9 +58,6 @@ class SessionPhase(enum.Enum):
 REASON_SOCKET_CLOSED: Final = "socket closed"
 #: How long an offer asking for audio waits for a never-opened source to say what it carries.
 AUDIO_PROBE_WAIT: Final = 3.0  # seconds
-#: How long a switch waits for the target quality's keyframe (its source may have to open
-#: first) before the viewer stays where it is and the choice is made again.
-SWITCH_WAIT: Final = 15.0  # seconds
 
 
 class StreamSession:
@@ -109,17 +106,16 @@ class StreamSession:
             max_pending_candidates
         )
         self._subscriber: Subscriber | None = None
-        self._audio: Subscriber | None = None
-        #: what the page asked for: a quality's name, or "auto"
-        self._requested = offer.quality or AUTO_QUALITY
-        self._tile = offer.tile
         self._veto = NetworkVeto()
-        #: cancelled to make the quality follower look again at once (a request, an estimate)
-        self._quality_wait = trio.CancelScope()
-        #: cancelled when the page asks again while a switch waits for its keyframe
-        self._switching = trio.CancelScope()
-        self._reply_due = False
-        self._look_again = False
+        self._quality = QualityFollower(
+            stream,
+            requested=offer.quality,
+            tile=offer.tile,
+            post=post,
+            label=self._label,
+            session_id=offer.session_id,
+            veto=self._veto,
+        )
 
     @property
     def session_id(self) -> str | None:
@@ -144,50 +140,12 @@ class StreamSession:
         """
         if request.session_id not in (None, self.session_id):
             return  # about a session this one replaced
-        if request.quality is not None:
-            self._check_quality(request.quality)
-            self._requested = request.quality
-        if request.tile is not None:
-            self._tile = request.tile
-        self._reply_due = self._look_again = True
-        self._quality_wait.cancel()
-        self._switching.cancel()  # the choice is made again (the source keeps its grace)
-
-    def _check_quality(self, name: str) -> None:
-        names = [feed.name for feed in self.stream.qualities]
-        if name != AUTO_QUALITY and name not in names:
-            raise SignalingError(
-                ErrorCode.UNKNOWN_QUALITY,
-                f'Stream "{self.stream.id}" has no quality "{name}"; it has '
-                f'{", ".join(names)} (or "{AUTO_QUALITY}")',
-                stream_id=self.stream.id,
-            )
+        self._quality.request(request)
 
     def _bandwidth_estimate(self, bitrate: int) -> None:
         # Called from aiortc's RTCP task (asyncio, in Trio's thread).
         self._veto.add(bitrate, trio.current_time())
-        self._look_again = True
-        self._quality_wait.cancel()
-
-    def _choose(self) -> Choice:
-        options = [
-            QualityOption(
-                feed.name,
-                feed.source_info.width if feed.source_info else 0,
-                feed.source_info.height if feed.source_info else 0,
-                feed.bitrate,
-            )
-            for feed in self.stream.qualities
-        ]
-        pinned = any(option.name == self._requested for option in options)
-        return choose_quality(
-            options,
-            # A pinned quality an edit of the stream removed: the server chooses.
-            requested=self._requested if pinned else AUTO_QUALITY,
-            tile=self._tile,
-            default=self.stream.quality().name,
-            veto=self._veto,
-        )
+        self._quality.look_again()
 
     def add_candidate(self, candidate: IceCandidate) -> None:
         """Queue a trickled candidate for this session's peer.
@@ -212,8 +170,8 @@ class StreamSession:
             log.info("%s: session ended (%s)", self._label, self._end_reason)
 
     async def _serve(self) -> None:
-        self._check_quality(self._requested)
-        start = self._choose().name
+        self._quality.check()
+        start = self._quality.choose().name
         viewer = self.stream.open_viewer(end=self._stream_unavailable, quality=start)
         with viewer as subscriber, contextlib.ExitStack() as optional:
             self._subscriber = subscriber
@@ -223,7 +181,6 @@ class StreamSession:
                 if audio_codec
                 else None
             )
-            self._audio = audio
             async with self._peers.open(self._label) as peer:
                 answer_sdp = await peer.answer(
                     self.offer.sdp,
@@ -244,7 +201,7 @@ class StreamSession:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._apply_candidates, peer)
                     nursery.start_soon(self._forward_states)
-                    nursery.start_soon(self._follow_quality, subscriber)
+                    nursery.start_soon(self._quality.follow, subscriber, audio)
                     failure = await self._watch_peer(peer)
                     nursery.cancel_scope.cancel()
                 # Raised out here: inside the nursery it would arrive wrapped in a group.
@@ -280,70 +237,7 @@ class StreamSession:
         self.end(reason)
 
     async def _forward_states(self) -> None:
-        last: tuple[str, str | None] | None = None
-        while True:
-            # The state of the quality this viewer plays: its picture is that source's.
-            playing = self.stream.quality_of(self._subscriber) if self._subscriber else None
-            feed = self.stream.quality(playing) if playing is not None else None
-            current = (
-                (str(feed.state), feed.detail)
-                if feed is not None
-                else (str(self.stream.state), self.stream.detail)
-            )
-            if current != last:
-                last = current
-                self._post(protocol.state(self.stream.id, current[0], current[1], self.session_id))
-            await self.stream.wait_changed()
-
-    async def _follow_quality(self, video: Subscriber) -> None:
-        """Keep the viewer on the quality chosen for it, and tell the page what it plays.
-
-        Looks again whenever the stream changes (a quality's size or bitrate learnt), the page
-        sends a ``quality`` message, the viewer reports a bandwidth estimate, or the network
-        veto's own timing is due.
-        """
-        announced: tuple[str, str, str] | None = None
-        while True:
-            self._look_again = False
-            playing = self.stream.quality_of(video)
-            if playing is None:
-                return  # the viewer is closing
-            now = trio.current_time()
-            self._veto.update(self.stream.quality(playing).bitrate, now)
-            choice = self._choose()
-            if choice.name != playing:
-                with trio.move_on_after(SWITCH_WAIT) as self._switching:
-                    await self.stream.switch_viewer(video, self._audio, choice.name)
-                playing = self.stream.quality_of(video) or playing
-                if playing == choice.name:
-                    log.info("%s: playing quality %s (%s)", self._label, playing, choice.reason)
-            if self._look_again:
-                continue  # asked again meanwhile: choose again before telling anything
-            reason = choice.reason if playing == choice.name else "switching"
-            if (playing, self._requested, reason) != announced or self._reply_due:
-                announced, self._reply_due = (playing, self._requested, reason), False
-                self._post(
-                    protocol.quality(
-                        self.stream.id,
-                        playing,
-                        requested=self._requested,
-                        reason=reason,
-                        qualities=self._qualities_json(),
-                        session_id=self.session_id,
-                    )
-                )
-            with trio.move_on_after(self._veto.next_check(now)) as self._quality_wait:
-                await self.stream.wait_changed()
-
-    def _qualities_json(self) -> list[dict[str, object]]:
-        return [
-            {
-                "name": feed.name,
-                "width": feed.source_info.width if feed.source_info else 0,
-                "height": feed.source_info.height if feed.source_info else 0,
-            }
-            for feed in self.stream.qualities
-        ]
+        await forward_states(self.stream, self._subscriber, self._post, self.session_id)
 
     async def _watch_peer(self, peer: PeerConnection) -> SignalingError:
         """Wait until the peer fails or never connects in time; return why."""
@@ -366,6 +260,26 @@ class StreamSession:
 
     def _post_error(self, code: ErrorCode, message: str) -> None:
         self._post_error_to(code, message, self.stream.id, self.session_id)
+
+
+async def forward_states(
+    stream: Stream, viewer: Subscriber | None, post: Post, session_id: str | None = None
+) -> None:
+    """Tell the client the state of the quality ``viewer`` plays (its picture is that source's;
+    the stream's leading state while it plays none), now and on every change."""
+    last: tuple[str, str | None] | None = None
+    while True:
+        playing = stream.quality_of(viewer) if viewer is not None else None
+        feed = stream.quality(playing) if playing is not None else None
+        current = (
+            (str(feed.state), feed.detail)
+            if feed is not None
+            else (str(stream.state), stream.detail)
+        )
+        if current != last:
+            last = current
+            post(protocol.state(stream.id, current[0], current[1], session_id))
+        await stream.wait_changed()
 
 
 async def serve_reporting_failure(

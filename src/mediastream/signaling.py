@@ -54,6 +54,7 @@ from .protocol import (
     Ping,
     QualityRequest,
 )
+from .quality_follower import check_quality
 from .registry import Stream, StreamRegistry
 from .session import Post, PostError, SessionPhase, StreamSession
 from .shared_peer import SharedPeerSession
@@ -476,15 +477,15 @@ class SignalingConnection:
 
     def _on_quality(self, request: QualityRequest) -> None:
         session = self.sessions.get(request.stream_id)
-        if session is None and request.stream_id in self.fallbacks:
-            # The fMP4 fallback plays the default quality (a WebRTC session beside it, while
-            # the page tries to go back, takes quality messages).
-            raise SignalingError(
-                ErrorCode.INVALID_MESSAGE,
-                "This stream plays over the socket (the fallback), in its default quality, "
-                "which can't be changed",
-                stream_id=request.stream_id,
-            )
+        fallback = self.fallbacks.get(request.stream_id)
+        if fallback is not None:
+            # The fallback follows the page's wish, also while a WebRTC session beside it (the
+            # page trying to go back) is asked the same: whichever shows the picture then
+            # plays what the page wants. Asked first: a bad name is refused here, once, before
+            # a routed session would relay it.
+            fallback.request_quality(request)
+            if session is None:
+                return
         if session is None:
             raise SignalingError(
                 ErrorCode.NO_SESSION,
@@ -595,6 +596,8 @@ class SignalingConnection:
     def _on_fallback(self, request: Fallback) -> None:
         stream = self._watchable_stream(request.stream_id)
         self._check_stream_limit(request.stream_id)
+        if request.quality is not None:
+            check_quality(stream, request.quality)  # before anything playing is ended
         # The page gave up on the stream's peer connection (or asked for the socket at once).
         existing = self.sessions.get(request.stream_id)
         if existing is not None:
@@ -611,6 +614,7 @@ class SignalingConnection:
                 client=self.label,
                 remuxers=self._context.remuxers,
                 audio_codecs=request.audio_codecs,
+                request=request,
             )
         )
 

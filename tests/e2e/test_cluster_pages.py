@@ -26,7 +26,7 @@ from mediastream.cluster.placement import choose_owner
 from support.browser import ALL_VIDEOS_PLAYING, PageWatch, in_browser, wait_until_decoding_more
 from support.commands import running_command
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer, free_port, make_config
 from support.tcp_proxy import TcpProxy
 
 PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
@@ -135,12 +135,6 @@ async def test_the_socket_node_killed_the_page_reconnects_through_the_balancer_a
     for stream_id in ON_A:  # each of A's cameras read again once, by B
         stream = b.services.registry.get(stream_id)
         assert stream is not None and stream.statistics().encoders_opened == 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_with_two_workers_the_socket_worker_killed_the_page_comes_back_on_the_same_port(

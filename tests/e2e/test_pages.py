@@ -3,13 +3,10 @@ server: one WebSocket per page, every video decoding, state and stats shown."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import trio
 from playwright.sync_api import Browser, Page
-
-from mediastream.server import RunningServer
 
 from support.browser import (
     ALL_VIDEOS_PLAYING,
@@ -19,7 +16,7 @@ from support.browser import (
     open_sockets,
     wait_until_decoding_more,
 )
-from support.servers import DEMO_STREAMS, Camera, StartServer, make_config
+from support.servers import DEMO_STREAMS, Camera, RestartableServer, StartServer, make_config
 from support.turn import running_turn_server
 
 
@@ -185,31 +182,18 @@ def set_tab_hidden(page: Page, hidden: bool) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_dashboard_recovers_by_itself_when_the_server_restarts(
     start_server: StartServer,
 ) -> None:
-    port = _free_port()
-    config = make_config(DEMO_STREAMS, server={"port": port})
-    servers: list[RunningServer] = [await start_server(config)]
+    restartable = await RestartableServer.start(start_server, DEMO_STREAMS)
     token = trio.lowlevel.current_trio_token()
-
-    async def restart() -> None:
-        servers[-1].request_shutdown()
-        await servers[-1].wait_stopped()
-        servers.append(await start_server(config))
 
     def scenario(browser: Browser) -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         watch = PageWatch(page)
-        page.goto(f"http://127.0.0.1:{port}/static/dashboard.html")
+        page.goto(f"{restartable.url}/static/dashboard.html")
         page.wait_for_function(ALL_VIDEOS_PLAYING, arg=".tile video", timeout=20_000)
-        trio.from_thread.run(restart, trio_token=token)
+        trio.from_thread.run(restartable.restart, trio_token=token)
         page.wait_for_function(
             "[...document.querySelectorAll('.tile')].some((t) => t.dataset.state !== 'live')",
             timeout=10_000,
@@ -220,11 +204,11 @@ async def test_dashboard_recovers_by_itself_when_the_server_restarts(
         )
         wait_until_decoding_more(page, ".tile video")
         # The socket that replaced the first one, and no other.
-        assert open_sockets(f"http://127.0.0.1:{port}") == {"open": 1, "opened": 1}
+        assert open_sockets(restartable.url) == {"open": 1, "opened": 1}
         assert watch.errors == []
 
     await in_browser(scenario)
-    assert servers[-1].services.statistics().open_peer_connections in (0, 3)
+    assert restartable.current.services.statistics().open_peer_connections in (0, 3)
 
 
 async def test_viewer_page_plays_the_chosen_stream_and_switches(start_server: StartServer) -> None:

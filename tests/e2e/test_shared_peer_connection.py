@@ -7,16 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from playwright.sync_api import Browser, Page
-from test_shared_socket import ServerWatch, _free_port
 
-from mediastream.server import RunningServer
-
-from support.browser import PageWatch, get_json, in_browser
-from support.servers import StartServer, make_config
+from support.browser import PageWatch, ServerWatch, get_json, in_browser
+from support.servers import RestartableServer, StartServer, make_config, pattern_cameras
 
 TILES = 16
 SMALL = "size=160x90&fps=10&kbps=80&gop=20"
-PATTERNS = ["testsrc2", "testsrc", "smptebars", "cellauto", "rgbtestsrc", "life"]
 
 # Counts the page's RTCPeerConnections (every one made, and those not closed) and remembers
 # every connectionState any of them reached.
@@ -50,13 +46,6 @@ TILE_FRAMES = """() => {
 }"""
 
 
-def _streams(count: int) -> list[dict[str, Any]]:
-    return [
-        {"id": f"cam-{n:02d}", "source": f"pattern:{PATTERNS[n % len(PATTERNS)]}?{SMALL}"}
-        for n in range(1, count + 1)
-    ]
-
-
 def _wait_all_decoding(page: Page, ids: list[str], more_than: dict[str, int]) -> dict[str, Any]:
     """Every tile in ``ids`` shows a picture and has decoded more frames than ``more_than``."""
     page.wait_for_function(
@@ -81,7 +70,7 @@ def _wait_all_decoding(page: Page, ids: list[str], more_than: dict[str, int]) ->
 async def test_sixteen_tiles_share_one_peer_connection_through_add_and_remove(
     start_server: StartServer,
 ) -> None:
-    streams = _streams(TILES + 1)  # one more, added while others go
+    streams = pattern_cameras(TILES + 1, SMALL)  # one more, added while others go
     server = await start_server(make_config(streams))
 
     def scenario(browser: Browser) -> dict[str, Any]:
@@ -137,7 +126,7 @@ async def test_sixteen_tiles_share_one_peer_connection_through_add_and_remove(
 async def test_a_stream_refused_on_a_shared_connection_is_named_while_the_others_play(
     start_server: StartServer,
 ) -> None:
-    streams = _streams(4)
+    streams = pattern_cameras(4, SMALL)
     server = await start_server(make_config(streams, limits={"max_streams_per_socket": 3}))
 
     def scenario(browser: Browser) -> None:
@@ -174,22 +163,15 @@ async def test_a_stream_refused_on_a_shared_connection_is_named_while_the_others
 async def test_a_shared_connection_comes_back_after_a_server_restart_and_ends_with_its_tab(
     start_server: StartServer,
 ) -> None:
-    port = _free_port()
-    config = make_config(_streams(4), server={"port": port})
-    servers: list[RunningServer] = [await start_server(config)]
-    watch_server = ServerWatch(lambda: servers[-1])
-
-    async def restart() -> None:
-        servers[-1].request_shutdown()
-        await servers[-1].wait_stopped()
-        servers.append(await start_server(config))
+    restartable = await RestartableServer.start(start_server, pattern_cameras(4, SMALL))
+    watch_server = ServerWatch(lambda: restartable.current)
 
     def scenario(browser: Browser) -> None:
         page = browser.new_page()
         watch = PageWatch(page)
         page.add_init_script(COUNT_PEER_CONNECTIONS)
-        page.goto(f"http://127.0.0.1:{port}/static/test-multi-stream.html?peerConnection=shared")
-        ids = [s["id"] for s in _streams(4)]
+        page.goto(f"{restartable.url}/static/test-multi-stream.html?peerConnection=shared")
+        ids = [s["id"] for s in pattern_cameras(4, SMALL)]
         page.evaluate(
             "(ids) => { for (const id of ids) window.msTestPage.addCard({id, name: id}); }", ids
         )
@@ -198,7 +180,7 @@ async def test_a_shared_connection_comes_back_after_a_server_restart_and_ends_wi
 
         # The server goes away and comes back on the same port: the page makes a new shared
         # connection by itself, and every tile decodes on it.
-        watch_server.run(restart)
+        watch_server.run(restartable.restart)
         page.wait_for_function("() => !WebSocketManager.getInstance().connected", timeout=10_000)
         watch_server.wait(lambda s: s.open_sessions == 4 and s.open_peer_connections == 1, 40)
         before = {k: v["frames"] for k, v in page.evaluate(TILE_FRAMES).items()}

@@ -6,35 +6,33 @@ open sockets and sessions (``server.services.statistics()``, the figures of ``/a
 from __future__ import annotations
 
 import contextlib
-import socket
-from collections.abc import Callable
 from typing import Any
 
 import trio
 from playwright.sync_api import Browser, Page
 from playwright.sync_api import Error as PlaywrightError
 
-from mediastream.server import RunningServer
+from support.browser import (
+    ALL_VIDEOS_PLAYING,
+    PageWatch,
+    ServerWatch,
+    in_browser,
+    wait_until_decoding_more,
+)
+from support.servers import (
+    DEMO_STREAMS,
+    RestartableServer,
+    StartServer,
+    make_config,
+    pattern_cameras,
+)
 
-from support.browser import ALL_VIDEOS_PLAYING, PageWatch, in_browser, wait_until_decoding_more
-from support.servers import DEMO_STREAMS, StartServer, make_config
+# Kept importable from here for tests written against this module: import it from
+# support.browser.
+__all__ = ["ServerWatch"]
 
 SMALL = "size=320x180&fps=15&kbps=150&gop=30"
-PATTERNS = ["testsrc2", "testsrc", "smptebars", "cellauto", "rgbtestsrc", "life"]
 METRICS = "WebSocketManager.getInstance().getMetrics()"
-
-
-def _cameras(count: int) -> list[dict[str, Any]]:
-    return [
-        {"id": f"cam-{n:02d}", "source": f"pattern:{PATTERNS[n % len(PATTERNS)]}?{SMALL}"}
-        for n in range(1, count + 1)
-    ]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _open_tab(browser_context: Any, base: str, stream_ids: list[str]) -> tuple[Page, PageWatch]:
@@ -45,49 +43,15 @@ def _open_tab(browser_context: Any, base: str, stream_ids: list[str]) -> tuple[P
     return page, watch
 
 
-class ServerWatch:
-    """Waits, from a browser scenario's thread, on the server's own counts (no polling)."""
-
-    def __init__(self, server: Callable[[], RunningServer]) -> None:
-        self._server = server
-        self._token = trio.lowlevel.current_trio_token()
-
-    def wait(self, condition: Callable[[Any], bool], timeout: float) -> None:
-        async def waiting() -> None:
-            server = self._server()
-            with trio.fail_after(timeout):
-                await server.services.changes.wait_until(
-                    lambda: condition(server.services.statistics())
-                )
-
-        trio.from_thread.run(waiting, trio_token=self._token)
-
-    def statistics(self) -> Any:
-        async def read() -> Any:
-            return self._server().services.statistics()
-
-        return trio.from_thread.run(read, trio_token=self._token)
-
-    def run(self, function: Callable[[], Any]) -> None:
-        trio.from_thread.run(function, trio_token=self._token)
-
-
 async def test_three_tabs_share_one_socket_end_their_sessions_when_closed_and_recover_a_restart(
     start_server: StartServer,
 ) -> None:
-    port = _free_port()
-    config = make_config(_cameras(18), server={"port": port})
-    servers: list[RunningServer] = [await start_server(config)]
-    watch_server = ServerWatch(lambda: servers[-1])
-
-    async def restart() -> None:
-        servers[-1].request_shutdown()
-        await servers[-1].wait_stopped()
-        servers.append(await start_server(config))
+    restartable = await RestartableServer.start(start_server, pattern_cameras(18, SMALL))
+    watch_server = ServerWatch(lambda: restartable.current)
 
     def scenario(browser: Browser) -> None:
         context = browser.new_context(viewport={"width": 1400, "height": 900})
-        base = f"http://127.0.0.1:{port}"
+        base = restartable.url
         ids = [f"cam-{n:02d}" for n in range(1, 19)]
         tabs = [_open_tab(context, base, ids[i * 6 : i * 6 + 6]) for i in range(3)]
         for page, _ in tabs:
@@ -114,7 +78,7 @@ async def test_three_tabs_share_one_socket_end_their_sessions_when_closed_and_re
         assert watch_server.statistics().open_sockets == 1
 
         # The server goes away and comes back on the same port: every tile comes back by itself.
-        watch_server.run(restart)
+        watch_server.run(restartable.restart)
         for page, _ in tabs:
             page.wait_for_function(
                 "[...document.querySelectorAll('video')].some((v) => v.srcObject === null"
@@ -133,8 +97,8 @@ async def test_three_tabs_share_one_socket_end_their_sessions_when_closed_and_re
 
     await in_browser(scenario)
     with trio.fail_after(10):
-        await servers[-1].services.changes.wait_until(
-            lambda: servers[-1].services.statistics().open_sockets == 0
+        await restartable.current.services.changes.wait_until(
+            lambda: restartable.current.services.statistics().open_sockets == 0
         )
 
 
@@ -185,7 +149,7 @@ async def test_shared_false_keeps_a_socket_of_the_page_s_own(start_server: Start
 async def test_a_crashed_tab_ends_its_sessions_and_the_other_tab_plays_on(
     start_server: StartServer,
 ) -> None:
-    server = await start_server(make_config(_cameras(6)))
+    server = await start_server(make_config(pattern_cameras(6, SMALL)))
     watch_server = ServerWatch(lambda: server)
 
     def scenario(browser: Browser) -> None:

@@ -5,15 +5,16 @@ redis-server; nothing watches the streams until the end."""
 from __future__ import annotations
 
 import trio
-from test_cluster_routing import NODES, ON_A, ON_B, PATTERN, cluster_of, ingests
+from test_cluster_routing import NODES, ON_A, ON_B, ingests
 
 from mediastream.cluster.leases import current_owner, live_nodes
 from mediastream.cluster.redis_client import open_redis
 from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
+from support.cluster import cluster_of, pattern_streams, start_cluster
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import open_viewer
 
 ALWAYS_ON = ON_A + ON_B
@@ -22,14 +23,8 @@ ALWAYS_ON = ON_A + ON_B
 async def start_always_on_nodes(
     start_server: StartServer, redis: RedisServer
 ) -> list[RunningServer]:
-    streams = [{"id": s, "source": PATTERN, "on_demand": False} for s in ALWAYS_ON]
-    nodes = []
-    for node_id in NODES:
-        config = make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
-        nodes.append(await start_server(config))
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
+    streams = pattern_streams(ALWAYS_ON, on_demand=False)
+    return await start_cluster(start_server, redis.url, NODES, streams)
 
 
 def stream_on(node: RunningServer, stream_id: str) -> Stream:

@@ -17,98 +17,41 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import os
-import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from test_cluster_failover import (
-    MEDIASTREAM,
-    SRC,
-    CameraSessions,
-    NodeProcess,
-    counting_camera,
-    judge_nodes_on_a_fresh_redis,
-    replay_after_failure,
-)
-from test_cluster_replicas import cluster_of, frame_num_breaks, peers, stream_ranked
+from test_cluster_replicas import frame_num_breaks, peers, stream_ranked
 
 from mediastream.cluster.leases import live_nodes
 from mediastream.cluster.redis_client import open_redis
 from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    CameraSessions,
+    cluster_of,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    open_node_process,
+    replay_after_failure,
+    start_cluster,
+    wait_registered,
+)
 from support.http import get, scrape
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import open_viewer
 
-__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture (support.cluster), used here
 
 CHAIN = {"max_viewers_per_node": 1, "max_relays_per_node": 1}
 
 
 def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, Any]]:
     return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
-
-
-async def start_node(
-    start_server: StartServer,
-    redis: RedisServer,
-    node_id: str,
-    streams: list[dict[str, Any]],
-    **cluster: Any,
-) -> RunningServer:
-    node = await start_server(
-        make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id, **cluster})
-    )
-    await cluster_of(node)._started.wait()
-    return node
-
-
-@asynccontextmanager
-async def node_process(
-    tmp_path: Path,
-    redis: RedisServer,
-    node_id: str,
-    streams: list[dict[str, Any]],
-    **cluster: Any,
-) -> AsyncIterator[NodeProcess]:
-    """A node as a ``mediastream serve`` process (so that it can be killed)."""
-    config = tmp_path / f"{node_id}.toml"
-    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / node_id}"\n\n'
-    text += "[media]\non_demand_grace = 1\n\n"
-    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n'
-    text += "".join(f"{key} = {value}\n" for key, value in cluster.items()) + "\n"
-    for stream in streams:
-        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
-        text += "on_demand = true\n\n"
-    config.write_text(text)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
-            )
-        )
-        node = NodeProcess(process)
-        nursery.start_soon(node.drain)
-        try:
-            await node.wait_logged(f'cluster node "{node_id}"'.encode())
-            yield node
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
 
 
 async def entries_of(node: RunningServer, stream_id: str) -> dict[str, ReplicaEntry]:
@@ -156,12 +99,14 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a = await start_node(start_server, redis_server, "node-a", streams, **CHAIN)
-        c = await start_node(start_server, redis_server, "node-c", streams, **CHAIN)
+        a, c = await start_cluster(
+            start_server, redis_server.url, ("node-a", "node-c"), streams, **CHAIN
+        )
         async with (
-            node_process(tmp_path, redis_server, "node-b", streams, **CHAIN) as b,
+            open_node_process(tmp_path, "node-b", redis_server.url, streams, **CHAIN) as b,
             contextlib.AsyncExitStack() as stack,
         ):
+            await wait_registered(b)
             viewers = []
             for _ in range(3):
                 viewer = await stack.enter_async_context(open_viewer(a.ws_url))
@@ -258,13 +203,15 @@ async def test_a_loaded_owner_counts_as_full_and_a_loaded_node_is_not_made_a_rep
     limit = {"max_load_per_node": 0.3}
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a = await start_node(start_server, redis_server, "node-a", streams, **limit)
-        b = await start_node(start_server, redis_server, "node-b", streams, **limit)
+        a, b = await start_cluster(
+            start_server, redis_server.url, ("node-a", "node-b"), streams, **limit
+        )
         async with (
-            node_process(tmp_path, redis_server, "node-c", streams, **limit),
+            open_node_process(tmp_path, "node-c", redis_server.url, streams, **limit) as c,
             open_viewer(a.ws_url) as first,
             open_viewer(a.ws_url) as second,
         ):
+            await wait_registered(c)
             await (await first.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
             assert cluster_of(a).statistics().owned_streams == (stream_id,)
             assert cluster_of(a).relay is not None  # replicas on without max_viewers_per_node
@@ -314,12 +261,14 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        b = await start_node(start_server, redis_server, "node-b", streams, **CHAIN)
-        c = await start_node(start_server, redis_server, "node-c", streams, **CHAIN)
+        b, c = await start_cluster(
+            start_server, redis_server.url, ("node-b", "node-c"), streams, **CHAIN
+        )
         async with (
-            node_process(tmp_path, redis_server, "node-a", streams, **CHAIN) as a,
+            open_node_process(tmp_path, "node-a", redis_server.url, streams, **CHAIN) as a,
             contextlib.AsyncExitStack() as stack,
         ):
+            await wait_registered(a)
             viewers = []
             for _ in range(3):
                 viewer = await stack.enter_async_context(open_viewer(b.ws_url))

@@ -9,14 +9,9 @@ mount, so a count per mount is a count per stream.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,77 +23,39 @@ from mediastream.cluster import liveness
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
 from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_client import Redis, open_redis
-from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    PATTERN,
+    CameraSessions,
+    NodeProcess,
+    cluster_of,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    open_node_process,
+    pattern_streams,
+    replay_after_failure,
+    start_cluster,
+    start_node,
+    wait_peer_failed,
+    wait_registered,
+)
+from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
-from support.servers import Camera, StartServer, make_config, start_camera, stop_camera
+from support.servers import Camera, StartServer
 from support.tcp_proxy import TcpProxy
-from support.viewer import SignalingFailed, Viewer, open_viewer
+from support.viewer import SignalingFailed, open_viewer
 
 NODES = ("node-a", "node-b")
 MOUNTS = ("/h264", "/h264-gop1")
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
-MEDIASTREAM = [sys.executable, "-m", "mediastream"]
-SRC = Path(__file__).parents[2] / "src"
+# A fixture (pytest finds it here), and names other tests imported from this module before
+# they moved to support.cluster and support.commands: import them from there.
+__all__ = ["MEDIASTREAM", "PATTERN", "SRC", "CameraSessions", "judge_nodes_on_a_fresh_redis"]
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)
 ON_B = stream_ids_placed_on("node-b", NODES, 2)
-
-
-@pytest.fixture
-def judge_nodes_on_a_fresh_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nodes are judged gone only once Redis has been up for a lease's TTL (so that a restart
-    is not read as every node dying); the test's Redis has just started, and a Redis restart
-    is not what the tests using this are about."""
-    monkeypatch.setattr(liveness, "STEADY_AFTER", 0.0)
-
-
-@dataclass
-class CameraSessions:
-    """The camera's connected RTSP clients, from its ``SESSIONS <n>`` lines."""
-
-    camera: Camera
-    current: int = 0
-    peak: int = 0
-    connects: int = 0
-    history: list[int] = field(default_factory=list)
-    _changed: trio.Event = field(default_factory=trio.Event)
-
-    async def follow(self) -> None:
-        stdout = self.camera.process.stdout
-        assert stdout is not None
-        while line := await trio.to_thread.run_sync(stdout.readline, abandon_on_cancel=True):
-            if not line.startswith("SESSIONS "):
-                continue
-            count = int(line.split()[1])
-            if count > self.current:
-                self.connects += count - self.current
-            self.current = count
-            self.peak = max(self.peak, count)
-            self.history.append(count)
-            self._changed.set()
-            self._changed = trio.Event()
-
-    async def wait_until(self, predicate: Any, timeout: float = 30) -> None:
-        with trio.fail_after(timeout):
-            while not predicate(self):
-                await self._changed.wait()
-
-
-@asynccontextmanager
-async def counting_camera() -> AsyncIterator[CameraSessions]:
-    camera = start_camera(0, "--report-sessions")
-    sessions = CameraSessions(camera)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sessions.follow)
-            yield sessions
-            nursery.cancel_scope.cancel()
-    finally:
-        stop_camera(camera)
 
 
 def camera_streams(camera: Camera, stream_ids: list[str]) -> list[dict[str, Any]]:
@@ -108,93 +65,11 @@ def camera_streams(camera: Camera, stream_ids: list[str]) -> list[dict[str, Any]
     ]
 
 
-@dataclass
-class NodeProcess:
-    """Node B as a ``mediastream serve`` process; its log is kept (and drained, so a full
-    pipe never stalls it)."""
-
-    process: trio.Process
-    log: bytearray = field(default_factory=bytearray)
-    _grew: trio.Event = field(default_factory=trio.Event)
-
-    async def drain(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.log += chunk
-            self._grew.set()
-            self._grew = trio.Event()
-
-    async def wait_logged(self, text: bytes, timeout: float = 30) -> None:
-        with trio.fail_after(timeout):
-            while text not in self.log:
-                assert self.process.returncode is None, self.log.decode(errors="replace")
-                await self._grew.wait()
-
-
-@asynccontextmanager
-async def node_process(
+def node_process(
     tmp_path: Path, node_id: str, redis: RedisServer, streams: list[dict[str, Any]]
-) -> AsyncIterator[NodeProcess]:
-    config = tmp_path / f"{node_id}.toml"
-    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / node_id}"\n\n'
-    text += "[media]\non_demand_grace = 1\n\n"
-    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n\n'
-    for stream in streams:
-        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
-        text += "on_demand = true\n\n"
-    config.write_text(text)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
-            )
-        )
-        node = NodeProcess(process)
-        nursery.start_soon(node.drain)
-        try:
-            await node.wait_logged(b"MediaStream serving")
-            yield node
-        finally:
-            if process.returncode is None:
-                os.kill(process.pid, signal.SIGCONT)
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-
-
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
-
-
-async def wait_registered(*nodes: RunningServer | NodeProcess) -> None:
-    """Until each node's record is in Redis (an in-process node is started once it is; a
-    node process logs that it started once it is)."""
-    for node in nodes:
-        if isinstance(node, NodeProcess):
-            await node.wait_logged(b'cluster node "')
-        else:
-            await cluster_of(node)._started.wait()
-
-
-async def replay_after_failure(viewer: Viewer, stream_id: str, mark: int) -> None:
-    """What the page's engine does: told ``peer_failed``, send a new offer on the same socket
-    (again if that offer fails while the stream is taken over); then wait for frames."""
-    told = await viewer.wait_for(
-        lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
-        after=mark,
-        timeout=30,
-    )
-    assert told["code"] == "peer_failed", told
-    assert "send a new offer" in told["payload"]
-    played = await viewer.play(stream_id, trickle=True)
-    await played.wait_frames(3, timeout=30)
+) -> AbstractAsyncContextManager[NodeProcess]:
+    """Node B as a ``mediastream serve`` process, ready once it logs that it serves."""
+    return open_node_process(tmp_path, node_id, redis.url, streams)
 
 
 async def test_the_owner_killed_every_tile_plays_again_on_its_socket_from_one_new_camera_session(
@@ -205,8 +80,7 @@ async def test_the_owner_killed_every_tile_plays_again_on_its_socket_from_one_ne
 ) -> None:
     async with counting_camera() as camera:
         streams = camera_streams(camera.camera, ON_B)
-        config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-a"})
-        a = await start_server(config)
+        a = await start_node(start_server, redis_server.url, "node-a", streams)
         async with node_process(tmp_path, "node-b", redis_server, streams) as b:
             await wait_registered(a, b)
             async with open_viewer(a.ws_url) as first, open_viewer(a.ws_url) as second:
@@ -248,8 +122,7 @@ async def test_an_owner_frozen_past_its_lease_stops_reading_and_never_opens_the_
     async with counting_camera() as camera:
         stream_id = ON_B[0]
         streams = camera_streams(camera.camera, [stream_id])
-        config = make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-a"})
-        a = await start_server(config)
+        a = await start_node(start_server, redis_server.url, "node-a", streams)
         async with node_process(tmp_path, "node-b", redis_server, streams) as b:
             await wait_registered(a, b)
             async with open_viewer(a.ws_url) as viewer:
@@ -283,14 +156,7 @@ async def test_an_owner_frozen_past_its_lease_stops_reading_and_never_opens_the_
 async def start_pattern_nodes(
     start_server: StartServer, redis: RedisServer
 ) -> tuple[RunningServer, RunningServer]:
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    a, b = [
-        await start_server(
-            make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
-        )
-        for node_id in NODES
-    ]
-    await wait_registered(a, b)
+    a, b = await start_cluster(start_server, redis.url, NODES, pattern_streams(ON_A + ON_B))
     return a, b
 
 
@@ -355,7 +221,7 @@ async def test_with_redis_down_owned_streams_play_remote_offers_fail_clearly_and
         # One it does not own cannot be placed: a clear error on the same socket.
         with pytest.raises(SignalingFailed) as failed:
             await viewer.play(remote_stream, trickle=True)
-        assert failed.value.code == "stream_unavailable"
+        assert failed.value.code == "cluster_unavailable"
         assert f"Redis at 127.0.0.1:{redis_server.port}" in failed.value.message["payload"]
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
 
@@ -381,10 +247,8 @@ async def test_a_live_node_whose_liveness_connection_is_closed_gives_its_streams
         with trio.fail_after(10):
             await lease.lost.wait()
         assert "liveness connection to Redis was closed" in lease.loss_reason
-        told = await viewer.wait_for(
-            lambda m: m.get("streamId") == stream_id and m.get("type") == "error", after=mark
-        )
-        assert told["code"] == "peer_failed" and "lost the stream" in told["payload"]
+        told = await wait_peer_failed(viewer, stream_id, mark, timeout=10)
+        assert "lost the stream" in told["payload"]
         with trio.fail_after(10):  # the new id is written at once, not at the next renewal
             while cluster.registration.record.liveness in (0, old_id):
                 await cluster.registration.wait_renewed()
@@ -402,14 +266,10 @@ async def start_owner_behind_a_proxy(
 ) -> tuple[RunningServer, RunningServer]:
     """Node A with the page's socket, node B (the owner of ``ON_B``) reaching Redis through
     ``proxy``, which can lose the pub/sub messages on their way to B."""
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    a = await start_server(
-        make_config(streams, cluster={"redis_url": redis.url, "node_id": "node-a"})
-    )
+    streams = pattern_streams(ON_A + ON_B)
+    a = await start_node(start_server, redis.url, "node-a", streams)
     proxied = f"redis://127.0.0.1:{proxy.port}/0"
-    b = await start_server(
-        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-b"})
-    )
+    b = await start_node(start_server, proxied, "node-b", streams)
     await wait_registered(a, b)
     return a, b
 
@@ -503,14 +363,10 @@ async def test_a_lost_answer_from_the_owner_is_sent_again_and_the_tile_plays(
 ) -> None:
     proxy = TcpProxy(redis_server.port)
     await nursery.start(proxy.serve)
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
+    streams = pattern_streams(ON_A + ON_B)
     proxied = f"redis://127.0.0.1:{proxy.port}/0"  # A, the socket's node, behind the proxy
-    a = await start_server(
-        make_config(streams, cluster={"redis_url": proxied, "node_id": "node-a"})
-    )
-    b = await start_server(
-        make_config(streams, cluster={"redis_url": redis_server.url, "node_id": "node-b"})
-    )
+    a = await start_node(start_server, proxied, "node-a", streams)
+    b = await start_node(start_server, redis_server.url, "node-b", streams)
     await wait_registered(a, b)
     proxy.drop_messages(1, containing=b'\\"type\\":\\"answer\\"')  # B's answer, for A's socket
     async with open_viewer(a.ws_url) as viewer:

@@ -10,25 +10,12 @@ arrived (a frame lost in the relay, a resume that did not wait for a keyframe) b
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import os
-import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
-from test_cluster_failover import (
-    MEDIASTREAM,
-    SRC,
-    CameraSessions,
-    NodeProcess,
-    counting_camera,
-    judge_nodes_on_a_fresh_redis,
-    replay_after_failure,
-)
 
 from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import rank_nodes
@@ -43,18 +30,30 @@ from mediastream.cluster.relay import (
     open_relay,
     relay_key,
 )
-from mediastream.cluster.routing import ClusterNode
 from mediastream.media.frames import NAL_IDR, NAL_SLICE, NAL_SPS, _BitReader, nal_type, split_annexb
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    CameraSessions,
+    NodeProcess,
+    cluster_of,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    open_node_process,
+    replay_after_failure,
+    start_cluster,
+)
+from support.commands import MEDIASTREAM, SRC
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
-from support.viewer import PlayedStream, open_viewer
+from support.servers import StartServer
+from support.viewer import PlayedStream, open_playing_viewers, open_viewer
 
 NODES = ("node-a", "node-b", "node-c")
 STREAM = "lobby"
 CAP = 2
-__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture of the failover tests, used here too
+# A fixture (pytest finds it here), and names other tests imported from this module before
+# they moved to support.cluster and support.commands: import them from there.
+__all__ = ["MEDIASTREAM", "SRC", "judge_nodes_on_a_fresh_redis"]
 
 
 def stream_ranked(*order: str) -> str:
@@ -72,23 +71,16 @@ def stream_ranked(*order: str) -> str:
 HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 
 
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
 
 
 async def start_nodes(
     start_server: StartServer, redis: RedisServer, sessions: CameraSessions
 ) -> list[RunningServer]:
-    streams = [{"id": STREAM, "source": sessions.camera.url("/h264"), "on_demand": True}]
-    nodes = []
-    for node_id in NODES:
-        cluster = {"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP}
-        nodes.append(await start_server(make_config(streams, cluster=cluster)))
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
+    """The three nodes, ``CAP`` viewers each, serving ``STREAM`` from the counting camera."""
+    streams = camera_stream(sessions, STREAM)
+    return await start_cluster(start_server, redis.url, NODES, streams, max_viewers_per_node=CAP)
 
 
 def peers(node: RunningServer) -> int:
@@ -134,13 +126,8 @@ def frame_num_breaks(access_units: list[bytes]) -> int:
 async def viewers_of(url: str, count: int) -> AsyncIterator[list[PlayedStream]]:
     """``count`` viewers, one socket each, each playing the stream (one after the other, so
     the owner's count of its viewers and the replicas' reports are current for each offer)."""
-    async with contextlib.AsyncExitStack() as stack:
-        played = []
-        for _ in range(count):
-            viewer = await stack.enter_async_context(open_viewer(url))
-            played.append(await viewer.play(STREAM, trickle=True, capture=True))
-            await played[-1].wait_frames(5, timeout=30)
-        yield played
+    async with open_playing_viewers(url, STREAM, count, capture=True) as viewers:
+        yield [viewer.streams[STREAM] for viewer in viewers]
 
 
 async def test_viewers_beyond_the_cap_are_served_by_replicas_and_the_camera_is_read_once(
@@ -229,61 +216,27 @@ async def test_the_relay_refuses_a_client_without_the_secret(
             assert sessions.connects == 1
 
 
-def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
-    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
-
-
-@asynccontextmanager
-async def node_c_process(
+def node_c_process(
     tmp_path: Path, redis: RedisServer, streams: list[dict[str, object]]
-) -> AsyncIterator[NodeProcess]:
+) -> AbstractAsyncContextManager[NodeProcess]:
     """Node C as a ``mediastream serve`` process (so that it can be killed), replicas on."""
-    config = tmp_path / "node-c.toml"
-    text = f'[server]\nhost = "127.0.0.1"\nport = 0\ndata_dir = "{tmp_path / "node-c"}"\n\n'
-    text += "[media]\non_demand_grace = 1\n\n"
-    text += f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "node-c"\n'
-    text += f"max_viewers_per_node = {CAP}\n\n"
-    for stream in streams:
-        text += f'[[streams]]\nid = "{stream["id"]}"\nsource = "{stream["source"]}"\n'
-        text += "on_demand = true\n\n"
-    config.write_text(text)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [*MEDIASTREAM, "serve", "--config", str(config), "--log-level", "info"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
-            )
-        )
-        node = NodeProcess(process)
-        nursery.start_soon(node.drain)
-        try:
-            await node.wait_logged(b'cluster node "node-c"')
-            yield node
-        finally:
-            if process.returncode is None:
-                process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+    return open_node_process(
+        tmp_path,
+        "node-c",
+        redis.url,
+        streams,
+        ready=b'cluster node "node-c"',
+        max_viewers_per_node=CAP,
+    )
 
 
 async def in_process_nodes(
     start_server: StartServer, redis: RedisServer, streams: list[dict[str, object]]
 ) -> tuple[RunningServer, RunningServer]:
-    a, b = [
-        await start_server(
-            make_config(
-                streams,
-                cluster={"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": CAP},
-            )
-        )
-        for node_id in NODES[:2]
-    ]
-    for node in (a, b):
-        await cluster_of(node)._started.wait()
+    """Nodes A and B, ``CAP`` viewers each (C is a process: :func:`node_c_process`)."""
+    a, b = await start_cluster(
+        start_server, redis.url, NODES[:2], streams, max_viewers_per_node=CAP
+    )
     return a, b
 
 
@@ -300,13 +253,8 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
         a, b = await in_process_nodes(start_server, redis_server, streams)
         async with (
             node_c_process(tmp_path, redis_server, streams) as c,
-            contextlib.AsyncExitStack() as stack,
+            open_playing_viewers(a.ws_url, stream_id, 5) as viewers,
         ):
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
-                viewers.append(viewer)
             # A serves two itself, C two (replica), B the fifth (C reported itself full).
             assert (peers(a), peers(b)) == (CAP, 1)
             assert cluster_of(a).statistics().relay_connections == 2
@@ -345,14 +293,8 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
         a, b = await in_process_nodes(start_server, redis_server, streams)
         async with (
             node_c_process(tmp_path, redis_server, streams) as c,
-            contextlib.AsyncExitStack() as stack,
+            open_playing_viewers(a.ws_url, stream_id, 5, capture=True) as viewers,
         ):
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
             assert (peers(a), peers(b)) == (CAP, 1)  # and two on C, the owner
             assert stream_id in cluster_of(a).statistics().replicas
             assert stream_id in cluster_of(b).statistics().replicas
@@ -383,14 +325,8 @@ async def test_without_a_viewer_cap_there_is_no_relay_and_the_owner_serves_every
 ) -> None:
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, STREAM)
-        nodes = [
-            await start_server(
-                make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node_id})
-            )
-            for node_id in NODES[:2]
-        ]
+        nodes = await start_cluster(start_server, redis_server.url, NODES[:2], streams)
         for node in nodes:
-            await cluster_of(node)._started.wait()
             assert cluster_of(node).relay is None
             registration = cluster_of(node).registration
             assert registration is not None and registration.record.relay_address == ""
@@ -408,28 +344,10 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
     stream_id = stream_ranked("node-c", "node-b", "node-a")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a, b, c = [
-            await start_server(
-                make_config(
-                    streams,
-                    cluster={
-                        "redis_url": redis_server.url,
-                        "node_id": node_id,
-                        "max_viewers_per_node": CAP,
-                    },
-                )
-            )
-            for node_id in NODES
-        ]
-        for node in (a, b, c):
-            await cluster_of(node)._started.wait()
-        async with contextlib.AsyncExitStack() as stack:
-            viewers = []
-            for _ in range(5):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
+        a, b, c = await start_cluster(
+            start_server, redis_server.url, NODES, streams, max_viewers_per_node=CAP
+        )
+        async with open_playing_viewers(a.ws_url, stream_id, 5, capture=True) as viewers:
             assert (peers(a), peers(b), peers(c)) == (CAP, 1, CAP)
             marks = [len(v.messages) for v in viewers]
 

@@ -8,11 +8,6 @@ nodes), so the streams are picked by computing the same placement here.
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,24 +18,26 @@ from mediastream.cluster.leases import current_owner, live_nodes
 from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_bus import open_redis_bus
 from mediastream.cluster.redis_client import open_redis
-from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    PATTERN,
+    cluster_of,
+    open_node_process,
+    pattern_streams,
+    start_cluster,
+    start_node,
+    wait_peer_failed,
+)
+from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer, free_port
 from support.viewer import SignalingFailed, open_viewer
 
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 NODES = ("node-a", "node-b")
-MEDIASTREAM = [sys.executable, "-m", "mediastream"]
-SRC = Path(__file__).parents[2] / "src"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+# Names other tests imported from this module before they moved to support.
+__all__ = ["MEDIASTREAM", "PATTERN", "SRC"]
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)
@@ -48,21 +45,8 @@ ON_B = stream_ids_placed_on("node-b", NODES, 2)
 
 
 async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:
-    streams = [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B]
-    nodes = []
-    for node_id in NODES:
-        config = make_config(streams, cluster={"redis_url": redis.url, "node_id": node_id})
-        nodes.append(await start_server(config))
-    # Both records are in Redis once each node's registration has written it.
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
-
-
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
+    """Nodes A and B, each serving every stream of ``ON_A`` and ``ON_B``, both in Redis."""
+    return await start_cluster(start_server, redis.url, NODES, pattern_streams(ON_A + ON_B))
 
 
 def ingests(nodes: list[RunningServer], stream_id: str) -> int:
@@ -152,74 +136,30 @@ async def test_concurrent_opens_through_both_nodes_read_the_stream_once(
         assert a.services.peers.statistics().open_peer_connections == 0
 
 
-def node_config_file(path: Path, node_id: str, port: int, redis: RedisServer) -> Path:
-    streams = "".join(
-        f'[[streams]]\nid = "{s}"\nsource = "{PATTERN}"\non_demand = true\n\n' for s in ON_A + ON_B
-    )
-    path.write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{path.parent / node_id}"\n\n'
-        f"[media]\non_demand_grace = 1\n\n"
-        f'[cluster]\nredis_url = "{redis.url}"\nnode_id = "{node_id}"\n\n{streams}'
-    )
-    return path
-
-
 async def test_the_owner_killed_its_tile_is_told_and_plays_again_from_one_new_ingest(
     start_server: StartServer, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    config = make_config(
-        [{"id": s, "source": PATTERN, "on_demand": True} for s in ON_A + ON_B],
-        cluster={"redis_url": redis_server.url, "node_id": "node-a"},
-    )
-    a = await start_server(config)
+    streams = pattern_streams(ON_A + ON_B)
+    a = await start_node(start_server, redis_server.url, "node-a", streams)
     stream_id = ON_B[0]
-    port = free_port()
-    command = [
-        *MEDIASTREAM, "serve", "--config",
-        str(node_config_file(tmp_path / "node-b.toml", "node-b", port, redis_server)),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            functools.partial(
-                trio.run_process, command, stderr=subprocess.PIPE, check=False, env=env
-            )
-        )
-        try:
-            assert process.stderr is not None
-            log = b""
-            with trio.fail_after(30):
-                while b"MediaStream serving" not in log:
-                    chunk = await process.stderr.receive_some()
-                    assert chunk, log
-                    log += chunk
-            async with open_viewer(a.ws_url) as viewer:
-                first = await viewer.play(stream_id, trickle=True)
-                await first.wait_frames(5)
-                assert cluster_of(a).statistics().relayed_sessions == 1
-                assert a.services.peers.statistics().open_peer_connections == 0  # B's peer
+    async with (
+        open_node_process(tmp_path, "node-b", redis_server.url, streams) as b,
+        open_viewer(a.ws_url) as viewer,
+    ):
+        first = await viewer.play(stream_id, trickle=True)
+        await first.wait_frames(5)
+        assert cluster_of(a).statistics().relayed_sessions == 1
+        assert a.services.peers.statistics().open_peer_connections == 0  # B's peer
 
-                mark = len(viewer.messages)
-                process.kill()  # SIGKILL: no goodbye, its lease and record just stop renewing
-                told = await viewer.wait_for(
-                    lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
-                    after=mark,
-                    timeout=30,
-                )
-                assert told["code"] == "peer_failed", told
-                assert "send a new offer" in told["payload"]
+        mark = len(viewer.messages)
+        b.process.kill()  # SIGKILL: no goodbye, its lease and record just stop renewing
+        told = await wait_peer_failed(viewer, stream_id, mark)
+        assert "send a new offer" in told["payload"]
 
-                again = await viewer.play(stream_id, trickle=True)
-                await again.wait_frames(5)
-                assert cluster_of(a).statistics().owned_streams == (stream_id,)
-                assert ingests([a], stream_id) == 1  # exactly one new camera session, on A
-        finally:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        again = await viewer.play(stream_id, trickle=True)
+        await again.wait_frames(5)
+        assert cluster_of(a).statistics().owned_streams == (stream_id,)
+        assert ingests([a], stream_id) == 1  # exactly one new camera session, on A
 
 
 async def test_a_node_is_in_redis_while_it_serves_and_leaves_at_once_when_it_stops(
@@ -244,17 +184,13 @@ async def test_with_redis_down_the_node_serves_healthz_and_an_offer_fails_clearl
     start_server: StartServer,
 ) -> None:
     nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    config = make_config(
-        [{"id": "cam", "source": PATTERN, "on_demand": True}],
-        cluster={"redis_url": nowhere, "node_id": "node-a"},
-    )
-    node = await start_server(config)
+    node = await start_node(start_server, nowhere, "node-a", pattern_streams(["cam"]))
     health = await get(f"{node.url}/healthz")
     assert (health.status, health.json()) == (200, {"status": "ok"})
     async with open_viewer(node.ws_url) as viewer:
         with pytest.raises(SignalingFailed) as failed:
             await viewer.play("cam", trickle=True)
-        assert failed.value.message["code"] == "stream_unavailable"
+        assert failed.value.message["code"] == "cluster_unavailable"
         assert "Redis at 127.0.0.1" in failed.value.message["payload"]
         # The socket lives on: it still answers.
         await viewer.request({"type": "ping", "payload": 1}, None, ("pong",))
@@ -275,12 +211,7 @@ async def test_an_owner_that_cannot_renew_stops_its_ingest_and_tells_its_viewers
         mark = len(viewer.messages)
         redis_server.freeze()  # SIGSTOP: renewals get no answer until the lease's deadline
         try:
-            told = await viewer.wait_for(
-                lambda m: m.get("streamId") == stream_id and m.get("type") == "error",
-                after=mark,
-                timeout=30,
-            )
-            assert told["code"] == "peer_failed", told
+            told = await wait_peer_failed(viewer, stream_id, mark)
             assert "lost the stream" in told["payload"]
             with trio.fail_after(15):
                 await stream.changes.wait_until(lambda: not stream.source_running)

@@ -18,7 +18,6 @@ import trio.testing
 
 from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_client import Redis
-from mediastream.cluster.routing import ClusterNode
 from mediastream.cluster.stream_store import (
     CHANGES_CHANNEL,
     STREAMS_KEY,
@@ -28,12 +27,12 @@ from mediastream.cluster.stream_store import (
 from mediastream.server import RunningServer
 from mediastream.store import StreamChanged, StreamStore
 
+from support.cluster import PATTERN, cluster_of, start_cluster
 from support.http import HttpResponse, get, request, scrape
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import SignalingFailed, open_viewer
 
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 NODES = ("node-a", "node-b")
 #: how long a change may take to reach the other node (a bound, not an expectation)
 REACH = 15
@@ -47,19 +46,8 @@ def placed_on(node_id: str) -> str:
 async def start_nodes(
     start_server: StartServer, redis: RedisServer, streams: list[dict[str, Any]] | None = None
 ) -> list[RunningServer]:
-    nodes = []
-    for node_id in NODES:
-        config = make_config(streams or [], cluster={"redis_url": redis.url, "node_id": node_id})
-        nodes.append(await start_server(config))
-    for node in nodes:
-        await cluster_of(node)._started.wait()
-    return nodes
-
-
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
+    """Nodes A and B serving ``streams``, both in Redis."""
+    return await start_cluster(start_server, redis.url, NODES, streams or [])
 
 
 def store_of(server: RunningServer) -> SharedStreamStore:

@@ -18,16 +18,22 @@ import trio
 from mediastream.cluster.leases import NodeRecord, current_owner, live_nodes
 from mediastream.cluster.placement import choose_owner
 from mediastream.cluster.redis_client import open_redis
-from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
+from support.cluster import (
+    PATTERN,
+    cluster_of,
+    pattern_streams,
+    start_cluster,
+    start_node,
+    wait_peer_failed,
+    wait_registered,
+)
 from support.commands import running_command
 from support.http import get
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import open_viewer
-
-PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
 
 
 def config_file(
@@ -159,24 +165,13 @@ def stream_placed_on(node_id: str, skip: int = 0) -> str:
     return found[skip]
 
 
-def cluster_of(server: RunningServer) -> ClusterNode:
-    cluster = server.services.cluster
-    assert cluster is not None
-    return cluster
-
-
 async def test_drain_hands_a_stream_over_and_its_remote_viewer_plays_again_from_one_new_ingest(
     start_server: StartServer, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     on_a, on_b = stream_placed_on("node-a"), stream_placed_on("node-b")
     streams = [on_a, on_b]
-    b = await start_server(
-        make_config(
-            [{"id": s, "source": PATTERN, "on_demand": True} for s in streams],
-            cluster={"redis_url": redis_server.url, "node_id": "node-b"},
-        )
-    )
-    await cluster_of(b)._started.wait()
+    b = await start_node(start_server, redis_server.url, "node-b", pattern_streams(streams))
+    await wait_registered(b)
     config = config_file(tmp_path / "a.toml", redis_server, streams, node_id="node-a")
     async with (
         running_command("serve", "--config", str(config)) as (a, log),
@@ -201,12 +196,7 @@ async def test_drain_hands_a_stream_over_and_its_remote_viewer_plays_again_from_
 
             mark = len(viewer.messages)
             a.send_signal(signal.SIGTERM)
-            told = await viewer.wait_for(
-                lambda m: m.get("streamId") == on_a and m.get("type") == "error",
-                after=mark,
-                timeout=30,
-            )
-            assert told["code"] == "peer_failed", told
+            told = await wait_peer_failed(viewer, on_a, mark)
             assert "handed the stream over" in told["payload"], told
             assert "send a new offer" in told["payload"], told
             # Handed over: nobody holds the lease until a viewer comes back, and A's record
@@ -237,15 +227,7 @@ async def test_a_draining_node_gets_no_new_stream_and_says_so_on_healthz(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:
     on_a = stream_placed_on("node-a")
-    streams = [{"id": on_a, "source": PATTERN, "on_demand": True}]
-    a, b = [
-        await start_server(
-            make_config(streams, cluster={"redis_url": redis_server.url, "node_id": node})
-        )
-        for node in NODES
-    ]
-    for node in (a, b):
-        await cluster_of(node)._started.wait()
+    a, b = await start_cluster(start_server, redis_server.url, NODES, pattern_streams([on_a]))
     assert (await get(f"{a.url}/healthz")).status == 200
     await cluster_of(a).drain(5)  # what a shutdown request does first; A owns nothing
     health = await get(f"{a.url}/healthz")
@@ -283,12 +265,8 @@ async def test_a_node_restarted_under_its_id_waits_out_its_old_lease_then_plays(
         old = await current_owner(client, stream_id)
         assert old is not None and old.node_id == "node-a"
 
-        again = await start_server(
-            make_config(
-                [{"id": stream_id, "source": PATTERN, "on_demand": True}],
-                cluster={"redis_url": redis_server.url, "node_id": "node-a"},
-            )
-        )
+        streams = pattern_streams([stream_id])
+        again = await start_node(start_server, redis_server.url, "node-a", streams)
         async with open_viewer(again.ws_url) as viewer:
             await (await viewer.play(stream_id, trickle=True)).wait_frames(5, timeout=30)
         new = await current_owner(client, stream_id)

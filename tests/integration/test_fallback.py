@@ -4,8 +4,10 @@ one socket, decoded here by FFmpeg from what arrived. Real server, real socket, 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,27 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from mediastream.fallback import BinaryKind, FallbackSession, parse_binary
+from mediastream.media.fmp4 import end_time
 from mediastream.server import RunningServer
 
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
 from support.viewer import open_viewer
+
+MAIN = (1280, 720)
+SUB = (320, 180)
+
+
+def two_qualities(camera: Camera) -> list[dict[str, object]]:
+    """One stream, main 1280x720 and sub 320x180 from the camera (main the default)."""
+    return [
+        {
+            "id": "gate",
+            "qualities": [
+                {"name": "main", "source": camera.url("/h264-720")},
+                {"name": "sub", "source": camera.url("/h264-180")},
+            ],
+        }
+    ]
 
 
 class FallbackClient:
@@ -452,4 +471,255 @@ async def test_a_socket_that_stops_reading_skips_each_stream_to_its_next_keyfram
         assert max(sizes) >= 3, sizes
         stats = server.services.statistics()
         assert stats.sessions_per_socket == (2,)
+        nursery.cancel_scope.cancel()
+
+
+def init_size(init: bytes) -> tuple[int, int]:
+    """The width and height of an init segment's avc1 sample entry."""
+    avc1 = init.index(b"avc1", init.index(b"moov"))  # ftyp lists "avc1" as a brand too
+    # after the type: reserved (6), data_reference_index (2), pre_defined and reserved (16)
+    width, height = struct.unpack_from("!HH", init, avc1 + 4 + 24)
+    return width, height
+
+
+def video_fragments(
+    binary: list[tuple[BinaryKind, str, bytes]], stream_id: str, track: int = 1
+) -> list[tuple[int, bytes]]:
+    """Every video fragment (track 1; or audio, track 2) of the stream, in order, each with the
+    number of the init segment it follows (1 for the first)."""
+    found: list[tuple[int, bytes]] = []
+    inits = 0
+    for kind, stream, payload in binary:
+        if stream != stream_id:
+            continue
+        if kind is BinaryKind.INIT:
+            inits += 1
+            continue
+        for fragment in split_fragments(payload):
+            (in_track,) = struct.unpack_from("!I", fragment, fragment.index(b"tfhd") + 8)
+            if in_track == track:
+                found.append((inits, fragment))
+    return found
+
+
+async def test_a_fallback_starts_on_the_quality_asked_and_switches_at_a_keyframe_on_its_timeline(
+    start_server: StartServer, camera: Camera, tmp_path: Path
+) -> None:
+    server = await start_server(make_config(two_qualities(camera)))
+    stream = server.services.registry.get("gate")
+    assert stream is not None
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "gate", "payload": {"quality": "sub"}})
+        await client.wait_until(lambda: client.fragments("gate") >= 10)
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB]
+        # main (the default) was never read for it
+        assert await trio.to_thread.run_sync(camera.sessions, "/h264-720") == 0
+        assert [
+            (m["payload"]["quality"], m["payload"]["requested"], m["payload"]["reason"])
+            for m in client.messages
+            if m["type"] == "quality"
+        ] == [("sub", "sub", "pinned")]
+
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"quality": "main"}})
+
+        def switched() -> bool:
+            return any(
+                m["type"] == "quality" and m["payload"]["quality"] == "main"
+                for m in client.messages
+            ) and any(after == 2 for after, _ in video_fragments(client.binary, "gate"))
+
+        await client.wait_until(switched)
+        await client.wait_until(
+            lambda: sum(after == 2 for after, _ in video_fragments(client.binary, "gate")) >= 30
+        )
+        answer = next(
+            m
+            for m in client.messages
+            if m["type"] == "quality" and m["payload"]["quality"] == "main"
+        )
+        assert answer["payload"]["requested"] == "main" and "sessionId" not in answer
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB, MAIN]
+        fragments = video_fragments(client.binary, "gate")
+        timing = [decode_time_and_sync(fragment) for _, fragment in fragments]
+        first_main = next(i for i, (after, _) in enumerate(fragments) if after == 2)
+        assert timing[first_main][1], "the new quality starts with a P-frame"
+        assert timing[0][1], "the fallback starts with a P-frame"
+        # Decode times go on where the last sub frame ended: never back, no gap.
+        decode_times = [time for time, _ in timing]
+        assert all(b > a for a, b in itertools.pairwise(decode_times))
+        assert decode_times[first_main] == end_time(fragments[first_main - 1][1])
+        # Each part decodes at its size from its init segment.
+        for number, (init, size) in enumerate(zip(inits, (SUB, MAIN), strict=True), start=1):
+            path = tmp_path / f"part-{number}.mp4"
+            path.write_bytes(
+                init + b"".join(fragment for after, fragment in fragments if after == number)
+            )
+            pictures = decode(path)
+            assert pictures and {(p.width, p.height) for p in pictures} == {size}
+        [session] = fallback_sessions(server)
+        assert (session.quality_sent, session.switches) == ("main", 1)
+        subscriber = session._subscriber
+        assert subscriber is not None and stream.quality_of(subscriber) == "main"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_quality_for_a_fallback_is_refused_and_every_stream_plays_on(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config([*two_qualities(camera), *DEMO_STREAMS[:1]]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send({"type": "fallback", "streamId": "gate", "payload": {"quality": "sub"}})
+        await client.send({"type": "fallback", "streamId": "demo-1"})
+        await client.wait_until(
+            lambda: min(client.fragments("gate"), client.fragments("demo-1")) >= 5
+        )
+        bad = [
+            {"type": "quality", "streamId": "gate", "payload": {"quality": "ultra"}},
+            {"type": "quality", "streamId": "gate", "payload": {"quality": "no spaces"}},
+            {"type": "quality", "streamId": "gate", "payload": {"tile": {"width": "wide"}}},
+            {"type": "fallback", "streamId": "gate", "payload": {"quality": "ultra"}},
+            {"type": "fallback", "streamId": "gate", "payload": {"tile": [1, 2]}},
+        ]
+        for message in bad:
+            await client.send(message)
+        await client.wait_until(
+            lambda: sum(m["type"] == "error" for m in client.messages) >= len(bad)
+        )
+        errors = [m for m in client.messages if m["type"] == "error"]
+        assert [(e["streamId"], e["code"]) for e in errors] == [
+            ("gate", "unknown_quality"),
+            ("gate", "invalid_message"),
+            ("gate", "invalid_message"),
+            ("gate", "unknown_quality"),
+            ("gate", "invalid_message"),
+        ]
+        assert 'no quality "ultra"; it has main, sub' in errors[0]["payload"]
+        assert "payload.tile" in errors[2]["payload"]
+        # Nothing was lost: the same fallbacks play on, the gate still on sub.
+        [gate_session] = [s for s in fallback_sessions(server) if s.stream.id == "gate"]
+        before = {s: client.fragments(s) for s in ("gate", "demo-1")}
+        await client.wait_until(
+            lambda: all(client.fragments(s) >= n + 25 for s, n in before.items())
+        )
+        assert [s for s in fallback_sessions(server) if s.stream.id == "gate"] == [gate_session]
+        assert (gate_session.quality_sent, gate_session.switches) == ("sub", 0)
+        inits = [p for k, s, p in client.binary if s == "gate" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [SUB]
+        nursery.cancel_scope.cancel()
+
+
+def clip_with_sound(path: Path, size: str) -> None:
+    """Six seconds of a test picture of ``size`` and a 440 Hz tone (AAC), a keyframe a second."""
+    subprocess.run(
+        [
+            "ffmpeg", "-loglevel", "error", "-y",
+            "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25",
+            "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+            "-t", "6", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+            "-g", "25", "-bf", "0", "-pix_fmt", "yuv420p", "-c:a", "aac", "-ac", "2",
+            "-shortest", str(path),
+        ],
+        check=True,
+    )  # fmt: skip
+
+
+async def test_sound_stays_with_the_picture_across_a_switch_and_never_goes_back(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    for size in ("640x360", "320x180"):
+        clip_with_sound(tmp_path / f"{size}.mp4", size)
+    qualities = [
+        {"name": "main", "source": f"file:{tmp_path / '640x360.mp4'}"},
+        {"name": "sub", "source": f"file:{tmp_path / '320x180.mp4'}"},
+    ]
+    server = await start_server(make_config([{"id": "clip", "qualities": qualities}]))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+        await client.send(
+            {
+                "type": "fallback",
+                "streamId": "clip",
+                "payload": {"quality": "sub", "audio": ["mp4a.40.2"]},
+            }
+        )
+
+        def counted(track: int, after: int) -> int:
+            return sum(n == after for n, _ in video_fragments(client.binary, "clip", track))
+
+        await client.wait_until(lambda: counted(1, 1) >= 30 and counted(2, 1) >= 30)
+        await client.send({"type": "quality", "streamId": "clip", "payload": {"quality": "main"}})
+        await client.wait_until(lambda: counted(1, 2) >= 50 and counted(2, 2) >= 50)
+
+        inits = [p for k, s, p in client.binary if s == "clip" and k is BinaryKind.INIT]
+        assert [init_size(init) for init in inits] == [(320, 180), (640, 360)]
+        video = video_fragments(client.binary, "clip", 1)
+        sound = video_fragments(client.binary, "clip", 2)
+        for fragments in (video, sound):
+            times = [decode_time_and_sync(fragment)[0] for _, fragment in fragments]
+            assert all(b > a for a, b in itertools.pairwise(times))  # never back
+        # After the new init, the picture comes first, from a keyframe.
+        second_init = [
+            i for i, (k, s, _) in enumerate(client.binary) if s == "clip" and k is BinaryKind.INIT
+        ][1]
+        first_after = split_fragments(client.binary[second_init + 1][2])[0]
+        assert first_after in [f for _, f in video] and decode_time_and_sync(first_after)[1]
+        # In step: where the picture and the sound received so far end, give or take a
+        # GOP's replay and a message in flight.
+        picture_end = end_time(video[-1][1]) / 90_000
+        sound_end = end_time(sound[-1][1]) / 48_000
+        assert abs(picture_end - sound_end) < 1.0, (picture_end, sound_end)
+        # What came after the switch decodes: picture at main's size, and sound.
+        path = tmp_path / "after.mp4"
+        path.write_bytes(
+            inits[1] + b"".join(p for k, s, p in client.binary[second_init + 1 :] if s == "clip")
+        )
+        with av.open(str(path)) as container:
+            assert [s.codec_context.name for s in container.streams] == ["h264", "aac"]
+            heard = list(container.decode(container.streams.audio[0]))
+            container.seek(0)
+            pictures = list(container.decode(container.streams.video[0]))
+        assert len(heard) >= 40 and {(p.width, p.height) for p in pictures} == {(640, 360)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_auto_fallback_follows_its_tile_size_and_visibility(
+    start_server: StartServer, camera: Camera
+) -> None:
+    server = await start_server(make_config(two_qualities(camera)))
+    async with open_websocket_url(server.ws_url) as ws, trio.open_nursery() as nursery:
+        client = FallbackClient(ws)
+        nursery.start_soon(client.read)
+
+        def inits() -> list[tuple[int, int]]:
+            return [init_size(p) for k, s, p in client.binary if k is BinaryKind.INIT]
+
+        def said(quality: str, reason: str) -> bool:
+            return any(
+                m["type"] == "quality"
+                and (m["payload"]["quality"], m["payload"]["reason"]) == (quality, reason)
+                for m in client.messages
+            )
+
+        # A wall's tile, 300x170 device pixels: sub covers it.
+        tile = {"width": 300, "height": 170, "visible": True}
+        await client.send(
+            {"type": "fallback", "streamId": "gate", "payload": {"quality": "auto", "tile": tile}}
+        )
+        await client.wait_until(lambda: said("sub", "tile") and client.fragments("gate") >= 5)
+        assert inits() == [SUB]
+        # Made full screen: only main covers it.
+        tile = {"width": 1280, "height": 720, "visible": True}
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"tile": tile}})
+        await client.wait_until(lambda: said("main", "tile") and inits() == [SUB, MAIN])
+        # Scrolled out of sight: the smallest.
+        tile = {**tile, "visible": False}
+        await client.send({"type": "quality", "streamId": "gate", "payload": {"tile": tile}})
+        await client.wait_until(lambda: said("sub", "hidden") and inits() == [SUB, MAIN, SUB])
         nursery.cancel_scope.cancel()

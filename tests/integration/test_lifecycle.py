@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from support.http import get
-from support.servers import StartServer
+from support.servers import StartServer, free_port
 from support.viewer import open_viewer
 
 MEDIASTREAM = [sys.executable, "-m", "mediastream"]
@@ -33,12 +33,6 @@ async def test_shutdown_closes_sockets_with_1001_and_every_peer(start_server: St
             await server.wait_stopped()
     stats = server.services.statistics()
     assert (stats.open_sockets, stats.open_peer_connections, stats.sources_running) == (0, 0, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def run_command(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

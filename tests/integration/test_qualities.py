@@ -21,7 +21,7 @@ from mediastream.server import RunningServer
 from support.http import HttpResponse, get, request, scrape
 from support.redis import RedisServer
 from support.servers import Camera, StartServer, make_config
-from support.viewer import Viewer, open_viewer
+from support.viewer import PlayedStream, Viewer, open_viewer
 
 MAIN = (1280, 720)
 SUB = (320, 180)
@@ -46,6 +46,21 @@ def gate(server: RunningServer) -> Stream:
     return stream
 
 
+async def start_gate(
+    start_server: StartServer, camera: Camera, **extra: object
+) -> tuple[RunningServer, Stream]:
+    """A server whose one stream, "gate", has the camera's two qualities; ``extra`` goes to
+    the stream's configuration (``default_quality="sub"``)."""
+    server = await start_server(make_config(two_qualities(camera, **extra)))
+    return server, gate(server)
+
+
+async def play_tile(viewer: Viewer, width: int, height: int) -> PlayedStream:
+    """Play "gate" in ``auto`` quality for a visible tile of ``width`` x ``height``."""
+    tile = {"width": width, "height": height, "visible": True}
+    return await viewer.play("gate", quality="auto", tile=tile)
+
+
 async def send_json(server: RunningServer, method: str, path: str, body: object) -> HttpResponse:
     return await request(
         server.url + path,
@@ -68,8 +83,7 @@ async def camera_sessions_drop_to_zero(camera: Camera, mount: str, timeout: floa
 async def test_only_the_quality_watched_is_read_and_the_api_shows_each(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera, default_quality="sub")
     async with open_viewer(server.ws_url) as viewer:
         played = await viewer.play("gate")
         await played.wait_frames(10)
@@ -140,15 +154,20 @@ def quality_messages(viewer: Viewer) -> list[dict[str, Any]]:
     return [m for m in viewer.messages if m.get("type") == "quality"]
 
 
+async def wait_playing(viewer: Viewer, quality: str, after: int) -> dict[str, Any]:
+    """The first ``quality`` message from index ``after`` on that says ``quality`` plays."""
+    return await viewer.wait_for(
+        lambda m: m.get("type") == "quality" and m["payload"]["quality"] == quality,
+        after=after,
+        timeout=20,
+    )
+
+
 async def ask_quality(viewer: Viewer, payload: dict[str, Any], playing: str) -> dict[str, Any]:
     """Send a ``quality`` message; wait for the server to say ``playing`` plays."""
     start = len(viewer.messages)
     await viewer.send({"type": "quality", "streamId": "gate", "payload": payload})
-    return await viewer.wait_for(
-        lambda m: m.get("type") == "quality" and m["payload"]["quality"] == playing,
-        after=start,
-        timeout=20,
-    )
+    return await wait_playing(viewer, playing, start)
 
 
 def decode_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -159,8 +178,7 @@ async def test_a_pinned_quality_plays_on_the_same_track_with_no_new_offer(
     start_server: StartServer, camera: Camera, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="aiortc")
-    server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera, default_quality="sub")
     async with open_viewer(server.ws_url) as viewer:
         played = await viewer.play("gate")
         await played.wait_size(SUB)
@@ -198,13 +216,10 @@ async def test_a_pinned_quality_plays_on_the_same_track_with_no_new_offer(
 async def test_auto_gives_the_smallest_quality_covering_the_tile(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera)))  # default: main
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera)  # default: main
     async with open_viewer(server.ws_url) as viewer:
         # A grid tile: the offer says so, and the viewer starts on sub (main is never read).
-        played = await viewer.play(
-            "gate", quality="auto", tile={"width": 300, "height": 170, "visible": True}
-        )
+        played = await play_tile(viewer, 300, 170)
         await played.wait_size(SUB)
         assert not stream.quality("main").running
 
@@ -228,12 +243,9 @@ async def test_auto_gives_the_smallest_quality_covering_the_tile(
 async def test_a_tile_put_back_before_main_could_play_stays_on_sub(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera)))
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera)
     async with open_viewer(server.ws_url) as viewer:
-        played = await viewer.play(
-            "gate", quality="auto", tile={"width": 300, "height": 170, "visible": True}
-        )
+        played = await play_tile(viewer, 300, 170)
         await played.wait_size(SUB)
         start = len(viewer.messages)
         big = {"tile": {"width": 1280, "height": 720}}
@@ -256,7 +268,7 @@ async def test_a_tile_put_back_before_main_could_play_stays_on_sub(
 async def test_a_bad_quality_request_gets_an_error_and_changes_nothing(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
+    server, _ = await start_gate(start_server, camera, default_quality="sub")
     async with open_viewer(server.ws_url) as viewer:
         played = await viewer.play("gate")
         await played.wait_size(SUB)
@@ -279,42 +291,42 @@ async def test_a_bad_quality_request_gets_an_error_and_changes_nothing(
         assert played.sizes == {SUB}
 
 
-async def test_a_fallback_plays_the_default_quality_and_webrtc_beside_it_switches(
+async def test_a_fallback_and_the_webrtc_session_beside_it_both_follow_quality_messages(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera, default_quality="sub")))
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera, default_quality="sub")
     async with open_viewer(server.ws_url) as viewer:
         await viewer.send({"type": "fallback", "streamId": "gate"})
         with trio.fail_after(15):
             await stream.changes.wait_until(lambda: stream.quality("sub").viewers == 1)
-        refused = await viewer.request(
-            {"type": "quality", "streamId": "gate", "payload": {"quality": "main"}},
-            "gate",
-            ("error",),
-        )
-        assert refused["code"] == "invalid_message"
-        assert "fallback" in refused["payload"] and "default quality" in refused["payload"]
-
-        # The page tries WebRTC again beside its fallback: that session takes quality messages.
-        played = await viewer.play("gate")
+        # The page tries WebRTC again beside its fallback (still on sub, the default).
+        played = await viewer.play("gate", session_id="p-1")
         await played.wait_size(SUB)
-        await ask_quality(viewer, {"quality": "main"}, "main")
+        start = len(viewer.messages)
+        await viewer.send({"type": "quality", "streamId": "gate", "payload": {"quality": "main"}})
+
+        def answers() -> list[str | None]:
+            return [
+                m.get("sessionId")
+                for m in viewer.messages[start:]
+                if m.get("type") == "quality" and m["payload"]["quality"] == "main"
+            ]
+
+        await viewer.wait_for(lambda _: None in answers() and "p-1" in answers(), after=start)
         await played.wait_size(MAIN)
+        with trio.fail_after(15):
+            await stream.changes.wait_until(lambda: stream.quality("main").viewers == 2)
         [connection] = server.services.hub._connections
         assert list(connection.fallbacks) == ["gate"]  # the fallback plays on meanwhile
-        assert stream.quality("main").viewers == 1 and stream.quality("sub").viewers == 1
+        assert stream.quality("sub").viewers == 0
 
 
 async def test_a_short_link_falls_to_sub_and_climbs_back(
     start_server: StartServer, camera: Camera
 ) -> None:
-    server = await start_server(make_config(two_qualities(camera)))
-    stream = gate(server)
+    server, stream = await start_gate(start_server, camera)
     async with open_viewer(server.ws_url) as viewer:
-        played = await viewer.play(
-            "gate", quality="auto", tile={"width": 1280, "height": 720, "visible": True}
-        )
+        played = await play_tile(viewer, 1280, 720)
         await played.wait_size(MAIN)
         with trio.fail_after(10):  # the veto needs main's bitrate, measured over whole GOPs
             await stream.changes.wait_until(lambda: stream.quality("main").bitrate > 0)
@@ -322,11 +334,7 @@ async def test_a_short_link_falls_to_sub_and_climbs_back(
 
         start = len(viewer.messages)
         played.forced_estimate = main_bitrate // 2  # enough for sub, not for main
-        fell = await viewer.wait_for(
-            lambda m: m.get("type") == "quality" and m["payload"]["quality"] == "sub",
-            after=start,
-            timeout=20,
-        )
+        fell = await wait_playing(viewer, "sub", start)
         assert fell["payload"]["reason"] == "network"
         await played.wait_size(SUB)
         with trio.fail_after(10):
@@ -335,11 +343,7 @@ async def test_a_short_link_falls_to_sub_and_climbs_back(
 
         start = len(viewer.messages)
         played.forced_estimate = 20_000_000
-        climbed = await viewer.wait_for(
-            lambda m: m.get("type") == "quality" and m["payload"]["quality"] == "main",
-            after=start,
-            timeout=20,
-        )
+        climbed = await wait_playing(viewer, "main", start)
         assert climbed["payload"]["reason"] == "tile"
         await played.wait_size(MAIN)
         assert [m["type"] for m in viewer.sent].count("offer") == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import trio
 from aiortc.codecs.h264 import H264PayloadDescriptor
@@ -16,6 +15,7 @@ from support.servers import (
     DEMO_STREAMS,
     Camera,
     StartServer,
+    free_port,
     lasting_tasks,
     make_config,
     start_camera,
@@ -30,12 +30,6 @@ FAST_RETRY = {
     "retry_initial_delay": 0.2,
     "retry_max_delay": 1,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def wait_until(server: RunningServer, condition, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]

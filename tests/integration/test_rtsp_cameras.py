@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,7 @@ from support.servers import (
     Camera,
     CameraFailed,
     StartServer,
+    free_port,
     make_config,
     start_camera,
     stop_camera,
@@ -38,12 +38,6 @@ FAST_RETRY = {
 USER, PASSWORD = "camuser", "Corr3ct-Horse"
 WRONG_PASSWORD = "Wr0ng-Battery"
 REFUSAL_NOTE = "refused RTSP over TCP (461 Unsupported transport); asking for RTSP over UDP"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,7 @@ test('a peer connection that fails to connect falls back to video over the socke
   const pc = FakePeerConnection.last();
   pc.becomes('failed');
   assert.ok(pc.closed);
-  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { quality: 'auto' } });
   assert.equal(engine.transport, 'fallback');
   assert.equal(engine.state, 'connecting');
   assert.equal(video.src, 'blob:fake-media-source');
@@ -293,7 +293,7 @@ test('setFallback switches a playing stream to the socket and back to WebRTC', a
   assert.equal(engine.state, 'live');
   engine.setFallback('always');
   await flush();
-  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { quality: 'auto' } });
   assert.equal(engine.transport, 'fallback');
   assert.ok(FakePeerConnection.last().closed);
   const offers = socket.sent.filter((m) => m.type === 'offer').length;
@@ -361,7 +361,7 @@ test('with audio, the engine asks for the codecs MSE takes and opens one SourceB
   const video = fakeVideo();
   const MediaSource = choosyMediaSource(video, (type) => !type.includes('mp4a'));
   const { engine, socket } = await fallbackSetup({ fallback: 'always', audio: true, MediaSource, videoElement: video });
-  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: ['opus'] } });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: ['opus'], quality: 'auto' } });
   MediaSource.last.open();
   socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init-opus.mp4')) });
   const [buffer] = MediaSource.last.buffers;
@@ -379,7 +379,7 @@ test('an init whose audio the browser refuses is dropped and video only is asked
   MediaSource.last.open();
   socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init-aac.mp4')) });
   assert.deepEqual(MediaSource.last.buffers, []);
-  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: [] } });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { audio: [], quality: 'auto' } });
   socket.onmessage({ data: framed(2, 'cam', fixture('fallback-keyframe.m4s')) }); // the old session's
   socket.onmessage({ data: framed(1, 'cam', fixture('fallback-init.mp4')) }); // video only
   const [buffer] = MediaSource.last.buffers;
@@ -392,7 +392,7 @@ test('without audio: true the fallback asks for video only', async () => {
   const video = fakeVideo();
   const MediaSource = choosyMediaSource(video, () => true);
   const { engine, socket } = await fallbackSetup({ fallback: 'always', MediaSource, videoElement: video });
-  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam' });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { quality: 'auto' } });
   engine.disconnect();
 });
 
@@ -534,14 +534,14 @@ test('a background attempt offers the page\'s quality; its quality event waits u
   const offer = await answerLatestOffer(socket);
   assert.equal(offer.payload.quality, 'sub');
   const sessionId = offer.payload.sessionId;
-  engine.setQuality('main'); // goes to the attempt's session, the only one that can switch
+  engine.setQuality('main'); // one message: the server gives it to the attempt's session and the fallback
   assert.deepEqual(socket.sent.at(-1), { type: 'quality', streamId: 'cam', payload: { quality: 'main', sessionId } });
   socket.serverSends({
     type: 'quality', streamId: 'cam', sessionId,
     payload: { quality: 'main', requested: 'main', reason: 'pinned', qualities: [{ name: 'main', width: 1280, height: 720 }, { name: 'sub', width: 320, height: 180 }] },
   });
   await flush();
-  assert.deepEqual(told, []); // the fallback (the default quality) is what shows meanwhile
+  assert.deepEqual(told, []); // the fallback's picture is what shows meanwhile
   assert.equal(engine.quality, null);
 
   const pc = FakePeerConnection.last();
@@ -555,4 +555,69 @@ test('a background attempt offers the page\'s quality; its quality event waits u
   assert.equal(engine.quality, 'main');
   engine.disconnect();
   delete globalThis.MediaStream;
+});
+
+// --- the fallback's quality ------------------------------------------------------------------
+
+/** A ResizeObserver the test fires, as the browser would when the element's size changes. */
+class FakeResizeObserver {
+  static last = null;
+  constructor(callback) { this.callback = callback; FakeResizeObserver.last = this; }
+  observe() {}
+  disconnect() {}
+  fire() { this.callback([], this); }
+}
+
+test('the fallback asks for the page\'s quality and tile, and follows setQuality and resizes', async () => {
+  globalThis.devicePixelRatio = 2;
+  const video = fakeVideo();
+  const rect = { width: 240, height: 135 };
+  video.getBoundingClientRect = () => ({ ...rect });
+  const MediaSource = fakeMediaSource(video);
+  const { clock, engine, socket } = await fallbackSetup({
+    fallback: 'always', videoElement: video, MediaSource, quality: 'sub',
+    ResizeObserver: FakeResizeObserver, webrtcRetryMs: 0,
+  });
+  assert.deepEqual(socket.sent.at(-1), {
+    type: 'fallback', streamId: 'cam', payload: { quality: 'sub', tile: { width: 480, height: 270, visible: true } },
+  });
+  playFallback(MediaSource, socket);
+  const told = [];
+  engine.on('quality', (q) => told.push([q.quality, q.reason]));
+  socket.serverSends({ type: 'quality', streamId: 'cam', payload: { quality: 'sub', requested: 'sub', reason: 'pinned', qualities: [] } });
+  assert.deepEqual(told, [['sub', 'pinned']]); // the fallback's own word (no sessionId): told at once
+
+  engine.setQuality('main'); // no peer connection: the fallback takes it, with no sessionId
+  assert.deepEqual(socket.sent.at(-1), {
+    type: 'quality', streamId: 'cam', payload: { quality: 'main', tile: { width: 480, height: 270, visible: true } },
+  });
+  socket.serverSends({ type: 'quality', streamId: 'cam', payload: { quality: 'main', requested: 'main', reason: 'pinned', qualities: [] } });
+  assert.equal(engine.quality, 'main');
+
+  engine.setQuality('auto');
+  rect.width = 960; rect.height = 540; // made full screen: the tile is told to the fallback
+  FakeResizeObserver.last.fire();
+  assert.deepEqual(socket.sent.at(-1), {
+    type: 'quality', streamId: 'cam', payload: { tile: { width: 1920, height: 1080, visible: true } },
+  });
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 0); // never a new offer
+  assert.equal(engine.transport, 'fallback');
+  engine.disconnect();
+  clock.advance(1000);
+  delete globalThis.devicePixelRatio;
+});
+
+test('a fallback refused for a quality the stream does not have ends in error, with no retry', async () => {
+  const { clock, engine, socket } = await fallbackSetup({ fallback: 'always', quality: 'ultra' });
+  assert.deepEqual(socket.sent.at(-1), { type: 'fallback', streamId: 'cam', payload: { quality: 'ultra' } });
+  const errors = [];
+  engine.on('error', (e) => errors.push([e.code, e.recoverable]));
+  socket.serverSends({ type: 'error', streamId: 'cam', payload: 'Stream "cam" has no quality "ultra"; it has main (or "auto")', code: 'unknown_quality' });
+  assert.deepEqual(errors, [['unknown_quality', false]]);
+  assert.equal(engine.state, 'error');
+  assert.equal(engine.transport, 'webrtc'); // the fallback's player is gone
+  clock.advance(120000);
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'fallback' || m.type === 'offer').length, 1);
+  engine.disconnect();
 });

@@ -124,3 +124,29 @@ test('disconnect stops following the tile', async () => {
   assert.equal(qualityMessages().length, 0);
   assert.ok(Resize.instances[0].disconnected && Intersection.instances[0].disconnected);
 });
+
+test('a quality the stream does not have: refused before sending once the qualities are known, else the server\'s refusal leaves the stream playing', async () => {
+  const { engine, socket, offer, clock, qualityMessages } = await setup();
+  const errors = [];
+  engine.on('error', (e) => errors.push([e.code, e.recoverable]));
+  engine.setQuality('ultra'); // the qualities are not known yet: asked
+  assert.equal(qualityMessages().at(-1).payload.quality, 'ultra');
+  socket.serverSends({ type: 'error', streamId: 'gate', payload: 'Stream "gate" has no quality "ultra"; it has main, sub (or "auto")', code: 'unknown_quality' });
+  assert.deepEqual(errors, [['unknown_quality', false]]);
+  assert.equal(engine.requestedQuality, 'auto'); // what the server still plays for it
+  clock.advance(60000);
+  await flush();
+  assert.equal(socket.sent.filter((m) => m.type === 'offer').length, 1); // no renegotiation
+  assert.equal(engine.state, 'connecting'); // as it was (the fake peer never connected)
+
+  socket.serverSends({
+    type: 'quality', streamId: 'gate', sessionId: offer.payload.sessionId,
+    payload: { quality: 'sub', requested: 'auto', reason: 'tile', qualities: [{ name: 'main', width: 1920, height: 1080 }, { name: 'sub', width: 640, height: 360 }] },
+  });
+  const sent = qualityMessages().length;
+  assert.throws(() => engine.setQuality('ultra'), /stream "gate" has no quality "ultra"; it has main, sub/);
+  assert.equal(qualityMessages().length, sent);
+  assert.equal(engine.requestedQuality, 'auto');
+  engine.setQuality('main');
+  assert.equal(qualityMessages().at(-1).payload.quality, 'main');
+});

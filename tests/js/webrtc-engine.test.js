@@ -122,6 +122,31 @@ test('a stream the server does not know rejects connect and ends in the error st
   assert.deepEqual(errors, ['stream_not_found']);
 });
 
+for (const code of ['cluster_unavailable', 'relay_failed']) {
+  test(`a cluster's ${code} during an offer is not final: the engine offers again after its backoff`, async () => {
+    const { make, clock } = await setup({ statsInterval: 0 });
+    const engine = make('cam');
+    const errors = [];
+    engine.on('error', (e) => errors.push([e.code, e.recoverable]));
+    const connecting = engine.connect();
+    connecting.catch(() => {}); // what matters here is the retry, whichever way connect settles
+    await flush();
+    const socket = FakeWebSocket.last();
+    opened(socket);
+    await flush();
+    await flush();
+    socket.serverSends({ type: 'error', streamId: 'cam', payload: 'Unavailable: Redis at 127.0.0.1:6379 did not answer', code });
+    await flush();
+    assert.deepEqual(errors, [[code, true]]);
+    assert.equal(engine.state, 'reconnecting');
+    clock.advance(clock.pending()[0]);
+    await flush();
+    await flush();
+    const offers = socket.sent.filter((m) => m.type === 'offer' && m.streamId === 'cam');
+    assert.equal(offers.length, 2, 'a second offer after the backoff');
+  });
+}
+
 test('a failed peer connection renegotiates by itself; the other streams are untouched', async () => {
   const { make, clock } = await setup({ statsInterval: 0 });
   const a = make('a');

@@ -19,6 +19,8 @@ from playwright.sync_api import Page, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 from trio_asyncio._loop import _faked_policy
 
+from mediastream.server import RunningServer
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -96,6 +98,42 @@ class PageWatch:
             "console",
             lambda message: self.errors.append(message.text) if message.type == "error" else None,
         )
+
+
+class ServerWatch:
+    """Waits, from a browser scenario's thread, on the server's own counts (no polling).
+
+    ``server`` is called for each wait, so that it names the server running now (one
+    restarted meanwhile: ``ServerWatch(lambda: restartable.current)``).
+    """
+
+    def __init__(self, server: Callable[[], RunningServer]) -> None:
+        self._server = server
+        self._token = trio.lowlevel.current_trio_token()
+
+    def wait(self, condition: Callable[[Any], bool], timeout: float) -> None:
+        """Until ``condition(server.services.statistics())`` holds, within ``timeout`` s."""
+
+        async def waiting() -> None:
+            server = self._server()
+            with trio.fail_after(timeout):
+                await server.services.changes.wait_until(
+                    lambda: condition(server.services.statistics())
+                )
+
+        trio.from_thread.run(waiting, trio_token=self._token)
+
+    def statistics(self) -> Any:
+        """The server's statistics now, read in the Trio thread."""
+
+        async def read() -> Any:
+            return self._server().services.statistics()
+
+        return trio.from_thread.run(read, trio_token=self._token)
+
+    def run(self, function: Callable[[], Any]) -> None:
+        """Run ``function`` (an async function) in the test's Trio loop; return when it has."""
+        trio.from_thread.run(function, trio_token=self._token)
 
 
 def get_json(url: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import socket
 import subprocess
 import tempfile
 import threading
@@ -162,6 +163,58 @@ DEMO_STREAMS = [
     {"id": f"demo-{n}", "source": f"pattern:{p}?size=320x180&fps=25&kbps=300&gop=50"}
     for n, p in ((1, "testsrc2"), (2, "testsrc"), (3, "cellauto"))
 ]
+
+#: FFmpeg test patterns, so that neighbouring tiles look different
+PATTERNS = ["testsrc2", "testsrc", "smptebars", "cellauto", "rgbtestsrc", "life"]
+
+
+def pattern_cameras(count: int, options: str) -> list[dict[str, Any]]:
+    """Streams ``cam-01`` to ``cam-<count>``, each a pattern of :data:`PATTERNS` in turn with
+    ``options`` (``"size=320x180&fps=15&kbps=150&gop=30"``)."""
+    return [
+        {"id": f"cam-{n:02d}", "source": f"pattern:{PATTERNS[n % len(PATTERNS)]}?{options}"}
+        for n in range(1, count + 1)
+    ]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server that must come back on the same
+    port (port 0 everywhere else)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RestartableServer:
+    """A server that a test stops and starts again on the same port with the same
+    configuration: what a page meets when the server restarts (its socket drops, and it must
+    reconnect to the same address by itself). Start it with :meth:`start`."""
+
+    def __init__(self, start_server: StartServer, config: Config) -> None:
+        self._start_server = start_server
+        self._config = config
+        self.url = f"http://127.0.0.1:{config.server.port}"
+        self.started: list[RunningServer] = []
+
+    @classmethod
+    async def start(
+        cls, start_server: StartServer, streams: list[dict[str, Any]]
+    ) -> RestartableServer:
+        """A server of ``streams`` on a free port, started."""
+        server = cls(start_server, make_config(streams, server={"port": free_port()}))
+        server.started.append(await start_server(server._config))
+        return server
+
+    @property
+    def current(self) -> RunningServer:
+        """The server running now (the last one started)."""
+        return self.started[-1]
+
+    async def restart(self) -> None:
+        """Shut the current server down, wait until it has stopped, start the next one."""
+        self.current.request_shutdown()
+        await self.current.wait_stopped()
+        self.started.append(await self._start_server(self._config))
 
 
 def lasting_tasks() -> collections.Counter[str]:

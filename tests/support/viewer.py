@@ -390,3 +390,21 @@ async def open_viewer(
             # a Cancelled that the nursery would swallow. trio-websocket 0.12 never closes
             # the TCP stream when the server reset it: close it here.
             await ws._stream.aclose()
+
+
+@asynccontextmanager
+async def open_playing_viewers(
+    ws_url: str, stream_id: str, count: int, *, capture: bool = False
+) -> AsyncIterator[list[Viewer]]:
+    """``count`` viewers, one socket each, each playing ``stream_id`` (trickling its
+    candidates, as browsers do), one after the other: a viewer has decoded five frames before
+    the next one opens its socket, so the server (a cluster node counting its viewers) meets
+    each offer with the ones before it in place. All are closed after the block."""
+    async with contextlib.AsyncExitStack() as stack:
+        viewers = []
+        for _ in range(count):
+            viewer = await stack.enter_async_context(open_viewer(ws_url))
+            played = await viewer.play(stream_id, trickle=True, capture=capture)
+            await played.wait_frames(5, timeout=30)
+            viewers.append(viewer)
+        yield viewers

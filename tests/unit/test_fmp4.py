@@ -17,9 +17,12 @@ from mediastream.media.fmp4 import (
     AudioTrack,
     Fmp4Error,
     Fmp4Remuxer,
+    decode_time,
     depacketize_h264,
+    end_time,
     init_segment,
     media_fragment,
+    shift_decode_time,
 )
 from mediastream.media.frames import (
     VIDEO_CLOCK_RATE,
@@ -128,6 +131,41 @@ def test_the_init_segment_changes_only_with_the_parameter_sets() -> None:
     ]
     changed = dataclasses.replace(frames[20], payloads=tuple(packetize_h264(nal_units)))
     assert remuxer.init_for(changed, WIDTH, HEIGHT) is not first
+
+
+def test_a_fragment_moved_in_time_decodes_at_its_new_time_and_the_shared_one_is_kept(
+    tmp_path: Path,
+) -> None:
+    frames = encoded_frames(10)
+    remuxer = Fmp4Remuxer()
+    init = remuxer.init_for(frames[0], WIDTH, HEIGHT)
+    shared = [remuxer.fragment(frame) for frame in frames]
+    moved = [shift_decode_time(fragment, 90_000) for fragment in shared]
+    assert [decode_time(f) for f in moved] == [f.timestamp + 90_000 for f in frames]
+    assert [decode_time(f) for f in shared] == [f.timestamp for f in frames]  # not touched
+    # Each sample ends where the next begins: a fragment placed at end_time continues it.
+    assert [end_time(f) for f in moved[:-1]] == [decode_time(f) for f in moved[1:]]
+    path = tmp_path / "moved.mp4"
+    path.write_bytes(init.data + b"".join(moved))
+    pictures = decode_file(path)
+    assert [p.pts for p in pictures[:2]] == [f.timestamp + 90_000 for f in frames[:2]]
+    with pytest.raises(Fmp4Error, match="falls before 0"):
+        shift_decode_time(shared[0], -1)
+    with pytest.raises(Fmp4Error, match="no tfdt"):
+        shift_decode_time(init.data, 1)
+
+
+def test_an_old_frame_built_late_does_not_stretch_the_next_frames_duration() -> None:
+    frames = encoded_frames(30)
+    remuxer = Fmp4Remuxer(max_cached=4)
+    for frame in frames:
+        remuxer.fragment(frame)
+    remuxer.fragment(frames[0])  # a viewer moved here starts with the cached GOP: built again
+    newer = dataclasses.replace(frames[-1], timestamp=frames[-1].timestamp + 3600)
+    fragment = remuxer.fragment(newer)
+    trun = fragment.index(b"trun")
+    (duration,) = struct.unpack_from("!I", fragment, trun + 4 + 4 + 4 + 4)
+    assert duration == 3600  # not a second (the gap from frame 0)
 
 
 def test_a_fragment_is_a_moof_then_an_mdat_whose_offset_points_at_the_sample() -> None:

@@ -141,6 +141,29 @@ def test_fallback_names_the_audio_codecs_the_browser_takes() -> None:
         assert "payload.audio must be a list" in error.message and error.stream_id == "cam"
 
 
+def test_fallback_says_its_quality_and_tile_as_an_offer_does() -> None:
+    asked = {
+        "type": "fallback",
+        "streamId": "cam",
+        "payload": {"quality": "auto", "tile": {"width": 480, "height": 270, "visible": False}},
+    }
+    assert parse(asked) == Fallback(
+        "cam", quality="auto", tile=protocol.Tile(480, 270, visible=False)
+    )
+    pinned = {"type": "fallback", "streamId": "cam", "payload": {"quality": "sub"}}
+    assert parse(pinned) == Fallback("cam", quality="sub")
+    for payload, says in (
+        ({"quality": "no spaces"}, "payload.quality must be"),
+        ({"quality": 7}, "payload.quality must be"),
+        ({"tile": {"width": -1, "height": 2}}, "payload.tile.width must be"),
+        ({"tile": "big"}, "payload.tile must be an object"),
+        ("sub", "fallback payload must be an object"),
+    ):
+        error = error_of({"type": "fallback", "streamId": "cam", "payload": payload})
+        assert error.code is ErrorCode.INVALID_MESSAGE and error.stream_id == "cam"
+        assert says in error.message
+
+
 def test_ping_needs_no_stream() -> None:
     assert parse({"type": "ping", "payload": {"t": 1}}) == Ping({"t": 1})
 

@@ -106,7 +106,7 @@ async def received_by_a_replica(
     await owner.send_all(b"".join(encode_frame(frame) for frame in frames))
     await owner.aclose()
     with pytest.raises(RelayError, match="closed"):
-        await _receive(RecordReader(replica, "the owner"), stream, resumption, stats)
+        await _receive(RecordReader(replica, "the owner"), stream.quality(), resumption, stats)
     out = []
     for subscriber in (published, audio):
         while (frame := subscriber.get_nowait()) is not None:

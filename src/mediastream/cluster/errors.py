@@ -7,7 +7,9 @@ ClusterError
 ├── RequestTimeout      a request and its one retry both went unanswered
 ├── OwnedElsewhere      another node owns the stream (names it and its epoch): route there
 ├── LeaseLost           this node no longer owns a stream it held (says why)
-└── LeaseStateError     a lease was asked to move to a state it cannot reach from its own
+├── LeaseStateError     a lease was asked to move to a state it cannot reach from its own
+└── RelayError          a relay connection failed or broke its protocol (relay.py)
+    └── RelayRefused    the other side refused it (authentication, TLS, not the owner)
 """
 
 from __future__ import annotations
@@ -66,3 +68,12 @@ class LeaseLost(ClusterError):
 
 class LeaseStateError(ClusterError):
     """A lease transition that its state machine does not allow (a bug, not bad input)."""
+
+
+class RelayError(ClusterError):
+    """The relay connection failed or broke its protocol (says what, and with whom)."""
+
+
+class RelayRefused(RelayError):
+    """The other side refused the connection (authentication, TLS, not serving the stream, no
+    such stream or quality)."""

@@ -32,6 +32,7 @@ import contextlib
 import enum
 import json
 import logging
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -354,7 +355,9 @@ class StreamLease:
         #: Trio's clock when the loss was declared.
         self.lost_at: float | None = None
         self._stop_at = -float("inf")
-        self._scopes: list[trio.CancelScope] = []
+        #: held weakly: a scope is registered per ingest started (each quality, each restart)
+        #: and must not be kept for the lease's whole life once its task has ended
+        self._scopes: weakref.WeakSet[trio.CancelScope] = weakref.WeakSet()
         self._changed = trio.Event()
         self._counts = {"renewals": 0, "reclaims": 0, "failed_renewals": 0}
 
@@ -391,12 +394,12 @@ class StreamLease:
         if self.state is LeaseState.LOST:
             scope.cancel()
         else:
-            self._scopes.append(scope)
+            self._scopes.add(scope)
 
     def cancel_users(self) -> None:
         """Cancel the registered scopes now, the lease still held: this node is handing the
         stream over (drain) and its ingest must stop before the lease is released."""
-        for scope in self._scopes:
+        for scope in list(self._scopes):
             scope.cancel()
         self._scopes.clear()
 
@@ -427,7 +430,7 @@ class StreamLease:
         self._move(LeaseState.LOST)
         self.loss_reason = reason
         self.lost_at = trio.current_time()
-        for scope in self._scopes:
+        for scope in list(self._scopes):
             scope.cancel()
         self._scopes.clear()
         self.lost.set()

@@ -123,7 +123,7 @@ def choose_replica(
     in the stream's ranking (one more relay connection costs the owner); else a fresh node
     under ``max_load``: ``prefer`` (the viewer's socket node: no signaling hop) if it may be
     one, else the highest-ranked. A fresh replica is fed by the owner while the owner feeds
-    fewer than ``max_relays`` relay connections, else by the replica with relay room and the
+    fewer than ``max_relays`` replicas of the stream, else by the replica with relay room and the
     smallest depth (then the fewest relays): replicas chain. When every replica is full and
     no node is fresh, the replica with the fewest viewers (the limits are soft: a full
     cluster degrades, it does not refuse). ``max_viewers``, ``max_relays``, ``max_load`` of

@@ -1,34 +1,49 @@
 """The relay: a stream's owner, or one of its replicas, serves its encoded frames to
-replicas over TCP.
+replicas over TCP, one quality per connection.
 
-One TCP connection per (stream, replica). The *upstream* is the node serving the frames:
-the stream's owner, or a replica of it (replicas chain: a replica fans the owner's frames
-out to its viewers and to the replicas below it alike). Every message is a record: a 4-byte
+One TCP connection per (stream, quality, replica): a replica's connection for a quality runs
+while that quality has viewers there. The *upstream* is the node serving the frames: the
+stream's owner, or a replica of it (replicas chain: a replica fans the frames it is fed out to
+its viewers and to the replicas below it alike). Every message is a record: a 4-byte
 big-endian length, one byte of type, then the body. The upstream speaks first::
 
     upstream CHALLENGE  32 random bytes (a fresh nonce)
-    replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex}
+    replica  HELLO      {"stream", "node", "nonce": hex, "mac": hex, "quality"?}
                         mac = HMAC-SHA256(secret, "replica|" nonce stream "|" node)
-    upstream WELCOME    {"mac": hex}  = HMAC-SHA256(secret, "owner|" replica's nonce stream)
-             (or ERROR  text, and the connection closes)
-    upstream INFO       the SourceInfo as JSON (what the viewers' tracks are built from)
+                        quality: absent for the stream's default quality (as an older
+                        replica asks for it)
+    upstream WELCOME    {"mac": hex, "quality"}  mac = HMAC-SHA256(secret, "owner|"
+                        replica's nonce stream); quality: the one it serves
+             (or ERROR  text, and the connection closes: a refusal)
+    upstream INFO       that quality's SourceInfo as JSON (what the viewers' tracks are built
+                        from); an ERROR here instead (its source did not open in time) is a
+                        failure the replica retries, not a refusal
     upstream FRAME …    the current GOP from its keyframe, then live frames
     replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
                         the next viewers with it; replicas further down: from Redis)
 
 A FRAME body is ``!BBQIH`` (kind, flags: bit 0 keyframe, timestamp, size, payload count),
-then each RTP payload as a 4-byte length and its bytes: the frames the owner's fan-out
-publishes, never decoded, never RTP.
+then each RTP payload as a 4-byte length and its bytes: the frames the upstream's fan-out of
+that quality publishes, never decoded, never RTP. The upstream's side is a viewer of that
+quality on its own stream, so that quality's source starts there on demand: on the owner, its
+ingest (one camera session per quality in the whole cluster, whichever replicas ask for it);
+on a replica, its own relay connection of that quality to its upstream. A quality therefore
+flows down a chain only as far as it has viewers.
 
 Security: a connection sends nothing of a stream before the replica has proved the shared
 secret (``cluster.relay_secret``, else derived from ``cluster.redis_url``), and the replica
-checks the upstream's proof before it believes a frame. Camera URLs and credentials never cross:
-only frames and the SourceInfo do. Everything read is bounded (record size, handshake time).
+checks the upstream's proof before it believes a frame. Camera URLs and credentials never
+cross: only frames and the SourceInfo do. Everything read is bounded (record size, handshake
+time). With ``cluster.relay_tls_*`` all of the above runs inside mutual TLS (:mod:`.relay_tls`:
+the upstream sends STARTTLS in clear, then the TLS handshake, bounded by the handshake time
+too), on every hop of a chain alike.
 
 Slow replicas: the upstream's side is an ordinary fan-out subscriber (bounded queue); a replica
 that falls behind skips to the next keyframe there (counted as the subscriber's drops), so it
 never gets P-frames without their keyframe. A replica that reconnects publishes nothing until
-a keyframe newer than the last frame it published.
+a keyframe newer than the last frame it published; one fed by another upstream (or the same
+node on another timeline) continues its own timeline from that upstream's keyframe on. Each
+quality's connection keeps its own place (:class:`_Resumption`).
 """
 
 from __future__ import annotations
@@ -47,10 +62,13 @@ from typing import Any, Final, Literal
 
 import trio
 
+from ..feeds import QualityFeed
+from ..media.fanout import Subscriber
 from ..media.frames import EncodedFrame
 from ..media.source_contract import SourceInfo, SourceState
 from ..registry import Stream
-from .errors import ClusterError
+from .errors import RelayError, RelayRefused
+from .relay_tls import STARTTLS, TLS_KEYS, RelayTLS, accept_tls, connect_tls
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +87,10 @@ MAX_HANDSHAKE_RECORD: Final = 4096
 HANDSHAKE_TIMEOUT: Final = 5.0  # seconds
 #: a replica that takes no bytes for this long is dropped (it reconnects and resumes).
 SEND_TIMEOUT: Final = 10.0  # seconds
-#: how long the owner waits for a stream's source to open before refusing a replica.
+#: how long the upstream waits for a quality's source to open before sending the replica an
+#: ERROR (which it retries).
 INFO_TIMEOUT: Final = 20.0  # seconds
-#: connections the relay serves at once (a replica has one per stream).
+#: connections the relay serves at once (a replica has one per stream and quality).
 MAX_CONNECTIONS: Final = 512
 #: the replica's waits between reconnections (the last one repeats).
 RECONNECT_DELAYS: Final = (0.1, 0.5, 1.0, 2.0)
@@ -83,14 +102,6 @@ _KINDS: Final[tuple[Literal["video", "audio", "source_audio"], ...]] = (
 )
 _FRAME_HEADER: Final = struct.Struct("!BBQIH")
 _LENGTH: Final = struct.Struct("!I")
-
-
-class RelayError(ClusterError):
-    """The relay connection failed or broke its protocol (says what, and with whom)."""
-
-
-class RelayRefused(RelayError):
-    """The other side refused the connection (authentication, not serving it, no stream)."""
 
 
 def relay_key(relay_secret: str, redis_url: str) -> bytes:
@@ -194,23 +205,24 @@ def info_to_json(info: SourceInfo) -> bytes:
 
 
 def info_from_json(item: dict[str, Any]) -> SourceInfo:
-    """Raises RelayError when the owner's SourceInfo does not fit this node's."""
+    """Raises RelayError when the upstream's SourceInfo does not fit this node's."""
     try:
         item = dict(item)
         item["source_audio_config"] = bytes.fromhex(item.get("source_audio_config", ""))
         return SourceInfo(**item)
     except (TypeError, ValueError) as exc:
-        raise RelayError(f"the owner's source description does not fit: {exc}") from None
+        raise RelayError(f"the upstream's source description does not fit: {exc}") from None
 
 
-# --- the owner's side -----------------------------------------------------------------------
+# --- the upstream's side --------------------------------------------------------------------
 
 
 @dataclass
 class RelayStatistics:
     #: connections from replicas served now
     connections: int = 0
-    #: connections refused: bad or missing secret, no such stream, not serving it, too many
+    #: connections refused: TLS failed, bad or missing secret, no such stream, not serving
+    #: it, no such quality, too many
     refused: int = 0
     #: frames a slow replica skipped (to the next keyframe), all connections together
     skipped_frames: int = 0
@@ -228,6 +240,7 @@ class RelayServer:
         may_serve: whether this node owns the stream now, or is a live replica of it; the
             node calls :meth:`disconnect` when that ends (lease lost, handed over, replica
             ended).
+        tls: mutual TLS around every connection (None: plain TCP).
     """
 
     def __init__(
@@ -236,20 +249,32 @@ class RelayServer:
         node_id: str,
         find_stream: Callable[[str], Stream | None],
         may_serve: Callable[[str], bool],
+        *,
+        tls: RelayTLS | None = None,
     ) -> None:
         self._key = key
+        self._tls = tls
         self._node_id = node_id
         self._find_stream = find_stream
         self._may_serve = may_serve
         self.stats = RelayStatistics()
         #: relay connections per stream (they count as the stream's viewers here)
         self._per_stream: dict[str, int] = {}
+        #: relay connections per (stream, replica node): one per quality it relays; its
+        #: report is forgotten with the last one
+        self._per_replica: dict[tuple[str, str], int] = {}
         self._scopes: dict[str, set[trio.CancelScope]] = {}
         #: per stream, per replica node: viewers sent there since its last report
         self._placed: dict[str, dict[str, int]] = {}
 
     def connections(self, stream_id: str) -> int:
+        """Relay connections of ``stream_id`` served now (one per replica and quality)."""
         return self._per_stream.get(stream_id, 0)
+
+    def replicas_fed(self, stream_id: str) -> int:
+        """Replica nodes fed ``stream_id`` from here now, whatever qualities each relays (what
+        ``cluster.max_relays_per_node`` limits)."""
+        return sum(stream == stream_id for stream, _ in self._per_replica)
 
     def replica_viewers(self, stream_id: str) -> dict[str, int]:
         """Each connected replica's viewers: its last report, plus the viewers sent there
@@ -296,15 +321,25 @@ class RelayServer:
             peer = "relay client {}:{}".format(*connection.socket.getpeername()[:2])
         try:
             async with connection:
+                stream: trio.abc.Stream = connection
+                if self._tls is not None:
+                    try:
+                        with trio.fail_after(HANDSHAKE_TIMEOUT):
+                            stream = await accept_tls(connection, self._tls)
+                    except (RelayRefused, trio.TooSlowError) as exc:
+                        self.stats.refused += 1
+                        why = str(exc) or f"did not finish TLS in {HANDSHAKE_TIMEOUT:g} s"
+                        log.warning('relay of node "%s": %s refused: %s', self._node_id, peer, why)
+                        return
                 if self.stats.connections >= MAX_CONNECTIONS:
                     self.stats.refused += 1
-                    await _send_error(connection, f"too many relay connections ({MAX_CONNECTIONS})")
+                    await _send_error(stream, f"too many relay connections ({MAX_CONNECTIONS})")
                     return
-                await self._serve_checked(connection, peer)
+                await self._serve_checked(stream, peer)
         except (RelayError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info('relay of node "%s": %s: %s', self._node_id, peer, exc)
 
-    async def _serve_checked(self, connection: trio.SocketStream, peer: str) -> None:
+    async def _serve_checked(self, connection: trio.abc.Stream, peer: str) -> None:
         reader = RecordReader(connection, peer)
         nonce = secrets.token_bytes(32)
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
@@ -336,18 +371,35 @@ class RelayServer:
             self.stats.refused += 1
             await _send_error(connection, f'node "{self._node_id}" does not serve "{stream_id}"')
             return
+        quality = hello.get("quality")  # absent: the default one (an older replica)
+        names = [feed.name for feed in stream.qualities]
+        if quality is None:
+            quality = stream.quality().name
+        elif quality not in names:
+            self.stats.refused += 1
+            await _send_error(
+                connection,
+                f'"{stream_id}" on node "{self._node_id}" has no quality {json.dumps(quality)} '
+                f"(it has {', '.join(names)})",
+            )
+            return
+        assert isinstance(quality, str)
         welcome = _mac(self._key, b"owner", their_nonce.encode(), stream_id.encode())
-        await connection.send_all(encode_record(WELCOME, json.dumps({"mac": welcome}).encode()))
-        label = f'replica "{node}" of "{stream_id}"'
+        await connection.send_all(
+            encode_record(WELCOME, json.dumps({"mac": welcome, "quality": quality}).encode())
+        )
+        label = f'replica "{node}" of "{stream_id}" quality "{quality}"'
         self.stats.connections += 1
         self._per_stream[stream_id] = self._per_stream.get(stream_id, 0) + 1
+        replica_key = (stream_id, node)
+        self._per_replica[replica_key] = self._per_replica.get(replica_key, 0) + 1
         scope = trio.CancelScope()
         self._scopes.setdefault(stream_id, set()).add(scope)
         try:
             with scope:
                 if not self._may_serve(stream_id):  # lost while the handshake finished
                     return
-                await self._feed(connection, reader, stream, node, label, scope)
+                await self._feed(connection, reader, stream, quality, node, label, scope)
         finally:
             self._scopes[stream_id].discard(scope)
             if not self._scopes[stream_id]:
@@ -356,41 +408,54 @@ class RelayServer:
             self._per_stream[stream_id] -= 1
             if not self._per_stream[stream_id]:
                 del self._per_stream[stream_id]
-            for per_stream in (self.stats.replica_viewers, self._placed):
-                per_node = per_stream.get(stream_id, {})
-                per_node.pop(node, None)
-                if not per_node:
-                    per_stream.pop(stream_id, None)
+            self._per_replica[replica_key] -= 1
+            if not self._per_replica[replica_key]:  # the replica's last quality here
+                del self._per_replica[replica_key]
+                for per_stream in (self.stats.replica_viewers, self._placed):
+                    per_node = per_stream.get(stream_id, {})
+                    per_node.pop(node, None)
+                    if not per_node:
+                        per_stream.pop(stream_id, None)
             log.info('relay of node "%s": %s disconnected', self._node_id, label)
 
     async def _feed(
         self,
-        connection: trio.SocketStream,
+        connection: trio.abc.Stream,
         reader: RecordReader,
         stream: Stream,
+        quality: str,
         node: str,
         label: str,
         scope: trio.CancelScope,
     ) -> None:
-        # A counted viewer: the owner keeps its source and its lease while replicas read it, a
-        # replica its relay source (a replica below it is fed from its fan-out).
-        with stream.open_viewer(end=lambda reason: scope.cancel()) as video:
+        # A counted viewer of that quality: the owner keeps its source (started for it if it
+        # was not running) and its lease while replicas read it; a replica its relay source
+        # of that quality (started for it the same way: a replica below is fed from this
+        # node's fan-out of the quality).
+        with stream.open_viewer(end=lambda reason: scope.cancel(), quality=quality) as video:
             info: SourceInfo | None = None
             with trio.move_on_after(INFO_TIMEOUT):
-                info = stream.source_info or await stream.wait_source_info()
+                info = stream.quality(quality).source_info or await stream.wait_source_info(quality)
             if info is None:
-                await _send_error(connection, f'"{stream.id}" has not opened its source')
+                await _send_error(
+                    connection,
+                    f'"{stream.id}" on node "{self._node_id}" has not opened the source of '
+                    f'quality "{quality}" within {INFO_TIMEOUT:g} s',
+                )
                 return
             await connection.send_all(encode_record(INFO, info_to_json(info)))
             log.info('relay of node "%s": serving %s', self._node_id, label)
             with contextlib.ExitStack() as extra:
                 subscribers = [video]
                 if info.audio_codec:
-                    subscribers.append(extra.enter_context(stream.open_audio("audio")))
+                    subscribers.append(extra.enter_context(stream.open_audio("audio", quality)))
                 if info.source_audio_config:
-                    subscribers.append(extra.enter_context(stream.open_audio("source_audio")))
+                    subscribers.append(
+                        extra.enter_context(stream.open_audio("source_audio", quality))
+                    )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_reports, reader, stream.id, node, scope)
+                    nursery.start_soon(self._end_if_moved, stream, video, quality, label, scope)
                     try:
                         await self._send_frames(connection, subscribers)
                     except (RelayError, trio.BrokenResourceError, OSError) as exc:
@@ -399,7 +464,7 @@ class RelayServer:
                         self.stats.skipped_frames += sum(s.dropped_frames for s in subscribers)
                     nursery.cancel_scope.cancel()
 
-    async def _send_frames(self, connection: trio.SocketStream, subscribers: list[Any]) -> None:
+    async def _send_frames(self, connection: trio.abc.Stream, subscribers: list[Any]) -> None:
         while True:
             arrived = trio.Event()
             for subscriber in subscribers:
@@ -417,6 +482,15 @@ class RelayServer:
                 continue
             await arrived.wait()
 
+    async def _end_if_moved(
+        self, stream: Stream, video: Subscriber, quality: str, label: str, scope: trio.CancelScope
+    ) -> None:
+        # An edit that removes the quality moves its viewers to the default one: this
+        # connection must carry its own quality only (the replica asks again, and learns).
+        await stream.changes.wait_until(lambda: stream.quality_of(video) != quality)
+        log.info('relay of node "%s": %s: the stream no longer has it', self._node_id, label)
+        scope.cancel()
+
     async def _read_reports(
         self, reader: RecordReader, stream_id: str, node: str, scope: trio.CancelScope
     ) -> None:
@@ -431,7 +505,7 @@ class RelayServer:
             scope.cancel()  # the replica went away: stop sending to it
 
 
-async def _send_error(connection: trio.SocketStream, message: str) -> None:
+async def _send_error(connection: trio.abc.Stream, message: str) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         with trio.move_on_after(1.0):
             await connection.send_all(encode_record(ERROR, message.encode()))
@@ -449,37 +523,80 @@ class ReplicaStatistics:
 
 
 async def open_relay(
-    address: str, key: bytes, stream_id: str, node_id: str
-) -> tuple[trio.SocketStream, RecordReader, SourceInfo]:
+    address: str,
+    key: bytes,
+    stream_id: str,
+    node_id: str,
+    quality: str | None = None,
+    *,
+    tls: RelayTLS | None = None,
+) -> tuple[trio.abc.Stream, RecordReader, SourceInfo]:
     """Connect to the upstream's relay at ``address`` (``host:port``), prove the secret, check
     its proof; return the connection, its reader (at the first frame) and the SourceInfo.
+    With ``tls``, all of it inside mutual TLS (and a relay without TLS is refused).
+
+    Args:
+        quality: the quality to relay; None: the stream's default one (not named in the
+            HELLO, so that an upstream of an older version serves it too).
 
     Raises:
-        RelayRefused: the upstream refused (or could not prove the secret itself).
-        RelayError, OSError: the connection failed.
+        RelayRefused: the upstream refused (the secret, not serving the stream, no such
+            quality), could not prove the secret itself, does not serve the quality asked
+            for, or one side has TLS and the other not.
+        RelayError, OSError: the connection failed, or the upstream's source of the quality
+            did not open in time (both worth trying again).
     """
     host, _, port = address.rpartition(":")
-    peer = f"relay {address}"
-    connection = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    peer = f"relay {address}" + (f' (quality "{quality}")' if quality is not None else "")
+    socket_stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    connection: trio.abc.Stream = socket_stream
     try:
-        reader = RecordReader(connection, peer)
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+            if tls is not None:
+                connection = await connect_tls(socket_stream, tls, peer)
+            reader = RecordReader(connection, peer)
             kind, nonce = await reader.read()
+            if kind == STARTTLS:
+                raise RelayRefused(f"{peer} expects TLS, and this node has none ({TLS_KEYS})")
             if kind != MAGIC_CHALLENGE or len(nonce) != 32:
                 raise RelayError(f"{peer} is not a MediaStream relay")
             mine = secrets.token_hex(16)
             mac = _mac(key, b"replica", nonce, stream_id.encode(), node_id.encode())
             hello = {"stream": stream_id, "node": node_id, "nonce": mine, "mac": mac}
+            if quality is not None:
+                hello["quality"] = quality
             await connection.send_all(encode_record(HELLO, json.dumps(hello).encode()))
             welcome = await reader.read_json(WELCOME)
             expected = _mac(key, b"owner", mine.encode(), stream_id.encode())
             if not hmac.compare_digest(str(welcome.get("mac", "")), expected):
                 raise RelayRefused(f"{peer} could not prove the cluster's relay secret")
-            reader.limit = MAX_RECORD
-            info = info_from_json(await reader.read_json(INFO))
-    except BaseException:
+            if quality is not None and welcome.get("quality") != quality:
+                # An upstream of an older version ignores the name and serves its default.
+                raise RelayRefused(
+                    f'{peer} does not relay quality "{quality}" of "{stream_id}" (it serves '
+                    f"{json.dumps(welcome.get('quality', 'the default quality only'))})"
+                )
+        if handshake.cancelled_caught:
+            raise RelayError(f"{peer} did not complete the handshake in {HANDSHAKE_TIMEOUT:g} s")
+        reader.limit = MAX_RECORD
+        # The upstream may have to open the quality's source first (it waits INFO_TIMEOUT).
+        with trio.move_on_after(INFO_TIMEOUT + HANDSHAKE_TIMEOUT) as waiting:
+            try:
+                item = await reader.read_json(INFO)
+            except RelayRefused as exc:
+                # Accepted, but its source did not open: a failure to retry like a cut
+                # connection, not a refusal (this quality's viewers wait, the others play on).
+                raise RelayError(str(exc)) from None
+        if waiting.cancelled_caught:
+            raise RelayError(f'{peer} did not describe "{stream_id}" within {INFO_TIMEOUT:g} s')
+        info = info_from_json(item)
+    except BaseException as exc:
         with trio.CancelScope(shield=True):
             await connection.aclose()
+        # It ends the attempt as a broken connection does (the replica tries again).
+        if isinstance(exc, trio.BrokenResourceError):
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise RelayError(f"{peer}: the connection broke during the handshake{cause}") from None
         raise
     return connection, reader, info
 
@@ -491,7 +608,7 @@ class _Resumption:
 
     #: kind -> the newest timestamp published (on this replica's timeline)
     last: dict[str, int] = field(default_factory=dict)
-    #: kind -> what is added to the owner's timestamps (0 until the owner changes)
+    #: kind -> what is added to the upstream's timestamps (0 until the timeline changes)
     shift: dict[str, int] = field(default_factory=dict)
     #: the upstream changed: its timestamps are of another timeline, rebased at its keyframe
     rebase: bool = False
@@ -512,10 +629,16 @@ async def run_relay_source(
     stats: ReplicaStatistics,
     *,
     refused: Callable[[RelayRefused], None] | None = None,
+    quality: str | None = None,
+    tls: RelayTLS | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A replica's source: the upstream's frames, published to this node's fan-out, until
-    cancelled.
+    """A replica's source of one quality (None: the default one): the upstream's frames of
+    that quality, published to this node's fan-out of it, until cancelled. Every quality's
+    connection is one call of this, each with its own resumption state, its own upstream
+    look-ups and its own TLS connection (``tls``: None for plain TCP). ``sink`` is this
+    node's stream: the quality's feed takes the frames and the SourceInfo, and the stream's
+    viewer count is reported up each connection.
 
     ``locate_upstream`` gives the upstream's relay address and a name of its timeline (the
     owner and its epoch, a replica: another name is another timeline), e.g. a new owner's
@@ -527,8 +650,12 @@ async def run_relay_source(
     moved onto this replica's from their first keyframe on. The viewers see a jump, never a
     broken picture nor timestamps going back.
     """
+    feed = sink.quality(quality)
+    # The default quality is not named: an upstream of an older version serves it too.
+    asked = None if feed is sink.quality() else feed.name
+    what = f'"{stream_id}" quality "{feed.name}"'
     task_status.started()
-    sink.source_state(SourceState.STARTING)
+    feed.source_state(SourceState.STARTING)
     resumption = _Resumption()
     failures = 0
     opened = False
@@ -539,10 +666,12 @@ async def run_relay_source(
             address, source = await locate_upstream()
             if timeline and source != timeline:
                 resumption.rebase = True
-                log.info('"%s": the relay moves to %s at %s', stream_id, source, address)
+                log.info("%s: the relay moves to %s at %s", what, source, address)
             timeline = source
             try:
-                connection, reader, info = await open_relay(address, key, stream_id, node_id)
+                connection, reader, info = await open_relay(
+                    address, key, stream_id, node_id, asked, tls=tls
+                )
             except RelayRefused as exc:
                 if refused is None:
                     raise  # the upstream will not serve this node: the replica ends
@@ -553,14 +682,14 @@ async def run_relay_source(
             else:
                 async with connection:
                     if not opened:
-                        sink.relay_opened(info)
+                        feed.relay_opened(info)
                         opened = True
-                    sink.source_state(SourceState.LIVE, f"relayed from {address}")
+                    feed.source_state(SourceState.LIVE, f"relayed from {address}")
                     failures = 0
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_report_viewers, connection, sink)
                         try:
-                            await _receive(reader, sink, resumption, stats)
+                            await _receive(reader, feed, resumption, stats)
                         except (RelayError, trio.BrokenResourceError, OSError) as exc:
                             reason = str(exc)
                         nursery.cancel_scope.cancel()
@@ -568,18 +697,18 @@ async def run_relay_source(
             stats.reconnects += 1
             delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
             log.warning(
-                '"%s": relay from the upstream broke (%s); reconnecting in %.1f s, resuming at '
-                "the next keyframe",
-                stream_id, reason, delay,
+                "%s: relay from the upstream at %s broke (%s); reconnecting in %.1f s, resuming "
+                "at the next keyframe",
+                what, address, reason, delay,
             )  # fmt: skip
-            sink.source_state(SourceState.RECONNECTING, f"relay: {reason}")
+            feed.source_state(SourceState.RECONNECTING, f"relay: {reason}")
             await trio.sleep(delay)
     finally:
-        sink.source_state(SourceState.STOPPED)
+        feed.source_state(SourceState.STOPPED)
 
 
 async def _receive(
-    reader: RecordReader, sink: Stream, resumption: _Resumption, stats: ReplicaStatistics
+    reader: RecordReader, sink: QualityFeed, resumption: _Resumption, stats: ReplicaStatistics
 ) -> None:
     # After a reconnection the upstream starts again at its cached keyframe: what was published
     # already is not published twice, and no P-frame goes out before a newer keyframe.
@@ -628,7 +757,7 @@ async def _receive(
         sink.publish(frame)
 
 
-async def _report_viewers(connection: trio.SocketStream, stream: Stream) -> None:
+async def _report_viewers(connection: trio.abc.Stream, stream: Stream) -> None:
     reported = -1
     # A broken connection is the receiver's to notice; this task just stops.
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -54,7 +54,8 @@ class ReplicaEntry:
     depth: int
     #: its sessions of the stream, counted from their offer (as the owner counts its own).
     viewers: int
-    #: the relay connections it feeds (replicas of the stream chained below it).
+    #: the replicas of the stream it feeds, chained below it (one relay connection per
+    #: quality each).
     relays: int
     #: ``host:port`` of its relay (where a replica below it connects).
     relay_address: str

@@ -21,10 +21,11 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     │   └── one task per replica       feeds replicas the frames of the streams this node
     │                                  owns or replicates (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
-    │   └── run_replica_registration   supervisor runs its relay source meanwhile (from its
-    │                                  upstream: the owner or another replica); its entry in
-    │                                  ms:replicas:{stream} kept; ends when its last viewer
-    │                                  has left (after the grace)
+    │   └── run_replica_registration   supervisor runs a relay source per quality watched
+    │                                  there (relay.py) from its upstream (the owner or
+    │                                  another replica); its entry in ms:replicas:{stream}
+    │                                  kept; ends when its last viewer has left (after the
+    │                                  grace)
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -87,6 +88,7 @@ from .errors import (
     OwnedElsewhere,
     OwnerGone,
     RedisUnavailable,
+    RelayRefused,
 )
 from .leases import (
     LeaseState,
@@ -106,7 +108,8 @@ from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_
 from .placement import FULL, ReplicaChoice, ReplicaView, choose_owner, choose_replica, rank_nodes
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
-from .relay import RelayRefused, RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .relay_tls import load_relay_tls
 from .replica_registry import (
     ReplicaEntry,
     ReplicaRegistration,
@@ -234,7 +237,9 @@ class Replica:
         self.ended = False
         self.failed = False
         self.reason = ""
-        self._guarded: list[trio.CancelScope] = []
+        #: the relay sources' scopes, one per quality started: weak, so the scopes of the
+        #: sources that ended (a quality idle past the grace) do not pile up
+        self._guarded: weakref.WeakSet[trio.CancelScope] = weakref.WeakSet()
 
     def chained(self) -> bool:
         return self.upstream != self.owner
@@ -254,14 +259,14 @@ class Replica:
         if self.ended:
             scope.cancel()
         else:
-            self._guarded.append(scope)
+            self._guarded.add(scope)
 
     def end(self, reason: str, *, failed: bool = False) -> None:
         if self.ended:
             return
         self.ended, self.failed, self.reason = True, failed, reason
         self.scope.cancel()
-        for scope in self._guarded:
+        for scope in list(self._guarded):
             scope.cancel()
         self.stream.changes.notify()
 
@@ -304,6 +309,8 @@ class ClusterNode:
         #: its entry in Redis does not show yet (a burst of offers must not all go to one)
         self._placed: dict[str, dict[str, _Placed]] = {}
         self._relay_key = relay_key(config.cluster.relay_secret, config.cluster.redis_url)
+        #: mutual TLS on the relay, both sides (None: plain TCP); the files were checked at load
+        self._relay_tls = load_relay_tls(config.cluster)
         self._replica_stats = ReplicaStatistics()
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
         #: sessions of this node's sockets on streams it owns, ended if the lease is lost
@@ -398,6 +405,7 @@ class ClusterNode:
             self.node_id,
             lambda stream_id: self.registry.get(stream_id) if self.registry else None,
             self.serves,
+            tls=self._relay_tls,
         )
         bound = await nursery.start(self.relay.run, host or "0.0.0.0", port)
         return f"[{advertised}]:{bound}" if ":" in advertised else f"{advertised}:{bound}"
@@ -596,11 +604,11 @@ class ClusterNode:
         else:
             lease.cancel_on_loss(scope)
 
-    def relay_source(self, stream: Stream) -> Callable[..., Awaitable[None]] | None:
+    def relay_source(self, stream: Stream, quality: str) -> Callable[..., Awaitable[None]] | None:
         replica = self._replicas.get(stream.id)
         if replica is None or replica.ended or stream.id in self._owned:
             return None
-        return functools.partial(self._run_replica_source, replica)
+        return functools.partial(self._run_replica_source, replica, quality)
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -659,8 +667,9 @@ class ClusterNode:
         for node, viewers in direct.items():
             entry = by_node.get(node)
             views[node] = ReplicaView(node, self.node_id, 1, viewers, entry.relays if entry else 0)
-        # Its relay connections, and the replicas sent viewers as fed from here not connected yet.
-        owner_relays = self.relay.connections(stream.id) + self.relay.unconnected(stream.id)
+        # The replicas it feeds (one connection per quality each), and the replicas sent viewers
+        # as fed from here not connected yet.
+        owner_relays = self.relay.replicas_fed(stream.id) + self.relay.unconnected(stream.id)
         # Fed by replicas: the viewers sent there count until its entry shows them arrived.
         placed = self._placed.setdefault(stream.id, {})
         now = trio.current_time()
@@ -800,7 +809,7 @@ class ClusterNode:
             upstream=replica.upstream,
             depth=replica.depth,
             viewers=self._sessions_of(stream),
-            relays=self.relay.connections(stream.id) if self.relay is not None else 0,
+            relays=self.relay.replicas_fed(stream.id) if self.relay is not None else 0,
             relay_address=self.registration.record.relay_address if self.registration else "",
             offers=replica.offers,
         )
@@ -820,8 +829,13 @@ class ClusterNode:
             replica.changed()
 
     async def _run_replica_source(
-        self, replica: Replica, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        replica: Replica,
+        quality: str,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """One quality's relay connection (each quality has its own, while it has viewers)."""
         try:
             await run_relay_source(
                 replica.stream.id,
@@ -831,10 +845,15 @@ class ClusterNode:
                 replica.stream,
                 self._replica_stats,
                 refused=functools.partial(self._upstream_refused, replica),
+                quality=quality,
+                tls=self._relay_tls,
                 task_status=task_status,
             )
         except ClusterError as exc:
-            replica.end(f'the relay from node "{replica.upstream}" ended: {exc}', failed=True)
+            replica.end(
+                f'the relay of quality "{quality}" from node "{replica.upstream}" ended: {exc}',
+                failed=True,
+            )
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
     def _upstream_refused(self, replica: Replica, refusal: RelayRefused) -> None:
@@ -1485,7 +1504,7 @@ class ClusterNode:
             )  # fmt: skip
             return
         except RedisUnavailable as exc:
-            await _reply(bus, envelope, {"error": "stream_unavailable", "message": str(exc)})
+            await _reply(bus, envelope, {"error": "cluster_unavailable", "message": str(exc)})
             return
         except LeaseLost as exc:  # given up as it was claimed: a new offer claims it again
             await _reply(bus, envelope, {"error": "relay_failed", "message": str(exc)})
@@ -1685,8 +1704,13 @@ class RoutedSession:
             with self._cancel_scope:
                 await self._route(label)
         except RedisUnavailable as exc:
+            # Not final either: Redis slow or restarting for a moment must not make a wall's
+            # tiles give up for good (the page re-offers after its backoff).
             self._end_reason = str(exc)
-            self._error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {exc}")
+            self._error(
+                ErrorCode.CLUSTER_UNAVAILABLE,
+                f"Unavailable: {exc}; send a new offer to play it again",
+            )
         except (OwnerGone, OwnerChanging) as exc:
             # The owner died and its record has not expired yet, or the stream is moving (a
             # drain, a restarted node waiting out its old lease). Not final: the page re-offers
@@ -1764,6 +1788,7 @@ class RoutedSession:
                 code = {
                     "stream_not_found": ErrorCode.STREAM_NOT_FOUND,
                     "relay_failed": ErrorCode.RELAY_FAILED,
+                    "cluster_unavailable": ErrorCode.CLUSTER_UNAVAILABLE,
                 }.get(str(error), ErrorCode.STREAM_UNAVAILABLE)
                 self._error(code, str(answer.get("message", error)))
                 return

@@ -7,8 +7,9 @@ A viewer that can't reach WebRTC gets the stream's video as an *init segment* (`
 
 The boxes are written here by hand (ISO/IEC 14496-12 and 14496-15): an H.264 track needs a
 dozen fixed boxes, and a frame's fragment is a pure function of the frame, so one
-:class:`Fmp4Remuxer` per stream builds each fragment once and every fallback viewer of the
-stream sends the same bytes.
+:class:`Fmp4Remuxer` per stream quality builds each fragment once and every fallback viewer
+of it sends the same bytes (a viewer moved from another quality sends a copy whose decode time
+is shifted onto its own timeline: :func:`shift_decode_time`).
 
 Audio, where the browser takes it, is a second track (track 2) in the same init segment, its
 frames in fragments of their own, on the stream's timeline like the video (the source places
@@ -370,6 +371,48 @@ def audio_fragment(frame: EncodedFrame, sequence: int, duration: int) -> bytes:
     return _fragment(AUDIO_TRACK_ID, frame.timestamp, sample, sequence, duration, SYNC_SAMPLE_FLAGS)
 
 
+#: where a fragment's ``tfdt`` decode time (8 bytes) starts: after moof's header, mfhd, traf's
+#: header, tfhd and tfdt's own header (the layout :func:`_fragment` writes)
+_TFDT_AT: Final = 8 + 16 + 8 + 16 + 12
+
+
+def decode_time(fragment: bytes) -> int:
+    """A fragment's ``tfdt`` (as :func:`media_fragment` and :func:`audio_fragment` build it)."""
+    if fragment[_TFDT_AT - 8 : _TFDT_AT - 4] != b"tfdt":
+        raise Fmp4Error("not a fragment of this remuxer's layout (no tfdt where expected)")
+    (value,) = struct.unpack_from("!Q", fragment, _TFDT_AT)
+    return int(value)
+
+
+def end_time(fragment: bytes) -> int:
+    """Where a fragment's one sample ends: its ``tfdt`` plus the sample's duration (in its
+    track's clock), which is where the track's next fragment continues it with no gap."""
+    start = decode_time(fragment)
+    trun = _TFDT_AT + 8
+    if fragment[trun + 4 : trun + 8] != b"trun":
+        raise Fmp4Error("not a fragment of this remuxer's layout (no trun where expected)")
+    # trun: size, type, version and flags, sample_count, data_offset, then the duration
+    (duration,) = struct.unpack_from("!I", fragment, trun + 20)
+    return start + int(duration)
+
+
+def shift_decode_time(fragment: bytes, ticks: int) -> bytes:
+    """``fragment`` with its ``tfdt`` moved by ``ticks`` (of its track's clock): a copy, as the
+    fragment's bytes are shared by the stream's other fallback viewers.
+
+    Raises:
+        Fmp4Error: not a fragment this module built, or moved before 0.
+    """
+    if ticks == 0:
+        return fragment
+    shifted = decode_time(fragment) + ticks
+    if shifted < 0:
+        raise Fmp4Error(f"decode time moved by {ticks} ticks falls before 0")
+    data = bytearray(fragment)
+    struct.pack_into("!Q", data, _TFDT_AT, shifted)
+    return bytes(data)
+
+
 def _fragment(
     track_id: int, decode_time: int, sample: bytes, sequence: int, duration: int, flags: int
 ) -> bytes:
@@ -456,10 +499,14 @@ class Fmp4Remuxer:
         default = DEFAULT_FRAME_TICKS if kind == "video" else audio_clock_rate // 50  # 20 ms
         maximum = VIDEO_CLOCK_RATE if kind == "video" else audio_clock_rate
         last = self._last_timestamp.get(kind)
-        if last is not None and frame.timestamp > last:
-            # A longer gap (a source restart) counts as one second at most.
-            self._last_duration[kind] = min(frame.timestamp - last, maximum)
-        self._last_timestamp[kind] = frame.timestamp
+        if last is None or frame.timestamp > last:
+            if last is not None:
+                # A longer gap (a source restart) counts as one second at most.
+                self._last_duration[kind] = min(frame.timestamp - last, maximum)
+            # An older frame built late (a viewer moved here starts with the cached GOP, whose
+            # fragments may have been dropped from the cache) takes the last duration and
+            # leaves the newest timestamp alone, so the next live frame's is not a second.
+            self._last_timestamp[kind] = frame.timestamp
         duration = self._last_duration.get(kind, default)
         self._sequence += 1
         if kind == "video":

@@ -50,9 +50,11 @@
  * `webrtcRetryMaxMs`). The fallback keeps the video element until the new peer connection has
  * decoded a frame; then the element switches to it, the server is told to end the fallback
  * (`close` with `payload.fallback`), and the state goes from live (fallback) to live. The
- * fallback plays the stream's default quality; a background attempt's offer carries the
- * requested quality and the tile like any other, and its `quality` event is held until it
- * takes over.
+ * fallback plays the quality asked for like a peer connection: its `fallback` message carries
+ * the requested quality and the tile, and `setQuality` and the tile's reports go to it as
+ * `quality` messages (a new init segment follows, in the same video element). A background
+ * attempt's offer carries them too, the same `quality` messages reach both, and the attempt's
+ * `quality` event is held until it takes over.
  */
 /** @typedef {import('./websocket-manager.js').Message} Message */
 /** @typedef {import('./websocket-manager.js').StreamHandlers} StreamHandlers */
@@ -186,7 +188,7 @@
 
   /** Server error codes after which retrying can't help. */
   const FATAL_CODES = new Set([
-    'stream_not_found', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
+    'stream_not_found', 'unknown_quality', 'stream_unavailable', 'unsupported_codec', 'invalid_sdp',
     'invalid_message', 'forbidden', 'unauthorized', 'token_expired', 'too_many_streams',
   ]);
   const DISCONNECTED_GRACE_MS = 4000; // 'disconnected' often heals by itself; 'failed' does not
@@ -1264,6 +1266,7 @@
         this.#abandonWebRTCAttempt(String(text));
         return;
       }
+      if (code === 'unknown_quality' && this.#onUnknownQuality(String(text))) return;
       const recoverable = !(code && FATAL_CODES.has(code));
       const error = Object.assign(new Error(String(text)), { code, recoverable });
       const pending = this.#pendingAnswer;
@@ -1285,6 +1288,28 @@
         this.#closePeer();
         this.#setState('error', String(text));
       }
+    }
+
+    /**
+     * The server has no quality of the name asked for. A `quality` message's refusal leaves
+     * whatever plays as it was (the engine goes back to asking what the server still plays);
+     * an offer's or a fallback's would fail again with the same name: no retry.
+     * @param {string} text
+     * @returns {boolean} whether it was handled here (else: an offer's, handled as a fatal error)
+     */
+    #onUnknownQuality(text) {
+      if (this.#pendingAnswer) {
+        this.#requestedQuality = 'auto'; // connect() (or the page, after reconnect()) starts over on auto
+        return false;
+      }
+      const fallbackRefused = this.#fallback && this.#fallback.appended === 0;
+      this.#requestedQuality = this.#qualityInfo ? this.#qualityInfo.requested : 'auto';
+      this.#emit('error', { streamId: this.streamId, message: text, code: 'unknown_quality', recoverable: false });
+      if (fallbackRefused) {
+        this.#stopFallback();
+        this.#setState('error', text);
+      }
+      return true;
     }
 
     /** @param {unknown} payload `{state, detail}` (docs/protocol.md) @param {Message} raw */
@@ -1425,15 +1450,15 @@
         },
         () => {
           if (this.#fallback !== player) return;
-          this.#manager.send('fallback', this.streamId, { audio: [] });
+          this.#manager.send('fallback', this.streamId, { audio: [], ...this.#qualityFields() });
         },
       );
       this.#fallback = player;
       this.#announcedConnected = false;
       this.#setState('connecting', `video over the socket: ${reason}`);
+      // The quality asked for and the tile, as an offer says them: a wall's tile starts on sub.
       const audio = this.#fallbackAudioCodecs(MediaSourceImpl);
-      if (audio.length) this.#manager.send('fallback', this.streamId, { audio });
-      else this.#manager.send('fallback', this.streamId);
+      this.#manager.send('fallback', this.streamId, audio.length ? { audio, ...this.#qualityFields() } : this.#qualityFields());
     }
 
     /**
@@ -1578,15 +1603,37 @@
     /**
      * Play one quality ('main', 'sub'…, as the stream names them), or let the server choose
      * from the element's size and visibility and the network ('auto'). Takes effect on the
-     * same peer connection (no new offer); the `quality` event says when it plays.
+     * same peer connection (no new offer), or on the fallback over the socket (a new init
+     * segment in the same video element); the `quality` event says when it plays. A name the
+     * server refuses (`unknown_quality`) is an `error` event; what plays goes on.
      * @param {string} quality
+     * @throws {RangeError} a name the stream doesn't have, once the server has listed its qualities
      */
     setQuality(quality) {
       if (typeof quality !== 'string' || !quality) throw new TypeError('setQuality needs a quality name or "auto"');
-      this.#requestedQuality = quality;
-      if (this.pc && this.#sessionId) {
-        this.#manager.send('quality', this.streamId, { ...this.#qualityFields(), sessionId: this.#sessionId });
+      const names = this.#qualityInfo ? this.#qualityInfo.qualities.map((q) => q.name) : [];
+      if (quality !== 'auto' && names.length && !names.includes(quality)) {
+        throw new RangeError(`setQuality: stream "${this.streamId}" has no quality "${quality}"; it has ${names.join(', ')} (or "auto")`);
       }
+      this.#requestedQuality = quality;
+      if (this.#hasQualitySession) this.#manager.send('quality', this.streamId, this.#withSessionId(this.#qualityFields()));
+    }
+
+    /**
+     * Whether a session on the server takes `quality` messages: a WebRTC session (answered
+     * or being answered), or the fallback (which follows them too while WebRTC is retried
+     * beside it: one message, the server hands it to both).
+     */
+    get #hasQualitySession() {
+      return Boolean((this.pc && this.#sessionId) || this.#fallback);
+    }
+
+    /**
+     * @template {object} T
+     * @param {T} fields @returns {T & {sessionId?: string}} with the WebRTC session's id, if one runs
+     */
+    #withSessionId(fields) {
+      return this.pc && this.#sessionId ? { ...fields, sessionId: this.#sessionId } : fields;
     }
 
     /** @returns {{quality: string, tile?: Tile}} what an offer or a `quality` message says */
@@ -1662,10 +1709,10 @@
     #reportTile() {
       const tile = this.#measureTile();
       const told = this.#toldTile;
-      if (!tile || !this.pc || !this.#sessionId) return;
+      if (!tile || !this.#hasQualitySession) return;
       if (told && told.width === tile.width && told.height === tile.height && told.visible === tile.visible) return;
       this.#toldTile = tile;
-      this.#manager.send('quality', this.streamId, { tile, sessionId: this.#sessionId });
+      this.#manager.send('quality', this.streamId, this.#withSessionId({ tile }));
     }
 
     /** @param {unknown} payload `{quality, requested, reason, qualities}` @param {Message} raw */
@@ -1682,8 +1729,8 @@
         reason: typeof fields.reason === 'string' ? fields.reason : '',
         qualities: Array.isArray(fields.qualities) ? fields.qualities : [],
       };
-      if (this.#fallback) {
-        // A background attempt's: the fallback (the default quality) plays until it takes over.
+      if (this.#fallback && raw && raw.sessionId) {
+        // A background attempt's: the fallback's picture shows until it takes over.
         this.#heldQuality = info;
         return;
       }

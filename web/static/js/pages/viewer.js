@@ -24,7 +24,8 @@
     history.replaceState(null, '', url);
     // ?relay=1 forces the media through the TURN server (to check a TURN set-up);
     // ?fallback=always|never, ?fallbackAfterMs=N and ?webrtcRetryMs=N choose when the video
-    // comes over the socket instead, and how soon WebRTC is tried again meanwhile.
+    // comes over the socket instead, and how soon WebRTC is tried again meanwhile;
+    // ?quality=NAME starts on that quality (the selector's choice otherwise).
     const query = new URLSearchParams(window.location.search);
     const fallback = query.get('fallback');
     const next = new WebRTCEngine({
@@ -33,7 +34,7 @@
       fallback: fallback === 'always' || fallback === 'never' ? fallback : 'auto',
       fallbackAfterMs: Number(query.get('fallbackAfterMs')) || undefined,
       webrtcRetryMs: Number(query.get('webrtcRetryMs')) || undefined,
-      quality: qualitySelect.value,
+      quality: query.get('quality') || qualitySelect.value,
     });
     next.on('quality', (q) => showQuality(q));
     engine = next;

@@ -7,16 +7,23 @@ refused, B tells A (and warns, and counts it), its viewer is told ``peer_failed`
 re-offers, as a page does — and A, which now leaves B out of the stream's placement for a
 cool-down, serves it itself, over its cap: the viewer plays, the camera is read once, and the
 viewers after it are not sent to B either.
+
+And a relay B cannot reach at all (A's advertised relay address refuses connections, as a
+firewall or a wrong address would): B's replica gives up after ``REPLICA_REACH_WAIT``, its
+viewer re-offers, and A, which saw B never connect within ``REPLICA_CONNECT_WAIT``, serves it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
+import trio
 from test_cluster_replicas import camera_stream, peers
 
+from mediastream.cluster import routing
 from mediastream.cluster.placement import COOLDOWN_FIRST, stream_ids_placed_on
 from mediastream.server import RunningServer
 
@@ -121,3 +128,54 @@ async def test_a_viewer_placed_on_a_node_that_cannot_take_the_relay_plays_from_t
             assert at_b_metrics[("mediastream_cluster_frame_relay_upstream_refused_total", ())] >= 1
             assert at_a_metrics[("mediastream_cluster_replica_cooldowns", ())] == 1
             assert ("mediastream_cluster_frame_relay_refused_total", ()) in at_a_metrics
+
+
+async def test_a_viewer_placed_on_a_node_that_never_reaches_the_relay_plays_from_the_owner(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Shortened (the order is what matters: the owner gives up on B before B gives up).
+    monkeypatch.setattr(routing, "REPLICA_CONNECT_WAIT", 2.0)
+    monkeypatch.setattr(routing, "REPLICA_REACH_WAIT", 4.0)
+    caplog.set_level(logging.INFO, logger="mediastream.cluster")
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, STREAM)
+        a = await start_node(
+            start_server, redis_server.url, "node-a", streams, max_viewers_per_node=1
+        )
+        b = await start_node(
+            start_server, redis_server.url, "node-b", streams, max_viewers_per_node=1
+        )
+        await wait_registered(a, b)
+        # A advertises a relay address nobody listens on: every connection B makes is refused.
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        closed_port = listener.socket.getsockname()[1]
+        await listener.aclose()
+        registration = cluster_of(a).registration
+        assert registration is not None
+        registration.update(
+            dataclasses.replace(registration.record, relay_address=f"127.0.0.1:{closed_port}")
+        )
+        await registration.wait_renewed()
+
+        async with open_viewer(a.ws_url) as first, open_viewer(a.ws_url) as second:
+            await (await first.play(STREAM, trickle=True)).wait_frames(3, timeout=30)
+            mark = len(second.messages)
+            try:
+                await second.play(STREAM, trickle=True)
+            except SignalingFailed as failed:
+                assert failed.code == "peer_failed", failed.message
+            await replay_after_failure(second, STREAM, mark)
+
+            assert (peers(a), peers(b)) == (2, 0)
+            assert cluster_of(b).statistics().replica_offers == 1
+            assert cluster_of(b).statistics().relay_upstream_refused == 0  # never answered
+            assert cluster_of(a).statistics().replica_cooldowns == 1
+            assert (
+                f'replica node "node-b" of "{STREAM}" did not connect within 2 s; '
+                f"not placing viewers there for {COOLDOWN_FIRST:g} s"
+            ) in caplog.text
+            assert "no upstream accepted this node within 4 s" in caplog.text
+            assert sessions.connects == 1, sessions.history

@@ -61,6 +61,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import secrets
 import socket as sockets
 import time
@@ -1111,6 +1112,11 @@ class ClusterNode:
         finally:
             if lease is not None and self._owned.get(stream.id) is lease:
                 del self._owned[stream.id]
+                # The viewers placed on replicas no longer count anywhere (their cool-downs
+                # stay: bounded, and they still hold should the stream come back here).
+                self._placed.pop(stream.id, None)
+                if self.relay is not None:
+                    self.relay.overdue(stream.id, math.inf)  # every one not connected
             stream.changes.notify()
 
     async def _end_sessions_on_loss(self, stream: Stream, lease: StreamLease) -> None:

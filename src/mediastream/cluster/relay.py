@@ -44,6 +44,11 @@ never gets P-frames without their keyframe. A replica that reconnects publishes 
 a keyframe newer than the last frame it published; one fed by another upstream (or the same
 node on another timeline) continues its own timeline from that upstream's keyframe on. Each
 quality's connection keeps its own place (:class:`_Resumption`).
+
+Replicas that cannot be fed: the upstream remembers the replica nodes its owner sent viewers
+to (:meth:`RelayServer.placed`) until they connect; :meth:`RelayServer.overdue` names those
+that never did, which the owner leaves out of placement for a while. A replica that no
+upstream accepts within a bound (``reach_within``) gives up, and its viewers re-offer.
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ Messages between nodes (envelope ``kind``):
   from ``upstream``'s relay, the owner's or another replica's (chained).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
+- ``relay_refused`` replica → owner (payload ``{"reason"}``): the owner's relay refused this
+  node (another secret, TLS on one side only); the owner leaves it out of the stream's
+  placement for a cool-down before the replica's viewers are told to re-offer.
 """
 
 from __future__ import annotations

@@ -380,6 +380,19 @@ class _ClusterCollector(Collector):
             value=routing.relay_skipped_frames,
         )
         yield CounterMetricFamily(
+            "mediastream_cluster_frame_relay_upstream_refused",
+            "Relay connections of this node's replicas that their upstream refused (another "
+            "relay_secret, TLS on one side only, not serving the stream): the replica side of "
+            "frame_relay_refused.",
+            value=routing.relay_upstream_refused,
+        )
+        yield GaugeMetricFamily(
+            "mediastream_cluster_replica_cooldowns",
+            "Replica nodes (per stream) this owner could not feed (relay refused, or never "
+            "connected) and leaves out of placement for a cool-down, or still remembers.",
+            value=routing.replica_cooldowns,
+        )
+        yield CounterMetricFamily(
             "mediastream_cluster_frame_relay_reconnects",
             "Times this node's replicas reconnected to an owner's frame relay.",
             value=routing.relay_reconnects,

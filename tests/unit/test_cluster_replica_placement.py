@@ -8,7 +8,13 @@ import pytest
 
 from mediastream.cluster.errors import ClusterError
 from mediastream.cluster.leases import NodeRecord
-from mediastream.cluster.placement import ReplicaChoice, ReplicaView, choose_replica, rank_nodes
+from mediastream.cluster.placement import (
+    ReplicaChoice,
+    ReplicaCooldowns,
+    ReplicaView,
+    choose_replica,
+    rank_nodes,
+)
 from mediastream.cluster.replica_registry import ReplicaEntry
 
 NODES = ("a", "b", "c", "d")
@@ -110,3 +116,58 @@ def test_a_registry_entry_round_trips_and_a_bad_one_names_what_is_wrong() -> Non
         ReplicaEntry.from_json('{"node": "b"}')
     with pytest.raises(ClusterError, match="wrong type"):
         ReplicaEntry.from_json(entry.to_json().replace('"viewers":3', '"viewers":"3"'))
+
+
+def test_a_node_left_out_is_never_chosen_and_the_owner_serves_when_none_is_left() -> None:
+    # b, the stream's first replica candidate, cannot be fed: c gets the viewer.
+    assert choose([], excluded=("b",)) == ReplicaChoice("c", "a", 1, fresh=True)
+    assert choose([], prefer="b", excluded=("b",)) == ReplicaChoice("c", "a", 1, fresh=True)
+    # b already a replica with room (registered, or counted from the viewers sent there):
+    # left out all the same, and not the fallback of a full cluster either.
+    b = ReplicaView("b", "a", 1, viewers=0, relays=0)
+    assert choose([b], excluded=("b",)) == ReplicaChoice("c", "a", 1, fresh=True)
+    full_b = ReplicaView("b", "a", 1, viewers=1, relays=0)
+    assert choose([full_b], excluded=("c", "d")) == ReplicaChoice("b", "a", 1, fresh=False)
+    assert choose([full_b], excluded=("b", "c", "d")) is None
+    # Nor a feeder of a chain.
+    c = ReplicaView("c", "a", 1, viewers=1, relays=0)
+    assert choose([full_b, c], owner_relays=1, excluded=("b",)) == ReplicaChoice(
+        "d", "c", 2, fresh=True
+    )
+
+
+def test_a_node_that_could_not_be_fed_cools_down_doubling_while_it_keeps_failing() -> None:
+    cooldowns = ReplicaCooldowns(first=60.0, longest=240.0, limit=8)
+    assert cooldowns.cooling(STREAM, 0.0) == set()
+    assert cooldowns.failed(STREAM, "b", 100.0) == 60.0
+    assert cooldowns.cooling(STREAM, 100.0) == {"b"}
+    assert cooldowns.cooling(STREAM, 159.9) == {"b"}
+    assert cooldowns.cooling("another-stream", 120.0) == set()  # per stream
+    # Another of its viewers failing during the cool-down: the same length, from now.
+    assert cooldowns.failed(STREAM, "b", 150.0) == 60.0
+    assert cooldowns.cooling(STREAM, 209.9) == {"b"}
+    assert cooldowns.cooling(STREAM, 210.0) == set()  # tried again
+    # Failing again after it: doubled, up to the longest.
+    assert cooldowns.failed(STREAM, "b", 215.0) == 120.0
+    assert cooldowns.failed(STREAM, "b", 340.0) == 240.0
+    assert cooldowns.failed(STREAM, "b", 590.0) == 240.0
+    # Connected after all: forgotten, the next failure starts over.
+    cooldowns.connected(STREAM, "b")
+    assert cooldowns.cooling(STREAM, 600.0) == set() and len(cooldowns) == 0
+    assert cooldowns.failed(STREAM, "b", 600.0) == 60.0
+    # Not failing for the longest cool-down after its own: forgotten, and starts over.
+    assert cooldowns.cooling(STREAM, 660.0 + 240.1) == set() and len(cooldowns) == 0
+    assert cooldowns.failed(STREAM, "b", 1000.0) == 60.0
+
+
+def test_the_cool_down_memory_forgets_nodes_that_left_and_is_bounded() -> None:
+    cooldowns = ReplicaCooldowns(first=60.0, longest=240.0, limit=3)
+    cooldowns.failed(STREAM, "b", 0.0)
+    cooldowns.failed(STREAM, "c", 0.0)
+    cooldowns.keep_nodes(["a", "c", "d"])  # b left the cluster
+    assert cooldowns.cooling(STREAM, 1.0) == {"c"}
+    for index in range(5):
+        cooldowns.failed(f"cam-x{index}", "d", 2.0)
+    assert len(cooldowns) == 3  # the oldest failures forgotten first
+    assert cooldowns.cooling(STREAM, 3.0) == set()
+    assert cooldowns.cooling("cam-x4", 3.0) == {"d"}

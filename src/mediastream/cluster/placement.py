@@ -6,11 +6,13 @@ or leaves only the streams it wins or held move (a modulo hash would move almost
 first node in the ranking that is serving and not full gets the stream; when all are full,
 the least loaded serving node does (a full cluster degrades instead of refusing). A stream
 whose owner is full is served by replicas as well: :func:`choose_replica` picks the node for
-its next viewer and what feeds it. Pure logic.
+its next viewer and what feeds it, leaving out the nodes :class:`ReplicaCooldowns` remembers
+could not be fed (a relay that refused them, or that they never reached). Pure logic.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,12 @@ from .leases import NodeRecord, NodeState
 
 #: a node whose load is at least this is full (load is the share of its capacity in use).
 FULL: Final = 1.0
+#: a replica node that could not be fed a stream is left out of its placement for this long,
+#: doubling each time it fails again after its cool-down, up to COOLDOWN_MAX.
+COOLDOWN_FIRST: Final = 60.0  # seconds
+COOLDOWN_MAX: Final = 960.0  # seconds
+#: (stream, node) failures remembered at most; the oldest is forgotten first.
+COOLDOWN_MEMORY: Final = 1024
 
 
 def rendezvous_weight(node_id: str, stream_id: str) -> int:
@@ -159,3 +167,79 @@ def choose_replica(
         return None
     least = min(known.values(), key=lambda r: (r.viewers, r.depth, r.node))
     return ReplicaChoice(least.node, least.upstream, least.depth, fresh=False)
+
+
+@dataclass
+class _Cooldown:
+    #: the clock's time the node may be placed again
+    until: float
+    #: how long this cool-down lasts (the next failure after it doubles it)
+    length: float
+
+
+class ReplicaCooldowns:
+    """The replica nodes an owner could not feed, per stream, left out of placement for a
+    while: a node sent viewers whose relay never connected (another ``relay_secret``, TLS on
+    one side only, a firewall) would otherwise be chosen again for every re-offer of the
+    viewers it failed.
+
+    A failure starts a cool-down of ``first`` seconds; a failure after the cool-down ended
+    (the node is still failing) doubles it, up to ``longest``; a failure during it (another
+    viewer or quality that was already on its way) restarts it at the same length. A node
+    that connects, or leaves the cluster, is forgotten; so is one whose cool-down ended
+    ``longest`` ago (not failing any more). At most ``limit`` (stream, node) pairs are kept
+    (the oldest failure is forgotten first). Times are the caller's clock (Trio's).
+    """
+
+    def __init__(
+        self,
+        first: float = COOLDOWN_FIRST,
+        longest: float = COOLDOWN_MAX,
+        limit: int = COOLDOWN_MEMORY,
+    ) -> None:
+        self.first = first
+        self.longest = longest
+        self._limit = limit
+        self._failed: collections.OrderedDict[tuple[str, str], _Cooldown] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._failed)
+
+    def failed(self, stream_id: str, node: str, now: float) -> float:
+        """``node`` could not be fed ``stream_id``: how long it is left out from ``now``."""
+        key = (stream_id, node)
+        earlier = self._failed.pop(key, None)
+        if earlier is None or now - earlier.until > self.longest:
+            length = self.first
+        elif now < earlier.until:
+            length = earlier.length
+        else:
+            length = min(earlier.length * 2, self.longest)
+        self._failed[key] = _Cooldown(now + length, length)
+        while len(self._failed) > self._limit:
+            self._failed.popitem(last=False)
+        return length
+
+    def cooling(self, stream_id: str, now: float) -> set[str]:
+        """The nodes not to place ``stream_id``'s viewers on at ``now``; forgets the
+        failures that are over for good."""
+        for key, cooldown in list(self._failed.items()):
+            if now - cooldown.until > self.longest:
+                del self._failed[key]
+        return {
+            node
+            for (stream, node), cooldown in self._failed.items()
+            if stream == stream_id and now < cooldown.until
+        }
+
+    def connected(self, stream_id: str, node: str) -> None:
+        """``node`` was fed ``stream_id`` after all: placed again as any other."""
+        self._failed.pop((stream_id, node), None)
+
+    def keep_nodes(self, live: Iterable[str]) -> None:
+        """Forget the nodes not in ``live`` (they left: a node started again is new)."""
+        alive = set(live)
+        for key in [key for key in self._failed if key[1] not in alive]:
+            del self._failed[key]

@@ -44,6 +44,11 @@ never gets P-frames without their keyframe. A replica that reconnects publishes 
 a keyframe newer than the last frame it published; one fed by another upstream (or the same
 node on another timeline) continues its own timeline from that upstream's keyframe on. Each
 quality's connection keeps its own place (:class:`_Resumption`).
+
+Replicas that cannot be fed: the upstream remembers the replica nodes its owner sent viewers
+to (:meth:`RelayServer.placed`) until they connect; :meth:`RelayServer.overdue` names those
+that never did, which the owner leaves out of placement for a while. A replica that no
+upstream accepts within a bound (``reach_within``) gives up, and its viewers re-offer.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import struct
 from collections.abc import Awaitable, Callable
@@ -266,10 +272,17 @@ class RelayServer:
         self._scopes: dict[str, set[trio.CancelScope]] = {}
         #: per stream, per replica node: viewers sent there since its last report
         self._placed: dict[str, dict[str, int]] = {}
+        #: per stream, per replica node sent viewers and not connected (authenticated) since:
+        #: Trio's clock at the first of them (:meth:`overdue` finds those that never came)
+        self._awaited: dict[str, dict[str, float]] = {}
 
     def connections(self, stream_id: str) -> int:
         """Relay connections of ``stream_id`` served now (one per replica and quality)."""
         return self._per_stream.get(stream_id, 0)
+
+    def fed_nodes(self, stream_id: str) -> set[str]:
+        """The replica nodes connected (authenticated) for ``stream_id`` now."""
+        return {node for stream, node in self._per_replica if stream == stream_id}
 
     def replicas_fed(self, stream_id: str) -> int:
         """Replica nodes fed ``stream_id`` from here now, whatever qualities each relays (what
@@ -290,11 +303,32 @@ class RelayServer:
         """A viewer was sent to ``node`` as a replica of ``stream_id`` fed from here."""
         per_node = self._placed.setdefault(stream_id, {})
         per_node[node] = per_node.get(node, 0) + 1
+        if (stream_id, node) not in self._per_replica:
+            self._awaited.setdefault(stream_id, {}).setdefault(node, trio.current_time())
 
     def unconnected(self, stream_id: str) -> int:
         """Replicas sent viewers as fed from here that have not connected yet."""
         reported = self.stats.replica_viewers.get(stream_id, {})
         return sum(node not in reported for node in self._placed.get(stream_id, {}))
+
+    def overdue(self, stream_id: str, placed_before: float) -> list[str]:
+        """The replica nodes sent viewers of ``stream_id`` before ``placed_before`` (Trio's
+        clock) that have not connected since; forgotten here (their viewers no longer count
+        on them: they never came)."""
+        awaited = self._awaited.get(stream_id, {})
+        late = [node for node, since in awaited.items() if since < placed_before]
+        for node in late:
+            self.forget(stream_id, node)
+        return late
+
+    def forget(self, stream_id: str, node: str) -> None:
+        """Count no viewer sent to ``node`` for ``stream_id`` any more (it cannot be fed: its
+        connection was refused, or it never came)."""
+        for per_stream in (self._placed, self._awaited):
+            per_node = per_stream.get(stream_id, {})
+            per_node.pop(node, None)
+            if not per_node:
+                per_stream.pop(stream_id, None)
 
     def disconnect(self, stream_id: str) -> int:
         """Close every replica's connection for ``stream_id`` (they reconnect and resume at
@@ -389,6 +423,9 @@ class RelayServer:
             encode_record(WELCOME, json.dumps({"mac": welcome, "quality": quality}).encode())
         )
         label = f'replica "{node}" of "{stream_id}" quality "{quality}"'
+        awaited = self._awaited.get(stream_id, {})
+        if awaited.pop(node, None) is not None and not awaited:
+            del self._awaited[stream_id]
         self.stats.connections += 1
         self._per_stream[stream_id] = self._per_stream.get(stream_id, 0) + 1
         replica_key = (stream_id, node)
@@ -517,6 +554,8 @@ async def _send_error(connection: trio.abc.Stream, message: str) -> None:
 @dataclass
 class ReplicaStatistics:
     reconnects: int = 0
+    #: connections an upstream refused (the secret, TLS, not serving the stream or quality)
+    refused: int = 0
     #: frames not published after a reconnection, until a keyframe newer than the last one
     resume_skipped_frames: int = 0
     frames_received: int = 0
@@ -586,9 +625,9 @@ async def open_relay(
             except RelayRefused as exc:
                 # Accepted, but its source did not open: a failure to retry like a cut
                 # connection, not a refusal (this quality's viewers wait, the others play on).
-                raise RelayError(str(exc)) from None
+                raise RelayNotReady(str(exc)) from None
         if waiting.cancelled_caught:
-            raise RelayError(f'{peer} did not describe "{stream_id}" within {INFO_TIMEOUT:g} s')
+            raise RelayNotReady(f'{peer} did not describe "{stream_id}" within {INFO_TIMEOUT:g} s')
         info = info_from_json(item)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -599,6 +638,11 @@ async def open_relay(
             raise RelayError(f"{peer}: the connection broke during the handshake{cause}") from None
         raise
     return connection, reader, info
+
+
+class RelayNotReady(RelayError):
+    """The upstream accepted the connection (both proved the secret), but its source of the
+    quality did not open in time: retried, as a cut connection."""
 
 
 @dataclass
@@ -631,6 +675,7 @@ async def run_relay_source(
     refused: Callable[[RelayRefused], None] | None = None,
     quality: str | None = None,
     tls: RelayTLS | None = None,
+    reach_within: float = math.inf,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A replica's source of one quality (None: the default one): the upstream's frames of
@@ -649,6 +694,11 @@ async def run_relay_source(
     at the next keyframe newer than the last frame published; another timeline's frames are
     moved onto this replica's from their first keyframe on. The viewers see a jump, never a
     broken picture nor timestamps going back.
+
+    Raises:
+        RelayError: no upstream accepted this node within ``reach_within`` seconds of the
+            start (a firewall, an address that does not answer): its viewers would wait for
+            ever. Once one has, cut connections are retried without end.
     """
     feed = sink.quality(quality)
     # The default quality is not named: an upstream of an older version serves it too.
@@ -660,49 +710,61 @@ async def run_relay_source(
     failures = 0
     opened = False
     timeline = ""
+    reason = "no connection made"
+    #: until an upstream accepts this node; then cut connections are retried without end
+    reaching = trio.CancelScope(deadline=trio.current_time() + reach_within)
     try:
-        while True:
-            reason = "the connection ended"
-            address, source = await locate_upstream()
-            if timeline and source != timeline:
-                resumption.rebase = True
-                log.info("%s: the relay moves to %s at %s", what, source, address)
-            timeline = source
-            try:
-                connection, reader, info = await open_relay(
-                    address, key, stream_id, node_id, asked, tls=tls
-                )
-            except RelayRefused as exc:
-                if refused is None:
-                    raise  # the upstream will not serve this node: the replica ends
-                refused(exc)
-                reason = str(exc)
-            except (RelayError, OSError) as exc:
-                reason = str(exc)
-            else:
-                async with connection:
-                    if not opened:
-                        feed.relay_opened(info)
-                        opened = True
-                    feed.source_state(SourceState.LIVE, f"relayed from {address}")
-                    failures = 0
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_report_viewers, connection, sink)
-                        try:
-                            await _receive(reader, feed, resumption, stats)
-                        except (RelayError, trio.BrokenResourceError, OSError) as exc:
-                            reason = str(exc)
-                        nursery.cancel_scope.cancel()
-            failures += 1
-            stats.reconnects += 1
-            delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
-            log.warning(
-                "%s: relay from the upstream at %s broke (%s); reconnecting in %.1f s, resuming "
-                "at the next keyframe",
-                what, address, reason, delay,
-            )  # fmt: skip
-            feed.source_state(SourceState.RECONNECTING, f"relay: {reason}")
-            await trio.sleep(delay)
+        with reaching:
+            while True:
+                address, source = await locate_upstream()
+                if timeline and source != timeline:
+                    resumption.rebase = True
+                    log.info("%s: the relay moves to %s at %s", what, source, address)
+                timeline = source
+                try:
+                    connection, reader, info = await open_relay(
+                        address, key, stream_id, node_id, asked, tls=tls
+                    )
+                except RelayRefused as exc:
+                    stats.refused += 1
+                    if refused is None:
+                        raise  # the upstream will not serve this node: the replica ends
+                    refused(exc)
+                    reason = str(exc)
+                except RelayNotReady as exc:
+                    reaching.deadline = math.inf  # accepted: the upstream is reachable
+                    reason = str(exc)
+                except (RelayError, OSError) as exc:
+                    reason = str(exc)
+                else:
+                    reaching.deadline = math.inf
+                    reason = "the connection ended"
+                    async with connection:
+                        if not opened:
+                            feed.relay_opened(info)
+                            opened = True
+                        feed.source_state(SourceState.LIVE, f"relayed from {address}")
+                        failures = 0
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_report_viewers, connection, sink)
+                            try:
+                                await _receive(reader, feed, resumption, stats)
+                            except (RelayError, trio.BrokenResourceError, OSError) as exc:
+                                reason = str(exc)
+                            nursery.cancel_scope.cancel()
+                failures += 1
+                stats.reconnects += 1
+                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS)) - 1]
+                log.warning(
+                    "%s: relay from the upstream at %s broke (%s); reconnecting in %.1f s, "
+                    "resuming at the next keyframe",
+                    what, address, reason, delay,
+                )  # fmt: skip
+                feed.source_state(SourceState.RECONNECTING, f"relay: {reason}")
+                await trio.sleep(delay)
+        raise RelayError(
+            f"no upstream accepted this node within {reach_within:g} s (the last try: {reason})"
+        )
     finally:
         feed.source_state(SourceState.STOPPED)
 

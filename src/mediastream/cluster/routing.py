@@ -51,6 +51,9 @@ Messages between nodes (envelope ``kind``):
   from ``upstream``'s relay, the owner's or another replica's (chained).
 - ``client`` owner → socket node: one protocol message for the browser (payload: its text);
   ``ended`` owner → socket node: that stream's session is over.
+- ``relay_refused`` replica → owner (payload ``{"reason"}``): the owner's relay refused this
+  node (another secret, TLS on one side only); the owner leaves it out of the stream's
+  placement for a cool-down before the replica's viewers are told to re-offer.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import secrets
 import socket as sockets
 import time
@@ -105,10 +109,25 @@ from .leases import (
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
-from .placement import FULL, ReplicaChoice, ReplicaView, choose_owner, choose_replica, rank_nodes
+from .placement import (
+    COOLDOWN_FIRST,
+    FULL,
+    ReplicaChoice,
+    ReplicaCooldowns,
+    ReplicaView,
+    choose_owner,
+    choose_replica,
+    rank_nodes,
+)
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
-from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
+from .relay import (
+    HANDSHAKE_TIMEOUT,
+    RelayServer,
+    ReplicaStatistics,
+    relay_key,
+    run_relay_source,
+)
 from .relay_tls import load_relay_tls
 from .replica_registry import (
     ReplicaEntry,
@@ -146,6 +165,15 @@ LOAD_STEP: Final = 0.05
 #: viewers (and replicas) the owner sent to a replica are counted there until its entry in
 #: Redis shows them, or for this long at most (an offer that never arrived).
 PLACED_MEMORY: Final = 10.0  # seconds
+#: a replica node the owner sent viewers to, fed from its relay, that has not connected
+#: (proved the secret) within this is left out of the stream's placement for a cool-down
+#: (``placement.ReplicaCooldowns``): its relay port unreachable, or its TLS or secret not the
+#: owner's. The replica's side needs one handshake, plus its start and a retry or two.
+REPLICA_CONNECT_WAIT: Final = HANDSHAKE_TIMEOUT + 5.0  # seconds
+#: a replica that no upstream has accepted within this ends, and its viewers re-offer (they
+#: would wait for ever); longer than REPLICA_CONNECT_WAIT, so that by then the owner leaves
+#: the node out and serves them itself.
+REPLICA_REACH_WAIT: Final = 2 * REPLICA_CONNECT_WAIT  # seconds
 
 _T = TypeVar("_T")
 
@@ -191,6 +219,11 @@ class RoutingStatistics:
     #: the relay (replica side): reconnections, and frames left out to resume at a keyframe
     relay_reconnects: int = 0
     relay_resume_skipped_frames: int = 0
+    #: the relay (replica side): connections an upstream refused (secret, TLS, not serving)
+    relay_upstream_refused: int = 0
+    #: (stream, replica node) pairs this node, as the owner, leaves out of placement now or
+    #: remembers as failing (their relay refused, or never connected)
+    replica_cooldowns: int = 0
 
 
 @dataclass
@@ -308,6 +341,11 @@ class ClusterNode:
         #: per stream this node owns, per replica node: viewers and replicas sent there that
         #: its entry in Redis does not show yet (a burst of offers must not all go to one)
         self._placed: dict[str, dict[str, _Placed]] = {}
+        #: per stream this node owns, the replica nodes it could not feed (refused, or never
+        #: connected), left out of placement for a while
+        self._cooldowns = ReplicaCooldowns()
+        #: upstream node -> Trio's clock when this node last warned that it refused a relay
+        self._refusals_warned: dict[str, float] = {}
         self._relay_key = relay_key(config.cluster.relay_secret, config.cluster.redis_url)
         #: mutual TLS on the relay, both sides (None: plain TCP); the files were checked at load
         self._relay_tls = load_relay_tls(config.cluster)
@@ -655,6 +693,15 @@ class ClusterNode:
             return None
         by_node = {entry.node: entry for entry in entries if entry.node != self.node_id}
         live = {n.node_id for n in nodes if self._known_gone(n.node_id) is None}
+        now = trio.current_time()
+        # Sent viewers as fed from here and never connected: a refused or unreachable relay
+        # (else every re-offer of its failed viewers would be placed there again).
+        for node in self.relay.overdue(stream.id, now - REPLICA_CONNECT_WAIT):
+            self._unreachable(stream.id, node, f"did not connect within {REPLICA_CONNECT_WAIT:g} s")
+        self._cooldowns.keep_nodes(live)  # a node that left is forgotten
+        for node in self.relay.fed_nodes(stream.id):
+            self._cooldowns.connected(stream.id, node)
+        cooling = self._cooldowns.cooling(stream.id, now)
         # Fed from here: the report up each relay connection is current to the frame (its own
         # sockets' viewers too), plus the viewers sent there since (relay.py).
         direct = self.relay.replica_viewers(stream.id)
@@ -672,7 +719,6 @@ class ClusterNode:
         owner_relays = self.relay.replicas_fed(stream.id) + self.relay.unconnected(stream.id)
         # Fed by replicas: the viewers sent there count until its entry shows them arrived.
         placed = self._placed.setdefault(stream.id, {})
-        now = trio.current_time()
         for node, sent in list(placed.items()):
             entry = by_node.get(node)
             if entry is not None:
@@ -698,7 +744,7 @@ class ClusterNode:
             max_relays=cluster.max_relays_per_node,
             max_load=cluster.max_load_per_node,
             prefer=prefer,
-            excluded=[n.node_id for n in nodes if n.node_id not in live],
+            excluded=[n.node_id for n in nodes if n.node_id not in live] + sorted(cooling),
         )
         if choice is not None and choice.upstream == self.node_id:
             self.relay.placed(stream.id, choice.node)
@@ -711,6 +757,19 @@ class ClusterNode:
             placed[choice.node].viewers += 1
             placed[choice.node].since = now
         return choice
+
+    def _unreachable(self, stream_id: str, node: str, why: str) -> None:
+        """``node``, sent viewers of ``stream_id`` as a replica, could not be fed (``why``):
+        the viewers sent there no longer count on it, and it is left out of the stream's
+        placement for a cool-down (the owner serves the re-offers when no other node can)."""
+        if self.relay is not None:
+            self.relay.forget(stream_id, node)
+        self._placed.get(stream_id, {}).pop(node, None)
+        cooldown = self._cooldowns.failed(stream_id, node, trio.current_time())
+        log.warning(
+            'replica node "%s" of "%s" %s; not placing viewers there for %g s',
+            node, stream_id, why, cooldown,
+        )  # fmt: skip
 
     async def replicate(
         self, stream: Stream, owner: str, epoch: int, upstream: str = "", depth: int = 1
@@ -847,14 +906,49 @@ class ClusterNode:
                 refused=functools.partial(self._upstream_refused, replica),
                 quality=quality,
                 tls=self._relay_tls,
+                reach_within=REPLICA_REACH_WAIT,
                 task_status=task_status,
             )
+        except RelayRefused as exc:
+            # The owner's relay refused this node: a misconfigured cluster (another secret,
+            # TLS on one side only), which the owner is told of before the viewers re-offer,
+            # so that it serves them elsewhere.
+            upstream = replica.upstream
+            self._warn_refused(replica.stream.id, upstream, exc)
+            with (
+                trio.move_on_after(CLOSE_NOTICE_TIMEOUT),
+                contextlib.suppress(ClusterError),
+            ):
+                await self.send(
+                    upstream, "relay_refused", stream=replica.stream.id,
+                    epoch=max(replica.epochs), payload={"reason": str(exc)},
+                )  # fmt: skip
+            replica.end(
+                f'node "{upstream}" refused the relay of quality "{quality}": {exc}', failed=True
+            )
+            await trio.sleep_forever()  # cancelled by the replica's end (the guard)
         except ClusterError as exc:
             replica.end(
                 f'the relay of quality "{quality}" from node "{replica.upstream}" ended: {exc}',
                 failed=True,
             )
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
+
+    def _warn_refused(self, stream_id: str, upstream: str, refusal: RelayRefused) -> None:
+        """A warning once per cool-down per upstream (the owner leaves this node out that
+        long, then may try it again); the repeats within it at info level."""
+        now = trio.current_time()
+        for node, warned in list(self._refusals_warned.items()):
+            if now - warned >= COOLDOWN_FIRST:
+                del self._refusals_warned[node]
+        level = logging.INFO if upstream in self._refusals_warned else logging.WARNING
+        self._refusals_warned.setdefault(upstream, now)
+        log.log(
+            level,
+            'stream "%s": node "%s" refused to relay it to this node: %s (check relay_secret '
+            "and relay_tls_* on both nodes); its viewers are served elsewhere",
+            stream_id, upstream, refusal,
+        )  # fmt: skip
 
     def _upstream_refused(self, replica: Replica, refusal: RelayRefused) -> None:
         """The upstream refused the relay: a replica that ended (or now owns the stream and
@@ -1021,6 +1115,11 @@ class ClusterNode:
         finally:
             if lease is not None and self._owned.get(stream.id) is lease:
                 del self._owned[stream.id]
+                # The viewers placed on replicas no longer count anywhere (their cool-downs
+                # stay: bounded, and they still hold should the stream come back here).
+                self._placed.pop(stream.id, None)
+                if self.relay is not None:
+                    self.relay.overdue(stream.id, math.inf)  # every one not connected
             stream.changes.notify()
 
     async def _end_sessions_on_loss(self, stream: Stream, lease: StreamLease) -> None:
@@ -1410,6 +1509,18 @@ class ClusterNode:
                 self._counts["stale_dropped"] += 1
                 return
             remote.deliver(envelope)
+        elif kind == "relay_refused":
+            # A replica this node's relay refused (it names itself: the relay could not tell
+            # who it was before the secret or TLS failed). Handled before the ack goes out, so
+            # before its viewers are told to re-offer.
+            payload = envelope.payload if isinstance(envelope.payload, dict) else {}
+            reason = payload.get("reason")
+            if self.owns(envelope.stream):
+                self._unreachable(
+                    envelope.stream,
+                    envelope.reply_to,
+                    f"could not take the relay ({reason if isinstance(reason, str) else '?'})",
+                )
         elif kind == "socket_closed":
             remote = self._remote.get((envelope.reply_to, envelope.socket))
             if remote is not None:
@@ -1608,6 +1719,8 @@ class ClusterNode:
             relay_skipped_frames=self.relay.stats.skipped_frames if self.relay else 0,
             relay_reconnects=self._replica_stats.reconnects,
             relay_resume_skipped_frames=self._replica_stats.resume_skipped_frames,
+            relay_upstream_refused=self._replica_stats.refused,
+            replica_cooldowns=len(self._cooldowns),
         )
 
 

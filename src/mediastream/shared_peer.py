@@ -309,11 +309,9 @@ class _Member:
             reason = self._reason if self._cancel_scope.cancel_called else self._owner._end_reason
             log.info("%s: stream removed (%s)", self._label, reason)
 
-    def _unavailable(self, reason: str) -> None:
-        self._owner._post_error(
-            ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}", self.stream.id
-        )
-        self.end(reason)
+    def _unavailable(self, code: ErrorCode, message: str) -> None:
+        self._owner._post_error(code, message, self.stream.id)
+        self.end(message)
 
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None

@@ -105,7 +105,15 @@ from .leases import (
     run_node_registration,
 )
 from .liveness import TAKEOVER_GRACE, Liveness, gone_nodes, hold_liveness, take_over
-from .placement import FULL, ReplicaChoice, ReplicaView, choose_owner, choose_replica, rank_nodes
+from .placement import (
+    FULL,
+    ReplicaChoice,
+    ReplicaView,
+    choose_owner,
+    choose_replica,
+    choose_upstream,
+    rank_nodes,
+)
 from .redis_bus import open_redis_bus
 from .redis_client import CommandObserver, Redis, open_redis, redis_call
 from .relay import RelayServer, ReplicaStatistics, relay_key, run_relay_source
@@ -302,8 +310,7 @@ class ClusterNode:
         #: streams this node replicates (owned elsewhere, fed by the owner's relay)
         self._replicas: dict[str, Replica] = {}
         self._replicating: dict[str, trio.Lock] = {}
-        #: serves this node's streams to replicas (None: replicas off, neither
-        #: max_viewers_per_node nor max_load_per_node set)
+        #: serves this node's streams to replicas (None until the node has started)
         self.relay: RelayServer | None = None
         #: per stream this node owns, per replica node: viewers and replicas sent there that
         #: its entry in Redis does not show yet (a burst of offers must not all go to one)
@@ -370,9 +377,10 @@ class ClusterNode:
                             self._liveness_broken,
                         )
                         self._liveness = liveness
-                        relay_address = ""
-                        if self.replicas_on:
-                            relay_address = await self._start_relay(nursery, public_url)
+                        # Always on: any node may become a replica for its own WHEP
+                        # sessions, fallbacks and snapshots (serve_locally), not only for
+                        # the viewers an owner over its limits sends it.
+                        relay_address = await self._start_relay(nursery, public_url)
                         record = NodeRecord(
                             self.node_id, public_url, relay_address, liveness=liveness.client_id
                         )
@@ -610,6 +618,72 @@ class ClusterNode:
             return None
         return functools.partial(self._run_replica_source, replica, quality)
 
+    async def serve_locally(self, stream: Stream) -> None:
+        """Make ``stream``'s frames available on this node for a viewer that is not a routed
+        offer (a WHEP session, a fallback, a snapshot): nothing if this node owns it or is a
+        replica of it; claimed here if nobody owns it; else this node becomes a replica of
+        it, fed by the owner or, when the owner feeds ``max_relays_per_node`` replicas
+        already, by the shallowest replica with room (:func:`choose_upstream`). Such a
+        replica serves only this node's viewers and ends after its last one left (the
+        grace), like any replica; the camera is still read once, by the owner.
+
+        Raises:
+            SignalingError: ``cluster_unavailable`` (Redis unreachable) or ``relay_failed``
+                (the stream could not be claimed nor replicated here: the node is draining,
+                the owner changed twice meanwhile), naming the stream and why; both retryable.
+        """
+        try:
+            for _ in range(2):  # a second try when the stream was claimed meanwhile
+                if self.serves(stream.id):
+                    return
+                node_id, epoch = await self.resolve(stream)
+                if node_id == self.node_id:
+                    continue  # claimed here (served, unless given up at once)
+                if not epoch:
+                    # Nobody owns it and placement prefers another node; but this viewer is
+                    # here, so it is read here (one claim wins a race with that node's).
+                    try:
+                        await self.claim(stream)
+                        continue
+                    except OwnedElsewhere as exc:
+                        node_id, epoch = exc.node_id, exc.epoch
+                upstream, depth = await self._upstream_for(stream, node_id)
+                await self.replicate(stream, node_id, epoch, upstream, depth)
+                return
+            if not self.serves(stream.id):
+                raise ClusterError("it was claimed here and given up at once, twice")
+        except RedisUnavailable as exc:
+            raise SignalingError(
+                ErrorCode.CLUSTER_UNAVAILABLE,
+                f'Unavailable: stream "{stream.id}" is not read on node "{self.node_id}", '
+                f"and the cluster cannot be asked where it is: {exc}; try again",
+                stream_id=stream.id,
+            ) from None
+        except ClusterError as exc:
+            raise SignalingError(
+                ErrorCode.RELAY_FAILED,
+                f'Stream "{stream.id}" could not be served on node "{self.node_id}": {exc}; '
+                "try again",
+                stream_id=stream.id,
+            ) from None
+
+    async def _upstream_for(self, stream: Stream, owner: str) -> tuple[str, int]:
+        """What feeds a new replica of ``stream`` (owned by ``owner``) on this node, and at
+        which depth: the rule placement uses for a fresh replica, over the registry.
+
+        Raises:
+            RedisUnavailable
+        """
+        assert self._redis is not None
+        redis = self._redis
+        entries = (await self._redis_call(lambda: read_replicas(redis, [stream.id])))[stream.id]
+        views = [
+            ReplicaView(e.node, e.upstream, e.depth, e.viewers, e.relays)
+            for e in entries
+            if e.node != self.node_id and e.relay_address
+        ]
+        return choose_upstream(owner, views, max_relays=self._config.cluster.max_relays_per_node)
+
     # --- replicas ---------------------------------------------------------------------------
 
     def _sessions_of(self, stream: Stream) -> int:
@@ -626,7 +700,7 @@ class ClusterNode:
     def _full(self, stream: Stream) -> bool:
         """Whether this node serves as many of the stream's viewers as it should: as many
         sessions as ``max_viewers_per_node``, or a published load of ``max_load_per_node``."""
-        if self.relay is None:
+        if not self.replicas_on:
             return False
         cluster = self._config.cluster
         load = self.registration.record.load if self.registration is not None else 0.0
@@ -808,7 +882,9 @@ class ClusterNode:
             node=self.node_id,
             upstream=replica.upstream,
             depth=replica.depth,
-            viewers=self._sessions_of(stream),
+            # The sessions offered here, or its viewers if more (WHEP sessions, fallbacks
+            # and relay connections are counted once they watch, not from an offer).
+            viewers=max(self._sessions_of(stream), stream.viewers),
             relays=self.relay.replicas_fed(stream.id) if self.relay is not None else 0,
             relay_address=self.registration.record.relay_address if self.registration else "",
             offers=replica.offers,
@@ -1042,6 +1118,8 @@ class ClusterNode:
                     session.session_id,
                 )  # fmt: skip
                 session.end(reason)
+        # Its other viewers here (WHEP sessions, fallbacks): a retryable error, as above.
+        stream.end_viewers(ErrorCode.PEER_FAILED, f"{reason}; play it again")
         stream.changes.notify()
 
     # --- placement of always-on streams and the node's load ---------------------------------

@@ -16,15 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import av
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from mediastream.cluster import routing
 from mediastream.cluster.leases import NodeRecord
 from mediastream.cluster.placement import choose_owner
 from mediastream.fallback import BinaryKind, parse_binary
 from mediastream.server import RunningServer
 
-from support.cluster import CameraSessions, cluster_of, counting_camera, start_cluster
+from support.cluster import (
+    CameraSessions,
+    cluster_of,
+    counting_camera,
+    judge_nodes_on_a_fresh_redis,
+    open_node_process,
+    replay_after_failure,
+    start_cluster,
+    wait_registered,
+)
 from support.http import get, request
 from support.redis import RedisServer
 from support.servers import StartServer
@@ -32,12 +43,13 @@ from support.viewer import Viewer, open_viewer
 from support.whep import WhepPlayer
 
 NODES = ("node-a", "node-b")
+__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture: pytest finds it here
 SUB = (320, 180)
 
 
-def placed_on(node_id: str) -> str:
-    """A stream id that placement gives ``node_id`` when both nodes serve."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
+def placed_on(node_id: str, nodes: tuple[str, ...] = NODES) -> str:
+    """A stream id that placement gives ``node_id`` when ``nodes`` all serve."""
+    records = [NodeRecord(n, f"http://{n}") for n in nodes]
     return next(
         stream_id
         for stream_id in (f"porch-{n}" for n in range(100))
@@ -246,6 +258,104 @@ async def test_redis_down_a_whep_player_on_a_node_that_does_not_read_the_stream_
             assert health.status == 200
             assert cluster_of(b).statistics().replicas == ()
             assert sessions.connects == 1, sessions.history
+
+
+async def test_the_owner_killed_a_whep_player_plays_on_from_the_stream_s_next_owner(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    # A (a process of its own) owns it for a socket viewer on C; B replicates it for a WHEP
+    # player. A killed: C's viewer re-offers, and B or C claims the stream; B's replica
+    # re-attaches to C, or gives way to B's own camera session: either way the WHEP player,
+    # whose viewer stays in B's fan-out, plays on with the same peer connection.
+    stream_id = placed_on("node-a", ("node-a", "node-b", "node-c"))
+    async with counting_camera() as sessions:
+        streams = one_quality(sessions, stream_id)
+        b, c = await start_cluster(start_server, redis_server.url, ("node-b", "node-c"), streams)
+        async with (
+            open_node_process(tmp_path, "node-a", redis_server.url, streams) as a,
+            open_viewer(c.ws_url) as viewer,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_registered(a)
+            played = await viewer.play(stream_id, trickle=True)
+            await played.wait_frames(5, timeout=30)
+            assert cluster_of(b).statistics().owned_streams == ()
+            assert cluster_of(c).statistics().owned_streams == ()
+            player = await WhepPlayer.create()
+            try:
+                response = await player.offer(f"{b.url}/whep/{stream_id}")
+                assert response.status == 201, response.body
+                await player.accept(response, nursery)
+                await player.wait_frames(10, timeout=30)
+                assert cluster_of(b).statistics().replicas == (stream_id,)
+                mark = len(viewer.messages)
+
+                a.process.kill()
+
+                await replay_after_failure(viewer, stream_id, mark)
+                owners = cluster_of(b).statistics().owned_streams + (
+                    cluster_of(c).statistics().owned_streams
+                )
+                assert owners == (stream_id,)
+                await player.wait_frames(25, timeout=30)
+                assert b.services.whep.open_sessions == 1
+                assert sessions.connects == 2 and sessions.peak == 1, sessions.history
+            finally:
+                await player.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_owner_killed_and_nobody_claiming_the_stream_ends_whep_and_fallback_there(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(routing, "REATTACH_WAIT", 1.0)  # how long B's replica looks for an owner
+    stream_id = placed_on("node-a")
+    async with counting_camera() as sessions:
+        streams = one_quality(sessions, stream_id)
+        (b,) = await start_cluster(start_server, redis_server.url, ("node-b",), streams)
+        async with (
+            open_node_process(tmp_path, "node-a", redis_server.url, streams) as a,
+            open_websocket_url(b.ws_url) as ws,
+            trio.open_nursery() as nursery,
+        ):
+            await wait_registered(a)
+            async with open_viewer(b.ws_url) as viewer:  # A claims it for this viewer
+                await (await viewer.play(stream_id, trickle=True)).wait_frames(3, timeout=30)
+                client = SocketClient(ws)
+                nursery.start_soon(client.read)
+                await client.send({"type": "fallback", "streamId": stream_id})
+                await client.wait_until(lambda: client.fragments(stream_id) >= 5)
+            player = await WhepPlayer.create()
+            try:
+                response = await player.offer(f"{b.url}/whep/{stream_id}")
+                assert response.status == 201, response.body
+                await player.accept(response, nursery)
+                await player.wait_frames(5, timeout=30)
+                assert cluster_of(b).statistics().replicas == (stream_id,)
+
+                a.process.kill()
+
+                # Nobody re-offers, so nobody claims it: B's replica ends, and its viewers
+                # with a retryable error (the fallback's page plays it again).
+                await client.wait_until(
+                    lambda: any(m.get("type") == "error" for m in client.messages)
+                )
+                error = next(m for m in client.messages if m.get("type") == "error")
+                assert (error["code"], error["streamId"]) == ("peer_failed", stream_id), error
+                with trio.fail_after(30):
+                    await b.services.changes.wait_until(lambda: b.services.whep.open_sessions == 0)
+                await wait_replica_gone(b, stream_id)
+                assert sessions.connects == 1, sessions.history
+            finally:
+                await player.close()
+            nursery.cancel_scope.cancel()
 
 
 class SocketClient:

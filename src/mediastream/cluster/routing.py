@@ -872,8 +872,18 @@ class ClusterNode:
                 self.relay.disconnect(stream.id)
             log.info('stream "%s": replica ended (%s)', stream.id, replica.reason)
             if replica.failed:
-                self._end_stream_sessions(stream, f'node "{self.node_id}": {replica.reason}')
+                reason = f'node "{self.node_id}": {replica.reason}'
+                self._end_stream_sessions(stream, reason)
+                if not self._taking_over(stream.id):
+                    self._end_other_viewers(stream, reason)
             stream.changes.notify()
+
+    def _taking_over(self, stream_id: str) -> bool:
+        """Whether this node is claiming ``stream_id`` or replicating it anew right now: the
+        viewers that are not socket sessions keep their place in the fan-out, which the
+        camera (or the new upstream) feeds again."""
+        locks = (self._claims.get(stream_id), self._replicating.get(stream_id))
+        return any(lock is not None and lock.locked() for lock in locks)
 
     def _replica_entry(self, replica: Replica) -> ReplicaEntry:
         """What ``ms:replicas:{stream}`` says of this node's replica of the stream now."""
@@ -1103,9 +1113,9 @@ class ClusterNode:
         await lease.lost.wait()
         if self.relay is not None:
             self.relay.disconnect(stream.id)  # never a frame relayed without the lease
-        self._end_stream_sessions(
-            stream, f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
-        )
+        reason = f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
+        self._end_stream_sessions(stream, reason)
+        self._end_other_viewers(stream, reason)
 
     def _end_stream_sessions(self, stream: Stream, reason: str) -> None:
         """Every session of ``stream`` served here ends, its page told to re-offer."""
@@ -1118,9 +1128,12 @@ class ClusterNode:
                     session.session_id,
                 )  # fmt: skip
                 session.end(reason)
-        # Its other viewers here (WHEP sessions, fallbacks): a retryable error, as above.
-        stream.end_viewers(ErrorCode.PEER_FAILED, f"{reason}; play it again")
         stream.changes.notify()
+
+    def _end_other_viewers(self, stream: Stream, reason: str) -> None:
+        """The viewers of ``stream`` here that are not socket sessions (WHEP sessions,
+        fallbacks) end with a retryable error: nothing feeds them here any more."""
+        stream.end_viewers(ErrorCode.PEER_FAILED, f"{reason}; play it again")
 
     # --- placement of always-on streams and the node's load ---------------------------------
 

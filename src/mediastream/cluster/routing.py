@@ -892,9 +892,7 @@ class ClusterNode:
             node=self.node_id,
             upstream=replica.upstream,
             depth=replica.depth,
-            # The sessions offered here, or its viewers if more (WHEP sessions, fallbacks
-            # and relay connections are counted once they watch, not from an offer).
-            viewers=max(self._sessions_of(stream), stream.viewers),
+            viewers=self._sessions_of(stream),
             relays=self.relay.replicas_fed(stream.id) if self.relay is not None else 0,
             relay_address=self.registration.record.relay_address if self.registration else "",
             offers=replica.offers,

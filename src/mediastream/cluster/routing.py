@@ -17,7 +17,8 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── place always-on streams        every 2 s: always-on streams nobody reads are
     │                                  resolved (claimed here if placement says so)
     ├── measure load                   the process's share of a core, into the record
-    ├── RelayServer.run                only with max_viewers_per_node or max_load_per_node:
+    ├── RelayServer.run                always (a node replicates streams for its own WHEP
+    │   │                              sessions, fallbacks and snapshots: serve_locally)
     │   └── one task per replica       feeds replicas the frames of the streams this node
     │                                  owns or replicates (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
@@ -629,11 +630,12 @@ class ClusterNode:
 
         Raises:
             SignalingError: ``cluster_unavailable`` (Redis unreachable) or ``relay_failed``
-                (the stream could not be claimed nor replicated here: the node is draining,
-                the owner changed twice meanwhile), naming the stream and why; both retryable.
+                (the stream could not be claimed nor replicated here: the node is draining, or
+                its claims were given up as they were made), naming the stream and why; both
+                retryable.
         """
         try:
-            for _ in range(2):  # a second try when the stream was claimed meanwhile
+            for _ in range(2):  # again when a claim here was given up as it was made
                 if self.serves(stream.id):
                     return
                 node_id, epoch = await self.resolve(stream)
@@ -648,7 +650,11 @@ class ClusterNode:
                     except OwnedElsewhere as exc:
                         node_id, epoch = exc.node_id, exc.epoch
                 upstream, depth = await self._upstream_for(stream, node_id)
-                await self.replicate(stream, node_id, epoch, upstream, depth)
+                try:
+                    await self.replicate(stream, node_id, epoch, upstream, depth)
+                except ClusterError:
+                    if not self.serves(stream.id):  # not claimed here meanwhile either
+                        raise
                 return
             if not self.serves(stream.id):
                 raise ClusterError("it was claimed here and given up at once, twice")

@@ -241,6 +241,9 @@ class SharedPeerSession:
             return None
         try:
             stream = self._admit(stream_id)
+            # A cluster node that does not read the stream becomes a replica of it (or claims
+            # it) first: the shared connection is served by the socket's node.
+            await stream.serve_locally()
         except SignalingError as exc:
             self._post_error(exc.code, exc.message, stream_id)
             return None

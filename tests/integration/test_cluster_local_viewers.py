@@ -18,6 +18,8 @@ from typing import Any
 import av
 import pytest
 import trio
+import trio_asyncio
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from mediastream.cluster import routing
@@ -39,7 +41,7 @@ from support.cluster import (
 from support.http import get, request
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import Viewer, open_viewer
+from support.viewer import PlayedStream, Viewer, open_viewer
 from support.whep import WhepPlayer
 
 NODES = ("node-a", "node-b")
@@ -357,6 +359,11 @@ async def test_the_owner_killed_and_nobody_claiming_the_stream_ends_whep_and_fal
             nursery.cancel_scope.cancel()
 
 
+async def new_peer() -> RTCPeerConnection:
+    # No STUN: these machines have no internet, and gathering would wait for it.
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
 class SocketClient:
     """A socket that asks for fallbacks and keeps everything the server sends, in order."""
 
@@ -393,3 +400,44 @@ class SocketClient:
             for kind, stream, payload in self.binary
             if stream == stream_id and kind is BinaryKind.FRAGMENT
         )
+
+
+async def test_a_shared_peer_connection_on_another_node_plays_the_stream_from_a_replica(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    stream_id = placed_on("node-a")
+    async with counting_camera() as sessions:
+        a, b = await start_cluster(
+            start_server, redis_server.url, NODES, one_quality(sessions, stream_id)
+        )
+        async with open_viewer(a.ws_url) as viewer, open_viewer(b.ws_url) as on_b:
+            await watched_on_a(a, viewer, stream_id)
+            pc = await trio_asyncio.aio_as_trio(new_peer)()
+            try:
+                transceiver = pc.addTransceiver("video", direction="recvonly")
+                offer = await trio_asyncio.aio_as_trio(pc.createOffer)()
+                await trio_asyncio.aio_as_trio(pc.setLocalDescription)(offer)
+                peer_id = "~it-pc1"
+                sdp = pc.localDescription.sdp
+                streams = {transceiver.mid: stream_id}
+                answer = await on_b.request(
+                    {
+                        "type": "offer",
+                        "streamId": peer_id,
+                        "payload": {"type": "offer", "sdp": sdp, "streams": streams},
+                    },
+                    peer_id,
+                    ("answer",),
+                )
+                await trio_asyncio.aio_as_trio(pc.setRemoteDescription)(
+                    RTCSessionDescription(sdp=answer["payload"], type="answer")
+                )
+                await on_b.send({"type": "applied", "streamId": peer_id, "payload": {}})
+                played = PlayedStream(stream_id, pc)
+                on_b._nursery.start_soon(on_b._decode, played, transceiver.receiver.track)
+                await played.wait_frames(10, timeout=30)
+                assert cluster_of(b).statistics().replicas == (stream_id,)
+                assert [m for m in on_b.messages if m.get("type") == "error"] == []
+                assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+            finally:
+                await trio_asyncio.aio_as_trio(pc.close)()

@@ -325,6 +325,9 @@ class FallbackSession:
     async def _serve(self) -> None:
         self._quality.check()
         start = self._quality.choose().name
+        # A cluster node that neither owns nor replicates the stream claims it or becomes a
+        # replica of it first (else no frame would come; ``cluster_unavailable`` if Redis is).
+        await self.stream.serve_locally()
         with self.stream.open_viewer(end=self._stream_unavailable, quality=start) as subscriber:
             self._subscriber = subscriber
             async with trio.open_nursery() as nursery:
@@ -487,9 +490,11 @@ class FallbackSession:
         # The state of the quality it plays, as a WebRTC session's.
         await forward_states(self.stream, self._subscriber, self._post)
 
-    def _stream_unavailable(self, reason: str) -> None:
-        self._post_error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")
-        self.end(reason)
+    def _stream_unavailable(self, code: ErrorCode, message: str) -> None:
+        if self.ending:
+            return
+        self._post_error(code, message)
+        self.end(message)
 
     def _post_error(self, code: ErrorCode, message: str) -> None:
         self._post_error_to(code, message, self.stream.id, None)

@@ -40,7 +40,7 @@ import trio
 
 from .changes import ChangeSignal
 from .config import IMPLICIT_QUALITY, Config, MediaConfig, StreamConfig, stream_from_dict
-from .errors import ConfigError
+from .errors import ConfigError, ErrorCode
 from .feeds import QualityFeed, QualityStatistics
 from .media.fanout import FanOut, FanOutStatistics, Subscriber
 from .media.frames import EncodedFrame
@@ -95,8 +95,9 @@ _UNAVAILABLE_BECAUSE: Final = {
     Availability.DELETED: "the stream was deleted",
 }
 
-#: Ends one viewer's session, saying why (handed to :meth:`Stream.open_viewer`).
-EndViewer = Callable[[str], None]
+#: Ends one viewer's session: the error its client is told (code, message) and why it ends
+#: (handed to :meth:`Stream.open_viewer`). A session already ending tells its client nothing.
+EndViewer = Callable[[ErrorCode, str], None]
 
 
 class IngestGate(Protocol):
@@ -117,6 +118,19 @@ class IngestGate(Protocol):
     def relay_source(self, stream: Stream, quality: str) -> SourceRunner | None:
         """What to run instead of the source of the stream's ``quality`` (a replica: the
         owner's frames of that quality over the relay); None: the quality's own source."""
+        ...
+
+    async def serve_locally(self, stream: Stream) -> None:
+        """Make the stream's frames available in this process before a viewer that is not a
+        routed offer (a WHEP session, a fallback, a snapshot) opens its viewer here: a cluster
+        node that neither owns nor replicates it claims it (nobody owns it) or becomes a
+        replica of it (another node owns it). Nothing when it already may ingest it.
+
+        Raises:
+            SignalingError: ``cluster_unavailable`` (Redis), or ``relay_failed`` (the
+                stream could not be claimed nor replicated here), naming why; both may be
+                retried.
+        """
         ...
 
 
@@ -275,9 +289,26 @@ class Stream:
             )
         self._availability = to
         if not to.watchable:
-            for end in list(self._viewer_endings.values()):
-                end(_UNAVAILABLE_BECAUSE[to])
+            reason = _UNAVAILABLE_BECAUSE[to]
+            self.end_viewers(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")
         self._notify()
+
+    def end_viewers(self, code: ErrorCode, message: str) -> None:
+        """End the session of every viewer of the stream here (each told ``code`` and
+        ``message``, unless it was ending already): the stream was stopped or deleted, or this
+        node can no longer read it (a cluster: its lease lost, its replica's relay gone)."""
+        for end in list(self._viewer_endings.values()):
+            end(code, message)
+
+    async def serve_locally(self) -> None:
+        """Make the stream's frames available here before a viewer opens (see
+        :meth:`IngestGate.serve_locally`); nothing to do in a single process.
+
+        Raises:
+            SignalingError: ``cluster_unavailable`` or ``relay_failed`` (retryable).
+        """
+        if self._gate is not None:
+            await self._gate.serve_locally(self)
 
     def _leading_feed(self) -> QualityFeed:
         """The quality whose state the stream shows: the most alive (the default on a tie)."""

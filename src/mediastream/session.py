@@ -231,10 +231,13 @@ class StreamSession:
                 except SignalingError as exc:
                     self._post_error(exc.code, exc.message)
 
-    def _stream_unavailable(self, reason: str) -> None:
-        """The stream was stopped or deleted through the management API: this session is over."""
-        self._post_error(ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}")
-        self.end(reason)
+    def _stream_unavailable(self, code: ErrorCode, message: str) -> None:
+        """The stream was stopped or deleted, or this node can't read it any more (a cluster):
+        this session is over (its client told, unless it was ending anyway)."""
+        if self._cancel_scope.cancel_called:
+            return
+        self._post_error(code, message)
+        self.end(message)
 
     async def _forward_states(self) -> None:
         await forward_states(self.stream, self._subscriber, self._post, self.session_id)

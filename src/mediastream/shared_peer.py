@@ -241,6 +241,9 @@ class SharedPeerSession:
             return None
         try:
             stream = self._admit(stream_id)
+            # A cluster node that does not read the stream becomes a replica of it (or claims
+            # it) first: the shared connection is served by the socket's node.
+            await stream.serve_locally()
         except SignalingError as exc:
             self._post_error(exc.code, exc.message, stream_id)
             return None
@@ -309,11 +312,9 @@ class _Member:
             reason = self._reason if self._cancel_scope.cancel_called else self._owner._end_reason
             log.info("%s: stream removed (%s)", self._label, reason)
 
-    def _unavailable(self, reason: str) -> None:
-        self._owner._post_error(
-            ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {reason}", self.stream.id
-        )
-        self.end(reason)
+    def _unavailable(self, code: ErrorCode, message: str) -> None:
+        self._owner._post_error(code, message, self.stream.id)
+        self.end(message)
 
     async def _forward_states(self) -> None:
         last: tuple[str, str | None] | None = None

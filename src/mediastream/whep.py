@@ -58,6 +58,8 @@ _STATUS_OF_FAILURE: Final = {
     ErrorCode.UNSUPPORTED_CODEC: 400,
     ErrorCode.STREAM_UNAVAILABLE: 503,
     ErrorCode.SERVER_SHUTDOWN: 503,
+    ErrorCode.CLUSTER_UNAVAILABLE: 503,
+    ErrorCode.RELAY_FAILED: 503,
 }
 
 
@@ -272,9 +274,11 @@ class WhepHub:
         The caller has checked the token and its grant.
 
         Raises:
-            WhepRefused: 404 for an unknown stream, 503 for an unavailable one or a full
-                server, 429 for a client over its rate or session limit, 400 for an offer the
-                session can't answer (naming what is wrong), 504 when it takes too long.
+            WhepRefused: 404 for an unknown stream, 503 for an unavailable one, a full
+                server, or (a cluster) a stream not read on this node while Redis is
+                unreachable; 429 for a client over its rate or session limit, 400 for an
+                offer the session can't answer (naming what is wrong), 504 when it takes too
+                long.
         """
         stream = self._find_stream(stream_id)
         if stream is None:
@@ -284,6 +288,32 @@ class WhepHub:
                 503, ErrorCode.STREAM_UNAVAILABLE, f"Unavailable: {stream.unavailable}"
             )
         self._check_limits(client)
+        session: WhepSession | None = None
+        with trio.move_on_after(self.webrtc.negotiation_timeout):
+            # A cluster node that neither owns nor replicates the stream claims it or
+            # becomes a replica of it first: else no frame would come here.
+            try:
+                await stream.serve_locally()
+            except SignalingError as exc:
+                status = _STATUS_OF_FAILURE.get(exc.code, 500)
+                raise WhepRefused(status, exc.code, exc.message) from None
+            session = self._start_session(client, stream, offer_sdp)
+            await session.wait_answer()
+            return session
+        if session is not None:
+            session.session.end("no answer in time")
+        raise WhepRefused(
+            504,
+            ErrorCode.NEGOTIATION_TIMEOUT,
+            f"No answer within {self.webrtc.negotiation_timeout:g} s",
+        )
+
+    def _start_session(self, client: str, stream: Stream, offer_sdp: str) -> WhepSession:
+        """A session of ``stream`` for ``client``, running.
+
+        Raises:
+            WhepRefused: 503, the server is shutting down.
+        """
         if self._nursery is None:
             raise WhepRefused(503, ErrorCode.SERVER_SHUTDOWN, "The server is shutting down")
         session = WhepSession(
@@ -300,15 +330,7 @@ class WhepHub:
         self._opened += 1
         self._changes.notify()
         self._nursery.start_soon(self._run_session, session)
-        with trio.move_on_after(self.webrtc.negotiation_timeout):
-            await session.wait_answer()
-            return session
-        session.session.end("no answer in time")
-        raise WhepRefused(
-            504,
-            ErrorCode.NEGOTIATION_TIMEOUT,
-            f"No answer within {self.webrtc.negotiation_timeout:g} s",
-        )
+        return session
 
     def forget_ended(self, stream_id: str, session_id: str) -> bool:
         """Whether the session had ended on its own and was not deleted yet (now it is)."""

@@ -48,10 +48,10 @@ def test_a_stopped_stream_cannot_fall_idle_into_available() -> None:
 
 def test_stopping_ends_every_viewer_and_only_while_it_watches() -> None:
     cam = stream()
-    ended: list[tuple[str, str]] = []
-    with cam.open_viewer(end=lambda why: ended.append(("first", why))):
-        with cam.open_viewer(end=lambda why: ended.append(("second", why))):
+    ended: list[tuple[str, str, str]] = []
+    with cam.open_viewer(end=lambda code, why: ended.append(("first", code, why))):
+        with cam.open_viewer(end=lambda code, why: ended.append(("second", code, why))):
             pass  # the second viewer left before the stop
         cam.change_availability(Availability.STOPPED)
-    assert ended == [("first", "the stream is stopped")]
+    assert ended == [("first", "stream_unavailable", "Unavailable: the stream is stopped")]
     assert cam.viewers == 0

@@ -13,7 +13,7 @@ from quart import Blueprint, Response, abort, jsonify, request
 
 from ..auth import Grant
 from ..config import StreamConfig, stream_from_dict, stream_to_dict
-from ..errors import ConfigError, ErrorCode
+from ..errors import ConfigError, ErrorCode, SignalingError
 from ..media.snapshot import SnapshotError
 from ..registry import Stream, StreamStatistics
 from ..store import ChangeRefused
@@ -67,9 +67,16 @@ def streams_blueprint(services: Services) -> Blueprint:
     async def snapshot(stream_id: str) -> Any:
         stream = stream_or_404(stream_id, caller(services))
         jpeg = None
+        start_source = request.args.get("cached") != "1"
         try:
             with trio.move_on_after(SNAPSHOT_WAIT):
-                jpeg = await stream.snapshot(start_source=request.args.get("cached") != "1")
+                if start_source:
+                    # A cluster node that neither owns nor replicates the stream claims it or
+                    # becomes a replica of it first: the picture is read here.
+                    await stream.serve_locally()
+                jpeg = await stream.snapshot(start_source=start_source)
+        except SignalingError as exc:
+            return json_error(503, exc.code, f"No picture: {exc.message}")
         except LookupError as exc:
             return json_error(503, ErrorCode.STREAM_UNAVAILABLE, f"No picture: {exc}")
         except SnapshotError as exc:

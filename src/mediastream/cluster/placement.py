@@ -243,3 +243,21 @@ class ReplicaCooldowns:
         alive = set(live)
         for key in [key for key in self._failed if key[1] not in alive]:
             del self._failed[key]
+
+
+def choose_upstream(
+    owner: str, replicas: Iterable[ReplicaView], *, max_relays: int
+) -> tuple[str, int]:
+    """What feeds a fresh replica of a stream a node starts for its own viewers, and at which
+    depth: the owner while it feeds fewer than ``max_relays`` replicas (0: no limit), else
+    the replica with relay room and the smallest depth (then the fewest relays), else the
+    owner anyway (soft, as in :func:`choose_replica`)."""
+    known = list(replicas)
+    owner_relays = sum(1 for r in known if r.upstream == owner)
+    if max_relays <= 0 or owner_relays < max_relays:
+        return owner, 1
+    feeders = [r for r in known if r.relays < max_relays]
+    if not feeders:
+        return owner, 1
+    upstream = min(feeders, key=lambda r: (r.depth, r.relays, r.node))
+    return upstream.node, upstream.depth + 1

@@ -469,7 +469,7 @@ class RelayServer:
         # was not running) and its lease while replicas read it; a replica its relay source
         # of that quality (started for it the same way: a replica below is fed from this
         # node's fan-out of the quality).
-        with stream.open_viewer(end=lambda reason: scope.cancel(), quality=quality) as video:
+        with stream.open_viewer(end=lambda code, message: scope.cancel(), quality=quality) as video:
             info: SourceInfo | None = None
             with trio.move_on_after(INFO_TIMEOUT):
                 info = stream.quality(quality).source_info or await stream.wait_source_info(quality)

@@ -17,7 +17,8 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     ├── place always-on streams        every 2 s: always-on streams nobody reads are
     │                                  resolved (claimed here if placement says so)
     ├── measure load                   the process's share of a core, into the record
-    ├── RelayServer.run                only with max_viewers_per_node or max_load_per_node:
+    ├── RelayServer.run                always (a node replicates streams for its own WHEP
+    │   │                              sessions, fallbacks and snapshots: serve_locally)
     │   └── one task per replica       feeds replicas the frames of the streams this node
     │                                  owns or replicates (relay.py)
     ├── _replicate × streams           this node a replica of a stream owned elsewhere; the
@@ -117,6 +118,7 @@ from .placement import (
     ReplicaView,
     choose_owner,
     choose_replica,
+    choose_upstream,
     rank_nodes,
 )
 from .redis_bus import open_redis_bus
@@ -335,8 +337,7 @@ class ClusterNode:
         #: streams this node replicates (owned elsewhere, fed by the owner's relay)
         self._replicas: dict[str, Replica] = {}
         self._replicating: dict[str, trio.Lock] = {}
-        #: serves this node's streams to replicas (None: replicas off, neither
-        #: max_viewers_per_node nor max_load_per_node set)
+        #: serves this node's streams to replicas (None until the node has started)
         self.relay: RelayServer | None = None
         #: per stream this node owns, per replica node: viewers and replicas sent there that
         #: its entry in Redis does not show yet (a burst of offers must not all go to one)
@@ -408,9 +409,10 @@ class ClusterNode:
                             self._liveness_broken,
                         )
                         self._liveness = liveness
-                        relay_address = ""
-                        if self.replicas_on:
-                            relay_address = await self._start_relay(nursery, public_url)
+                        # Always on: any node may become a replica for its own WHEP
+                        # sessions, fallbacks and snapshots (serve_locally), not only for
+                        # the viewers an owner over its limits sends it.
+                        relay_address = await self._start_relay(nursery, public_url)
                         record = NodeRecord(
                             self.node_id, public_url, relay_address, liveness=liveness.client_id
                         )
@@ -648,6 +650,77 @@ class ClusterNode:
             return None
         return functools.partial(self._run_replica_source, replica, quality)
 
+    async def serve_locally(self, stream: Stream) -> None:
+        """Make ``stream``'s frames available on this node for a viewer that is not a routed
+        offer (a WHEP session, a fallback, a snapshot): nothing if this node owns it or is a
+        replica of it; claimed here if nobody owns it; else this node becomes a replica of
+        it, fed by the owner or, when the owner feeds ``max_relays_per_node`` replicas
+        already, by the shallowest replica with room (:func:`choose_upstream`). Such a
+        replica serves only this node's viewers and ends after its last one left (the
+        grace), like any replica; the camera is still read once, by the owner.
+
+        Raises:
+            SignalingError: ``cluster_unavailable`` (Redis unreachable) or ``relay_failed``
+                (the stream could not be claimed nor replicated here: the node is draining, or
+                its claims were given up as they were made), naming the stream and why; both
+                retryable.
+        """
+        try:
+            for _ in range(2):  # again when a claim here was given up as it was made
+                if self.serves(stream.id):
+                    return
+                node_id, epoch = await self.resolve(stream)
+                if node_id == self.node_id:
+                    continue  # claimed here (served, unless given up at once)
+                if not epoch:
+                    # Nobody owns it and placement prefers another node; but this viewer is
+                    # here, so it is read here (one claim wins a race with that node's).
+                    try:
+                        await self.claim(stream)
+                        continue
+                    except OwnedElsewhere as exc:
+                        node_id, epoch = exc.node_id, exc.epoch
+                upstream, depth = await self._upstream_for(stream, node_id)
+                try:
+                    await self.replicate(stream, node_id, epoch, upstream, depth)
+                except ClusterError:
+                    if not self.serves(stream.id):  # not claimed here meanwhile either
+                        raise
+                return
+            if not self.serves(stream.id):
+                raise ClusterError("it was claimed here and given up at once, twice")
+        except RedisUnavailable as exc:
+            raise SignalingError(
+                ErrorCode.CLUSTER_UNAVAILABLE,
+                f'Unavailable: stream "{stream.id}" is not read on node "{self.node_id}", '
+                f"and the cluster cannot be asked where it is: {exc}; try again",
+                stream_id=stream.id,
+            ) from None
+        except ClusterError as exc:
+            raise SignalingError(
+                ErrorCode.RELAY_FAILED,
+                f'Stream "{stream.id}" could not be served on node "{self.node_id}": {exc}; '
+                "try again",
+                stream_id=stream.id,
+            ) from None
+
+    async def _upstream_for(self, stream: Stream, owner: str) -> tuple[str, int]:
+        """What feeds a new replica of ``stream`` (owned by ``owner``) on this node, and at
+        which depth: the rule placement uses for a fresh replica, over the registry.
+
+        Raises:
+            RedisUnavailable
+        """
+        assert self._redis is not None
+        redis = self._redis
+        entries = (await self._redis_call(lambda: read_replicas(redis, [stream.id])))[stream.id]
+        views = [
+            ReplicaView(e.node, e.upstream, e.depth, e.viewers, e.relays)
+            for e in entries
+            if e.node != self.node_id and e.relay_address
+        ]
+        return choose_upstream(owner, views, max_relays=self._config.cluster.max_relays_per_node)
+
     # --- replicas ---------------------------------------------------------------------------
 
     def _sessions_of(self, stream: Stream) -> int:
@@ -664,7 +737,7 @@ class ClusterNode:
     def _full(self, stream: Stream) -> bool:
         """Whether this node serves as many of the stream's viewers as it should: as many
         sessions as ``max_viewers_per_node``, or a published load of ``max_load_per_node``."""
-        if self.relay is None:
+        if not self.replicas_on:
             return False
         cluster = self._config.cluster
         load = self.registration.record.load if self.registration is not None else 0.0
@@ -857,8 +930,18 @@ class ClusterNode:
                 self.relay.disconnect(stream.id)
             log.info('stream "%s": replica ended (%s)', stream.id, replica.reason)
             if replica.failed:
-                self._end_stream_sessions(stream, f'node "{self.node_id}": {replica.reason}')
+                reason = f'node "{self.node_id}": {replica.reason}'
+                self._end_stream_sessions(stream, reason)
+                if not self._taking_over(stream.id):
+                    self._end_other_viewers(stream, reason)
             stream.changes.notify()
+
+    def _taking_over(self, stream_id: str) -> bool:
+        """Whether this node is claiming ``stream_id`` or replicating it anew right now: the
+        viewers that are not socket sessions keep their place in the fan-out, which the
+        camera (or the new upstream) feeds again."""
+        locks = (self._claims.get(stream_id), self._replicating.get(stream_id))
+        return any(lock is not None and lock.locked() for lock in locks)
 
     def _replica_entry(self, replica: Replica) -> ReplicaEntry:
         """What ``ms:replicas:{stream}`` says of this node's replica of the stream now."""
@@ -1126,9 +1209,9 @@ class ClusterNode:
         await lease.lost.wait()
         if self.relay is not None:
             self.relay.disconnect(stream.id)  # never a frame relayed without the lease
-        self._end_stream_sessions(
-            stream, f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
-        )
+        reason = f'node "{self.node_id}" lost the stream ({lease.loss_reason})'
+        self._end_stream_sessions(stream, reason)
+        self._end_other_viewers(stream, reason)
 
     def _end_stream_sessions(self, stream: Stream, reason: str) -> None:
         """Every session of ``stream`` served here ends, its page told to re-offer."""
@@ -1142,6 +1225,11 @@ class ClusterNode:
                 )  # fmt: skip
                 session.end(reason)
         stream.changes.notify()
+
+    def _end_other_viewers(self, stream: Stream, reason: str) -> None:
+        """The viewers of ``stream`` here that are not socket sessions (WHEP sessions,
+        fallbacks) end with a retryable error: nothing feeds them here any more."""
+        stream.end_viewers(ErrorCode.PEER_FAILED, f"{reason}; play it again")
 
     # --- placement of always-on streams and the node's load ---------------------------------
 

@@ -300,14 +300,16 @@ JITTER_SAMPLE = """async () => {
 }"""
 
 
-#: the late joiner joins this many frames into the camera's 100-frame (4 s) GOP
+#: the late joiner joins this many frames into the camera's 250-frame (10 s) GOP: a busy
+#: machine took over 2 s to load and connect the page (it joined 53 frames into a 4 s GOP and
+#: its picture came from the next keyframe), so 9 s are left for it
 JOIN_AT_GOP_FRAME = 20
 
 
 async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_as_the_first(
     start_server: StartServer, camera: Camera
 ) -> None:
-    config = make_config([{"id": "cam", "source": camera.url("/h264-gop4"), "on_demand": False}])
+    config = make_config([{"id": "cam", "source": camera.url("/h264-gop10"), "on_demand": False}])
     server = await start_server(config)
     stream = server.services.registry.get("cam")
     assert stream is not None
@@ -320,8 +322,8 @@ async def test_a_late_joiner_in_chromium_sees_a_picture_at_once_and_is_as_live_a
     def scenario(browser: Browser) -> dict[str, float]:
         first = join(browser)
         first.wait_for_function(ALL_VIDEOS_PLAYING, arg="#video", timeout=20_000)
-        # Join the second viewer into a 4 s GOP, early enough that a picture from the next
-        # keyframe (3 s or more away) can't be mistaken for one from the cache, however long
+        # Join the second viewer into a 10 s GOP, early enough that a picture from the next
+        # keyframe (9 s or more away) can't be mistaken for one from the cache, however long
         # the page takes to load and connect on a busy machine.
         trio.from_thread.run(wait_gop, JOIN_AT_GOP_FRAME, trio_token=token)
         gop_when_joining = stream.fanout.statistics().gop_frames

@@ -27,6 +27,7 @@ Mount points (all live, shared between clients like a real camera):
     /h264        640x360 25 fps, ~800 kbps, keyframe every 2 s
     /h264-gop1   the same with a keyframe every second
     /h264-gop4   the same with a keyframe every 4 s
+    /h264-gop10  the same with a keyframe every 10 s (a late joiner's test: time to spare)
     /h264-busy   640x360 25 fps, moving bars using the full ~800 kbps (~100 RTP packets/s)
     /h264-hd     1920x1080 25 fps, moving bars, ~4 Mbps, keyframe every 2 s
     /h264-720    1280x720 25 fps, ~1.5 Mbps, keyframe every 2 s (a camera's main stream)
@@ -67,6 +68,7 @@ MOUNTS = {
     "/h264": f"( {video(640, 360, 800, 50)} )",
     "/h264-gop1": f"( {video(640, 360, 800, 25)} )",
     "/h264-gop4": f"( {video(640, 360, 800, 100)} )",
+    "/h264-gop10": f"( {video(640, 360, 800, 250)} )",
     "/h264-busy": f"( {video(640, 360, 800, 50, BUSY)} )",
     "/h264-hd": f"( {video(1920, 1080, 4000, 50, BUSY)} )",
     "/h264-720": f"( {video(1280, 720, 1500, 50)} )",

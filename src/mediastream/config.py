@@ -468,8 +468,7 @@ def parse_source(text: str, *, key: str, base_dir: Path | None = None) -> Source
         file_path = Path(raw_path)
         if not file_path.is_absolute():
             file_path = (base_dir or Path.cwd()) / file_path
-        if not file_path.is_file():
-            raise ConfigError(f"file not found: {file_path}", key=key)
+        _require_file(file_path, key)
         return SourceSpec(kind="file", location=str(file_path), text=text)
     raise ConfigError(
         f'unsupported source scheme "{scheme}:"; use rtsp://, rtsps://, file: or pattern:', key=key
@@ -500,6 +499,14 @@ def _check_pattern_options(options: dict[str, str], key: str) -> None:
         raise ConfigError("pattern fps must be 1-60", key=key)
 
 
+def _require_file(path: Path, key: str) -> None:
+    """Raise ConfigError unless ``path`` is a file (a folder is named as one, not as missing)."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a file", key=key)
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}", key=key)
+
+
 def _resolve_files(config: Config, base_dir: Path) -> Config:
     """File settings relative to the configuration file's folder; each must exist."""
 
@@ -507,8 +514,7 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
         if not value:
             return value
         path = Path(value) if Path(value).is_absolute() else base_dir / value
-        if not path.is_file():
-            raise ConfigError(f"file not found: {path}", key=key)
+        _require_file(path, key)
         return str(path)
 
     data_dir = Path(config.server.data_dir)

@@ -20,10 +20,8 @@ import itertools
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import trio
-from test_cluster_replicas import frame_num_breaks, peers, stream_ranked
 
 from mediastream.cluster.leases import live_nodes
 from mediastream.cluster.redis_client import open_redis
@@ -31,27 +29,23 @@ from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
 from mediastream.server import RunningServer
 
 from support.cluster import (
-    CameraSessions,
+    camera_stream,
     cluster_of,
     counting_camera,
-    judge_nodes_on_a_fresh_redis,
     open_node_process,
+    peers,
     replay_after_failure,
     start_cluster,
+    stream_ranked,
     wait_registered,
 )
+from support.h264 import frame_num_breaks
 from support.http import get, scrape
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import open_viewer
-
-__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture (support.cluster), used here
+from support.viewer import open_playing_viewers, open_viewer
 
 CHAIN = {"max_viewers_per_node": 1, "max_relays_per_node": 1}
-
-
-def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, Any]]:
-    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
 
 
 async def entries_of(node: RunningServer, stream_id: str) -> dict[str, ReplicaEntry]:
@@ -85,10 +79,6 @@ async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
     raise AssertionError(f"not within 30 s: {what}")
 
 
-def errors_since(viewer: Any, mark: int) -> list[dict[str, Any]]:
-    return [m for m in viewer.messages[mark:] if m.get("type") == "error"]
-
-
 async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_bypassed(
     start_server: StartServer,
     redis_server: RedisServer,
@@ -107,12 +97,9 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
             contextlib.AsyncExitStack() as stack,
         ):
             await wait_registered(b)
-            viewers = []
-            for _ in range(3):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
+            viewers = await stack.enter_async_context(
+                open_playing_viewers(a.ws_url, stream_id, 3, capture=True)
+            )
             # (b) One viewer each; C fed by B, B by A; the camera read once.
             assert (peers(a), peers(c)) == (1, 1)
             await wait_entries(
@@ -164,8 +151,8 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
             await poll(c_fed_by_the_owner, "C re-attached to the owner")
             await on_c.wait_frames(frames_before + 30, timeout=30)
             assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
-            assert errors_since(viewers[2], marks[2]) == []
-            assert errors_since(viewers[0], marks[0]) == []
+            assert viewers[2].errors(after=marks[2]) == []
+            assert viewers[0].errors(after=marks[0]) == []
             assert frame_num_breaks(on_c.access_units) == 0
             timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
             assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
@@ -269,12 +256,9 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
             contextlib.AsyncExitStack() as stack,
         ):
             await wait_registered(a)
-            viewers = []
-            for _ in range(3):
-                viewer = await stack.enter_async_context(open_viewer(b.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
+            viewers = await stack.enter_async_context(
+                open_playing_viewers(b.ws_url, stream_id, 3, capture=True)
+            )
             await wait_entries(
                 b, stream_id, {"node-b": ("node-a", 1, 1), "node-c": ("node-b", 2, 1)}
             )
@@ -292,7 +276,7 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
             await wait_entries(b, stream_id, {"node-c": ("node-b", 1, 2)})
             await on_c.wait_frames(frames_before + 30, timeout=30)
             assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
-            assert errors_since(viewers[2], marks[2]) == []
+            assert viewers[2].errors(after=marks[2]) == []
             assert frame_num_breaks(on_c.access_units) == 0
             timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
             assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))

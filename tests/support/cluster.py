@@ -67,6 +67,16 @@ def peers(node: RunningServer) -> int:
     return node.services.peers.statistics().open_peer_connections
 
 
+def ingests(nodes: list[RunningServer], stream_id: str) -> int:
+    """Sources of ``stream_id`` opened on all nodes together (each start opens an encoder)."""
+    total = 0
+    for node in nodes:
+        stream = node.services.registry.get(stream_id)
+        assert stream is not None
+        total += stream.statistics().encoders_opened
+    return total
+
+
 async def start_node(
     start_server: StartServer,
     redis_url: str,

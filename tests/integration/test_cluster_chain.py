@@ -13,13 +13,14 @@ and a loaded node is not chosen as a replica.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import itertools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -29,6 +30,7 @@ from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
 from mediastream.server import RunningServer
 
 from support.cluster import (
+    NodeProcess,
     camera_stream,
     cluster_of,
     counting_camera,
@@ -46,6 +48,26 @@ from support.servers import StartServer
 from support.viewer import open_playing_viewers, open_viewer
 
 CHAIN = {"max_viewers_per_node": 1, "max_relays_per_node": 1}
+
+
+@asynccontextmanager
+async def open_chain(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    streams: list[dict[str, Any]],
+    killable: str,
+) -> AsyncIterator[tuple[RunningServer, RunningServer, NodeProcess]]:
+    """Nodes A, B and C with the ``CHAIN`` limits, serving ``streams``: ``killable`` a
+    ``mediastream serve`` process, the other two in this process (in node order). Yields the
+    two, then the process, once all three are in Redis."""
+    in_process = [n for n in ("node-a", "node-b", "node-c") if n != killable]
+    first, second = await start_cluster(
+        start_server, redis_server.url, in_process, streams, **CHAIN
+    )
+    async with open_node_process(tmp_path, killable, redis_server.url, streams, **CHAIN) as process:
+        await wait_registered(process)
+        yield first, second, process
 
 
 async def entries_of(node: RunningServer, stream_id: str) -> dict[str, ReplicaEntry]:
@@ -89,17 +111,10 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a, c = await start_cluster(
-            start_server, redis_server.url, ("node-a", "node-c"), streams, **CHAIN
-        )
         async with (
-            open_node_process(tmp_path, "node-b", redis_server.url, streams, **CHAIN) as b,
-            contextlib.AsyncExitStack() as stack,
+            open_chain(start_server, redis_server, tmp_path, streams, "node-b") as (a, c, b),
+            open_playing_viewers(a.ws_url, stream_id, 3, capture=True) as viewers,
         ):
-            await wait_registered(b)
-            viewers = await stack.enter_async_context(
-                open_playing_viewers(a.ws_url, stream_id, 3, capture=True)
-            )
             # (b) One viewer each; C fed by B, B by A; the camera read once.
             assert (peers(a), peers(c)) == (1, 1)
             await wait_entries(
@@ -248,17 +263,10 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        b, c = await start_cluster(
-            start_server, redis_server.url, ("node-b", "node-c"), streams, **CHAIN
-        )
         async with (
-            open_node_process(tmp_path, "node-a", redis_server.url, streams, **CHAIN) as a,
-            contextlib.AsyncExitStack() as stack,
+            open_chain(start_server, redis_server, tmp_path, streams, "node-a") as (b, c, a),
+            open_playing_viewers(b.ws_url, stream_id, 3, capture=True) as viewers,
         ):
-            await wait_registered(a)
-            viewers = await stack.enter_async_context(
-                open_playing_viewers(b.ws_url, stream_id, 3, capture=True)
-            )
             await wait_entries(
                 b, stream_id, {"node-b": ("node-a", 1, 1), "node-c": ("node-b", 2, 1)}
             )

@@ -37,6 +37,7 @@ from support.cluster import (
     open_node_process,
     peers,
     replay_after_failure,
+    replay_each_after_failure,
     start_cluster,
     stream_ranked,
     wait_registered,
@@ -277,9 +278,7 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
 
             a.process.kill()
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[:2], marks[:2], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[:2], marks[:2], strict=True))
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
             await wait_entries(b, stream_id, {"node-c": ("node-b", 1, 2)})
             await on_c.wait_frames(frames_before + 30, timeout=30)

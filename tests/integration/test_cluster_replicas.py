@@ -38,7 +38,7 @@ from support.cluster import (
     counting_camera,
     open_node_process,
     peers,
-    replay_after_failure,
+    replay_each_after_failure,
     start_cluster,
     stream_ranked,
     viewers_of,
@@ -193,9 +193,7 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
 
             c.process.kill()  # SIGKILL: the replica's peers and relay connection just stop
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[2:4], marks[2:4], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[2:4], marks[2:4], strict=True))
             # Played again, on the same sockets, by the surviving replica B.
             assert (peers(a), peers(b)) == (CAP, 3)
             for viewer in viewers:
@@ -232,9 +230,7 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
 
             c.process.kill()
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[:4], marks[:4], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[:4], marks[:4], strict=True))
             assert cluster_of(a).statistics().owned_streams == (stream_id,)
             # B's replica followed the stream to its new owner: its viewer was never told to
             # re-offer, and plays on with the new owner's frames.
@@ -285,9 +281,7 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
                 await c.wait_stopped()
 
             replays = [(viewers[i], marks[i]) for i in (0, 1, 4)]  # C's two, and B's one
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in replays:
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, replays)
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
             for index in (2, 3):  # A's viewers: never told to re-offer, playing on
                 played = viewers[index].streams[stream_id]

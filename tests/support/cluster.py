@@ -302,3 +302,13 @@ async def viewers_of(url: str, stream_id: str, count: int) -> AsyncIterator[list
     each plays."""
     async with open_playing_viewers(url, stream_id, count, capture=True) as viewers:
         yield [viewer.streams[stream_id] for viewer in viewers]
+
+
+async def replay_each_after_failure(
+    stream_id: str, viewers_and_marks: Iterable[tuple[Viewer, int]]
+) -> None:
+    """:func:`replay_after_failure` for each viewer (told from its mark on), all at once, as
+    each page's engine does on its own."""
+    async with trio.open_nursery() as nursery:
+        for viewer, mark in viewers_and_marks:
+            nursery.start_soon(replay_after_failure, viewer, stream_id, mark)

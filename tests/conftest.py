@@ -90,3 +90,14 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
     async with open_redis(redis_server.url) as opened:
         yield opened
+
+
+@pytest.fixture
+def judge_nodes_on_a_fresh_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cluster nodes are judged gone only once Redis has been up for a lease's TTL (so that a
+    restart is not read as every node dying); the test's Redis has just started, and a Redis
+    restart is not what the tests using this are about. (Here, not in support.cluster, so
+    that every cluster test finds it; imported inside, like :func:`client`.)"""
+    from mediastream.cluster import liveness
+
+    monkeypatch.setattr(liveness, "STEADY_AFTER", 0.0)

@@ -27,10 +27,6 @@ from support.servers import (
     pattern_cameras,
 )
 
-# Kept importable from here for tests written against this module: import it from
-# support.browser.
-__all__ = ["ServerWatch"]
-
 SMALL = "size=320x180&fps=15&kbps=150&gop=30"
 METRICS = "WebSocketManager.getInstance().getMetrics()"
 

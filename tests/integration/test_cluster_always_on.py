@@ -5,18 +5,21 @@ redis-server; nothing watches the streams until the end."""
 from __future__ import annotations
 
 import trio
-from test_cluster_routing import NODES, ON_A, ON_B, ingests
 
 from mediastream.cluster.leases import current_owner, live_nodes
+from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.redis_client import open_redis
 from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
-from support.cluster import cluster_of, pattern_streams, start_cluster
+from support.cluster import cluster_of, ingests, pattern_streams, start_cluster
 from support.redis import RedisServer
 from support.servers import StartServer
 from support.viewer import open_viewer
 
+NODES = ("node-a", "node-b")
+ON_A = stream_ids_placed_on("node-a", NODES, 2)
+ON_B = stream_ids_placed_on("node-b", NODES, 2)
 ALWAYS_ON = ON_A + ON_B
 
 

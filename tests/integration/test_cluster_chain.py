@@ -13,17 +13,16 @@ and a loaded node is not chosen as a replica.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import itertools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
-from test_cluster_replicas import frame_num_breaks, peers, stream_ranked
 
 from mediastream.cluster.leases import live_nodes
 from mediastream.cluster.redis_client import open_redis
@@ -31,27 +30,45 @@ from mediastream.cluster.replica_registry import ReplicaEntry, replicas_key
 from mediastream.server import RunningServer
 
 from support.cluster import (
-    CameraSessions,
+    NodeProcess,
+    camera_stream,
     cluster_of,
     counting_camera,
-    judge_nodes_on_a_fresh_redis,
     open_node_process,
+    peers,
     replay_after_failure,
+    replay_each_after_failure,
     start_cluster,
+    stream_ranked,
     wait_registered,
 )
+from support.h264 import frame_num_breaks
 from support.http import get, scrape
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import open_viewer
-
-__all__ = ["judge_nodes_on_a_fresh_redis"]  # a fixture (support.cluster), used here
+from support.viewer import open_playing_viewers, open_viewer
 
 CHAIN = {"max_viewers_per_node": 1, "max_relays_per_node": 1}
 
 
-def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, Any]]:
-    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
+@asynccontextmanager
+async def open_chain(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    streams: list[dict[str, Any]],
+    killable: str,
+) -> AsyncIterator[tuple[RunningServer, RunningServer, NodeProcess]]:
+    """Nodes A, B and C with the ``CHAIN`` limits, serving ``streams``: ``killable`` a
+    ``mediastream serve`` process, the other two in this process (in node order). Yields the
+    two, then the process, once all three are in Redis."""
+    in_process = [n for n in ("node-a", "node-b", "node-c") if n != killable]
+    first, second = await start_cluster(
+        start_server, redis_server.url, in_process, streams, **CHAIN
+    )
+    async with open_node_process(tmp_path, killable, redis_server.url, streams, **CHAIN) as process:
+        await wait_registered(process)
+        yield first, second, process
 
 
 async def entries_of(node: RunningServer, stream_id: str) -> dict[str, ReplicaEntry]:
@@ -85,10 +102,6 @@ async def poll(condition: Callable[[], Awaitable[bool]], what: str) -> None:
     raise AssertionError(f"not within 30 s: {what}")
 
 
-def errors_since(viewer: Any, mark: int) -> list[dict[str, Any]]:
-    return [m for m in viewer.messages[mark:] if m.get("type") == "error"]
-
-
 async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_bypassed(
     start_server: StartServer,
     redis_server: RedisServer,
@@ -99,20 +112,10 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        a, c = await start_cluster(
-            start_server, redis_server.url, ("node-a", "node-c"), streams, **CHAIN
-        )
         async with (
-            open_node_process(tmp_path, "node-b", redis_server.url, streams, **CHAIN) as b,
-            contextlib.AsyncExitStack() as stack,
+            open_chain(start_server, redis_server, tmp_path, streams, "node-b") as (a, c, b),
+            open_playing_viewers(a.ws_url, stream_id, 3, capture=True) as viewers,
         ):
-            await wait_registered(b)
-            viewers = []
-            for _ in range(3):
-                viewer = await stack.enter_async_context(open_viewer(a.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
             # (b) One viewer each; C fed by B, B by A; the camera read once.
             assert (peers(a), peers(c)) == (1, 1)
             await wait_entries(
@@ -164,8 +167,8 @@ async def test_replicas_chain_register_in_redis_and_a_killed_middle_replica_is_b
             await poll(c_fed_by_the_owner, "C re-attached to the owner")
             await on_c.wait_frames(frames_before + 30, timeout=30)
             assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
-            assert errors_since(viewers[2], marks[2]) == []
-            assert errors_since(viewers[0], marks[0]) == []
+            assert viewers[2].errors(after=marks[2]) == []
+            assert viewers[0].errors(after=marks[0]) == []
             assert frame_num_breaks(on_c.access_units) == 0
             timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
             assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
@@ -261,20 +264,10 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
-        b, c = await start_cluster(
-            start_server, redis_server.url, ("node-b", "node-c"), streams, **CHAIN
-        )
         async with (
-            open_node_process(tmp_path, "node-a", redis_server.url, streams, **CHAIN) as a,
-            contextlib.AsyncExitStack() as stack,
+            open_chain(start_server, redis_server, tmp_path, streams, "node-a") as (b, c, a),
+            open_playing_viewers(b.ws_url, stream_id, 3, capture=True) as viewers,
         ):
-            await wait_registered(a)
-            viewers = []
-            for _ in range(3):
-                viewer = await stack.enter_async_context(open_viewer(b.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
             await wait_entries(
                 b, stream_id, {"node-b": ("node-a", 1, 1), "node-c": ("node-b", 2, 1)}
             )
@@ -285,14 +278,12 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
 
             a.process.kill()
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[:2], marks[:2], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[:2], marks[:2], strict=True))
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
             await wait_entries(b, stream_id, {"node-c": ("node-b", 1, 2)})
             await on_c.wait_frames(frames_before + 30, timeout=30)
             assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
-            assert errors_since(viewers[2], marks[2]) == []
+            assert viewers[2].errors(after=marks[2]) == []
             assert frame_num_breaks(on_c.access_units) == 0
             timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
             assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))

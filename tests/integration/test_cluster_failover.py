@@ -26,12 +26,9 @@ from mediastream.cluster.redis_client import Redis, open_redis
 from mediastream.server import RunningServer
 
 from support.cluster import (
-    PATTERN,
-    CameraSessions,
     NodeProcess,
     cluster_of,
     counting_camera,
-    judge_nodes_on_a_fresh_redis,
     open_node_process,
     pattern_streams,
     replay_after_failure,
@@ -40,7 +37,6 @@ from support.cluster import (
     wait_peer_failed,
     wait_registered,
 )
-from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
 from support.servers import Camera, StartServer
@@ -49,9 +45,6 @@ from support.viewer import SignalingFailed, open_viewer
 
 NODES = ("node-a", "node-b")
 MOUNTS = ("/h264", "/h264-gop1")
-# A fixture (pytest finds it here), and names other tests imported from this module before
-# they moved to support.cluster and support.commands: import them from there.
-__all__ = ["MEDIASTREAM", "PATTERN", "SRC", "CameraSessions", "judge_nodes_on_a_fresh_redis"]
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)
@@ -296,7 +289,7 @@ async def test_a_lost_candidate_message_is_sent_again_and_handled_once(
                 await trio.lowlevel.checkpoint()  # a retry comes after ACK_TIMEOUT; let it run
         # Sent again once, acknowledged: no session ended, no error on the socket.
         assert (bus_of(a).statistics().retries, bus_of(a).statistics().timeouts) == (1, 0)
-        assert [m for m in viewer.messages if m.get("type") == "error"] == []
+        assert viewer.errors() == []
         assert cluster_of(a).statistics().relayed_sessions == 1
         await played.wait_frames(5)
 
@@ -374,4 +367,4 @@ async def test_a_lost_answer_from_the_owner_is_sent_again_and_the_tile_plays(
         await played.wait_frames(5)
         assert proxy.dropped == 1
         assert (bus_of(b).statistics().retries, bus_of(b).statistics().timeouts) == (1, 0)
-        assert [m for m in viewer.messages if m.get("type") == "error"] == []
+        assert viewer.errors() == []

@@ -18,15 +18,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cluster_failover import CameraSessions, counting_camera
-from test_cluster_replicas import (
-    STREAM,
-    camera_stream,
-    cluster_of,
-    frame_num_breaks,
-    peers,
-    viewers_of,
-)
 
 from mediastream.cluster import relay as relay_module
 from mediastream.cluster.relay import (
@@ -43,11 +34,21 @@ from mediastream.config import ClusterConfig
 from mediastream.server import RunningServer
 
 from support.certs import NodeCertificate, make_ca, make_node_certificate
+from support.cluster import (
+    CameraSessions,
+    camera_stream,
+    cluster_of,
+    counting_camera,
+    peers,
+    viewers_of,
+)
+from support.h264 import frame_num_breaks
 from support.redis import RedisServer
 from support.servers import StartServer, make_config
 from support.viewer import open_viewer
 
 SECRET = "a-cluster-secret-of-this-test"
+STREAM = "lobby"
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ async def test_a_replica_fed_over_mutual_tls_serves_viewers_that_decode(
             await start_node(start_server, redis_server, sessions, name, certificates[name])
             for name in ("node-a", "node-b")
         ]
-        async with viewers_of(nodes[0].ws_url, 2) as viewers:
+        async with viewers_of(nodes[0].ws_url, STREAM, 2) as viewers:
             for played in viewers:
                 await played.wait_frames(25, timeout=30)
             owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]

@@ -16,19 +16,25 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
-from test_cluster_replicas import frame_num_breaks, peers, stream_ranked
 
 from mediastream.cluster import relay as relay_module
-from mediastream.cluster.leases import NodeRecord
-from mediastream.cluster.placement import choose_owner
+from mediastream.cluster.placement import stream_ids_placed_on
 from mediastream.cluster.relay import RelayRefused, open_relay
 from mediastream.media.source_contract import SourceState
 from mediastream.registry import Stream
 from mediastream.server import RunningServer
 
-from support.cluster import CameraSessions, cluster_of, counting_camera, start_cluster
+from support.cluster import (
+    camera_qualities,
+    cluster_of,
+    counting_camera,
+    peers,
+    start_cluster,
+    stream_ranked,
+)
+from support.h264 import frame_num_breaks
 from support.redis import RedisServer
-from support.servers import StartServer, make_config
+from support.servers import StartServer
 from support.viewer import PlayedStream, Viewer, open_viewer
 
 MAIN = (1280, 720)
@@ -38,41 +44,14 @@ NODES = ("node-a", "node-b")
 
 def stream_owned_by_a() -> str:
     """A stream id that placement gives node A (so node B is its replica)."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    return next(
-        stream_id
-        for stream_id in (f"lobby-{n}" for n in range(100))
-        if (owner := choose_owner(stream_id, records)) is not None and owner.node_id == "node-a"
-    )
-
-
-def two_qualities(
-    sessions: CameraSessions, stream_id: str, **extra: object
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": stream_id,
-            "qualities": [
-                {"name": "main", "source": sessions.camera.url("/h264-720")},
-                {"name": "sub", "source": sessions.camera.url("/h264-180")},
-            ],
-            "on_demand": True,
-            **extra,
-        }
-    ]
+    return stream_ids_placed_on("node-a", NODES, 1, prefix="lobby")[0]
 
 
 async def start_nodes(
     start_server: StartServer, redis: RedisServer, streams: list[dict[str, Any]], *nodes: str
 ) -> list[RunningServer]:
     """Nodes with room for one viewer of a stream each (the next ones go to a replica)."""
-    servers = []
-    for node_id in nodes:
-        cluster = {"redis_url": redis.url, "node_id": node_id, "max_viewers_per_node": 1}
-        servers.append(await start_server(make_config(streams, cluster=cluster)))
-    for server in servers:
-        await cluster_of(server)._started.wait()
-    return servers
+    return await start_cluster(start_server, redis.url, nodes, streams, max_viewers_per_node=1)
 
 
 def stream_of(node: RunningServer, stream_id: str) -> Stream:
@@ -107,7 +86,7 @@ async def test_a_replica_relays_each_quality_on_demand_and_switches_on_the_same_
 ) -> None:
     stream_id = stream_owned_by_a()
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id)
+        streams = camera_qualities(sessions, stream_id)
         a, b = await start_nodes(start_server, redis_server, streams, *NODES)
         owner, replica = stream_of(a, stream_id), stream_of(b, stream_id)
         relay = cluster_of(a).relay
@@ -171,8 +150,7 @@ async def test_a_replica_relays_each_quality_on_demand_and_switches_on_the_same_
             timestamps = played.frame_timestamps
             assert all(y > x for x, y in itertools.pairwise(timestamps)), "timestamps went back"
             assert frame_num_breaks(played.access_units) == 0
-            errors = [m for m in second.messages if m.get("type") == "error"]
-            assert errors == []
+            assert second.errors() == []
 
             await on_owner.wait_frames(10, timeout=30)
             assert set(on_owner.frame_sizes) == {MAIN}
@@ -184,7 +162,7 @@ async def test_the_relay_serves_the_quality_a_replica_names_and_the_default_when
 ) -> None:
     stream_id = stream_owned_by_a()
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id, default_quality="sub")
+        streams = camera_qualities(sessions, stream_id, default_quality="sub")
         [a] = await start_nodes(start_server, redis_server, streams, "node-a")
         node = cluster_of(a)
         owner = stream_of(a, stream_id)
@@ -224,7 +202,7 @@ async def test_a_relay_cut_each_quality_resumes_at_its_own_keyframe(
 ) -> None:
     stream_id = stream_owned_by_a()
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id)
+        streams = camera_qualities(sessions, stream_id)
         a, b = await start_nodes(start_server, redis_server, streams, *NODES)
         replica = stream_of(b, stream_id)
         relay = cluster_of(a).relay
@@ -277,7 +255,7 @@ async def test_a_quality_the_owner_cannot_open_leaves_the_replica_s_other_viewer
     monkeypatch.setattr(relay_module, "INFO_TIMEOUT", 1.0)
     stream_id = stream_owned_by_a()
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id)
+        streams = camera_qualities(sessions, stream_id)
         streams[0]["qualities"][1]["source"] = f"rtsp://127.0.0.1:{closed_port()}/sub"
         a, b = await start_nodes(start_server, redis_server, streams, *NODES)
         replica = stream_of(b, stream_id)
@@ -305,7 +283,7 @@ async def test_a_quality_the_owner_cannot_open_leaves_the_replica_s_other_viewer
             await played.wait_frames(25, timeout=30)
             assert set(played.frame_sizes) == {MAIN}
             assert cluster_of(b).statistics().replicas == (stream_id,)
-            assert [m for m in second.messages[mark:] if m.get("type") == "error"] == []
+            assert second.errors(after=mark) == []
             assert sessions.connects == 1, sessions.history
 
 
@@ -314,7 +292,7 @@ async def test_auto_on_a_replica_follows_the_tile(
 ) -> None:
     stream_id = stream_owned_by_a()
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id)
+        streams = camera_qualities(sessions, stream_id)
         a, b = await start_nodes(start_server, redis_server, streams, *NODES)
         replica = stream_of(b, stream_id)
         async with open_viewer(a.ws_url) as first, open_viewer(b.ws_url) as second:
@@ -349,7 +327,7 @@ async def test_a_quality_asked_for_at_depth_two_is_relayed_on_each_hop(
     # viewer of B's sub, which opens B's own sub connection to A: sub crosses both hops.
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
-        streams = two_qualities(sessions, stream_id)
+        streams = camera_qualities(sessions, stream_id)
         a, b, c = await start_cluster(
             start_server,
             redis_server.url,
@@ -387,6 +365,6 @@ async def test_a_quality_asked_for_at_depth_two_is_relayed_on_each_hop(
             await played.wait_frames(25, timeout=30)
             assert set(played.frame_sizes) == {SUB}
             assert frame_num_breaks(played.access_units) == 0
-            assert [m for m in third.messages if m.get("type") == "error"] == []
+            assert third.errors() == []
             # One camera session per quality in use, for the whole chain.
             assert sessions.connects == 2 and sessions.peak == 2, sessions.history

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_cluster_replicas import camera_stream, peers
 
 from mediastream.cluster import routing
 from mediastream.cluster.placement import COOLDOWN_FIRST, stream_ids_placed_on
@@ -30,16 +29,19 @@ from mediastream.server import RunningServer
 from support.certs import make_ca, make_node_certificate
 from support.cluster import (
     CameraSessions,
+    camera_stream,
     cluster_of,
     counting_camera,
+    peers,
     replay_after_failure,
+    start_cluster,
     start_node,
     wait_registered,
 )
 from support.http import scrape
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import SignalingFailed, open_viewer
+from support.viewer import SignalingFailed, Viewer, open_viewer
 
 NODES = ("node-a", "node-b")
 #: owned by node-a (placement ranks it first), so node-b is the only replica it can choose
@@ -68,6 +70,18 @@ async def start_misconfigured_pair(
     return a, b
 
 
+async def play_though_told_to_re_offer(viewer: Viewer) -> None:
+    """Play ``STREAM`` on a replica that cannot be fed: the viewer is told ``peer_failed`` (in
+    place of its answer, or after it) and offers again, as a page does
+    (:func:`~support.cluster.replay_after_failure`), and plays."""
+    mark = len(viewer.messages)
+    try:
+        await viewer.play(STREAM, trickle=True)
+    except SignalingFailed as failed:
+        assert failed.code == "peer_failed", failed.message
+    await replay_after_failure(viewer, STREAM, mark)
+
+
 @pytest.mark.parametrize("mismatch", ["secret", "tls"])
 async def test_a_viewer_placed_on_a_node_that_cannot_take_the_relay_plays_from_the_owner(
     start_server: StartServer,
@@ -91,12 +105,7 @@ async def test_a_viewer_placed_on_a_node_that_cannot_take_the_relay_plays_from_t
 
             # The owner is full: the second viewer goes to B, whose relay is refused. B tells
             # the owner, and its viewer is told to re-offer (maybe before B's answer).
-            mark = len(second.messages)
-            try:
-                await second.play(STREAM, trickle=True)
-            except SignalingFailed as failed:
-                assert failed.code == "peer_failed", failed.message
-            await replay_after_failure(second, STREAM, mark)
+            await play_though_told_to_re_offer(second)
 
             # It plays, served by the owner over its cap; B serves nothing, replicates nothing.
             assert (peers(a), peers(b)) == (2, 0)
@@ -142,13 +151,9 @@ async def test_a_viewer_placed_on_a_node_that_never_reaches_the_relay_plays_from
     caplog.set_level(logging.INFO, logger="mediastream.cluster")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, STREAM)
-        a = await start_node(
-            start_server, redis_server.url, "node-a", streams, max_viewers_per_node=1
+        a, b = await start_cluster(
+            start_server, redis_server.url, NODES, streams, max_viewers_per_node=1
         )
-        b = await start_node(
-            start_server, redis_server.url, "node-b", streams, max_viewers_per_node=1
-        )
-        await wait_registered(a, b)
         # A advertises a relay address nobody listens on: every connection B makes is refused.
         listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         closed_port = listener.socket.getsockname()[1]
@@ -162,12 +167,7 @@ async def test_a_viewer_placed_on_a_node_that_never_reaches_the_relay_plays_from
 
         async with open_viewer(a.ws_url) as first, open_viewer(a.ws_url) as second:
             await (await first.play(STREAM, trickle=True)).wait_frames(3, timeout=30)
-            mark = len(second.messages)
-            try:
-                await second.play(STREAM, trickle=True)
-            except SignalingFailed as failed:
-                assert failed.code == "peer_failed", failed.message
-            await replay_after_failure(second, STREAM, mark)
+            await play_though_told_to_re_offer(second)
 
             assert (peers(a), peers(b)) == (2, 0)
             assert cluster_of(b).statistics().replica_offers == 1

@@ -11,14 +11,11 @@ arrived (a frame lost in the relay, a resume that did not wait for a keyframe) b
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import trio
 
-from mediastream.cluster.leases import NodeRecord
-from mediastream.cluster.placement import rank_nodes
 from mediastream.cluster.relay import (
     ERROR,
     FRAME,
@@ -30,49 +27,30 @@ from mediastream.cluster.relay import (
     open_relay,
     relay_key,
 )
-from mediastream.media.frames import NAL_IDR, NAL_SLICE, NAL_SPS, _BitReader, nal_type, split_annexb
+from mediastream.media.frames import NAL_IDR, nal_type, split_annexb
 from mediastream.server import RunningServer
 
 from support.cluster import (
     CameraSessions,
     NodeProcess,
+    camera_stream,
     cluster_of,
     counting_camera,
-    judge_nodes_on_a_fresh_redis,
     open_node_process,
-    replay_after_failure,
+    peers,
+    replay_each_after_failure,
     start_cluster,
+    stream_ranked,
+    viewers_of,
 )
-from support.commands import MEDIASTREAM, SRC
+from support.h264 import frame_num_breaks
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import PlayedStream, open_playing_viewers, open_viewer
+from support.viewer import open_playing_viewers, open_viewer
 
 NODES = ("node-a", "node-b", "node-c")
 STREAM = "lobby"
 CAP = 2
-# A fixture (pytest finds it here), and names other tests imported from this module before
-# they moved to support.cluster and support.commands: import them from there.
-__all__ = ["MEDIASTREAM", "SRC", "judge_nodes_on_a_fresh_redis"]
-
-
-def stream_ranked(*order: str) -> str:
-    """A stream id whose placement ranks the three nodes in ``order`` (owner first; with the
-    owner full, a replica is the next one)."""
-    records = [NodeRecord(n, f"http://{n}") for n in NODES]
-    index = 0
-    while True:
-        stream_id = f"lobby-{index}"
-        if tuple(r.node_id for r in rank_nodes(stream_id, records)) == order:
-            return stream_id
-        index += 1
-
-
-HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
-
-
-def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, object]]:
-    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
 
 
 async def start_nodes(
@@ -83,60 +61,13 @@ async def start_nodes(
     return await start_cluster(start_server, redis.url, NODES, streams, max_viewers_per_node=CAP)
 
 
-def peers(node: RunningServer) -> int:
-    return node.services.peers.statistics().open_peer_connections
-
-
-def frame_num_breaks(access_units: list[bytes]) -> int:
-    """P-frames whose frame_num does not follow the previous frame's (x264 makes every
-    frame a reference frame, so frame_num goes up by one from each IDR)."""
-    log2_max = None
-    previous = None
-    breaks = 0
-    for unit in access_units:
-        nal_units = split_annexb(unit)
-        for nal in nal_units:
-            if nal_type(nal) == NAL_SPS:
-                reader = _BitReader(nal[4:].replace(b"\x00\x00\x03", b"\x00\x00"))
-                reader.unsigned_exp_golomb()  # seq_parameter_set_id
-                if nal[1] in HIGH_PROFILES:
-                    if reader.unsigned_exp_golomb() == 3:  # chroma_format_idc
-                        reader.bit()  # separate_colour_plane_flag
-                    reader.unsigned_exp_golomb()  # bit_depth_luma_minus8
-                    reader.unsigned_exp_golomb()  # bit_depth_chroma_minus8
-                    reader.bit()  # qpprime_y_zero_transform_bypass_flag
-                    assert not reader.bit(), "scaling matrices are not read here"
-                log2_max = reader.unsigned_exp_golomb() + 4
-        slice_nal = next((n for n in nal_units if nal_type(n) in (NAL_SLICE, NAL_IDR)), None)
-        if slice_nal is None or log2_max is None:
-            continue
-        reader = _BitReader(slice_nal[1:32].replace(b"\x00\x00\x03", b"\x00\x00"))
-        reader.unsigned_exp_golomb()  # first_mb_in_slice
-        reader.unsigned_exp_golomb()  # slice_type
-        reader.unsigned_exp_golomb()  # pic_parameter_set_id
-        frame_num = reader.bits(log2_max)
-        follows = previous is None or frame_num == (previous + 1) % (1 << log2_max)
-        if nal_type(slice_nal) == NAL_SLICE and not follows:
-            breaks += 1
-        previous = frame_num
-    return breaks
-
-
-@asynccontextmanager
-async def viewers_of(url: str, count: int) -> AsyncIterator[list[PlayedStream]]:
-    """``count`` viewers, one socket each, each playing the stream (one after the other, so
-    the owner's count of its viewers and the replicas' reports are current for each offer)."""
-    async with open_playing_viewers(url, STREAM, count, capture=True) as viewers:
-        yield [viewer.streams[STREAM] for viewer in viewers]
-
-
 async def test_viewers_beyond_the_cap_are_served_by_replicas_and_the_camera_is_read_once(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:
     async with counting_camera() as sessions:
         nodes = await start_nodes(start_server, redis_server, sessions)
         a = nodes[0]
-        async with viewers_of(a.ws_url, 5) as viewers:
+        async with viewers_of(a.ws_url, STREAM, 5) as viewers:
             for played in viewers:
                 await played.wait_frames(10, timeout=30)
             assert sessions.connects == 1 and sessions.peak == 1, sessions.history
@@ -262,9 +193,7 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
 
             c.process.kill()  # SIGKILL: the replica's peers and relay connection just stop
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[2:4], marks[2:4], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[2:4], marks[2:4], strict=True))
             # Played again, on the same sockets, by the surviving replica B.
             assert (peers(a), peers(b)) == (CAP, 3)
             for viewer in viewers:
@@ -272,10 +201,7 @@ async def test_a_replica_killed_its_viewers_play_again_from_another_node(
                 await viewer.streams[stream_id].wait_frames(5, timeout=30)
             # The others were never told anything: they played on.
             for index in (0, 1, 4):
-                errors = [
-                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
-                ]
-                assert errors == []
+                assert viewers[index].errors(after=marks[index]) == []
             assert sessions.connects == 1, sessions.history
 
 
@@ -304,14 +230,12 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
 
             c.process.kill()
 
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in zip(viewers[:4], marks[:4], strict=True):
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, zip(viewers[:4], marks[:4], strict=True))
             assert cluster_of(a).statistics().owned_streams == (stream_id,)
             # B's replica followed the stream to its new owner: its viewer was never told to
             # re-offer, and plays on with the new owner's frames.
             await on_b.wait_frames(25, timeout=30)
-            assert [m for m in viewers[4].messages[marks[4] :] if m.get("type") == "error"] == []
+            assert viewers[4].errors(after=marks[4]) == []
             assert stream_id in cluster_of(b).statistics().replicas
             assert cluster_of(a).statistics().relay_connections >= 1
             assert frame_num_breaks(on_b.access_units) == 0
@@ -331,7 +255,7 @@ async def test_without_a_viewer_cap_the_owner_serves_everyone_though_the_relay_l
             assert cluster_of(node).relay is not None
             registration = cluster_of(node).registration
             assert registration is not None and registration.record.relay_address
-        async with viewers_of(nodes[0].ws_url, CAP + 1):
+        async with viewers_of(nodes[0].ws_url, STREAM, CAP + 1):
             owners = [n for n in nodes if cluster_of(n).statistics().owned_streams]
             assert len(owners) == 1 and peers(owners[0]) == CAP + 1
             assert all(cluster_of(n).statistics().replicas == () for n in nodes)
@@ -357,16 +281,12 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
                 await c.wait_stopped()
 
             replays = [(viewers[i], marks[i]) for i in (0, 1, 4)]  # C's two, and B's one
-            async with trio.open_nursery() as nursery:
-                for viewer, mark in replays:
-                    nursery.start_soon(replay_after_failure, viewer, stream_id, mark)
+            await replay_each_after_failure(stream_id, replays)
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
             for index in (2, 3):  # A's viewers: never told to re-offer, playing on
                 played = viewers[index].streams[stream_id]
                 await played.wait_frames(25, timeout=30)
-                assert [
-                    m for m in viewers[index].messages[marks[index] :] if m.get("type") == "error"
-                ] == []
+                assert viewers[index].errors(after=marks[index]) == []
                 assert frame_num_breaks(played.access_units) == 0
             assert stream_id in cluster_of(a).statistics().replicas
             assert peers(a) + peers(b) == 5

@@ -21,23 +21,20 @@ from mediastream.cluster.redis_client import open_redis
 from mediastream.server import RunningServer
 
 from support.cluster import (
-    PATTERN,
     cluster_of,
+    ingests,
     open_node_process,
     pattern_streams,
     start_cluster,
     start_node,
     wait_peer_failed,
 )
-from support.commands import MEDIASTREAM, SRC
 from support.http import get
 from support.redis import RedisServer
 from support.servers import StartServer, free_port
 from support.viewer import SignalingFailed, open_viewer
 
 NODES = ("node-a", "node-b")
-# Names other tests imported from this module before they moved to support.
-__all__ = ["MEDIASTREAM", "PATTERN", "SRC"]
 
 
 ON_A = stream_ids_placed_on("node-a", NODES, 2)
@@ -47,16 +44,6 @@ ON_B = stream_ids_placed_on("node-b", NODES, 2)
 async def start_nodes(start_server: StartServer, redis: RedisServer) -> list[RunningServer]:
     """Nodes A and B, each serving every stream of ``ON_A`` and ``ON_B``, both in Redis."""
     return await start_cluster(start_server, redis.url, NODES, pattern_streams(ON_A + ON_B))
-
-
-def ingests(nodes: list[RunningServer], stream_id: str) -> int:
-    """Sources of ``stream_id`` opened on all nodes together (each start opens an encoder)."""
-    total = 0
-    for node in nodes:
-        stream = node.services.registry.get(stream_id)
-        assert stream is not None
-        total += stream.statistics().encoders_opened
-    return total
 
 
 async def test_one_socket_plays_a_stream_of_each_node_and_media_comes_from_its_owner(

@@ -13,12 +13,13 @@ from typing import Any
 
 import av
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from mediastream.fallback import BinaryKind, FallbackSession, parse_binary
 from mediastream.media.fmp4 import end_time
 from mediastream.server import RunningServer
 
+from support.fallback import FallbackClient, split_fragments
 from support.servers import DEMO_STREAMS, Camera, StartServer, make_config, wait_published
 from support.viewer import open_viewer
 
@@ -37,59 +38,6 @@ def two_qualities(camera: Camera) -> list[dict[str, object]]:
             ],
         }
     ]
-
-
-class FallbackClient:
-    """A socket that asks for fallbacks and keeps everything the server sends, in order."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.messages: list[dict[str, Any]] = []
-        #: (kind, streamId, payload) of every binary message, in arrival order
-        self.binary: list[tuple[BinaryKind, str, bytes]] = []
-        self._arrived = trio.Condition()
-
-    async def send(self, message: dict[str, Any] | str) -> None:
-        await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
-
-    async def read(self) -> None:
-        while True:
-            data = await self.ws.get_message()
-            if isinstance(data, bytes):
-                self.binary.append(parse_binary(data))
-            else:
-                self.messages.append(json.loads(data))
-            async with self._arrived:
-                self._arrived.notify_all()
-
-    async def wait_until(self, condition: Any, timeout: float = 30) -> None:
-        with trio.fail_after(timeout):
-            async with self._arrived:
-                while not condition():
-                    await self._arrived.wait()
-
-    def fragments(self, stream_id: str) -> int:
-        return sum(
-            len(split_fragments(p))
-            for k, s, p in self.binary
-            if s == stream_id and k is BinaryKind.FRAGMENT
-        )
-
-    def media(self, stream_id: str) -> bytes:
-        """Everything the stream received, in order: a playable fragmented MP4."""
-        return b"".join(payload for _, s, payload in self.binary if s == stream_id)
-
-
-def split_fragments(payload: bytes) -> list[bytes]:
-    """The moof + mdat pairs of one binary message (a message carries one or more)."""
-    boxes: list[bytes] = []
-    position = 0
-    while position < len(payload):
-        (size,) = struct.unpack_from("!I", payload, position)
-        boxes.append(payload[position : position + size])
-        position += size
-    assert [box[4:8] for box in boxes] == [b"moof", b"mdat"] * (len(boxes) // 2)
-    return [boxes[i] + boxes[i + 1] for i in range(0, len(boxes), 2)]
 
 
 def decode(path: Path) -> list[Any]:

@@ -1,5 +1,6 @@
 """Cluster nodes for tests: in-process nodes on one Redis, a node as a ``mediastream serve``
-subprocess (to be killed or frozen), and a camera that counts its RTSP sessions.
+subprocess (to be killed or frozen), a camera that counts its RTSP sessions, and the streams
+and viewers the cluster tests share.
 
     nodes = await start_cluster(start_server, redis_server.url, NODES, pattern_streams(ids))
     async with open_node_process(tmp_path, "node-b", redis_server.url, streams) as b:
@@ -22,16 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
-from mediastream.cluster import liveness
+from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.placement import rank_nodes
 from mediastream.cluster.routing import ClusterNode
 from mediastream.server import RunningServer
 
 from support.commands import ENV, MEDIASTREAM
 from support.servers import Camera, StartServer, make_config, start_camera, stop_camera
-from support.viewer import Viewer
+from support.viewer import PlayedStream, Viewer, open_playing_viewers
 
 #: a small, cheap source for nodes whose media is not what a test looks at
 PATTERN = "pattern:testsrc?size=160x120&fps=10&kbps=100&gop=10"
@@ -42,11 +43,38 @@ def pattern_streams(stream_ids: Iterable[str], *, on_demand: bool = True) -> lis
     return [{"id": s, "source": PATTERN, "on_demand": on_demand} for s in stream_ids]
 
 
+def stream_ranked(*order: str) -> str:
+    """A stream id ``lobby-<n>`` whose placement ranks the nodes named in ``order`` in that
+    order (owner first; with the owner full, a replica is the next one)."""
+    records = [NodeRecord(n, f"http://{n}") for n in order]
+    index = 0
+    while True:
+        stream_id = f"lobby-{index}"
+        if tuple(r.node_id for r in rank_nodes(stream_id, records)) == order:
+            return stream_id
+        index += 1
+
+
 def cluster_of(server: RunningServer) -> ClusterNode:
     """The cluster node of an in-process server started with a ``cluster`` section."""
     cluster = server.services.cluster
     assert cluster is not None
     return cluster
+
+
+def peers(node: RunningServer) -> int:
+    """The peer connections open on ``node``: the viewers it serves itself."""
+    return node.services.peers.statistics().open_peer_connections
+
+
+def ingests(nodes: list[RunningServer], stream_id: str) -> int:
+    """Sources of ``stream_id`` opened on all nodes together (each start opens an encoder)."""
+    total = 0
+    for node in nodes:
+        stream = node.services.registry.get(stream_id)
+        assert stream is not None
+        total += stream.statistics().encoders_opened
+    return total
 
 
 async def start_node(
@@ -167,14 +195,6 @@ async def wait_registered(*nodes: RunningServer | NodeProcess) -> None:
             await cluster_of(node)._started.wait()
 
 
-@pytest.fixture
-def judge_nodes_on_a_fresh_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nodes are judged gone only once Redis has been up for a lease's TTL (so that a restart
-    is not read as every node dying); the test's Redis has just started, and a Redis restart
-    is not what the tests using this are about."""
-    monkeypatch.setattr(liveness, "STEADY_AFTER", 0.0)
-
-
 @dataclass
 class CameraSessions:
     """The camera's connected RTSP clients, from its ``SESSIONS <n>`` lines (see
@@ -208,6 +228,31 @@ class CameraSessions:
         with trio.fail_after(timeout):
             while not predicate(self):
                 await self._changed.wait()
+
+
+def camera_stream(sessions: CameraSessions, stream_id: str) -> list[dict[str, Any]]:
+    """One on-demand stream ``stream_id`` of the counting camera's ``/h264`` mount, as the
+    ``streams`` of a node's configuration."""
+    return [{"id": stream_id, "source": sessions.camera.url("/h264"), "on_demand": True}]
+
+
+def camera_qualities(
+    sessions: CameraSessions, stream_id: str, **extra: Any
+) -> list[dict[str, Any]]:
+    """One on-demand stream ``stream_id`` with two qualities of the counting camera, main
+    (``/h264-720``, 1280x720, the default) and sub (``/h264-180``, 320x180); ``extra`` adds
+    keys to the stream (``default_quality="sub"``)."""
+    return [
+        {
+            "id": stream_id,
+            "qualities": [
+                {"name": "main", "source": sessions.camera.url("/h264-720")},
+                {"name": "sub", "source": sessions.camera.url("/h264-180")},
+            ],
+            "on_demand": True,
+            **extra,
+        }
+    ]
 
 
 @asynccontextmanager
@@ -247,3 +292,23 @@ async def replay_after_failure(viewer: Viewer, stream_id: str, mark: int) -> Non
     assert "send a new offer" in told["payload"]
     played = await viewer.play(stream_id, trickle=True)
     await played.wait_frames(3, timeout=30)
+
+
+@asynccontextmanager
+async def viewers_of(url: str, stream_id: str, count: int) -> AsyncIterator[list[PlayedStream]]:
+    """``count`` viewers, one socket each, each playing ``stream_id`` and capturing its access
+    units (one after the other, so the owner's count of its viewers and the replicas' reports
+    are current for each offer): :func:`~support.viewer.open_playing_viewers`, yielding what
+    each plays."""
+    async with open_playing_viewers(url, stream_id, count, capture=True) as viewers:
+        yield [viewer.streams[stream_id] for viewer in viewers]
+
+
+async def replay_each_after_failure(
+    stream_id: str, viewers_and_marks: Iterable[tuple[Viewer, int]]
+) -> None:
+    """:func:`replay_after_failure` for each viewer (told from its mark on), all at once, as
+    each page's engine does on its own."""
+    async with trio.open_nursery() as nursery:
+        for viewer, mark in viewers_and_marks:
+            nursery.start_soon(replay_after_failure, viewer, stream_id, mark)

@@ -154,6 +154,11 @@ class Viewer:
                     raise AssertionError(f"socket closed {self.closed_reason} while waiting")
                 await self._arrived.wait()
 
+    def errors(self, *, after: int = 0) -> list[Message]:
+        """The ``error`` messages the socket got, from index ``after`` on (a mark taken as
+        ``len(viewer.messages)``)."""
+        return [m for m in self.messages[after:] if m.get("type") == "error"]
+
     async def wait_closed(self, *, timeout: float = 10) -> tuple[int, str | None]:
         """Wait until the server closes the socket; returns (code, reason)."""
         with trio.fail_after(timeout):

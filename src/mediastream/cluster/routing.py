@@ -26,7 +26,9 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     │                                  there (relay.py) from its upstream (the owner or
     │                                  another replica); its entry in ms:replicas:{stream}
     │                                  kept; ends when its last viewer has left (after the
-    │                                  grace)
+    │                                  grace), or is promoted: this node claimed the stream
+    ├── _promote × streams             a replica whose owner is gone claims the stream in its
+    │                                  turn (within REATTACH_WAIT), its viewers kept
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -252,8 +254,10 @@ class Replica:
     """This node serving a stream it does not own, fed by its upstream's relay: the owner's,
     or another replica's (one per stream).
 
-    Ends when its last viewer has left (after the grace period), or at once when the relay
-    cannot go on (the owner gone, or refusing): its viewers are then told to re-offer. An
+    Ends when its last viewer has left (after the grace period); at once when the relay
+    cannot go on (the owner refusing, or gone with no node owning the stream in time): its
+    viewers are then told to re-offer; or *promoted* when this node claims the stream (its
+    owner gone): its viewers keep their sessions, fed by this node's camera session. An
     upstream replica that ends or dies is left for the owner (never for a node deeper than
     this one: no cycles), and the viewers keep their sessions.
     """

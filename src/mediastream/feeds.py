@@ -166,7 +166,19 @@ class QualityFeed:
         """A replica's relay of this quality opened: what the owner's source of it carries
         (no encoder or camera session of this node's own)."""
         self.source_info = info
+        self.timelines.open_tracks(
+            info.audio_clock_rate if info.audio_codec else 0, info.source_audio_clock_rate
+        )
         self.changes.notify()
+
+    def publish_relayed(self, frame: EncodedFrame) -> None:
+        """Publish a frame a replica's relay brought (on the owner's timeline): the quality's
+        own timeline follows it, so that a camera session of this node's (the replica
+        promoted to owner) continues its viewers' timestamps, never going back."""
+        timeline = self.timelines.get(frame.kind)
+        if timeline is not None:
+            timeline.follow(frame.timestamp, trio.current_time())
+        self.publish(frame)
 
     def _measure(self, frame: EncodedFrame) -> None:
         """The bitrate over windows of at least :data:`BITRATE_WINDOW`, closed at keyframes."""

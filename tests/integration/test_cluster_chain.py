@@ -258,9 +258,9 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
     judge_nodes_on_a_fresh_redis: None,
 ) -> None:
     # A (a process) owns it; the sockets are on B, the first replica (fed by A); C the second
-    # (fed by B). A killed: B, placement's next, claims the stream (its replica ends first,
-    # its viewer re-offers); C's upstream is the owner now: C re-attaches to it, and its
-    # viewer plays on, never told anything.
+    # (fed by B). A killed: B, the shallowest replica, claims the stream and becomes its owner
+    # with its viewer's session kept (only A's viewer re-offers); C's upstream is the owner
+    # now: C re-attaches to it, and its viewer plays on, never told anything.
     stream_id = stream_ranked("node-a", "node-b", "node-c")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
@@ -273,20 +273,28 @@ async def test_the_owner_killed_its_replica_takes_the_stream_and_the_replica_bel
             )
             assert (peers(b), peers(c)) == (1, 1)
             marks = [len(v.messages) for v in viewers]
-            on_c = viewers[2].streams[stream_id]
-            pc, frames_before, timestamps_before = on_c.pc, on_c.frames, len(on_c.frame_timestamps)
+            kept = [viewers[i].streams[stream_id] for i in (1, 2)]  # B's and C's
+            before = [(p.pc, p.frames, len(p.frame_timestamps)) for p in kept]
 
             a.process.kill()
 
-            await replay_each_after_failure(stream_id, zip(viewers[:2], marks[:2], strict=True))
+            await replay_each_after_failure(stream_id, [(viewers[0], marks[0])])
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
-            await wait_entries(b, stream_id, {"node-c": ("node-b", 1, 2)})
-            await on_c.wait_frames(frames_before + 30, timeout=30)
-            assert viewers[2].streams[stream_id] is on_c and on_c.pc is pc
-            assert viewers[2].errors(after=marks[2]) == []
-            assert frame_num_breaks(on_c.access_units) == 0
-            timestamps = on_c.frame_timestamps[timestamps_before - 1 :]
-            assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+
+            async def c_fed_by_the_owner_b() -> bool:
+                entry = (await entries_of(b, stream_id)).get("node-c")
+                return entry is not None and (entry.upstream, entry.depth) == ("node-b", 1)
+
+            await poll(c_fed_by_the_owner_b, "C re-attached to B, the owner")
+            for index, played, (pc, frames_before, timestamps_before) in zip(
+                (1, 2), kept, before, strict=True
+            ):
+                await played.wait_frames(frames_before + 30, timeout=30)
+                assert viewers[index].streams[stream_id] is played and played.pc is pc
+                assert viewers[index].errors(after=marks[index]) == []
+                assert frame_num_breaks(played.access_units) == 0
+                timestamps = played.frame_timestamps[timestamps_before - 1 :]
+                assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
             assert peers(b) + peers(c) == 3
             # Exactly one new camera session, never two at once.
             assert sessions.connects == 2 and sessions.peak == 1, sessions.history

@@ -211,8 +211,10 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
     tmp_path: Path,
     judge_nodes_on_a_fresh_redis: None,
 ) -> None:
-    # C owns it; A (the sockets' node) and B replicate it. C killed, A claims it (placement's
-    # next), which ends A's replica (A now reads the camera); B's re-attaches to A.
+    # C owns it; A (the sockets' node) and B replicate it. C killed: A, the replica placement
+    # ranks first, claims it and becomes its owner without ending its viewers' sessions (A
+    # now reads the camera on the same fan-out); B's replica re-attaches to A. Only C's own
+    # viewers re-offer.
     stream_id = stream_ranked("node-c", "node-a", "node-b")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
@@ -226,19 +228,22 @@ async def test_the_owner_killed_a_new_owner_reads_the_camera_once_and_replicas_r
             assert stream_id in cluster_of(b).statistics().replicas
             assert sessions.connects == 1
             marks = [len(v.messages) for v in viewers]
-            on_b = viewers[4].streams[stream_id]
+            kept = [viewers[i].streams[stream_id] for i in (2, 3, 4)]  # A's two, B's one
+            pcs = [played.pc for played in kept]
 
             c.process.kill()
 
-            await replay_each_after_failure(stream_id, zip(viewers[:4], marks[:4], strict=True))
+            await replay_each_after_failure(stream_id, zip(viewers[:2], marks[:2], strict=True))
             assert cluster_of(a).statistics().owned_streams == (stream_id,)
-            # B's replica followed the stream to its new owner: its viewer was never told to
-            # re-offer, and plays on with the new owner's frames.
-            await on_b.wait_frames(25, timeout=30)
-            assert viewers[4].errors(after=marks[4]) == []
+            # A's viewers (its replica promoted) and B's (its replica followed the stream to
+            # A) were never told to re-offer, and play on with the new owner's frames.
+            for index, played, pc in zip((2, 3, 4), kept, pcs, strict=True):
+                await played.wait_frames(25, timeout=30)
+                assert viewers[index].streams[stream_id] is played and played.pc is pc
+                assert viewers[index].errors(after=marks[index]) == []
+                assert frame_num_breaks(played.access_units) == 0
             assert stream_id in cluster_of(b).statistics().replicas
             assert cluster_of(a).statistics().relay_connections >= 1
-            assert frame_num_breaks(on_b.access_units) == 0
             assert peers(a) + peers(b) == 5
             # Exactly one new camera session, never two at once.
             assert sessions.connects == 2 and sessions.peak == 1, sessions.history
@@ -264,8 +269,9 @@ async def test_without_a_viewer_cap_the_owner_serves_everyone_though_the_relay_l
 async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_owner(
     start_server: StartServer, redis_server: RedisServer
 ) -> None:
-    # C owns it; A (the sockets' node) replicates it, then B. C drains: B, placement's next,
-    # claims it (its own replica ends first); A's replica follows the stream to B.
+    # C owns it; A (the sockets' node) replicates it, then B. C drains: B, the replica
+    # placement ranks first, claims it (its replica promoted: its viewer plays on); A's
+    # replica follows the stream to B.
     stream_id = stream_ranked("node-c", "node-b", "node-a")
     async with counting_camera() as sessions:
         streams = camera_stream(sessions, stream_id)
@@ -280,10 +286,10 @@ async def test_the_owner_drained_its_replicas_re_attach_to_the_stream_s_next_own
             with trio.fail_after(30):
                 await c.wait_stopped()
 
-            replays = [(viewers[i], marks[i]) for i in (0, 1, 4)]  # C's two, and B's one
+            replays = [(viewers[i], marks[i]) for i in (0, 1)]  # C's two
             await replay_each_after_failure(stream_id, replays)
             assert cluster_of(b).statistics().owned_streams == (stream_id,)
-            for index in (2, 3):  # A's viewers: never told to re-offer, playing on
+            for index in (2, 3, 4):  # A's viewers and B's: never told to re-offer, playing on
                 played = viewers[index].streams[stream_id]
                 await played.wait_frames(25, timeout=30)
                 assert viewers[index].errors(after=marks[index]) == []

@@ -51,6 +51,17 @@ def test_timeline_of_a_looping_file_continues_one_frame_later() -> None:
     assert timeline.place(0, now=0.5, paced=True) == 7200
 
 
+def test_a_timeline_that_followed_relayed_frames_continues_after_them() -> None:
+    # A replica published the owner's frames (up to 900 000); promoted to owner, it reads
+    # the camera itself 1.5 s later: its first frame follows, as after a reconnect.
+    timeline = Timeline()
+    timeline.follow(896_400, now=10.0)
+    timeline.follow(900_000, now=10.04)
+    timeline.follow(3600, now=10.05)  # an older frame (another quality's rebase): ignored
+    timeline.new_attempt()
+    assert timeline.place(0, now=11.54, paced=False) == 900_000 + 135_000
+
+
 def test_timeline_never_goes_backwards() -> None:
     timeline = Timeline()
     timeline.place(9000, now=0, paced=False)

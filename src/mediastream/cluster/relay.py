@@ -816,7 +816,7 @@ async def _receive(
         if timestamp != frame.timestamp:
             frame = dataclasses.replace(frame, timestamp=timestamp)
         last[frame.kind] = timestamp
-        sink.publish(frame)
+        sink.publish_relayed(frame)
 
 
 async def _report_viewers(connection: trio.abc.Stream, stream: Stream) -> None:

@@ -26,7 +26,9 @@ Task tree (started in the server's lifetime nursery with ``nursery.start(node.ru
     │                                  there (relay.py) from its upstream (the owner or
     │                                  another replica); its entry in ms:replicas:{stream}
     │                                  kept; ends when its last viewer has left (after the
-    │                                  grace)
+    │                                  grace), or is promoted: this node claimed the stream
+    ├── _promote × streams             a replica whose owner is gone claims the stream in its
+    │                                  turn (within REATTACH_WAIT), its viewers kept
     ├── own × streams owned            hold_stream_lease; the stream's ingest runs only while
     │                                  it is held (``may_ingest``) and is cancelled by its loss
     │                                  (``guard_ingest``); released once the stream is idle
@@ -154,10 +156,15 @@ CLOSE_NOTICE_TIMEOUT: Final = 2 * ACK_TIMEOUT + 0.5  # seconds
 WATCH_INTERVAL: Final = 0.25  # seconds
 #: how long a node seen gone is remembered (its record is deleted or expires well before).
 GONE_MEMORY: Final = 60.0  # seconds
-#: how long a replica whose owner died waits for another node to claim the stream (and
-#: re-attaches to it) before it ends and its viewers re-offer; and how often it looks.
+#: how long a replica whose owner died looks for the stream's next owner (itself, once it
+#: has claimed the stream, or another node it re-attaches to) before it ends and its viewers
+#: re-offer; and how often it looks.
 REATTACH_WAIT: Final = 10.0  # seconds
 REATTACH_POLL: Final = 0.5  # seconds
+#: the replicas of a dead owner claim the stream in turn, the best placed first (the
+#: shallowest, then the stream's placement ranking), each this much after the one before;
+#: the lease decides between those that try at once.
+PROMOTION_STEP: Final = 1.0  # seconds
 #: how often each node looks for always-on streams that nobody reads, to claim its share.
 PLACEMENT_INTERVAL: Final = 2.0  # seconds
 #: how often the node's load (the share of one core its process uses) is measured; a change
@@ -247,8 +254,10 @@ class Replica:
     """This node serving a stream it does not own, fed by its upstream's relay: the owner's,
     or another replica's (one per stream).
 
-    Ends when its last viewer has left (after the grace period), or at once when the relay
-    cannot go on (the owner gone, or refusing): its viewers are then told to re-offer. An
+    Ends when its last viewer has left (after the grace period); at once when the relay
+    cannot go on (the owner refusing, or gone with no node owning the stream in time): its
+    viewers are then told to re-offer; or *promoted* when this node claims the stream (its
+    owner gone): its viewers keep their sessions, fed by this node's camera session. An
     upstream replica that ends or dies is left for the owner (never for a node deeper than
     this one: no cycles), and the viewers keep their sessions.
     """
@@ -271,6 +280,10 @@ class Replica:
         self.scope = trio.CancelScope()
         self.ended = False
         self.failed = False
+        #: ended because this node claimed the stream: its viewers stay, the camera feeds them
+        self.promoted = False
+        #: a task of this node is trying to claim the stream (its owner is gone)
+        self.promoting = False
         self.reason = ""
         #: the relay sources' scopes, one per quality started: weak, so the scopes of the
         #: sources that ended (a quality idle past the grace) do not pile up
@@ -296,10 +309,12 @@ class Replica:
         else:
             self._guarded.add(scope)
 
-    def end(self, reason: str, *, failed: bool = False) -> None:
+    def end(self, reason: str, *, failed: bool = False, promoted: bool = False) -> None:
+        """End the relay: ``failed``, its viewers are told to re-offer; ``promoted``, this
+        node owns the stream now and its camera session feeds them on the same fan-out."""
         if self.ended:
             return
-        self.ended, self.failed, self.reason = True, failed, reason
+        self.ended, self.failed, self.promoted, self.reason = True, failed, promoted, reason
         self.scope.cancel()
         for scope in list(self._guarded):
             scope.cancel()
@@ -352,6 +367,9 @@ class ClusterNode:
         self._relay_tls = load_relay_tls(config.cluster)
         self._replica_stats = ReplicaStatistics()
         self._relayed: dict[tuple[str, str], RoutedSession] = {}
+        #: per stream this node owns after promoting its replica of it, the epochs of the
+        #: replica's sessions for other nodes' sockets (their messages still name them)
+        self._inherited_epochs: dict[str, set[int]] = {}
         #: sessions of this node's sockets on streams it owns, ended if the lease is lost
         self._local_sessions: weakref.WeakKeyDictionary[Session, SocketEnd] = (
             weakref.WeakKeyDictionary()
@@ -1011,10 +1029,11 @@ class ClusterNode:
             )
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
         except ClusterError as exc:
-            replica.end(
-                f'the relay of quality "{quality}" from node "{replica.upstream}" ended: {exc}',
-                failed=True,
-            )
+            if replica.stream.id not in self._owned:
+                relay = f'the relay of quality "{quality}" from node "{replica.upstream}"'
+                replica.end(f"{relay} ended: {exc}", failed=True)
+            # Else this node has just claimed the stream: the claim ends the replica as
+            # promoted (its viewers stay), or as failed if the lease was given up at once.
             await trio.sleep_forever()  # cancelled by the replica's end (the guard)
 
     def _warn_refused(self, stream_id: str, upstream: str, refusal: RelayRefused) -> None:
@@ -1052,10 +1071,12 @@ class ClusterNode:
         A chained replica's upstream replica while it lives (and is not the owner: that one
         is the owner's timeline); once it is gone, the owner: a replica re-attaches only to
         the owner, never to a node deeper than itself, so replicas never feed each other in
-        a circle. The owner gone (killed): waits up to ``REATTACH_WAIT`` for another node to
-        claim the stream (its direct viewers' re-offers do), and re-attaches to it: the
-        replica's viewers keep their sessions. The owner changing while both live does the
-        same.
+        a circle. The owner gone (killed, or its lease released): this replica tries to
+        claim the stream itself (:meth:`_promote`, in a task of the node's), and looks up to
+        ``REATTACH_WAIT`` for its next owner: this node (the claim ends the replica as
+        promoted, which cancels this relay source) or another one, which it re-attaches to.
+        Either way the replica's viewers keep their sessions. The owner changing while both
+        live does the same.
 
         Raises:
             ClusterError: the replica must end (nobody claimed the stream in time, this node
@@ -1102,12 +1123,76 @@ class ClusterNode:
                     if replica.upstream != owner.node_id:
                         replica.attach_to_owner()
                     return record.relay_address, f'owner node "{owner.node_id}" ({owner.epoch})'
+            self._start_promotion(replica)
             if trio.current_time() >= deadline:
                 raise OwnerGone(
                     f'node "{replica.owner}" serving "{stream_id}" stopped, and no node took '
                     f"the stream over within {REATTACH_WAIT:g} s"
                 )
             await trio.sleep(REATTACH_POLL)
+
+    def _start_promotion(self, replica: Replica) -> None:
+        """The replica's owner is not there (gone, or between owners): try to claim the stream
+        here, once at a time (:meth:`_promote`)."""
+        if replica.promoting or replica.ended or self.draining or self._nursery is None:
+            return
+        replica.promoting = True
+        self._nursery.start_soon(self._promote, replica)
+
+    async def _promote(self, replica: Replica) -> None:
+        """Claim the stream of ``replica``, whose owner is gone, and become its owner without
+        ending the replica's viewers' sessions (:meth:`claim` promotes the replica).
+
+        It is :meth:`resolve`'s: the same evidence and grace as any takeover (a gone owner's
+        lease is deleted only ``TAKEOVER_GRACE`` after its liveness connection was seen gone,
+        a frozen owner's is waited out, a live owner is never challenged); then the replicas
+        of the stream claim it in turn, the best placed first (:meth:`_promotion_turn`), the
+        lease letting one win, and the others re-attach to it (:meth:`_locate_upstream`).
+        Bounded by ``REATTACH_WAIT``, as the replica's look for an owner is.
+        """
+        stream = replica.stream
+        former = replica.owner
+        try:
+            with trio.move_on_after(REATTACH_WAIT):
+                # Taken over and claimed here, this node being a live replica of it (claim
+                # logs the promotion); or another node's now, or still the owner's (alive).
+                node_id, epoch = await self.resolve(stream)
+                if node_id != self.node_id and not replica.ended:
+                    log.info(
+                        'stream "%s": owner node "%s" gone; node "%s" owns it now (epoch %d), '
+                        "this replica re-attaches to it",
+                        stream.id, former, node_id, epoch,
+                    )  # fmt: skip
+        except ClusterError as exc:  # Redis, the claim given up at once, draining
+            log.info('stream "%s": this replica did not take the stream over: %s', stream.id, exc)
+        finally:
+            replica.promoting = False
+
+    async def _promotion_turn(self, replica: Replica) -> int:
+        """How many of the stream's live replicas are better placed than this one to own it:
+        shallower, or as deep and ranked before it by the stream's placement.
+
+        Raises:
+            RedisUnavailable
+        """
+        assert self._redis is not None
+        redis = self._redis
+        stream_id = replica.stream.id
+        nodes = await self._redis_call(lambda: live_nodes(redis))
+        entries = (await self._redis_call(lambda: read_replicas(redis, [stream_id])))[stream_id]
+        ranks = {node.node_id: index for index, node in enumerate(rank_nodes(stream_id, nodes))}
+        gone = await self._redis_call(lambda: gone_nodes(redis, nodes))
+        depths = {
+            entry.node: entry.depth
+            for entry in entries
+            if entry.node in ranks and entry.node not in gone and entry.node != replica.owner
+        }
+        depths[self.node_id] = replica.depth
+
+        def placed(node_id: str) -> tuple[int, int]:
+            return depths[node_id], ranks.get(node_id, len(ranks))
+
+        return sorted(depths, key=placed).index(self.node_id)
 
     # --- ownership --------------------------------------------------------------------------
 
@@ -1130,6 +1215,12 @@ class ClusterNode:
     async def claim(self, stream: Stream) -> StreamLease:
         """Own ``stream`` (claim its lease unless held); its ingest may then start.
 
+        A replica of the stream here is *promoted*: the lease is claimed first (the replica
+        relays on meanwhile), then the replica ends without ending its viewers' sessions. The
+        supervisor runs one source per quality at a time, so the relay source is gone before
+        the camera's starts; the viewers stay in the fan-out and get the camera's frames from
+        its first keyframe, on the quality's timeline (which followed the relayed frames).
+
         Raises:
             OwnedElsewhere: another node holds it.
             ClusterError: this node is draining.
@@ -1147,16 +1238,40 @@ class ClusterNode:
                 )
             assert self._nursery is not None and self._redis is not None
             replica = self._replicas.get(stream.id)
-            if replica is not None:
-                # A replica's relay source must be gone before this node reads the camera.
-                replica.end("this node claims the stream", failed=True)
-                await stream.changes.wait_until(
-                    lambda: stream.id not in self._replicas and not stream.source_running
-                )
+            if replica is not None and replica.ended:
+                # Ending (its viewers told to re-offer, or re-attaching): its relay source
+                # must be gone before this node reads the camera.
+                await stream.changes.wait_until(lambda: stream.id not in self._replicas)
+                replica = None
             self._counts["redis_commands"] += 1
             claimed: StreamLease = await self._nursery.start(self._own, stream)
-            claimed.check()  # LeaseLost if it was given up at once (see _own)
+            try:
+                claimed.check()  # LeaseLost if it was given up at once (see _own)
+            except LeaseLost:
+                if replica is not None:
+                    why = f"this node's claim of the stream was given up: {claimed.loss_reason}"
+                    replica.end(why, failed=True)
+                raise
+            if replica is not None:
+                self._promote_replica(replica, claimed)
             return claimed
+
+    def _promote_replica(self, replica: Replica, lease: StreamLease) -> None:
+        """This node owns the stream it replicated: the relay source gives way to the camera
+        (the supervisor starts it once the relay's is gone); the viewers, their sessions and
+        the replicas fed from here stay."""
+        stream = replica.stream
+        self._inherited_epochs[stream.id] = set(replica.epochs)
+        log.info(
+            'stream "%s": owner node "%s" gone; this replica takes the stream over (epoch %d): '
+            "%d viewers keep their sessions",
+            stream.id, replica.owner, lease.epoch, stream.viewers,
+        )  # fmt: skip
+        replica.end(f"this node owns the stream now (epoch {lease.epoch})", promoted=True)
+        if self.relay is not None:
+            # The replicas fed from here reconnect (they resume at the camera's first
+            # keyframe anyway) and find this node the owner: depth 1, its epoch.
+            self.relay.disconnect(stream.id)
 
     async def _own(self, stream: Stream, *, task_status: trio.TaskStatus[StreamLease]) -> None:
         assert self._redis is not None
@@ -1198,6 +1313,7 @@ class ClusterNode:
         finally:
             if lease is not None and self._owned.get(stream.id) is lease:
                 del self._owned[stream.id]
+                self._inherited_epochs.pop(stream.id, None)
                 # The viewers placed on replicas no longer count anywhere (their cool-downs
                 # stay: bounded, and they still hold should the stream come back here).
                 self._placed.pop(stream.id, None)
@@ -1383,6 +1499,10 @@ class ClusterNode:
         """Where ``stream`` is served: ``(this node's id, epoch)`` once claimed here, else the
         owner's (or the placed node's, epoch 0) id.
 
+        Nobody owning it (or its owner gone and taken over), it is claimed here if this node
+        is a live replica of it (its viewers stay: see :meth:`claim`), once the better placed
+        replicas have had their turn; else it goes where placement says.
+
         Raises:
             RedisUnavailable
         """
@@ -1391,10 +1511,22 @@ class ClusterNode:
         await self._started.wait()  # a socket can open while the node is still starting
         assert self._redis is not None
         redis = self._redis
+        #: this node replicates the stream: it claims it, after its turn (_promotion_turn)
+        replica_here = False
         while True:
             owner = await self._redis_call(lambda: current_owner(redis, stream.id))
             if owner is None:
-                break
+                replica = self._replicas.get(stream.id)
+                if replica_here or replica is None or replica.ended:
+                    break
+                # Its viewers stay (claim promotes the replica); but the replicas better
+                # placed than this one have their turn first.
+                replica_here = True
+                turn = await self._promotion_turn(replica)
+                if not turn:
+                    break
+                await trio.sleep(turn * PROMOTION_STEP)
+                continue
             if owner.node_id == self.node_id:
                 claiming = self._claims.get(stream.id)
                 if stream.id in self._owned or (claiming is not None and claiming.locked()):
@@ -1444,10 +1576,11 @@ class ClusterNode:
                 stream.id, why, remaining,
             )  # fmt: skip
             await trio.sleep(max(remaining, 50) / 1000)
-        nodes = await self._redis_call(lambda: live_nodes(redis))
-        chosen = choose_owner(stream.id, nodes)
-        if chosen is not None and chosen.node_id != self.node_id:
-            return chosen.node_id, 0
+        if not replica_here:
+            nodes = await self._redis_call(lambda: live_nodes(redis))
+            chosen = choose_owner(stream.id, nodes)
+            if chosen is not None and chosen.node_id != self.node_id:
+                return chosen.node_id, 0
         try:
             lease = await self.claim(stream)
         except OwnedElsewhere as exc:
@@ -1590,9 +1723,10 @@ class ClusterNode:
             remote = self._remote.get((envelope.reply_to, envelope.socket))
             lease = self._owned.get(envelope.stream)
             replica = self._replicas.get(envelope.stream)
-            current = (lease is not None and envelope.epoch == lease.epoch) or (
-                replica is not None and envelope.epoch in replica.epochs
-            )
+            inherited = self._inherited_epochs.get(envelope.stream, ())
+            current = (
+                lease is not None and (envelope.epoch == lease.epoch or envelope.epoch in inherited)
+            ) or (replica is not None and envelope.epoch in replica.epochs)
             if remote is None or not current:
                 self._counts["stale_dropped"] += 1
                 return

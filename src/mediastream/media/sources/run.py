@@ -24,7 +24,7 @@ from ...config import MediaConfig, StreamConfig
 from ..source_contract import SourceInfo, SourceSink, SourceState, describe_source
 from .demux import read_source
 from .reader import NeedsTranscoding, ReaderFailed, ReaderItem, ReaderThread, run_reader_thread
-from .timeline import Timeline, Timelines
+from .timeline import Timelines
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,10 @@ async def _run_attempt(
                         break
                     if isinstance(item, SourceInfo):
                         log.info("%s: opened, %s", label, _describe_info(item))
-                        if item.audio_codec and "audio" not in timelines:
-                            timelines["audio"] = Timeline(item.audio_clock_rate)
-                        rate = item.source_audio_clock_rate
-                        known = timelines.get("source_audio")
-                        if rate and (known is None or known.clock_rate != rate):
-                            # New, or the camera's AAC changed its rate (fallbacks started
-                            # after that get an init segment with the new rate).
-                            timelines["source_audio"] = Timeline(rate)
+                        timelines.open_tracks(
+                            item.audio_clock_rate if item.audio_codec else 0,
+                            item.source_audio_clock_rate,
+                        )
                         sink.source_opened(item)
                         continue
                     now = trio.current_time()

@@ -37,6 +37,14 @@ class Timeline:
     def new_attempt(self) -> None:
         self._offset = None
 
+    def follow(self, timestamp: int, now: float) -> None:
+        """A frame of this track was published at ``timestamp`` by something other than this
+        node's source (a replica's relay, on the owner's timeline): this node's source, should
+        it start (the replica promoted to owner), continues after it, as after a reconnect."""
+        if self._last_out is None or timestamp > self._last_out:
+            self._last_out = timestamp
+            self._last_wall = now
+
     def place(self, source_ts: int, now: float, *, paced: bool) -> int:
         if self._offset is None:
             if self._last_out is None:
@@ -69,3 +77,15 @@ class Timelines(dict[str, Timeline]):
     def __init__(self) -> None:
         super().__init__(video=Timeline())
         self.rtsp_transport = RtspTransportMemory()
+
+    def open_tracks(self, audio_clock_rate: int, source_audio_clock_rate: int) -> None:
+        """Timelines for the audio tracks a source (or a relay) carries (0: none): new ones,
+        or anew for the camera's AAC when its rate changed (fallbacks started after that
+        get an init segment with the new rate)."""
+        if audio_clock_rate and "audio" not in self:
+            self["audio"] = Timeline(audio_clock_rate)
+        known = self.get("source_audio")
+        if source_audio_clock_rate and (
+            known is None or known.clock_rate != source_audio_clock_rate
+        ):
+            self["source_audio"] = Timeline(source_audio_clock_rate)

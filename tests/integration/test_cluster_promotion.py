@@ -1,0 +1,163 @@
+"""The owner killed, a replica becomes the owner and keeps its viewers: three real nodes (the
+owner a ``mediastream serve`` process, SIGKILLed), one real redis-server, the GStreamer camera
+counting its RTSP sessions, aiortc viewers.
+
+With ``max_viewers_per_node = 1`` the owner A serves the first viewer and the two others go to
+replicas C and B: both fed by A, or (``max_relays_per_node = 1``) B fed by C, at depth 2.
+Every socket is on C, so the first viewer's session is relayed to A and the third's to B. A
+killed: the best-placed replica (the shallowest, then placement's ranking: B, or C when B is at
+depth 2)
+claims the stream and becomes its owner: its viewers' sessions stay (the same peer connections,
+a pause, then the camera's frames from its first keyframe, timestamps going on), the other
+replica re-attaches to it, A's viewer re-offers and plays, and the camera gets exactly one new
+session, never two at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.placement import rank_nodes
+from mediastream.server import RunningServer
+
+from support.cluster import (
+    camera_stream,
+    cluster_of,
+    counting_camera,
+    open_node_process,
+    peers,
+    replay_after_failure,
+    start_cluster,
+    stream_ranked,
+    wait_registered,
+)
+from support.h264 import frame_num_breaks
+from support.redis import RedisServer
+from support.servers import StartServer
+from support.viewer import PlayedStream, open_viewer
+
+NODES = ("node-a", "node-b", "node-c")
+
+
+def stream_viewers(node: RunningServer, stream_id: str) -> int:
+    stream = node.services.registry.get(stream_id)
+    assert stream is not None
+    return stream.viewers
+
+
+async def seconds_to_next_frame(
+    played: PlayedStream, since: float, took: dict[str, float], node_id: str
+) -> None:
+    """Record in ``took[node_id]`` the seconds from ``since`` until ``played`` decodes one
+    more frame."""
+    await played.wait_frames(1, timeout=30)
+    took[node_id] = trio.current_time() - since
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["both-fed-by-the-owner", "chained"])
+async def test_the_owner_killed_the_best_placed_replica_owns_the_stream_and_keeps_its_viewers(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+    caplog: pytest.LogCaptureFixture,
+    chained: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mediastream.cluster.routing")
+    limits = {"max_viewers_per_node": 1} | ({"max_relays_per_node": 1} if chained else {})
+    stream_id = stream_ranked(*NODES)
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        b, c = await start_cluster(start_server, redis_server.url, NODES[1:], streams, **limits)
+        nodes = {"node-b": b, "node-c": c}
+        async with (
+            open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            await wait_registered(a)
+            viewers = []
+            for _ in range(3):  # one after the other: each offer sees the ones before
+                viewer = await stack.enter_async_context(open_viewer(c.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            replicas = {
+                node_id: cluster_of(node)._replicas[stream_id] for node_id, node in nodes.items()
+            }
+            assert all(not r.ended for r in replicas.values())
+            assert {r.owner for r in replicas.values()} == {"node-a"}
+            assert sorted(r.depth for r in replicas.values()) == ([1, 2] if chained else [1, 1])
+            # The one to take the stream over: the shallowest, then placement's first.
+            ranking = [r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])]
+            heir_id = min(replicas, key=lambda n: (replicas[n].depth, ranking.index(n)))
+            other_id = next(n for n in replicas if n != heir_id)
+            heir, other = nodes[heir_id], nodes[other_id]
+            # The first viewer is A's (relayed from C's socket); the owner, full, sends the
+            # second to C (the socket's node, preferred) and the third to B (relayed there).
+            assert (peers(b), peers(c)) == (1, 1)
+            on = {"node-c": viewers[1], "node-b": viewers[2]}
+            kept = {node_id: viewer.streams[stream_id] for node_id, viewer in on.items()}
+            pcs = {node_id: played.pc for node_id, played in kept.items()}
+            timestamps_before = {n: len(p.frame_timestamps) for n, p in kept.items()}
+            marks = [len(v.messages) for v in viewers]
+            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+
+            killed_at = trio.current_time()
+            a.process.kill()  # SIGKILL: no goodbye, its relay connections just stop
+
+            with trio.fail_after(30):
+                await heir.services.changes.wait_until(
+                    lambda: cluster_of(heir).statistics().owned_streams == (stream_id,)
+                )
+            # Decoding again: the first frame after the new owner's claim (A sent nothing since
+            # it died), on the promoted replica and on the one that re-attached.
+            took: dict[str, float] = {}
+            async with trio.open_nursery() as nursery:
+                for node_id, played in kept.items():
+                    nursery.start_soon(seconds_to_next_frame, played, killed_at, took, node_id)
+            print(
+                f"\npromotion ({'chained' if chained else 'both fed by the owner'}): from the "
+                f"owner's SIGKILL to decoding again: {took[heir_id]:.2f} s on the promoted "
+                f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
+            )
+            await replay_after_failure(viewers[0], stream_id, marks[0])  # A's viewer
+
+            async def other_follows_the_heir() -> bool:
+                replica = cluster_of(other)._replicas.get(stream_id)
+                return replica is not None and (replica.upstream, replica.depth) == (heir_id, 1)
+
+            with trio.fail_after(30):
+                while not await other_follows_the_heir():
+                    await other.services.changes.wait()
+            for node_id, played in kept.items():
+                await played.wait_frames(30, timeout=30)
+                viewer = on[node_id]
+                assert viewer.streams[stream_id] is played and played.pc is pcs[node_id]
+                assert viewer.errors(after=marks[viewers.index(viewer)]) == []
+                assert frame_num_breaks(played.access_units) == 0  # no P-frame without its IDR
+                timestamps = played.frame_timestamps[timestamps_before[node_id] - 1 :]
+                assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+            assert stream_id not in cluster_of(heir).statistics().replicas
+            assert cluster_of(other).statistics().owned_streams == ()
+            promoted = f'stream "{stream_id}": owner node "node-a" gone; this replica takes'
+            assert promoted in caplog.text
+            # Exactly one new camera session, never two at once.
+            assert sessions.connects == 2 and sessions.peak == 1, sessions.history
+
+            # A session the heir served as a replica for another node's socket still takes
+            # that socket's messages (they name the old owner's epoch): its close ends it.
+            stale = cluster_of(heir).statistics().stale_dropped
+            count = stream_viewers(heir, stream_id)
+            await on[heir_id].stop(stream_id)
+            with trio.fail_after(30):
+                await heir.services.changes.wait_until(
+                    lambda: stream_viewers(heir, stream_id) < count
+                )
+            assert cluster_of(heir).statistics().stale_dropped == stale

@@ -11,6 +11,9 @@ claims the stream and becomes its owner: its viewers' sessions stay (the same pe
 a pause, then the camera's frames from its first keyframe, timestamps going on), the other
 replica re-attaches to it, A's viewer re-offers and plays, and the camera gets exactly one new
 session, never two at once.
+
+A frozen (SIGSTOP) instead: its lease is waited out, not taken over, then the same; woken, A
+finds its lease lost and never reads the camera again nor feeds a replica.
 """
 
 from __future__ import annotations
@@ -166,16 +169,6 @@ async def test_the_owner_killed_the_best_placed_replica_owns_the_stream_and_keep
             assert cluster_of(heir).statistics().stale_dropped == stale
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a replica fed by a frozen owner never notices it: the owner's relay TCP connection "
-        "stays open (the kernel holds it) and relay._receive waits on reader.read() with no "
-        "bound, so the relay never breaks, _locate_upstream/_promote never run and no replica "
-        "claims the stream after the lease expires (its viewers freeze until the owner wakes "
-        "or dies); needs a bound on the upstream's silence in run_relay_source"
-    ),
-)
 async def test_the_owner_frozen_past_its_lease_a_replica_owns_the_stream_and_the_woken_owner_stops(
     start_server: StartServer,
     redis_server: RedisServer,

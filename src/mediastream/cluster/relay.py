@@ -93,6 +93,9 @@ MAX_HANDSHAKE_RECORD: Final = 4096
 HANDSHAKE_TIMEOUT: Final = 5.0  # seconds
 #: a replica that takes no bytes for this long is dropped (it reconnects and resumes).
 SEND_TIMEOUT: Final = 10.0  # seconds
+#: an upstream that sends nothing for this long is taken as stopped (a frozen process keeps
+#: its connection open): the replica reconnects, looking its upstream up again.
+UPSTREAM_SILENCE_LIMIT: Final = 5.0  # seconds
 #: how long the upstream waits for a quality's source to open before sending the replica an
 #: ERROR (which it retries).
 INFO_TIMEOUT: Final = 20.0  # seconds
@@ -690,8 +693,10 @@ async def run_relay_source(
     after one died and another claimed the stream; or raises ClusterError when the replica
     must end: that error ends this function. A refusal is raised too, unless ``refused``
     takes it (it raises to end, or returns: the next ``locate_upstream`` names another
-    node). A cut connection is made again (:data:`RECONNECT_DELAYS`) and the stream resumes
-    at the next keyframe newer than the last frame published; another timeline's frames are
+    node). A cut connection, or one the upstream keeps silent for
+    :data:`UPSTREAM_SILENCE_LIMIT` (a frozen process), is made again
+    (:data:`RECONNECT_DELAYS`) and the stream resumes at the next keyframe newer than the
+    last frame published; another timeline's frames are
     moved onto this replica's from their first keyframe on. The viewers see a jump, never a
     broken picture nor timestamps going back.
 
@@ -780,7 +785,10 @@ async def _receive(
     #: cached one resent; a second means the upstream's timeline went back)
     passed_keyframes = 0
     while True:
-        kind, body = await reader.read()
+        with trio.move_on_after(UPSTREAM_SILENCE_LIMIT) as waiting:
+            kind, body = await reader.read()
+        if waiting.cancelled_caught:
+            raise RelayError(f"the upstream sent nothing for {UPSTREAM_SILENCE_LIMIT:g} s")
         if kind == ERROR:
             raise RelayRefused(f"the upstream: {body.decode(errors='replace')}")
         if kind != FRAME:

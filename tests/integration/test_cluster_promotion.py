@@ -11,6 +11,9 @@ claims the stream and becomes its owner: its viewers' sessions stay (the same pe
 a pause, then the camera's frames from its first keyframe, timestamps going on), the other
 replica re-attaches to it, A's viewer re-offers and plays, and the camera gets exactly one new
 session, never two at once.
+
+A frozen (SIGSTOP) instead: its lease is waited out, not taken over, then the same; woken, A
+finds its lease lost and never reads the camera again nor feeds a replica.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import trio
 
-from mediastream.cluster.leases import NodeRecord
+from mediastream.cluster.leases import NodeRecord, current_owner
 from mediastream.cluster.placement import rank_nodes
+from mediastream.cluster.redis_client import Redis
 from mediastream.server import RunningServer
 
 from support.cluster import (
@@ -161,3 +167,108 @@ async def test_the_owner_killed_the_best_placed_replica_owns_the_stream_and_keep
                     lambda: stream_viewers(heir, stream_id) < count
                 )
             assert cluster_of(heir).statistics().stale_dropped == stale
+
+
+async def test_the_owner_frozen_past_its_lease_a_replica_owns_the_stream_and_the_woken_owner_stops(
+    start_server: StartServer,
+    redis_server: RedisServer,
+    client: Redis,
+    tmp_path: Path,
+    judge_nodes_on_a_fresh_redis: None,
+) -> None:
+    """The owner A frozen (SIGSTOP): it keeps its liveness connection, so it is not gone and
+    nobody takes its lease over early; its lease expires, a replica claims the stream and keeps
+    its viewers, the other re-attaches. A woken finds its lease lost: it never reads the camera
+    again nor feeds a replica, and the stream keeps one owner."""
+    limits = {"max_viewers_per_node": 1}
+    stream_id = stream_ranked(*NODES)
+    async with counting_camera() as sessions:
+        streams = camera_stream(sessions, stream_id)
+        b, c = await start_cluster(start_server, redis_server.url, NODES[1:], streams, **limits)
+        nodes = {"node-b": b, "node-c": c}
+        async with (
+            open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            await wait_registered(a)
+            viewers = []
+            for _ in range(3):  # one after the other: each offer sees the ones before
+                viewer = await stack.enter_async_context(open_viewer(c.ws_url))
+                played = await viewer.play(stream_id, trickle=True, capture=True)
+                await played.wait_frames(5, timeout=30)
+                viewers.append(viewer)
+            replicas = {
+                node_id: cluster_of(node)._replicas[stream_id] for node_id, node in nodes.items()
+            }
+            assert {(r.owner, r.depth) for r in replicas.values()} == {("node-a", 1)}
+            ranking = [r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])]
+            heir_id = min(replicas, key=ranking.index)
+            other_id = next(n for n in replicas if n != heir_id)
+            heir, other = nodes[heir_id], nodes[other_id]
+            on = {"node-c": viewers[1], "node-b": viewers[2]}
+            kept = {node_id: viewer.streams[stream_id] for node_id, viewer in on.items()}
+            pcs = {node_id: played.pc for node_id, played in kept.items()}
+            timestamps_before = {n: len(p.frame_timestamps) for n, p in kept.items()}
+            marks = [len(v.messages) for v in viewers]
+            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+            relayed_by_a = a.log.count(b'": serving ')
+            assert relayed_by_a >= 2  # A fed both replicas
+
+            # The lease's remaining time, read before the freeze: a renewal in between only
+            # moves the expiry later, so this is a lower bound of when anyone may claim.
+            lease_left = await client.pttl(f"ms:owner:{stream_id}") / 1000
+            frozen_at = trio.current_time()
+            os.kill(a.process.pid, signal.SIGSTOP)
+            earliest_claim = frozen_at + lease_left
+
+            with trio.fail_after(40):
+                await heir.services.changes.wait_until(
+                    lambda: cluster_of(heir).statistics().owned_streams == (stream_id,)
+                )
+            # A frozen process keeps its liveness connection: it was never judged gone, its
+            # lease was waited out, not taken over.
+            assert trio.current_time() >= earliest_claim
+            assert cluster_of(heir).statistics().takeovers == 0
+            assert cluster_of(other).statistics().takeovers == 0
+            took: dict[str, float] = {}
+            async with trio.open_nursery() as nursery:
+                for node_id, played in kept.items():
+                    nursery.start_soon(seconds_to_next_frame, played, frozen_at, took, node_id)
+            print(
+                f"\npromotion (owner frozen, {lease_left:.1f} s of lease left): from the "
+                f"owner's SIGSTOP to decoding again: {took[heir_id]:.2f} s on the promoted "
+                f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
+            )
+            await replay_after_failure(viewers[0], stream_id, marks[0])  # A's viewer
+
+            async def other_follows_the_heir() -> bool:
+                replica = cluster_of(other)._replicas.get(stream_id)
+                return replica is not None and (replica.upstream, replica.depth) == (heir_id, 1)
+
+            with trio.fail_after(30):
+                while not await other_follows_the_heir():
+                    await other.services.changes.wait()
+            # A's camera session stays open while it is frozen (the camera does not reap it);
+            # only the heir's is read.
+            assert sessions.current == 2 and sessions.connects == 2, sessions.history
+
+            os.kill(a.process.pid, signal.SIGCONT)
+            # Woken, A finds its lease's deadline passed and closes its camera session.
+            await a.wait_logged(b"not renewed before its deadline")
+            await sessions.wait_until(lambda s: s.current == 1)
+            for node_id, played in kept.items():
+                await played.wait_frames(30, timeout=30)
+                viewer = on[node_id]
+                assert viewer.streams[stream_id] is played and played.pc is pcs[node_id]
+                assert viewer.errors(after=marks[viewers.index(viewer)]) == []
+                assert frame_num_breaks(played.access_units) == 0  # no P-frame without its IDR
+                timestamps = played.frame_timestamps[timestamps_before[node_id] - 1 :]
+                assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+            # A never read the camera again, nor fed a replica; the stream has one owner.
+            assert sessions.history == [1, 2, 1] and sessions.connects == 2, sessions.history
+            assert a.log.count(b'": serving ') == relayed_by_a, a.log.decode(errors="replace")
+            owner = await current_owner(client, stream_id)
+            assert owner is not None and owner.node_id == heir_id
+            assert cluster_of(heir).statistics().owned_streams == (stream_id,)
+            assert cluster_of(other).statistics().owned_streams == ()
+            assert a.process.returncode is None

@@ -11,10 +11,13 @@ import trio.testing
 
 from mediastream.cluster.relay import (
     FRAME,
+    IDLE,
     MAX_HANDSHAKE_RECORD,
     REBASE_STEP,
+    UPSTREAM_SILENCE_LIMIT,
     RecordReader,
     RelayError,
+    RelayServer,
     ReplicaStatistics,
     _receive,
     _Resumption,
@@ -148,3 +151,29 @@ async def test_a_second_keyframe_behind_what_was_published_is_another_timeline_c
         (9000 + REBASE_STEP + 40, False),
     ]
     assert stats.resume_skipped_frames == 2
+
+
+async def test_an_upstream_with_nothing_to_send_says_it_is_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its camera down, the upstream sends IDLE records, so the replica's silence limit only
+    ever catches an upstream that is frozen or gone (which sends nothing at all)."""
+    stream = Stream(stream_from_dict({"id": "cam", "source": "pattern:testsrc"}), MediaConfig())
+    server = RelayServer(b"k" * 32, "node-a", lambda _: stream, lambda _: True)
+    upstream, replica = trio.testing.memory_stream_pair()
+    reader = RecordReader(replica, "the upstream")
+    async with trio.open_nursery() as nursery:
+        with stream.open_viewer() as video:
+            nursery.start_soon(server._send_frames, upstream, [video])
+            with trio.fail_after(UPSTREAM_SILENCE_LIMIT):  # three within the limit
+                kinds = [(await reader.read())[0] for _ in range(3)]
+            nursery.cancel_scope.cancel()
+    assert kinds == [IDLE, IDLE, IDLE]
+    # And a replica reading them publishes nothing, and raises nothing, until real silence.
+    silent, replica2 = trio.testing.memory_stream_pair()
+    await silent.send_all(encode_record(IDLE, b"") * 2)
+    with pytest.raises(RelayError, match="sent nothing for 5 s"):
+        await _receive(
+            RecordReader(replica2, "the upstream"), stream.quality(), _Resumption(),
+            ReplicaStatistics(),
+        )  # fmt: skip

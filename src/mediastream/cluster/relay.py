@@ -19,6 +19,8 @@ big-endian length, one byte of type, then the body. The upstream speaks first::
                         from); an ERROR here instead (its source did not open in time) is a
                         failure the replica retries, not a refusal
     upstream FRAME …    the current GOP from its keyframe, then live frames
+    upstream IDLE       (empty) after 1 s with no frame to send: the replica takes 5 s of
+                        silence as an upstream frozen or gone, and reconnects
     replica  VIEWERS    {"viewers": n} whenever its viewer count changes (the owner places
                         the next viewers with it; replicas further down: from Redis)
 
@@ -85,6 +87,9 @@ INFO: Final = 3
 FRAME: Final = 4
 ERROR: Final = 5
 VIEWERS: Final = 6
+#: the upstream has nothing to send (its source between frames, down or reconnecting): sent
+#: after IDLE_INTERVAL of silence, so that only a frozen or cut upstream is ever silent
+IDLE: Final = 8
 
 #: the largest record accepted (a 4K keyframe is well below).
 MAX_RECORD: Final = 16 * 1024 * 1024
@@ -93,6 +98,11 @@ MAX_HANDSHAKE_RECORD: Final = 4096
 HANDSHAKE_TIMEOUT: Final = 5.0  # seconds
 #: a replica that takes no bytes for this long is dropped (it reconnects and resumes).
 SEND_TIMEOUT: Final = 10.0  # seconds
+#: an upstream that sends nothing for this long is taken as stopped (a frozen process keeps
+#: its connection open): the replica reconnects, looking its upstream up again. A live
+#: upstream with no frames to send (its camera down) sends IDLE every IDLE_INTERVAL instead.
+UPSTREAM_SILENCE_LIMIT: Final = 5.0  # seconds
+IDLE_INTERVAL: Final = 1.0  # seconds
 #: how long the upstream waits for a quality's source to open before sending the replica an
 #: ERROR (which it retries).
 INFO_TIMEOUT: Final = 20.0  # seconds
@@ -517,7 +527,13 @@ class RelayServer:
                     raise RelayError(f"the replica took nothing for {SEND_TIMEOUT:g} s")
                 self.stats.frames_sent += len(batch)
                 continue
-            await arrived.wait()
+            with trio.move_on_after(IDLE_INTERVAL) as idle:
+                await arrived.wait()
+            if idle.cancelled_caught:
+                with trio.move_on_after(SEND_TIMEOUT) as sending:
+                    await connection.send_all(encode_record(IDLE, b""))
+                if sending.cancelled_caught:
+                    raise RelayError(f"the replica took nothing for {SEND_TIMEOUT:g} s")
 
     async def _end_if_moved(
         self, stream: Stream, video: Subscriber, quality: str, label: str, scope: trio.CancelScope
@@ -690,8 +706,10 @@ async def run_relay_source(
     after one died and another claimed the stream; or raises ClusterError when the replica
     must end: that error ends this function. A refusal is raised too, unless ``refused``
     takes it (it raises to end, or returns: the next ``locate_upstream`` names another
-    node). A cut connection is made again (:data:`RECONNECT_DELAYS`) and the stream resumes
-    at the next keyframe newer than the last frame published; another timeline's frames are
+    node). A cut connection, or one the upstream keeps silent for
+    :data:`UPSTREAM_SILENCE_LIMIT` (a frozen process), is made again
+    (:data:`RECONNECT_DELAYS`) and the stream resumes at the next keyframe newer than the
+    last frame published; another timeline's frames are
     moved onto this replica's from their first keyframe on. The viewers see a jump, never a
     broken picture nor timestamps going back.
 
@@ -780,7 +798,12 @@ async def _receive(
     #: cached one resent; a second means the upstream's timeline went back)
     passed_keyframes = 0
     while True:
-        kind, body = await reader.read()
+        with trio.move_on_after(UPSTREAM_SILENCE_LIMIT) as waiting:
+            kind, body = await reader.read()
+        if waiting.cancelled_caught:
+            raise RelayError(f"the upstream sent nothing for {UPSTREAM_SILENCE_LIMIT:g} s")
+        if kind == IDLE:
+            continue  # alive, with nothing to send
         if kind == ERROR:
             raise RelayRefused(f"the upstream: {body.decode(errors='replace')}")
         if kind != FRAME:

@@ -18,12 +18,13 @@ finds its lease lost and never reads the camera again nor feeds a replica.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -47,7 +48,7 @@ from support.cluster import (
 from support.h264 import frame_num_breaks
 from support.redis import RedisServer
 from support.servers import StartServer
-from support.viewer import PlayedStream, open_viewer
+from support.viewer import PlayedStream, Viewer, open_playing_viewers
 
 NODES = ("node-a", "node-b", "node-c")
 
@@ -67,6 +68,74 @@ async def seconds_to_next_frame(
     took[node_id] = trio.current_time() - since
 
 
+@dataclass
+class KeptViewers:
+    """The replicas' viewers as they were before the owner went, to show that they keep
+    playing on the same peer connections."""
+
+    #: replica node id -> the viewer it serves
+    on: dict[str, Viewer]
+    played: dict[str, PlayedStream]
+    pcs: dict[str, Any]
+    timestamps_before: dict[str, int]
+    #: per viewer (all of them, in order): how many messages it had
+    marks: list[int]
+    viewers: list[Viewer]
+
+    @classmethod
+    def of(cls, viewers: list[Viewer], served: dict[str, int], stream_id: str) -> KeptViewers:
+        """``served``: replica node id -> the index of its viewer in ``viewers``."""
+        on = {node_id: viewers[index] for node_id, index in served.items()}
+        played = {node_id: viewer.streams[stream_id] for node_id, viewer in on.items()}
+        return cls(
+            on,
+            played,
+            {node_id: p.pc for node_id, p in played.items()},
+            {node_id: len(p.frame_timestamps) for node_id, p in played.items()},
+            [len(v.messages) for v in viewers],
+            viewers,
+        )
+
+    async def seconds_to_decoding(self, since: float) -> dict[str, float]:
+        """Per replica node: the seconds from ``since`` until its viewer decodes a frame."""
+        took: dict[str, float] = {}
+        async with trio.open_nursery() as nursery:
+            for node_id, played in self.played.items():
+                nursery.start_soon(seconds_to_next_frame, played, since, took, node_id)
+        return took
+
+    async def played_on(self, stream_id: str) -> None:
+        """Each decodes 30 more frames on the same peer connection, with no error, no
+        P-frame without its keyframe and timestamps only going forward."""
+        for node_id, played in self.played.items():
+            await played.wait_frames(30, timeout=30)
+            viewer = self.on[node_id]
+            assert viewer.streams[stream_id] is played and played.pc is self.pcs[node_id]
+            assert viewer.errors(after=self.marks[self.viewers.index(viewer)]) == []
+            assert frame_num_breaks(played.access_units) == 0  # no P-frame without its IDR
+            timestamps = played.frame_timestamps[self.timestamps_before[node_id] - 1 :]
+            assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
+
+
+async def wait_owner(node: RunningServer, stream_id: str, *, timeout: float) -> None:
+    """Until ``node`` owns ``stream_id`` and nothing else."""
+    with trio.fail_after(timeout):
+        await node.services.changes.wait_until(
+            lambda: cluster_of(node).statistics().owned_streams == (stream_id,)
+        )
+
+
+async def wait_fed_by(replica_node: RunningServer, upstream: str, stream_id: str) -> None:
+    """Until ``replica_node``'s replica of ``stream_id`` is fed by ``upstream`` as its owner."""
+
+    def fed() -> bool:
+        replica = cluster_of(replica_node)._replicas.get(stream_id)
+        return replica is not None and (replica.upstream, replica.depth) == (upstream, 1)
+
+    with trio.fail_after(30):
+        await replica_node.services.changes.wait_until(fed)
+
+
 @pytest.mark.parametrize("chained", [False, True], ids=["both-fed-by-the-owner", "chained"])
 async def test_the_owner_killed_the_best_placed_replica_owns_the_stream_and_keeps_its_viewers(
     start_server: StartServer,
@@ -83,90 +152,62 @@ async def test_the_owner_killed_the_best_placed_replica_owns_the_stream_and_keep
         streams = camera_stream(sessions, stream_id)
         b, c = await start_cluster(start_server, redis_server.url, NODES[1:], streams, **limits)
         nodes = {"node-b": b, "node-c": c}
-        async with (
-            open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a,
-            contextlib.AsyncExitStack() as stack,
-        ):
+        async with open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a:
             await wait_registered(a)
-            viewers = []
-            for _ in range(3):  # one after the other: each offer sees the ones before
-                viewer = await stack.enter_async_context(open_viewer(c.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
-            replicas = {
-                node_id: cluster_of(node)._replicas[stream_id] for node_id, node in nodes.items()
-            }
-            assert all(not r.ended for r in replicas.values())
-            assert {r.owner for r in replicas.values()} == {"node-a"}
-            assert sorted(r.depth for r in replicas.values()) == ([1, 2] if chained else [1, 1])
-            # The one to take the stream over: the shallowest, then placement's first.
-            ranking = [r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])]
-            heir_id = min(replicas, key=lambda n: (replicas[n].depth, ranking.index(n)))
-            other_id = next(n for n in replicas if n != heir_id)
-            heir, other = nodes[heir_id], nodes[other_id]
-            # The first viewer is A's (relayed from C's socket); the owner, full, sends the
-            # second to C (the socket's node, preferred) and the third to B (relayed there).
-            assert (peers(b), peers(c)) == (1, 1)
-            on = {"node-c": viewers[1], "node-b": viewers[2]}
-            kept = {node_id: viewer.streams[stream_id] for node_id, viewer in on.items()}
-            pcs = {node_id: played.pc for node_id, played in kept.items()}
-            timestamps_before = {n: len(p.frame_timestamps) for n, p in kept.items()}
-            marks = [len(v.messages) for v in viewers]
-            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+            # One after the other: each offer sees the ones before.
+            async with open_playing_viewers(c.ws_url, stream_id, 3, capture=True) as viewers:
+                replicas = {
+                    node_id: cluster_of(node)._replicas[stream_id]
+                    for node_id, node in nodes.items()
+                }
+                assert all(not r.ended for r in replicas.values())
+                assert {r.owner for r in replicas.values()} == {"node-a"}
+                assert sorted(r.depth for r in replicas.values()) == ([1, 2] if chained else [1, 1])
+                # The one to take the stream over: the shallowest, then placement's first.
+                ranking = [
+                    r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])
+                ]
+                heir_id = min(replicas, key=lambda n: (replicas[n].depth, ranking.index(n)))
+                other_id = next(n for n in replicas if n != heir_id)
+                heir, other = nodes[heir_id], nodes[other_id]
+                # The first viewer is A's (relayed from C's socket); the owner, full, sends the
+                # second to C (the socket's node, preferred) and the third to B (relayed there).
+                assert (peers(b), peers(c)) == (1, 1)
+                kept = KeptViewers.of(viewers, {"node-c": 1, "node-b": 2}, stream_id)
+                assert sessions.connects == 1 and sessions.peak == 1, sessions.history
 
-            killed_at = trio.current_time()
-            a.process.kill()  # SIGKILL: no goodbye, its relay connections just stop
+                killed_at = trio.current_time()
+                a.process.kill()  # SIGKILL: no goodbye, its relay connections just stop
 
-            with trio.fail_after(30):
-                await heir.services.changes.wait_until(
-                    lambda: cluster_of(heir).statistics().owned_streams == (stream_id,)
+                await wait_owner(heir, stream_id, timeout=30)
+                # Decoding again: the first frame after the new owner's claim (A sent nothing since
+                # it died), on the promoted replica and on the one that re-attached.
+                took = await kept.seconds_to_decoding(since=killed_at)
+                print(
+                    f"\npromotion ({'chained' if chained else 'both fed by the owner'}): from the "
+                    f"owner's SIGKILL to decoding again: {took[heir_id]:.2f} s on the promoted "
+                    f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
                 )
-            # Decoding again: the first frame after the new owner's claim (A sent nothing since
-            # it died), on the promoted replica and on the one that re-attached.
-            took: dict[str, float] = {}
-            async with trio.open_nursery() as nursery:
-                for node_id, played in kept.items():
-                    nursery.start_soon(seconds_to_next_frame, played, killed_at, took, node_id)
-            print(
-                f"\npromotion ({'chained' if chained else 'both fed by the owner'}): from the "
-                f"owner's SIGKILL to decoding again: {took[heir_id]:.2f} s on the promoted "
-                f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
-            )
-            await replay_after_failure(viewers[0], stream_id, marks[0])  # A's viewer
+                await replay_after_failure(viewers[0], stream_id, kept.marks[0])  # A's viewer
+                await wait_fed_by(other, heir_id, stream_id)
+                await kept.played_on(stream_id)
+                assert stream_id not in cluster_of(heir).statistics().replicas
+                assert cluster_of(other).statistics().owned_streams == ()
+                promoted = f'stream "{stream_id}": owner node "node-a" gone; this replica takes'
+                assert promoted in caplog.text
+                # Exactly one new camera session, never two at once.
+                assert sessions.connects == 2 and sessions.peak == 1, sessions.history
 
-            async def other_follows_the_heir() -> bool:
-                replica = cluster_of(other)._replicas.get(stream_id)
-                return replica is not None and (replica.upstream, replica.depth) == (heir_id, 1)
-
-            with trio.fail_after(30):
-                while not await other_follows_the_heir():
-                    await other.services.changes.wait()
-            for node_id, played in kept.items():
-                await played.wait_frames(30, timeout=30)
-                viewer = on[node_id]
-                assert viewer.streams[stream_id] is played and played.pc is pcs[node_id]
-                assert viewer.errors(after=marks[viewers.index(viewer)]) == []
-                assert frame_num_breaks(played.access_units) == 0  # no P-frame without its IDR
-                timestamps = played.frame_timestamps[timestamps_before[node_id] - 1 :]
-                assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
-            assert stream_id not in cluster_of(heir).statistics().replicas
-            assert cluster_of(other).statistics().owned_streams == ()
-            promoted = f'stream "{stream_id}": owner node "node-a" gone; this replica takes'
-            assert promoted in caplog.text
-            # Exactly one new camera session, never two at once.
-            assert sessions.connects == 2 and sessions.peak == 1, sessions.history
-
-            # A session the heir served as a replica for another node's socket still takes
-            # that socket's messages (they name the old owner's epoch): its close ends it.
-            stale = cluster_of(heir).statistics().stale_dropped
-            count = stream_viewers(heir, stream_id)
-            await on[heir_id].stop(stream_id)
-            with trio.fail_after(30):
-                await heir.services.changes.wait_until(
-                    lambda: stream_viewers(heir, stream_id) < count
-                )
-            assert cluster_of(heir).statistics().stale_dropped == stale
+                # A session the heir served as a replica for another node's socket still takes
+                # that socket's messages (they name the old owner's epoch): its close ends it.
+                stale = cluster_of(heir).statistics().stale_dropped
+                count = stream_viewers(heir, stream_id)
+                await kept.on[heir_id].stop(stream_id)
+                with trio.fail_after(30):
+                    await heir.services.changes.wait_until(
+                        lambda: stream_viewers(heir, stream_id) < count
+                    )
+                assert cluster_of(heir).statistics().stale_dropped == stale
 
 
 async def test_the_owner_frozen_past_its_lease_a_replica_owns_the_stream_and_the_woken_owner_stops(
@@ -186,89 +227,61 @@ async def test_the_owner_frozen_past_its_lease_a_replica_owns_the_stream_and_the
         streams = camera_stream(sessions, stream_id)
         b, c = await start_cluster(start_server, redis_server.url, NODES[1:], streams, **limits)
         nodes = {"node-b": b, "node-c": c}
-        async with (
-            open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a,
-            contextlib.AsyncExitStack() as stack,
-        ):
+        async with open_node_process(tmp_path, "node-a", redis_server.url, streams, **limits) as a:
             await wait_registered(a)
-            viewers = []
-            for _ in range(3):  # one after the other: each offer sees the ones before
-                viewer = await stack.enter_async_context(open_viewer(c.ws_url))
-                played = await viewer.play(stream_id, trickle=True, capture=True)
-                await played.wait_frames(5, timeout=30)
-                viewers.append(viewer)
-            replicas = {
-                node_id: cluster_of(node)._replicas[stream_id] for node_id, node in nodes.items()
-            }
-            assert {(r.owner, r.depth) for r in replicas.values()} == {("node-a", 1)}
-            ranking = [r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])]
-            heir_id = min(replicas, key=ranking.index)
-            other_id = next(n for n in replicas if n != heir_id)
-            heir, other = nodes[heir_id], nodes[other_id]
-            on = {"node-c": viewers[1], "node-b": viewers[2]}
-            kept = {node_id: viewer.streams[stream_id] for node_id, viewer in on.items()}
-            pcs = {node_id: played.pc for node_id, played in kept.items()}
-            timestamps_before = {n: len(p.frame_timestamps) for n, p in kept.items()}
-            marks = [len(v.messages) for v in viewers]
-            assert sessions.connects == 1 and sessions.peak == 1, sessions.history
-            relayed_by_a = a.log.count(b'": serving ')
-            assert relayed_by_a >= 2  # A fed both replicas
+            # One after the other: each offer sees the ones before.
+            async with open_playing_viewers(c.ws_url, stream_id, 3, capture=True) as viewers:
+                replicas = {
+                    node_id: cluster_of(node)._replicas[stream_id]
+                    for node_id, node in nodes.items()
+                }
+                assert {(r.owner, r.depth) for r in replicas.values()} == {("node-a", 1)}
+                ranking = [
+                    r.node_id for r in rank_nodes(stream_id, [NodeRecord(n, "") for n in NODES])
+                ]
+                heir_id = min(replicas, key=ranking.index)
+                other_id = next(n for n in replicas if n != heir_id)
+                heir, other = nodes[heir_id], nodes[other_id]
+                kept = KeptViewers.of(viewers, {"node-c": 1, "node-b": 2}, stream_id)
+                assert sessions.connects == 1 and sessions.peak == 1, sessions.history
+                relayed_by_a = a.log.count(b'": serving ')
+                assert relayed_by_a >= 2  # A fed both replicas
 
-            # The lease's remaining time, read before the freeze: a renewal in between only
-            # moves the expiry later, so this is a lower bound of when anyone may claim.
-            lease_left = await client.pttl(f"ms:owner:{stream_id}") / 1000
-            frozen_at = trio.current_time()
-            os.kill(a.process.pid, signal.SIGSTOP)
-            earliest_claim = frozen_at + lease_left
+                # The lease's remaining time, read before the freeze: a renewal in between only
+                # moves the expiry later, so this is a lower bound of when anyone may claim.
+                lease_left = await client.pttl(f"ms:owner:{stream_id}") / 1000
+                frozen_at = trio.current_time()
+                os.kill(a.process.pid, signal.SIGSTOP)
+                earliest_claim = frozen_at + lease_left
 
-            with trio.fail_after(40):
-                await heir.services.changes.wait_until(
-                    lambda: cluster_of(heir).statistics().owned_streams == (stream_id,)
+                await wait_owner(heir, stream_id, timeout=40)
+                # A frozen process keeps its liveness connection: it was never judged gone, its
+                # lease was waited out, not taken over.
+                assert trio.current_time() >= earliest_claim
+                assert cluster_of(heir).statistics().takeovers == 0
+                assert cluster_of(other).statistics().takeovers == 0
+                took = await kept.seconds_to_decoding(since=frozen_at)
+                print(
+                    f"\npromotion (owner frozen, {lease_left:.1f} s of lease left): from the "
+                    f"owner's SIGSTOP to decoding again: {took[heir_id]:.2f} s on the promoted "
+                    f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
                 )
-            # A frozen process keeps its liveness connection: it was never judged gone, its
-            # lease was waited out, not taken over.
-            assert trio.current_time() >= earliest_claim
-            assert cluster_of(heir).statistics().takeovers == 0
-            assert cluster_of(other).statistics().takeovers == 0
-            took: dict[str, float] = {}
-            async with trio.open_nursery() as nursery:
-                for node_id, played in kept.items():
-                    nursery.start_soon(seconds_to_next_frame, played, frozen_at, took, node_id)
-            print(
-                f"\npromotion (owner frozen, {lease_left:.1f} s of lease left): from the "
-                f"owner's SIGSTOP to decoding again: {took[heir_id]:.2f} s on the promoted "
-                f'replica "{heir_id}", {took[other_id]:.2f} s on "{other_id}"'
-            )
-            await replay_after_failure(viewers[0], stream_id, marks[0])  # A's viewer
+                await replay_after_failure(viewers[0], stream_id, kept.marks[0])  # A's viewer
+                await wait_fed_by(other, heir_id, stream_id)
+                # A's camera session stays open while it is frozen (the camera does not reap it);
+                # only the heir's is read.
+                assert sessions.current == 2 and sessions.connects == 2, sessions.history
 
-            async def other_follows_the_heir() -> bool:
-                replica = cluster_of(other)._replicas.get(stream_id)
-                return replica is not None and (replica.upstream, replica.depth) == (heir_id, 1)
-
-            with trio.fail_after(30):
-                while not await other_follows_the_heir():
-                    await other.services.changes.wait()
-            # A's camera session stays open while it is frozen (the camera does not reap it);
-            # only the heir's is read.
-            assert sessions.current == 2 and sessions.connects == 2, sessions.history
-
-            os.kill(a.process.pid, signal.SIGCONT)
-            # Woken, A finds its lease's deadline passed and closes its camera session.
-            await a.wait_logged(b"not renewed before its deadline")
-            await sessions.wait_until(lambda s: s.current == 1)
-            for node_id, played in kept.items():
-                await played.wait_frames(30, timeout=30)
-                viewer = on[node_id]
-                assert viewer.streams[stream_id] is played and played.pc is pcs[node_id]
-                assert viewer.errors(after=marks[viewers.index(viewer)]) == []
-                assert frame_num_breaks(played.access_units) == 0  # no P-frame without its IDR
-                timestamps = played.frame_timestamps[timestamps_before[node_id] - 1 :]
-                assert all(t0 < t1 for t0, t1 in itertools.pairwise(timestamps))
-            # A never read the camera again, nor fed a replica; the stream has one owner.
-            assert sessions.history == [1, 2, 1] and sessions.connects == 2, sessions.history
-            assert a.log.count(b'": serving ') == relayed_by_a, a.log.decode(errors="replace")
-            owner = await current_owner(client, stream_id)
-            assert owner is not None and owner.node_id == heir_id
-            assert cluster_of(heir).statistics().owned_streams == (stream_id,)
-            assert cluster_of(other).statistics().owned_streams == ()
-            assert a.process.returncode is None
+                os.kill(a.process.pid, signal.SIGCONT)
+                # Woken, A finds its lease's deadline passed and closes its camera session.
+                await a.wait_logged(b"not renewed before its deadline")
+                await sessions.wait_until(lambda s: s.current == 1)
+                await kept.played_on(stream_id)
+                # A never read the camera again, nor fed a replica; the stream has one owner.
+                assert sessions.history == [1, 2, 1] and sessions.connects == 2, sessions.history
+                assert a.log.count(b'": serving ') == relayed_by_a, a.log.decode(errors="replace")
+                owner = await current_owner(client, stream_id)
+                assert owner is not None and owner.node_id == heir_id
+                assert cluster_of(heir).statistics().owned_streams == (stream_id,)
+                assert cluster_of(other).statistics().owned_streams == ()
+                assert a.process.returncode is None
